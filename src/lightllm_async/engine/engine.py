@@ -1,0 +1,87 @@
+"""The engine's step loop: drain inbox -> schedule -> execute -> update -> publish."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+from lightllm_async.engine.request import Batch, Request, Sampled
+from lightllm_async.engine.scheduler import Finished, Scheduler
+from lightllm_async.ipc import FinishReason, Op, Region
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def execute(self, batch: Batch) -> Sampled: ...
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the test hook that makes a forward pass fail after N steps."""
+
+
+class Engine:
+    """Rank 0's loop. Ranks that follow would receive `batch` instead of scheduling it."""
+
+    def __init__(self, region: Region, scheduler: Scheduler, runner: Runner, fail_after_steps: int = 0):
+        self.region = region
+        self.scheduler = scheduler
+        self.runner = runner
+        self.fail_after_steps = fail_after_steps
+        self.parent_pid = os.getppid()
+        self._arrivals = 0
+
+    def run(self) -> None:
+        while True:
+            self.drain_inbox()
+            batch = self.scheduler.schedule()
+            if batch is None:
+                if os.getppid() != self.parent_pid:
+                    log.warning("the server process is gone; engine exits")
+                    return
+                self.region.wait_engine(timeout=0.5)
+                continue
+            self.step(batch)
+
+    def step(self, batch: Batch) -> None:
+        if self.fail_after_steps and batch.step > self.fail_after_steps:
+            raise InjectedFailure(f"injected failure at step {batch.step}")
+        sampled = self.runner.execute(batch)
+        finished = self.scheduler.update(batch, sampled)
+        self.publish(batch, sampled, finished)
+        self.region.beat()
+
+    def drain_inbox(self) -> None:
+        for rec in self.region.drain_ring():
+            if rec.op == Op.SUBMIT:
+                self._admit(rec.slot, rec.gen)
+            elif rec.op == Op.ABORT and self.scheduler.abort(rec.slot) is not None:
+                self.region.finish(rec.slot, FinishReason.ABORT)
+                self.region.notify_frontend()
+
+    def _admit(self, slot: int, gen: int) -> None:
+        view = self.region.read_request(slot, gen)
+        if view is None:  # the frontend reused the slot: a stale record
+            return
+        self.region.set_running(slot)
+        max_len = self.scheduler.cfg.max_model_len
+        if not view.prompt_ids or len(view.prompt_ids) >= max_len or self.region.is_aborted(slot):
+            # The frontend validates lengths; this guards the engine against a bad record.
+            reason = FinishReason.ABORT if self.region.is_aborted(slot) else FinishReason.ERROR
+            self.region.finish(slot, reason)
+            self.region.notify_frontend()
+            return
+        self._arrivals += 1
+        self.scheduler.add(Request(slot=slot, gen=gen, prompt_ids=view.prompt_ids,
+                                   params=view.params, arrival=self._arrivals))
+
+    def publish(self, batch: Batch, sampled: Sampled, finished: list[Finished]) -> None:
+        """Tokens first (each count published with a release store), then finish marks, one wake-up."""
+        tokens = iter(sampled.token_ids)
+        for item in batch.items:
+            if item.samples:
+                self.region.append_tokens(item.slot, (next(tokens),))
+        for f in finished:
+            self.region.finish(f.request.slot, f.reason)
+        self.region.notify_frontend()

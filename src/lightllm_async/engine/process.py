@@ -1,0 +1,67 @@
+"""Entry point of an engine process: attach to the region, load, report ready, loop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+
+from lightllm_async.config import EngineConfig
+from lightllm_async.ipc import EngineState, Region
+
+log = logging.getLogger("lightllm_async.engine")
+
+
+def _make_runner(cfg: EngineConfig):
+    if cfg.model_path == "dummy":
+        from lightllm_async.runner.dummy import DummyRunner
+
+        return DummyRunner(cfg)
+    from lightllm_async.runner.model_runner import ModelRunner
+
+    return ModelRunner(cfg, progress=_progress_bar())
+
+
+def _progress_bar():
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="Loading weights", unit="tensor", file=sys.stderr, leave=False)
+        bar.update(1)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
+    """Target of the engine process. Exits non-zero with the error written to the region."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
+    from lightllm_async.engine.engine import Engine
+    from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+
+    region = Region.attach(region_name)
+    try:
+        runner = _make_runner(cfg)
+        scheduler = Scheduler(SchedulerConfig(
+            max_running_requests=cfg.max_running_requests,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=cfg.max_model_len,
+            kv_cache_tokens=runner.num_kv_tokens,
+        ))
+        region.set_engine_state(EngineState.READY)
+        Engine(region, scheduler, runner, cfg.fail_after_steps).run()
+    except BaseException as exc:  # noqa: BLE001 - report whatever killed us, then die
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        log.error("engine failed: %s\n%s", text, traceback.format_exc())
+        region.set_engine_state(EngineState.ERROR, text)
+        region.notify_frontend()
+        sys.exit(1)
+    finally:
+        region.close()

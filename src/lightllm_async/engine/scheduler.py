@@ -1,0 +1,183 @@
+"""Continuous batching over a token-level KV cache. Plain Python: no torch, tested on the CPU.
+
+Each step the scheduler gives running requests their next tokens (one for decode, a chunk for a
+prefill that is still catching up), then admits waiting requests while the token budget and the
+KV capacity allow. Admission reserves the peak a request is expected to reach; when the guess
+proves wrong and the cache runs dry, the newest request is preempted and recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from lightllm_async.engine.kv_pool import RowPool, TokenPool
+from lightllm_async.engine.request import Batch, Request, Sampled, ScheduledReq
+from lightllm_async.ipc import FinishReason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    kv_cache_tokens: int
+    # Output length assumed at admission for requests whose max_new_tokens is larger.
+    expected_output_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Finished:
+    request: Request
+    reason: FinishReason
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV pools; exchanges plain records with the runner."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        if cfg.kv_cache_tokens < cfg.max_model_len:
+            raise ValueError(
+                f"KV cache of {cfg.kv_cache_tokens} tokens cannot hold one request of "
+                f"max_model_len={cfg.max_model_len}"
+            )
+        self.cfg = cfg
+        self.tokens = TokenPool(cfg.kv_cache_tokens)
+        self.rows = RowPool(cfg.max_running_requests)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is the newest
+        self.by_slot: dict[int, Request] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+
+    def add(self, req: Request) -> None:
+        self.by_slot[req.slot] = req
+        self.waiting.append(req)
+
+    def abort(self, slot: int) -> Request | None:
+        """Drop a request wherever it is; returns it, or None if it is not here."""
+        req = self.by_slot.pop(slot, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        else:
+            self.waiting.remove(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    def schedule(self) -> Batch | None:
+        budget = self.cfg.max_num_batched_tokens
+        items: list[ScheduledReq] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted by an earlier iteration
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._make_room(n, req):
+                continue  # req itself was preempted
+            items.append(self._take(req, n))
+            budget -= n
+        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
+            req = self.waiting.popleft()
+            req.row = self.rows.allocate()
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            items.append(self._take(req, n))
+            budget -= n
+        if not items:
+            return None
+        self.num_steps += 1
+        return Batch(items=tuple(items), step=self.num_steps)
+
+    def _take(self, req: Request, n: int) -> ScheduledReq:
+        start = req.num_computed_tokens
+        slots = self.tokens.allocate(n)
+        req.kv_slots.extend(slots)
+        return ScheduledReq(
+            slot=req.slot,
+            row=req.row,
+            start=start,
+            token_ids=tuple(req.token_ids(start, start + n)),
+            new_kv_slots=tuple(slots),
+            samples=start + n == req.num_tokens,
+            params=req.params,
+            num_output=len(req.output_ids),
+        )
+
+    def _make_room(self, n: int, req: Request) -> bool:
+        """Preempt the newest requests until `n` token slots are free; False if `req` went."""
+        while not self.tokens.can_allocate(n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back to the head of the queue, ahead of requests that arrived later.
+        pos = 0
+        while pos < len(self.waiting) and self.waiting[pos].arrival < req.arrival:
+            pos += 1
+        self.waiting.insert(pos, req)
+
+    def _release(self, req: Request) -> None:
+        self.tokens.free(req.kv_slots)
+        req.kv_slots = []
+        if req.row >= 0:
+            self.rows.free(req.row)
+            req.row = -1
+
+    def _peak(self, req: Request) -> int:
+        remaining = req.params.max_new_tokens - len(req.output_ids)
+        expected = min(remaining, self.cfg.expected_output_tokens)
+        return min(req.num_tokens + max(expected, 1), self.cfg.max_model_len)
+
+    def _can_admit(self, req: Request) -> bool:
+        if self.rows.num_free == 0:
+            return False
+        reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
+        return self.tokens.num_free - reserved >= self._peak(req)
+
+    # -- update ---------------------------------------------------------------------------------
+
+    def update(self, batch: Batch, sampled: Sampled) -> list[Finished]:
+        """Advance computed counts, append sampled tokens, and retire finished requests."""
+        finished: list[Finished] = []
+        tokens = iter(sampled.token_ids)
+        for item in batch.items:
+            req = self.by_slot[item.slot]
+            req.num_computed_tokens += len(item.token_ids)
+            if not item.samples:
+                continue
+            token = next(tokens)
+            req.output_ids.append(token)
+            reason = self._stop_reason(req, token)
+            if reason is not FinishReason.NONE:
+                self.running.remove(req)
+                self._release(req)
+                del self.by_slot[req.slot]
+                finished.append(Finished(req, reason))
+        return finished
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason:
+        if token in req.params.stop_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= req.params.max_new_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= self.cfg.max_model_len:
+            return FinishReason.LENGTH
+        return FinishReason.NONE

@@ -1,0 +1,106 @@
+"""The ASGI application: routing, lifespan, and the error boundary around every handler.
+
+Run it under uvicorn with `loop="uvloop", http="httptools", lifespan="on"`; lifespan startup
+starts the reader (it also starts lazily on the first request if lifespan is off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from . import native_api, openai_api
+from .asgi import Receive, Responder, Scope, Send
+from .context import FrontendContext
+from .generation import ClientDisconnected
+from .protocol import ApiError, engine_dead_error
+from .service import Service
+
+__all__ = ["FrontendContext", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+async def health(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
+    if not svc.engine_alive():
+        raise engine_dead_error()
+    await resp.body(200, b"{}")
+
+
+_ROUTES = {
+    "/v1/chat/completions": {"POST": openai_api.chat_completions},
+    "/v1/completions": {"POST": openai_api.completions},
+    "/v1/models": {"GET": openai_api.list_models},
+    "/generate": {"POST": native_api.generate},
+    "/generate_stream": {"POST": native_api.generate_stream},
+    "/health": {"GET": health},
+}
+
+
+class App:
+    """A plain ASGI 3 callable serving one `Service`."""
+
+    def __init__(self, ctx: FrontendContext):
+        self.service = Service(ctx)
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            await self.service.reader.start()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self._start()
+                except Exception as e:
+                    log.exception("frontend startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                if self._started:
+                    await self.service.reader.stop()
+                    self._started = False
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = Responder(send)
+        method, path = scope["method"], scope["path"]
+        try:
+            methods = _ROUTES.get(path)
+            if methods is None:
+                raise ApiError(404, f"Invalid URL ({method} {path}).")
+            handler = methods.get(method)
+            if handler is None:
+                allow = ", ".join(methods).encode()
+                raise ApiError(405, f"Method {method} is not allowed for {path}.",
+                               headers=((b"allow", allow),))
+            await self._start()
+            await handler(self.service, scope, receive, resp)
+        except ClientDisconnected:
+            pass
+        except ApiError as e:
+            await self._answer(resp, e)
+        except Exception:
+            log.exception("internal error while serving %s %s", method, path)
+            await self._answer(resp, ApiError(500, "Internal server error."))
+
+    @staticmethod
+    async def _answer(resp: Responder, err: ApiError) -> None:
+        with contextlib.suppress(ClientDisconnected):
+            await resp.error(err)
+
+
+def create_app(ctx: FrontendContext) -> App:
+    """The ASGI app for `ctx`; one per process (it owns the region's frontend side)."""
+    return App(ctx)

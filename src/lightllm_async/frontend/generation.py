@@ -1,0 +1,151 @@
+"""One request in flight: token ids from the reader → text pieces, stop strings, abort, cleanup.
+
+Every endpoint drives a `Generation` the same way and only formats its `Piece`s differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from lightllm_async.ipc import FinishReason, RequestParams
+
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .protocol import ApiError, engine_dead_error
+from .reader import Reader, RequestHandle
+from .sampling import SamplingSpec
+
+MAX_STOP_IDS = 16  # RequestParams holds at most this many stop token ids
+
+_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
+                 FinishReason.ABORT: "abort"}
+
+
+class ClientDisconnected(Exception):
+    """The client went away; the request was aborted and nothing more can be sent."""
+
+
+@dataclass
+class Piece:
+    """Text produced by `token_ids` (output tokens, in order); finish_reason on the last piece."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+def max_new_tokens(spec: SamplingSpec, prompt_len: int, max_model_len: int, what: str) -> int:
+    """Output budget for a prompt; a 400 in vLLM's words when the context cannot hold it."""
+    if spec.max_tokens is None:
+        if prompt_len < max_model_len:
+            return max_model_len - prompt_len
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
+                            f"However, your request has {prompt_len} input tokens. "
+                            f"Please reduce the length of the input {what}.", what)
+    if prompt_len + spec.max_tokens > max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
+                            f"However, you requested {prompt_len + spec.max_tokens} tokens "
+                            f"({prompt_len} in the {what}, {spec.max_tokens} in the completion). "
+                            f"Please reduce the length of the {what} or completion.", what)
+    return spec.max_tokens
+
+
+def request_params(spec: SamplingSpec, max_new: int, eos_ids: Sequence[int]) -> RequestParams:
+    return RequestParams(
+        max_new_tokens=max_new, temperature=spec.temperature, top_p=spec.top_p,
+        top_k=spec.top_k, seed=spec.seed, ignore_eos=spec.ignore_eos,
+        stop_ids=() if spec.ignore_eos else tuple(eos_ids)[:MAX_STOP_IDS])
+
+
+class Generation:
+    """Reads one request's tokens, detokenizes, applies stop strings, and cleans up on exit.
+
+    Use as `async with`: leaving the block aborts the request in the engine unless it finished.
+    """
+
+    def __init__(self, reader: Reader, handle: RequestHandle, tokenizer, prompt_ids: Sequence[int],
+                 spec: SamplingSpec, params: RequestParams):
+        self._reader = reader
+        self._handle = handle
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopMatcher(spec.stop)
+        self._stop_ids = frozenset(params.stop_ids)
+        self._watcher: asyncio.Task | None = None
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.finish_reason: str | None = None
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.finish_reason is None or self._stops.stopped:
+            self._reader.abort(self._handle)
+
+    def watch_disconnect(self, receive) -> None:
+        """Listen for the client's http.disconnect while the response is being produced."""
+        self._watcher = asyncio.create_task(_watch_disconnect(receive, self._handle))
+
+    async def pieces(self, per_token: bool = False) -> AsyncIterator[Piece]:
+        """Text as it comes: one piece per wake-up, or per token; the last has finish_reason.
+
+        Raises ClientDisconnected, or ApiError: 503 when the engine died, 500 when it failed
+        the request.
+        """
+        h = self._handle
+        while self.finish_reason is None:
+            tokens = await h.wait()
+            if h.disconnected:
+                raise ClientDisconnected
+            if h.engine_dead and h.finish_reason is None:
+                raise engine_dead_error()
+            done = h.finish_reason
+            if done == FinishReason.ERROR:
+                raise ApiError(500, "The engine failed while processing this request.")
+            batch = self._consume(tokens, done)
+            if not batch:
+                continue
+            if per_token:
+                for piece in batch:
+                    yield piece
+            else:
+                yield Piece("".join(p.text for p in batch), [t for p in batch for t in p.token_ids],
+                            batch[-1].finish_reason)
+
+    async def text(self) -> str:
+        """The whole output text, for non-streaming responses."""
+        return "".join([p.text async for p in self.pieces()])
+
+    def _consume(self, tokens: list[int], done: FinishReason | None) -> list[Piece]:
+        out = []
+        for token in tokens:
+            self.completion_tokens += 1
+            # A stop id is always the last token (the engine stops on it); like vLLM, not shown.
+            hidden = token in self._stop_ids
+            text = self._stops.feed("" if hidden else self._detok.push((token,)))
+            out.append(Piece(text, [token]))
+            if self._stops.stopped:
+                self.finish_reason = "stop"
+                out[-1].finish_reason = "stop"
+                self._reader.abort(self._handle)
+                return out
+        if done is not None:
+            tail = self._stops.feed(self._detok.flush())
+            self.finish_reason = "stop" if self._stops.stopped else _FINISH_NAMES[done]
+            tail += self._stops.flush()
+            self.cached_tokens = self._handle.cached_tokens
+            if not out:
+                out.append(Piece("", []))
+            out[-1].text += tail
+            out[-1].finish_reason = self.finish_reason
+        return out
+
+
+async def _watch_disconnect(receive, handle: RequestHandle) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    handle.notify_disconnect()

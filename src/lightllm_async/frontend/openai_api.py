@@ -1,0 +1,92 @@
+"""OpenAI endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+
+from .asgi import Receive, Responder, Scope, read_body
+from .generation import Generation
+from .protocol import (
+    CHAT_DECODER,
+    COMPLETION_DECODER,
+    ENCODER,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+    decode_body,
+)
+from .sampling import chat_messages, chat_spec, completion_prompt, include_usage, openai_spec
+from .service import Service, request_id
+
+
+def _usage(gen: Generation) -> Usage:
+    return Usage(gen.prompt_tokens, gen.completion_tokens,
+                 gen.prompt_tokens + gen.completion_tokens)
+
+
+async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
+    req = decode_body(CHAT_DECODER, await read_body(receive))
+    spec = chat_spec(req)
+    prompt_ids = await svc.encode_chat(chat_messages(req))
+    rid, created, model = request_id("chatcmpl"), int(time.time()), svc.model_name
+    async with svc.start(prompt_ids, spec, "messages") as gen:
+        gen.watch_disconnect(receive)
+        if not req.stream:
+            text = await gen.text()
+            choice = ChatChoice(0, AssistantMessage(text), gen.finish_reason)
+            await resp.json(ChatCompletionResponse(rid, created, model, [choice], _usage(gen)))
+            return
+
+        def chunk(delta: Delta, finish: str | None = None) -> bytes:
+            return ENCODER.encode(ChatCompletionChunk(
+                rid, created, model, [ChatChunkChoice(0, delta, finish)]))
+
+        await resp.start_stream()
+        await resp.event(chunk(Delta(role="assistant", content="")))
+        await _stream(gen, resp, lambda text, finish: chunk(Delta(content=text or None), finish))
+        if include_usage(req):
+            await resp.event(ENCODER.encode(ChatCompletionChunk(rid, created, model, [],
+                                                                usage=_usage(gen))))
+        await resp.end_stream()
+
+
+async def completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
+    req = decode_body(COMPLETION_DECODER, await read_body(receive))
+    spec = openai_spec(req)
+    prompt = completion_prompt(req, svc.tokenizer.vocab_size)
+    prompt_ids = await svc.encode_text(prompt) if isinstance(prompt, str) else prompt
+    rid, created, model = request_id("cmpl"), int(time.time()), svc.model_name
+    async with svc.start(prompt_ids, spec, "prompt") as gen:
+        gen.watch_disconnect(receive)
+        if not req.stream:
+            text = await gen.text()
+            choice = CompletionChoice(0, text, gen.finish_reason)
+            await resp.json(CompletionResponse(rid, created, model, [choice], _usage(gen)))
+            return
+        await resp.start_stream()
+        await _stream(gen, resp, lambda text, finish: ENCODER.encode(CompletionChunk(
+            rid, created, model, [CompletionChoice(0, text, finish)])))
+        if include_usage(req):
+            await resp.event(ENCODER.encode(CompletionChunk(rid, created, model, [],
+                                                            usage=_usage(gen))))
+        await resp.end_stream()
+
+
+async def _stream(gen: Generation, resp: Responder, encode) -> None:
+    """One SSE event per wake-up that produced text, and one that carries finish_reason."""
+    async for p in gen.pieces():
+        if p.text or p.finish_reason:
+            await resp.event(encode(p.text, p.finish_reason))
+
+
+async def list_models(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
+    await resp.json(ModelList([ModelCard(svc.model_name, svc.created, svc.max_model_len)]))

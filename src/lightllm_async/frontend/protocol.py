@@ -1,0 +1,256 @@
+"""Wire formats of the HTTP API as msgspec Structs, and the errors they answer with.
+
+Requests: OpenAI chat/completions and LightLLM's native `/generate`. Unknown fields are accepted
+and ignored; everything the server acts on is typed, so msgspec rejects mistyped input before a
+handler sees it. Range checks live in `sampling.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+
+class ApiError(Exception):
+    """An error answered to the client as an OpenAI error object with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 error_type: str | None = None, headers: tuple[tuple[bytes, bytes], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = error_type or _ERROR_TYPES.get(status, "internal_error")
+        self.headers = headers
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error",
+                503: "service_unavailable", 500: "internal_error"}
+
+
+class ErrorInfo(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+def error_body(err: ApiError) -> ErrorResponse:
+    return ErrorResponse(ErrorInfo(err.message, err.type, err.param, err.status))
+
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING_RE = re.compile(r"missing required field `([^`]*)`")
+
+
+def decode_error(exc: msgspec.MsgspecError) -> ApiError:
+    """A 400 for a body msgspec could not decode; `param` is the offending field's path."""
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):
+        return ApiError(400, f"Request body is not valid JSON: {text}")
+    at, missing = _PATH_RE.search(text), _MISSING_RE.search(text)
+    path = [p for p in (at and at.group(1), missing and missing.group(1)) if p]
+    return ApiError(400, text, ".".join(path) or None)
+
+
+def engine_dead_error() -> ApiError:
+    return ApiError(503, "The engine is not running; the server cannot serve requests.")
+
+
+def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.MsgspecError as e:
+        raise decode_error(e) from None
+
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(Struct, forbid_unknown_fields=False):
+    include_usage: bool | None = None
+
+
+class OpenAISampling(Struct, kw_only=True, forbid_unknown_fields=False):
+    """Fields shared by chat and text completions. `None` means "not given"."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+
+
+class ContentPart(Struct, forbid_unknown_fields=False):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Struct, forbid_unknown_fields=False):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
+    # str, or token ids, or a one-element batch of either; checked in sampling.prompt_input
+    prompt: str | list[Any]
+
+
+class GenerateParameters(Struct, forbid_unknown_fields=False):
+    """LightLLM's `parameters`; do_sample=False is greedy whatever the temperature."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_sequences: str | list[str] | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    n: int = 1
+    best_of: int = 1
+
+
+class GenerateRequest(Struct, forbid_unknown_fields=False):
+    inputs: str
+    parameters: GenerateParameters | None = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+# Chunks omit `usage` unless it is set; `object` is a msgspec tag so it is always written.
+class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object",
+                          tag="chat.completion.chunk"):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    object: str = "text_completion"
+
+
+class CompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    max_model_len: int
+    object: str = "model"
+    owned_by: str = "lightllm-async"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class GenerateResponse(Struct):
+    generated_text: list[str]
+    count_output_tokens: int
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+class StreamToken(Struct):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+    count_output_tokens: int
+    prompt_tokens: int
+
+
+class GenerateStreamEvent(Struct):
+    token: StreamToken
+    generated_text: str | None
+    finished: bool
+    finish_reason: str | None
+    details: None = None
+
+
+# msgspec Decoders are reusable and thread-safe; one per request type.
+CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+GENERATE_DECODER = msgspec.json.Decoder(GenerateRequest)
+ENCODER = msgspec.json.Encoder()

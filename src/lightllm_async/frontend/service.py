@@ -1,0 +1,70 @@
+"""What every endpoint shares: the context, the reader, prompt encoding and request start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .context import FrontendContext
+from .generation import Generation, max_new_tokens, request_params
+from .protocol import ApiError, engine_dead_error
+from .reader import EngineDead, Reader
+from .sampling import SamplingSpec
+
+ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized off the event loop
+RETRY_AFTER = ((b"retry-after", b"1"),)
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(12).hex()}"
+
+
+class Service:
+    """The frontend of one server process; its reader runs between lifespan startup and shutdown."""
+
+    def __init__(self, ctx: FrontendContext):
+        self.ctx = ctx
+        self.tokenizer = ctx.tokenizer
+        self.reader = Reader(ctx.region, ctx.engine_alive)
+        # The region's per-slot arena holds prompt + output, so it bounds the context too.
+        self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
+        self.model_name = ctx.served_model_name
+        self.created = int(time.time())
+
+    def engine_alive(self) -> bool:
+        return not self.reader.dead and self.ctx.engine_alive()
+
+    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) <= ENCODE_INLINE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text,
+                                       add_special_tokens=add_special_tokens)
+
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render the chat template, then encode without adding special tokens (as vLLM does):
+        the template already wrote them."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # a template rejects the conversation (roles, order, ...)
+            raise ApiError(400, f"The chat template rejected the messages: {e}", "messages") from e
+        return await self.encode_text(text, add_special_tokens=False)
+
+    def start(self, prompt_ids: Sequence[int], spec: SamplingSpec, what: str) -> Generation:
+        """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
+        if not prompt_ids:
+            raise ApiError(400, f"The {what} is empty after tokenization.", what)
+        max_new = max_new_tokens(spec, len(prompt_ids), self.max_model_len, what)
+        params = request_params(spec, max_new, self.tokenizer.eos_token_ids)
+        if not self.engine_alive():
+            raise engine_dead_error()
+        try:
+            handle = self.reader.submit(prompt_ids, params)
+        except EngineDead:
+            raise engine_dead_error() from None
+        if handle is None:
+            raise ApiError(503, "The server is at capacity (every request slot is in use); "
+                                "retry shortly.", headers=RETRY_AFTER)
+        return Generation(self.reader, handle, self.tokenizer, prompt_ids, spec, params)

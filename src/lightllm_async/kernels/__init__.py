@@ -1,0 +1,27 @@
+"""Kernel ops: each a PyTorch reference (`<op>_ref`, the specification and the CPU path), a Triton
+kernel and a launcher `<op>()` that routes through `backend.use_triton`."""
+
+from .backend import use_triton
+from .decode_attention import decode_attention, decode_attention_ref
+from .prefill_attention import prefill_attention, prefill_attention_ref
+from .rms_norm import rms_norm, rms_norm_ref
+from .rotary import rope_cache, rotary_emb, rotary_emb_ref
+from .silu_and_mul import silu_and_mul, silu_and_mul_ref
+from .store_kv import store_kv, store_kv_ref
+
+__all__ = [
+    "decode_attention",
+    "decode_attention_ref",
+    "prefill_attention",
+    "prefill_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_cache",
+    "rotary_emb",
+    "rotary_emb_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "store_kv",
+    "store_kv_ref",
+    "use_triton",
+]

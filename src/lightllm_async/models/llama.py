@@ -1,0 +1,223 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): one file, variants by config.
+
+Every op goes through `kernels/`, so one switch turns this model into its own PyTorch oracle.
+Forward metadata arrives as an explicit `ForwardContext`, never through globals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightllm_async.config import ModelConfig
+from lightllm_async.kernels import (
+    decode_attention,
+    prefill_attention,
+    rms_norm,
+    rope_cache,
+    rotary_emb,
+    silu_and_mul,
+    store_kv,
+)
+from lightllm_async.layers.linear import Linear, MergedLinear
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Where this step's tokens sit: T new tokens from B requests."""
+
+    positions: Tensor  # [T] int64, absolute position of each new token
+    kv_slots: Tensor  # [T] int64, cache row receiving each new token's k and v
+    req_to_token: Tensor  # [max_running, max_model_len] int32, cache rows of each request
+    req_idx: Tensor  # [B] int32, each request's row in req_to_token
+    q_start: Tensor  # [B + 1] int32, cumulative new-token offsets
+    seq_lens: Tensor  # [B] int32, tokens in the cache after this step (prefix + new)
+    logits_idx: Tensor  # [S] int64, which of the T tokens need logits
+    decode_only: bool  # every request has exactly one new token
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """One pool per layer: [num_token_slots, kv_heads, head_dim] for keys and for values."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device) -> KVCache:
+        shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+            v=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+        )
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv = MergedLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device)
+        self.o_proj = Linear(q, cfg.hidden_size, False, dtype, device)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor):
+        t = x.shape[0]
+        q, k, v = self.qkv.split(self.qkv(x))
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rotary_emb(q, k, ctx.positions, cos_sin)
+        store_kv(k_cache, v_cache, k, v, ctx.kv_slots)
+        if ctx.decode_only:
+            o = decode_attention(q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
+        else:
+            o = prefill_attention(
+                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.q_start, ctx.seq_lens, self.scale
+            )
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up = MergedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, False, dtype, device)
+        self.down = Linear(inter, cfg.hidden_size, False, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(silu_and_mul(self.gate_up(x)))  # [T, 2I] -> [T, I] -> [T, H]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.attn = Attention(cfg, dtype, device)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = MLP(cfg, dtype, device)
+
+    def forward(self, x, residual, ctx, cos_sin, k_cache, v_cache):
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm(x, residual)  # norm(x + residual), x + residual
+        h = self.attn(h, ctx, cos_sin, k_cache, v_cache)
+        h, residual = self.post_norm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids in, logits of the requested positions out."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
+        )
+        cos_sin = rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)  # [max_pos, D], float32
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
+        x = F.embedding(input_ids, self.embed)  # [T, H]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
+        x, _ = self.norm(x, residual)
+        x = x.index_select(0, ctx.logits_idx)  # [S, H]
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()  # [S, V]
+
+    # -- weights ------------------------------------------------------------------------------
+
+    _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy HF-named tensors into place; every parameter must be written exactly once."""
+        seen: set[str] = set()
+        for name, tensor in weights:
+            seen.add(self._load_one(name, tensor))
+        expected = {n for n, _ in self._expected_names()}
+        missing = expected - seen
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _load_one(self, name: str, tensor: Tensor) -> str:
+        if name == "model.embed_tokens.weight":
+            self.embed.data.copy_(tensor)
+        elif name == "model.norm.weight":
+            self.norm.weight.data.copy_(tensor)
+        elif name == "lm_head.weight":
+            if self.lm_head is not None:
+                self.lm_head.data.copy_(tensor)
+        elif (m := self._LAYER.match(name)) is not None:
+            self._load_layer(self.layers[int(m.group(1))], m.group(2), m.group(3), tensor)
+        elif not name.endswith("rotary_emb.inv_freq"):
+            raise ValueError(f"unexpected tensor {name}")
+        return name
+
+    @staticmethod
+    def _load_layer(layer: DecoderLayer, path: str, kind: str, tensor: Tensor) -> None:
+        merged = {
+            "self_attn.q_proj": (layer.attn.qkv, "q"),
+            "self_attn.k_proj": (layer.attn.qkv, "k"),
+            "self_attn.v_proj": (layer.attn.qkv, "v"),
+            "mlp.gate_proj": (layer.mlp.gate_up, "gate"),
+            "mlp.up_proj": (layer.mlp.gate_up, "up"),
+        }
+        plain = {
+            "self_attn.o_proj": layer.attn.o_proj,
+            "mlp.down_proj": layer.mlp.down,
+            "input_layernorm": layer.input_norm,
+            "post_attention_layernorm": layer.post_norm,
+        }
+        if path in merged:
+            module, part = merged[path]
+            module.load_part(part, kind, tensor)
+        elif path in plain:
+            getattr(plain[path], kind).data.copy_(tensor)
+        else:
+            raise ValueError(f"unexpected tensor in layer: {path}.{kind}")
+
+    def _expected_names(self):
+        yield "model.embed_tokens.weight", None
+        yield "model.norm.weight", None
+        if self.lm_head is not None:
+            yield "lm_head.weight", None
+        parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+        for i in range(self.cfg.num_layers):
+            for p in parts:
+                yield f"model.layers.{i}.{p}.weight", None
+            if self.cfg.attention_bias:
+                for p in parts[:3]:
+                    yield f"model.layers.{i}.{p}.bias", None

@@ -1,0 +1,128 @@
+"""Runs a scheduled `Batch` through the model and samples: the only place the engine touches torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.engine.request import Batch, Sampled
+from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
+from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
+from lightllm_async.runner.sampler import sample
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = model_cfg.torch_dtype.replace("torch.", "")
+    return torch.float16 if stored == "float16" else torch.bfloat16
+
+
+def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device) -> int:
+    """Token slots for the KV cache: set by the CLI, or what memory allows."""
+    if cfg.kv_cache_tokens > 0:
+        return cfg.kv_cache_tokens
+    per_token = KVCache.bytes_per_token(model_cfg, dtype)
+    if device.type == "cpu":
+        budget = 2 << 30  # 2 GiB of host memory by default
+    else:
+        free, total = torch.cuda.mem_get_info(device)
+        activations = 2 * cfg.max_num_batched_tokens * model_cfg.intermediate_size * 4 * 4
+        budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activations
+    tokens = min(budget // per_token, cfg.max_running_requests * cfg.max_model_len)
+    return max(int(tokens), cfg.max_model_len)
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the request-to-token table on one device."""
+
+    def __init__(self, cfg: EngineConfig, progress: Callable[[int, int], None] | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model_cfg = load_model_config(cfg.model_path)
+        self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg)
+        torch.manual_seed(cfg.seed)
+        self.model = self._load_model(progress)
+        self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
+        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens, self.dtype, self.device)
+        self.req_to_token = torch.zeros(
+            (cfg.max_running_requests, cfg.max_model_len), dtype=torch.int32, device=self.device
+        )
+        log.info("KV cache: %d token slots (%.2f GiB)", self.num_kv_tokens,
+                 self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30)
+
+    def _load_model(self, progress) -> LlamaForCausalLM:
+        model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
+        total = count_weights(self.cfg.model_path)
+
+        def counted():
+            for i, (name, tensor) in enumerate(iter_weights(self.cfg.model_path, self.dtype), 1):
+                yield name, tensor.to(self.device)
+                if progress is not None:
+                    progress(i, total)
+
+        model.load_weights(counted())
+        return model.eval()
+
+    def execute(self, batch: Batch) -> Sampled:
+        input_ids, ctx = self._prepare(batch)
+        logits = self.model(input_ids, ctx, self.kv)  # [S, V]
+        items = [it for it in batch.items if it.samples]
+        tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])
+        return Sampled(token_ids=tuple(tokens.tolist()))
+
+    def _prepare(self, batch: Batch) -> tuple[Tensor, ForwardContext]:
+        """Flatten the batch into index tensors, one host-to-device copy, and fill req_to_token."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        q_start = [0]
+        seq_lens: list[int] = []
+        logits_idx: list[int] = []
+        for it in batch.items:
+            n = len(it.token_ids)
+            ids.extend(it.token_ids)
+            positions.extend(range(it.start, it.start + n))
+            slots.extend(it.new_kv_slots)
+            rows.append(it.row)
+            q_start.append(q_start[-1] + n)
+            seq_lens.append(it.start + n)
+            if it.samples:
+                logits_idx.append(q_start[-1] - 1)
+        t, b = len(ids), len(rows)
+        token_rows = [it.row for it in batch.items for _ in it.token_ids]
+        packed = torch.tensor(
+            ids + positions + slots + token_rows + rows + q_start + seq_lens + logits_idx, dtype=torch.int64
+        ).to(self.device, non_blocking=True)
+        ids_t, pos_t, slots_t, trows_t, rows_t, qs_t, sl_t, li_t = packed.split(
+            [t, t, t, t, b, b + 1, b, len(logits_idx)]
+        )
+        self.req_to_token[trows_t, pos_t] = slots_t.to(torch.int32)
+        ctx = ForwardContext(
+            positions=pos_t,
+            kv_slots=slots_t,
+            req_to_token=self.req_to_token,
+            req_idx=rows_t.to(torch.int32),
+            q_start=qs_t.to(torch.int32),
+            seq_lens=sl_t.to(torch.int32),
+            logits_idx=li_t,
+            decode_only=batch.decode_only,
+        )
+        return ids_t, ctx

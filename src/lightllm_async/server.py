@@ -1,0 +1,173 @@
+"""`lightllm-async`: the one command. Creates the shared region, starts the engine, serves HTTP.
+
+Exit status: 0 after SIGINT/SIGTERM, 1 when the engine process died or failed to start (so a
+systemd unit with Restart=on-failure brings the server back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+
+from lightllm_async.config import EngineConfig, ServerConfig
+
+log = logging.getLogger("lightllm_async")
+
+ENGINE_DEATH_GRACE_S = 1.0  # time for in-flight requests to receive their error before exit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lightllm-async", description="Serve an LLM over an OpenAI-compatible API.")
+    p.add_argument("--model", default=None,
+                   help="local HF folder, .gguf file, or 'dummy' (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="model name in the API (default: from --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length: prompt + output (default: the model's, at most 4096)")
+    p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
+    p.add_argument("--num-slots", type=int, default=256,
+                   help="request slots in shared memory: requests in flight, queued included")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk)")
+    p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV cache size in tokens (0: from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> ServerConfig:
+    """Turn CLI arguments into the frozen config, reading the model's own limits."""
+    from lightllm_async.models.loader import default_model_path, load_model_config
+
+    model = args.model or default_model_path()
+    if model == "dummy":
+        model_len, name = 4096, "dummy"
+    else:
+        model_len = load_model_config(model).max_position_embeddings
+        name = os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+    max_model_len = args.max_model_len or min(model_len, 4096)
+    if args.max_model_len and args.max_model_len > model_len:
+        raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
+    engine = EngineConfig(
+        model_path=model, device=args.device, dtype=args.dtype, max_model_len=max_model_len,
+        max_running_requests=args.max_running_requests, num_slots=args.num_slots,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 1), kv_cache_tokens=args.kv_cache_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, disable_cuda_graph=args.disable_cuda_graph,
+        seed=args.seed, fail_after_steps=args.fail_after_steps, dummy_step_time=args.dummy_step_time,
+    )
+    return ServerConfig(engine=engine, host=args.host, port=args.port,
+                        served_model_name=args.served_model_name or name, log_level=args.log_level)
+
+
+def _wait_ready(region, proc) -> bool:
+    from lightllm_async.ipc import EngineState
+
+    while proc.is_alive():
+        state = region.engine_state
+        if state == EngineState.READY:
+            return True
+        if state == EngineState.ERROR:
+            break
+        time.sleep(0.05)
+    log.error("engine failed to start: %s", region.error_text or f"exit code {proc.exitcode}")
+    return False
+
+
+def serve(cfg: ServerConfig) -> int:
+    import uvicorn
+
+    from lightllm_async.frontend.app import FrontendContext, create_app
+    from lightllm_async.ipc import Region, RegionSpec
+    from lightllm_async.tokenizer import load_tokenizer
+    from lightllm_async.models.loader import default_model_path
+
+    eng = cfg.engine
+    region = Region.create(cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len))
+    proc = mp.get_context("spawn").Process(
+        target=_engine_entry, args=(eng, region.name, cfg.log_level), name="lightllm-engine", daemon=True
+    )
+    exit_code = 1
+    try:
+        proc.start()
+        tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
+        tokenizer = load_tokenizer(tok_path)
+        if not _wait_ready(region, proc):
+            return 1
+        ctx = FrontendContext(region=region, tokenizer=tokenizer, served_model_name=cfg.served_model_name,
+                              max_model_len=eng.max_model_len, engine_alive=proc.is_alive)
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(ctx), host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",
+            lifespan="on", log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=2,
+        ))
+        died = threading.Event()
+        threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
+        server.run()
+        exit_code = 1 if died.is_set() or not server.started else 0
+        return exit_code
+    finally:
+        _stop_engine(proc)
+        region.close()
+        region.unlink()
+        log.info("stopped (exit %d)", exit_code)
+
+
+def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
+    from lightllm_async.engine.process import run_engine
+
+    run_engine(eng, region_name, log_level)
+
+
+def _watch(server, proc, died: threading.Event, cfg: ServerConfig) -> None:
+    """Log the ready line once uvicorn listens; stop the server when the engine dies."""
+    announced = False
+    while not server.should_exit:
+        if not announced and server.started:
+            log.info("lightllm-async ready: http://%s:%d (model %s)", cfg.host, cfg.port, cfg.served_model_name)
+            announced = True
+        if not proc.is_alive():
+            log.error("engine process died (exit code %s); stopping so a supervisor can restart",
+                      proc.exitcode)
+            died.set()
+            time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
+            server.should_exit = True
+            return
+        time.sleep(0.05)
+
+
+def _stop_engine(proc) -> None:
+    if proc.pid is None:
+        return
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    cfg = resolve_config(args)
+    # SIGTERM takes the same path as Ctrl-C: uvicorn's handlers stop the server, `finally` cleans up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return serve(cfg)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
