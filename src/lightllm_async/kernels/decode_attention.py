@@ -1,0 +1,220 @@
+"""Decode attention over the token-level KV cache: one new query token per request, GQA,
+flash-decoding (the context is split into chunks, then a second stage merges the chunks)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from .backend import jit, tl, triton, use_triton
+
+
+def _attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """q [n, Hq, D], k and v [S, Hk, D] float32, mask [n, S] (True: visible) -> [n, Hq, D]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,shd->hns", q, k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hns,shd->nhd", scores.softmax(dim=-1), v)
+
+
+def decode_attention_ref(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor:
+    # reads every request's K and V rows once: sum(seq_lens) * Hk * D * 2 * itemsize, plus q and out
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        seq_len = int(seq_lens[b])
+        if seq_len == 0:
+            continue
+        rows = req_to_token[int(req_idx[b]), :seq_len].long()
+        k, v = k_cache[rows].float(), v_cache[rows].float()
+        out[b] = _attend_ref(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
+    return out
+
+
+@jit
+def _decode_split_kernel(
+    Q,  # [B, Hq, D] one query token per request
+    K_CACHE,  # [S, Hk, D] key cache, one row per token
+    V_CACHE,  # [S, Hk, D] value cache
+    REQ_TO_TOKEN,  # [R, L] cache rows of each request, in position order
+    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
+    SEQ_LENS,  # [B] context length of each request, the new token included
+    MID_O,  # [B, Hq, NUM_SPLITS, D] float32: each split's normalized output
+    MID_LSE,  # [B, Hq, NUM_SPLITS] float32: each split's log2-sum-exp2 of scores (-inf: empty)
+    stride_q_b, stride_q_h,  # Q strides; the head dim is contiguous
+    stride_k_s, stride_k_h,  # K_CACHE strides
+    stride_v_s, stride_v_h,  # V_CACHE strides
+    stride_r2t,  # REQ_TO_TOKEN row stride
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
+    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,  # D
+    NUM_SPLITS: tl.constexpr,  # chunks the context is cut into
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
+    BLOCK_G: tl.constexpr,  # >= GROUP, >= 16: the query heads of one kv head, one tl.dot tile
+    BLOCK_N: tl.constexpr,  # context tokens per iteration
+    BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+):  # fmt: skip
+    # one program: one request, one kv head with all its query heads, one chunk of the context
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # -- this program's chunk: whole blocks of BLOCK_N tokens --
+    seq_len = tl.load(SEQ_LENS + b)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    # -- the group's queries --
+    offs_g = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    # -- online softmax over the chunk --
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n in range(start, end, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k_ptrs = K_CACHE + rows[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = V_CACHE + rows[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+    tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_g)
+
+
+@jit
+def _decode_merge_kernel(
+    MID_O,  # [B, Hq, NUM_SPLITS, D] float32, from _decode_split_kernel
+    MID_LSE,  # [B, Hq, NUM_SPLITS] float32, from _decode_split_kernel
+    OUT,  # [B, Hq, D] attention output
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides
+    stride_o_b, stride_o_h,  # OUT strides
+    HEAD_DIM: tl.constexpr,  # D
+    NUM_SPLITS: tl.constexpr,  # a power of two
+    BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+):  # fmt: skip
+    # one program: one request, one query head
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+
+    # -- weight each split by its share of the total exp-sum --
+    lse = tl.load(MID_LSE + b * stride_ml_b + head * stride_ml_h + offs_s)
+    m = tl.max(lse, axis=0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all empty (seq_len 0): w = 0
+    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_s[:, None] * stride_mo_s
+    o = tl.load(mo_ptrs + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    denom = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
+
+
+_BLOCK_N, _NUM_STAGES = 64, 2  # measured on H100: 32-128 and 2-3 stages are within a few %
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Chunks per context: enough programs to fill the card several times over. A function of the
+    shapes only, never of seq_lens, so that the launch is the same in a CUDA graph."""
+    if device.type != "cuda":
+        return 4  # the interpreter: small contexts still cut into several chunks and merged
+    waves = triton.cdiv(4 * _num_sms(device), batch * kv_heads)
+    return min(32, triton.next_power_of_2(waves))
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Attention of each request's one new token over its whole context in the cache.
+
+    q [B, Hq, D]; k_cache, v_cache [S, Hk, D] with Hq a multiple of Hk; req_to_token [R, L] int32
+    holds each request's cache rows in position order; request b is row req_idx[b] (int32) and has
+    seq_lens[b] (int32) tokens, the new one included (store_kv it first). Returns [B, Hq, D];
+    a request with seq_len 0 gets zeros. num_splits (a power of two) overrides the heuristic.
+    """
+    if not use_triton(q):
+        return decode_attention_ref(q, k_cache, v_cache, req_to_token, req_idx, seq_lens, scale)
+    batch, hq, dim = q.shape
+    hk = k_cache.shape[1]
+    assert k_cache.shape[2] == dim and v_cache.shape == k_cache.shape and hq % hk == 0
+    assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    out = torch.empty((batch, hq, dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    splits = num_splits or _num_splits(batch, hk, q.device)
+    assert splits & (splits - 1) == 0, f"num_splits {splits} is not a power of two"
+    mid_o = torch.empty((batch, hq, splits, dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    group, block_d = hq // hk, triton.next_power_of_2(dim)
+    _decode_split_kernel[(batch, hk, splits)](
+        q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scale * math.log2(math.e),
+        GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N if q.is_cuda else 16,
+        BLOCK_D=block_d, num_warps=4, num_stages=_NUM_STAGES,
+    )  # fmt: skip
+    _decode_merge_kernel[(batch, hq)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out

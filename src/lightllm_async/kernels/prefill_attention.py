@@ -1,0 +1,184 @@
+"""Prefill ("extend") attention: causal attention of new tokens over their requests' caches,
+prefix tokens cached by earlier steps included; varlen, GQA."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .backend import jit, tl, triton, use_triton
+from .decode_attention import _attend_ref
+
+
+def prefill_attention_ref(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    q_start: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor:
+    # compute-bound: 4 * Hq * D flops per (query, visible key) pair; reads q and the requests' K
+    # and V rows (the kernel once per BLOCK_M queries and head), writes out
+    out = torch.zeros_like(q)
+    for b in range(len(req_idx)):
+        start, end, seq_len = int(q_start[b]), int(q_start[b + 1]), int(seq_lens[b])
+        if end == start:
+            continue
+        rows = req_to_token[int(req_idx[b]), :seq_len].long()
+        k, v = k_cache[rows].float(), v_cache[rows].float()
+        pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
+        out[start:end] = _attend_ref(q[start:end].float(), k, v, scale, mask).to(q.dtype)
+    return out
+
+
+@jit
+def _prefill_kernel(
+    Q,  # [T, Hq, D] the new tokens' queries, packed request after request
+    K_CACHE,  # [S, Hk, D] key cache, the new tokens' keys stored already
+    V_CACHE,  # [S, Hk, D] value cache
+    REQ_TO_TOKEN,  # [R, L] cache rows of each request, in position order
+    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
+    Q_START,  # [B + 1] first row in Q of each request, then T
+    SEQ_LENS,  # [B] total tokens of each request, cached prefix included
+    OUT,  # [T, Hq, D] attention output
+    stride_q_t, stride_q_h,  # Q strides; the head dim is contiguous
+    stride_k_s, stride_k_h,  # K_CACHE strides
+    stride_v_s, stride_v_h,  # V_CACHE strides
+    stride_r2t,  # REQ_TO_TOKEN row stride
+    stride_o_t, stride_o_h,  # OUT strides
+    num_reqs,  # B
+    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    GROUP: tl.constexpr,  # query heads per kv head
+    HEAD_DIM: tl.constexpr,  # D
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # context tokens per iteration
+    BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+):  # fmt: skip
+    # one program: BLOCK_M queries of one request and one query head. Request b owns programs
+    # q_start[b] // BLOCK_M + b onwards, which leaves it at least cdiv(n_b, BLOCK_M) of them and
+    # bounds the grid by T // BLOCK_M + B without reading lengths on the host.
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+
+    # -- find this program's request: the last b with q_start[b] // BLOCK_M + b <= pid --
+    lo = pid * 0
+    hi = lo + num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        before = tl.load(Q_START + mid) // BLOCK_M + mid <= pid
+        lo = tl.where(before, mid + 1, lo)
+        hi = tl.where(before, hi, mid)
+    b = lo - 1
+    q_beg = tl.load(Q_START + b)
+    num_new = tl.load(Q_START + b + 1) - q_beg
+    m_block = pid - (q_beg // BLOCK_M + b)
+    if m_block * BLOCK_M >= num_new:
+        return
+    seq_len = tl.load(SEQ_LENS + b)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+    kv_head = head // GROUP
+
+    # -- the block's queries and their positions --
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < num_new
+    pos_m = seq_len - num_new + offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_rows = (q_beg + offs_m).to(tl.int64)
+    q_ptrs = Q + q_rows[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    # -- online softmax: stage 0 over the context every query of the block sees (whole blocks,
+    # no mask), stage 1 over the rest up to the last query, with the causal mask --
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo_n = 0
+            hi_n = seen_by_all
+        else:
+            lo_n = seen_by_all
+            hi_n = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
+        for n in range(lo_n, hi_n, BLOCK_N):
+            offs_n = n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi_n
+            rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0)
+            rows = rows.to(tl.int64)
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k_ptrs = K_CACHE + rows[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if stage == 1:
+                s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_ptrs = V_CACHE + rows[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    # -- normalize and store; rows past the request's queries are not stored --
+    out = acc / l_i[:, None]
+    o_ptrs = OUT + q_rows[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def _blocks(q: Tensor, batch: int) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages, from shapes known on the host (measured on H100)."""
+    if not q.is_cuda:
+        return 16, 16, 4, 1  # the interpreter: small blocks so that small tests cross block edges
+    if q.shape[-1] <= 64 or q.shape[0] < 128 * batch:
+        return 64, 64, 4, 3  # small heads, or few new tokens per request (chunked prefill)
+    return 128, 64, 4, 3
+
+
+def prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    q_start: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor:
+    """Causal attention of the new tokens of B requests, packed in q [T, Hq, D].
+
+    Request b owns q rows q_start[b]:q_start[b+1] (q_start [B+1] int32) and has seq_lens[b] tokens
+    in all, cached prefix included; its new token i sits at position
+    seq_lens[b] - (q_start[b+1] - q_start[b]) + i and attends to cache positions 0..that position,
+    found through req_to_token[req_idx[b]]. The new tokens' k and v must be stored first, and
+    q_start[B] must be T.
+    """
+    if not use_triton(q):
+        return prefill_attention_ref(q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, scale)
+    num_tokens, hq, dim = q.shape
+    batch, hk = req_idx.shape[0], k_cache.shape[1]
+    assert k_cache.shape[2] == dim and v_cache.shape == k_cache.shape and hq % hk == 0
+    assert q_start.shape == (batch + 1,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
+    assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    out = torch.empty((num_tokens, hq, dim), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    block_m, block_n, num_warps, num_stages = _blocks(q, batch)
+    _prefill_kernel[(num_tokens // block_m + batch, hq)](
+        q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
+        batch, scale * math.log2(math.e),
+        GROUP=hq // hk, HEAD_DIM=dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out

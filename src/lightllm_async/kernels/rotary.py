@@ -1,0 +1,148 @@
+"""Rotary position embedding, HF Llama `rotate_half` (neox) form, with the Llama-3 scaled cache."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backend import jit, tl, triton, use_triton
+
+
+def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None) -> Tensor:
+    # the same float32 operations, in the same order, as transformers' rope init functions
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if rope_type in (None, "default"):
+        return inv_freq
+    if rope_type != "llama3":
+        raise NotImplementedError(f"rope_scaling type {rope_type!r}; supported: None, 'default', 'llama3'")
+    factor = rope_scaling["factor"]
+    low_freq_factor = rope_scaling["low_freq_factor"]
+    high_freq_factor = rope_scaling["high_freq_factor"]
+    old_context_len = rope_scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def rope_cache(
+    head_dim: int,
+    max_pos: int,
+    theta: float,
+    rope_scaling: Mapping[str, Any] | None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """cos_sin [max_pos, head_dim] float32: cos(pos * inv_freq) in the first head_dim/2 columns,
+    sin in the last. rope_scaling: None, {"rope_type": "default"} or Llama-3's
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}."""
+    inv_freq = _inv_freq(head_dim, float(theta), rope_scaling)  # on the CPU, as HF computes it
+    freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def _rotate_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [T, H, D]; cos, sin [T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotary_emb_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    # reads q, k and a cos_sin row per token, writes q and k: 2 * (q.nbytes + k.nbytes) + T * D * 4
+    cos, sin = cos_sin[positions].float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+@jit
+def _rotary_kernel(
+    Q,  # [T, Hq, D] queries to rotate
+    K,  # [T, Hk, D] keys to rotate
+    Q_OUT,  # [T, Hq, D] rotated queries (Q itself when in place)
+    K_OUT,  # [T, Hk, D] rotated keys (K itself when in place)
+    POS,  # [T] position of each token
+    COS_SIN,  # [max_pos, D] cos | sin halves, float32
+    stride_q_t, stride_q_h,  # Q strides (token, head); the head dim is contiguous
+    stride_k_t, stride_k_h,  # K strides
+    stride_qo_t, stride_qo_h,  # Q_OUT strides
+    stride_ko_t, stride_ko_h,  # K_OUT strides
+    stride_cs,  # COS_SIN row stride
+    HQ,  # query heads
+    HK,  # key heads
+    HALF,  # head_dim // 2
+    BLOCK_HQ: tl.constexpr,  # >= HQ, a power of two
+    BLOCK_HK: tl.constexpr,  # >= HK, a power of two
+    BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
+):  # fmt: skip
+    # one program rotates all heads of one token
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(POS + t).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+
+    # -- the token's cos and sin --
+    cos = tl.load(COS_SIN + pos * stride_cs + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_d, mask=offs_d < HALF, other=0.0)
+    sin = sin.to(tl.float32)
+
+    # -- queries: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) --
+    offs_h = tl.arange(0, BLOCK_HQ)[:, None]
+    mask = (offs_h < HQ) & (offs_d < HALF)
+    x = Q + t * stride_q_t + offs_h * stride_q_h + offs_d
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    y = Q_OUT + t * stride_qo_t + offs_h * stride_qo_h + offs_d
+    tl.store(y, (x1 * cos - x2 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
+    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
+
+    # -- keys, the same --
+    offs_h = tl.arange(0, BLOCK_HK)[:, None]
+    mask = (offs_h < HK) & (offs_d < HALF)
+    x = K + t * stride_k_t + offs_h * stride_k_h + offs_d
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    y = K_OUT + t * stride_ko_t + offs_h * stride_ko_h + offs_d
+    tl.store(y, (x1 * cos - x2 * sin).to(K_OUT.dtype.element_ty), mask=mask)
+    tl.store(y + HALF, (x2 * cos + x1 * sin).to(K_OUT.dtype.element_ty), mask=mask)
+
+
+def rotary_emb(
+    q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, inplace: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64).
+
+    Returns new tensors, or q and k themselves rotated in place when `inplace`.
+    """
+    if not use_triton(q):
+        q_out, k_out = rotary_emb_ref(q, k, positions, cos_sin)
+        if not inplace:
+            return q_out, k_out
+        q.copy_(q_out)
+        k.copy_(k_out)
+        return q, k
+    num_tokens, hq, dim = q.shape
+    assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, f"q {q.shape}, k {k.shape}"
+    assert positions.shape == (num_tokens,) and cos_sin.shape[1] == dim
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    if num_tokens == 0:
+        return q_out, k_out
+    hk, half = k.shape[1], dim // 2
+    _rotary_kernel[(num_tokens,)](
+        q, k, q_out, k_out, positions, cos_sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos_sin.stride(0), hq, hk, half,
+        BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )  # fmt: skip
+    return q_out, k_out

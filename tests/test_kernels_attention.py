@@ -1,0 +1,195 @@
+"""Attention and KV-store kernels against their references: in the Triton interpreter on CPU
+tensors at small irregular sizes, and compiled on CUDA at real sizes (marked gpu)."""
+
+import pytest
+import torch
+
+from lightllm_async.kernels import (
+    decode_attention,
+    decode_attention_ref,
+    prefill_attention,
+    prefill_attention_ref,
+    store_kv,
+    store_kv_ref,
+)
+from lightllm_async.kernels.testing import (
+    TOLERANCE,
+    gpu_skip_reason,
+    interpreter_skip_reason,
+    must_not_skip,
+    nan_filled_allocations,
+    rel_err,
+)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Route the ops to their Triton kernels, run on CPU tensors by the interpreter."""
+    if reason := interpreter_skip_reason():
+        pytest.fail(reason) if must_not_skip() else pytest.skip(reason)
+    monkeypatch.setenv("LLA_KERNELS", "triton")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    if reason := gpu_skip_reason():
+        pytest.skip(reason)
+    monkeypatch.delenv("LLA_KERNELS", raising=False)
+
+
+def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37):
+    """A cache and request table for requests of `seq_lens` tokens, their rows scattered at random.
+
+    Rows no request owns hold NaN, and every request's table row is padded past its length with
+    pointers to them, so a kernel that reads outside a context gives NaN.
+    """
+    used, rows = sum(seq_lens), sum(seq_lens) + spare
+    perm = torch.randperm(rows, device=device)
+    k_cache = torch.full((rows, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = k_cache.clone()
+    k_cache[perm[:used]] = torch.randn(used, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache[perm[:used]] = torch.randn(used, kv_heads, head_dim, dtype=dtype, device=device)
+    num_rows, width = len(seq_lens) + 3, max(seq_lens, default=0) + 5
+    pad = torch.randint(0, spare, (num_rows, width), device=device)
+    req_to_token = perm[used:][pad].to(torch.int32)
+    req_idx = torch.randperm(num_rows, device=device)[: len(seq_lens)].to(torch.int32)
+    start = 0
+    for b, n in enumerate(seq_lens):
+        req_to_token[req_idx[b], :n] = perm[start : start + n].to(torch.int32)
+        start += n
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return k_cache, v_cache, req_to_token, req_idx, seq_lens
+
+
+def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
+    hq, hk = heads
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, hk, head_dim, dtype, device)
+    q = torch.randn(len(seq_lens), hq, head_dim, dtype=dtype, device=device)
+    args = (q, k_cache, v_cache, req_to_token, req_idx, lens, head_dim**-0.5)
+    with nan_filled_allocations():
+        out = decode_attention(*args, num_splits=num_splits)
+    ref = decode_attention_ref(*args)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    return out
+
+
+def check_prefill(new_and_prefix, heads, head_dim, dtype, device):
+    hq, hk = heads
+    seq_lens = [new + prefix for new, prefix in new_and_prefix]
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, hk, head_dim, dtype, device)
+    new = torch.tensor([0] + [n for n, _ in new_and_prefix], device=device)
+    q_start = new.cumsum(0).to(torch.int32)
+    q = torch.randn(int(q_start[-1]), hq, head_dim, dtype=dtype, device=device)
+    args = (q, k_cache, v_cache, req_to_token, req_idx, q_start, lens, head_dim**-0.5)
+    with nan_filled_allocations():
+        out = prefill_attention(*args)
+    ref = prefill_attention_ref(*args)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def check_store_kv(num_tokens, kv_heads, head_dim, dtype, device):
+    rows = 3 * num_tokens + 5
+    k_cache = torch.full((rows, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
+    v_cache = k_cache.clone()
+    k, v = torch.randn(2, num_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    slots = torch.randperm(rows, device=device)[:num_tokens]
+    store_kv(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v)
+    untouched = torch.ones(rows, dtype=torch.bool, device=device)
+    untouched[slots] = False
+    assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_ref(k_ref, v_ref, k, v, slots)
+    assert torch.equal(k_ref.nan_to_num(), k_cache.nan_to_num())
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3), (8, 1)])
+def test_decode_attention_matches_reference_in_interpreter(interpreter, heads, head_dim):
+    check_decode([1, 17, 130], heads, head_dim, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 16])
+def test_decode_attention_merges_any_number_of_splits(interpreter, num_splits):
+    check_decode([1, 33, 130, 7], (4, 2), 64, torch.float32, "cpu", num_splits=num_splits)
+
+
+def test_decode_attention_gives_zeros_for_an_empty_context(interpreter):
+    out = check_decode([0, 17], (4, 2), 64, torch.float32, "cpu")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "new_and_prefix",
+    [
+        [(1, 0), (7, 10), (33, 97)],  # contexts 1, 17, 130; a decode-like single token
+        [(16, 0), (0, 5), (17, 16), (1, 1)],  # block-sized, empty and one-past-block requests
+        [(20, 14), (3, 31), (18, 47)],  # queries starting just short of a block edge
+        [(1, 3)] * 9 + [(40, 0)],  # many short requests ahead of one long one
+    ],
+)
+def test_prefill_attention_matches_reference_in_interpreter(interpreter, new_and_prefix, head_dim):
+    check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu")
+
+
+def test_prefill_attention_handles_mha_and_wide_gqa(interpreter):
+    check_prefill([(5, 3), (20, 0)], (3, 3), 64, torch.float32, "cpu")
+    check_prefill([(5, 3), (20, 0)], (8, 1), 64, torch.float32, "cpu")
+
+
+def test_prefill_last_token_equals_decode(interpreter):
+    seq_lens, heads, dim = [9, 40], (4, 2), 64
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, heads[1], dim, torch.float32, "cpu")
+    q = torch.randn(2, heads[0], dim)
+    q_start = torch.tensor([0, 1, 2], dtype=torch.int32)
+    cache = (k_cache, v_cache, req_to_token, req_idx)
+    out_prefill = prefill_attention(q, *cache, q_start, lens, 0.1)
+    out_decode = decode_attention(q, *cache, lens, 0.1)
+    assert rel_err(out_prefill, out_decode) < 1e-5
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("kv_heads, head_dim", [(2, 64), (3, 128)])
+def test_store_kv_writes_exactly_the_slots_in_interpreter(interpreter, num_tokens, kv_heads, head_dim):
+    check_store_kv(num_tokens, kv_heads, head_dim, torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+def test_decode_attention_matches_reference_on_gpu(gpu):
+    seq_lens = torch.randint(1, 4097, (64,)).tolist()
+    seq_lens[:3] = [1, 4096, 4095]
+    check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda")
+    check_decode([4096] * 4, (32, 8), 128, torch.bfloat16, "cuda")
+    check_decode(seq_lens[:8], (32, 8), 64, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
+    new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
+    check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_store_kv_writes_exactly_the_slots_on_gpu(gpu):
+    check_store_kv(4099, 8, 128, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_decode_attention_replays_in_a_cuda_graph_with_new_lengths(gpu):
+    seq_lens = [300, 1, 2048, 77]
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, 8, 128, torch.bfloat16, "cuda")
+    q = torch.randn(4, 32, 128, dtype=torch.bfloat16, device="cuda")
+    args = (q, k_cache, v_cache, req_to_token, req_idx, lens, 128**-0.5)
+    decode_attention(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(*args)
+    for new_lens in ([150, 1, 2048, 77], [1, 1, 129, 3]):  # within each request's cached rows
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.normal_()
+        graph.replay()
+        assert rel_err(out, decode_attention_ref(*args)) < TOLERANCE[torch.bfloat16]

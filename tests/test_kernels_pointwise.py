@@ -1,0 +1,174 @@
+"""RMSNorm, SiLU-and-mul and rotary kernels against their references (interpreter on CPU at small
+irregular sizes, compiled on CUDA at real sizes), and the rope cache against transformers."""
+
+import pytest
+import torch
+
+from lightllm_async.kernels import (
+    rms_norm,
+    rms_norm_ref,
+    rope_cache,
+    rotary_emb,
+    rotary_emb_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
+from lightllm_async.kernels.testing import (
+    TOLERANCE,
+    gpu_skip_reason,
+    interpreter_skip_reason,
+    must_not_skip,
+    nan_filled_allocations,
+    rel_err,
+)
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Route the ops to their Triton kernels, run on CPU tensors by the interpreter."""
+    if reason := interpreter_skip_reason():
+        pytest.fail(reason) if must_not_skip() else pytest.skip(reason)
+    monkeypatch.setenv("LLA_KERNELS", "triton")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    if reason := gpu_skip_reason():
+        pytest.skip(reason)
+    monkeypatch.delenv("LLA_KERNELS", raising=False)
+
+
+def check_rms_norm(shape, with_residual, dtype, device):
+    x = torch.randn(shape, dtype=dtype, device=device)
+    weight = torch.randn(shape[-1], dtype=dtype, device=device)
+    residual = torch.randn(shape, dtype=dtype, device=device) if with_residual else None
+    with nan_filled_allocations():
+        out = rms_norm(x, weight, 1e-5, residual)
+    ref = rms_norm_ref(x, weight, 1e-5, residual)
+    outs, refs = (out, ref) if with_residual else ((out,), (ref,))
+    for o, r in zip(outs, refs, strict=True):
+        assert o.shape == r.shape and not o.isnan().any()
+        assert rel_err(o, r) < TOLERANCE[dtype]
+
+
+def check_silu_and_mul(num_tokens, inter, dtype, device):
+    x = torch.randn(num_tokens, 2 * inter, dtype=dtype, device=device)
+    with nan_filled_allocations():
+        out = silu_and_mul(x)
+    assert out.shape == (num_tokens, inter) and not out.isnan().any()
+    assert rel_err(out, silu_and_mul_ref(x)) < TOLERANCE[dtype]
+
+
+def check_rotary(num_tokens, heads, head_dim, inplace, dtype, device, max_pos=300):
+    hq, hk = heads
+    scaling = LLAMA3_SCALING | {"original_max_position_embeddings": 64}  # scaled within max_pos
+    cos_sin = rope_cache(head_dim, max_pos, 500000.0, scaling, device)
+    # q and k are views into one fused projection output, as the model makes them
+    qkv = torch.randn(num_tokens, (hq + 2 * hk) * head_dim, dtype=dtype, device=device)
+    q = qkv[:, : hq * head_dim].view(num_tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(num_tokens, hk, head_dim)
+    v_before = qkv[:, (hq + hk) * head_dim :].clone()
+    positions = torch.randint(0, max_pos, (num_tokens,), device=device)
+    q_ref, k_ref = rotary_emb_ref(q, k, positions, cos_sin)
+    if inplace:
+        q_out, k_out = rotary_emb(q, k, positions, cos_sin, inplace=True)
+        assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    else:
+        with nan_filled_allocations():
+            q_out, k_out = rotary_emb(q, k, positions, cos_sin)
+        assert q_out.data_ptr() != q.data_ptr()
+    assert not q_out.isnan().any() and not k_out.isnan().any()
+    assert rel_err(q_out, q_ref) < TOLERANCE[dtype] and rel_err(k_out, k_ref) < TOLERANCE[dtype]
+    assert torch.equal(qkv[:, (hq + hk) * head_dim :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("hidden", [64, 100, 4096])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference_in_interpreter(interpreter, num_tokens, hidden, with_residual):
+    check_rms_norm((num_tokens, hidden), with_residual, torch.float32, "cpu")
+
+
+def test_rms_norm_keeps_leading_dims(interpreter):
+    check_rms_norm((2, 5, 96), True, torch.float32, "cpu")
+
+
+def test_rms_norm_residual_out_is_the_sum(interpreter):
+    x, residual = torch.randn(2, 7, 64)
+    _, residual_out = rms_norm(x, torch.ones(64), 1e-6, residual)
+    assert torch.equal(residual_out, x + residual)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("inter", [5, 77, 1500])
+def test_silu_and_mul_matches_reference_in_interpreter(interpreter, num_tokens, inter):
+    check_silu_and_mul(num_tokens, inter, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("heads, head_dim", [((4, 2), 64), ((6, 6), 128), ((3, 1), 32)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary_emb_matches_reference_in_interpreter(interpreter, num_tokens, heads, head_dim, inplace):
+    check_rotary(num_tokens, heads, head_dim, inplace, torch.float32, "cpu")
+
+
+def test_rotary_emb_at_position_zero_is_identity():
+    q, k = torch.randn(3, 4, 64), torch.randn(3, 2, 64)
+    q_out, k_out = rotary_emb(q, k, torch.zeros(3, dtype=torch.int64), rope_cache(64, 8, 10000.0, None))
+    assert torch.allclose(q_out, q) and torch.allclose(k_out, k)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "default"}, LLAMA3_SCALING])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_cache_equals_transformers(rope_scaling, head_dim):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    theta, max_pos = 500000.0, 300
+    config = transformers.LlamaConfig(
+        hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, rope_theta=theta,
+        rope_scaling=rope_scaling, max_position_embeddings=16384,
+    )  # fmt: skip
+    cos_sin = rope_cache(head_dim, max_pos, theta, rope_scaling, "cpu")
+    positions = torch.arange(max_pos)[None, :]
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions)
+    half = head_dim // 2
+    assert torch.equal(cos_sin[:, :half], cos[0, :, :half])
+    assert torch.equal(cos_sin[:, half:], sin[0, :, :half])
+    if rope_scaling == LLAMA3_SCALING:
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+        assert torch.equal(cos_sin[1, :half], inv_freq.cos())
+        unscaled = rope_cache(head_dim, max_pos, theta, None, "cpu")
+        assert not torch.equal(cos_sin[:, half - 1], unscaled[:, half - 1])  # low frequencies slowed
+
+
+def test_rope_cache_rejects_unknown_scaling():
+    with pytest.raises(NotImplementedError):
+        rope_cache(64, 8, 10000.0, {"rope_type": "yarn", "factor": 4.0}, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference_on_gpu(gpu, with_residual):
+    check_rms_norm((4099, 4096), with_residual, torch.bfloat16, "cuda")
+    check_rms_norm((64, 8192), with_residual, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_silu_and_mul_matches_reference_on_gpu(gpu):
+    check_silu_and_mul(4099, 14336, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_rotary_emb_matches_reference_on_gpu(gpu, inplace):
+    check_rotary(4099, (32, 8), 128, inplace, torch.bfloat16, "cuda", max_pos=8192)
