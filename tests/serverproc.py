@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,8 +29,12 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lightllm_async.server", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
         self.log: list[str] = []
         self._ready = threading.Event()
@@ -55,8 +60,9 @@ class ServerProcess:
     def request(self, method: str, path: str, body=None, raw: bytes | None = None, timeout=120):
         """(status, headers, parsed JSON or text) for one plain HTTP request."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, dict(r.headers), _parse(r.read())
@@ -65,8 +71,12 @@ class ServerProcess:
 
     def stream(self, path: str, body, timeout=120) -> list[str]:
         """The `data:` payloads of an SSE response, in order."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         events = []
         with urllib.request.urlopen(req, timeout=timeout) as r:
             for line in r:
@@ -80,10 +90,8 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def kill_tree(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
 

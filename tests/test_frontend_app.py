@@ -118,7 +118,7 @@ class Response:
         assert text.endswith("\n\n"), text[-50:]
         parts = text[:-2].split("\n\n")
         assert all(p.startswith(prefix) for p in parts), parts
-        return [p[len(prefix):] for p in parts]
+        return [p[len(prefix) :] for p in parts]
 
 
 class Harness:
@@ -126,15 +126,21 @@ class Harness:
 
     def __init__(self, tokenizer, num_slots: int = 8, eos_in_script: bool = False):
         self.tokenizer = tokenizer
-        self.region = Region.create(f"fe-test-{os.getpid()}-{next(_ids)}",
-                                    RegionSpec(num_slots=num_slots, max_tokens_per_slot=MAX_MODEL_LEN))
+        self.region = Region.create(
+            f"fe-test-{os.getpid()}-{next(_ids)}",
+            RegionSpec(num_slots=num_slots, max_tokens_per_slot=MAX_MODEL_LEN),
+        )
         self.script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
         if eos_in_script:
             self.script = self.script + [tokenizer.eos_token_ids[0]]
         self.engine = FakeEngine(self.region, self.script)
-        self.ctx = FrontendContext(region=self.region, tokenizer=tokenizer,
-                                   served_model_name="test-model", max_model_len=MAX_MODEL_LEN,
-                                   engine_alive=lambda: self.engine.alive)
+        self.ctx = FrontendContext(
+            region=self.region,
+            tokenizer=tokenizer,
+            served_model_name="test-model",
+            max_model_len=MAX_MODEL_LEN,
+            engine_alive=lambda: self.engine.alive,
+        )
         self.app = create_app(self.ctx)
 
     def script_text(self, n: int) -> str:
@@ -144,8 +150,9 @@ class Harness:
     async def __aenter__(self) -> Harness:
         self._life_in: asyncio.Queue = asyncio.Queue()
         self._life_out: asyncio.Queue = asyncio.Queue()
-        self._life = asyncio.create_task(self.app({"type": "lifespan"}, self._life_in.get,
-                                                  self._life_out.put))
+        self._life = asyncio.create_task(
+            self.app({"type": "lifespan"}, self._life_in.get, self._life_out.put)
+        )
         await self._life_in.put({"type": "lifespan.startup"})
         assert (await self._life_out.get())["type"] == "lifespan.startup.complete"
         return self
@@ -159,8 +166,9 @@ class Harness:
         self.region.close()
         self.region.unlink()
 
-    async def request(self, method: str, path: str, body=None, raw: bytes | None = None,
-                      disconnect_after: int | None = None) -> Response:
+    async def request(
+        self, method: str, path: str, body=None, raw: bytes | None = None, disconnect_after: int | None = None
+    ) -> Response:
         """One request; with disconnect_after=k the client goes away after k body chunks."""
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         gone = asyncio.Event()
@@ -177,8 +185,7 @@ class Harness:
                     receive.second = True
                     sent_body = False
                     return {"type": "http.request", "body": data[:half], "more_body": True}
-                return {"type": "http.request", "body": data[half:] if half else data,
-                        "more_body": False}
+                return {"type": "http.request", "body": data[half:] if half else data, "more_body": False}
             if disconnect_after == 0:  # gone right after sending the request
                 await asyncio.sleep(0.02)
                 gone.set()
@@ -199,8 +206,15 @@ class Harness:
                 if not msg.get("more_body", False):
                     gone.set()  # response complete: receive() now reports a disconnect
 
-        scope = {"type": "http", "method": method, "path": path, "headers": [],
-                 "query_string": b"", "http_version": "1.1", "asgi": {"version": "3.0"}}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": [],
+            "query_string": b"",
+            "http_version": "1.1",
+            "asgi": {"version": "3.0"},
+        }
         await asyncio.wait_for(self.app(scope, receive, send), 10)
         return resp
 
@@ -208,7 +222,8 @@ class Harness:
         deadline = time.monotonic() + timeout
         while self.region.num_free_slots() != self.region.spec.num_slots:
             assert time.monotonic() < deadline, (
-                f"{self.region.num_free_slots()} of {self.region.spec.num_slots} slots free")
+                f"{self.region.num_free_slots()} of {self.region.spec.num_slots} slots free"
+            )
             await asyncio.sleep(0.005)
 
 
@@ -235,13 +250,18 @@ def test_chat_completion_returns_script_text_and_exact_usage(tokenizer):
             assert choice["message"] == {"role": "assistant", "content": h.script_text(7)}
             assert choice["finish_reason"] == "length"
             prompt_ids, params = h.engine.submitted[-1]
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi"}],
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Say hi"}], add_generation_prompt=True
+            )
             assert prompt_ids == tokenizer.encode(text, add_special_tokens=False)
             assert params.max_new_tokens == 7
-            assert out["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 7,
-                                    "total_tokens": len(prompt_ids) + 7}
+            assert out["usage"] == {
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": 7,
+                "total_tokens": len(prompt_ids) + 7,
+            }
             await h.wait_slots_free()
+
     run(go())
 
 
@@ -256,10 +276,10 @@ def test_completion_with_text_and_token_prompts(tokenizer):
             assert h.engine.submitted[-1][0] == tokenizer.encode("Once upon", add_special_tokens=True)
             r = await h.request("POST", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3})
             assert r.status == 200 and h.engine.submitted[-1][0] == [5, 6, 7]
-            assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3,
-                                         "total_tokens": 6}
+            assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
             r = await h.request("POST", "/v1/completions", {"prompt": [[9, 10]], "max_tokens": 1})
             assert r.status == 200 and h.engine.submitted[-1][0] == [9, 10]
+
     run(go())
 
 
@@ -270,6 +290,7 @@ def test_max_tokens_defaults_to_rest_of_context(tokenizer):
             assert r.status == 200, r.body
             assert h.engine.submitted[-1][1].max_new_tokens == MAX_MODEL_LEN - 200
             assert r.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - 200
+
     run(go())
 
 
@@ -283,45 +304,70 @@ def test_eos_stops_with_reason_stop_and_is_not_shown(tokenizer):
             assert out["usage"]["completion_tokens"] == len(h.script)  # eos counted, as vLLM does
             assert h.engine.submitted[-1][1].stop_ids == tuple(tokenizer.eos_token_ids)
             # ignore_eos: the eos id is not sent as a stop id; generation runs to max_tokens
-            r = await h.request("POST", "/v1/completions",
-                                {"prompt": "x", "max_tokens": len(h.script) + 3, "ignore_eos": True})
+            r = await h.request(
+                "POST",
+                "/v1/completions",
+                {"prompt": "x", "max_tokens": len(h.script) + 3, "ignore_eos": True},
+            )
             assert r.json()["choices"][0]["finish_reason"] == "length"
             assert h.engine.submitted[-1][1].stop_ids == ()
+
     run(go())
 
 
 def test_stop_string_truncates_aborts_engine_and_frees_slot(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/v1/completions",
-                                {"prompt": "x", "max_tokens": 100, "stop": ["tiny", "zzz"]})
+            r = await h.request(
+                "POST", "/v1/completions", {"prompt": "x", "max_tokens": 100, "stop": ["tiny", "zzz"]}
+            )
             out = r.json()
-            assert out["choices"][0] == {"index": 0, "text": " Hello! I am a ",
-                                         "finish_reason": "stop", "logprobs": None}
+            assert out["choices"][0] == {
+                "index": 0,
+                "text": " Hello! I am a ",
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
             # completion tokens: up to and including the token that completed the stop string
             n = next(i for i in range(1, 100) if "tiny" in h.script_text(i))
             assert out["usage"]["completion_tokens"] == n
             await h.wait_slots_free()
             assert h.engine.finished[-1][0] == FinishReason.ABORT
+
     run(go())
 
 
 def test_native_generate(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/generate",
-                                {"inputs": "Hi", "parameters": {"max_new_tokens": 6}})
+            r = await h.request("POST", "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 6}})
             assert r.status == 200, r.body
-            assert r.json() == {"generated_text": [h.script_text(6)], "count_output_tokens": 6,
-                                "finish_reason": "length",
-                                "prompt_tokens": len(tokenizer.encode("Hi"))}
+            assert r.json() == {
+                "generated_text": [h.script_text(6)],
+                "count_output_tokens": 6,
+                "finish_reason": "length",
+                "prompt_tokens": len(tokenizer.encode("Hi")),
+            }
             assert h.engine.submitted[-1][1].temperature == 0.0  # do_sample defaults to False
-            r = await h.request("POST", "/generate", {"inputs": "Hi", "parameters": {
-                "max_new_tokens": 50, "stop_sequences": ["!"], "do_sample": True,
-                "temperature": 0.7, "top_k": 5, "seed": 3}})
+            r = await h.request(
+                "POST",
+                "/generate",
+                {
+                    "inputs": "Hi",
+                    "parameters": {
+                        "max_new_tokens": 50,
+                        "stop_sequences": ["!"],
+                        "do_sample": True,
+                        "temperature": 0.7,
+                        "top_k": 5,
+                        "seed": 3,
+                    },
+                },
+            )
             assert r.json()["generated_text"] == [" Hello"] and r.json()["finish_reason"] == "stop"
             params = h.engine.submitted[-1][1]
             assert (params.temperature, params.top_k, params.seed) == (pytest.approx(0.7), 5, 3)
+
     run(go())
 
 
@@ -331,8 +377,11 @@ def test_native_generate(tokenizer):
 def test_chat_stream_format_role_first_finish_last_usage_then_done(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/v1/chat/completions", chat_body(
-                max_tokens=9, stream=True, stream_options={"include_usage": True}))
+            r = await h.request(
+                "POST",
+                "/v1/chat/completions",
+                chat_body(max_tokens=9, stream=True, stream_options={"include_usage": True}),
+            )
             assert r.status == 200 and r.headers["content-type"] == "text/event-stream"
             events = r.events()
             assert events[-1] == "[DONE]"
@@ -349,30 +398,34 @@ def test_chat_stream_format_role_first_finish_last_usage_then_done(tokenizer):
             assert text == h.script_text(9)
             assert all("\ufffd" not in (c["choices"][0]["delta"].get("content") or "") for c in body)
             assert all("usage" not in c for c in chunks[:-1])
+
     run(go())
 
 
 def test_completion_stream_with_stop_string(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/v1/completions",
-                                {"prompt": "x", "max_tokens": 60, "stream": True, "stop": "42"})
+            r = await h.request(
+                "POST", "/v1/completions", {"prompt": "x", "max_tokens": 60, "stream": True, "stop": "42"}
+            )
             events = r.events()
             assert events[-1] == "[DONE]"
             chunks = [json.loads(e) for e in events[:-1]]
             text = "".join(c["choices"][0]["text"] for c in chunks)
-            assert text == SCRIPT_TEXT[:SCRIPT_TEXT.index("42")]
+            assert text == SCRIPT_TEXT[: SCRIPT_TEXT.index("42")]
             assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
             assert "4" not in text.split(":")[-1]  # nothing of the stop string leaked
             await h.wait_slots_free()
+
     run(go())
 
 
 def test_native_generate_stream_events(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/generate_stream",
-                                {"inputs": "Hi", "parameters": {"max_new_tokens": 5}})
+            r = await h.request(
+                "POST", "/generate_stream", {"inputs": "Hi", "parameters": {"max_new_tokens": 5}}
+            )
             events = [json.loads(e) for e in r.events(prefix="data:")]
             assert [e["token"]["id"] for e in events] == h.script[:5]
             assert [e["finished"] for e in events] == [False] * 4 + [True]
@@ -380,6 +433,7 @@ def test_native_generate_stream_events(tokenizer):
             assert events[-1]["generated_text"] == h.script_text(5)
             assert "".join(e["token"]["text"] for e in events) == h.script_text(5)
             assert events[-1]["token"]["count_output_tokens"] == 5
+
     run(go())
 
 
@@ -391,8 +445,7 @@ def test_all_slots_in_use_answers_503_with_retry_after(tokenizer):
         async with Harness(tokenizer, num_slots=2) as h:
             h.engine.paused.set()
             body = {"prompt": "x", "max_tokens": 5}
-            busy = [asyncio.create_task(h.request("POST", "/v1/completions", body))
-                    for _ in range(2)]
+            busy = [asyncio.create_task(h.request("POST", "/v1/completions", body)) for _ in range(2)]
             while h.region.num_free_slots():
                 await asyncio.sleep(0.002)
             r = await h.request("POST", "/v1/completions", body)
@@ -401,15 +454,19 @@ def test_all_slots_in_use_answers_503_with_retry_after(tokenizer):
             h.engine.paused.clear()
             assert [t.status for t in await asyncio.gather(*busy)] == [200, 200]
             await h.wait_slots_free()
+
     run(go())
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/chat/completions", chat_body(max_tokens=200, stream=True)),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 200, "stream": True}),
-    ("/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 200}}),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 200}),  # non-streaming: disconnect at once
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/chat/completions", chat_body(max_tokens=200, stream=True)),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 200, "stream": True}),
+        ("/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 200}}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 200}),  # non-streaming: disconnect at once
+    ],
+)
 def test_client_disconnect_aborts_request_and_frees_slot(tokenizer, path, body):
     async def go():
         async with Harness(tokenizer) as h:
@@ -419,10 +476,11 @@ def test_client_disconnect_aborts_request_and_frees_slot(tokenizer, path, body):
             assert len(h.engine.submitted) == 1
             await h.wait_slots_free(timeout=0.5)  # well before the 200 tokens would end (1 s)
             assert h.app.service.reader.num_active == 0
-            (reason, emitted), = h.engine.finished
+            ((reason, emitted),) = h.engine.finished
             assert reason == FinishReason.ABORT and emitted < 100
             if stream:
                 assert len(r.chunks) == 3  # nothing was written after the disconnect
+
     run(go())
 
 
@@ -430,10 +488,12 @@ def test_engine_death_ends_streams_with_error_event_and_requests_with_503(tokeni
     async def go():
         async with Harness(tokenizer) as h:
             h.engine.step_time = 0.005
-            streaming = asyncio.create_task(h.request(
-                "POST", "/v1/chat/completions", chat_body(max_tokens=200, stream=True)))
-            plain = asyncio.create_task(h.request(
-                "POST", "/v1/completions", {"prompt": "x", "max_tokens": 200}))
+            streaming = asyncio.create_task(
+                h.request("POST", "/v1/chat/completions", chat_body(max_tokens=200, stream=True))
+            )
+            plain = asyncio.create_task(
+                h.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 200})
+            )
             await asyncio.sleep(0.05)
             t0 = time.monotonic()
             h.engine.kill()
@@ -447,6 +507,7 @@ def test_engine_death_ends_streams_with_error_event_and_requests_with_503(tokeni
             assert r.status == 503 and "error" in r.json()
             r = await h.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
             assert r.status == 503
+
     run(go())
 
 
@@ -459,6 +520,7 @@ def test_health_and_models(tokenizer):
             out = r.json()
             assert out["object"] == "list" and out["data"][0]["id"] == "test-model"
             assert out["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
     run(go())
 
 
@@ -471,11 +533,13 @@ def test_many_concurrent_requests_each_get_their_own_tokens(tokenizer):
             async def one(n):
                 async with sem:
                     return await h.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": n})
+
             results = await asyncio.gather(*(one(n) for n in lens))
             for n, r in zip(lens, results, strict=True):
                 assert r.json()["choices"][0]["text"] == h.script_text(n)
                 assert r.json()["usage"]["completion_tokens"] == n
             await h.wait_slots_free()
+
     run(go())
 
 
@@ -489,26 +553,42 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"messages": "hi"}', "messages"),
     ("/v1/chat/completions", b'{"messages": []}', "messages"),
     ("/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', "messages[0].role"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-     "messages[0].content[0]"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
-     "max_tokens"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}',
-     "max_tokens"),
-    ("/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}',
-     "max_completion_tokens"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}',
-     "temperature"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+        "messages[0].content[0]",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}',
+        "max_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}',
+        "max_completion_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": -0.5}',
+        "temperature",
+    ),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}', "top_p"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_k": -2}', "top_k"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', "stop"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
-     "stream"),
-    ("/v1/chat/completions",
-     b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}', "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}',
+        "messages",
+    ),
     ("/v1/completions", b'{"max_tokens": 5}', "prompt"),
     ("/v1/completions", b'{"prompt": []}', "prompt"),
     ("/v1/completions", b'{"prompt": ["a", "b"]}', "prompt"),
@@ -523,10 +603,12 @@ BAD_REQUESTS = [
     ("/generate", b'{"parameters": {}}', "inputs"),
     ("/generate", b'{"inputs": "x", "parameters": {"max_new_tokens": 0}}', "parameters.max_new_tokens"),
     ("/generate", b'{"inputs": "x", "parameters": {"top_p": 2}}', "parameters.top_p"),
-    ("/generate", b'{"inputs": "x", "parameters": {"do_sample": true, "temperature": -1}}',
-     "parameters.temperature"),
-    ("/generate", b'{"inputs": "x", "parameters": {"stop_sequences": [1]}}',
-     "parameters.stop_sequences[0]"),
+    (
+        "/generate",
+        b'{"inputs": "x", "parameters": {"do_sample": true, "temperature": -1}}',
+        "parameters.temperature",
+    ),
+    ("/generate", b'{"inputs": "x", "parameters": {"stop_sequences": [1]}}', "parameters.stop_sequences[0]"),
     ("/generate_stream", b'{"inputs": "x", "parameters": {"n": 3}}', "parameters.n"),
     ("/generate_stream", b'{"inputs": 5}', "inputs"),
 ]
@@ -544,6 +626,7 @@ def test_every_bad_request_is_a_400_with_an_error_object(tokenizer):
                 assert err["param"] == param, (raw, err)
             assert h.engine.submitted == []
             assert h.region.num_free_slots() == h.region.spec.num_slots
+
     run(go())
 
 
@@ -554,19 +637,36 @@ def test_context_overflow_message_is_vllm_style(tokenizer):
             assert r.json()["error"]["message"] == (
                 f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
                 "requested 300 tokens (200 in the prompt, 100 in the completion). Please reduce "
-                "the length of the prompt or completion.")
+                "the length of the prompt or completion."
+            )
             r = await h.request("POST", "/v1/completions", {"prompt": [1] * MAX_MODEL_LEN})
             assert r.status == 400 and "maximum context length" in r.json()["error"]["message"]
+
     run(go())
 
 
 def test_unknown_fields_are_ignored_and_nulls_mean_default(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
-            r = await h.request("POST", "/v1/chat/completions", chat_body(
-                max_tokens=2, frequency_penalty=0.0, logit_bias=None, user="u", temperature=None,
-                top_p=None, stop=None, seed=None, n=None, stream_options=None, tools=[]))
+            r = await h.request(
+                "POST",
+                "/v1/chat/completions",
+                chat_body(
+                    max_tokens=2,
+                    frequency_penalty=0.0,
+                    logit_bias=None,
+                    user="u",
+                    temperature=None,
+                    top_p=None,
+                    stop=None,
+                    seed=None,
+                    n=None,
+                    stream_options=None,
+                    tools=[],
+                ),
+            )
             assert r.status == 200, r.body
+
     run(go())
 
 
@@ -579,6 +679,7 @@ def test_unknown_route_404_and_wrong_method_405(tokenizer):
             assert r.status == 405 and r.headers["allow"] == "POST" and "error" in r.json()
             r = await h.request("POST", "/health")
             assert r.status == 405
+
     run(go())
 
 
@@ -605,6 +706,7 @@ def test_internal_bug_is_a_logged_500_and_the_server_keeps_serving(tokenizer, ca
             assert "tokenizer bug" not in r.body.decode()  # internals stay in the log
             r = await h.request("POST", "/v1/completions", {"prompt": "fine", "max_tokens": 2})
             assert r.status == 200
+
     run(go())
     assert any("tokenizer bug" in (rec.exc_text or "") for rec in caplog.records)
 
@@ -624,8 +726,17 @@ def test_under_uvicorn_stream_then_disconnect_aborts_and_frees_slot(tokenizer):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    server = uvicorn.Server(uvicorn.Config(h.app, host="127.0.0.1", port=port, loop="uvloop",
-                                           http="httptools", lifespan="on", log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            h.app,
+            host="127.0.0.1",
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level="warning",
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -636,8 +747,7 @@ def test_under_uvicorn_stream_then_disconnect_aborts_and_frees_slot(tokenizer):
 
         def post(body):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("POST", "/v1/completions", json.dumps(body),
-                         {"content-type": "application/json"})
+            conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
             return conn, conn.getresponse()
 
         conn, r = post({"prompt": "hi", "max_tokens": 4})

@@ -29,7 +29,7 @@ def _stream(tokenizer, ids, prompt_ids=(), chunk_sizes=None) -> list[str]:
     deltas, i = [], 0
     while i < len(ids):
         n = chunk_sizes.pop(0) if chunk_sizes else 1
-        deltas.append(detok.push(ids[i:i + n]))
+        deltas.append(detok.push(ids[i : i + n]))
         i += n
     deltas.append(detok.flush())
     return deltas
@@ -51,7 +51,7 @@ def test_prompt_context_and_uneven_chunks_give_same_text(tokenizer, text):
     chunks = [rng.randint(1, 4) for _ in ids]
     deltas = _stream(tokenizer, ids, prompt, chunks)
     full = tokenizer.decode(prompt + ids)
-    assert "".join(deltas) == full[len(tokenizer.decode(prompt)):]
+    assert "".join(deltas) == full[len(tokenizer.decode(prompt)) :]
     assert not any("\ufffd" in d for d in deltas)
 
 
@@ -92,7 +92,7 @@ def _feed_all(stops, pieces):
 @pytest.mark.parametrize("split", [1, 2, 3, 5, 100])
 def test_stop_string_cuts_output_wherever_pieces_split(split):
     text = "The answer is 42.\nEND of it"
-    pieces = [text[i:i + split] for i in range(0, len(text), split)]
+    pieces = [text[i : i + split] for i in range(0, len(text), split)]
     out, stopped, _ = _feed_all(["\nEND"], pieces)
     assert (out, stopped) == ("The answer is 42.", True)
 
@@ -135,6 +135,6 @@ def test_stop_matcher_agrees_with_a_plain_search(seed):
     cuts = sorted(rng.sample(range(len(text) + 1), k=min(4, len(text) + 1)))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[:min(hits)] if hits else text
+    expected = text[: min(hits)] if hits else text
     out, stopped, _ = _feed_all(stops, pieces)
     assert (out, stopped) == (expected, bool(hits))

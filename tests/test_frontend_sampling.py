@@ -21,14 +21,12 @@ from lightllm_async.frontend.sampling import (
 
 
 def chat(**kw):
-    return CHAT_DECODER.decode(msgspec.json.encode(
-        {"messages": [{"role": "user", "content": "x"}], **kw}))
+    return CHAT_DECODER.decode(msgspec.json.encode({"messages": [{"role": "user", "content": "x"}], **kw}))
 
 
 def test_openai_defaults():
     spec = chat_spec(chat())
-    assert (spec.max_tokens, spec.temperature, spec.top_p, spec.top_k, spec.seed) == (
-        None, 1.0, 1.0, -1, -1)
+    assert (spec.max_tokens, spec.temperature, spec.top_p, spec.top_k, spec.seed) == (None, 1.0, 1.0, -1, -1)
     assert spec.stop == () and not spec.ignore_eos
 
 
@@ -45,11 +43,19 @@ def test_normalization_of_top_k_seed_and_stop():
     assert chat_spec(chat(temperature=0)).temperature == 0.0
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
-    ({"temperature": -0.01}, "temperature"), ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.01}, "top_p"), ({"top_k": -2}, "top_k"), ({"n": 2}, "n"), ({"n": 0}, "n"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": -0.01}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+    ],
+)
 def test_out_of_range_values_are_400_naming_the_field(kw, param):
     with pytest.raises(ApiError) as e:
         chat_spec(chat(**kw))
@@ -65,16 +71,24 @@ def test_generate_do_sample_false_is_greedy_and_stop_sequences_alias():
 
 
 def test_text_content_parts_are_joined():
-    req = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                      {"type": "text", "text": "b"}]},
-                         {"role": "assistant", "content": None}])
-    assert chat_messages(req) == [{"role": "user", "content": "a\nb"},
-                                  {"role": "assistant", "content": ""}]
+    req = chat(
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": None},
+        ]
+    )
+    assert chat_messages(req) == [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": ""}]
 
 
-@pytest.mark.parametrize("prompt,expected", [
-    ("text", "text"), (["text"], "text"), ([1, 2], [1, 2]), ([[3, 4]], [3, 4]),
-])
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        ("text", "text"),
+        (["text"], "text"),
+        ([1, 2], [1, 2]),
+        ([[3, 4]], [3, 4]),
+    ],
+)
 def test_completion_prompt_shapes(prompt, expected):
     req = COMPLETION_DECODER.decode(msgspec.json.encode({"prompt": prompt}))
     assert completion_prompt(req, vocab_size=100) == expected

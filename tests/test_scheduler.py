@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from lightllm_async.engine.request import Request, Sampled
+from lightllm_async.batch import Sampled
+from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import FinishReason
 
@@ -23,9 +24,15 @@ class Params:
 
 
 def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_running_requests=running, max_num_batched_tokens=budget,
-                                     max_model_len=max_len, kv_cache_tokens=kv,
-                                     expected_output_tokens=expected))
+    return Scheduler(
+        SchedulerConfig(
+            max_running_requests=running,
+            max_num_batched_tokens=budget,
+            max_model_len=max_len,
+            kv_cache_tokens=kv,
+            expected_output_tokens=expected,
+        )
+    )
 
 
 def next_token(req: Request) -> int:

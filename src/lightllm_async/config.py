@@ -77,8 +77,11 @@ class ModelConfig:
         """The HF config.json equivalent, used to build a transformers reference."""
         d = {
             "architectures": [self.architecture],
-            "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "Qwen2ForCausalLM": "qwen2"}[self.architecture],
+            "model_type": {
+                "LlamaForCausalLM": "llama",
+                "MistralForCausalLM": "mistral",
+                "Qwen2ForCausalLM": "qwen2",
+            }[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -92,7 +95,8 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) != 1
             else self.eos_token_ids[0],
             "torch_dtype": self.torch_dtype,
         }

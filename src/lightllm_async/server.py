@@ -23,19 +23,32 @@ ENGINE_DEATH_GRACE_S = 1.0  # time for in-flight requests to receive their error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightllm-async", description="Serve an LLM over an OpenAI-compatible API.")
-    p.add_argument("--model", default=None,
-                   help="local HF folder, .gguf file, or 'dummy' (default: the embedded SmolLM2-135M-Instruct)")
+    p = argparse.ArgumentParser(
+        prog="lightllm-async", description="Serve an LLM over an OpenAI-compatible API."
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF folder, .gguf file, or 'dummy' (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length: prompt + output (default: the model's, at most 4096)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length: prompt + output (default: the model's, at most 4096)",
+    )
     p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together")
-    p.add_argument("--num-slots", type=int, default=256,
-                   help="request slots in shared memory: requests in flight, queued included")
+    p.add_argument(
+        "--num-slots",
+        type=int,
+        default=256,
+        help="request slots in shared memory: requests in flight, queued included",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk)")
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV cache size in tokens (0: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -61,14 +74,27 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     if args.max_model_len and args.max_model_len > model_len:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
     engine = EngineConfig(
-        model_path=model, device=args.device, dtype=args.dtype, max_model_len=max_model_len,
-        max_running_requests=args.max_running_requests, num_slots=args.num_slots,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, 1), kv_cache_tokens=args.kv_cache_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization, disable_cuda_graph=args.disable_cuda_graph,
-        seed=args.seed, fail_after_steps=args.fail_after_steps, dummy_step_time=args.dummy_step_time,
+        model_path=model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=max_model_len,
+        max_running_requests=args.max_running_requests,
+        num_slots=args.num_slots,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, 1),
+        kv_cache_tokens=args.kv_cache_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        disable_cuda_graph=args.disable_cuda_graph,
+        seed=args.seed,
+        fail_after_steps=args.fail_after_steps,
+        dummy_step_time=args.dummy_step_time,
     )
-    return ServerConfig(engine=engine, host=args.host, port=args.port,
-                        served_model_name=args.served_model_name or name, log_level=args.log_level)
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name or name,
+        log_level=args.log_level,
+    )
 
 
 def _wait_ready(region, proc) -> bool:
@@ -90,11 +116,13 @@ def serve(cfg: ServerConfig) -> int:
 
     from lightllm_async.frontend.app import FrontendContext, create_app
     from lightllm_async.ipc import Region, RegionSpec
-    from lightllm_async.tokenizer import load_tokenizer
     from lightllm_async.models.loader import default_model_path
+    from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
-    region = Region.create(cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len))
+    region = Region.create(
+        cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
+    )
     proc = mp.get_context("spawn").Process(
         target=_engine_entry, args=(eng, region.name, cfg.log_level), name="lightllm-engine", daemon=True
     )
@@ -105,12 +133,26 @@ def serve(cfg: ServerConfig) -> int:
         tokenizer = load_tokenizer(tok_path)
         if not _wait_ready(region, proc):
             return 1
-        ctx = FrontendContext(region=region, tokenizer=tokenizer, served_model_name=cfg.served_model_name,
-                              max_model_len=eng.max_model_len, engine_alive=proc.is_alive)
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(ctx), host=cfg.host, port=cfg.port, loop="uvloop", http="httptools",
-            lifespan="on", log_level=cfg.log_level, access_log=False, timeout_graceful_shutdown=2,
-        ))
+        ctx = FrontendContext(
+            region=region,
+            tokenizer=tokenizer,
+            served_model_name=cfg.served_model_name,
+            max_model_len=eng.max_model_len,
+            engine_alive=proc.is_alive,
+        )
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(ctx),
+                host=cfg.host,
+                port=cfg.port,
+                loop="uvloop",
+                http="httptools",
+                lifespan="on",
+                log_level=cfg.log_level,
+                access_log=False,
+                timeout_graceful_shutdown=2,
+            )
+        )
         died = threading.Event()
         threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
         server.run()
@@ -134,11 +176,14 @@ def _watch(server, proc, died: threading.Event, cfg: ServerConfig) -> None:
     announced = False
     while not server.should_exit:
         if not announced and server.started:
-            log.info("lightllm-async ready: http://%s:%d (model %s)", cfg.host, cfg.port, cfg.served_model_name)
+            log.info(
+                "lightllm-async ready: http://%s:%d (model %s)", cfg.host, cfg.port, cfg.served_model_name
+            )
             announced = True
         if not proc.is_alive():
-            log.error("engine process died (exit code %s); stopping so a supervisor can restart",
-                      proc.exitcode)
+            log.error(
+                "engine process died (exit code %s); stopping so a supervisor can restart", proc.exitcode
+            )
             died.set()
             time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
             server.should_exit = True

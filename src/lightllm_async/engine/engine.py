@@ -6,7 +6,8 @@ import logging
 import os
 from typing import Protocol
 
-from lightllm_async.engine.request import Batch, Request, Sampled
+from lightllm_async.batch import Batch, Sampled
+from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
 from lightllm_async.ipc import FinishReason, Op, Region
 
@@ -73,8 +74,11 @@ class Engine:
             self.region.notify_frontend()
             return
         self._arrivals += 1
-        self.scheduler.add(Request(slot=slot, gen=gen, prompt_ids=view.prompt_ids,
-                                   params=view.params, arrival=self._arrivals))
+        self.scheduler.add(
+            Request(
+                slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
+            )
+        )
 
     def publish(self, batch: Batch, sampled: Sampled, finished: list[Finished]) -> None:
         """Tokens first (each count published with a release store), then finish marks, one wake-up."""

@@ -49,12 +49,14 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
     region = Region.attach(region_name)
     try:
         runner = _make_runner(cfg)
-        scheduler = Scheduler(SchedulerConfig(
-            max_running_requests=cfg.max_running_requests,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=cfg.max_model_len,
-            kv_cache_tokens=runner.num_kv_tokens,
-        ))
+        scheduler = Scheduler(
+            SchedulerConfig(
+                max_running_requests=cfg.max_running_requests,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_model_len=cfg.max_model_len,
+                kv_cache_tokens=runner.num_kv_tokens,
+            )
+        )
         region.set_engine_state(EngineState.READY)
         Engine(region, scheduler, runner, cfg.fail_after_steps).run()
     except BaseException as exc:  # noqa: BLE001 - report whatever killed us, then die

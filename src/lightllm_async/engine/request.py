@@ -1,4 +1,4 @@
-"""A request as the engine sees it, and the plain records the scheduler exchanges with the runner."""
+"""A request as the engine sees it."""
 
 from __future__ import annotations
 
@@ -37,42 +37,3 @@ class Request:
         if start >= p:
             return self.output_ids[start - p : stop - p]
         return self.prompt_ids[start:] + self.output_ids[: stop - p]
-
-
-@dataclass(frozen=True)
-class ScheduledReq:
-    """One request's share of a step: compute positions [start, start + len(token_ids))."""
-
-    slot: int
-    row: int
-    start: int
-    token_ids: tuple[int, ...]
-    new_kv_slots: tuple[int, ...]
-    samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
-    params: Any
-    num_output: int  # output tokens before this step (for penalties and seeds)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """What the scheduler hands the runner for one step."""
-
-    items: tuple[ScheduledReq, ...]
-    step: int
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(it.token_ids) for it in self.items)
-
-    @property
-    def decode_only(self) -> bool:
-        """Every request advances by one token: the CUDA-graph path."""
-        return all(len(it.token_ids) == 1 and it.samples for it in self.items)
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """What the runner hands back: one token per sampling item, in batch order."""
-
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None = None

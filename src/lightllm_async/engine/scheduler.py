@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from lightllm_async.batch import Batch, Sampled, ScheduledReq
 from lightllm_async.engine.kv_pool import RowPool, TokenPool
-from lightllm_async.engine.request import Batch, Request, Sampled, ScheduledReq
+from lightllm_async.engine.request import Request
 from lightllm_async.ipc import FinishReason
 
 

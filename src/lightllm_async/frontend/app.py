@@ -83,8 +83,9 @@ class App:
             handler = methods.get(method)
             if handler is None:
                 allow = ", ".join(methods).encode()
-                raise ApiError(405, f"Method {method} is not allowed for {path}.",
-                               headers=((b"allow", allow),))
+                raise ApiError(
+                    405, f"Method {method} is not allowed for {path}.", headers=((b"allow", allow),)
+                )
             await self._start()
             await handler(self.service, scope, receive, resp)
         except ClientDisconnected:

@@ -15,8 +15,11 @@ Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
-_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -55,12 +58,25 @@ class Responder:
         except Exception as e:  # servers raise OSError or their own ClientDisconnected
             raise ClientDisconnected from e
 
-    async def body(self, status: int, body: bytes, content_type: bytes = b"application/json",
-                   headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    async def body(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"application/json",
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         self.started = self.ended = True
-        await self._emit({"type": "http.response.start", "status": status,
-                          "headers": [(b"content-type", content_type),
-                                      (b"content-length", str(len(body)).encode()), *headers]})
+        await self._emit(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
+            }
+        )
         await self._emit({"type": "http.response.body", "body": body})
 
     async def json(self, obj: Any, status: int = 200) -> None:
@@ -77,8 +93,9 @@ class Responder:
         elif not self.started:
             await self.body(err.status, payload, headers=err.headers)
 
-    async def start_stream(self, done_marker: bytes | None = b"data: [DONE]\n\n",
-                           prefix: bytes = b"data: ") -> None:
+    async def start_stream(
+        self, done_marker: bytes | None = b"data: [DONE]\n\n", prefix: bytes = b"data: "
+    ) -> None:
         """Start an SSE response; `prefix` begins every event (LightLLM writes `data:`)."""
         self.started = True
         self._sse_done = done_marker or b""
@@ -86,8 +103,9 @@ class Responder:
         await self._emit({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
 
     async def event(self, payload: bytes) -> None:
-        await self._emit({"type": "http.response.body", "body": self._prefix + payload + b"\n\n",
-                          "more_body": True})
+        await self._emit(
+            {"type": "http.response.body", "body": self._prefix + payload + b"\n\n", "more_body": True}
+        )
 
     async def end_stream(self) -> None:
         self.ended = True

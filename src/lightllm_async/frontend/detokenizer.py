@@ -26,8 +26,7 @@ class Decoder(Protocol):
 class IncrementalDetokenizer:
     """Turns output token ids into text deltas whose concatenation is the decoded output."""
 
-    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         self._decode = tokenizer.decode
         self._skip = skip_special_tokens
         # The window always starts at a token boundary already emitted; ids before it are dropped.
@@ -56,9 +55,9 @@ class IncrementalDetokenizer:
         return self._advance(text) if len(text) > len(self._prefix_text) else ""
 
     def _advance(self, text: str) -> str:
-        delta = text[len(self._prefix_text):]
+        delta = text[len(self._prefix_text) :]
         # Next window starts at the old read offset: the tokens just emitted become the context.
-        self._ids = self._ids[self._read:]
+        self._ids = self._ids[self._read :]
         self._read = len(self._ids)
         self._prefix_text = self._text(self._ids)
         return delta
@@ -85,8 +84,8 @@ class StopMatcher:
             self._held = ""
             return buf[:cut]
         keep = self._partial_len(buf)
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
 
     def flush(self) -> str:
         """The text held back as a possible stop-string start, once no more text will come."""

@@ -18,8 +18,7 @@ from .sampling import SamplingSpec
 
 MAX_STOP_IDS = 16  # RequestParams holds at most this many stop token ids
 
-_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
-                 FinishReason.ABORT: "abort"}
+_FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
 
 class ClientDisconnected(Exception):
@@ -40,22 +39,35 @@ def max_new_tokens(spec: SamplingSpec, prompt_len: int, max_model_len: int, what
     if spec.max_tokens is None:
         if prompt_len < max_model_len:
             return max_model_len - prompt_len
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
-                            f"However, your request has {prompt_len} input tokens. "
-                            f"Please reduce the length of the input {what}.", what)
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. "
+            f"However, your request has {prompt_len} input tokens. "
+            f"Please reduce the length of the input {what}.",
+            what,
+        )
     if prompt_len + spec.max_tokens > max_model_len:
-        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. "
-                            f"However, you requested {prompt_len + spec.max_tokens} tokens "
-                            f"({prompt_len} in the {what}, {spec.max_tokens} in the completion). "
-                            f"Please reduce the length of the {what} or completion.", what)
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. "
+            f"However, you requested {prompt_len + spec.max_tokens} tokens "
+            f"({prompt_len} in the {what}, {spec.max_tokens} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            what,
+        )
     return spec.max_tokens
 
 
 def request_params(spec: SamplingSpec, max_new: int, eos_ids: Sequence[int]) -> RequestParams:
     return RequestParams(
-        max_new_tokens=max_new, temperature=spec.temperature, top_p=spec.top_p,
-        top_k=spec.top_k, seed=spec.seed, ignore_eos=spec.ignore_eos,
-        stop_ids=() if spec.ignore_eos else tuple(eos_ids)[:MAX_STOP_IDS])
+        max_new_tokens=max_new,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        seed=spec.seed,
+        ignore_eos=spec.ignore_eos,
+        stop_ids=() if spec.ignore_eos else tuple(eos_ids)[:MAX_STOP_IDS],
+    )
 
 
 class Generation:
@@ -64,8 +76,15 @@ class Generation:
     Use as `async with`: leaving the block aborts the request in the engine unless it finished.
     """
 
-    def __init__(self, reader: Reader, handle: RequestHandle, tokenizer, prompt_ids: Sequence[int],
-                 spec: SamplingSpec, params: RequestParams):
+    def __init__(
+        self,
+        reader: Reader,
+        handle: RequestHandle,
+        tokenizer,
+        prompt_ids: Sequence[int],
+        spec: SamplingSpec,
+        params: RequestParams,
+    ):
         self._reader = reader
         self._handle = handle
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
@@ -113,8 +132,11 @@ class Generation:
                 for piece in batch:
                     yield piece
             else:
-                yield Piece("".join(p.text for p in batch), [t for p in batch for t in p.token_ids],
-                            batch[-1].finish_reason)
+                yield Piece(
+                    "".join(p.text for p in batch),
+                    [t for p in batch for t in p.token_ids],
+                    batch[-1].finish_reason,
+                )
 
     async def text(self) -> str:
         """The whole output text, for non-streaming responses."""

@@ -33,8 +33,7 @@ async def generate(svc: Service, scope: Scope, receive: Receive, resp: Responder
     async with await _start(svc, receive) as gen:
         gen.watch_disconnect(receive)
         text = await gen.text()
-        await resp.json(GenerateResponse([text], gen.completion_tokens, gen.finish_reason,
-                                         gen.prompt_tokens))
+        await resp.json(GenerateResponse([text], gen.completion_tokens, gen.finish_reason, gen.prompt_tokens))
 
 
 async def generate_stream(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
@@ -50,9 +49,10 @@ async def generate_stream(svc: Service, scope: Scope, receive: Receive, resp: Re
                 last_id, count = p.token_ids[0], count + 1
             done = p.finish_reason is not None
             event = GenerateStreamEvent(
-                token=StreamToken(last_id, p.text, None, last_id in special, count,
-                                  gen.prompt_tokens),
+                token=StreamToken(last_id, p.text, None, last_id in special, count, gen.prompt_tokens),
                 generated_text="".join(parts) if done else None,
-                finished=done, finish_reason=p.finish_reason)
+                finished=done,
+                finish_reason=p.finish_reason,
+            )
             await resp.event(ENCODER.encode(event))
         await resp.end_stream()

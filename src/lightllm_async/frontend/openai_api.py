@@ -29,8 +29,7 @@ from .service import Service, request_id
 
 
 def _usage(gen: Generation) -> Usage:
-    return Usage(gen.prompt_tokens, gen.completion_tokens,
-                 gen.prompt_tokens + gen.completion_tokens)
+    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens + gen.completion_tokens)
 
 
 async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
@@ -47,15 +46,15 @@ async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: R
             return
 
         def chunk(delta: Delta, finish: str | None = None) -> bytes:
-            return ENCODER.encode(ChatCompletionChunk(
-                rid, created, model, [ChatChunkChoice(0, delta, finish)]))
+            return ENCODER.encode(
+                ChatCompletionChunk(rid, created, model, [ChatChunkChoice(0, delta, finish)])
+            )
 
         await resp.start_stream()
         await resp.event(chunk(Delta(role="assistant", content="")))
         await _stream(gen, resp, lambda text, finish: chunk(Delta(content=text or None), finish))
         if include_usage(req):
-            await resp.event(ENCODER.encode(ChatCompletionChunk(rid, created, model, [],
-                                                                usage=_usage(gen))))
+            await resp.event(ENCODER.encode(ChatCompletionChunk(rid, created, model, [], usage=_usage(gen))))
         await resp.end_stream()
 
 
@@ -73,11 +72,15 @@ async def completions(svc: Service, scope: Scope, receive: Receive, resp: Respon
             await resp.json(CompletionResponse(rid, created, model, [choice], _usage(gen)))
             return
         await resp.start_stream()
-        await _stream(gen, resp, lambda text, finish: ENCODER.encode(CompletionChunk(
-            rid, created, model, [CompletionChoice(0, text, finish)])))
+        await _stream(
+            gen,
+            resp,
+            lambda text, finish: ENCODER.encode(
+                CompletionChunk(rid, created, model, [CompletionChoice(0, text, finish)])
+            ),
+        )
         if include_usage(req):
-            await resp.event(ENCODER.encode(CompletionChunk(rid, created, model, [],
-                                                            usage=_usage(gen))))
+            await resp.event(ENCODER.encode(CompletionChunk(rid, created, model, [], usage=_usage(gen))))
         await resp.end_stream()
 
 

@@ -17,8 +17,14 @@ from msgspec import Struct
 class ApiError(Exception):
     """An error answered to the client as an OpenAI error object with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 error_type: str | None = None, headers: tuple[tuple[bytes, bytes], ...] = ()):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,9 +33,14 @@ class ApiError(Exception):
         self.headers = headers
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error",
-                405: "invalid_request_error", 413: "invalid_request_error",
-                503: "service_unavailable", 500: "internal_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+    500: "internal_error",
+}
 
 
 class ErrorInfo(Struct):
@@ -179,8 +190,7 @@ class ChatChunkChoice(Struct):
 
 
 # Chunks omit `usage` unless it is set; `object` is a msgspec tag so it is always written.
-class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object",
-                          tag="chat.completion.chunk"):
+class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="chat.completion.chunk"):
     id: str
     created: int
     model: str

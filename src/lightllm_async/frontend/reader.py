@@ -31,8 +31,18 @@ class EngineDead(Exception):
 class RequestHandle:
     """One request's output as the reader delivers it. Used on the event loop only."""
 
-    __slots__ = ("slot", "gen", "_tokens", "finish_reason", "cached_tokens", "engine_dead",
-                 "disconnected", "abandoned", "num_read", "_event")
+    __slots__ = (
+        "slot",
+        "gen",
+        "_tokens",
+        "finish_reason",
+        "cached_tokens",
+        "engine_dead",
+        "disconnected",
+        "abandoned",
+        "num_read",
+        "_event",
+    )
 
     def __init__(self, slot: int, gen: int):
         self.slot = slot
@@ -48,8 +58,7 @@ class RequestHandle:
 
     async def wait(self) -> list[int]:
         """Wait for news (tokens, finish, death, disconnect); return the new tokens."""
-        if not (self._tokens or self.finish_reason is not None or self.engine_dead
-                or self.disconnected):
+        if not (self._tokens or self.finish_reason is not None or self.engine_dead or self.disconnected):
             await self._event.wait()
         self._event.clear()
         tokens, self._tokens = self._tokens, []

@@ -47,14 +47,21 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 def _check_n(n: int | None, param: str = "n") -> None:
     if n is not None and n != 1:
-        raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported",
-                   param)
+        raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported", param)
 
 
-def make_spec(*, max_tokens: int | None, max_tokens_param: str, temperature: float | None,
-              top_p: float | None, top_k: int | None, seed: int | None,
-              ignore_eos: bool | None, stop: str | list[str] | None,
-              prefix: str = "") -> SamplingSpec:
+def make_spec(
+    *,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    ignore_eos: bool | None,
+    stop: str | list[str] | None,
+    prefix: str = "",
+) -> SamplingSpec:
     """Range-check sampling fields given by any API; None takes the default.
 
     `prefix` is prepended to field names in errors ("parameters." for /generate)."""
@@ -62,8 +69,7 @@ def make_spec(*, max_tokens: int | None, max_tokens_param: str, temperature: flo
         name = prefix + max_tokens_param
         raise _bad(f"{name} must be at least 1, got {max_tokens}.", name)
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise _bad(f"temperature must be a finite number >= 0, got {temperature}.",
-                   prefix + "temperature")
+        raise _bad(f"temperature must be a finite number >= 0, got {temperature}.", prefix + "temperature")
     if top_p is not None and not (0 < top_p <= 1):
         raise _bad(f"top_p must be in (0, 1], got {top_p}.", prefix + "top_p")
     if top_k is not None and top_k < -1:
@@ -80,13 +86,20 @@ def make_spec(*, max_tokens: int | None, max_tokens_param: str, temperature: flo
     )
 
 
-def openai_spec(req: OpenAISampling, max_tokens: int | None = None,
-                max_tokens_param: str = "max_tokens") -> SamplingSpec:
+def openai_spec(
+    req: OpenAISampling, max_tokens: int | None = None, max_tokens_param: str = "max_tokens"
+) -> SamplingSpec:
     _check_n(req.n)
     return make_spec(
         max_tokens=req.max_tokens if max_tokens is None else max_tokens,
-        max_tokens_param=max_tokens_param, temperature=req.temperature, top_p=req.top_p,
-        top_k=req.top_k, seed=req.seed, ignore_eos=req.ignore_eos, stop=req.stop)
+        max_tokens_param=max_tokens_param,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        stop=req.stop,
+    )
 
 
 def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
@@ -101,9 +114,16 @@ def generate_spec(p: GenerateParameters | None) -> SamplingSpec:
     _check_n(p.best_of, "parameters.best_of")
     stop = p.stop_sequences if p.stop_sequences is not None else p.stop
     return make_spec(
-        max_tokens=p.max_new_tokens, max_tokens_param="max_new_tokens",
-        temperature=p.temperature if p.do_sample else 0.0, top_p=p.top_p, top_k=p.top_k,
-        seed=p.seed, ignore_eos=p.ignore_eos, stop=stop, prefix="parameters.")
+        max_tokens=p.max_new_tokens,
+        max_tokens_param="max_new_tokens",
+        temperature=p.temperature if p.do_sample else 0.0,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        seed=p.seed,
+        ignore_eos=p.ignore_eos,
+        stop=stop,
+        prefix="parameters.",
+    )
 
 
 def include_usage(req: OpenAISampling) -> bool:
@@ -121,8 +141,10 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             texts = []
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
-                    raise _bad(f"Only text content parts are supported, got type {part.type!r}.",
-                               f"messages[{i}].content[{j}]")
+                    raise _bad(
+                        f"Only text content parts are supported, got type {part.type!r}.",
+                        f"messages[{i}].content[{j}]",
+                    )
                 texts.append(part.text)
             content = "\n".join(texts)
         out.append({"role": m.role, "content": "" if content is None else content})
@@ -139,8 +161,11 @@ def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int
     if not prompt:
         raise _bad("prompt must not be empty.", "prompt")
     if not all(type(t) is int for t in prompt):
-        raise _bad("prompt must be a string, a list of token ids, or a batch of one of those; "
-                   "batches of several prompts are not supported.", "prompt")
+        raise _bad(
+            "prompt must be a string, a list of token ids, or a batch of one of those; "
+            "batches of several prompts are not supported.",
+            "prompt",
+        )
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise _bad(f"Token id {bad} is out of range [0, {vocab_size}).", "prompt")

@@ -40,8 +40,7 @@ class Service:
     async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) <= ENCODE_INLINE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text,
-                                       add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render the chat template, then encode without adding special tokens (as vLLM does):
@@ -65,6 +64,9 @@ class Service:
         except EngineDead:
             raise engine_dead_error() from None
         if handle is None:
-            raise ApiError(503, "The server is at capacity (every request slot is in use); "
-                                "retry shortly.", headers=RETRY_AFTER)
+            raise ApiError(
+                503,
+                "The server is at capacity (every request slot is in use); retry shortly.",
+                headers=RETRY_AFTER,
+            )
         return Generation(self.reader, handle, self.tokenizer, prompt_ids, spec, params)

@@ -9,6 +9,7 @@ from lightllm_async.ipc.region import Region
 from lightllm_async.ipc.types import (
     MAX_STOP_IDS,
     EngineState,
+    EngineStats,
     FinishReason,
     Op,
     OutputView,
@@ -22,6 +23,7 @@ from lightllm_async.ipc.types import (
 __all__ = [
     "MAX_STOP_IDS",
     "EngineState",
+    "EngineStats",
     "FinishReason",
     "Op",
     "OutputView",

@@ -77,7 +77,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv = MergedLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device)
+        self.qkv = MergedLinear(
+            cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device
+        )
         self.o_proj = Linear(q, cfg.hidden_size, False, dtype, device)
         self.scale = cfg.head_dim**-0.5
 
@@ -143,7 +145,9 @@ class LlamaForCausalLM(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
         )
-        cos_sin = rope_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        cos_sin = rope_cache(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
+        )
         self.register_buffer("cos_sin", cos_sin, persistent=False)  # [max_pos, D], float32
 
     @torch.inference_mode()
@@ -213,8 +217,17 @@ class LlamaForCausalLM(nn.Module):
         yield "model.norm.weight", None
         if self.lm_head is not None:
             yield "lm_head.weight", None
-        parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]
+        parts = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ]
         for i in range(self.cfg.num_layers):
             for p in parts:
                 yield f"model.layers.{i}.{p}.weight", None

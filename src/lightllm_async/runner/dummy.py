@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
+from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig
-from lightllm_async.engine.request import Batch, Sampled
 
 DUMMY_VOCAB = 1000  # token ids stay below this so any tokenizer can decode them
 
@@ -23,7 +23,5 @@ class DummyRunner:
     def execute(self, batch: Batch) -> Sampled:
         if self.step_time > 0:
             time.sleep(self.step_time)
-        tokens = tuple(
-            3 + (it.token_ids[-1] + 1) % (DUMMY_VOCAB - 3) for it in batch.items if it.samples
-        )
+        tokens = tuple(3 + (it.token_ids[-1] + 1) % (DUMMY_VOCAB - 3) for it in batch.items if it.samples)
         return Sampled(token_ids=tokens)

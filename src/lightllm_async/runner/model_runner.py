@@ -8,10 +8,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
-from lightllm_async.engine.request import Batch, Sampled
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
+from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: to
         budget = 2 << 30  # 2 GiB of host memory by default
     else:
         free, total = torch.cuda.mem_get_info(device)
+        # Prefill activations, then the graph pool's logits and activations at the largest batch.
         activations = 2 * cfg.max_num_batched_tokens * model_cfg.intermediate_size * 4 * 4
+        activations += cfg.max_running_requests * (model_cfg.vocab_size + 4 * model_cfg.intermediate_size) * 8
         budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activations
     tokens = min(budget // per_token, cfg.max_running_requests * cfg.max_model_len)
     return max(int(tokens), cfg.max_model_len)
@@ -60,12 +63,27 @@ class ModelRunner:
         torch.manual_seed(cfg.seed)
         self.model = self._load_model(progress)
         self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
-        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens, self.dtype, self.device)
+        # One extra cache row and one extra table row: the sink that CUDA-graph padding writes to.
+        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
         self.req_to_token = torch.zeros(
-            (cfg.max_running_requests, cfg.max_model_len), dtype=torch.int32, device=self.device
+            (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
         )
-        log.info("KV cache: %d token slots (%.2f GiB)", self.num_kv_tokens,
-                 self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30)
+        log.info(
+            "KV cache: %d token slots (%.2f GiB)",
+            self.num_kv_tokens,
+            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
+        )
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not cfg.disable_cuda_graph:
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv,
+                self.req_to_token,
+                cfg.max_running_requests,
+                pad_slot=self.num_kv_tokens,
+                pad_row=cfg.max_running_requests,
+            )
+            self.graphs.capture()
 
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
@@ -82,7 +100,10 @@ class ModelRunner:
 
     def execute(self, batch: Batch) -> Sampled:
         input_ids, ctx = self._prepare(batch)
-        logits = self.model(input_ids, ctx, self.kv)  # [S, V]
+        if self.graphs is not None and batch.decode_only and self.graphs.can_run(len(batch.items)):
+            logits = self.graphs.run(input_ids, ctx)  # [B, V]
+        else:
+            logits = self.model(input_ids, ctx, self.kv)  # [S, V]
         items = [it for it in batch.items if it.samples]
         tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])
         return Sampled(token_ids=tuple(tokens.tolist()))

@@ -28,7 +28,9 @@ def sample(logits: Tensor, params: Sequence[Any], num_outputs: Sequence[int]) ->
     if all(greedy):
         return greedy_ids
     device = logits.device
-    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
+    temps = torch.tensor(
+        [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)], device=device
+    )
     probs = _filtered_probs(logits / temps[:, None], params)
     noise = _exponential_noise(probs, params, num_outputs)
     sampled = (probs / noise).argmax(dim=-1)
@@ -56,7 +58,7 @@ def _filtered_probs(scaled: Tensor, params: Sequence[Any]) -> Tensor:
 
 def _exponential_noise(probs: Tensor, params: Sequence[Any], num_outputs: Sequence[int]) -> Tensor:
     noise = torch.empty_like(probs).exponential_()
-    for row, (p, n) in enumerate(zip(params, num_outputs)):
+    for row, (p, n) in enumerate(zip(params, num_outputs, strict=True)):
         if p.seed >= 0:
             gen = torch.Generator(device=probs.device).manual_seed(p.seed * _SEED_STRIDE + n)
             noise[row].exponential_(generator=gen)

@@ -1,0 +1,49 @@
+"""The plain records the scheduler hands the runner (`Batch`) and gets back (`Sampled`).
+
+They sit at the bottom of the import graph so that the engine and the runner share them without
+importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ScheduledReq:
+    """One request's share of a step: compute positions [start, start + len(token_ids))."""
+
+    slot: int
+    row: int
+    start: int
+    token_ids: tuple[int, ...]
+    new_kv_slots: tuple[int, ...]
+    samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
+    params: Any
+    num_output: int  # output tokens before this step (for penalties and seeds)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the scheduler hands the runner for one step."""
+
+    items: tuple[ScheduledReq, ...]
+    step: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(it.token_ids) for it in self.items)
+
+    @property
+    def decode_only(self) -> bool:
+        """Every request advances by one token: the CUDA-graph path."""
+        return all(len(it.token_ids) == 1 and it.samples for it in self.items)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What the runner hands back: one token per sampling item, in batch order."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None = None

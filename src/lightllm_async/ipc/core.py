@@ -1,0 +1,82 @@
+"""The mapped views of a region that both sides share, and the slot-state CAS."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+
+import numpy as np
+import posix_ipc
+
+from lightllm_async.ipc import atomics
+from lightllm_async.ipc.layout import CONTROL, Header, Layout, Slot
+from lightllm_async.ipc.ring import SubmitRing
+from lightllm_async.ipc.types import RegionSpec, SlotState
+
+_U32 = 0xFFFFFFFF
+
+
+def pack_control(state: SlotState, gen: int) -> int:
+    return (gen & _U32) << 32 | int(state)
+
+
+class RegionCore:
+    """Views over one mapped region: header, slot table, token arenas, ring, semaphores."""
+
+    def __init__(
+        self,
+        name: str,
+        mm: mmap.mmap,
+        layout: Layout,
+        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore],
+    ) -> None:
+        n, t = layout.spec.num_slots, layout.spec.max_tokens_per_slot
+        self.name = name
+        self._mm = mm
+        self._layout = layout
+        self._header = Header.from_buffer(mm, 0)
+        self._slots = (Slot * n).from_buffer(mm, layout.slots_off)
+        # [num_slots, max_tokens_per_slot]: prompt ids, then output ids
+        self._tokens = np.frombuffer(mm, np.int32, n * t, layout.tokens_off).reshape(n, t)
+        # [num_slots, max_tokens_per_slot]: logprob of output token i at [slot, i]
+        self._logprobs = np.frombuffer(mm, np.float32, n * t, layout.logprobs_off).reshape(n, t)
+        self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
+        self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
+        self._sem_engine, self._sem_frontend = sems
+
+    @property
+    def spec(self) -> RegionSpec:
+        return self._layout.spec
+
+    def _check(self, slot: int) -> int:
+        if not 0 <= slot < self._layout.spec.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self._layout.spec.num_slots})")
+        return slot
+
+    def _field_off(self, slot: int, field_offset: int) -> int:
+        return self._layout.slot_off(self._check(slot)) + field_offset
+
+    def control(self, slot: int) -> tuple[SlotState, int]:
+        """(state, generation) of a slot, read with acquire: the data published with the state
+        (request fields for QUEUED, final output for FINISHED) is visible after this."""
+        word = atomics.load_acquire_u64(self._mm, self._field_off(slot, CONTROL))
+        return SlotState(word & _U32), word >> 32
+
+    def _move(self, slot: int, gen: int, old: SlotState, new: SlotState, new_gen: int | None = None) -> bool:
+        """CAS (old, gen) -> (new, new_gen or gen). Sequentially consistent: it publishes every
+        field the caller wrote before it and fails if the state or the generation moved on."""
+        off = self._field_off(slot, CONTROL)
+        desired = pack_control(new, gen if new_gen is None else new_gen)
+        return atomics.cas_u64(self._mm, off, pack_control(old, gen), desired)
+
+    def _drain(self, sem: posix_ipc.Semaphore) -> None:
+        """Take surplus posts: the caller is about to look at everything they announced."""
+        while True:
+            try:
+                sem.acquire(0)
+            except posix_ipc.BusyError:
+                return
+
+    def _release_views(self) -> None:
+        """Drop every export of the mapping, so that mmap.close() succeeds."""
+        self._header = self._slots = self._tokens = self._logprobs = None  # type: ignore[assignment]

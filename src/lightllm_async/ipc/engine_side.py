@@ -1,0 +1,161 @@
+"""What engine rank 0 does with a region: drain the ring, read requests, publish tokens, finish.
+
+Rank 0 is the single consumer of the submit ring and the single writer of the slots' engine
+sections and the header's engine fields.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import astuple
+
+import posix_ipc
+
+from lightllm_async.ipc import atomics
+from lightllm_async.ipc.core import RegionCore
+from lightllm_async.ipc.layout import (
+    ABORT,
+    ENGINE_IDLE,
+    ENGINE_STATE,
+    ERROR_TEXT_BYTES,
+    HEARTBEAT,
+    NUM_OUTPUT,
+    STATS_SEQ,
+)
+from lightllm_async.ipc.types import (
+    EngineState,
+    EngineStats,
+    FinishReason,
+    RequestParams,
+    RequestView,
+    RingRecord,
+    SlotState,
+)
+
+
+class EngineSide(RegionCore):
+    """Engine operations on a region (mixed into Region)."""
+
+    def drain_ring(self, limit: int = 0) -> list[RingRecord]:
+        """Every record submitted since the last drain (at most `limit` if > 0), oldest first."""
+        return self._ring.pop_all(limit)
+
+    def read_request(self, slot: int, gen: int) -> RequestView | None:
+        """The request in (slot, gen); None if the reference is stale or the slot is not
+        QUEUED/RUNNING. The acquire load of the state pairs with submit()'s CAS."""
+        state, cur = self.control(slot)
+        if cur != gen or state not in (SlotState.QUEUED, SlotState.RUNNING):
+            return None
+        s = self._slots[slot]
+        params = RequestParams(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            seed=s.seed, ignore_eos=bool(s.ignore_eos), stop_ids=tuple(s.stop_ids[: s.num_stop_ids]),
+            logprobs=bool(s.logprobs), min_p=s.min_p, presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+        )  # fmt: skip
+        prompt = self._tokens[slot, : s.prompt_len].tolist()
+        return RequestView(slot, gen, prompt, params, s.submit_time)
+
+    def set_running(self, slot: int) -> bool:
+        """QUEUED -> RUNNING, resetting the engine section first (the CAS publishes the reset, so
+        the frontend never sees the previous request's output). False if the slot is not QUEUED."""
+        state, gen = self.control(slot)
+        if state != SlotState.QUEUED:
+            return False
+        self._reset_engine_fields(slot)
+        return self._move(slot, gen, SlotState.QUEUED, SlotState.RUNNING)
+
+    def append_tokens(
+        self, slot: int, token_ids: Sequence[int], logprobs: Sequence[float] | None = None
+    ) -> int:
+        """Write output tokens (and logprobs), then release-store the new count. Returns the count.
+        ValueError if the slot's arena is full (the engine stops at max_new_tokens before that)."""
+        s = self._slots[self._check(slot)]
+        n, plen, k = s.num_output, s.prompt_len, len(token_ids)
+        if k == 0:
+            return n
+        if plen + n + k > self._layout.spec.max_tokens_per_slot:
+            raise ValueError(f"slot {slot}: {plen}+{n}+{k} tokens exceed max_tokens_per_slot")
+        self._tokens[slot, plen + n : plen + n + k] = token_ids
+        if logprobs is not None:
+            self._logprobs[slot, n : n + k] = logprobs
+        if n == 0:
+            s.first_token_time = time.monotonic()
+        atomics.store_release_u32(self._mm, self._field_off(slot, NUM_OUTPUT), n + k)
+        return n + k
+
+    def set_cached_tokens(self, slot: int, n: int) -> None:
+        """Prefix-cache hit length; published by the next append_tokens or finish."""
+        self._slots[self._check(slot)].cached_tokens = n
+
+    def finish(self, slot: int, reason: FinishReason) -> bool:
+        """RUNNING (or QUEUED, for a request rejected before it ran) -> FINISHED. The CAS publishes
+        finish_reason, finish_time and the final count. False if the slot is in neither state."""
+        state, gen = self.control(slot)
+        if state == SlotState.QUEUED:
+            self._reset_engine_fields(slot)
+        elif state != SlotState.RUNNING:
+            return False
+        s = self._slots[slot]
+        s.finish_reason = int(reason)
+        s.finish_time = time.monotonic()
+        return self._move(slot, gen, state, SlotState.FINISHED)
+
+    def is_aborted(self, slot: int) -> bool:
+        return atomics.load_acquire_u32(self._mm, self._field_off(slot, ABORT)) != 0
+
+    def wait_engine(self, timeout: float | None) -> bool:
+        """Sleep until the frontend submits or aborts something, or `timeout` passes. True if
+        there are records to drain (or a wake-up came). Sets the idle flag so that the frontend
+        posts only while the engine sleeps, re-checking the ring after setting it (see
+        FrontendSide._wake_engine)."""
+        if self._ring.pending():
+            return True
+        atomics.store_release_u32(self._mm, ENGINE_IDLE, 1)
+        atomics.fence_seq_cst()
+        if self._ring.pending():
+            atomics.store_release_u32(self._mm, ENGINE_IDLE, 0)
+            return True
+        try:
+            self._sem_engine.acquire(timeout)
+            woke = True
+        except posix_ipc.BusyError:
+            woke = False
+        atomics.store_release_u32(self._mm, ENGINE_IDLE, 0)
+        self._drain(self._sem_engine)
+        return woke or self._ring.pending() > 0
+
+    def notify_frontend(self) -> None:
+        """Post the frontend's semaphore: once per step, after publishing that step's tokens."""
+        self._sem_frontend.release()
+
+    # ---- header: engine state, error text, heartbeat ----
+
+    def set_engine_state(self, state: EngineState, error: str = "") -> None:
+        """Record this process as the engine and publish its state; the release store of the
+        state publishes engine_pid and the error text written before it."""
+        data = error.encode()[:ERROR_TEXT_BYTES].decode(errors="ignore").encode()
+        h = self._header
+        h.engine_pid = os.getpid()
+        h.error_text = data
+        h.error_len = len(data)
+        atomics.store_release_u32(self._mm, ENGINE_STATE, int(state))
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        """Publish a snapshot (seqlock: odd count, fence, values, release-store of the even count)."""
+        seq = self._header.stats_seq  # our own field
+        atomics.store_release_u64(self._mm, STATS_SEQ, seq + 1)
+        atomics.fence_seq_cst()  # the value stores below stay after the odd count
+        self._header.stats[:] = astuple(stats)
+        atomics.store_release_u64(self._mm, STATS_SEQ, seq + 2)
+
+    def beat(self) -> None:
+        """Count one engine step (the frontend can tell a hung engine from a busy one)."""
+        atomics.fetch_add_u64(self._mm, HEARTBEAT, 1)
+
+    def _reset_engine_fields(self, slot: int) -> None:
+        s = self._slots[slot]
+        s.num_output = s.finish_reason = s.cached_tokens = 0
+        s.first_token_time = s.finish_time = 0.0

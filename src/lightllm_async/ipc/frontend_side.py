@@ -1,0 +1,144 @@
+"""What the frontend process does with a region: allocate, write, submit, abort, read, free.
+
+The frontend is the single producer of the submit ring: call these from one process (any of its
+threads). alloc_slot/free_slot alone are safe from any number of processes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import posix_ipc
+
+from lightllm_async.ipc import atomics
+from lightllm_async.ipc.core import RegionCore
+from lightllm_async.ipc.layout import ABORT, ENGINE_IDLE, NUM_OUTPUT
+from lightllm_async.ipc.types import FinishReason, Op, OutputView, RequestParams, SlotState
+
+
+class FrontendSide(RegionCore):
+    """Frontend operations on a region (mixed into Region)."""
+
+    def alloc_slot(self) -> tuple[int, int] | None:
+        """Take a free slot, FREE -> WRITING. Returns (slot, generation), or None if none is free."""
+        slot = atomics.slot_stack_pop(self._mm, self._layout.stack_off)
+        if slot < 0:
+            return None
+        state, gen = self.control(slot)
+        if state != SlotState.FREE or not self._move(slot, gen, SlotState.FREE, SlotState.WRITING):
+            raise RuntimeError(f"slot {slot} came off the free stack in state {state.name}")
+        return slot, gen
+
+    def num_free_slots(self) -> int:
+        """Free slots (exact when no one is allocating at the same moment)."""
+        return atomics.slot_stack_count(self._mm, self._layout.stack_off)
+
+    def write_request(self, slot: int, prompt_ids: Sequence[int], params: RequestParams) -> None:
+        """Fill a WRITING slot. The prompt must leave room for one output token; max_new_tokens is
+        clamped to the room left. Published to the engine by submit()."""
+        state, _ = self.control(slot)
+        if state != SlotState.WRITING:
+            raise ValueError(f"slot {slot} is {state.name}, not WRITING")
+        n, room = len(prompt_ids), self._layout.spec.max_tokens_per_slot
+        if not 0 < n < room:
+            raise ValueError(f"prompt of {n} tokens does not fit a slot of {room} tokens")
+        s = self._slots[slot]
+        s.prompt_len = n
+        s.max_new_tokens = min(params.max_new_tokens, room - n)
+        s.temperature, s.top_p, s.top_k, s.seed = params.temperature, params.top_p, params.top_k, params.seed
+        s.min_p, s.presence_penalty = params.min_p, params.presence_penalty
+        s.frequency_penalty, s.repetition_penalty = params.frequency_penalty, params.repetition_penalty
+        s.ignore_eos, s.logprobs = params.ignore_eos, params.logprobs
+        s.num_stop_ids = len(params.stop_ids)
+        s.stop_ids[: len(params.stop_ids)] = params.stop_ids
+        s.abort = 0
+        self._tokens[slot, :n] = prompt_ids
+
+    def submit(self, slot: int, gen: int) -> None:
+        """WRITING -> QUEUED (the CAS publishes the request), then a SUBMIT record, then a wake-up."""
+        state, cur = self.control(slot)
+        if (state, cur) != (SlotState.WRITING, gen):
+            raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
+        self._slots[slot].submit_time = time.monotonic()
+        if not self._move(slot, gen, SlotState.WRITING, SlotState.QUEUED):
+            raise RuntimeError(f"slot {slot} changed state during submit")
+        if not self._push(slot, gen, Op.SUBMIT):
+            # the engine never saw it: it is still ours to take back
+            self._move(slot, gen, SlotState.QUEUED, SlotState.WRITING)
+            raise RuntimeError("submit ring full")
+
+    def abort(self, slot: int, gen: int) -> bool:
+        """Ask the engine to stop (slot, gen). False if that reference is stale or already freed.
+
+        The flag (release-stored) is the truth; the ABORT record only gets the engine's attention.
+        Idempotent: only the first call per generation pushes a record.
+        """
+        state, cur = self.control(slot)
+        if cur != gen or state == SlotState.FREE:
+            return False
+        off = self._field_off(slot, ABORT)
+        if atomics.load_acquire_u32(self._mm, off):
+            return True
+        atomics.store_release_u32(self._mm, off, 1)
+        if state in (SlotState.QUEUED, SlotState.RUNNING):
+            self._push(slot, gen, Op.ABORT)
+        return True
+
+    def read_output(self, slot: int, start: int = 0) -> OutputView:
+        """Output tokens [start, num_tokens) and the engine's fields. Reads the state (acquire),
+        then num_output (acquire, pairs with append_tokens' release), then the tokens."""
+        state, _ = self.control(slot)
+        s = self._slots[slot]
+        plen = s.prompt_len
+        if state not in (SlotState.RUNNING, SlotState.FINISHED):
+            return OutputView([], 0, False, FinishReason.NONE, 0, None, plen, s.submit_time)
+        n = atomics.load_acquire_u32(self._mm, self._field_off(slot, NUM_OUTPUT))
+        start = min(max(start, 0), n)
+        tokens = self._tokens[slot, plen + start : plen + n].tolist()
+        logprobs = self._logprobs[slot, start:n].tolist() if s.logprobs else None
+        done = state == SlotState.FINISHED
+        return OutputView(
+            tokens, n, done, FinishReason(s.finish_reason) if done else FinishReason.NONE,
+            s.cached_tokens, logprobs, plen, s.submit_time, s.first_token_time,
+            s.finish_time if done else 0.0,
+        )  # fmt: skip
+
+    def free_slot(self, slot: int, gen: int) -> bool:
+        """FINISHED (or WRITING) -> FREE with the generation bumped, then back on the free stack.
+
+        False (no-op) for a stale generation or a slot already freed; RuntimeError while the
+        engine owns the slot (QUEUED, RUNNING): abort it and wait for FINISHED first.
+        """
+        state, cur = self.control(slot)
+        if cur != gen or state == SlotState.FREE:
+            return False
+        if state not in (SlotState.WRITING, SlotState.FINISHED):
+            raise RuntimeError(f"slot {slot} is {state.name}: the engine still owns it")
+        if not self._move(slot, gen, state, SlotState.FREE, new_gen=gen + 1):
+            return False
+        atomics.slot_stack_push(self._mm, self._layout.stack_off, slot)
+        return True
+
+    def wait_frontend(self, timeout: float | None) -> bool:
+        """Block until the engine posts (True) or `timeout` seconds pass (False). For the reader
+        thread: after a True, read every active slot; posts made before that read are absorbed."""
+        try:
+            self._sem_frontend.acquire(timeout)
+        except posix_ipc.BusyError:
+            return False
+        self._drain(self._sem_frontend)
+        return True
+
+    def _push(self, slot: int, gen: int, op: Op) -> bool:
+        with self._ring_lock:
+            ok = self._ring.push(slot, gen, op)
+        self._wake_engine()
+        return ok
+
+    def _wake_engine(self) -> None:
+        # Dekker pair with wait_engine: ring tail stored, fence, idle flag loaded here; idle flag
+        # stored, fence, ring tail loaded there. One of the two sees the other's store.
+        atomics.fence_seq_cst()
+        if atomics.load_acquire_u32(self._mm, ENGINE_IDLE):
+            self._sem_engine.release()

@@ -1,0 +1,176 @@
+"""Byte layout of a region: header, slot table, free-slot stack, submit ring, token arenas.
+
+    offset 0          Header            (one per region)
+    slots_off         Slot[num_slots]   (256 bytes each, 64-byte aligned)
+    stack_off         free-slot stack   (csrc/atomics.c: head, n, count, next[num_slots])
+    ring_off          submit ring       (ring.py: tail line, head line, records)
+    tokens_off        int32[num_slots][max_tokens_per_slot]   prompt ids, then output ids
+    logprobs_off      float32[num_slots][max_tokens_per_slot] logprob of output token i at [i]
+
+Every field has one writer; the comment on each group names it. Fields read by another process
+are published by a release store (or a CAS) that the writer makes after writing them, and read
+after the matching acquire load; the Region methods say which.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from lightllm_async.ipc import atomics
+from lightllm_async.ipc.ring import SubmitRing
+from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, MAX_STOP_IDS, RegionSpec
+
+MAGIC = 0x3130_4D48_534C_4C41  # b"ALLSHM01" read little-endian
+VERSION = 1
+ERROR_TEXT_BYTES = 1024
+CACHE_LINE = 64
+
+
+class Header(ctypes.Structure):
+    """Region header. The creator writes the layout fields once, `magic` last (release store)."""
+
+    _fields_ = [
+        # creator (frontend), written once before anyone attaches
+        ("magic", ctypes.c_uint64),
+        ("version", ctypes.c_uint32),
+        ("owner_pid", ctypes.c_int32),
+        ("num_slots", ctypes.c_uint32),
+        ("max_tokens_per_slot", ctypes.c_uint32),
+        ("ring_capacity", ctypes.c_uint32),
+        ("slot_size", ctypes.c_uint32),
+        ("total_size", ctypes.c_uint64),
+        ("slots_off", ctypes.c_uint64),
+        ("stack_off", ctypes.c_uint64),
+        ("ring_off", ctypes.c_uint64),
+        ("tokens_off", ctypes.c_uint64),
+        ("logprobs_off", ctypes.c_uint64),
+        ("_pad0", ctypes.c_uint8 * 48),
+        # engine rank 0: engine_state is release-stored after engine_pid and error_text
+        ("engine_state", ctypes.c_uint32),
+        ("engine_pid", ctypes.c_int32),
+        ("engine_idle", ctypes.c_uint32),  # 1 while the engine sleeps on its semaphore
+        ("error_len", ctypes.c_uint32),
+        ("heartbeat", ctypes.c_uint64),  # fetch-add once per engine step
+        ("_pad1", ctypes.c_uint8 * 40),
+        # engine rank 0, seqlock: stats_seq is odd while `stats` is being written (EngineStats order)
+        ("stats_seq", ctypes.c_uint64),
+        ("stats", ctypes.c_uint64 * ENGINE_STATS_FIELDS),
+        ("_pad2", ctypes.c_uint8 * (120 - 8 * ENGINE_STATS_FIELDS)),
+        ("error_text", ctypes.c_char * ERROR_TEXT_BYTES),  # UTF-8, error_len bytes
+    ]
+
+
+class Slot(ctypes.Structure):
+    """One request slot. `control` packs state (low 32 bits) and generation (high 32 bits) so that
+    one 64-bit CAS checks the generation and moves the state; the free CAS also bumps the generation.
+    """
+
+    _fields_ = [
+        # both sides, by CAS only (see SlotState for who makes which transition)
+        ("control", ctypes.c_uint64),
+        # frontend: written in WRITING, published by the WRITING -> QUEUED CAS
+        ("prompt_len", ctypes.c_uint32),
+        ("max_new_tokens", ctypes.c_uint32),
+        ("temperature", ctypes.c_double),
+        ("top_p", ctypes.c_double),
+        ("min_p", ctypes.c_double),
+        ("presence_penalty", ctypes.c_double),
+        ("frequency_penalty", ctypes.c_double),
+        ("repetition_penalty", ctypes.c_double),
+        ("seed", ctypes.c_int64),
+        ("top_k", ctypes.c_int32),
+        ("num_stop_ids", ctypes.c_uint8),
+        ("ignore_eos", ctypes.c_uint8),
+        ("logprobs", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("stop_ids", ctypes.c_int32 * MAX_STOP_IDS),
+        ("submit_time", ctypes.c_double),
+        # frontend: release-stored 0 -> 1 by abort(), reset while WRITING
+        ("abort", ctypes.c_uint32),
+        ("_pad1", ctypes.c_uint8 * 36),
+        # engine: reset before QUEUED -> RUNNING; num_output is release-stored after the tokens,
+        # logprobs, first_token_time and cached_tokens it publishes; finish_reason and finish_time
+        # are published by the -> FINISHED CAS
+        ("num_output", ctypes.c_uint32),
+        ("finish_reason", ctypes.c_uint32),
+        ("cached_tokens", ctypes.c_uint32),
+        ("_pad2", ctypes.c_uint32),
+        ("first_token_time", ctypes.c_double),
+        ("finish_time", ctypes.c_double),
+        ("_pad3", ctypes.c_uint8 * 32),
+    ]
+
+
+assert ctypes.sizeof(Slot) % CACHE_LINE == 0, ctypes.sizeof(Slot)
+assert Slot.num_output.offset % CACHE_LINE == 0  # the engine section starts on its own line
+assert Header.engine_state.offset % CACHE_LINE == 0
+assert Header.stats_seq.offset % CACHE_LINE == 0 and Header.error_text.offset % CACHE_LINE == 0
+
+CONTROL = Slot.control.offset
+ABORT = Slot.abort.offset
+NUM_OUTPUT = Slot.num_output.offset
+ENGINE_STATE = Header.engine_state.offset
+ENGINE_IDLE = Header.engine_idle.offset
+HEARTBEAT = Header.heartbeat.offset
+STATS_SEQ = Header.stats_seq.offset
+MAGIC_OFF = Header.magic.offset
+
+
+def _align(x: int, a: int = CACHE_LINE) -> int:
+    return (x + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of a region's parts, computed from a resolved RegionSpec."""
+
+    spec: RegionSpec
+    slots_off: int
+    stack_off: int
+    ring_off: int
+    tokens_off: int
+    logprobs_off: int
+    total_size: int
+
+    @classmethod
+    def of(cls, spec: RegionSpec) -> Layout:
+        spec = spec.resolved()
+        n, t = spec.num_slots, spec.max_tokens_per_slot
+        slots_off = _align(ctypes.sizeof(Header))
+        stack_off = _align(slots_off + n * ctypes.sizeof(Slot))
+        ring_off = _align(stack_off + atomics.slot_stack_nbytes(n))
+        tokens_off = _align(ring_off + SubmitRing.nbytes(spec.ring_capacity))
+        logprobs_off = _align(tokens_off + 4 * n * t)
+        total = _align(logprobs_off + 4 * n * t, 4096)
+        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, total)
+
+    def slot_off(self, slot: int) -> int:
+        return self.slots_off + slot * ctypes.sizeof(Slot)
+
+    def write_header(self, h: Header, owner_pid: int) -> None:
+        """Fill the layout fields (not magic: the creator release-stores it last)."""
+        h.version, h.owner_pid = VERSION, owner_pid
+        h.num_slots, h.max_tokens_per_slot = self.spec.num_slots, self.spec.max_tokens_per_slot
+        h.ring_capacity, h.slot_size = self.spec.ring_capacity, ctypes.sizeof(Slot)
+        h.total_size, h.slots_off, h.stack_off = self.total_size, self.slots_off, self.stack_off
+        h.ring_off, h.tokens_off, h.logprobs_off = self.ring_off, self.tokens_off, self.logprobs_off
+
+    @classmethod
+    def from_header(cls, h: Header) -> Layout:
+        """The layout an attaching process recomputes, checked against what the creator wrote."""
+        if h.magic != MAGIC or h.version != VERSION:
+            raise ValueError(f"not a lightllm-async region (magic {h.magic:#x}, version {h.version})")
+        layout = cls.of(RegionSpec(h.num_slots, h.max_tokens_per_slot, h.ring_capacity))
+        stored = (h.slot_size, h.total_size, h.slots_off, h.stack_off, h.ring_off, h.tokens_off)
+        mine = (
+            ctypes.sizeof(Slot),
+            layout.total_size,
+            layout.slots_off,
+            layout.stack_off,
+            layout.ring_off,
+            layout.tokens_off,
+        )
+        if stored != mine:
+            raise ValueError("region layout differs from this build's; mixed versions?")
+        return layout

@@ -1,0 +1,159 @@
+"""The values that cross the shared-memory boundary, as plain Python objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import NamedTuple
+
+MAX_STOP_IDS = 16
+
+
+class FinishReason(IntEnum):
+    NONE = 0
+    STOP = 1
+    LENGTH = 2
+    ABORT = 3
+    ERROR = 4
+
+
+class Op(IntEnum):
+    """What a submit-ring record asks of the engine (0 is never written, to catch torn records)."""
+
+    SUBMIT = 1
+    ABORT = 2
+
+
+class SlotState(IntEnum):
+    """A slot's life: FREE -> WRITING -> QUEUED (frontend), -> RUNNING -> FINISHED (engine; QUEUED ->
+    FINISHED when the engine rejects a request), -> FREE (frontend). WRITING -> FREE when the frontend
+    gives up before submitting."""
+
+    FREE = 0
+    WRITING = 1
+    QUEUED = 2
+    RUNNING = 3
+    FINISHED = 4
+
+
+class EngineState(IntEnum):
+    STARTING = 0
+    READY = 1
+    DEAD = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """Sizes of a region. ring_capacity 0 means the next power of two >= 4 * num_slots.
+
+    A slot has at most three records in the ring at once (an ABORT of its previous generation,
+    SUBMIT, ABORT), so a ring of 3 * num_slots records never fills.
+    """
+
+    num_slots: int
+    max_tokens_per_slot: int
+    ring_capacity: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.num_slots < 2**31:
+            raise ValueError(f"num_slots must be in [1, 2**31), got {self.num_slots}")
+        if not 1 < self.max_tokens_per_slot < 2**31:
+            raise ValueError(f"max_tokens_per_slot must be in [2, 2**31), got {self.max_tokens_per_slot}")
+        cap = self.ring_capacity
+        if cap < 0 or cap & (cap - 1) or 0 < cap < 3 * self.num_slots:
+            raise ValueError(f"ring_capacity must be 0 or a power of two >= 3 * num_slots, got {cap}")
+
+    def resolved(self) -> RegionSpec:
+        """The same spec with ring_capacity filled in."""
+        if self.ring_capacity:
+            return self
+        cap = 1 << (4 * self.num_slots - 1).bit_length()
+        return RegionSpec(self.num_slots, self.max_tokens_per_slot, cap)
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """Sampling parameters of one request, as the frontend writes them into its slot.
+
+    seed -1: no seed. top_k 0 (or -1): no top-k. At most MAX_STOP_IDS stop ids.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = -1
+    ignore_eos: bool = False
+    stop_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_new_tokens < 2**31:
+            raise ValueError(f"max_new_tokens out of range: {self.max_new_tokens}")
+        if len(self.stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(self.stop_ids)}")
+        if not -(2**31) <= self.top_k < 2**31:
+            raise ValueError(f"top_k out of range: {self.top_k}")
+        if not -1 <= self.seed < 2**63:
+            raise ValueError(f"seed out of range: {self.seed}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Engine rank 0's gauges and counters, published as one snapshot (for /metrics and tests)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_tokens_free: int = 0
+    kv_tokens_total: int = 0
+    num_preemptions: int = 0  # counters from here on: totals since the engine started
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    cached_tokens_total: int = 0
+
+
+ENGINE_STATS_FIELDS = len(fields(EngineStats))
+
+
+class RingRecord(NamedTuple):
+    """One submit-ring record: what the frontend asks of the engine about (slot, gen)."""
+
+    slot: int
+    gen: int
+    op: Op
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """A queued request as the engine reads it."""
+
+    slot: int
+    gen: int
+    prompt_ids: list[int]
+    params: RequestParams
+    submit_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputView:
+    """What the frontend reads of a slot's output: tokens[start:num_tokens] and the engine's fields.
+
+    `finished` means `num_tokens` is final. Times are time.monotonic() seconds (one clock for all
+    processes of a host); 0.0 when not reached yet.
+    """
+
+    tokens: list[int]
+    num_tokens: int
+    finished: bool
+    finish_reason: FinishReason
+    cached_tokens: int
+    logprobs: list[float] | None = None
+    prompt_len: int = 0
+    submit_time: float = 0.0
+    first_token_time: float = 0.0
+    finish_time: float = 0.0

@@ -1,0 +1,177 @@
+"""GGUF (llama.cpp) Llama/Qwen2 checkpoints seen as HF ones: a ModelConfig and HF-named tensors.
+
+Torch-free (numpy only); `loader.iter_weights` turns the arrays into tensors.
+
+Two llama.cpp conventions are undone here:
+- numpy shapes are ggml's dims reversed, so a `[ne0=in, ne1=out]` matrix reads as `[out, in]`,
+  which is already torch's Linear layout: no transpose is needed.
+- for arch "llama", `convert_hf_to_gguf.py` permutes the rows of q_proj/k_proj (weights and
+  biases) from HF's rotate-half rope layout to ggml's interleaved one, per head:
+  `w.reshape(n_head, 2, d/2, ...).swapaxes(1, 2)`. `unpermute_rows` is its exact inverse (the same
+  as transformers' `_reverse_permute_weights`). Qwen2 is converted without the permutation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from lightllm_async.config import ModelConfig
+from lightllm_async.models.gguf_file import GGUFFile, GGUFTensorInfo
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_PERMUTED_ARCHS = {"llama"}  # archs whose q/k rows llama.cpp permutes
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_SKIPPED = {"rope_freqs.weight"}  # folded into ModelConfig.rope_scaling
+
+
+def gguf_model_config(gf: GGUFFile) -> ModelConfig:
+    """The ModelConfig a GGUF file describes (arch llama or qwen2)."""
+    arch = gf.architecture
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"{gf.path}: GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCHITECTURES)}"
+        )
+    m = gf.metadata
+
+    def key(name: str, default: Any = None) -> Any:
+        return m.get(f"{arch}.{name}", default)
+
+    hidden, num_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // num_heads)
+    theta = float(key("rope.freq_base", 10000.0))
+    names = set(gf.tensor_names())
+    return ModelConfig(
+        architecture=_ARCHITECTURES[arch],
+        vocab_size=int(key("vocab_size") or len(m["tokenizer.ggml.tokens"])),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(key("attention.head_count_kv") or num_heads),
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=theta,
+        max_position_embeddings=int(key("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        rope_scaling=_rope_scaling(gf, arch, head_dim, theta),
+        bos_token_id=m.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_ids(m),
+        torch_dtype=_float_dtype(gf),
+    )
+
+
+def _eos_ids(m: dict[str, Any]) -> tuple[int, ...]:
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = [int(m[k]) for k in keys if m.get(k) is not None]
+    return tuple(dict.fromkeys(ids))
+
+
+def _float_dtype(gf: GGUFFile) -> str:
+    """The half type of an unquantized file; float32 when any tensor is quantized (dequantized)."""
+    types = {t.ggml_type for t in gf.tensors}
+    if any(t.is_quantized for t in gf.tensors):
+        return "float32"
+    return "bfloat16" if 30 in types else "float16" if 1 in types else "float32"
+
+
+def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int, theta: float) -> dict[str, Any] | None:
+    m = gf.metadata
+    kind = m.get(f"{arch}.rope.scaling.type")
+    factor = m.get(f"{arch}.rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        orig = int(m.get(f"{arch}.rope.scaling.original_context_length", 0))
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": orig}
+    freqs = next((t for t in gf.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        return llama3_scaling_from_factors(gf.dequantize(freqs), head_dim, theta)
+    return None
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
+    """Recover HF's llama3 rope_scaling from the per-frequency factors llama.cpp stores.
+
+    llama.cpp precomputes them (`rope_freqs.weight`) instead of writing the parameters. Every
+    Llama 3.x release uses low_freq_factor 1, high_freq_factor 4, original context 8192; the factor
+    is the largest entry. Those are checked by recomputing the table, so a file made another way
+    fails loudly instead of running with a wrong rope.
+    """
+    guess = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if not np.allclose(llama3_factors(guess, head_dim, theta), factors, rtol=1e-4, atol=1e-5):
+        raise ValueError("GGUF rope_freqs.weight does not match any llama3 rope scaling we know")
+    return guess
+
+
+def llama3_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """The divisor llama3 scaling applies to each rope frequency (as convert_hf_to_gguf.py writes it)."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor, orig = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * np.pi / freqs
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
+    return out.astype(np.float32)
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF name of a GGUF tensor, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_RE.match(gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no HF equivalent in a dense Llama/Qwen2 model")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def weight_plan(gf: GGUFFile) -> list[tuple[GGUFTensorInfo, str]]:
+    """`[(tensor, hf_name)]` in file order, without the tensors that only feed the config."""
+    return [(t, hf_name(t.name)) for t in gf.tensors if t.name not in _SKIPPED]
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (ggml interleaved rope -> HF rotate-half), per head."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_arrays(gf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """`(hf_name, float32 array)` one tensor at a time, dequantized and un-permuted."""
+    permuted = gf.architecture in _PERMUTED_ARCHS
+    for info, name in weight_plan(gf):
+        w = gf.dequantize(info)
+        if permuted and ".self_attn.q_proj." in name:
+            w = unpermute_rows(w, cfg.num_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            w = unpermute_rows(w, cfg.num_kv_heads)
+        yield name, w

@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded SmolLM2 served for real, and HF transformers' greedy references."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: serverproc, engine_harness
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """HF transformers' own model from the embedded GGUF (its dequantizer, not ours), fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lightllm_async.models.loader import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """One SmolLM2 server on the CPU for the end-to-end tests that don't stop it."""
+    from serverproc import ServerProcess
+
+    srv = ServerProcess(
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "1024",
+        "--kv-cache-tokens",
+        "16384",
+        "--max-running-requests",
+        "40",
+        "--num-slots",
+        "48",
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(hf_smollm2):
+    """(prompt ids, HF greedy 64 new tokens) for the five parity prompts, chat-templated ones included."""
+    from engine_harness import hf_greedy, smollm2_prompts
+
+    return [(p, hf_greedy(hf_smollm2, p, 64)) for p in smollm2_prompts()]

@@ -1,0 +1,111 @@
+"""Process-tree lifecycle: clean stops, stale regions after kill -9, 0600 segments, engine death.
+
+These use `--model dummy` (no weights): the process tree and the shared memory are the same as
+with a real model, and the tests stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from lightllm_async.ipc import Region
+from serverproc import ServerProcess, wait_until
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def engine_pid(srv: ServerProcess) -> int:
+    region = Region.attach(srv.region_name)
+    try:
+        return region.engine_pid
+    finally:
+        region.close()
+
+
+def region_files(srv: ServerProcess) -> list[str]:
+    name = srv.region_name
+    return [f for f in os.listdir("/dev/shm") if f == name or f.startswith(f"sem.{name}-")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_every_process_and_removes_shared_memory(sig):
+    srv = ServerProcess("--model", "dummy")
+    engines = children_of(srv.proc.pid)
+    assert engine_pid(srv) in engines and all(alive(p) for p in engines)
+    files = region_files(srv)
+    assert len(files) == 3  # the region and two semaphores
+    mode = stat.S_IMODE(os.stat(f"/dev/shm/{srv.region_name}").st_mode)
+    assert mode == 0o600
+    assert srv.stop(sig) == 0
+    assert wait_until(lambda: not any(alive(p) for p in engines), 5)
+    assert region_files(srv) == []
+
+
+def test_after_kill_9_of_the_tree_the_next_start_cleans_the_stale_region():
+    srv = ServerProcess("--model", "dummy")
+    srv.kill_tree()
+    assert len(region_files(srv)) == 3  # nothing could clean up
+    nxt = ServerProcess("--model", "dummy")
+    try:
+        assert region_files(srv) == []
+        assert nxt.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3})[0] == 200
+    finally:
+        assert nxt.stop() == 0
+
+
+def test_engine_killed_mid_stream_errors_requests_and_server_exits_nonzero():
+    srv = ServerProcess("--model", "dummy", "--dummy-step-time", "0.02")
+    engine = engine_pid(srv)
+    results: list = []
+
+    def streamer():
+        results.append(srv.stream("/v1/completions", {"prompt": "x", "max_tokens": 3000, "stream": True}))
+
+    threads = [threading.Thread(target=streamer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    os.kill(engine, signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - killed < 3
+    for events in results:
+        assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    assert srv.proc.wait(10) != 0
+    assert region_files(srv) == []
+
+
+def test_engine_failure_inside_forward_is_reported_and_server_exits_nonzero():
+    srv = ServerProcess("--model", "dummy", "--fail-after-steps", "3")
+    status, _, body = srv.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 50})
+    assert status == 503 and "error" in body
+    assert srv.proc.wait(10) != 0
+    assert "injected failure" in srv.text_log()
+    assert region_files(srv) == []
