@@ -22,9 +22,9 @@ def stream_token_ids(srv, prompt: str, n: int) -> list[int]:
     ids, count = [], 0
     for e in events:
         tok = json.loads(e)["token"]
-        if tok["count"] > count:  # a finish without a new token repeats the last one
+        if tok["count_output_tokens"] > count:  # a finish without a new token repeats the last one
             ids.append(tok["id"])
-            count = tok["count"]
+            count = tok["count_output_tokens"]
     return ids
 
 
@@ -195,8 +195,8 @@ def test_disconnect_mid_stream_frees_slot_and_kv_tokens(smollm2_server):
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
         for _ in range(5):
-            assert resp.fp.readline().startswith(b"data: ")
-            resp.fp.readline()
+            assert resp.readline().startswith(b"data: ")
+            resp.readline()
         assert region.num_free_slots() == free_slots - 1
         assert region.engine_stats().kv_tokens_free < free_kv
         conn.sock.close()  # the client goes away mid-stream

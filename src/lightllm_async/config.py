@@ -114,6 +114,7 @@ class EngineConfig:
     model_path: str
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:N]"
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
+    load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
     max_model_len: int = 2048
     max_running_requests: int = 64
     num_slots: int = 256

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "random"],
+        help="random: random weights of the model's shape (benchmarks without checkpoints)",
+    )
+    p.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -77,6 +83,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         model_path=model,
         device=args.device,
         dtype=args.dtype,
+        load_format=args.load_format,
         max_model_len=max_model_len,
         max_running_requests=args.max_running_requests,
         num_slots=args.num_slots,

@@ -9,7 +9,7 @@ from typing import Protocol
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
-from lightllm_async.ipc import FinishReason, Op, Region
+from lightllm_async.ipc import EngineStats, FinishReason, Op, Region
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class Engine:
         self.fail_after_steps = fail_after_steps
         self.parent_pid = os.getppid()
         self._arrivals = 0
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
 
     def run(self) -> None:
         while True:
@@ -54,12 +56,15 @@ class Engine:
         self.region.beat()
 
     def drain_inbox(self) -> None:
-        for rec in self.region.drain_ring():
+        records = self.region.drain_ring()
+        for rec in records:
             if rec.op == Op.SUBMIT:
                 self._admit(rec.slot, rec.gen)
             elif rec.op == Op.ABORT and self.scheduler.abort(rec.slot) is not None:
                 self.region.finish(rec.slot, FinishReason.ABORT)
                 self.region.notify_frontend()
+        if records:
+            self.publish_stats()
 
     def _admit(self, slot: int, gen: int) -> None:
         view = self.region.read_request(slot, gen)
@@ -74,6 +79,7 @@ class Engine:
             self.region.notify_frontend()
             return
         self._arrivals += 1
+        self._prompt_tokens += len(view.prompt_ids)
         self.scheduler.add(
             Request(
                 slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
@@ -88,4 +94,20 @@ class Engine:
                 self.region.append_tokens(item.slot, (next(tokens),))
         for f in finished:
             self.region.finish(f.request.slot, f.reason)
+        self._generated_tokens += len(sampled.token_ids)
+        self.publish_stats()
         self.region.notify_frontend()
+
+    def publish_stats(self) -> None:
+        s = self.scheduler
+        self.region.set_engine_stats(
+            EngineStats(
+                num_running=len(s.running),
+                num_waiting=len(s.waiting),
+                kv_tokens_free=s.tokens.num_free,
+                kv_tokens_total=s.tokens.capacity,
+                num_preemptions=s.num_preemptions,
+                prompt_tokens_total=self._prompt_tokens,
+                generation_tokens_total=self._generated_tokens,
+            )
+        )

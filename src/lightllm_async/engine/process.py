@@ -47,6 +47,7 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
     from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 
     region = Region.attach(region_name)
+    region.set_engine_state(EngineState.STARTING)  # makes our pid visible while loading
     try:
         runner = _make_runner(cfg)
         scheduler = Scheduler(
@@ -57,8 +58,10 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
                 kv_cache_tokens=runner.num_kv_tokens,
             )
         )
+        engine = Engine(region, scheduler, runner, cfg.fail_after_steps)
+        engine.publish_stats()
         region.set_engine_state(EngineState.READY)
-        Engine(region, scheduler, runner, cfg.fail_after_steps).run()
+        engine.run()
     except BaseException as exc:  # noqa: BLE001 - report whatever killed us, then die
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("engine failed: %s\n%s", text, traceback.format_exc())

@@ -9,7 +9,22 @@
 
 Every field has one writer; the comment on each group names it. Fields read by another process
 are published by a release store (or a CAS) that the writer makes after writing them, and read
-after the matching acquire load; the Region methods say which.
+after the matching acquire load:
+
+    data                                   published by (writer)                 read after (reader)
+    layout fields of the header            create: store magic                   attach: load magic
+    request fields, prompt ids, abort=0    submit: CAS WRITING->QUEUED           read_request: load control
+    ring record                            ring.push: store tail                 ring.pop_all: load tail
+    ring cells free for reuse              ring.pop_all: store head              ring.push: load head
+    engine-field reset of a reused slot    set_running: CAS QUEUED->RUNNING      read_output: load control
+    output ids, logprobs, first-token      append_tokens: store num_output       read_output: load num_output
+      time, cached_tokens
+    finish_reason, finish_time, final n    finish: CAS ->FINISHED                read_output: load control
+    abort request                          abort: store abort=1                  is_aborted: load abort
+    generation bump, slot free             free_slot: CAS ->FREE, stack push     alloc_slot: stack pop, CAS
+    engine_pid, error text                 set_engine_state: store engine_state  engine_state / error_text
+    stats                                  set_engine_stats: seqlock stats_seq   engine_stats
+    ring tail vs engine_idle (Dekker)      store, seq_cst fence, load on both sides (wait_engine/_wake_engine)
 """
 
 from __future__ import annotations

@@ -175,6 +175,15 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
 
+    def init_random_weights(self, seed: int) -> None:
+        """Random weights in place, for benchmarks of real shapes without checkpoints on disk."""
+        gen = torch.Generator(device=self.embed.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                param.data.normal_(0.0, 0.02, generator=gen)
+
     def _load_one(self, name: str, tensor: Tensor) -> str:
         if name == "model.embed_tokens.weight":
             self.embed.data.copy_(tensor)

@@ -87,6 +87,9 @@ class ModelRunner:
 
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
+        if self.cfg.load_format == "random":
+            model.init_random_weights(self.cfg.seed)
+            return model.eval()
         total = count_weights(self.cfg.model_path)
 
         def counted():

@@ -1,0 +1,200 @@
+"""Decode step time of the real engine path against its memory roofline, on one GPU.
+
+A step is what the engine loop does: schedule -> runner.execute (input prep, CUDA-graph replay or
+eager forward, sampling, one host sync) -> update. Its floor is the bytes it must read (weights
+plus the KV of every request) over a device-to-device copy bandwidth measured in the same run.
+Also reports the CUDA graphs captured and their memory, and the GPU idle share of steady decode
+measured with the torch profiler (the CPU overhead the graphs do not hide).
+
+    python perf/decode_bench.py --shape llama3-8b --batches 1,100 --context 1024 --out decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from lightllm_async.config import EngineConfig
+from lightllm_async.engine.request import Request
+from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+from lightllm_async.ipc import RequestParams
+from lightllm_async.models.llama import KVCache
+from lightllm_async.runner.model_runner import ModelRunner
+from lightllm_async.tools.make_random_model import shape_config, write_config_files
+
+
+def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
+    """Bytes read plus bytes written per second by a large device-to-device copy (median of 20)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / sorted(times[3:])[len(times[3:]) // 2]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Scheduler:
+    """A scheduler holding `batch` requests that have prefilled `context` tokens and now decode."""
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running_requests=runner.cfg.max_running_requests,
+            max_num_batched_tokens=8192,
+            max_model_len=runner.cfg.max_model_len,
+            kv_cache_tokens=runner.num_kv_tokens,
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    params = RequestParams(max_new_tokens=runner.cfg.max_model_len, temperature=0.0)
+    for i in range(batch):
+        vocab = runner.model_cfg.vocab_size
+        prompt = torch.randint(min(1000, vocab // 2), min(20000, vocab), (context,), generator=g).tolist()
+        sched.add(Request(slot=i, gen=0, prompt_ids=prompt, params=params, arrival=i))
+    while True:
+        b = sched.schedule()
+        sched.update(b, runner.execute(b))
+        if b.decode_only and len(b.items) == batch:
+            return sched
+
+
+def step_times(runner: ModelRunner, sched: Scheduler, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        b = sched.schedule()
+        sched.update(b, runner.execute(b))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int) -> float:
+    """Union of GPU kernel intervals over wall time, across `steps` steady decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step_times(runner, sched, steps)
+        sync("cuda")
+        wall_us = (time.perf_counter() - start) * 1e6
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            busy += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += 0 if cur_e is None else cur_e - cur_s
+    return busy / wall_us
+
+
+def measure(runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int) -> dict:
+    sched = fill_batch(runner, batch, context, seed=batch)
+    step_times(runner, sched, 5)  # warm-up
+    t = sorted(step_times(runner, sched, 30))[15]
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv = batch * (context + 20) * KVCache.bytes_per_token(runner.model_cfg, runner.dtype)
+    roof = (weights + kv) / (bw / 2)  # the copy bandwidth counted reads and writes; a step reads
+    row = {
+        "batch": batch,
+        "context": context,
+        "step_ms": t * 1e3,
+        "roofline_ms": roof * 1e3,
+        "ratio": t / roof,
+        "tokens_per_s": batch / t,
+        "graphs": runner.graphs is not None,
+    }
+    if profile_steps:
+        row["gpu_busy"] = gpu_busy_share(runner, sched, profile_steps)
+    for r in list(sched.running):
+        sched.abort(r.slot)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,100")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--max-running", type=int, default=128)
+    ap.add_argument("--no-graph-baseline", action="store_true", help="also time without CUDA graphs")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    folder = tempfile.mkdtemp()
+    write_config_files(shape_config(args.shape, args.dtype), folder)
+    bw = copy_bandwidth(args.device, (2 << 30) if args.device == "cuda" else (64 << 20))
+    rows, graph_info = [], {}
+    for disable in [False, True] if args.no_graph_baseline else [False]:
+        cfg = EngineConfig(
+            model_path=folder,
+            device=args.device,
+            dtype=args.dtype,
+            load_format="random",
+            max_model_len=args.context + 512,
+            max_running_requests=args.max_running,
+            disable_cuda_graph=disable,
+            gpu_memory_utilization=0.85,
+        )
+        runner = ModelRunner(cfg)
+        if runner.graphs is not None:
+            graph_info = {
+                "num_graphs": len(runner.graphs.graphs),
+                "memory_mib": runner.graphs.memory_bytes / 2**20,
+                "largest_mib": runner.graphs.largest_graph_bytes / 2**20,
+            }
+        for b in (int(x) for x in args.batches.split(",")):
+            profile = 20 if args.device == "cuda" and not disable else 0
+            rows.append(measure(runner, b, args.context, bw, profile_steps=profile))
+        del runner
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report = {
+        "device": name,
+        "copy_bw_GBps": bw / 1e9,
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "graphs": graph_info,
+        "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(
+        f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s  graphs {graph_info}"
+    )
+    print(
+        f"{'batch':>6}{'graphs':>8}{'step ms':>10}{'roof ms':>10}{'x roof':>8}{'tok/s':>10}{'GPU busy':>10}"
+    )
+    for r in rows:
+        busy = f"{r['gpu_busy']:.1%}" if "gpu_busy" in r else "-"
+        print(
+            f"{r['batch']:>6}{str(r['graphs']):>8}{r['step_ms']:>10.2f}{r['roofline_ms']:>10.2f}"
+            f"{r['ratio']:>8.2f}{r['tokens_per_s']:>10.0f}{busy:>10}"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
