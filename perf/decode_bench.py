@@ -113,7 +113,7 @@ def measure(runner: ModelRunner, batch: int, context: int, bw: float, profile_st
     t = sorted(step_times(runner, sched, 30))[15]
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv = batch * (context + 20) * KVCache.bytes_per_token(runner.model_cfg, runner.dtype)
-    roof = (weights + kv) / (bw / 2)  # the copy bandwidth counted reads and writes; a step reads
+    roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
     row = {
         "batch": batch,
         "context": context,

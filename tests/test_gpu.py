@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from serverproc import ServerProcess
 from test_server import stream_token_ids
 

@@ -50,9 +50,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.q_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.logits_idx = torch.arange(n, dtype=torch.int64, device=dev)
+        # Every graph writes its logits here, so no graph keeps a private output block alive in the
+        # pool: each capture can reuse all the memory the larger ones freed.
+        self.logits = torch.empty((n, model.cfg.vocab_size), dtype=torch.float32, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Tensor] = {}
         self.memory_bytes = 0
         self.largest_graph_bytes = 0
 
@@ -78,7 +80,7 @@ class DecodeGraphs:
                 self.model(self.input_ids[:b], ctx, self.kv)  # compiles kernels, warms allocators
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    self.outputs[b] = self.model(self.input_ids[:b], ctx, self.kv)
+                    self.logits[:b].copy_(self.model(self.input_ids[:b], ctx, self.kv))
                 self.graphs[b] = graph
                 if b == self.buckets[-1]:
                     torch.cuda.synchronize()
@@ -113,4 +115,4 @@ class DecodeGraphs:
             self.seq_lens[b:bucket].fill_(1)
             self.positions[b:bucket].zero_()
         self.graphs[bucket].replay()
-        return self.outputs[bucket][:b]
+        return self.logits[:b]
