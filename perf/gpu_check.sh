@@ -8,6 +8,7 @@ set -u
 part=${1:-correctness}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+rm -rf /tmp/site /tmp/lla  # a warm machine keeps the last call's install: never run stale code
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/lla . >"$OUT/build.log" 2>&1 || {
   tail -30 "$OUT/build.log"; exit 1; }
@@ -26,6 +27,7 @@ correctness)
   ;;
 serve)
   d=/tmp/l3
+  mkdir -p $d
   python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
 write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
   python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
