@@ -71,24 +71,34 @@ def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Sche
             return sched
 
 
-def step_times(runner: ModelRunner, sched: Scheduler, steps: int) -> list[float]:
-    times = []
+def step_times(runner: ModelRunner, sched: Scheduler, steps: int, overlap: bool = True) -> list[float]:
+    """Wall time of each engine iteration. With overlap (the engine's loop), step N+1 is scheduled
+    and launched before step N's tokens are read."""
+    times, inflight = [], None
     for _ in range(steps):
         start = time.perf_counter()
         b = sched.schedule()
-        sched.update(b, runner.execute(b))
+        if not overlap:
+            sched.update(b, runner.execute(b))
+        else:
+            launched = (b, runner.launch(b))
+            if inflight is not None:
+                sched.update(inflight[0], runner.collect(inflight[1]))
+            inflight = launched
         times.append(time.perf_counter() - start)
+    if inflight is not None:
+        sched.update(inflight[0], runner.collect(inflight[1]))
     return times
 
 
-def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int) -> float:
+def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int, overlap: bool) -> float:
     """Union of GPU kernel intervals over wall time, across `steps` steady decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     sync("cuda")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        step_times(runner, sched, steps)
+        step_times(runner, sched, steps, overlap)
         sync("cuda")
         wall_us = (time.perf_counter() - start) * 1e6
     spans = sorted(
@@ -107,10 +117,12 @@ def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int) -> float:
     return busy / wall_us
 
 
-def measure(runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int) -> dict:
+def measure(
+    runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int, overlap: bool
+) -> dict:
     sched = fill_batch(runner, batch, context, seed=batch)
-    step_times(runner, sched, 5)  # warm-up
-    t = sorted(step_times(runner, sched, 30))[15]
+    step_times(runner, sched, 5, overlap)  # warm-up
+    t = sorted(step_times(runner, sched, 30, overlap))[15]
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv = batch * (context + 20) * KVCache.bytes_per_token(runner.model_cfg, runner.dtype)
     roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
@@ -122,9 +134,10 @@ def measure(runner: ModelRunner, batch: int, context: int, bw: float, profile_st
         "ratio": t / roof,
         "tokens_per_s": batch / t,
         "graphs": runner.graphs is not None,
+        "overlap": overlap,
     }
     if profile_steps:
-        row["gpu_busy"] = gpu_busy_share(runner, sched, profile_steps)
+        row["gpu_busy"] = gpu_busy_share(runner, sched, profile_steps, overlap)
     for r in list(sched.running):
         sched.abort(r.slot)
     return row
@@ -165,7 +178,8 @@ def main() -> None:
             }
         for b in (int(x) for x in args.batches.split(",")):
             profile = 20 if args.device == "cuda" and not disable else 0
-            rows.append(measure(runner, b, args.context, bw, profile_steps=profile))
+            for overlap in (True, False):
+                rows.append(measure(runner, b, args.context, bw, profile, overlap))
         del runner
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -181,18 +195,23 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    print(
-        f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s  graphs {graph_info}"
-    )
-    print(
-        f"{'batch':>6}{'graphs':>8}{'step ms':>10}{'roof ms':>10}{'x roof':>8}{'tok/s':>10}{'GPU busy':>10}"
-    )
+    print(f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"graphs {graph_info}")
+    cols = ["batch", "graphs", "overlap", "step ms", "roof ms", "x roof", "tok/s", "GPU busy"]
+    print("".join(f"{c:>9}" for c in cols))
     for r in rows:
         busy = f"{r['gpu_busy']:.1%}" if "gpu_busy" in r else "-"
-        print(
-            f"{r['batch']:>6}{str(r['graphs']):>8}{r['step_ms']:>10.2f}{r['roofline_ms']:>10.2f}"
-            f"{r['ratio']:>8.2f}{r['tokens_per_s']:>10.0f}{busy:>10}"
-        )
+        vals = [
+            r["batch"],
+            r["graphs"],
+            r["overlap"],
+            f"{r['step_ms']:.2f}",
+            f"{r['roofline_ms']:.2f}",
+            f"{r['ratio']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            busy,
+        ]
+        print("".join(f"{str(v):>9}" for v in vals))
 
 
 if __name__ == "__main__":

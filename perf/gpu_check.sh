@@ -3,7 +3,8 @@
 #   correctness: GPU kernel tests, the CUDA server parity test (graphs on and off), decode benchmark
 #   serve:       serving benchmark of a Llama-3-8B-shaped model against HF transformers generate
 # Full logs and JSON go to $OUT; a short table is printed last.
-#   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve
+#   decode:      the decode benchmark alone
+#   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve|decode
 set -u
 part=${1:-correctness}
 OUT=${OUT:-/tmp/out}
@@ -23,29 +24,32 @@ correctness)
   echo "pytest -m gpu exit $?"; tail -5 "$OUT/pytest_gpu.log"
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 --no-graph-baseline \
     --out "$OUT/decode.json" >"$OUT/decode.log" 2>&1
-  echo "decode_bench exit $?"; tail -8 "$OUT/decode.log"
+  echo "decode_bench exit $?"; tail -11 "$OUT/decode.log"
   ;;
 serve)
   d=/tmp/l3
   mkdir -p $d
   python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
 write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
-  python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
-    >"$OUT/server.log" 2>&1 &
-  srv=$!
-  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 --num-requests 500 \
-    --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/serve_native.json" >"$OUT/serve.log" 2>&1
-  echo "serve_bench exit $?"
-  kill -INT $srv; wait $srv
+  for chunk in ${CHUNKS:-2048 8192}; do
+    python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+      --max-num-batched-tokens $chunk >"$OUT/server_$chunk.log" 2>&1 &
+    srv=$!
+    python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 --num-requests 500 \
+      --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/serve_$chunk.json" >"$OUT/serve_$chunk.log" 2>&1
+    echo "serve_bench (--max-num-batched-tokens $chunk) exit $?"
+    kill -INT $srv; wait $srv
+    grep -E "captured|KV cache" "$OUT/server_$chunk.log" | head -3
+    tail -9 "$OUT/serve_$chunk.log"
+  done
   python3 perf/hf_baseline.py --model $d --random-weights --batch 100 --input-len 1024 --output-len 128 \
     --dtype bfloat16 --out "$OUT/hf_baseline.json" >"$OUT/hf.log" 2>&1
   echo "hf_baseline exit $?"
-  grep -E "captured|KV cache" "$OUT/server.log" | head -3
-  tail -14 "$OUT/serve.log"; tail -8 "$OUT/hf.log"
+  tail -8 "$OUT/hf.log"
   ;;
 decode)
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 \
     --out "$OUT/decode.json" >"$OUT/decode.log" 2>&1
-  echo "decode_bench exit $?"; tail -5 "$OUT/decode.log"
+  echo "decode_bench exit $?"; tail -7 "$OUT/decode.log"
   ;;
 esac

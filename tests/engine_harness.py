@@ -33,7 +33,7 @@ def generate(
         sched.add(Request(slot=i, gen=0, prompt_ids=list(p), params=params, arrival=i))
     outputs: dict[int, list[int]] = {}
     while (batch := sched.schedule()) is not None:
-        for f in sched.update(batch, runner.execute(batch)):
+        for f in sched.update(batch, runner.execute(batch))[1]:
             outputs[f.request.slot] = f.request.output_ids
     return [outputs[i] for i in range(len(prompts))]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from lightllm_async.batch import Sampled
+from lightllm_async.batch import PENDING_TOKEN, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import FinishReason
@@ -53,7 +53,7 @@ def run_to_end(s: Scheduler, max_steps=10_000):
             assert it.start == req.num_computed_tokens
             assert it.token_ids == tuple(req.token_ids(it.start, it.start + len(it.token_ids)))
         sampled = Sampled(tuple(next_token(s.by_slot[it.slot]) for it in batch.items if it.samples))
-        for f in s.update(batch, sampled):
+        for f in s.update(batch, sampled)[1]:
             done[f.request.slot] = (f.request.output_ids, f.reason)
         held = sum(len(r.kv_slots) for r in s.running)
         assert held + s.tokens.num_free == s.tokens.capacity
@@ -61,6 +61,63 @@ def run_to_end(s: Scheduler, max_steps=10_000):
             assert len(r.kv_slots) == r.num_computed_tokens
     assert not s.has_work()
     return done
+
+
+def run_overlapped(s: Scheduler, max_steps=10_000):
+    """Drive the scheduler as the engine does on a GPU: step N+1 is scheduled before step N's
+    tokens are known. A fake device samples the token for output position k as next_token would,
+    and checks that each PENDING input is a token it sampled in the step just before."""
+    done, inflight, last_sampled = {}, None, {}
+    s.num_pending_inputs = 0
+    for _ in range(max_steps):
+        batch = s.schedule()
+        launched = None
+        if batch is not None:
+            sampled_now = {}
+            for it in batch.items:
+                for tok in it.token_ids:
+                    if tok == PENDING_TOKEN:
+                        assert it.slot in last_sampled, "a pending input the last step did not sample"
+                        s.num_pending_inputs += 1
+                if it.samples:
+                    req = s.by_slot[it.slot]
+                    sampled_now[it.slot] = (sum(req.prompt_ids) + 7 * it.num_output) % 97 + 3
+            last_sampled = sampled_now
+            toks = tuple(sampled_now[it.slot] for it in batch.items if it.samples)
+            launched = (batch, Sampled(toks))
+        if inflight is not None:
+            applied, finished = s.update(*inflight)
+            for f in finished:
+                done[f.request.slot] = (f.request.output_ids, f.reason)
+        inflight = launched
+        if inflight is None and not s.has_work():
+            break
+    assert not s.has_work()
+    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == s.rows.capacity
+    return done
+
+
+@pytest.mark.parametrize("kv,expected", [(4096, 256), (100, 4)])
+def test_overlapped_steps_give_the_same_outputs_as_synchronous_ones(kv, expected):
+    rng = random.Random(5)
+    reqs = []
+    for i in range(12):
+        prompt = [rng.randrange(1000) for _ in range(rng.randint(1, 40))]
+        out = expected_output(prompt, 40)
+        stop = (out[rng.randrange(40)],) if i % 3 == 0 else ()
+        reqs.append((i, prompt, Params(max_new_tokens=rng.randint(1, 30), stop_ids=stop)))
+    results, scheds = [], []
+    for driver in (run_to_end, run_overlapped):
+        s = make_sched(kv=kv, running=6, budget=32, max_len=100, expected=expected)
+        for i, prompt, params in reqs:
+            s.add(Request(slot=i, gen=0, prompt_ids=prompt, params=params, arrival=i))
+        results.append(driver(s))
+        scheds.append(s)
+    assert results[0] == results[1]
+    assert scheds[1].num_pending_inputs > 50  # decode really ran ahead of the known tokens
+    if kv == 100:
+        assert scheds[1].num_preemptions > 0
+    assert len(results[0]) == len(reqs)
 
 
 def expected_output(prompt, n):

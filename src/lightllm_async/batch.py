@@ -9,19 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+PENDING_TOKEN = -1  # an input position whose token the previous step samples on the device
+
 
 @dataclass(frozen=True)
 class ScheduledReq:
     """One request's share of a step: compute positions [start, start + len(token_ids))."""
 
     slot: int
+    gen: int  # with slot, names the request: a reused slot has a new generation
+    epoch: int  # the request's preemption count when scheduled: a stale item computed nothing
     row: int
     start: int
     token_ids: tuple[int, ...]
     new_kv_slots: tuple[int, ...]
     samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
     params: Any
-    num_output: int  # output tokens before this step (for penalties and seeds)
+    num_output: int  # output tokens before the one this step samples (for penalties and seeds)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.engine.request import Request
@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    def execute(self, batch: Batch) -> Sampled: ...
+    def launch(self, batch: Batch) -> Any: ...
+
+    def collect(self, handle: Any) -> Sampled: ...
 
 
 class InjectedFailure(RuntimeError):
@@ -36,23 +38,30 @@ class Engine:
         self._generated_tokens = 0
 
     def run(self) -> None:
+        """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
+        so the host work between steps hides behind the device's work."""
+        inflight: tuple[Batch, Any] | None = None
         while True:
             self.drain_inbox()
             batch = self.scheduler.schedule()
-            if batch is None:
+            launched = None if batch is None else (batch, self.launch(batch))
+            if inflight is not None:
+                self.finish(*inflight)
+            inflight = launched
+            if inflight is None:
                 if os.getppid() != self.parent_pid:
                     log.warning("the server process is gone; engine exits")
                     return
-                self.region.wait_engine(timeout=0.5)
-                continue
-            self.step(batch)
+                self.region.wait_engine(timeout=0.005 if self.scheduler.has_work() else 0.5)
 
-    def step(self, batch: Batch) -> None:
+    def launch(self, batch: Batch) -> Any:
         if self.fail_after_steps and batch.step > self.fail_after_steps:
             raise InjectedFailure(f"injected failure at step {batch.step}")
-        sampled = self.runner.execute(batch)
-        finished = self.scheduler.update(batch, sampled)
-        self.publish(batch, sampled, finished)
+        return self.runner.launch(batch)
+
+    def finish(self, batch: Batch, handle: Any) -> None:
+        applied, finished = self.scheduler.update(batch, self.runner.collect(handle))
+        self.publish(applied, finished)
         self.region.beat()
 
     def drain_inbox(self) -> None:
@@ -86,15 +95,13 @@ class Engine:
             )
         )
 
-    def publish(self, batch: Batch, sampled: Sampled, finished: list[Finished]) -> None:
+    def publish(self, applied: list[tuple[int, int]], finished: list[Finished]) -> None:
         """Tokens first (each count published with a release store), then finish marks, one wake-up."""
-        tokens = iter(sampled.token_ids)
-        for item in batch.items:
-            if item.samples:
-                self.region.append_tokens(item.slot, (next(tokens),))
+        for slot, token in applied:
+            self.region.append_tokens(slot, (token,))
         for f in finished:
             self.region.finish(f.request.slot, f.reason)
-        self._generated_tokens += len(sampled.token_ids)
+        self._generated_tokens += len(applied)
         self.publish_stats()
         self.region.notify_frontend()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightllm_async.batch import PENDING_TOKEN
+
 
 @dataclass(eq=False)
 class Request:
@@ -12,6 +14,11 @@ class Request:
 
     Schedule tokens, not phases: the request has `num_tokens` (prompt + output so far) and
     `num_computed_tokens` (those whose KV is in the cache); each step closes part of the gap.
+
+    With overlapped steps, a token can be sampled on the device but not yet known here: it is
+    `pending`, and the next step may already feed it to the model (as PENDING_TOKEN, which the
+    runner replaces with the device-side sample). `kv_slots` counts positions scheduled, which runs
+    ahead of `num_computed_tokens` while a step is in flight.
     """
 
     slot: int
@@ -24,13 +31,22 @@ class Request:
     row: int = -1  # row in the request-to-token table while running
     kv_slots: list[int] = field(default_factory=list)  # KV cache rows, one per computed position
     num_preemptions: int = 0
+    num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Positions whose KV is computed or being computed by a step in flight."""
+        return len(self.kv_slots)
+
     def token_ids(self, start: int, stop: int) -> list[int]:
-        """Token ids at positions [start, stop) of prompt + output."""
+        """Token ids at positions [start, stop) of prompt + output, PENDING_TOKEN past the known ones."""
+        known = self.num_tokens
+        if stop > known:
+            return self.token_ids(start, known) + [PENDING_TOKEN] * (stop - max(start, known))
         p = len(self.prompt_ids)
         if stop <= p:
             return self.prompt_ids[start:stop]

@@ -59,14 +59,9 @@ class Scheduler:
 
     def abort(self, slot: int) -> Request | None:
         """Drop a request wherever it is; returns it, or None if it is not here."""
-        req = self.by_slot.pop(slot, None)
-        if req is None:
-            return None
-        if req in self.running:
-            self.running.remove(req)
-            self._release(req)
-        else:
-            self.waiting.remove(req)
+        req = self.by_slot.get(slot)
+        if req is not None:
+            self._retire(req)
         return req
 
     def has_work(self) -> bool:
@@ -75,23 +70,25 @@ class Scheduler:
     # -- schedule -------------------------------------------------------------------------------
 
     def schedule(self) -> Batch | None:
+        """The next step's work. May run while the previous step is still in flight (its sampled
+        tokens pending): those requests then decode their pending token."""
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledReq] = []
         for req in list(self.running):
             if budget == 0:
                 break
-            if req not in self.running:  # preempted by an earlier iteration
-                continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._make_room(n, req):
-                continue  # req itself was preempted
+            if req not in self.running or self._will_finish_by_length(req):
+                continue  # preempted by an earlier iteration, or its pending token is its last
+            n = min(self._unscheduled(req), budget)
+            if n == 0 or not self._make_room(n, req):
+                continue  # nothing to do, or req itself was preempted
             items.append(self._take(req, n))
             budget -= n
         while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
             req = self.waiting.popleft()
             req.row = self.rows.allocate()
             self.running.append(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(self._unscheduled(req), budget)
             items.append(self._take(req, n))
             budget -= n
         if not items:
@@ -99,20 +96,38 @@ class Scheduler:
         self.num_steps += 1
         return Batch(items=tuple(items), step=self.num_steps)
 
+    @staticmethod
+    def _unscheduled(req: Request) -> int:
+        return req.num_tokens + req.num_pending - req.num_scheduled_tokens
+
+    def _will_finish_by_length(self, req: Request) -> bool:
+        """A pending token that reaches a length limit ends the request: don't feed it."""
+        if req.num_pending == 0:
+            return False
+        outputs = len(req.output_ids) + req.num_pending
+        return (
+            outputs >= req.params.max_new_tokens or req.num_tokens + req.num_pending >= self.cfg.max_model_len
+        )
+
     def _take(self, req: Request, n: int) -> ScheduledReq:
-        start = req.num_computed_tokens
+        start = req.num_scheduled_tokens
         slots = self.tokens.allocate(n)
         req.kv_slots.extend(slots)
-        return ScheduledReq(
+        samples = start + n == req.num_tokens + req.num_pending
+        item = ScheduledReq(
             slot=req.slot,
+            gen=req.gen,
+            epoch=req.num_preemptions,
             row=req.row,
             start=start,
             token_ids=tuple(req.token_ids(start, start + n)),
             new_kv_slots=tuple(slots),
-            samples=start + n == req.num_tokens,
+            samples=samples,
             params=req.params,
-            num_output=len(req.output_ids),
+            num_output=len(req.output_ids) + req.num_pending,
         )
+        req.num_pending += samples
+        return item
 
     def _make_room(self, n: int, req: Request) -> bool:
         """Preempt the newest requests until `n` token slots are free; False if `req` went."""
@@ -148,31 +163,45 @@ class Scheduler:
         return min(req.num_tokens + max(expected, 1), self.cfg.max_model_len)
 
     def _can_admit(self, req: Request) -> bool:
-        if self.rows.num_free == 0:
+        if self.rows.num_free == 0 or req.num_pending:  # a preempted request's token is in flight
             return False
         reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
         return self.tokens.num_free - reserved >= self._peak(req)
 
     # -- update ---------------------------------------------------------------------------------
 
-    def update(self, batch: Batch, sampled: Sampled) -> list[Finished]:
-        """Advance computed counts, append sampled tokens, and retire finished requests."""
+    def update(self, batch: Batch, sampled: Sampled) -> tuple[list[tuple[int, int]], list[Finished]]:
+        """Apply a finished step: advance computed counts, append sampled tokens, retire finished
+        requests. Returns the (slot, token) pairs to publish and the finished requests; items of
+        requests that ended (or were aborted) while the step was in flight are dropped."""
+        applied: list[tuple[int, int]] = []
         finished: list[Finished] = []
         tokens = iter(sampled.token_ids)
         for item in batch.items:
-            req = self.by_slot[item.slot]
-            req.num_computed_tokens += len(item.token_ids)
-            if not item.samples:
+            token = next(tokens) if item.samples else None
+            req = self.by_slot.get(item.slot)
+            if req is None or req.gen != item.gen:
                 continue
-            token = next(tokens)
+            if item.epoch == req.num_preemptions:
+                req.num_computed_tokens += len(item.token_ids)
+            if token is None:
+                continue
+            req.num_pending -= 1
             req.output_ids.append(token)
+            applied.append((req.slot, token))
             reason = self._stop_reason(req, token)
             if reason is not FinishReason.NONE:
-                self.running.remove(req)
-                self._release(req)
-                del self.by_slot[req.slot]
+                self._retire(req)
                 finished.append(Finished(req, reason))
-        return finished
+        return applied, finished
+
+    def _retire(self, req: Request) -> None:
+        del self.by_slot[req.slot]
+        if req in self.running:
+            self.running.remove(req)
+            self._release(req)
+        else:  # preempted while its last token was in flight
+            self.waiting.remove(req)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason:
         if token in req.params.stop_ids:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import Batch, Sampled
+from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
@@ -16,6 +17,15 @@ from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.sampler import sample
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepHandle:
+    """A launched step: its sampled tokens (pinned host memory on CUDA) and the event marking them."""
+
+    tokens: Tensor
+    done: torch.cuda.Event | None
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,6 +83,13 @@ class ModelRunner:
             self.num_kv_tokens,
             self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
         )
+        self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._last_index: dict[int, int] = {}
+        if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
+            self._pinned = [
+                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
+            ]
+            self._flip = 0
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not cfg.disable_cuda_graph:
             self.graphs = DecodeGraphs(
@@ -102,14 +119,38 @@ class ModelRunner:
         return model.eval()
 
     def execute(self, batch: Batch) -> Sampled:
+        """Run one step and wait for its tokens."""
+        return self.collect(self.launch(batch))
+
+    def launch(self, batch: Batch) -> StepHandle:
+        """Enqueue a step on the device and return without waiting for it.
+
+        Inputs marked PENDING_TOKEN are the previous launch's samples, taken on the device, so the
+        engine can schedule step N+1 while step N still runs."""
         input_ids, ctx = self._prepare(batch)
         if self.graphs is not None and batch.decode_only and self.graphs.can_run(len(batch.items)):
             logits = self.graphs.run(input_ids, ctx)  # [B, V]
         else:
             logits = self.model(input_ids, ctx, self.kv)  # [S, V]
         items = [it for it in batch.items if it.samples]
-        tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])
-        return Sampled(token_ids=tuple(tokens.tolist()))
+        tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])  # [S]
+        self._last_sampled = tokens
+        self._last_index = {it.slot: i for i, it in enumerate(items)}
+        if self.device.type != "cuda":
+            return StepHandle(tokens, None)
+        self._flip ^= 1
+        host = self._pinned[self._flip][: len(items)]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return StepHandle(host, done)
+
+    @staticmethod
+    def collect(handle: StepHandle) -> Sampled:
+        """The step's sampled tokens: the one host sync of a step."""
+        if handle.done is not None:
+            handle.done.synchronize()
+        return Sampled(token_ids=tuple(handle.tokens.tolist()))
 
     def _prepare(self, batch: Batch) -> tuple[Tensor, ForwardContext]:
         """Flatten the batch into index tensors, one host-to-device copy, and fill req_to_token."""
@@ -120,8 +161,14 @@ class ModelRunner:
         q_start = [0]
         seq_lens: list[int] = []
         logits_idx: list[int] = []
+        pending_pos: list[int] = []  # where an input token is the previous step's sample
+        pending_src: list[int] = []  # ... and which of that step's samples it is
         for it in batch.items:
             n = len(it.token_ids)
+            for j, tok in enumerate(it.token_ids):
+                if tok == PENDING_TOKEN:
+                    pending_pos.append(len(ids) + j)
+                    pending_src.append(self._last_index[it.slot])
             ids.extend(it.token_ids)
             positions.extend(range(it.start, it.start + n))
             slots.extend(it.new_kv_slots)
@@ -133,11 +180,24 @@ class ModelRunner:
         t, b = len(ids), len(rows)
         token_rows = [it.row for it in batch.items for _ in it.token_ids]
         packed = torch.tensor(
-            ids + positions + slots + token_rows + rows + q_start + seq_lens + logits_idx, dtype=torch.int64
+            ids
+            + positions
+            + slots
+            + token_rows
+            + rows
+            + q_start
+            + seq_lens
+            + logits_idx
+            + pending_pos
+            + pending_src,
+            dtype=torch.int64,
+            pin_memory=self.device.type == "cuda",  # an async copy that never waits for the stream
         ).to(self.device, non_blocking=True)
-        ids_t, pos_t, slots_t, trows_t, rows_t, qs_t, sl_t, li_t = packed.split(
-            [t, t, t, t, b, b + 1, b, len(logits_idx)]
+        ids_t, pos_t, slots_t, trows_t, rows_t, qs_t, sl_t, li_t, pp_t, ps_t = packed.split(
+            [t, t, t, t, b, b + 1, b, len(logits_idx), len(pending_pos), len(pending_src)]
         )
+        if pending_pos:
+            ids_t[pp_t] = self._last_sampled.index_select(0, ps_t)
         self.req_to_token[trows_t, pos_t] = slots_t.to(torch.int32)
         ctx = ForwardContext(
             positions=pos_t,
