@@ -39,7 +39,8 @@ def generate(
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    """HF transformers' greedy continuation, eos ignored: exactly n tokens."""
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),

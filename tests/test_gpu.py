@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_harness import hf_greedy
 from serverproc import ServerProcess
 from test_server import stream_token_ids
 
@@ -43,18 +44,7 @@ def prompts_and_reference(model_dir):
         ),
     ]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
-    out = []
-    for text in texts:
-        ids = torch.tensor([tok.encode(text)], device="cuda")
-        gen = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        out.append((text, gen[0, ids.shape[1] :].tolist()))
+    out = [(text, hf_greedy(hf, tok.encode(text), NEW_TOKENS)) for text in texts]
     del hf
     torch.cuda.empty_cache()
     return out
