@@ -119,9 +119,7 @@ def _wait_ready(region, proc) -> bool:
 
 
 def serve(cfg: ServerConfig) -> int:
-    import uvicorn
-
-    from lightllm_async.frontend.app import FrontendContext, create_app
+    from lightllm_async.frontend.app import FrontendContext
     from lightllm_async.ipc import Region, RegionSpec
     from lightllm_async.models.loader import default_model_path
     from lightllm_async.tokenizer import load_tokenizer
@@ -147,29 +145,38 @@ def serve(cfg: ServerConfig) -> int:
             max_model_len=eng.max_model_len,
             engine_alive=proc.is_alive,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(ctx),
-                host=cfg.host,
-                port=cfg.port,
-                loop="uvloop",
-                http="httptools",
-                lifespan="on",
-                log_level=cfg.log_level,
-                access_log=False,
-                timeout_graceful_shutdown=2,
-            )
-        )
-        died = threading.Event()
-        threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
-        server.run()
-        exit_code = 1 if died.is_set() or not server.started else 0
+        exit_code = _serve_http(cfg, ctx, proc)
         return exit_code
     finally:
         _stop_engine(proc)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
+
+
+def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
+    """Run uvicorn until a signal (0) or the engine's death (1)."""
+    import uvicorn
+
+    from lightllm_async.frontend.app import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ctx),
+            host=cfg.host,
+            port=cfg.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level=cfg.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+    )
+    died = threading.Event()
+    threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
+    server.run()
+    return 1 if died.is_set() or not server.started else 0
 
 
 def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:

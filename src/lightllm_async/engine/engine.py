@@ -97,8 +97,9 @@ class Engine:
 
     def publish(self, applied: list[tuple[int, int]], finished: list[Finished]) -> None:
         """Tokens first (each count published with a release store), then finish marks, one wake-up."""
-        for slot, token in applied:
-            self.region.append_tokens(slot, (token,))
+        if applied:
+            slots, tokens = zip(*applied)
+            self.region.append_step(slots, tokens)
         for f in finished:
             self.region.finish(f.request.slot, f.reason)
         self._generated_tokens += len(applied)

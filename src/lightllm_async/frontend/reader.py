@@ -1,8 +1,10 @@
 """The one reader per process: engine wake-ups → per-request token buffers on the event loop.
 
-A helper thread blocks on the frontend semaphore and hands each wake-up to the event loop, which
-copies every active slot's new output tokens into its `RequestHandle` and wakes the handler
-awaiting it. Handlers never touch the region's output side and never poll.
+A helper thread (the region's wake relay: native, so it never takes the GIL) blocks on the frontend
+semaphore and turns each post into a write to an eventfd that the event loop watches. On each
+wake-up the loop reads every active slot's state and output count in one call, copies the new
+tokens of the slots that have some into their `RequestHandle`s, and wakes the handlers awaiting
+them. Handlers never touch the region's output side and never poll.
 
 The reader also owns slot lifetime: a slot goes back to the free list only after the engine has
 marked it FINISHED and the last tokens were copied, whether the handler still listens or has
@@ -13,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from lightllm_async.ipc import FinishReason, Region, RequestParams
+import numpy as np
+
+from lightllm_async.ipc import FinishReason, Region, RequestParams, SlotState
 
 log = logging.getLogger(__name__)
 
-WAIT_TIMEOUT_S = 0.25  # the helper thread re-checks for shutdown this often
 LIVENESS_INTERVAL_S = 0.1  # engine_alive() checks; the server gives in-flight requests 1 s
+_RUNNING, _FINISHED = int(SlotState.RUNNING), int(SlotState.FINISHED)
 
 
 class EngineDead(Exception):
@@ -40,7 +45,6 @@ class RequestHandle:
         "engine_dead",
         "disconnected",
         "abandoned",
-        "num_read",
         "_event",
     )
 
@@ -53,7 +57,6 @@ class RequestHandle:
         self.engine_dead = False
         self.disconnected = False  # set by the handler's disconnect watcher
         self.abandoned = False  # the handler stopped reading; drop tokens, free on finish
-        self.num_read = 0  # output tokens copied out of the slot so far
         self._event = asyncio.Event()
 
     async def wait(self) -> list[int]:
@@ -71,7 +74,6 @@ class RequestHandle:
     # The reader's side: news about the slot.
 
     def _deliver(self, tokens: list[int]) -> None:
-        self.num_read += len(tokens)
         if not self.abandoned:
             self._tokens.extend(tokens)
             self._event.set()
@@ -97,10 +99,13 @@ class Reader:
         self._region = region
         self._engine_alive = engine_alive
         self._active: dict[int, RequestHandle] = {}
+        # The active handles in a fixed order and their slots, rebuilt after the set changed.
+        self._order: list[RequestHandle] | None = None
+        self._slots = np.empty(0, np.int64)
+        self._num_read = np.zeros(region.spec.num_slots, np.int64)  # output tokens copied, by slot
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._wake_pending = False
+        self._efd = -1
+        self._relay: Any = None
         self._liveness: asyncio.Task | None = None
         self.dead = False
 
@@ -108,21 +113,23 @@ class Reader:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._wait_loop, name="frontend-reader", daemon=True)
-        self._thread.start()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._loop.add_reader(self._efd, self._on_eventfd)
+        self._relay = self._region.start_wake_relay(self._efd)
         self._liveness = asyncio.create_task(self._watch_engine())
 
     async def stop(self) -> None:
-        self._stopping.set()
+        """Stop listening. The relay is joined here: the server closes the region after us."""
         if self._liveness is not None:
             self._liveness.cancel()
-        if self._thread is not None:
-            # A post of our own semaphore wakes the thread now; a spurious wake-up is harmless.
-            # Joining matters: the server closes the region (and its semaphores) after us.
-            self._region.notify_frontend()
-            await asyncio.to_thread(self._thread.join, WAIT_TIMEOUT_S * 4)
-            self._thread = None
+            self._liveness = None
+        if self._relay is not None:
+            self._region.stop_wake_relay(self._relay)
+            self._relay = None
+        if self._efd >= 0:
+            self._loop.remove_reader(self._efd)
+            os.close(self._efd)
+            self._efd = -1
 
     @property
     def num_active(self) -> int:
@@ -145,7 +152,9 @@ class Reader:
             self._region.free_slot(slot, gen)  # still WRITING: the engine never saw it
             raise
         handle = RequestHandle(slot, gen)
+        self._num_read[slot] = 0
         self._active[slot] = handle  # before any wake-up can be handled: we are on the loop
+        self._order = None
         return handle
 
     def abort(self, handle: RequestHandle) -> None:
@@ -156,35 +165,45 @@ class Reader:
 
     # ------------------------------------------------------------ wake-ups
 
-    def _wait_loop(self) -> None:
-        """Helper thread: block on the semaphore, schedule at most one pending wake-up."""
-        loop = self._loop
-        while not self._stopping.is_set():
-            try:
-                woke = self._region.wait_frontend(WAIT_TIMEOUT_S)
-            except Exception:
-                log.exception("frontend semaphore wait failed; reader thread stops")
-                return
-            if woke and not self._wake_pending:
-                self._wake_pending = True
-                try:
-                    loop.call_soon_threadsafe(self._on_wake)
-                except RuntimeError:  # the loop is closed: we are shutting down
-                    return
+    def _on_eventfd(self) -> None:
+        try:
+            os.eventfd_read(self._efd)  # reset before reading the slots, so a later post wakes us
+        except BlockingIOError:
+            pass
+        # While we read, the engine need not post (each post costs it a syscall and us a wake-up);
+        # the second pass reads what it published before it could see the flag cleared.
+        self._region.set_frontend_busy(True)
+        self._on_wake()
+        self._region.set_frontend_busy(False)
+        self._on_wake()
 
     def _on_wake(self) -> None:
-        self._wake_pending = False  # cleared before reading, so a later post is never lost
-        for handle in list(self._active.values()):
-            self._poll(handle)
+        """Copy what every active slot published since the last wake-up; end the finished ones."""
+        if not self._active:
+            return
+        if self._order is None:
+            self._order = list(self._active.values())
+            self._slots = np.fromiter((h.slot for h in self._order), np.int64, len(self._order))
+        order, slots = self._order, self._slots
+        states, _, counts = self._region.poll_outputs(slots)
+        finished = states == _FINISHED
+        started = finished | (states == _RUNNING)  # a count means something only then
+        news = np.flatnonzero(finished | (started & (counts != self._num_read[slots])))
+        for i, n, done in zip(news.tolist(), counts[news].tolist(), finished[news].tolist()):
+            h = order[i]
+            start = int(self._num_read[h.slot])
+            if n > start:
+                self._num_read[h.slot] = n
+                h._deliver(self._region.read_tokens(h.slot, start, n))
+            if done:  # n is final and every token was delivered above
+                self._end(h)
 
-    def _poll(self, h: RequestHandle) -> None:
-        view = self._region.read_output(h.slot, h.num_read)
-        if view.tokens:
-            h._deliver(view.tokens)
-        if view.finished:  # num_tokens is final and every token was read above
-            del self._active[h.slot]
-            self._region.free_slot(h.slot, h.gen)
-            h._finish(FinishReason(view.finish_reason), view.cached_tokens)
+    def _end(self, h: RequestHandle) -> None:
+        del self._active[h.slot]
+        self._order = None
+        reason, cached = self._region.read_finish(h.slot)
+        self._region.free_slot(h.slot, h.gen)
+        h._finish(reason, cached)
 
     async def _watch_engine(self) -> None:
         """End every request promptly when the engine dies; also a safety net for lost wake-ups."""
@@ -206,3 +225,4 @@ class Reader:
         for h in self._active.values():
             h._fail()
         self._active.clear()  # nobody will ever finish these slots
+        self._order = None

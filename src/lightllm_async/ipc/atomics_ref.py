@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import operator
+import os
 import struct
 import threading
+import time
 from typing import Any
+
+import numpy as np
+import posix_ipc
 
 NIL = 0xFFFFFFFF
 STACK_HDR = 16
@@ -213,3 +218,123 @@ def slot_stack_count(buf: Any, off: int) -> int:
             c = _U32.unpack_from(mv, off + 12)[0]
         c = c - (1 << 32) if c >= 1 << 31 else c
         return max(0, min(c, n))
+
+
+# ---- many slots at once ----
+
+
+def _index_array(idx: Any) -> np.ndarray:
+    with memoryview(idx) as m:
+        if m.itemsize != 8 or m.format.lstrip("@=<") not in tuple("lLqQ"):
+            raise TypeError(f"expected integers of 8 bytes, got format {m.format} of {m.itemsize} bytes")
+    return np.asarray(idx).reshape(-1)
+
+
+def _int_array(a: Any, width: int, n: int) -> np.ndarray:
+    with memoryview(a) as m:
+        if m.itemsize != width or m.format.lstrip("@=<") not in tuple("bBhHiIlLqQ"):
+            raise TypeError(f"expected integers of {width} bytes, got format {m.format} of {m.itemsize} bytes")
+        if m.nbytes // width != n:
+            raise ValueError(f"expected {n} items, got {m.nbytes // width}")
+    return np.asarray(a).reshape(-1)
+
+
+def _addresses(buf: Any, base: Any, stride: Any, idx: Any, width: int) -> list[int]:
+    """The checked byte offsets base + idx[i] * stride (all or nothing, as the C version)."""
+    base, stride = _offset(base), _offset(stride)
+    with memoryview(buf) as m:
+        nbytes = m.nbytes
+    if base < 0 or stride < 0 or base > nbytes - width:
+        raise ValueError(f"base {base} or stride {stride} does not fit a buffer of {nbytes} bytes")
+    offs = []
+    for i, k in enumerate(_index_array(idx).tolist()):
+        if k < 0:
+            raise ValueError(f"item {i}: index {k} is outside a buffer of {nbytes} bytes")
+        offs.append(base + k * stride)
+        _view(buf, offs[-1], width, width)[0].release()
+    return offs
+
+
+def _gather(buf: Any, base: Any, stride: Any, idx: Any, out: Any, bits: int) -> None:
+    with _LOCK:
+        offs = _addresses(buf, base, stride, idx, bits // 8)
+        dst = _int_array(out, bits // 8, len(offs))
+        with memoryview(out) as m:
+            if m.readonly:
+                raise BufferError("Object is not writable.")
+        for i, off in enumerate(offs):
+            dst[i] = _load(buf, off, bits)
+
+
+def gather_acquire_u32(buf: Any, base: int, stride: int, idx: Any, out: Any) -> None:
+    _gather(buf, base, stride, idx, out, 32)
+
+
+def gather_acquire_u64(buf: Any, base: int, stride: int, idx: Any, out: Any) -> None:
+    _gather(buf, base, stride, idx, out, 64)
+
+
+def scatter_release_u32(buf: Any, base: int, stride: int, idx: Any, values: Any) -> None:
+    with _LOCK:
+        offs = _addresses(buf, base, stride, idx, 4)
+        src = _int_array(values, 4, len(offs))
+        for off, v in zip(offs, src.tolist()):
+            _store(buf, off, v & 0xFFFFFFFF, 32)
+
+
+def spin_while_equal_u64(buf: Any, off: int, value: int, max_ns: int) -> bool:
+    value, max_ns = _unsigned(value, 64), _unsigned(max_ns, 64)
+    deadline = time.monotonic_ns() + max_ns
+    while True:
+        if _load(buf, off, 64) != value:
+            return True
+        if time.monotonic_ns() >= deadline:
+            return False
+        time.sleep(0)
+
+
+# ---- wake-up relay: semaphore -> eventfd, in a Python thread ----
+
+
+class _Relay:
+    def __init__(self, sem_name: str, fd: int):
+        try:
+            self._sem = posix_ipc.Semaphore(sem_name)
+        except posix_ipc.ExistentialError as e:
+            raise FileNotFoundError(2, "No such file or directory", sem_name) from e
+        self._fd = fd
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="wake-relay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:  # checked before every wait: a stop post absorbed below is seen here
+            self._sem.acquire()
+            if self._stop:
+                return
+            while self._sem.value > 0:
+                try:
+                    self._sem.acquire(0)
+                except posix_ipc.BusyError:
+                    break
+            try:
+                os.eventfd_write(self._fd, 1)
+            except BlockingIOError:
+                pass
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop = True
+        self._sem.release()
+        self._thread.join()
+        self._thread = None
+        self._sem.close()
+
+
+def relay_start(sem_name: str, fd: int) -> _Relay:
+    return _Relay(sem_name, fd)
+
+
+def relay_stop(relay: _Relay) -> None:
+    relay.stop()

@@ -9,11 +9,22 @@ import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
-from lightllm_async.ipc.layout import CONTROL, Header, Layout, Slot
+from lightllm_async.ipc.layout import (
+    CONTROL,
+    FIRST_TOKEN_TIME,
+    NUM_OUTPUT,
+    PROMPT_LEN,
+    SLOT_SIZE,
+    SUBMIT_TIME,
+    Header,
+    Layout,
+    Slot,
+)
 from lightllm_async.ipc.ring import SubmitRing
 from lightllm_async.ipc.types import RegionSpec, SlotState
 
 _U32 = 0xFFFFFFFF
+STATES = tuple(SlotState)  # STATES[word & 0xFFFFFFFF]: cheaper than SlotState(...) on hot paths
 
 
 def pack_control(state: SlotState, gen: int) -> int:
@@ -40,9 +51,23 @@ class RegionCore:
         self._tokens = np.frombuffer(mm, np.int32, n * t, layout.tokens_off).reshape(n, t)
         # [num_slots, max_tokens_per_slot]: logprob of output token i at [slot, i]
         self._logprobs = np.frombuffer(mm, np.float32, n * t, layout.logprobs_off).reshape(n, t)
+        # [num_slots] views of one field of every slot (stride: one slot). Plain numpy access is for
+        # fields the caller writes itself or reads after an acquire that published them; the
+        # atomics' gather/scatter use the offsets below for the acquire/release ones.
+        self._prompt_lens = self._field_view(PROMPT_LEN, np.uint32)
+        self._submit_times = self._field_view(SUBMIT_TIME, np.float64)
+        self._num_outputs = self._field_view(NUM_OUTPUT, np.uint32)
+        self._first_token_times = self._field_view(FIRST_TOKEN_TIME, np.float64)
+        self._control_base = layout.slots_off + CONTROL
+        self._num_output_base = layout.slots_off + NUM_OUTPUT
         self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
         self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
         self._sem_engine, self._sem_frontend = sems
+
+    def _field_view(self, field_offset: int, dtype: type) -> np.ndarray:
+        n = self._layout.spec.num_slots
+        off = self._layout.slots_off + field_offset
+        return np.ndarray((n,), dtype, buffer=self._mm, offset=off, strides=(SLOT_SIZE,))
 
     @property
     def spec(self) -> RegionSpec:
@@ -53,6 +78,13 @@ class RegionCore:
             raise IndexError(f"slot {slot} out of range [0, {self._layout.spec.num_slots})")
         return slot
 
+    def _check_many(self, slots: np.ndarray) -> np.ndarray:
+        """`slots` as int64, IndexError unless all are slots (the atomics only check the mapping)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if slots.size and not (0 <= int(slots.min()) and int(slots.max()) < self._layout.spec.num_slots):
+            raise IndexError(f"slots out of range [0, {self._layout.spec.num_slots})")
+        return slots
+
     def _field_off(self, slot: int, field_offset: int) -> int:
         return self._layout.slot_off(self._check(slot)) + field_offset
 
@@ -60,7 +92,7 @@ class RegionCore:
         """(state, generation) of a slot, read with acquire: the data published with the state
         (request fields for QUEUED, final output for FINISHED) is visible after this."""
         word = atomics.load_acquire_u64(self._mm, self._field_off(slot, CONTROL))
-        return SlotState(word & _U32), word >> 32
+        return STATES[word & _U32], word >> 32
 
     def _move(self, slot: int, gen: int, old: SlotState, new: SlotState, new_gen: int | None = None) -> bool:
         """CAS (old, gen) -> (new, new_gen or gen). Sequentially consistent: it publishes every
@@ -71,7 +103,7 @@ class RegionCore:
 
     def _drain(self, sem: posix_ipc.Semaphore) -> None:
         """Take surplus posts: the caller is about to look at everything they announced."""
-        while True:
+        while sem.value > 0:  # cheaper than a failing acquire(0) in the usual case of none
             try:
                 sem.acquire(0)
             except posix_ipc.BusyError:
@@ -80,3 +112,4 @@ class RegionCore:
     def _release_views(self) -> None:
         """Drop every export of the mapping, so that mmap.close() succeeds."""
         self._header = self._slots = self._tokens = self._logprobs = None  # type: ignore[assignment]
+        self._prompt_lens = self._submit_times = self._num_outputs = self._first_token_times = None  # type: ignore[assignment]

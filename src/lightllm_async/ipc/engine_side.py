@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple
 
+import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
@@ -20,8 +21,12 @@ from lightllm_async.ipc.layout import (
     ENGINE_IDLE,
     ENGINE_STATE,
     ERROR_TEXT_BYTES,
+    FRONTEND_BUSY,
     HEARTBEAT,
     NUM_OUTPUT,
+    PROMPT_LEN,
+    REQUEST_FIELDS,
+    SLOT_SIZE,
     STATS_SEQ,
 )
 from lightllm_async.ipc.types import (
@@ -33,6 +38,11 @@ from lightllm_async.ipc.types import (
     RingRecord,
     SlotState,
 )
+
+
+# An idle engine busy-waits this long on the ring before it sleeps on its semaphore: a request
+# that comes soon after the last one then costs no wake-up of a sleeping process (~30 us here).
+ENGINE_SPIN_S = 0.001
 
 
 class EngineSide(RegionCore):
@@ -48,15 +58,17 @@ class EngineSide(RegionCore):
         state, cur = self.control(slot)
         if cur != gen or state not in (SlotState.QUEUED, SlotState.RUNNING):
             return None
-        s = self._slots[slot]
+        (plen, max_new, temperature, top_p, min_p, presence, frequency, repetition, seed, top_k,
+         num_stop, ignore_eos, logprobs, *stops) = REQUEST_FIELDS.unpack_from(
+            self._mm, self._layout.slot_off(slot) + PROMPT_LEN)  # fmt: skip
         params = RequestParams(
-            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            seed=s.seed, ignore_eos=bool(s.ignore_eos), stop_ids=tuple(s.stop_ids[: s.num_stop_ids]),
-            logprobs=bool(s.logprobs), min_p=s.min_p, presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
+            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]), logprobs=bool(logprobs),
+            min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
+            repetition_penalty=repetition,
         )  # fmt: skip
-        prompt = self._tokens[slot, : s.prompt_len].tolist()
-        return RequestView(slot, gen, prompt, params, s.submit_time)
+        prompt = self._tokens[slot, :plen].tolist()
+        return RequestView(slot, gen, prompt, params, float(self._submit_times[slot]))
 
     def set_running(self, slot: int) -> bool:
         """QUEUED -> RUNNING, resetting the engine section first (the CAS publishes the reset, so
@@ -86,6 +98,28 @@ class EngineSide(RegionCore):
         atomics.store_release_u32(self._mm, self._field_off(slot, NUM_OUTPUT), n + k)
         return n + k
 
+    def append_step(
+        self, slots: Sequence[int], token_ids: Sequence[int], logprobs: Sequence[float] | None = None
+    ) -> None:
+        """One output token for each of `slots` (distinct), as a decode step makes them: write every
+        token (and logprob), then release-store every new count, in one call each. ValueError,
+        with nothing written, if a slot's arena is full."""
+        idx = self._check_many(slots)
+        if idx.size == 0:
+            return
+        n = self._num_outputs[idx]  # our own field: a plain read
+        pos = self._prompt_lens[idx] + n  # fixed while we own the slot (published by submit's CAS)
+        if int(pos.max()) >= self._layout.spec.max_tokens_per_slot:
+            bad = int(idx[pos.argmax()])
+            raise ValueError(f"slot {bad}: output would exceed max_tokens_per_slot")
+        self._tokens[idx, pos] = token_ids
+        if logprobs is not None:
+            self._logprobs[idx, n] = logprobs
+        first = idx[n == 0]
+        if first.size:
+            self._first_token_times[first] = time.monotonic()
+        atomics.scatter_release_u32(self._mm, self._num_output_base, SLOT_SIZE, idx, n + 1)
+
     def set_cached_tokens(self, slot: int, n: int) -> None:
         """Prefix-cache hit length; published by the next append_tokens or finish."""
         self._slots[self._check(slot)].cached_tokens = n
@@ -106,12 +140,14 @@ class EngineSide(RegionCore):
     def is_aborted(self, slot: int) -> bool:
         return atomics.load_acquire_u32(self._mm, self._field_off(slot, ABORT)) != 0
 
-    def wait_engine(self, timeout: float | None) -> bool:
-        """Sleep until the frontend submits or aborts something, or `timeout` passes. True if
-        there are records to drain (or a wake-up came). Sets the idle flag so that the frontend
-        posts only while the engine sleeps, re-checking the ring after setting it (see
-        FrontendSide._wake_engine)."""
+    def wait_engine(self, timeout: float | None, spin: float = ENGINE_SPIN_S) -> bool:
+        """Wait until the frontend submits or aborts something, or `timeout` passes. True if there
+        are records to drain (or a wake-up came). Busy-waits on the ring for `spin` seconds first,
+        then sleeps on the semaphore with the idle flag set, so that the frontend posts only while
+        the engine sleeps, re-checking the ring after setting it (see FrontendSide._wake_engine)."""
         if self._ring.pending():
+            return True
+        if spin > 0 and self._ring.spin_until_pending(int(spin * 1e9)):
             return True
         atomics.store_release_u32(self._mm, ENGINE_IDLE, 1)
         atomics.fence_seq_cst()
@@ -128,8 +164,13 @@ class EngineSide(RegionCore):
         return woke or self._ring.pending() > 0
 
     def notify_frontend(self) -> None:
-        """Post the frontend's semaphore: once per step, after publishing that step's tokens."""
-        self._sem_frontend.release()
+        """Once per step, after publishing that step's tokens: post the frontend's semaphore, unless
+        its reader is busy reading the slots (it reads them again after clearing its flag). Dekker
+        pair with FrontendSide.set_frontend_busy: counts stored, fence, flag loaded here; flag
+        stored, fence, counts loaded there. One of the two sees the other's store."""
+        atomics.fence_seq_cst()
+        if not atomics.load_acquire_u32(self._mm, FRONTEND_BUSY):
+            self._sem_frontend.release()
 
     # ---- header: engine state, error text, heartbeat ----
 

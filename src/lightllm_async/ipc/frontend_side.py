@@ -8,13 +8,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
 from lightllm_async.ipc.core import RegionCore
-from lightllm_async.ipc.layout import ABORT, ENGINE_IDLE, NUM_OUTPUT
-from lightllm_async.ipc.types import FinishReason, Op, OutputView, RequestParams, SlotState
+from lightllm_async.ipc.layout import (
+    ABORT,
+    ENGINE_IDLE,
+    FRONTEND_BUSY,
+    NUM_OUTPUT,
+    PROMPT_LEN,
+    REQUEST_FIELDS,
+    SLOT_SIZE,
+)
+from lightllm_async.ipc.shm import sem_names
+from lightllm_async.ipc.types import MAX_STOP_IDS, FinishReason, Op, OutputView, RequestParams, SlotState
+
+_U32 = 0xFFFFFFFF
+_NO_STOPS = (0,) * MAX_STOP_IDS
 
 
 class FrontendSide(RegionCore):
@@ -43,16 +57,15 @@ class FrontendSide(RegionCore):
         n, room = len(prompt_ids), self._layout.spec.max_tokens_per_slot
         if not 0 < n < room:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {room} tokens")
-        s = self._slots[slot]
-        s.prompt_len = n
-        s.max_new_tokens = min(params.max_new_tokens, room - n)
-        s.temperature, s.top_p, s.top_k, s.seed = params.temperature, params.top_p, params.top_k, params.seed
-        s.min_p, s.presence_penalty = params.min_p, params.presence_penalty
-        s.frequency_penalty, s.repetition_penalty = params.frequency_penalty, params.repetition_penalty
-        s.ignore_eos, s.logprobs = params.ignore_eos, params.logprobs
-        s.num_stop_ids = len(params.stop_ids)
-        s.stop_ids[: len(params.stop_ids)] = params.stop_ids
-        s.abort = 0
+        p, stops = params, params.stop_ids
+        off = self._layout.slot_off(slot)
+        REQUEST_FIELDS.pack_into(
+            self._mm, off + PROMPT_LEN, n, min(p.max_new_tokens, room - n),
+            p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+            p.repetition_penalty, p.seed, p.top_k, len(stops), p.ignore_eos, p.logprobs,
+            *stops, *_NO_STOPS[len(stops):],
+        )  # fmt: skip
+        atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
         self._tokens[slot, :n] = prompt_ids
 
     def submit(self, slot: int, gen: int) -> None:
@@ -60,7 +73,7 @@ class FrontendSide(RegionCore):
         state, cur = self.control(slot)
         if (state, cur) != (SlotState.WRITING, gen):
             raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
-        self._slots[slot].submit_time = time.monotonic()
+        self._submit_times[slot] = time.monotonic()
         if not self._move(slot, gen, SlotState.WRITING, SlotState.QUEUED):
             raise RuntimeError(f"slot {slot} changed state during submit")
         if not self._push(slot, gen, Op.SUBMIT):
@@ -104,6 +117,29 @@ class FrontendSide(RegionCore):
             s.finish_time if done else 0.0,
         )  # fmt: skip
 
+    # ---- many slots at once: the reader's path (one call per wake-up, not one per slot) ----
+
+    def poll_outputs(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(states, generations, output counts) of `slots` (int64 array), each read with acquire:
+        every control word first, then every num_output. A count is only meaningful for a RUNNING
+        or FINISHED slot; for a FINISHED one it is final (the -> FINISHED CAS published it)."""
+        slots = self._check_many(slots)
+        words = np.empty(len(slots), np.uint64)
+        counts = np.empty(len(slots), np.uint32)
+        atomics.gather_acquire_u64(self._mm, self._control_base, SLOT_SIZE, slots, words)
+        atomics.gather_acquire_u32(self._mm, self._num_output_base, SLOT_SIZE, slots, counts)
+        return words & _U32, words >> 32, counts
+
+    def read_tokens(self, slot: int, start: int, stop: int) -> list[int]:
+        """Output tokens [start, stop) of a slot, for stop <= a count read with acquire."""
+        base = self._prompt_lens[slot]  # our own field
+        return self._tokens[slot, base + start : base + stop].tolist()
+
+    def read_finish(self, slot: int) -> tuple[FinishReason, int]:
+        """(finish_reason, cached_tokens) of a slot seen FINISHED by an acquire load."""
+        s = self._slots[slot]
+        return FinishReason(s.finish_reason), s.cached_tokens
+
     def free_slot(self, slot: int, gen: int) -> bool:
         """FINISHED (or WRITING) -> FREE with the generation bumped, then back on the free stack.
 
@@ -120,15 +156,38 @@ class FrontendSide(RegionCore):
         atomics.slot_stack_push(self._mm, self._layout.stack_off, slot)
         return True
 
+    # ---- wake-ups from the engine ----
+
     def wait_frontend(self, timeout: float | None) -> bool:
-        """Block until the engine posts (True) or `timeout` seconds pass (False). For the reader
-        thread: after a True, read every active slot; posts made before that read are absorbed."""
+        """Block until the engine posts (True) or `timeout` seconds pass (False). After a True,
+        read every active slot; posts made before that read are absorbed."""
         try:
             self._sem_frontend.acquire(timeout)
         except posix_ipc.BusyError:
             return False
         self._drain(self._sem_frontend)
         return True
+
+    def start_wake_relay(self, fd: int) -> Any:
+        """Start the helper thread that waits on the frontend semaphore and, after each post (surplus
+        posts absorbed), adds 1 to the eventfd `fd`: an asyncio loop watches `fd` with add_reader,
+        reads it, then reads every active slot. The compiled relay never takes the GIL."""
+        return atomics.relay_start(sem_names(self.name)[1], fd)
+
+    def set_frontend_busy(self, busy: bool) -> None:
+        """The reader's flag. Set it before reading the slots: the engine then skips its posts. After
+        clearing it, read the slots once more: what was published before the engine could see it
+        cleared is read there, anything later is posted (see EngineSide.notify_frontend)."""
+        atomics.store_release_u32(self._mm, FRONTEND_BUSY, int(busy))
+        if not busy:
+            atomics.fence_seq_cst()
+
+    @staticmethod
+    def stop_wake_relay(relay: Any) -> None:
+        """Stop and join the relay (idempotent). Call before close()."""
+        atomics.relay_stop(relay)
+
+    # ---- the submit ring and the engine's wake-up ----
 
     def _push(self, slot: int, gen: int, op: Op) -> bool:
         with self._ring_lock:
@@ -142,3 +201,4 @@ class FrontendSide(RegionCore):
         atomics.fence_seq_cst()
         if atomics.load_acquire_u32(self._mm, ENGINE_IDLE):
             self._sem_engine.release()
+

@@ -30,6 +30,7 @@ after the matching acquire load:
 from __future__ import annotations
 
 import ctypes
+import struct
 from dataclasses import dataclass
 
 from lightllm_async.ipc import atomics
@@ -60,7 +61,10 @@ class Header(ctypes.Structure):
         ("ring_off", ctypes.c_uint64),
         ("tokens_off", ctypes.c_uint64),
         ("logprobs_off", ctypes.c_uint64),
-        ("_pad0", ctypes.c_uint8 * 48),
+        # frontend (its reader): 1 while it reads the slots and is sure to read them again after
+        # clearing it, so the engine skips its post (Dekker pair, like engine_idle)
+        ("frontend_busy", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint8 * 44),
         # engine rank 0: engine_state is release-stored after engine_pid and error_text
         ("engine_state", ctypes.c_uint32),
         ("engine_pid", ctypes.c_int32),
@@ -122,11 +126,23 @@ assert Slot.num_output.offset % CACHE_LINE == 0  # the engine section starts on 
 assert Header.engine_state.offset % CACHE_LINE == 0
 assert Header.stats_seq.offset % CACHE_LINE == 0 and Header.error_text.offset % CACHE_LINE == 0
 
+# The request fields of a slot, prompt_len through stop_ids, as one struct: write_request packs them
+# with one call and read_request unpacks them with one (ctypes field access costs ~0.2 us a field).
+REQUEST_FIELDS = struct.Struct(f"=II6dqi3Bx{MAX_STOP_IDS}i")
+assert REQUEST_FIELDS.size == Slot.submit_time.offset - Slot.prompt_len.offset
+assert Slot.stop_ids.offset + ctypes.sizeof(Slot.stop_ids.size * ctypes.c_char) == Slot.submit_time.offset
+
+SLOT_SIZE = ctypes.sizeof(Slot)
 CONTROL = Slot.control.offset
+PROMPT_LEN = Slot.prompt_len.offset
+SUBMIT_TIME = Slot.submit_time.offset
 ABORT = Slot.abort.offset
 NUM_OUTPUT = Slot.num_output.offset
+FINISH_REASON = Slot.finish_reason.offset
+FIRST_TOKEN_TIME = Slot.first_token_time.offset
 ENGINE_STATE = Header.engine_state.offset
 ENGINE_IDLE = Header.engine_idle.offset
+FRONTEND_BUSY = Header.frontend_busy.offset
 HEARTBEAT = Header.heartbeat.offset
 STATS_SEQ = Header.stats_seq.offset
 MAGIC_OFF = Header.magic.offset

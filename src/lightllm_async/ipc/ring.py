@@ -70,6 +70,11 @@ class SubmitRing:
             atomics.store_release_u64(self._buf, self._head_off, tail)  # frees the cells we read
         return out
 
+    def spin_until_pending(self, max_ns: int) -> bool:
+        """Consumer: busy-wait (GIL released) up to `max_ns` for a record; True if one came."""
+        head = atomics.load_acquire_u64(self._buf, self._head_off)  # our own counter
+        return atomics.spin_while_equal_u64(self._buf, self._tail_off, head, max_ns)
+
     def pending(self) -> int:
         """Published records not consumed yet (exact for the consumer, a lower bound for others)."""
         head = atomics.load_acquire_u64(self._buf, self._head_off)

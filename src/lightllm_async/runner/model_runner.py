@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled
+from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
 from lightllm_async.runner.cuda_graph import DecodeGraphs
+from lightllm_async.runner.inputs import flatten
 from lightllm_async.runner.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -153,60 +154,27 @@ class ModelRunner:
         return Sampled(token_ids=tuple(handle.tokens.tolist()))
 
     def _prepare(self, batch: Batch) -> tuple[Tensor, ForwardContext]:
-        """Flatten the batch into index tensors, one host-to-device copy, and fill req_to_token."""
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        rows: list[int] = []
-        q_start = [0]
-        seq_lens: list[int] = []
-        logits_idx: list[int] = []
-        pending_pos: list[int] = []  # where an input token is the previous step's sample
-        pending_src: list[int] = []  # ... and which of that step's samples it is
-        for it in batch.items:
-            n = len(it.token_ids)
-            for j, tok in enumerate(it.token_ids):
-                if tok == PENDING_TOKEN:
-                    pending_pos.append(len(ids) + j)
-                    pending_src.append(self._last_index[it.slot])
-            ids.extend(it.token_ids)
-            positions.extend(range(it.start, it.start + n))
-            slots.extend(it.new_kv_slots)
-            rows.append(it.row)
-            q_start.append(q_start[-1] + n)
-            seq_lens.append(it.start + n)
-            if it.samples:
-                logits_idx.append(q_start[-1] - 1)
-        t, b = len(ids), len(rows)
-        token_rows = [it.row for it in batch.items for _ in it.token_ids]
+        """Flatten the batch, upload it in one host-to-device copy, and fill req_to_token."""
+        values, sizes = flatten(batch, self._last_index).packed()
         packed = torch.tensor(
-            ids
-            + positions
-            + slots
-            + token_rows
-            + rows
-            + q_start
-            + seq_lens
-            + logits_idx
-            + pending_pos
-            + pending_src,
+            values,
             dtype=torch.int64,
-            pin_memory=self.device.type == "cuda",  # an async copy that never waits for the stream
+            pin_memory=self.device.type == "cuda",  # async: never waits
         ).to(self.device, non_blocking=True)
-        ids_t, pos_t, slots_t, trows_t, rows_t, qs_t, sl_t, li_t, pp_t, ps_t = packed.split(
-            [t, t, t, t, b, b + 1, b, len(logits_idx), len(pending_pos), len(pending_src)]
+        ids, pos, slots, token_rows, rows, q_start, seq_lens, logits_idx, pend_pos, pend_src = packed.split(
+            sizes
         )
-        if pending_pos:
-            ids_t[pp_t] = self._last_sampled.index_select(0, ps_t)
-        self.req_to_token[trows_t, pos_t] = slots_t.to(torch.int32)
+        if pend_pos.numel():
+            ids[pend_pos] = self._last_sampled.index_select(0, pend_src)
+        self.req_to_token[token_rows, pos] = slots.to(torch.int32)
         ctx = ForwardContext(
-            positions=pos_t,
-            kv_slots=slots_t,
+            positions=pos,
+            kv_slots=slots,
             req_to_token=self.req_to_token,
-            req_idx=rows_t.to(torch.int32),
-            q_start=qs_t.to(torch.int32),
-            seq_lens=sl_t.to(torch.int32),
-            logits_idx=li_t,
+            req_idx=rows.to(torch.int32),
+            q_start=q_start.to(torch.int32),
+            seq_lens=seq_lens.to(torch.int32),
+            logits_idx=logits_idx,
             decode_only=batch.decode_only,
         )
-        return ids_t, ctx
+        return ids, ctx
