@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from lightllm_async.formats.gguf_file import GGUFFile
 from lightllm_async.models import loader
-from lightllm_async.models.gguf_file import GGUFFile
 from lightllm_async.models.gguf_model import llama3_factors, unpermute_rows
 from lightllm_async.models.hf_names import weight_shapes
 from lightllm_async.models.loader import (

@@ -95,8 +95,8 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 
 def _load_gguf(path: str) -> Tokenizer:
     # Torch-free modules; the import is local so HF-folder users never pay for the gguf package.
-    from lightllm_async.models.gguf_file import GGUFFile
-    from lightllm_async.models.gguf_tokenizer import build_gguf_tokenizer
+    from lightllm_async.formats.gguf_file import GGUFFile
+    from lightllm_async.formats.gguf_tokenizer import build_gguf_tokenizer
 
     meta = GGUFFile(path).metadata
     tokens: list[str] = meta["tokenizer.ggml.tokens"]

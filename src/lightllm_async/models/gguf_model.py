@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from lightllm_async.config import ModelConfig
-from lightllm_async.models.gguf_file import GGUFFile, GGUFTensorInfo
+from lightllm_async.formats.gguf_file import GGUFFile, GGUFTensorInfo
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _PERMUTED_ARCHS = {"llama"}  # archs whose q/k rows llama.cpp permutes

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from lightllm_async.config import ModelConfig
-from lightllm_async.models.gguf_file import GGUFFile, is_gguf
+from lightllm_async.formats.gguf_file import GGUFFile, is_gguf
 from lightllm_async.models.gguf_model import gguf_model_config, iter_gguf_arrays, weight_plan
 from lightllm_async.models.hf_names import weight_shapes
 

@@ -171,8 +171,8 @@ def write_tokenizer(cfg: ModelConfig, out_dir: str) -> None:
 
 
 def _smollm2_tokenizer() -> Tokenizer | None:
-    from lightllm_async.models.gguf_file import GGUFFile
-    from lightllm_async.models.gguf_tokenizer import build_gguf_tokenizer
+    from lightllm_async.formats.gguf_file import GGUFFile
+    from lightllm_async.formats.gguf_tokenizer import build_gguf_tokenizer
     from lightllm_async.models.loader import default_model_path
 
     try:
