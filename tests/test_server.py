@@ -206,3 +206,19 @@ def test_disconnect_mid_stream_frees_slot_and_kv_tokens(smollm2_server):
         assert region.engine_stats().num_running == 0
     finally:
         region.close()
+
+
+def test_metrics_expose_engine_gauges_and_http_counts(smollm2_server):
+    before = smollm2_server.request("GET", "/metrics")
+    assert before[0] == 200 and before[1]["content-type"].startswith("text/plain")
+    assert smollm2_server.request("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 3})[0] == 200
+    text = smollm2_server.request("GET", "/metrics")[2]
+
+    def value(name: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("lightllm_kv_cache_tokens_total") == 16384
+    assert value("lightllm_engine_alive") == 1.0
+    assert value("lightllm_generation_tokens_total") >= 3
+    assert value('lightllm_http_requests_total{route="/v1/completions",status="200"}') >= 1

@@ -13,6 +13,7 @@ from . import native_api, openai_api
 from .asgi import Receive, Responder, Scope, Send
 from .context import FrontendContext
 from .generation import ClientDisconnected
+from .metrics import Metrics
 from .protocol import ApiError, engine_dead_error
 from .service import Service
 
@@ -42,6 +43,7 @@ class App:
 
     def __init__(self, ctx: FrontendContext):
         self.service = Service(ctx)
+        self.metrics = Metrics(self.service)
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,6 +79,9 @@ class App:
         resp = Responder(send)
         method, path = scope["method"], scope["path"]
         try:
+            if path == "/metrics" and method == "GET":
+                await self.metrics.handle(scope, receive, resp)
+                return
             methods = _ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"Invalid URL ({method} {path}).")
@@ -95,6 +100,8 @@ class App:
         except Exception:
             log.exception("internal error while serving %s %s", method, path)
             await self._answer(resp, ApiError(500, "Internal server error."))
+        finally:
+            self.metrics.count(path if path in _ROUTES or path == "/metrics" else "other", resp.status)
 
     @staticmethod
     async def _answer(resp: Responder, err: ApiError) -> None:

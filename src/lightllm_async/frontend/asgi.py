@@ -47,6 +47,7 @@ class Responder:
         self._send = send
         self.started = False
         self.ended = False
+        self.status = 0  # the status sent, once a response started
         self._sse_done: bytes | None = None  # the stream's end marker, once SSE started
         self._prefix = b"data: "
 
@@ -66,6 +67,7 @@ class Responder:
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         self.started = self.ended = True
+        self.status = status
         await self._emit(
             {
                 "type": "http.response.start",
@@ -98,6 +100,7 @@ class Responder:
     ) -> None:
         """Start an SSE response; `prefix` begins every event (LightLLM writes `data:`)."""
         self.started = True
+        self.status = 200
         self._sse_done = done_marker or b""
         self._prefix = prefix
         await self._emit({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
