@@ -28,10 +28,42 @@
  * acquire, so the next[] it reads is the one written by the push that put the index there (a stale
  * next[] can only be read when head changed in between, and then the tagged CAS fails).
  * The caller must push only indices it popped (the slot table's state CAS guarantees that).
+ *
+ * Many slots at once (one call per engine step or frontend wake-up, instead of one per slot):
+ *
+ *   gather_acquire_u32/u64(buf, base, stride, idx, out)    out[i] = load_acquire(base + idx[i]*stride)
+ *   scatter_release_u32(buf, base, stride, idx, values)     store_release(base + idx[i]*stride, values[i])
+ *
+ * `idx` is a C-contiguous buffer of int64 (numpy int64), `out`/`values` C-contiguous buffers of the
+ * access width (numpy uint32/uint64) with as many items; every address is checked like a single one.
+ *
+ *   spin_while_equal_u64(buf, off, value, max_ns) -> bool   busy-wait (GIL released) until the u64 at
+ *                                                           off (acquire) differs from value: True,
+ *                                                           or max_ns pass: False
+ *
+ * Wake-up relay: a native thread that waits on a named POSIX semaphore and turns each post into a
+ * write to an eventfd, which an asyncio loop watches with add_reader. It never takes the GIL, so a
+ * wake-up reaches the loop without a GIL hand-off between two Python threads.
+ *
+ *   relay_start(sem_name, fd, buf, flag_off) -> relay ; relay_stop(relay)  (idempotent; also on
+ *                                                                           garbage collection)
+ *
+ * After each post the relay takes the surplus posts (sem_trywait), release-stores 1 to the u32 flag
+ * at buf+flag_off (the poster may skip posts while it is set: the reader clears it after reading,
+ * see ipc/frontend_side.py), then writes the eventfd: the reader looks at everything published
+ * before its read of the eventfd, so nothing announced is lost. The relay keeps a buffer export
+ * while it runs. Stopping posts the semaphore once to wake it; that post may be left behind.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
 #include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #define NIL 0xFFFFFFFFu
 #define STACK_HDR 16
@@ -302,6 +334,295 @@ slot_stack_count(PyObject *m, PyObject *const *a, Py_ssize_t na)
     return PyLong_FromLong(c < 0 ? 0 : (c > n ? n : c));
 }
 
+/* ---- many slots at once ---------------------------------------------------------------------- */
+
+/* A C-contiguous buffer of `n` items of `itemsize` bytes (n < 0: any count, returned in *n). */
+static int
+get_array(PyObject *obj, int writable, Py_ssize_t itemsize, Py_ssize_t *n, Py_buffer *view)
+{
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    if (view->itemsize != itemsize || f[0] == '\0' || f[1] != '\0' || !strchr("bBhHiIlLqQ", f[0])) {
+        PyErr_Format(PyExc_TypeError, "expected integers of %zd bytes, got format %s of %zd bytes",
+                     itemsize, view->format ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    Py_ssize_t count = view->len / itemsize;
+    if (*n >= 0 && count != *n) {
+        PyErr_Format(PyExc_ValueError, "expected %zd items, got %zd", *n, count);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    *n = count;
+    return 0;
+}
+
+/* Shared argument handling of gather/scatter: the region, base, stride, idx and the value array.
+ * On success the caller releases the three views. */
+static int
+many_args(const char *name, PyObject *const *a, Py_ssize_t na, Py_ssize_t width, int values_writable,
+          Py_buffer *buf, Py_buffer *idx, Py_buffer *vals, char **base, Py_ssize_t *stride, Py_ssize_t *n)
+{
+    if (check_nargs(name, na, 5))
+        return -1;
+    Py_ssize_t off = PyNumber_AsSsize_t(a[1], PyExc_OverflowError);
+    if (off == -1 && PyErr_Occurred())
+        return -1;
+    *stride = PyNumber_AsSsize_t(a[2], PyExc_OverflowError);
+    if (*stride == -1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(a[0], buf, PyBUF_WRITABLE) < 0)
+        return -1;
+    *n = -1;
+    if (get_array(a[3], 0, 8, n, idx) < 0) {
+        PyBuffer_Release(buf);
+        return -1;
+    }
+    if (get_array(a[4], values_writable, width, n, vals) < 0) {
+        PyBuffer_Release(idx);
+        PyBuffer_Release(buf);
+        return -1;
+    }
+    if (off < 0 || *stride < 0 || off > buf->len - width) {
+        PyErr_Format(PyExc_ValueError, "base %zd or stride %zd does not fit a buffer of %zd bytes", off,
+                     *stride, buf->len);
+        goto fail;
+    }
+    /* every address first, all or nothing: off + ix*stride in [0, len - width], aligned */
+    const int64_t *ix = (const int64_t *)idx->buf;
+    Py_ssize_t max_ix = *stride ? (buf->len - width - off) / *stride : PY_SSIZE_T_MAX;
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        if (ix[i] < 0 || ix[i] > max_ix) {
+            PyErr_Format(PyExc_ValueError, "item %zd: index %lld is outside a buffer of %zd bytes", i,
+                         (long long)ix[i], buf->len);
+            goto fail;
+        }
+        if ((uintptr_t)((char *)buf->buf + off + (Py_ssize_t)ix[i] * *stride) % (uintptr_t)width) {
+            PyErr_Format(PyExc_ValueError, "item %zd: index %lld is not %zd-byte aligned", i,
+                         (long long)ix[i], width);
+            goto fail;
+        }
+    }
+    *base = (char *)buf->buf + off;
+    return 0;
+fail:
+    PyBuffer_Release(vals);
+    PyBuffer_Release(idx);
+    PyBuffer_Release(buf);
+    return -1;
+}
+
+#define DEFINE_MANY(BITS, T)                                                                        \
+    static PyObject *gather_acquire_u##BITS(PyObject *m, PyObject *const *a, Py_ssize_t na)         \
+    {                                                                                               \
+        Py_buffer buf, idx, out; char *base; Py_ssize_t stride, n;                                  \
+        if (many_args("gather_acquire_u" #BITS, a, na, sizeof(T), 1, &buf, &idx, &out, &base,       \
+                      &stride, &n) < 0)                                                             \
+            return NULL;                                                                            \
+        const int64_t *ix = (const int64_t *)idx.buf;                                               \
+        T *dst = (T *)out.buf;                                                                      \
+        for (Py_ssize_t i = 0; i < n; i++)                                                          \
+            dst[i] = __atomic_load_n((T *)(base + ix[i] * stride), __ATOMIC_ACQUIRE);               \
+        PyBuffer_Release(&out); PyBuffer_Release(&idx); PyBuffer_Release(&buf);                     \
+        Py_RETURN_NONE;                                                                             \
+    }
+
+DEFINE_MANY(32, uint32_t)
+DEFINE_MANY(64, uint64_t)
+
+static PyObject *
+scatter_release_u32(PyObject *m, PyObject *const *a, Py_ssize_t na)
+{
+    Py_buffer buf, idx, vals; char *base; Py_ssize_t stride, n;
+    if (many_args("scatter_release_u32", a, na, 4, 0, &buf, &idx, &vals, &base, &stride, &n) < 0)
+        return NULL;
+    const int64_t *ix = (const int64_t *)idx.buf;
+    const uint32_t *src = (const uint32_t *)vals.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        __atomic_store_n((uint32_t *)(base + ix[i] * stride), src[i], __ATOMIC_RELEASE);
+    PyBuffer_Release(&vals); PyBuffer_Release(&idx); PyBuffer_Release(&buf);
+    Py_RETURN_NONE;
+}
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void
+cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static PyObject *
+spin_while_equal_u64(PyObject *m, PyObject *const *a, Py_ssize_t na)
+{
+    Py_buffer v; char *p; uint64_t value, max_ns;
+    if (check_nargs("spin_while_equal_u64", na, 4) || as_unsigned(a[2], 64, &value)
+        || as_unsigned(a[3], 64, &max_ns) || get_ptr(a[0], a[1], 8, 8, &v, &p))
+        return NULL;
+    int changed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t deadline = now_ns() + max_ns;
+    for (unsigned k = 0;; k++) {
+        if (__atomic_load_n((uint64_t *)p, __ATOMIC_ACQUIRE) != value) {
+            changed = 1;
+            break;
+        }
+        if ((k & 63) == 0 && now_ns() >= deadline)
+            break;
+        cpu_relax();
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(changed);
+}
+
+/* ---- wake-up relay: semaphore -> eventfd ------------------------------------------------------ */
+
+#define RELAY_CAPSULE "lightllm_async._atomics.relay"
+
+typedef struct {
+    sem_t *sem;
+    int fd;
+    Py_buffer view;  /* holds the mapping while the thread runs */
+    uint32_t *flag;
+    int stop;     /* set (release) by relay_stop before its post */
+    int running;  /* 1 between a successful start and the join */
+    pthread_t thread;
+} relay_t;
+
+static void *
+relay_main(void *arg)
+{
+    relay_t *r = (relay_t *)arg;
+    const uint64_t one = 1;
+    for (;;) {
+        /* Checked before every wait: a stop whose post we absorbed below is seen here. */
+        if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
+            break;
+        if (sem_wait(r->sem) != 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE))
+            break;
+        while (sem_trywait(r->sem) == 0) {
+        }
+        __atomic_store_n(r->flag, 1, __ATOMIC_RELEASE);
+        /* EAGAIN means the counter is already huge: the reader has a wake-up pending anyway. */
+        ssize_t w;
+        do {
+            w = write(r->fd, &one, sizeof one);
+        } while (w < 0 && errno == EINTR);
+    }
+    return NULL;
+}
+
+static void
+relay_join(relay_t *r)
+{
+    if (!r->running)
+        return;
+    __atomic_store_n(&r->stop, 1, __ATOMIC_RELEASE);
+    sem_post(r->sem);
+    pthread_join(r->thread, NULL);
+    r->running = 0;
+    sem_close(r->sem);
+}
+
+static void
+relay_destroy(PyObject *capsule)
+{
+    relay_t *r = (relay_t *)PyCapsule_GetPointer(capsule, RELAY_CAPSULE);
+    if (r == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    relay_join(r);  /* the thread never takes the GIL: joining while holding it cannot deadlock */
+    if (r->view.obj != NULL)
+        PyBuffer_Release(&r->view);
+    PyMem_RawFree(r);
+}
+
+static PyObject *
+relay_start(PyObject *m, PyObject *const *a, Py_ssize_t na)
+{
+    if (check_nargs("relay_start", na, 4))
+        return NULL;
+    const char *name = PyUnicode_AsUTF8(a[0]);
+    if (name == NULL)
+        return NULL;
+    long fd = PyLong_AsLong(a[1]);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return NULL;
+    }
+    relay_t *r = PyMem_RawCalloc(1, sizeof *r);
+    if (r == NULL)
+        return PyErr_NoMemory();
+    r->fd = (int)fd;
+    char *p;
+    if (get_ptr(a[2], a[3], 4, 4, &r->view, &p) < 0) {
+        PyMem_RawFree(r);
+        return NULL;
+    }
+    r->flag = (uint32_t *)p;
+    r->sem = sem_open(name, 0);
+    if (r->sem == SEM_FAILED) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+        goto fail;
+    }
+    int err = pthread_create(&r->thread, NULL, relay_main, r);
+    if (err != 0) {
+        sem_close(r->sem);
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    r->running = 1;
+    PyObject *capsule = PyCapsule_New(r, RELAY_CAPSULE, relay_destroy);
+    if (capsule == NULL) {
+        relay_join(r);
+        goto fail;
+    }
+    return capsule;
+fail:
+    PyBuffer_Release(&r->view);
+    PyMem_RawFree(r);
+    return NULL;
+}
+
+static PyObject *
+relay_stop(PyObject *m, PyObject *capsule)
+{
+    relay_t *r = (relay_t *)PyCapsule_GetPointer(capsule, RELAY_CAPSULE);
+    if (r == NULL)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    relay_join(r);
+    Py_END_ALLOW_THREADS
+    if (r->view.obj != NULL)
+        PyBuffer_Release(&r->view);  /* so that the mapping can be closed */
+    Py_RETURN_NONE;
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, doc}
@@ -321,6 +642,12 @@ static PyMethodDef methods[] = {
     FAST(slot_stack_pop, "slot_stack_pop(buf, off) -> int (-1 if empty)"),
     FAST(slot_stack_push, "slot_stack_push(buf, off, idx) -> None"),
     FAST(slot_stack_count, "slot_stack_count(buf, off) -> int"),
+    FAST(gather_acquire_u32, "gather_acquire_u32(buf, base, stride, idx, out) -> None"),
+    FAST(gather_acquire_u64, "gather_acquire_u64(buf, base, stride, idx, out) -> None"),
+    FAST(scatter_release_u32, "scatter_release_u32(buf, base, stride, idx, values) -> None"),
+    FAST(spin_while_equal_u64, "spin_while_equal_u64(buf, off, value, max_ns) -> bool (changed)"),
+    FAST(relay_start, "relay_start(sem_name, fd, buf, flag_off) -> relay"),
+    {"relay_stop", relay_stop, METH_O, "relay_stop(relay) -> None"},
     {NULL, NULL, 0, NULL},
 };
 

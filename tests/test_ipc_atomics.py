@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
+import select
+import struct
+import threading
+import time
 
+import numpy as np
+import posix_ipc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,3 +178,107 @@ def test_slot_stack_hands_out_each_free_slot_once(n, data):
             if got >= 0:
                 held.append(got)
         assert native.slot_stack_count(buf, 0) == len(free)
+
+
+# ---- many slots at once, the idle spin, the wake-up relay ----
+
+
+def _words(buf, base: int, stride: int, idx, fmt: str) -> list[int]:
+    return [struct.unpack_from(fmt, buf, base + int(i) * stride)[0] for i in idx]
+
+
+def test_scatter_and_gather_touch_exactly_the_indexed_words(impl):
+    rng = random.Random(11)
+    buf = mmap.mmap(-1, 4096)
+    base, stride = 40, 24  # 8-aligned addresses for the u64 gather too
+    idx = np.array(rng.sample(range(167), 37), np.int64)
+    values = np.array([rng.randrange(U32) for _ in idx], np.uint32)
+    impl.scatter_release_u32(buf, base, stride, idx, values)
+    expected = bytearray(4096)
+    for i, v in zip(idx.tolist(), values.tolist(), strict=True):
+        struct.pack_into("=I", expected, base + i * stride, v)
+    assert buf[:] == bytes(expected)
+    out32, out64 = np.zeros(len(idx), np.uint32), np.zeros(len(idx), np.uint64)
+    impl.gather_acquire_u32(buf, base, stride, idx, out32)
+    impl.gather_acquire_u64(buf, base, stride, idx, out64)
+    assert out32.tolist() == values.tolist()
+    assert out64.tolist() == _words(buf, base, stride, idx, "=Q")
+    impl.gather_acquire_u32(buf, base, stride, np.empty(0, np.int64), np.empty(0, np.uint32))
+
+
+@pytest.mark.parametrize(
+    ("base", "stride", "idx", "values", "error"),
+    [
+        (0, 8, [0, 3, 512], np.uint32, ValueError),  # the last address is past the end
+        (0, 8, [0, -1], np.uint32, ValueError),
+        (2, 8, [0, 1], np.uint32, ValueError),  # misaligned
+        (4096, 8, [], np.uint32, ValueError),  # the base alone is outside
+        (0, 8, [0, 1], np.float32, TypeError),  # values of the right size but not integers
+        (0, 8, [0, 1], np.uint64, TypeError),  # values of the wrong width
+        (0, 8, np.array([0.0, 1.0]), np.uint32, TypeError),  # indices must be int64
+    ],
+)
+def test_scatter_checks_every_address_before_writing_any(impl, base, stride, idx, values, error):
+    buf = mmap.mmap(-1, 4096)
+    idx = np.asarray(idx, np.float64 if isinstance(idx, np.ndarray) else np.int64)
+    with pytest.raises(error):
+        impl.scatter_release_u32(buf, base, stride, idx, np.full(len(idx), 7, values))
+    with pytest.raises(ValueError):  # one value too few
+        impl.scatter_release_u32(buf, 0, 8, np.arange(3, dtype=np.int64), np.ones(2, np.uint32))
+    assert buf[:] == b"\0" * 4096
+    buf.close()  # no export left behind by the failed calls
+
+
+def test_spin_returns_when_the_word_changes_or_the_time_is_up(impl):
+    buf = mmap.mmap(-1, SIZE)
+    assert impl.spin_while_equal_u64(buf, 8, 1, 10**9) is True  # differs already
+    t0 = time.monotonic()
+    assert impl.spin_while_equal_u64(buf, 8, 0, 3_000_000) is False
+    assert time.monotonic() - t0 >= 0.003
+    timer = threading.Timer(0.02, impl.store_release_u64, (buf, 8, 5))
+    timer.start()
+    t0 = time.monotonic()
+    assert impl.spin_while_equal_u64(buf, 8, 0, 5 * 10**9) is True  # (the GIL is not held)
+    assert time.monotonic() - t0 < 2
+    timer.join()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_relay_turns_semaphore_posts_into_eventfd_wakeups(impl):
+    name = f"/lla-test-relay-{os.getpid()}-{random.randrange(10**9)}"
+    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flag = mmap.mmap(-1, SIZE)
+    relay = impl.relay_start(name, efd, flag, 12)
+    try:
+        assert not _readable(efd, 0.05)  # no post, no wake-up
+        sem.release()
+        assert _readable(efd, 5) and os.eventfd_read(efd) == 1
+        assert impl.load_acquire_u32(flag, 12) == 1  # raised before the eventfd was written
+        impl.store_release_u32(flag, 12, 0)
+        for _ in range(500):  # a burst: surplus posts are absorbed, at least one wake-up comes
+            sem.release()
+        assert _readable(efd, 5)
+        deadline = time.monotonic() + 5
+        while sem.value and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert sem.value == 0 and 1 <= os.eventfd_read(efd) <= 500
+        impl.relay_stop(relay)
+        impl.relay_stop(relay)  # idempotent
+        left = sem.value  # the stop's own post, unless the relay took it on its way out
+        sem.release()
+        assert not _readable(efd, 0.05) and sem.value == left + 1  # stopped: nobody takes posts
+        assert impl.load_acquire_u32(flag, 12) == 1
+        with pytest.raises(OSError):
+            impl.relay_start(name + "-missing", efd, flag, 12)
+        with pytest.raises(ValueError):
+            impl.relay_start(name, efd, flag, SIZE)  # the flag must lie inside the buffer
+    finally:
+        impl.relay_stop(relay)
+        flag.close()  # the stopped relay holds no export of it
+        os.close(efd)
+        sem.unlink()
+        sem.close()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import select
 import stat
+import threading
 import time
 import uuid
 from dataclasses import astuple
 
+import numpy as np
 import pytest
 
 from lightllm_async.ipc import (
@@ -21,6 +24,7 @@ from lightllm_async.ipc import (
     RequestParams,
     RingRecord,
     SlotState,
+    engine_side,
 )
 from lightllm_async.ipc.shm import SHM_DIR
 
@@ -225,6 +229,93 @@ def test_engine_state_error_text_and_heartbeat(pair):
     assert front.error_text.startswith("CUDA out of memory ü") and len(front.error_text.encode()) <= 1024
 
 
+# ---- a whole step at once: append_step on the engine side, poll_outputs on the frontend's ----
+
+
+def _running(front: Region, engine: Region, prompts: list[list[int]]) -> list[tuple[int, int]]:
+    refs = [_submit(front, p) for p in prompts]
+    engine.drain_ring()
+    for slot, _ in refs:
+        assert engine.set_running(slot)
+    return refs
+
+
+@pytest.fixture(params=["one_by_one", "vectorized"])
+def step_path(request, monkeypatch):
+    """append_step writes small steps slot by slot and larger ones with numpy: test both."""
+    if request.param == "vectorized":
+        monkeypatch.setattr(engine_side, "_SMALL_STEP", 0)
+
+
+def test_append_step_publishes_a_token_per_slot_that_poll_and_read_tokens_see(pair, step_path):
+    front, engine = pair
+    refs = _running(front, engine, [[1], [1, 2], [1, 2, 3]])
+    slots = [slot for slot, _ in refs]
+    engine.append_step(slots, [10, 20, 30], [-0.5, -1.0, -1.5])
+    engine.append_step(slots[1:], [21, 31])
+    states, gens, counts = front.poll_outputs(np.array(slots, np.int64))
+    assert states.tolist() == [SlotState.RUNNING] * 3
+    assert gens.tolist() == [gen for _, gen in refs] and counts.tolist() == [1, 2, 2]
+    assert [front.read_tokens(s, 0, c) for s, c in zip(slots, counts.tolist(), strict=True)] == [
+        [10],
+        [20, 21],
+        [30, 31],
+    ]
+    assert front.read_tokens(slots[1], 1, 2) == [21]
+    out = front.read_output(slots[0])
+    assert out.logprobs == [-0.5] and out.first_token_time >= out.submit_time > 0
+    first = front.read_output(slots[1]).first_token_time
+    engine.append_step(slots[1:2], [22])
+    assert front.read_output(slots[1]).first_token_time == first  # stamped by the first token only
+    engine.set_cached_tokens(slots[2], 1)
+    assert engine.finish(slots[2], FinishReason.STOP)
+    states, _, counts = front.poll_outputs(np.array(slots[::-1], np.int64))
+    assert states.tolist()[0] == SlotState.FINISHED and counts.tolist() == [2, 3, 1]
+    assert front.read_finish(slots[2]) == (FinishReason.STOP, 1)
+
+
+def test_append_step_that_would_overflow_an_arena_writes_nothing(pair, step_path):
+    front, engine = pair
+    (a, _), (b, _) = _running(front, engine, [list(range(1, 31)), [1]])  # a: room for 2 outputs
+    engine.append_step([a, b], [5, 6])
+    engine.append_step([b, a], [8, 7])
+    with pytest.raises(ValueError):
+        engine.append_step([b, a], [10, 9])
+    assert front.read_output(a).tokens == [5, 7] and front.read_output(b).tokens == [6, 8]
+    engine.append_step([], [])  # an empty step is a no-op
+    with pytest.raises(ValueError):
+        engine.append_step([b], [11, 12])  # one token per slot
+    assert front.read_output(b).tokens == [6, 8]
+
+
+def test_poll_reports_the_state_and_generation_of_any_slot(pair):
+    front, engine = pair
+    ((running, _),) = _running(front, engine, [[4, 5]])
+    queued, _ = _submit(front, [6])
+    writing, _ = front.alloc_slot()
+    slots = np.array([running, queued, writing], np.int64)
+    states, gens, _ = front.poll_outputs(slots)
+    assert list(zip(states.tolist(), gens.tolist(), strict=True)) == [
+        front.control(s) for s in slots.tolist()
+    ]
+    with pytest.raises(IndexError):
+        front.poll_outputs(np.array([0, 3], np.int64))  # slot 3 does not exist (3 slots)
+    with pytest.raises(IndexError):
+        engine.append_step([running, -1], [1, 2])
+    assert front.read_output(running).num_tokens == 0
+
+
+def test_idle_engine_spins_on_the_ring_before_it_sleeps(pair):
+    front, engine = pair
+    timer = threading.Timer(0.02, _submit, (front, [1]))
+    timer.start()
+    t = time.monotonic()
+    assert engine.wait_engine(5.0, spin=2.0)
+    assert time.monotonic() - t < 1.5
+    timer.join()
+    assert engine._sem_engine.value == 0  # it never slept, so the frontend never posted
+
+
 # ---- wake-ups ----
 
 
@@ -292,3 +383,16 @@ def test_engine_stats_snapshots_are_never_torn(pair):
         last = values[0]
     child.join(5)
     assert child.exitcode == 0
+
+
+def test_close_stops_a_wake_relay_left_running():
+    front = Region.create(_uid(), RegionSpec(num_slots=2, max_tokens_per_slot=8))
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        front.start_wake_relay(efd)
+        front.notify_frontend()
+        assert select.select([efd], [], [], 5)[0]  # the relay is running
+        front.close()  # no BufferError: the relay was stopped and its export released
+    finally:
+        os.close(efd)
+        front.unlink()

@@ -7,9 +7,10 @@ import os
 import random
 import uuid
 
+import numpy as np
 import pytest
 
-from lightllm_async.ipc import FinishReason, Region, RegionSpec, RequestParams, atomics
+from lightllm_async.ipc import FinishReason, Region, RegionSpec, RequestParams, SlotState, atomics
 
 TOTAL = 60000
 PROMPT = [3, 1, 4]
@@ -60,6 +61,59 @@ def test_reader_sees_counts_only_with_their_tokens():
         assert (seen, out.finish_reason) == (TOTAL, FinishReason.LENGTH)
         assert out.finish_time >= out.first_token_time > 0
         assert reads > 10  # the reader really ran alongside the writer
+    finally:
+        front.close()
+        front.unlink()
+
+
+STEP_SLOTS, STEPS = 7, 4000
+
+
+def _step_writer(name: str, slots: list[int], seed: int) -> None:
+    """Decode steps over a random subset of the slots each time, as the engine publishes them."""
+    engine, rng = Region.attach(name), random.Random(seed)
+    counts = dict.fromkeys(slots, 0)
+    for slot in slots:
+        engine.set_running(slot)
+    for _ in range(STEPS):
+        chosen = [s for s in slots if rng.random() < 0.7]
+        engine.append_step(chosen, [_token(s * STEPS + counts[s]) for s in chosen])
+        for s in chosen:
+            counts[s] += 1
+    for slot in slots:
+        engine.finish(slot, FinishReason.LENGTH)
+    os._exit(0)
+
+
+def test_poll_sees_counts_only_with_their_tokens_across_many_slots():
+    if not atomics.IS_NATIVE:
+        pytest.skip("needs the compiled atomics")
+    spec = RegionSpec(num_slots=STEP_SLOTS, max_tokens_per_slot=STEPS + len(PROMPT))
+    front = Region.create(f"t{os.getpid()}-{uuid.uuid4().hex[:8]}", spec)
+    try:
+        refs = [front.alloc_slot() for _ in range(STEP_SLOTS)]
+        for slot, gen in refs:
+            front.write_request(slot, PROMPT, RequestParams(max_new_tokens=STEPS))
+            front._tokens[slot, len(PROMPT) :] = -1  # poison the output cells
+            front.submit(slot, gen)
+        slots = [slot for slot, _ in refs]
+        writer = mp.get_context("fork").Process(target=_step_writer, args=(front.name, slots, 3))
+        writer.start()
+        seen, polls, done = dict.fromkeys(slots, 0), 0, False
+        while not done:
+            states, _, counts = front.poll_outputs(np.array(slots, np.int64))
+            done = all(st == SlotState.FINISHED for st in states.tolist())  # counts read after: final
+            for slot, state, n in zip(slots, states.tolist(), counts.tolist(), strict=True):
+                if state in (SlotState.RUNNING, SlotState.FINISHED):
+                    assert n >= seen[slot]
+                    got = front.read_tokens(slot, seen[slot], n)
+                    assert got == [_token(slot * STEPS + i) for i in range(seen[slot], n)]
+                    seen[slot] = n
+            polls += 1
+        writer.join(10)
+        assert writer.exitcode == 0
+        assert sum(seen.values()) > STEPS * STEP_SLOTS // 2 and polls > 10
+        assert seen == {s: front.read_output(s).num_tokens for s in slots}
     finally:
         front.close()
         front.unlink()

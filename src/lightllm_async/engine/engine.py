@@ -98,7 +98,7 @@ class Engine:
     def publish(self, applied: list[tuple[int, int]], finished: list[Finished]) -> None:
         """Tokens first (each count published with a release store), then finish marks, one wake-up."""
         if applied:
-            slots, tokens = zip(*applied)
+            slots, tokens = zip(*applied, strict=True)
             self.region.append_step(slots, tokens)
         for f in finished:
             self.region.finish(f.request.slot, f.reason)

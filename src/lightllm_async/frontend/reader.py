@@ -14,6 +14,7 @@ aborted (an abort is a flag the engine acknowledges by finishing the slot with A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 LIVENESS_INTERVAL_S = 0.1  # engine_alive() checks; the server gives in-flight requests 1 s
 _RUNNING, _FINISHED = int(SlotState.RUNNING), int(SlotState.FINISHED)
+assert _FINISHED == _RUNNING + 1 and all(s < _RUNNING for s in SlotState if s not in (_RUNNING, _FINISHED))
+_FEW = 8  # up to this many active requests, a wake-up reads them one by one
 
 
 class EngineDead(Exception):
@@ -60,7 +63,9 @@ class RequestHandle:
         self._event = asyncio.Event()
 
     async def wait(self) -> list[int]:
-        """Wait for news (tokens, finish, death, disconnect); return the new tokens."""
+        """Wait for news (tokens, finish, death, disconnect); return the new tokens. Look at
+        finish_reason right after it returns, with no await in between (not through wait_for,
+        which runs it as another task): a finish seen then came with every token."""
         if not (self._tokens or self.finish_reason is not None or self.engine_dead or self.disconnected):
             await self._event.wait()
         self._event.clear()
@@ -98,11 +103,14 @@ class Reader:
     def __init__(self, region: Region, engine_alive: Callable[[], bool]):
         self._region = region
         self._engine_alive = engine_alive
+        n = region.spec.num_slots
         self._active: dict[int, RequestHandle] = {}
-        # The active handles in a fixed order and their slots, rebuilt after the set changed.
-        self._order: list[RequestHandle] | None = None
-        self._slots = np.empty(0, np.int64)
-        self._num_read = np.zeros(region.spec.num_slots, np.int64)  # output tokens copied, by slot
+        # The same, by slot: a table and a mask, so that a change costs O(1) and a wake-up finds
+        # the active slots with one numpy call (`_slots`, recomputed after a change).
+        self._by_slot: list[RequestHandle | None] = [None] * n
+        self._mask = np.zeros(n, bool)
+        self._slots: np.ndarray | None = None
+        self._num_read = np.zeros(n, np.int64)  # output tokens copied, by slot
         self._loop: asyncio.AbstractEventLoop | None = None
         self._efd = -1
         self._relay: Any = None
@@ -116,6 +124,7 @@ class Reader:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._loop.add_reader(self._efd, self._on_eventfd)
         self._relay = self._region.start_wake_relay(self._efd)
+        self._region.set_frontend_busy(False)  # a reader before us may have left it set
         self._liveness = asyncio.create_task(self._watch_engine())
 
     async def stop(self) -> None:
@@ -126,6 +135,7 @@ class Reader:
         if self._relay is not None:
             self._region.stop_wake_relay(self._relay)
             self._relay = None
+            self._region.set_frontend_busy(False)
         if self._efd >= 0:
             self._loop.remove_reader(self._efd)
             os.close(self._efd)
@@ -141,20 +151,15 @@ class Reader:
         """Start a request; None when every slot is taken. Raises EngineDead."""
         if self.dead:
             raise EngineDead
-        got = self._region.alloc_slot()
+        got = self._region.start_request(prompt_ids, params)
         if got is None:
             return None
         slot, gen = got
-        try:
-            self._region.write_request(slot, prompt_ids, params)
-            self._region.submit(slot, gen)
-        except BaseException:
-            self._region.free_slot(slot, gen)  # still WRITING: the engine never saw it
-            raise
         handle = RequestHandle(slot, gen)
         self._num_read[slot] = 0
-        self._active[slot] = handle  # before any wake-up can be handled: we are on the loop
-        self._order = None
+        self._active[slot] = self._by_slot[slot] = handle  # before any wake-up: we are on the loop
+        self._mask[slot] = True
+        self._slots = None
         return handle
 
     def abort(self, handle: RequestHandle) -> None:
@@ -166,41 +171,50 @@ class Reader:
     # ------------------------------------------------------------ wake-ups
 
     def _on_eventfd(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)  # reset before reading the slots, so a later post wakes us
-        except BlockingIOError:
-            pass
         # While we read, the engine need not post (each post costs it a syscall and us a wake-up);
-        # the second pass reads what it published before it could see the flag cleared.
-        self._region.set_frontend_busy(True)
+        # a second pass reads what it published before it could see the flag cleared.
+        seq = self._region.set_frontend_busy(True)
         self._on_wake()
-        self._region.set_frontend_busy(False)
-        self._on_wake()
+        if self._region.set_frontend_busy(False) != seq:
+            self._on_wake()
 
     def _on_wake(self) -> None:
         """Copy what every active slot published since the last wake-up; end the finished ones."""
-        if not self._active:
+        if len(self._active) <= _FEW:  # numpy's per-call cost outweighs its loop here
+            for h in list(self._active.values()):
+                state, _, n = self._region.poll_output(h.slot)
+                if state == _FINISHED or (state == _RUNNING and n != self._num_read[h.slot]):
+                    self._take(h, n, state == _FINISHED)
             return
-        if self._order is None:
-            self._order = list(self._active.values())
-            self._slots = np.fromiter((h.slot for h in self._order), np.int64, len(self._order))
-        order, slots = self._order, self._slots
+        if self._slots is None:
+            self._slots = np.flatnonzero(self._mask)
+        slots = self._slots
         states, _, counts = self._region.poll_outputs(slots)
         finished = states == _FINISHED
-        started = finished | (states == _RUNNING)  # a count means something only then
+        started = states >= _RUNNING  # RUNNING or FINISHED: the count means something only then
         news = np.flatnonzero(finished | (started & (counts != self._num_read[slots])))
-        for i, n, done in zip(news.tolist(), counts[news].tolist(), finished[news].tolist()):
-            h = order[i]
-            start = int(self._num_read[h.slot])
-            if n > start:
-                self._num_read[h.slot] = n
-                h._deliver(self._region.read_tokens(h.slot, start, n))
-            if done:  # n is final and every token was delivered above
-                self._end(h)
+        by_slot = self._by_slot
+        for slot, n, done in zip(
+            slots[news].tolist(), counts[news].tolist(), finished[news].tolist(), strict=True
+        ):
+            self._take(by_slot[slot], n, done)
+
+    def _take(self, h: RequestHandle, n: int, done: bool) -> None:
+        """Deliver tokens up to count `n` (read with acquire); end the request if it finished."""
+        start = int(self._num_read[h.slot])
+        if n > start:
+            self._num_read[h.slot] = n
+            h._deliver(self._region.read_tokens(h.slot, start, n))
+        if done:  # n is final and every token was delivered above
+            self._end(h)
 
     def _end(self, h: RequestHandle) -> None:
         del self._active[h.slot]
-        self._order = None
+        self._by_slot[h.slot] = None
+        self._mask[h.slot] = False
+        self._slots = None
         reason, cached = self._region.read_finish(h.slot)
         self._region.free_slot(h.slot, h.gen)
         h._finish(reason, cached)
@@ -225,4 +239,6 @@ class Reader:
         for h in self._active.values():
             h._fail()
         self._active.clear()  # nobody will ever finish these slots
-        self._order = None
+        self._by_slot = [None] * len(self._by_slot)
+        self._mask[:] = False
+        self._slots = None

@@ -9,6 +9,7 @@ compiled extension for anything shared between processes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import operator
 import os
@@ -233,7 +234,9 @@ def _index_array(idx: Any) -> np.ndarray:
 def _int_array(a: Any, width: int, n: int) -> np.ndarray:
     with memoryview(a) as m:
         if m.itemsize != width or m.format.lstrip("@=<") not in tuple("bBhHiIlLqQ"):
-            raise TypeError(f"expected integers of {width} bytes, got format {m.format} of {m.itemsize} bytes")
+            raise TypeError(
+                f"expected integers of {width} bytes, got format {m.format} of {m.itemsize} bytes"
+            )
         if m.nbytes // width != n:
             raise ValueError(f"expected {n} items, got {m.nbytes // width}")
     return np.asarray(a).reshape(-1)
@@ -278,7 +281,7 @@ def scatter_release_u32(buf: Any, base: int, stride: int, idx: Any, values: Any)
     with _LOCK:
         offs = _addresses(buf, base, stride, idx, 4)
         src = _int_array(values, 4, len(offs))
-        for off, v in zip(offs, src.tolist()):
+        for off, v in zip(offs, src.tolist(), strict=True):
             _store(buf, off, v & 0xFFFFFFFF, 32)
 
 
@@ -297,12 +300,13 @@ def spin_while_equal_u64(buf: Any, off: int, value: int, max_ns: int) -> bool:
 
 
 class _Relay:
-    def __init__(self, sem_name: str, fd: int):
+    def __init__(self, sem_name: str, fd: int, buf: Any, flag_off: int):
+        _view(buf, flag_off, 4, 4)[0].release()  # checked like the C version
         try:
             self._sem = posix_ipc.Semaphore(sem_name)
         except posix_ipc.ExistentialError as e:
             raise FileNotFoundError(2, "No such file or directory", sem_name) from e
-        self._fd = fd
+        self._fd, self._buf, self._flag_off = fd, buf, flag_off
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="wake-relay", daemon=True)
         self._thread.start()
@@ -317,10 +321,9 @@ class _Relay:
                     self._sem.acquire(0)
                 except posix_ipc.BusyError:
                     break
-            try:
+            store_release_u32(self._buf, self._flag_off, 1)
+            with contextlib.suppress(BlockingIOError):  # the counter is huge: a wake-up is pending
                 os.eventfd_write(self._fd, 1)
-            except BlockingIOError:
-                pass
 
     def stop(self) -> None:
         if self._thread is None:
@@ -330,10 +333,11 @@ class _Relay:
         self._thread.join()
         self._thread = None
         self._sem.close()
+        self._buf = None
 
 
-def relay_start(sem_name: str, fd: int) -> _Relay:
-    return _Relay(sem_name, fd)
+def relay_start(sem_name: str, fd: int, buf: Any, flag_off: int) -> _Relay:
+    return _Relay(sem_name, fd, buf, flag_off)
 
 
 def relay_stop(relay: _Relay) -> None:

@@ -63,6 +63,7 @@ class RegionCore:
         self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
         self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
         self._sem_engine, self._sem_frontend = sems
+        self._relays: list = []  # wake relays started here; close() stops those left running
 
     def _field_view(self, field_offset: int, dtype: type) -> np.ndarray:
         n = self._layout.spec.num_slots
@@ -81,7 +82,8 @@ class RegionCore:
     def _check_many(self, slots: np.ndarray) -> np.ndarray:
         """`slots` as int64, IndexError unless all are slots (the atomics only check the mapping)."""
         slots = np.asarray(slots, dtype=np.int64)
-        if slots.size and not (0 <= int(slots.min()) and int(slots.max()) < self._layout.spec.num_slots):
+        # one reduction checks both ends: a negative index is huge as uint64
+        if slots.size and int(slots.view(np.uint64).max()) >= self._layout.spec.num_slots:
             raise IndexError(f"slots out of range [0, {self._layout.spec.num_slots})")
         return slots
 

@@ -6,6 +6,7 @@ sections and the header's engine fields.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from lightllm_async.ipc.layout import (
     ERROR_TEXT_BYTES,
     FRONTEND_BUSY,
     HEARTBEAT,
+    NOTIFY_SEQ,
     NUM_OUTPUT,
     PROMPT_LEN,
     REQUEST_FIELDS,
@@ -39,10 +41,28 @@ from lightllm_async.ipc.types import (
     SlotState,
 )
 
-
 # An idle engine busy-waits this long on the ring before it sleeps on its semaphore: a request
 # that comes soon after the last one then costs no wake-up of a sleeping process (~30 us here).
 ENGINE_SPIN_S = 0.001
+_SMALL_STEP = 4  # append_step writes steps of at most this many slots one slot at a time
+
+
+def _as_list(values: Sequence) -> Sequence:
+    return values.tolist() if isinstance(values, np.ndarray) else values
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(fields: tuple) -> RequestParams:
+    """RequestParams from a slot's packed fields; requests mostly repeat a few parameter sets, and
+    building the frozen dataclass costs more than this lookup."""
+    (max_new, temperature, top_p, min_p, presence, frequency, repetition, seed, top_k,
+     num_stop, ignore_eos, logprobs, *stops) = fields  # fmt: skip
+    return RequestParams(
+        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]), logprobs=bool(logprobs),
+        min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
+        repetition_penalty=repetition,
+    )  # fmt: skip
 
 
 class EngineSide(RegionCore):
@@ -58,15 +78,8 @@ class EngineSide(RegionCore):
         state, cur = self.control(slot)
         if cur != gen or state not in (SlotState.QUEUED, SlotState.RUNNING):
             return None
-        (plen, max_new, temperature, top_p, min_p, presence, frequency, repetition, seed, top_k,
-         num_stop, ignore_eos, logprobs, *stops) = REQUEST_FIELDS.unpack_from(
-            self._mm, self._layout.slot_off(slot) + PROMPT_LEN)  # fmt: skip
-        params = RequestParams(
-            max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]), logprobs=bool(logprobs),
-            min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
-            repetition_penalty=repetition,
-        )  # fmt: skip
+        plen, *fields = REQUEST_FIELDS.unpack_from(self._mm, self._layout.slot_off(slot) + PROMPT_LEN)
+        params = _params(tuple(fields))
         prompt = self._tokens[slot, :plen].tolist()
         return RequestView(slot, gen, prompt, params, float(self._submit_times[slot]))
 
@@ -104,9 +117,21 @@ class EngineSide(RegionCore):
         """One output token for each of `slots` (distinct), as a decode step makes them: write every
         token (and logprob), then release-store every new count, in one call each. ValueError,
         with nothing written, if a slot's arena is full."""
-        idx = self._check_many(slots)
-        if idx.size == 0:
+        if len(slots) <= _SMALL_STEP:  # numpy's per-call cost outweighs its loop here
+            slots, token_ids = _as_list(slots), _as_list(token_ids)  # numpy scalars are slow
+            if len(token_ids) != len(slots):
+                raise ValueError(f"{len(token_ids)} tokens for {len(slots)} slots")
+            if len(slots) == 1:  # append_tokens checks, then writes
+                self.append_tokens(slots[0], token_ids, None if logprobs is None else _as_list(logprobs))
+                return
+            room = self._layout.spec.max_tokens_per_slot
+            for slot in slots:  # every check before the first write
+                if self._prompt_lens[self._check(slot)] + self._num_outputs[slot] >= room:
+                    raise ValueError(f"slot {slot}: output would exceed max_tokens_per_slot")
+            for k, slot in enumerate(slots):
+                self.append_tokens(slot, (token_ids[k],), None if logprobs is None else (logprobs[k],))
             return
+        idx = self._check_many(slots)
         n = self._num_outputs[idx]  # our own field: a plain read
         pos = self._prompt_lens[idx] + n  # fixed while we own the slot (published by submit's CAS)
         if int(pos.max()) >= self._layout.spec.max_tokens_per_slot:
@@ -115,9 +140,8 @@ class EngineSide(RegionCore):
         self._tokens[idx, pos] = token_ids
         if logprobs is not None:
             self._logprobs[idx, n] = logprobs
-        first = idx[n == 0]
-        if first.size:
-            self._first_token_times[first] = time.monotonic()
+        if not n.all():  # some slot's first token
+            self._first_token_times[idx[n == 0]] = time.monotonic()
         atomics.scatter_release_u32(self._mm, self._num_output_base, SLOT_SIZE, idx, n + 1)
 
     def set_cached_tokens(self, slot: int, n: int) -> None:
@@ -164,11 +188,13 @@ class EngineSide(RegionCore):
         return woke or self._ring.pending() > 0
 
     def notify_frontend(self) -> None:
-        """Once per step, after publishing that step's tokens: post the frontend's semaphore, unless
-        its reader is busy reading the slots (it reads them again after clearing its flag). Dekker
-        pair with FrontendSide.set_frontend_busy: counts stored, fence, flag loaded here; flag
-        stored, fence, counts loaded there. One of the two sees the other's store."""
-        atomics.fence_seq_cst()
+        """Once per step, after publishing that step's tokens: count the step in notify_seq, then
+        post the frontend's semaphore unless its reader is busy reading the slots (it then checks
+        notify_seq after clearing its flag and reads again if it moved). Dekker pair with
+        FrontendSide.set_frontend_busy: notify_seq stored, fence, flag loaded here; flag stored,
+        fence, notify_seq loaded there. One of the two sees the other's store."""
+        atomics.fetch_add_u64(self._mm, NOTIFY_SEQ, 1)  # after the step's release stores
+        atomics.fence_seq_cst()  # the flag load below stays after that store
         if not atomics.load_acquire_u32(self._mm, FRONTEND_BUSY):
             self._sem_frontend.release()
 

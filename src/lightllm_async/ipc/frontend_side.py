@@ -17,8 +17,10 @@ from lightllm_async.ipc import atomics
 from lightllm_async.ipc.core import RegionCore
 from lightllm_async.ipc.layout import (
     ABORT,
+    CONTROL,
     ENGINE_IDLE,
     FRONTEND_BUSY,
+    NOTIFY_SEQ,
     NUM_OUTPUT,
     PROMPT_LEN,
     REQUEST_FIELDS,
@@ -54,6 +56,30 @@ class FrontendSide(RegionCore):
         state, _ = self.control(slot)
         if state != SlotState.WRITING:
             raise ValueError(f"slot {slot} is {state.name}, not WRITING")
+        self._write(slot, prompt_ids, params)
+
+    def submit(self, slot: int, gen: int) -> None:
+        """WRITING -> QUEUED (the CAS publishes the request), then a SUBMIT record, then a wake-up."""
+        state, cur = self.control(slot)
+        if (state, cur) != (SlotState.WRITING, gen):
+            raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
+        self._queue(slot, gen)
+
+    def start_request(self, prompt_ids: Sequence[int], params: RequestParams) -> tuple[int, int] | None:
+        """alloc_slot, write_request and submit in one call: (slot, gen), or None if no slot is
+        free. On an error the slot is freed again (the engine never saw it)."""
+        ref = self.alloc_slot()
+        if ref is None:
+            return None
+        try:
+            self._write(ref[0], prompt_ids, params)
+            self._queue(*ref)
+        except BaseException:
+            self.free_slot(*ref)
+            raise
+        return ref
+
+    def _write(self, slot: int, prompt_ids: Sequence[int], params: RequestParams) -> None:
         n, room = len(prompt_ids), self._layout.spec.max_tokens_per_slot
         if not 0 < n < room:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {room} tokens")
@@ -68,11 +94,7 @@ class FrontendSide(RegionCore):
         atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
         self._tokens[slot, :n] = prompt_ids
 
-    def submit(self, slot: int, gen: int) -> None:
-        """WRITING -> QUEUED (the CAS publishes the request), then a SUBMIT record, then a wake-up."""
-        state, cur = self.control(slot)
-        if (state, cur) != (SlotState.WRITING, gen):
-            raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
+    def _queue(self, slot: int, gen: int) -> None:
         self._submit_times[slot] = time.monotonic()
         if not self._move(slot, gen, SlotState.WRITING, SlotState.QUEUED):
             raise RuntimeError(f"slot {slot} changed state during submit")
@@ -130,6 +152,11 @@ class FrontendSide(RegionCore):
         atomics.gather_acquire_u32(self._mm, self._num_output_base, SLOT_SIZE, slots, counts)
         return words & _U32, words >> 32, counts
 
+    def poll_output(self, slot: int) -> tuple[int, int, int]:
+        """poll_outputs for one slot, as plain ints: (state, generation, output count)."""
+        word = atomics.load_acquire_u64(self._mm, self._field_off(slot, CONTROL))
+        return word & _U32, word >> 32, atomics.load_acquire_u32(self._mm, self._field_off(slot, NUM_OUTPUT))
+
     def read_tokens(self, slot: int, start: int, stop: int) -> list[int]:
         """Output tokens [start, stop) of a slot, for stop <= a count read with acquire."""
         base = self._prompt_lens[slot]  # our own field
@@ -170,22 +197,29 @@ class FrontendSide(RegionCore):
 
     def start_wake_relay(self, fd: int) -> Any:
         """Start the helper thread that waits on the frontend semaphore and, after each post (surplus
-        posts absorbed), adds 1 to the eventfd `fd`: an asyncio loop watches `fd` with add_reader,
-        reads it, then reads every active slot. The compiled relay never takes the GIL."""
-        return atomics.relay_start(sem_names(self.name)[1], fd)
+        posts absorbed), sets the frontend_busy flag and adds 1 to the eventfd `fd`. An asyncio loop
+        watches `fd` with add_reader; on each wake-up it reads `fd`, reads every active slot, then
+        clears the flag as set_frontend_busy says. The compiled relay never takes the GIL."""
+        relay = atomics.relay_start(sem_names(self.name)[1], fd, self._mm, FRONTEND_BUSY)
+        self._relays.append(relay)
+        return relay
 
-    def set_frontend_busy(self, busy: bool) -> None:
-        """The reader's flag. Set it before reading the slots: the engine then skips its posts. After
-        clearing it, read the slots once more: what was published before the engine could see it
-        cleared is read there, anything later is posted (see EngineSide.notify_frontend)."""
+    def set_frontend_busy(self, busy: bool) -> int:
+        """The reader's flag; returns notify_seq, loaded after the flag is stored. Set it before
+        reading the slots: the engine then only counts its steps instead of posting. After clearing
+        it, read the slots once more if notify_seq moved since the value setting it returned: a
+        step published before the engine could see the flag cleared is read there, a later one is
+        posted (see EngineSide.notify_frontend)."""
         atomics.store_release_u32(self._mm, FRONTEND_BUSY, int(busy))
         if not busy:
             atomics.fence_seq_cst()
+        return atomics.load_acquire_u64(self._mm, NOTIFY_SEQ)
 
-    @staticmethod
-    def stop_wake_relay(relay: Any) -> None:
-        """Stop and join the relay (idempotent). Call before close()."""
+    def stop_wake_relay(self, relay: Any) -> None:
+        """Stop and join the relay (idempotent; close() stops those still running)."""
         atomics.relay_stop(relay)
+        if relay in self._relays:
+            self._relays.remove(relay)
 
     # ---- the submit ring and the engine's wake-up ----
 
@@ -201,4 +235,3 @@ class FrontendSide(RegionCore):
         atomics.fence_seq_cst()
         if atomics.load_acquire_u32(self._mm, ENGINE_IDLE):
             self._sem_engine.release()
-

@@ -7,24 +7,47 @@
     tokens_off        int32[num_slots][max_tokens_per_slot]   prompt ids, then output ids
     logprobs_off      float32[num_slots][max_tokens_per_slot] logprob of output token i at [i]
 
-Every field has one writer; the comment on each group names it. Fields read by another process
-are published by a release store (or a CAS) that the writer makes after writing them, and read
-after the matching acquire load:
+Every field has one writer process; the comment on each group names it. A field read by another
+process is published by a release store (or a CAS, which is sequentially consistent) that the
+writer makes after writing it, and read after the matching acquire load. The complete list:
 
     data                                   published by (writer)                 read after (reader)
-    layout fields of the header            create: store magic                   attach: load magic
-    request fields, prompt ids, abort=0    submit: CAS WRITING->QUEUED           read_request: load control
+    layout fields, free stack, magic       create: store magic                   attach: load magic
+    request fields, prompt ids, abort=0,   submit / start_request: CAS           read_request: load control
+      submit_time                            WRITING -> QUEUED                     (also the engine's later
+                                                                                    reads of prompt_len)
     ring record                            ring.push: store tail                 ring.pop_all: load tail
     ring cells free for reuse              ring.pop_all: store head              ring.push: load head
-    engine-field reset of a reused slot    set_running: CAS QUEUED->RUNNING      read_output: load control
-    output ids, logprobs, first-token      append_tokens: store num_output       read_output: load num_output
-      time, cached_tokens
-    finish_reason, finish_time, final n    finish: CAS ->FINISHED                read_output: load control
+    engine-field reset of a reused slot    set_running: CAS QUEUED -> RUNNING    read_output, poll_output(s):
+                                                                                   load control
+    output ids, logprobs, first_token_     append_tokens: store num_output       read_output, poll_output:
+      time, cached_tokens                  append_step: scatter_release_u32 of     load num_output;
+                                             every num_output of the step        poll_outputs: gather_acquire
+                                                                                   of every num_output, after
+                                                                                   gathering every control
+    finish_reason, finish_time, final      finish: CAS -> FINISHED               read_output, poll_output(s):
+      num_output                                                                   load control; then
+                                                                                   read_finish, read_tokens
     abort request                          abort: store abort=1                  is_aborted: load abort
-    generation bump, slot free             free_slot: CAS ->FREE, stack push     alloc_slot: stack pop, CAS
-    engine_pid, error text                 set_engine_state: store engine_state  engine_state / error_text
-    stats                                  set_engine_stats: seqlock stats_seq   engine_stats
-    ring tail vs engine_idle (Dekker)      store, seq_cst fence, load on both sides (wait_engine/_wake_engine)
+    generation bump, slot free             free_slot: CAS -> FREE, then the      alloc_slot: stack pop
+                                             stack push (release CAS of head)      (acquire), load control
+    engine_pid, error_len, error_text      set_engine_state: store engine_state  engine_state, engine_pid,
+                                                                                   error_text: load state
+    stats                                  set_engine_stats: seqlock stats_seq   engine_stats: seqlock
+    heartbeat                              beat: fetch-add (a counter, publishes nothing else)
+
+Two flags pair a store and a load on each side with a full fence between (Dekker: one of the two
+sides sees the other's store), so that a sleeper is always woken:
+
+    ring tail vs engine_idle               _wake_engine: tail stored, fence, engine_idle loaded;
+                                           wait_engine: engine_idle stored, fence, tail loaded
+    notify_seq vs frontend_busy            notify_frontend: notify_seq added, fence, frontend_busy
+                                             loaded (post only if clear);
+                                           set_frontend_busy(False): flag stored, fence, notify_seq
+                                             loaded (read the slots again if it moved)
+
+Semaphore posts and eventfd writes are wake-ups only: they carry no data, and every reader above
+re-reads the published counts with acquire loads after waking.
 """
 
 from __future__ import annotations
@@ -61,8 +84,9 @@ class Header(ctypes.Structure):
         ("ring_off", ctypes.c_uint64),
         ("tokens_off", ctypes.c_uint64),
         ("logprobs_off", ctypes.c_uint64),
-        # frontend (its reader): 1 while it reads the slots and is sure to read them again after
-        # clearing it, so the engine skips its post (Dekker pair, like engine_idle)
+        # frontend (its reader: the relay thread sets it before each eventfd write, the loop
+        # thread clears it after each pass): 1 while the reader is sure to read the slots again,
+        # so the engine skips its post (Dekker pair with notify_seq, like engine_idle)
         ("frontend_busy", ctypes.c_uint32),
         ("_pad0", ctypes.c_uint8 * 44),
         # engine rank 0: engine_state is release-stored after engine_pid and error_text
@@ -71,7 +95,8 @@ class Header(ctypes.Structure):
         ("engine_idle", ctypes.c_uint32),  # 1 while the engine sleeps on its semaphore
         ("error_len", ctypes.c_uint32),
         ("heartbeat", ctypes.c_uint64),  # fetch-add once per engine step
-        ("_pad1", ctypes.c_uint8 * 40),
+        ("notify_seq", ctypes.c_uint64),  # fetch-add by every notify_frontend, before its flag check
+        ("_pad1", ctypes.c_uint8 * 32),
         # engine rank 0, seqlock: stats_seq is odd while `stats` is being written (EngineStats order)
         ("stats_seq", ctypes.c_uint64),
         ("stats", ctypes.c_uint64 * ENGINE_STATS_FIELDS),
@@ -144,6 +169,7 @@ ENGINE_STATE = Header.engine_state.offset
 ENGINE_IDLE = Header.engine_idle.offset
 FRONTEND_BUSY = Header.frontend_busy.offset
 HEARTBEAT = Header.heartbeat.offset
+NOTIFY_SEQ = Header.notify_seq.offset
 STATS_SEQ = Header.stats_seq.offset
 MAGIC_OFF = Header.magic.offset
 

@@ -93,6 +93,8 @@ class Region(FrontendSide, EngineSide):
         """Unmap and close the semaphores of this process; idempotent. Does not unlink."""
         if self._mm.closed:
             return
+        for relay in list(self._relays):  # each holds an export of the mapping
+            self.stop_wake_relay(relay)
         self._release_views()
         self._mm.close()
         self._sem_engine.close()
