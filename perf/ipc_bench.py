@@ -19,9 +19,17 @@ A request is realistic: 100 prompt token ids and a full set of sampling paramete
   wakes with it; closed loop with K requests in flight (1, 64, 1024). p50/p99/max and requests/s.
   Streaming: B requests (1, 64, 256, 1024) stream T tokens each, one per request per engine step;
   tokens/s delivered to the B consumer tasks, from the submits to the last token.
+  Both also report the frontend process's CPU time (all its threads: the relay, zmq's I/O threads)
+  per request or per token: the transport's cost, whatever pace the no-op engine reaches.
 
-    python perf/ipc_bench.py                      # full run, ~1-2 min on 2 cores
-    python perf/ipc_bench.py --quick              # smaller counts (smoke test)
+An idle engine of either kind busy-waits `--spin` seconds (the server's default, 1 ms) before it
+sleeps; `--spin 0` makes both sleep at once, as vLLM's engine core does. Each row runs `--repeat`
+times, interleaved across transports, and the median run is shown; `--wait-quiet S` first waits
+for idle CPUs (other jobs on a shared machine).
+
+    python perf/ipc_bench.py --wait-quiet 120          # full run, ~8 min on 2 cores
+    python perf/ipc_bench.py --spin 0 --batches ""     # round trips with sleeping engines
+    python perf/ipc_bench.py --quick --repeat 1        # smoke test, ~15 s
     python perf/ipc_bench.py --out perf/out/ipc_bench.json --transports shm,zmq-msgpack
 """
 
