@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -140,11 +141,22 @@ class Region(FrontendSide, EngineSide):
         return atomics.load_acquire_u64(self._mm, HEARTBEAT)
 
     def engine_stats(self) -> EngineStats:
-        """The engine's last published stats snapshot (all zero before the first)."""
-        for _ in range(10000):
-            seq = atomics.load_acquire_u64(self._mm, STATS_SEQ)
-            values = tuple(self._header.stats)
-            atomics.fence_seq_cst()  # the value loads above stay before the re-check
-            if seq % 2 == 0 and atomics.load_acquire_u64(self._mm, STATS_SEQ) == seq:
-                break
-        return EngineStats(*values)  # an engine that died mid-write leaves the last try
+        """The engine's last published stats snapshot (all zero before the first); never torn.
+
+        A writer descheduled mid-write keeps the count odd: spin, then yield the core, and if it
+        stays odd past a deadline (a dead engine), return this reader's last consistent snapshot.
+        """
+        deadline = None
+        while True:
+            for _ in range(1000):
+                seq = atomics.load_acquire_u64(self._mm, STATS_SEQ)
+                values = tuple(self._header.stats)
+                atomics.fence_seq_cst()  # the value loads above stay before the re-check
+                if seq % 2 == 0 and atomics.load_acquire_u64(self._mm, STATS_SEQ) == seq:
+                    self._last_stats = EngineStats(*values)
+                    return self._last_stats
+            now = time.monotonic()
+            deadline = deadline or now + 0.05
+            if now > deadline:
+                return getattr(self, "_last_stats", EngineStats())
+            time.sleep(0.0001)
