@@ -10,6 +10,27 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: serverproc, engine_harness
 
 
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Kernel tests: route the ops to their Triton kernels, run on CPU tensors by the interpreter.
+    Where CI runs, a missing Triton fails the test instead of skipping it."""
+    from lightllm_async.kernels.testing import interpreter_skip_reason, must_not_skip
+
+    if reason := interpreter_skip_reason():
+        pytest.fail(reason) if must_not_skip() else pytest.skip(reason)
+    monkeypatch.setenv("LLA_KERNELS", "triton")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Kernel tests at real shapes on CUDA; skipped without a GPU."""
+    from lightllm_async.kernels.testing import gpu_skip_reason
+
+    if reason := gpu_skip_reason():
+        pytest.skip(reason)
+    monkeypatch.delenv("LLA_KERNELS", raising=False)
+
+
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """HF transformers' own model from the embedded GGUF (its dequantizer, not ours), fp32."""

@@ -14,27 +14,9 @@ from lightllm_async.kernels import (
 )
 from lightllm_async.kernels.testing import (
     TOLERANCE,
-    gpu_skip_reason,
-    interpreter_skip_reason,
-    must_not_skip,
     nan_filled_allocations,
     rel_err,
 )
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Route the ops to their Triton kernels, run on CPU tensors by the interpreter."""
-    if reason := interpreter_skip_reason():
-        pytest.fail(reason) if must_not_skip() else pytest.skip(reason)
-    monkeypatch.setenv("LLA_KERNELS", "triton")
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    if reason := gpu_skip_reason():
-        pytest.skip(reason)
-    monkeypatch.delenv("LLA_KERNELS", raising=False)
 
 
 def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37):

@@ -15,9 +15,6 @@ from lightllm_async.kernels import (
 )
 from lightllm_async.kernels.testing import (
     TOLERANCE,
-    gpu_skip_reason,
-    interpreter_skip_reason,
-    must_not_skip,
     nan_filled_allocations,
     rel_err,
 )
@@ -29,21 +26,6 @@ LLAMA3_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Route the ops to their Triton kernels, run on CPU tensors by the interpreter."""
-    if reason := interpreter_skip_reason():
-        pytest.fail(reason) if must_not_skip() else pytest.skip(reason)
-    monkeypatch.setenv("LLA_KERNELS", "triton")
-
-
-@pytest.fixture
-def gpu(monkeypatch):
-    if reason := gpu_skip_reason():
-        pytest.skip(reason)
-    monkeypatch.delenv("LLA_KERNELS", raising=False)
 
 
 def check_rms_norm(shape, with_residual, dtype, device):
