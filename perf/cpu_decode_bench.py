@@ -22,7 +22,7 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.ipc import RequestParams
+from lightllm_async.types import SamplingParams
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tokenizer import load_tokenizer
@@ -45,7 +45,7 @@ def ours_in_process(runner: ModelRunner, prompt: list[int], n: int) -> float:
             gen=0,
             prompt_ids=prompt,
             arrival=0,
-            params=RequestParams(max_new_tokens=n, temperature=0.0),
+            params=SamplingParams(max_new_tokens=n, temperature=0.0),
         )
     )
     start = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.ipc import RequestParams
+from lightllm_async.types import SamplingParams
 from lightllm_async.models.llama import KVCache
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_config_files
@@ -59,7 +59,7 @@ def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Sche
         )
     )
     g = torch.Generator().manual_seed(seed)
-    params = RequestParams(max_new_tokens=runner.cfg.max_model_len, temperature=0.0)
+    params = SamplingParams(max_new_tokens=runner.cfg.max_model_len, temperature=0.0)
     for i in range(batch):
         vocab = runner.model_cfg.vocab_size
         prompt = torch.randint(min(1000, vocab // 2), min(20000, vocab), (context,), generator=g).tolist()

@@ -63,7 +63,7 @@ from lightllm_async.ipc import (  # noqa: E402
     Op,
     Region,
     RegionSpec,
-    RequestParams,
+    SamplingParams,
     atomics,
 )
 from lightllm_async.ipc.engine_side import ENGINE_SPIN_S  # noqa: E402
@@ -286,7 +286,7 @@ class ShmTransport:
     async def submit(self, i: int, max_tokens: int):
         params = self.params.get(max_tokens)
         if params is None:
-            params = self.params[max_tokens] = RequestParams(
+            params = self.params[max_tokens] = SamplingParams(
                 max_new_tokens=max_tokens, temperature=0.7, top_p=0.9, top_k=40, seed=1234,
                 stop_ids=STOP_IDS, min_p=0.05,
             )  # fmt: skip

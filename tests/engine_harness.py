@@ -6,16 +6,16 @@ import torch
 
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.ipc import RequestParams
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.tokenizer import load_tokenizer
+from lightllm_async.types import SamplingParams
 
 
 def generate(
     runner,
     prompts: list[list[int]],
     max_new_tokens: int,
-    params: RequestParams | None = None,
+    params: SamplingParams | None = None,
     max_num_batched_tokens: int = 2048,
 ) -> list[list[int]]:
     """Greedy (or `params`) outputs for all prompts, batched together by the real scheduler."""
@@ -28,7 +28,7 @@ def generate(
             kv_cache_tokens=runner.num_kv_tokens,
         )
     )
-    params = params or RequestParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = params or SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     for i, p in enumerate(prompts):
         sched.add(Request(slot=i, gen=0, prompt_ids=list(p), params=params, arrival=i))
     outputs: dict[int, list[int]] = {}

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from lightllm_async.frontend.app import FrontendContext, create_app
-from lightllm_async.ipc import FinishReason, Op, Region, RegionSpec
+from lightllm_async.ipc import Op, Region, RegionSpec
+from lightllm_async.types import FinishReason
 
 SCRIPT_TEXT = " Hello! I am a tiny model, and this is my scripted answer: 42 🎉 done."
 MAX_MODEL_LEN = 256

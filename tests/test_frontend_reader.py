@@ -17,7 +17,8 @@ import pytest
 
 from lightllm_async.frontend import reader as reader_mod
 from lightllm_async.frontend.reader import Reader
-from lightllm_async.ipc import FinishReason, Op, Region, RegionSpec, RequestParams, atomics
+from lightllm_async.ipc import Op, Region, RegionSpec, atomics
+from lightllm_async.types import FinishReason, SamplingParams
 
 NUM_SLOTS = 16
 
@@ -63,7 +64,7 @@ def test_no_wakeup_is_lost_between_engine_and_reader(monkeypatch, few):
         done = 0
         for _ in range(n):
             max_new = rng.randint(1, 12)
-            h = reader.submit([1, 2, 3], RequestParams(max_new_tokens=max_new))
+            h = reader.submit([1, 2, 3], SamplingParams(max_new_tokens=max_new))
             tokens: list[int] = []
             while True:  # as Generation reads: a finish seen after wait() came with every token
                 tokens += await h.wait()  # a lost wake-up hangs here

@@ -1,4 +1,4 @@
-"""Request fields → SamplingSpec: defaults, normalization, and what is refused."""
+"""Request fields → SamplingParams: defaults, normalization, and what is refused."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from lightllm_async.frontend.protocol import (
 )
 from lightllm_async.frontend.sampling import (
     chat_messages,
-    chat_spec,
+    chat_params,
+    completion_params,
     completion_prompt,
-    generate_spec,
-    openai_spec,
+    generate_params,
 )
+from lightllm_async.types import SamplingParams
 
 
 def chat(**kw):
@@ -25,22 +26,30 @@ def chat(**kw):
 
 
 def test_openai_defaults():
-    spec = chat_spec(chat())
-    assert (spec.max_tokens, spec.temperature, spec.top_p, spec.top_k, spec.seed) == (None, 1.0, 1.0, -1, -1)
+    spec = chat_params(chat())
+    assert (spec.max_new_tokens, spec.temperature, spec.top_p, spec.top_k, spec.seed) == (
+        None,
+        1.0,
+        1.0,
+        0,
+        None,
+    )
     assert spec.stop == () and not spec.ignore_eos
 
 
 def test_max_completion_tokens_wins_over_max_tokens():
-    assert chat_spec(chat(max_tokens=5, max_completion_tokens=9)).max_tokens == 9
+    assert chat_params(chat(max_tokens=5, max_completion_tokens=9)).max_new_tokens == 9
 
 
 def test_normalization_of_top_k_seed_and_stop():
-    spec = chat_spec(chat(top_k=0, seed=-5, stop=["a", "", "a", "b"]))
-    assert spec.top_k == -1 and spec.seed == 2**63 - 5 and spec.stop == ("a", "b")
-    assert chat_spec(chat(top_k=10**30)).top_k == -1
-    assert chat_spec(chat(seed=10**30)).seed < 2**63
-    assert chat_spec(chat(stop="end")).stop == ("end",)
-    assert chat_spec(chat(temperature=0)).temperature == 0.0
+    spec = chat_params(chat(top_k=0, seed=-5, stop=["a", "", "a", "b"]))
+    assert spec.top_k == 0 and spec.seed == 2**64 - 5 and spec.stop == ("a", "b")
+    assert chat_params(chat(top_k=-1)).top_k == 0
+    assert chat_params(chat(top_k=10**30)).top_k == 0
+    assert chat_params(chat(seed=2**64 - 1)).seed == 2**64 - 1
+    assert chat_params(chat(seed=-(2**63))).seed == 2**63
+    assert chat_params(chat(stop="end")).stop == ("end",)
+    assert chat_params(chat(temperature=0)).temperature == 0.0
 
 
 @pytest.mark.parametrize(
@@ -52,22 +61,25 @@ def test_normalization_of_top_k_seed_and_stop():
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
         ({"top_k": -2}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"n": 2}, "n"),
         ({"n": 0}, "n"),
     ],
 )
 def test_out_of_range_values_are_400_naming_the_field(kw, param):
     with pytest.raises(ApiError) as e:
-        chat_spec(chat(**kw))
+        chat_params(chat(**kw))
     assert (e.value.status, e.value.param) == (400, param)
 
 
 def test_generate_do_sample_false_is_greedy_and_stop_sequences_alias():
     req = GENERATE_DECODER.decode(b'{"inputs": "x", "parameters": {"temperature": 0.8, "stop": "!"}}')
-    spec = generate_spec(req.parameters)
-    assert spec.temperature == 0.0 and spec.stop == ("!",) and spec.max_tokens == 16
+    spec = generate_params(req.parameters)
+    assert spec.temperature == 0.0 and spec.stop == ("!",) and spec.max_new_tokens == 16
     req = GENERATE_DECODER.decode(b'{"inputs": "x"}')
-    assert generate_spec(req.parameters).max_tokens == 16
+    assert generate_params(req.parameters).max_new_tokens == 16
 
 
 def test_text_content_parts_are_joined():
@@ -92,4 +104,37 @@ def test_text_content_parts_are_joined():
 def test_completion_prompt_shapes(prompt, expected):
     req = COMPLETION_DECODER.decode(msgspec.json.encode({"prompt": prompt}))
     assert completion_prompt(req, vocab_size=100) == expected
-    openai_spec(req)  # no sampling fields: all defaults, no error
+    completion_params(req)  # no sampling fields: all defaults, no error
+
+
+@pytest.mark.parametrize("field", ["temperature", "presence_penalty", "repetition_penalty"])
+def test_non_finite_values_are_refused_by_the_record(field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: float("nan")})
+
+
+def test_denormal_temperature_is_greedy_not_nan():
+    """A temperature in the denormal range would overflow logits / T: it means greedy."""
+    assert chat_params(chat(temperature=5e-324)).temperature == 0.0
+    assert chat_params(chat(temperature=1e-6)).greedy
+    assert chat_params(chat(temperature=1e-4)).temperature == 1e-4
+
+
+def test_generate_errors_name_the_nested_field():
+    req = GENERATE_DECODER.decode(b'{"inputs": "x", "parameters": {"top_p": 2.0}}')
+    with pytest.raises(ApiError) as e:
+        generate_params(req.parameters)
+    assert (e.value.status, e.value.param) == (400, "parameters.top_p")
+    assert e.value.message.startswith("parameters.top_p ")
+
+
+def test_context_limit_resolves_or_refuses_in_vllm_words():
+    p = SamplingParams()
+    assert p.with_context(10, 100).max_new_tokens == 90
+    assert SamplingParams(max_new_tokens=5).with_context(10, 100).max_new_tokens == 5
+    with pytest.raises(ValueError, match="maximum context length is 100 tokens. However, you requested 101"):
+        SamplingParams(max_new_tokens=91).with_context(10, 100)
+    with pytest.raises(ValueError, match="your request has 100 input tokens"):
+        p.with_context(100, 100)
+    with pytest.raises(ValueError, match="empty"):
+        p.with_context(0, 100)

@@ -17,18 +17,17 @@ import pytest
 from lightllm_async.ipc import (
     EngineState,
     EngineStats,
-    FinishReason,
     Op,
     Region,
     RegionSpec,
-    RequestParams,
     RingRecord,
     SlotState,
     engine_side,
 )
 from lightllm_async.ipc.shm import SHM_DIR
+from lightllm_async.types import FinishReason, SamplingParams
 
-PARAMS = RequestParams(
+PARAMS = SamplingParams(
     max_new_tokens=5,
     temperature=0.7,
     top_p=0.9,
@@ -148,7 +147,7 @@ def test_max_new_tokens_is_clamped_to_the_arena_and_prompts_must_fit(pair):
     slot, gen = front.alloc_slot()
     with pytest.raises(ValueError):
         front.write_request(slot, list(range(32)), PARAMS)  # no room for an output token
-    front.write_request(slot, list(range(30)), RequestParams(max_new_tokens=100))
+    front.write_request(slot, list(range(30)), SamplingParams(max_new_tokens=100))
     front.submit(slot, gen)
     assert engine.read_request(slot, gen).params.max_new_tokens == 2
     assert engine.set_running(slot)

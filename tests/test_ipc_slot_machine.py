@@ -19,7 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lightllm_async.ipc import FinishReason, Op, Region, RegionSpec, RequestParams, SlotState, engine_side
+from lightllm_async.ipc import Op, Region, RegionSpec, SlotState, engine_side
+from lightllm_async.types import FinishReason, SamplingParams
 
 NUM_SLOTS, ARENA = 3, 8
 FREE, WRITING, QUEUED, RUNNING, FINISHED = SlotState
@@ -89,12 +90,12 @@ class SlotMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         prompt=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=ARENA),
-        max_new=st.integers(0, 12),
+        max_new=st.integers(1, 12),
         stops=st.lists(st.integers(0, 99), max_size=3),
     )
     def write(self, data, prompt, max_new, stops) -> None:
         slot = data.draw(st.sampled_from(self._in(WRITING)))
-        params = RequestParams(max_new_tokens=max_new, top_k=max_new, stop_ids=tuple(stops))
+        params = SamplingParams(max_new_tokens=max_new, top_k=max_new, stop_ids=tuple(stops))
         if len(prompt) >= ARENA:
             with pytest.raises(ValueError):
                 self.front.write_request(slot, prompt, params)

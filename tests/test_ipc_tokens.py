@@ -10,7 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from lightllm_async.ipc import FinishReason, Region, RegionSpec, RequestParams, SlotState, atomics
+from lightllm_async.ipc import Region, RegionSpec, SlotState, atomics
+from lightllm_async.types import FinishReason, SamplingParams
 
 TOTAL = 60000
 PROMPT = [3, 1, 4]
@@ -44,7 +45,7 @@ def test_reader_sees_counts_only_with_their_tokens():
     front = Region.create(f"t{os.getpid()}-{uuid.uuid4().hex[:8]}", spec)
     try:
         slot, gen = front.alloc_slot()
-        front.write_request(slot, PROMPT, RequestParams(max_new_tokens=TOTAL, logprobs=True))
+        front.write_request(slot, PROMPT, SamplingParams(max_new_tokens=TOTAL, logprobs=True))
         front._tokens[slot, len(PROMPT) :] = -1  # poison the output cells
         front.submit(slot, gen)
         writer = mp.get_context("fork").Process(target=_writer, args=(front.name, slot, 7))
@@ -93,7 +94,7 @@ def test_poll_sees_counts_only_with_their_tokens_across_many_slots():
     try:
         refs = [front.alloc_slot() for _ in range(STEP_SLOTS)]
         for slot, gen in refs:
-            front.write_request(slot, PROMPT, RequestParams(max_new_tokens=STEPS))
+            front.write_request(slot, PROMPT, SamplingParams(max_new_tokens=STEPS))
             front._tokens[slot, len(PROMPT) :] = -1  # poison the output cells
             front.submit(slot, gen)
         slots = [slot for slot, _ in refs]

@@ -10,7 +10,7 @@ import pytest
 from lightllm_async.batch import PENDING_TOKEN, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.ipc import FinishReason
+from lightllm_async.types import FinishReason
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from collections import Counter
 import pytest
 
 from lightllm_async.frontend.reader import Reader
-from lightllm_async.ipc import FinishReason, Op, Region, RegionSpec, RequestParams, SlotState, atomics
+from lightllm_async.ipc import Op, Region, RegionSpec, SlotState, atomics
+from lightllm_async.types import FinishReason, SamplingParams
 
 SECONDS = float(os.environ.get("LLA_STRESS_SECONDS", "3"))
 NUM_SLOTS, ARENA, MAX_NEW = 24, 64, 30
@@ -159,7 +160,7 @@ def producer_thread(region: Region, ledger: Ledger, deadline: float, seed: int) 
             continue
         slot, gen = ref
         max_new = rng.randint(1, MAX_NEW)
-        region.write_request(slot, prompt(next(_ids)), RequestParams(max_new_tokens=max_new))
+        region.write_request(slot, prompt(next(_ids)), SamplingParams(max_new_tokens=max_new))
         region.submit(slot, gen)
         ledger.took(slot, gen)
         abort_at = time.monotonic() + rng.random() * 0.004 if rng.random() < 0.3 else None
@@ -202,7 +203,7 @@ async def reader_tasks(region: Region, ledger: Ledger, deadline: float) -> None:
         rng = random.Random(seed)
         while time.monotonic() < deadline:
             max_new = rng.randint(1, MAX_NEW)
-            h = reader.submit(prompt(next(_ids)), RequestParams(max_new_tokens=max_new))
+            h = reader.submit(prompt(next(_ids)), SamplingParams(max_new_tokens=max_new))
             if h is None:
                 await asyncio.sleep(0.0005)
                 continue

@@ -9,7 +9,8 @@ from typing import Any, Protocol
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
-from lightllm_async.ipc import EngineStats, FinishReason, Op, Region
+from lightllm_async.ipc import EngineStats, Op, Region
+from lightllm_async.types import FinishReason
 
 log = logging.getLogger(__name__)
 

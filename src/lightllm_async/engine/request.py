@@ -24,7 +24,7 @@ class Request:
     slot: int
     gen: int
     prompt_ids: list[int]
-    params: Any  # ipc.RequestParams: max_new_tokens, stop_ids, temperature, ...
+    params: Any  # ipc.SamplingParams: max_new_tokens, stop_ids, temperature, ...
     arrival: int
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

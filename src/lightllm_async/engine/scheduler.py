@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lightllm_async.batch import Batch, Sampled, ScheduledReq
 from lightllm_async.engine.kv_pool import RowPool, TokenPool
 from lightllm_async.engine.request import Request
-from lightllm_async.ipc import FinishReason
+from lightllm_async.types import FinishReason
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,11 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from lightllm_async.ipc import FinishReason, RequestParams
+from lightllm_async.types import FinishReason, SamplingParams
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .protocol import ApiError, engine_dead_error
 from .reader import Reader, RequestHandle
-from .sampling import SamplingSpec
-
-MAX_STOP_IDS = 16  # RequestParams holds at most this many stop token ids
 
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
 
@@ -34,42 +31,6 @@ class Piece:
     finish_reason: str | None = None
 
 
-def max_new_tokens(spec: SamplingSpec, prompt_len: int, max_model_len: int, what: str) -> int:
-    """Output budget for a prompt; a 400 in vLLM's words when the context cannot hold it."""
-    if spec.max_tokens is None:
-        if prompt_len < max_model_len:
-            return max_model_len - prompt_len
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. "
-            f"However, your request has {prompt_len} input tokens. "
-            f"Please reduce the length of the input {what}.",
-            what,
-        )
-    if prompt_len + spec.max_tokens > max_model_len:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. "
-            f"However, you requested {prompt_len + spec.max_tokens} tokens "
-            f"({prompt_len} in the {what}, {spec.max_tokens} in the completion). "
-            f"Please reduce the length of the {what} or completion.",
-            what,
-        )
-    return spec.max_tokens
-
-
-def request_params(spec: SamplingSpec, max_new: int, eos_ids: Sequence[int]) -> RequestParams:
-    return RequestParams(
-        max_new_tokens=max_new,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        top_k=spec.top_k,
-        seed=spec.seed,
-        ignore_eos=spec.ignore_eos,
-        stop_ids=() if spec.ignore_eos else tuple(eos_ids)[:MAX_STOP_IDS],
-    )
-
-
 class Generation:
     """Reads one request's tokens, detokenizes, applies stop strings, and cleans up on exit.
 
@@ -82,13 +43,12 @@ class Generation:
         handle: RequestHandle,
         tokenizer,
         prompt_ids: Sequence[int],
-        spec: SamplingSpec,
-        params: RequestParams,
+        params: SamplingParams,
     ):
         self._reader = reader
         self._handle = handle
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self._stops = StopMatcher(spec.stop)
+        self._stops = StopMatcher(params.stop)
         self._stop_ids = frozenset(params.stop_ids)
         self._watcher: asyncio.Task | None = None
         self.prompt_tokens = len(prompt_ids)

@@ -18,15 +18,15 @@ from .protocol import (
     StreamToken,
     decode_body,
 )
-from .sampling import generate_spec
+from .sampling import generate_params
 from .service import Service
 
 
 async def _start(svc: Service, receive: Receive):
     req = decode_body(GENERATE_DECODER, await read_body(receive))
-    spec = generate_spec(req.parameters)
+    params = generate_params(req.parameters)
     prompt_ids = await svc.encode_text(req.inputs)
-    return svc.start(prompt_ids, spec, "inputs")
+    return svc.start(prompt_ids, params, "inputs")
 
 
 async def generate(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:

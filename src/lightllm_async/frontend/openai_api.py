@@ -24,7 +24,7 @@ from .protocol import (
     Usage,
     decode_body,
 )
-from .sampling import chat_messages, chat_spec, completion_prompt, include_usage, openai_spec
+from .sampling import chat_messages, chat_params, completion_params, completion_prompt, include_usage
 from .service import Service, request_id
 
 
@@ -34,10 +34,10 @@ def _usage(gen: Generation) -> Usage:
 
 async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     req = decode_body(CHAT_DECODER, await read_body(receive))
-    spec = chat_spec(req)
+    params = chat_params(req)
     prompt_ids = await svc.encode_chat(chat_messages(req))
     rid, created, model = request_id("chatcmpl"), int(time.time()), svc.model_name
-    async with svc.start(prompt_ids, spec, "messages") as gen:
+    async with svc.start(prompt_ids, params, "messages") as gen:
         gen.watch_disconnect(receive)
         if not req.stream:
             text = await gen.text()
@@ -60,11 +60,11 @@ async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: R
 
 async def completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     req = decode_body(COMPLETION_DECODER, await read_body(receive))
-    spec = openai_spec(req)
+    params = completion_params(req)
     prompt = completion_prompt(req, svc.tokenizer.vocab_size)
     prompt_ids = await svc.encode_text(prompt) if isinstance(prompt, str) else prompt
     rid, created, model = request_id("cmpl"), int(time.time()), svc.model_name
-    async with svc.start(prompt_ids, spec, "prompt") as gen:
+    async with svc.start(prompt_ids, params, "prompt") as gen:
         gen.watch_disconnect(receive)
         if not req.stream:
             text = await gen.text()

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from lightllm_async.ipc import FinishReason, Region, RequestParams, SlotState
+from lightllm_async.ipc import Region, SlotState
+from lightllm_async.types import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Reader:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids: Sequence[int], params: RequestParams) -> RequestHandle | None:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle | None:
         """Start a request; None when every slot is taken. Raises EngineDead."""
         if self.dead:
             raise EngineDead

@@ -1,14 +1,17 @@
-"""Request Structs → one validated `SamplingSpec` and prompt, or an `ApiError(400)`.
+"""Request Structs → one validated `SamplingParams`, or an `ApiError(400)`.
 
 The three request shapes (chat, completions, native generate) differ only in names and defaults;
-everything after this module sees the same `SamplingSpec`.
+this module maps them onto `SamplingParams`, whose constructor is the one range check, and turns
+its `InvalidParam` into a 400 that names the field as the client spelled it.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from lightllm_async.types import SEED_LIMIT, TOP_K_LIMIT, InvalidParam, SamplingParams
 
 from .protocol import (
     ApiError,
@@ -18,24 +21,19 @@ from .protocol import (
     OpenAISampling,
 )
 
-_SEED_MOD = 2**63  # seeds are stored as non-negative int64; -1 means "none"
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Validated sampling parameters. max_tokens None: up to the end of the context."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1: off
-    seed: int = -1  # -1: none
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-
 
 def _bad(message: str, param: str) -> ApiError:
     return ApiError(400, message, param)
+
+
+@contextmanager
+def api_names(names: dict[str, str], prefix: str = "") -> Iterator[None]:
+    """Turn an InvalidParam into a 400 naming the field as this API spells it."""
+    try:
+        yield
+    except InvalidParam as e:
+        name = prefix + names.get(e.param, e.param)
+        raise _bad(e.message.replace(e.param, name, 1), name) from None
 
 
 def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -45,85 +43,69 @@ def _stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s for s in items if s))  # drop empties and duplicates, keep order
 
 
+def _top_k(top_k: int | None) -> int:
+    """-1 and 0 both mean off (vLLM); past int32 it keeps every token anyway."""
+    if top_k is None or top_k in (-1, 0) or top_k >= TOP_K_LIMIT:
+        return 0
+    if top_k < -1:
+        raise InvalidParam("top_k", f"top_k must be -1 or 0 (off) or at least 1, got {top_k}.")
+    return top_k
+
+
+def _seed(seed: int | None) -> int | None:
+    """Any signed or unsigned 64-bit seed; a negative one names the same bits as its unsigned twin."""
+    if seed is None:
+        return None
+    if not -(SEED_LIMIT // 2) <= seed < SEED_LIMIT:
+        raise InvalidParam("seed", f"seed must be a 64-bit integer in [-2**63, 2**64), got {seed}.")
+    return seed % SEED_LIMIT
+
+
 def _check_n(n: int | None, param: str = "n") -> None:
     if n is not None and n != 1:
         raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported", param)
 
 
-def make_spec(
-    *,
-    max_tokens: int | None,
-    max_tokens_param: str,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int | None,
-    ignore_eos: bool | None,
-    stop: str | list[str] | None,
-    prefix: str = "",
-) -> SamplingSpec:
-    """Range-check sampling fields given by any API; None takes the default.
-
-    `prefix` is prepended to field names in errors ("parameters." for /generate)."""
-    if max_tokens is not None and max_tokens < 1:
-        name = prefix + max_tokens_param
-        raise _bad(f"{name} must be at least 1, got {max_tokens}.", name)
-    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
-        raise _bad(f"temperature must be a finite number >= 0, got {temperature}.", prefix + "temperature")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise _bad(f"top_p must be in (0, 1], got {top_p}.", prefix + "top_p")
-    if top_k is not None and top_k < -1:
-        raise _bad(f"top_k must be -1 (disable) or at least 1, got {top_k}.", prefix + "top_k")
-    return SamplingSpec(
-        max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else float(temperature),
-        top_p=1.0 if top_p is None else float(top_p),
-        # 0 means off too (vLLM); beyond int32 it keeps every token anyway
-        top_k=-1 if top_k is None or top_k == 0 or top_k >= 2**31 else top_k,
-        seed=-1 if seed is None else seed % _SEED_MOD,
-        ignore_eos=bool(ignore_eos),
-        stop=_stop_strings(stop),
-    )
-
-
-def openai_spec(
-    req: OpenAISampling, max_tokens: int | None = None, max_tokens_param: str = "max_tokens"
-) -> SamplingSpec:
+def _openai(req: OpenAISampling, max_tokens: int | None, max_tokens_name: str) -> SamplingParams:
     _check_n(req.n)
-    return make_spec(
-        max_tokens=req.max_tokens if max_tokens is None else max_tokens,
-        max_tokens_param=max_tokens_param,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        seed=req.seed,
-        ignore_eos=req.ignore_eos,
-        stop=req.stop,
-    )
+    with api_names({"max_new_tokens": max_tokens_name}):
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=_top_k(req.top_k),
+            seed=_seed(req.seed),
+            ignore_eos=bool(req.ignore_eos),
+            stop=_stop_strings(req.stop),
+        )
 
 
-def chat_spec(req: ChatCompletionRequest) -> SamplingSpec:
+def completion_params(req: CompletionRequest) -> SamplingParams:
+    return _openai(req, req.max_tokens, "max_tokens")
+
+
+def chat_params(req: ChatCompletionRequest) -> SamplingParams:
     if req.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-        return openai_spec(req, req.max_completion_tokens, "max_completion_tokens")
-    return openai_spec(req)
+        return _openai(req, req.max_completion_tokens, "max_completion_tokens")
+    return _openai(req, req.max_tokens, "max_tokens")
 
 
-def generate_spec(p: GenerateParameters | None) -> SamplingSpec:
+def generate_params(p: GenerateParameters | None) -> SamplingParams:
+    """LightLLM's parameters; do_sample=False is greedy whatever the temperature."""
     p = p or GenerateParameters()
     _check_n(p.n, "parameters.n")
     _check_n(p.best_of, "parameters.best_of")
     stop = p.stop_sequences if p.stop_sequences is not None else p.stop
-    return make_spec(
-        max_tokens=p.max_new_tokens,
-        max_tokens_param="max_new_tokens",
-        temperature=p.temperature if p.do_sample else 0.0,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        seed=p.seed,
-        ignore_eos=p.ignore_eos,
-        stop=stop,
-        prefix="parameters.",
-    )
+    with api_names({}, prefix="parameters."):
+        return SamplingParams(
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature if p.do_sample else 0.0,
+            top_p=p.top_p,
+            top_k=_top_k(p.top_k),
+            seed=_seed(p.seed),
+            ignore_eos=p.ignore_eos,
+            stop=_stop_strings(stop),
+        )
 
 
 def include_usage(req: OpenAISampling) -> bool:

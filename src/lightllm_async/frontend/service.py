@@ -6,13 +6,16 @@ import asyncio
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
+from lightllm_async.types import MAX_STOP_IDS, SamplingParams
+
 from .context import FrontendContext
-from .generation import Generation, max_new_tokens, request_params
+from .generation import Generation
 from .protocol import ApiError, engine_dead_error
 from .reader import EngineDead, Reader
-from .sampling import SamplingSpec
+from .sampling import api_names
 
 ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized off the event loop
 RETRY_AFTER = ((b"retry-after", b"1"),)
@@ -51,12 +54,12 @@ class Service:
             raise ApiError(400, f"The chat template rejected the messages: {e}", "messages") from e
         return await self.encode_text(text, add_special_tokens=False)
 
-    def start(self, prompt_ids: Sequence[int], spec: SamplingSpec, what: str) -> Generation:
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> Generation:
         """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
-        if not prompt_ids:
-            raise ApiError(400, f"The {what} is empty after tokenization.", what)
-        max_new = max_new_tokens(spec, len(prompt_ids), self.max_model_len, what)
-        params = request_params(spec, max_new, self.tokenizer.eos_token_ids)
+        with api_names({}):
+            params = params.with_context(len(prompt_ids), self.max_model_len, what)
+        if not params.ignore_eos:
+            params = replace(params, stop_ids=self.tokenizer.eos_token_ids[:MAX_STOP_IDS])
         if not self.engine_alive():
             raise engine_dead_error()
         try:
@@ -69,4 +72,4 @@ class Service:
                 "The server is at capacity (every request slot is in use); retry shortly.",
                 headers=RETRY_AFTER,
             )
-        return Generation(self.reader, handle, self.tokenizer, prompt_ids, spec, params)
+        return Generation(self.reader, handle, self.tokenizer, prompt_ids, params)

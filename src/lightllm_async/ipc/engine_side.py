@@ -34,12 +34,11 @@ from lightllm_async.ipc.layout import (
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
-    FinishReason,
-    RequestParams,
     RequestView,
     RingRecord,
     SlotState,
 )
+from lightllm_async.types import FinishReason, SamplingParams
 
 # An idle engine busy-waits this long on the ring before it sleeps on its semaphore: a request
 # that comes soon after the last one then costs no wake-up of a sleeping process (~30 us here).
@@ -52,15 +51,16 @@ def _as_list(values: Sequence) -> Sequence:
 
 
 @functools.lru_cache(maxsize=4096)
-def _params(fields: tuple) -> RequestParams:
-    """RequestParams from a slot's packed fields; requests mostly repeat a few parameter sets, and
-    building the frozen dataclass costs more than this lookup."""
+def _params(fields: tuple) -> SamplingParams:
+    """SamplingParams from a slot's packed fields; requests mostly repeat a few parameter sets, and
+    building the frozen dataclass costs more than this lookup. Raises InvalidParam for a slot whose
+    fields no frontend could have written (the engine then fails that request alone)."""
     (max_new, temperature, top_p, min_p, presence, frequency, repetition, seed, top_k,
-     num_stop, ignore_eos, logprobs, *stops) = fields  # fmt: skip
-    return RequestParams(
-        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]), logprobs=bool(logprobs),
-        min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
+     num_stop, ignore_eos, logprobs, has_seed, *stops) = fields  # fmt: skip
+    return SamplingParams(
+        max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=seed if has_seed else None, ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]),
+        logprobs=bool(logprobs), min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
         repetition_penalty=repetition,
     )  # fmt: skip
 

@@ -27,7 +27,8 @@ from lightllm_async.ipc.layout import (
     SLOT_SIZE,
 )
 from lightllm_async.ipc.shm import sem_names
-from lightllm_async.ipc.types import MAX_STOP_IDS, FinishReason, Op, OutputView, RequestParams, SlotState
+from lightllm_async.ipc.types import Op, OutputView, SlotState
+from lightllm_async.types import MAX_STOP_IDS, FinishReason, SamplingParams
 
 _U32 = 0xFFFFFFFF
 _NO_STOPS = (0,) * MAX_STOP_IDS
@@ -50,7 +51,7 @@ class FrontendSide(RegionCore):
         """Free slots (exact when no one is allocating at the same moment)."""
         return atomics.slot_stack_count(self._mm, self._layout.stack_off)
 
-    def write_request(self, slot: int, prompt_ids: Sequence[int], params: RequestParams) -> None:
+    def write_request(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Fill a WRITING slot. The prompt must leave room for one output token; max_new_tokens is
         clamped to the room left. Published to the engine by submit()."""
         state, _ = self.control(slot)
@@ -65,7 +66,7 @@ class FrontendSide(RegionCore):
             raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
         self._queue(slot, gen)
 
-    def start_request(self, prompt_ids: Sequence[int], params: RequestParams) -> tuple[int, int] | None:
+    def start_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[int, int] | None:
         """alloc_slot, write_request and submit in one call: (slot, gen), or None if no slot is
         free. On an error the slot is freed again (the engine never saw it)."""
         ref = self.alloc_slot()
@@ -79,17 +80,18 @@ class FrontendSide(RegionCore):
             raise
         return ref
 
-    def _write(self, slot: int, prompt_ids: Sequence[int], params: RequestParams) -> None:
+    def _write(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         n, room = len(prompt_ids), self._layout.spec.max_tokens_per_slot
         if not 0 < n < room:
             raise ValueError(f"prompt of {n} tokens does not fit a slot of {room} tokens")
         p, stops = params, params.stop_ids
+        max_new = room - n if p.max_new_tokens is None else min(p.max_new_tokens, room - n)
         off = self._layout.slot_off(slot)
         REQUEST_FIELDS.pack_into(
-            self._mm, off + PROMPT_LEN, n, min(p.max_new_tokens, room - n),
+            self._mm, off + PROMPT_LEN, n, max_new,
             p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-            p.repetition_penalty, p.seed, p.top_k, len(stops), p.ignore_eos, p.logprobs,
-            *stops, *_NO_STOPS[len(stops):],
+            p.repetition_penalty, p.seed or 0, p.top_k, len(stops), p.ignore_eos, p.logprobs,
+            p.seed is not None, *stops, *_NO_STOPS[len(stops):],
         )  # fmt: skip
         atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
         self._tokens[slot, :n] = prompt_ids

@@ -58,7 +58,8 @@ from dataclasses import dataclass
 
 from lightllm_async.ipc import atomics
 from lightllm_async.ipc.ring import SubmitRing
-from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, MAX_STOP_IDS, RegionSpec
+from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, RegionSpec
+from lightllm_async.types import MAX_STOP_IDS
 
 MAGIC = 0x3130_4D48_534C_4C41  # b"ALLSHM01" read little-endian
 VERSION = 1
@@ -122,12 +123,12 @@ class Slot(ctypes.Structure):
         ("presence_penalty", ctypes.c_double),
         ("frequency_penalty", ctypes.c_double),
         ("repetition_penalty", ctypes.c_double),
-        ("seed", ctypes.c_int64),
+        ("seed", ctypes.c_uint64),  # meaningful when has_seed
         ("top_k", ctypes.c_int32),
         ("num_stop_ids", ctypes.c_uint8),
         ("ignore_eos", ctypes.c_uint8),
         ("logprobs", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint8),
+        ("has_seed", ctypes.c_uint8),
         ("stop_ids", ctypes.c_int32 * MAX_STOP_IDS),
         ("submit_time", ctypes.c_double),
         # frontend: release-stored 0 -> 1 by abort(), reset while WRITING
@@ -153,7 +154,7 @@ assert Header.stats_seq.offset % CACHE_LINE == 0 and Header.error_text.offset % 
 
 # The request fields of a slot, prompt_len through stop_ids, as one struct: write_request packs them
 # with one call and read_request unpacks them with one (ctypes field access costs ~0.2 us a field).
-REQUEST_FIELDS = struct.Struct(f"=II6dqi3Bx{MAX_STOP_IDS}i")
+REQUEST_FIELDS = struct.Struct(f"=II6dQi4B{MAX_STOP_IDS}i")
 assert REQUEST_FIELDS.size == Slot.submit_time.offset - Slot.prompt_len.offset
 assert Slot.stop_ids.offset + ctypes.sizeof(Slot.stop_ids.size * ctypes.c_char) == Slot.submit_time.offset
 

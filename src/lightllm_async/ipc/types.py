@@ -6,15 +6,7 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import NamedTuple
 
-MAX_STOP_IDS = 16
-
-
-class FinishReason(IntEnum):
-    NONE = 0
-    STOP = 1
-    LENGTH = 2
-    ABORT = 3
-    ERROR = 4
+from lightllm_async.types import FinishReason, SamplingParams
 
 
 class Op(IntEnum):
@@ -39,8 +31,7 @@ class SlotState(IntEnum):
 class EngineState(IntEnum):
     STARTING = 0
     READY = 1
-    DEAD = 2
-    ERROR = 3
+    ERROR = 3  # 2 was DEAD, never written
 
 
 @dataclass(frozen=True)
@@ -70,37 +61,6 @@ class RegionSpec:
             return self
         cap = 1 << (4 * self.num_slots - 1).bit_length()
         return RegionSpec(self.num_slots, self.max_tokens_per_slot, cap)
-
-
-@dataclass(frozen=True)
-class RequestParams:
-    """Sampling parameters of one request, as the frontend writes them into its slot.
-
-    seed -1: no seed. top_k 0 (or -1): no top-k. At most MAX_STOP_IDS stop ids.
-    """
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = -1
-    ignore_eos: bool = False
-    stop_ids: tuple[int, ...] = ()
-    logprobs: bool = False
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_new_tokens < 2**31:
-            raise ValueError(f"max_new_tokens out of range: {self.max_new_tokens}")
-        if len(self.stop_ids) > MAX_STOP_IDS:
-            raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(self.stop_ids)}")
-        if not -(2**31) <= self.top_k < 2**31:
-            raise ValueError(f"top_k out of range: {self.top_k}")
-        if not -1 <= self.seed < 2**63:
-            raise ValueError(f"seed out of range: {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -135,7 +95,7 @@ class RequestView:
     slot: int
     gen: int
     prompt_ids: list[int]
-    params: RequestParams
+    params: SamplingParams
     submit_time: float
 
 

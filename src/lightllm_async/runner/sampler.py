@@ -59,7 +59,7 @@ def _filtered_probs(scaled: Tensor, params: Sequence[Any]) -> Tensor:
 def _exponential_noise(probs: Tensor, params: Sequence[Any], num_outputs: Sequence[int]) -> Tensor:
     noise = torch.empty_like(probs).exponential_()
     for row, (p, n) in enumerate(zip(params, num_outputs, strict=True)):
-        if p.seed >= 0:
-            gen = torch.Generator(device=probs.device).manual_seed(p.seed * _SEED_STRIDE + n)
+        if p.seed is not None:
+            gen = torch.Generator(device=probs.device).manual_seed((p.seed * _SEED_STRIDE + n) % 2**64)
             noise[row].exponential_(generator=gen)
     return noise.clamp_min_(1e-20)  # a zero draw would turn a dropped token's 0/0 into NaN
