@@ -1,14 +1,124 @@
-"""Drive scheduler + runner in-process, the way the engine loop does, without shared memory."""
+"""The real Engine in-process: a region (frontend view + engine view), a scheduler, and a runner —
+the model runner for parity tests, or a scripted one for the engine's own tests."""
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 
-from lightllm_async.engine.request import Request
+from lightllm_async.batch import Batch, Sampled, ScheduledReq
+from lightllm_async.engine.engine import Engine
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+from lightllm_async.ipc import OutputView, Region, RegionSpec
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.types import SamplingParams
+
+_ids = itertools.count()
+
+
+class ScriptedRunner:
+    """A runner without a model: a request's k-th output token is `token(first prompt token, k)`.
+
+    `fail(item)` True makes a launch that contains `item` raise ValueError, as a sampling or
+    forward error that concerns that request would. `gate`, while cleared, holds launches back.
+    """
+
+    def __init__(self, num_kv_tokens: int = 4096, fail: Callable[[ScheduledReq], bool] | None = None):
+        self.num_kv_tokens = num_kv_tokens
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+        self.launched: list[Batch] = []
+        self._base: dict[tuple[int, int], int] = {}
+
+    @staticmethod
+    def token(base: int, k: int) -> int:
+        return 3 + (base * 31 + 7 * k) % 97
+
+    def launch(self, batch: Batch) -> Sampled:
+        self.gate.wait()
+        self.launched.append(batch)
+        out = []
+        for it in batch.items:
+            if it.start == 0:
+                self._base[it.slot, it.gen] = it.token_ids[0]
+            if self.fail is not None and self.fail(it):
+                raise ValueError(f"scripted failure of slot {it.slot}")
+            if it.samples:
+                out.append(self.token(self._base[it.slot, it.gen], it.num_output))
+        return Sampled(tuple(out))
+
+    @staticmethod
+    def collect(handle: Sampled) -> Sampled:
+        return handle
+
+
+class EngineHarness:
+    """A region, the real Engine on its engine view, and the frontend view to submit with."""
+
+    def __init__(
+        self,
+        runner: Any,
+        max_model_len: int = 256,
+        max_running_requests: int = 8,
+        max_num_batched_tokens: int = 64,
+        num_slots: int = 32,
+    ):
+        spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len)
+        self.frontend = Region.create(f"harness-{os.getpid()}-{next(_ids)}", spec)
+        self.engine_view = Region.attach(self.frontend.name)
+        sched = Scheduler(
+            SchedulerConfig(
+                max_running_requests=max_running_requests,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len,
+                kv_cache_tokens=runner.num_kv_tokens,
+            )
+        )
+        self.engine = Engine(self.engine_view, sched, runner)
+        self.max_model_len = max_model_len
+        self._thread: threading.Thread | None = None
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, int]:
+        ref = self.frontend.start_request(prompt, params.with_context(len(prompt), self.max_model_len))
+        assert ref is not None, "no free slot"
+        return ref
+
+    def done(self, ref: tuple[int, int]) -> bool:
+        return self.frontend.read_output(ref[0]).finished
+
+    def step_until_done(self, refs: Sequence[tuple[int, int]], max_steps: int = 100_000) -> list[OutputView]:
+        """Drive `engine.step()` from this thread until every request finished; outputs in order."""
+        for _ in range(max_steps):
+            if all(self.done(r) for r in refs):
+                break
+            self.engine.step()
+        else:
+            raise AssertionError("requests did not finish")
+        return [self.frontend.read_output(slot) for slot, _ in refs]
+
+    def start(self) -> None:
+        """Run the engine loop in a thread until `stop()`."""
+        self._thread = threading.Thread(target=self.engine.run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.engine.stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            assert not self._thread.is_alive(), "engine loop did not stop"
+
+    def close(self) -> None:
+        self.stop()
+        self.engine_view.close()
+        self.frontend.unlink()
+        self.frontend.close()
 
 
 def generate(
@@ -18,24 +128,21 @@ def generate(
     params: SamplingParams | None = None,
     max_num_batched_tokens: int = 2048,
 ) -> list[list[int]]:
-    """Greedy (or `params`) outputs for all prompts, batched together by the real scheduler."""
+    """Greedy (or `params`) outputs for all prompts, batched together by the real engine."""
     cfg = runner.cfg
-    sched = Scheduler(
-        SchedulerConfig(
-            max_running_requests=cfg.max_running_requests,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=cfg.max_model_len,
-            kv_cache_tokens=runner.num_kv_tokens,
-        )
+    h = EngineHarness(
+        runner,
+        max_model_len=cfg.max_model_len,
+        max_running_requests=cfg.max_running_requests,
+        max_num_batched_tokens=max_num_batched_tokens,
+        num_slots=max(len(prompts), 1),
     )
-    params = params or SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    for i, p in enumerate(prompts):
-        sched.add(Request(slot=i, gen=0, prompt_ids=list(p), params=params, arrival=i))
-    outputs: dict[int, list[int]] = {}
-    while (batch := sched.schedule()) is not None:
-        for f in sched.update(batch, runner.execute(batch))[1]:
-            outputs[f.request.slot] = f.request.output_ids
-    return [outputs[i] for i in range(len(prompts))]
+    try:
+        params = params or SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        refs = [h.submit(p, params) for p in prompts]
+        return [out.tokens for out in h.step_until_done(refs)]
+    finally:
+        h.close()
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:

@@ -107,5 +107,5 @@ def test_engine_failure_inside_forward_is_reported_and_server_exits_nonzero():
     status, _, body = srv.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 50})
     assert status == 503 and "error" in body
     assert srv.proc.wait(10) != 0
-    assert "injected failure" in srv.text_log()
+    assert "injected device failure" in srv.text_log()
     assert region_files(srv) == []

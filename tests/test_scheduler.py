@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import dataclass
+import subprocess
+import sys
 
 import pytest
 
 from lightllm_async.batch import PENDING_TOKEN, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.types import FinishReason
+from lightllm_async.types import FinishReason, SamplingParams
 
 
-@dataclass(frozen=True)
-class Params:
-    max_new_tokens: int
-    stop_ids: tuple[int, ...] = ()
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int = -1
+def Params(max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> SamplingParams:  # noqa: N802
+    return SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=0.0)
 
 
 def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256) -> Scheduler:
@@ -191,3 +187,73 @@ def test_abort_frees_kv_and_row_wherever_the_request_is():
 def test_cache_smaller_than_context_is_refused():
     with pytest.raises(ValueError):
         make_sched(kv=100, max_len=512)
+
+
+def _failing_step(s: Scheduler, slot_fails: int):
+    """Schedule one step; 'run' it, failing if it holds `slot_fails`. Returns (batch, failed)."""
+    batch = s.schedule()
+    return batch, any(it.slot == slot_fails for it in batch.items)
+
+
+def test_a_failed_step_is_undone_and_its_culprit_found_alone():
+    """recover() requeues every request of the failed steps as a suspect with its KV freed; a suspect
+    runs alone until it samples; blame() names it only when it failed alone."""
+    s = make_sched(kv=2048, running=8, budget=64)
+    prompts = {i: [i + 1] * (5 + i) for i in range(4)}
+    for i, p in prompts.items():
+        s.add(Request(slot=i, gen=0, prompt_ids=p, params=Params(max_new_tokens=6), arrival=i))
+    batch, failed = _failing_step(s, slot_fails=2)
+    assert failed and len(batch.items) == 4
+    assert s.blame(batch) is None  # four requests: no culprit yet
+    s.recover([batch])
+    assert not s.running and s.tokens.num_free == s.tokens.capacity
+    assert all(r.suspect and r.num_pending == 0 for r in s.waiting)
+    done = {}
+    while s.has_work():
+        batch, failed = _failing_step(s, slot_fails=2)
+        if batch is None:
+            continue
+        if failed:
+            culprit = s.blame(batch)
+            assert culprit is not None and culprit.request.slot == 2 and culprit.reason == FinishReason.ERROR
+            s.recover([batch])
+            continue
+        if any(r.suspect for r in s.running + list(s.waiting)):
+            assert len(batch.items) == 1  # suspects run alone
+        sampled = Sampled(tuple(next_token(s.by_slot[it.slot]) for it in batch.items if it.samples))
+        for f in s.update(batch, sampled)[1]:
+            done[f.request.slot] = f.request.output_ids
+    assert sorted(done) == [0, 1, 3]
+    for i in done:
+        assert done[i] == expected_output(prompts[i], 6)
+    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == s.rows.capacity
+
+
+def test_scheduler_runs_with_torch_posix_ipc_and_the_c_extension_blocked():
+    """The scheduler is plain Python in fact: import and drive it where those imports fail."""
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'posix_ipc', 'numpy') or name == 'lightllm_async._atomics':
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from lightllm_async.batch import Sampled
+from lightllm_async.engine.request import Request
+from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+from lightllm_async.types import SamplingParams
+s = Scheduler(SchedulerConfig(max_running_requests=2, max_num_batched_tokens=8, max_model_len=64,
+                              kv_cache_tokens=128))
+s.add(Request(slot=0, gen=0, prompt_ids=[1] * 20, params=SamplingParams(max_new_tokens=3), arrival=0))
+steps, out = 0, None
+while (b := s.schedule()) is not None:
+    steps += 1
+    done = s.update(b, Sampled(tuple(7 for it in b.items if it.samples)))[1]
+    out = done[0].request.output_ids if done else out
+assert out == [7, 7, 7] and steps == 3 + 2, (out, steps)  # 20-token prompt in 8-token chunks
+assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'posix_ipc', 'numpy')]
+print('ok')
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

@@ -7,7 +7,8 @@ importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from lightllm_async.types import SamplingParams
 
 PENDING_TOKEN = -1  # an input position whose token the previous step samples on the device
 
@@ -24,7 +25,7 @@ class ScheduledReq:
     token_ids: tuple[int, ...]
     new_kv_slots: tuple[int, ...]
     samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
-    params: Any
+    params: SamplingParams
     num_output: int  # output tokens before the one this step samples (for penalties and seeds)
 
 
@@ -50,4 +51,8 @@ class Sampled:
     """What the runner hands back: one token per sampling item, in batch order."""
 
     token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...] | None = None
+
+
+class DeviceFailure(RuntimeError):
+    """Raised by a runner when the device itself failed (a CUDA error, the device lost): no request
+    is to blame and the engine cannot go on. Any other exception from a step concerns its requests."""

@@ -123,7 +123,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     disable_cuda_graph: bool = False
     seed: int = 0
-    fail_after_steps: int = 0  # test hook: raise inside a forward after N steps (0: never)
+    fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
 
     def replace(self, **kw: Any) -> EngineConfig:

@@ -1,39 +1,56 @@
-"""The engine's step loop: drain inbox -> schedule -> execute -> update -> publish."""
+"""The engine's step loop: drain inbox -> schedule -> launch -> complete the previous step -> publish.
+
+Failure isolation: an exception from a step concerns the requests in it. They are recomputed as
+suspects, each alone, and the one that fails alone ends with an error while the engine goes on.
+Only a `DeviceFailure`, or a run of failures that no step survives, ends the engine.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Protocol
 
-from lightllm_async.batch import Batch, Sampled
+from lightllm_async.batch import Batch, DeviceFailure, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
 from lightllm_async.ipc import EngineStats, Op, Region
-from lightllm_async.types import FinishReason
+from lightllm_async.types import FinishReason, InvalidParam
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.25  # an idle engine checks for its stop and its parent this often
+MAX_CONSECUTIVE_FAILURES = 16  # failed steps with no success between them: the engine is broken
+
 
 class Runner(Protocol):
+    """What the engine needs of a model runner (runner/model_runner.py; runner/dummy.py)."""
+
+    num_kv_tokens: int
+
     def launch(self, batch: Batch) -> Any: ...
 
     def collect(self, handle: Any) -> Sampled: ...
 
 
-class InjectedFailure(RuntimeError):
-    """Raised by the test hook that makes a forward pass fail after N steps."""
+class EngineBroken(RuntimeError):
+    """Every recent step failed, whichever requests were in it."""
 
 
 class Engine:
-    """Rank 0's loop. Ranks that follow would receive `batch` instead of scheduling it."""
+    """Engine rank 0: owns the scheduler and drives the runner; talks to the frontend only through
+    its view of the region. `step()` does one iteration; `run()` loops until `stop` is set or the
+    parent process is gone."""
 
-    def __init__(self, region: Region, scheduler: Scheduler, runner: Runner, fail_after_steps: int = 0):
+    def __init__(self, region: Region, scheduler: Scheduler, runner: Runner):
         self.region = region
         self.scheduler = scheduler
         self.runner = runner
-        self.fail_after_steps = fail_after_steps
+        self.stop = threading.Event()
         self.parent_pid = os.getppid()
+        self._inflight: tuple[Batch, Any] | None = None
+        self._failures = 0  # consecutive failed steps
         self._arrivals = 0
         self._prompt_tokens = 0
         self._generated_tokens = 0
@@ -41,29 +58,60 @@ class Engine:
     def run(self) -> None:
         """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
         so the host work between steps hides behind the device's work."""
-        inflight: tuple[Batch, Any] | None = None
-        while True:
-            self.drain_inbox()
-            batch = self.scheduler.schedule()
-            launched = None if batch is None else (batch, self.launch(batch))
-            if inflight is not None:
-                self.finish(*inflight)
-            inflight = launched
-            if inflight is None:
-                if os.getppid() != self.parent_pid:
-                    log.warning("the server process is gone; engine exits")
-                    return
-                self.region.wait_engine(timeout=0.005 if self.scheduler.has_work() else 0.5)
+        while not self.stop.is_set():
+            if self.step():
+                continue
+            if os.getppid() != self.parent_pid:
+                log.warning("the server process is gone; engine exits")
+                return
+            self.region.wait_engine(timeout=0.005 if self.scheduler.has_work() else IDLE_WAIT_S)
 
-    def launch(self, batch: Batch) -> Any:
-        if self.fail_after_steps and batch.step > self.fail_after_steps:
-            raise InjectedFailure(f"injected failure at step {batch.step}")
-        return self.runner.launch(batch)
+    def step(self) -> bool:
+        """One iteration: admit what arrived, launch the next step, complete the one in flight.
+        False when there was nothing to launch or complete (the caller may sleep)."""
+        self.drain_inbox()
+        batch = self.scheduler.schedule()
+        previous, self._inflight = self._inflight, None
+        if batch is not None:
+            try:
+                self._inflight = (batch, self.runner.launch(batch))
+            except Exception as exc:
+                self._step_failed(batch, exc, [previous[0]] if previous else [])
+                return True
+        if previous is not None:
+            try:
+                self.complete(*previous)
+            except Exception as exc:
+                launched = [self._inflight[0]] if self._inflight else []
+                self._inflight = None
+                self._step_failed(previous[0], exc, launched)
+        return batch is not None or previous is not None
 
-    def finish(self, batch: Batch, handle: Any) -> None:
+    def complete(self, batch: Batch, handle: Any) -> None:
+        """Read a launched step's tokens, apply them, publish."""
         applied, finished = self.scheduler.update(batch, self.runner.collect(handle))
+        self._failures = 0
         self.publish(applied, finished)
         self.region.beat()
+
+    # -- failure isolation --------------------------------------------------------------------
+
+    def _step_failed(self, failed: Batch, exc: Exception, others: list[Batch]) -> None:
+        """`failed` raised `exc`; `others` were in flight with it and are undone too."""
+        if isinstance(exc, DeviceFailure):
+            raise exc
+        self._failures += 1
+        if self._failures > MAX_CONSECUTIVE_FAILURES:
+            raise EngineBroken(f"{self._failures} steps in a row failed; the last: {exc!r}") from exc
+        culprit = self.scheduler.blame(failed)
+        self.scheduler.recover([failed, *others])
+        if culprit is None:
+            log.warning("step %d failed (%r); its requests are retried one by one", failed.step, exc)
+            return
+        log.error("request in slot %d failed and was ended: %r", culprit.request.slot, exc)
+        self.publish([], [culprit])
+
+    # -- inbox ----------------------------------------------------------------------------------
 
     def drain_inbox(self) -> None:
         records = self.region.drain_ring()
@@ -71,22 +119,23 @@ class Engine:
             if rec.op == Op.SUBMIT:
                 self._admit(rec.slot, rec.gen)
             elif rec.op == Op.ABORT and self.scheduler.abort(rec.slot) is not None:
-                self.region.finish(rec.slot, FinishReason.ABORT)
-                self.region.notify_frontend()
+                self._end(rec.slot, FinishReason.ABORT)
         if records:
             self.publish_stats()
 
     def _admit(self, slot: int, gen: int) -> None:
-        view = self.region.read_request(slot, gen)
+        try:
+            view = self.region.read_request(slot, gen)
+        except InvalidParam as exc:  # a slot no validated frontend wrote: that request alone fails
+            log.error("slot %d holds an invalid request: %s", slot, exc)
+            self.region.set_running(slot)
+            self._end(slot, FinishReason.ERROR)
+            return
         if view is None:  # the frontend reused the slot: a stale record
             return
         self.region.set_running(slot)
-        max_len = self.scheduler.cfg.max_model_len
-        if not view.prompt_ids or len(view.prompt_ids) >= max_len or self.region.is_aborted(slot):
-            # The frontend validates lengths; this guards the engine against a bad record.
-            reason = FinishReason.ABORT if self.region.is_aborted(slot) else FinishReason.ERROR
-            self.region.finish(slot, reason)
-            self.region.notify_frontend()
+        if self.region.is_aborted(slot):
+            self._end(slot, FinishReason.ABORT)
             return
         self._arrivals += 1
         self._prompt_tokens += len(view.prompt_ids)
@@ -95,6 +144,12 @@ class Engine:
                 slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
             )
         )
+
+    def _end(self, slot: int, reason: FinishReason) -> None:
+        self.region.finish(slot, reason)
+        self.region.notify_frontend()
+
+    # -- outbox ---------------------------------------------------------------------------------
 
     def publish(self, applied: list[tuple[int, int]], finished: list[Finished]) -> None:
         """Tokens first (each count published with a release store), then finish marks, one wake-up."""

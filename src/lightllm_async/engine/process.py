@@ -17,10 +17,16 @@ def _make_runner(cfg: EngineConfig):
     if cfg.model_path == "dummy":
         from lightllm_async.runner.dummy import DummyRunner
 
-        return DummyRunner(cfg)
-    from lightllm_async.runner.model_runner import ModelRunner
+        runner = DummyRunner(cfg)
+    else:
+        from lightllm_async.runner.model_runner import ModelRunner
 
-    return ModelRunner(cfg, progress=_progress_bar())
+        runner = ModelRunner(cfg, progress=_progress_bar())
+    if cfg.fail_after_steps:
+        from lightllm_async.runner.failing import FailingRunner
+
+        return FailingRunner(runner, cfg.fail_after_steps)
+    return runner
 
 
 def _progress_bar():
@@ -58,7 +64,9 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
                 kv_cache_tokens=runner.num_kv_tokens,
             )
         )
-        engine = Engine(region, scheduler, runner, cfg.fail_after_steps)
+        engine = Engine(region, scheduler, runner)
+        # The server stops us with SIGTERM: finish the step in hand, then leave the loop.
+        signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         engine.publish_stats()
         region.set_engine_state(EngineState.READY)
         engine.run()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from lightllm_async.batch import PENDING_TOKEN
+from lightllm_async.types import SamplingParams
 
 
 @dataclass(eq=False)
@@ -24,7 +24,7 @@ class Request:
     slot: int
     gen: int
     prompt_ids: list[int]
-    params: Any  # ipc.SamplingParams: max_new_tokens, stop_ids, temperature, ...
+    params: SamplingParams  # max_new_tokens resolved
     arrival: int
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -32,6 +32,7 @@ class Request:
     kv_slots: list[int] = field(default_factory=list)  # KV cache rows, one per computed position
     num_preemptions: int = 0
     num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
+    suspect: bool = False  # was in a step that failed: runs alone until one of its steps succeeds
 
     @property
     def num_tokens(self) -> int:

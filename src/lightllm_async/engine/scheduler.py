@@ -9,6 +9,7 @@ proves wrong and the cache runs dry, the newest request is preempted and recompu
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lightllm_async.batch import Batch, Sampled, ScheduledReq
@@ -71,7 +72,11 @@ class Scheduler:
 
     def schedule(self) -> Batch | None:
         """The next step's work. May run while the previous step is still in flight (its sampled
-        tokens pending): those requests then decode their pending token."""
+        tokens pending): those requests then decode their pending token. A suspect request (one
+        that was in a failed step) runs alone until it samples a token."""
+        suspect = self._next_suspect()
+        if suspect is not None:
+            return self._schedule_alone(suspect)
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledReq] = []
         for req in list(self.running):
@@ -84,17 +89,27 @@ class Scheduler:
                 continue  # nothing to do, or req itself was preempted
             items.append(self._take(req, n))
             budget -= n
-        while budget > 0 and self.waiting and self._can_admit(self.waiting[0]):
-            req = self.waiting.popleft()
-            req.row = self.rows.allocate()
-            self.running.append(req)
+        while budget > 0 and self._admissible(self.waiting[0] if self.waiting else None):
+            req = self._admit_next()
             n = min(self._unscheduled(req), budget)
             items.append(self._take(req, n))
             budget -= n
+        return self._batch(items)
+
+    def _batch(self, items: list[ScheduledReq]) -> Batch | None:
         if not items:
             return None
         self.num_steps += 1
         return Batch(items=tuple(items), step=self.num_steps)
+
+    def _admissible(self, req: Request | None) -> bool:
+        return req is not None and not req.suspect and self._can_admit(req)
+
+    def _admit_next(self) -> Request:
+        req = self.waiting.popleft()
+        req.row = self.rows.allocate()
+        self.running.append(req)
+        return req
 
     @staticmethod
     def _unscheduled(req: Request) -> int:
@@ -168,6 +183,56 @@ class Scheduler:
         reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
         return self.tokens.num_free - reserved >= self._peak(req)
 
+    # -- failure isolation --------------------------------------------------------------------
+
+    def _next_suspect(self) -> Request | None:
+        """A suspect to run alone: a running one, else the first waiting one that can be admitted
+        (moved to the head of the queue). None: schedule normally, suspects left waiting."""
+        running = next((r for r in self.running if r.suspect), None)
+        if running is not None:
+            return running
+        waiting = next((r for r in self.waiting if r.suspect), None)
+        if waiting is None or not self._can_admit(waiting):
+            return None
+        self.waiting.remove(waiting)
+        self.waiting.appendleft(waiting)
+        return self._admit_next()
+
+    def _schedule_alone(self, req: Request) -> Batch | None:
+        """Not overlapped: a failure then belongs to exactly one step of this request."""
+        if req.num_pending:
+            return None
+        n = min(self._unscheduled(req), self.cfg.max_num_batched_tokens)
+        if n == 0 or not self._make_room(n, req):
+            return None
+        return self._batch([self._take(req, n)])
+
+    def blame(self, batch: Batch) -> Finished | None:
+        """The culprit of a failed step, when there is one: a suspect that failed alone. It is
+        retired; the caller reports it as an error."""
+        if len(batch.items) != 1:
+            return None
+        item = batch.items[0]
+        req = self.by_slot.get(item.slot)
+        if req is None or req.gen != item.gen or not req.suspect:
+            return None
+        self._retire(req)
+        return Finished(req, FinishReason.ERROR)
+
+    def recover(self, batches: Iterable[Batch]) -> None:
+        """Undo steps that failed or were in flight when one did: every request they held goes
+        back to the queue as a suspect, its KV freed and its in-flight samples forgotten (it is
+        recomputed, which gives the same tokens)."""
+        for batch in batches:
+            for item in batch.items:
+                req = self.by_slot.get(item.slot)
+                if req is None or req.gen != item.gen:
+                    continue
+                if req in self.running:
+                    self._preempt(req)
+                req.num_pending = 0
+                req.suspect = True
+
     # -- update ---------------------------------------------------------------------------------
 
     def update(self, batch: Batch, sampled: Sampled) -> tuple[list[tuple[int, int]], list[Finished]]:
@@ -186,6 +251,7 @@ class Scheduler:
                 req.num_computed_tokens += len(item.token_ids)
             if token is None:
                 continue
+            req.suspect = False  # it sampled: whatever failed was not this request
             req.num_pending -= 1
             req.output_ids.append(token)
             applied.append((req.slot, token))

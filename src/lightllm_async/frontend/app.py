@@ -10,9 +10,8 @@ import contextlib
 import logging
 
 from . import native_api, openai_api
-from .asgi import Receive, Responder, Scope, Send
+from .asgi import ClientDisconnected, Receive, Responder, Scope, Send
 from .context import FrontendContext
-from .generation import ClientDisconnected
 from .metrics import Metrics
 from .protocol import ApiError, engine_dead_error
 from .service import Service

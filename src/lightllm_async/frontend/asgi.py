@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .generation import ClientDisconnected
 from .protocol import ENCODER, ApiError, error_body
 
 Scope = dict[str, Any]
@@ -14,6 +13,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class ClientDisconnected(Exception):
+    """The client went away; the request was aborted and nothing more can be sent."""
+
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

@@ -11,15 +11,12 @@ from dataclasses import dataclass
 
 from lightllm_async.types import FinishReason, SamplingParams
 
+from .asgi import ClientDisconnected
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .protocol import ApiError, engine_dead_error
 from .reader import Reader, RequestHandle
 
 _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort"}
-
-
-class ClientDisconnected(Exception):
-    """The client went away; the request was aborted and nothing more can be sent."""
 
 
 @dataclass

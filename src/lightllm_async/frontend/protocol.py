@@ -122,7 +122,7 @@ class ChatCompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=
 
 
 class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
-    # str, or token ids, or a one-element batch of either; checked in sampling.prompt_input
+    # str, or token ids, or a one-element batch of either; checked in sampling.completion_prompt
     prompt: str | list[Any]
 
 
