@@ -3,6 +3,8 @@ kernel and a launcher `<op>()` that routes through `backend.use_triton`."""
 
 from .backend import use_triton
 from .decode_attention import decode_attention, decode_attention_ref
+from .mla_decode_attention import mla_decode_attention, mla_decode_attention_ref
+from .mla_store_kv import mla_store_kv, mla_store_kv_ref
 from .prefill_attention import prefill_attention, prefill_attention_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import rope_cache, rotary_emb, rotary_emb_ref
@@ -12,6 +14,10 @@ from .store_kv import store_kv, store_kv_ref
 __all__ = [
     "decode_attention",
     "decode_attention_ref",
+    "mla_decode_attention",
+    "mla_decode_attention_ref",
+    "mla_store_kv",
+    "mla_store_kv_ref",
     "prefill_attention",
     "prefill_attention_ref",
     "rms_norm",
