@@ -140,6 +140,8 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
     check_mla_decode([4096] * 4, heads, 512, 64, torch.bfloat16, "cuda")
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
+    other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
 
 
 @pytest.mark.gpu

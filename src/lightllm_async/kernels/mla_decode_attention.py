@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -166,10 +167,31 @@ def _mla_decode_merge_kernel(
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
 
 
-# BLOCK_H 16 and BLOCK_N 32 keep the [16, 512] float32 accumulator and a two-stage [32, 576] tile
-# in one program's registers and shared memory (the layout SGLang and LightLLM use on Hopper);
-# perf/mla_moe_bench.py sweeps the alternatives.
-_BLOCK_H, _BLOCK_N, _NUM_STAGES, _NUM_WARPS = 16, 32, 2, 4
+@dataclass(frozen=True)
+class _Launch:
+    block_h: int  # heads per program
+    block_n: int  # tokens per iteration
+    num_warps: int
+    num_stages: int
+    per_sm: int  # programs that fit on one multiprocessor at once
+
+
+# Compiled for sm_90a by Triton 3.9 (perf/sm90_compile_check.py), neither of these spills. Up to 16
+# heads (V2-Lite): a [16, 512] float32 accumulator and two-stage [32, 576] tiles, 153 registers and
+# 56 KB of shared memory, 2-3 programs per SM. More heads (V3's 128): 32 heads per program, so each
+# latent tile serves twice as many heads, 178 registers, 76 KB, 8 warps; 64 heads spill.
+# perf/mla_moe_bench.py --sweep measures the alternatives.
+_LAUNCH_FEW_HEADS = _Launch(16, 32, 4, 2, 2)
+_LAUNCH_MANY_HEADS = _Launch(32, 32, 8, 2, 1)
+_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, 1)
+
+
+def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
+    if device.type != "cuda":
+        launch = _LAUNCH_INTERPRETER
+    else:
+        launch = _LAUNCH_FEW_HEADS if heads <= 16 else _LAUNCH_MANY_HEADS
+    return launch if block_h is None else replace(launch, block_h=block_h)
 
 
 @functools.cache
@@ -177,12 +199,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, head_blocks: int, device: torch.device) -> int:
-    """Chunks per context: enough programs for about two waves over the card. A function of the
-    shapes only, never of seq_lens, so that the launch is the same in a CUDA graph."""
+def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.device) -> int:
+    """Chunks per context: about two waves of programs over the card, or one chunk (no merge) where
+    the batch and heads fill a wave already. A function of the shapes only, never of seq_lens, so
+    that the launch is the same in a CUDA graph."""
     if device.type != "cuda":
         return 3  # the interpreter: small contexts still cut into several chunks and merged
-    return max(1, min(64, triton.cdiv(2 * _num_sms(device), batch * head_blocks)))
+    wave, programs = launch.per_sm * _num_sms(device), batch * head_blocks
+    return 1 if programs >= wave else min(64, triton.cdiv(2 * wave, programs))
 
 
 def mla_decode_attention(
@@ -220,10 +244,10 @@ def mla_decode_attention(
     out = torch.empty((batch, heads, rank), dtype=q_nope.dtype, device=q_nope.device)
     if batch == 0:
         return out
-    block_h = block_h or (_BLOCK_H if q_nope.is_cuda else 16)
-    head_blocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(batch, head_blocks, q_nope.device)
-    assert splits >= 1 and block_h >= 16 and block_h & (block_h - 1) == 0
+    launch = _launch_config(heads, q_nope.device, block_h)
+    head_blocks = triton.cdiv(heads, launch.block_h)
+    splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
+    assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
     # one chunk writes `out` directly: the float32 buffers are then placeholders
     mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
     mid_o = torch.empty((*mid_shape, rank), dtype=torch.float32, device=q_nope.device)
@@ -238,9 +262,9 @@ def mla_decode_attention(
         heads, scale * math.log2(math.e),
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, DIRECT=splits == 1,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
-        BLOCK_H=block_h, BLOCK_N=_BLOCK_N if q_nope.is_cuda else 16,
+        BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
