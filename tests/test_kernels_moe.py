@@ -110,6 +110,25 @@ def test_fused_moe_of_one_expert_is_its_mlp(interpreter):
     assert rel_err(out, (torch.nn.functional.silu(gate) * up) @ w2[3].T) < 1e-4
 
 
+def test_fused_moe_matches_transformers_deepseek_experts(interpreter):
+    """w13 and w2 are laid out as transformers' fused expert weights (gate rows, then up rows)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    cfg = DeepseekV3Config(
+        n_routed_experts=8, num_experts_per_tok=3, hidden_size=64, moe_intermediate_size=48
+    )
+    experts = DeepseekV3Experts(cfg)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(7, 64)
+    topk_weights, topk_ids = random_routing(7, 8, 3, "cpu")
+    with torch.no_grad():
+        hf = experts(x, topk_ids, topk_weights)
+    out = fused_moe(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), topk_weights, topk_ids)
+    assert rel_err(out, hf) < 1e-4
+
+
 def hf_router(version, num_experts, top_k, hidden, **config):
     """transformers' own DeepSeek gate with random weights (and random correction bias for V3)."""
     if version == 2:
