@@ -70,8 +70,9 @@ def test_moe_align_groups_pairs_by_expert_in_interpreter(
 
 def check_fused_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, experts=None, config=None):
     x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device=device) / inter**0.5
+    # in place: at the V3 shape a temporary copy would be another 15 GB
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device).div_(hidden**0.5)
+    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device=device).div_(inter**0.5)
     topk_weights, topk_ids = random_routing(num_tokens, num_experts, top_k, device, experts)
     with nan_filled_allocations():
         out = fused_moe(x, w13, w2, topk_weights, topk_ids, config)
