@@ -1,0 +1,238 @@
+"""Time the DeepSeek kernels (MLA decode attention, fused MoE, its alignment and routing) against
+their PyTorch references on CUDA, and against the card's ceilings measured in the same run.
+
+    python perf/mla_moe_bench.py [--only mla|moe] [--no-ref] [--sweep] [--out tuned.json]
+
+Kernels are timed replaying CUDA graphs (as decode runs in the server), references eagerly, L2
+flushed between calls. MLA decode reports GB/s (latent + rope rows, queries and output: the bytes it
+must move) as a share of a device-to-device copy, and TFLOP/s, since at 128 heads it does ~240 FLOP
+per byte and is bound by the tensor cores rather than by memory. Fused MoE reports GB/s over the
+weights of the experts the batch touches (plus activations) as a share of the copy rate, and TFLOP/s
+as a share of a bf16 8192^3 matmul. Goals (issue 9): MLA >= 80% of copy at batch 64/128, contexts
+1k-8k, 16 and 128 heads; MoE >= 70% of the bandwidth roofline for M = 1-256 at the V2-Lite and V3
+shapes and >= 50% of the matmul rate at M = 8192. --sweep also times the launch alternatives of each
+case and prints the best (with --out, the best MoE tiles per shape and M as JSON); a sweep of both
+halves takes several minutes, so on a device run give each half its own call (--only). The V3 MoE
+shape holds 22.5 GB of expert weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on the path)
+
+from lightllm_async import kernels as K  # noqa: E402
+
+mla_module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
+
+DTYPE, DEV = torch.bfloat16, "cuda"
+RANK, ROPE = 512, 64
+MOE_SHAPES = {  # name: (hidden, intermediate, experts, top_k)
+    "v2-lite": (2048, 1408, 64, 6),
+    "v3": (7168, 2048, 256, 8),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: str
+    kernel: Callable[[], object]
+    ref: Callable[[], object] | None
+    nbytes: int  # bytes the op must move at the least
+    flops: int
+
+
+def matmul_tflops() -> float:
+    a, b = torch.randn(2, 8192, 8192, dtype=DTYPE, device=DEV)
+    return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
+
+
+def mla_inputs(batch: int, ctx: int, heads: int) -> tuple:
+    rows = batch * ctx
+    kv_cache = torch.randn(rows, RANK + ROPE, dtype=DTYPE, device=DEV)
+    req_to_token = torch.randperm(rows, device=DEV).view(batch, ctx).int()
+    q_nope = torch.randn(batch, heads, RANK, dtype=DTYPE, device=DEV)
+    q_pe = torch.randn(batch, heads, ROPE, dtype=DTYPE, device=DEV)
+    req_idx = torch.arange(batch, device=DEV, dtype=torch.int32)
+    seq_lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
+    return q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, 192**-0.5
+
+
+def mla_case(inputs: tuple, **launch) -> Case:
+    q_nope, q_pe, kv_cache, req_to_token, *_ = inputs
+    (batch, heads, _), (rows, _) = q_nope.shape, kv_cache.shape
+    nbytes = kv_cache.nbytes + req_to_token.nbytes + q_nope.nbytes + q_pe.nbytes + q_nope.nbytes
+    flops = 2 * rows * heads * (RANK + ROPE + RANK)
+    tag = " ".join(f"{k}={v}" for k, v in launch.items())
+    return Case(
+        "mla_decode " + tag, f"B={batch} ctx={rows // batch} H={heads}",
+        lambda: K.mla_decode_attention(*inputs, **launch), lambda: K.mla_decode_attention_ref(*inputs),
+        nbytes, flops,
+    )  # fmt: skip
+
+
+def moe_weights(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden, inter, experts, _ = MOE_SHAPES[shape]
+    w13 = torch.randn(experts, 2 * inter, hidden, dtype=DTYPE, device=DEV).mul_(hidden**-0.5)
+    w2 = torch.randn(experts, hidden, inter, dtype=DTYPE, device=DEV).mul_(inter**-0.5)
+    return w13, w2
+
+
+def moe_inputs(shape: str, tokens: int, w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+    hidden, _, experts, top_k = MOE_SHAPES[shape]
+    x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEV)
+    logits = torch.randn(tokens, experts, device=DEV)
+    bias = torch.randn(experts, device=DEV) * 0.1
+    if shape == "v3":
+        weights, ids = K.select_experts(logits, top_k, "noaux_tc", 8, 4, True, 2.5, bias)
+    else:
+        weights, ids = K.select_experts(logits, top_k, "greedy")
+    return x, w13, w2, weights, ids, logits, bias
+
+
+def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None) -> Case:
+    x, w13, w2, weights, ids, _, _ = inputs
+    hidden, inter, _, top_k = MOE_SHAPES[shape]
+    touched = ids.unique().numel()  # a host sync here, outside anything timed
+    nbytes = touched * 3 * inter * hidden * w13.element_size() + 2 * x.nbytes
+    flops = 2 * tokens * top_k * 3 * inter * hidden
+    tag = "" if config is None else " " + ",".join(str(v) for v in dataclasses.astuple(config))
+    return Case(
+        "fused_moe" + tag, f"{shape} M={tokens} experts={touched}",
+        lambda: K.fused_moe(x, w13, w2, weights, ids, config),
+        lambda: K.fused_moe_ref(x, w13, w2, weights, ids), nbytes, flops,
+    )  # fmt: skip
+
+
+def row(case: Case, copy: float, mm: float, ref: bool) -> tuple[str, float]:
+    ms = bench_ms(case.kernel, graph=True)
+    ref_ms = bench_ms(case.ref) if ref and case.ref is not None else float("nan")
+    gbps, tflops = case.nbytes / ms / 1e6, case.flops / ms / 1e9
+    line = (
+        f"{case.name:<34} {case.shape:<30} {ref_ms:9.3f} {ms:9.4f} {ref_ms / ms:8.1f}x "
+        f"{gbps:7.0f} {100 * gbps / copy:6.1f}% {tflops:7.1f} {100 * tflops / mm:6.1f}%"
+    )
+    return line, ms
+
+
+def mla_rows(args, copy: float, mm: float) -> None:
+    for heads in (16, 128):
+        for batch in (64, 128):
+            for ctx in (1024, 4096, 8192):
+                inputs = mla_inputs(batch, ctx, heads)
+                print(row(mla_case(inputs), copy, mm, not args.no_ref)[0], flush=True)
+                if args.sweep:
+                    mla_sweep(inputs, copy, mm)
+                del inputs
+                torch.cuda.empty_cache()
+    for batch, ctx in ((1, 4096), (8, 2048)):  # small batches lean on the split
+        print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
+
+
+def mla_sweep(inputs: tuple, copy: float, mm: float) -> None:
+    heads = inputs[0].shape[1]
+    launches = [
+        mla_module._Launch(bh, bn, w, st, 1)
+        for bh, bn, w, st in ((16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 3), (16, 64, 8, 2), (32, 32, 8, 2))
+        if heads >= bh
+    ]
+    best, default = (float("inf"), ""), mla_module._launch_config
+    for launch in launches:
+        mla_module._launch_config = lambda *_, launch=launch: launch  # read at each call
+        try:
+            for splits in (1, 2, 4, 8, 16, 32):
+                line, ms = row(mla_case(inputs, num_splits=splits), copy, mm, False)
+                best = min(best, (ms, f"{launch} splits={splits}: {line.split()[-4]} GB/s"))
+        finally:
+            mla_module._launch_config = default
+    print(f"    best {best[1]}", flush=True)
+
+
+MOE_CONFIGS = [
+    K.MoeConfig(bm, bn, bk, g, w, s)
+    for bm, bn, bk, g, w, s in (
+        (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 128, 1, 4, 5),
+        (32, 64, 128, 8, 4, 3), (32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3),
+        (64, 128, 64, 16, 4, 4), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
+    )
+]  # fmt: skip
+
+
+def moe_rows(args, copy: float, mm: float) -> None:
+    tuned = {}
+    for shape in MOE_SHAPES:
+        w13, w2 = moe_weights(shape)
+        for tokens in (1, 8, 32, 64, 128, 256, 1024, 8192):
+            inputs = moe_inputs(shape, tokens, w13, w2)
+            print(row(moe_case(shape, tokens, inputs), copy, mm, not args.no_ref)[0], flush=True)
+            if args.sweep:
+                tuned[f"{shape},M={tokens}"] = moe_sweep(shape, tokens, inputs, copy, mm)
+            print(overheads(shape, inputs), flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+        del w13, w2
+        torch.cuda.empty_cache()
+    if args.out and tuned:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "configs": tuned}, f, indent=1)
+
+
+def overheads(shape: str, inputs: tuple) -> str:
+    """The routing and alignment that precede the GEMMs, timed alone."""
+    _, _, experts, top_k = MOE_SHAPES[shape]
+    _, _, _, _, ids, logits, bias = inputs
+    align_ms = bench_ms(lambda: K.moe_align_block_size(ids, experts, 16), graph=True)
+    route_ms = bench_ms(
+        lambda: K.select_experts(logits, top_k, "noaux_tc", 8, 4, True, 2.5, bias), graph=True
+    )
+    return f"    moe_align_block_size {1e3 * align_ms:6.1f} us   select_experts {1e3 * route_ms:6.1f} us"
+
+
+def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) -> dict:
+    _, _, experts, top_k = MOE_SHAPES[shape]
+    rows_per_expert = max(1, tokens * top_k // experts)
+    results = []
+    for config in MOE_CONFIGS:
+        if config.block_m <= 16 * rows_per_expert:  # far taller blocks than rows: mostly padding
+            line, ms = row(moe_case(shape, tokens, inputs, config), copy, mm, False)
+            results.append((ms, line, config))
+    ms, line, config = min(results, key=lambda r: r[0])
+    print(f"    best {line}", flush=True)
+    return dataclasses.asdict(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--only", choices=["mla", "moe"], help="one half only")
+    parser.add_argument("--no-ref", action="store_true", help="skip the (slow) PyTorch references")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configs per case")
+    parser.add_argument("--out", help="with --sweep: write the best MoE tiles here as JSON")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "the benchmark needs a CUDA device"
+    torch.manual_seed(0)
+    copy, mm = copy_gbps(), matmul_tflops()
+    print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
+    print(f"device-to-device copy: {copy:.0f} GB/s   bf16 matmul 8192^3: {mm:.0f} TFLOP/s\n")
+    print(f"{'op':<34} {'shape':<30} {'ref ms':>9} {'ms':>9} {'speedup':>9} {'GB/s':>7} {'copy':>7} "
+          f"{'TFLOP/s':>7} {'matmul':>7}")  # fmt: skip
+    if args.only in (None, "mla"):
+        mla_rows(args, copy, mm)
+    if args.only in (None, "moe"):
+        moe_rows(args, copy, mm)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Compile the DeepSeek kernels for Hopper (sm_90a) on a machine without a GPU, and print what each
+launch config costs: registers per thread, local-memory stack (spills), shared memory, and whether
+the products became tensor-core instructions (mma.sync, or wgmma from 64-row tiles).
+
+    python perf/sm90_compile_check.py [mla|moe]
+
+The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
+the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
+the divisibility-by-16 hints that a real launch gives pointers and strides), and the cuobjdump that
+ships with Triton's NVIDIA backend; written against Triton 3.9.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402  before the kernels, so that kernels.backend keeps the compiler
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+M, F, A, S = (
+    importlib.import_module(f"lightllm_async.kernels.{name}")
+    for name in ("mla_decode_attention", "fused_moe", "moe_align", "mla_store_kv")
+)
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+ALIGNED_INTS = {"N_OUT", "K", "num_heads"}  # besides strides: multiples of 16 at DeepSeek's shapes
+
+
+def report(name: str, fn, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3) -> None:
+    params = fn.arg_names
+    sig = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
+    aligned = [
+        i for i, p in enumerate(params) if sig[p][0] == "*" or p.startswith("stride") or p in ALIGNED_INTS
+    ]
+    src = ASTSource(
+        fn, sig, constexprs={(params.index(k),): v for k, v in constexprs.items()},
+        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
+    )  # fmt: skip
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
+    print(f"{name:<52} regs {regs:>3}  stack {stack:>5}  smem {kernel.metadata.shared:>6}  {mma}", flush=True)
+
+
+def mla() -> None:
+    bf16 = "*bf16"
+    types = dict(Q_NOPE=bf16, Q_PE=bf16, KV_CACHE=bf16, OUT=bf16, MID_O="*fp32", MID_LSE="*fp32",
+                 REQ_TO_TOKEN="*i32", REQ_IDX="*i32", SEQ_LENS="*i32", qk_scale="fp32")  # fmt: skip
+    launches = (
+        (16, 16, 4, 2),
+        (16, 32, 4, 2),
+        (16, 32, 8, 3),
+        (16, 64, 4, 2),
+        (32, 32, 8, 2),
+        (64, 32, 8, 2),
+    )
+    for bh, bn, warps, stages in launches:
+        for splits in (8, 1):
+            shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
+            consts = dict(shape, NUM_SPLITS=splits, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn)
+            name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
+            report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
+    report("mla merge", M._mla_decode_merge_kernel, dict(MID_O="*fp32", MID_LSE="*fp32", OUT=bf16),
+           dict(KV_LORA_RANK=512, NUM_SPLITS=5, BLOCK_S=8, BLOCK_R=512))  # fmt: skip
+    report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
+           dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip
+
+
+def moe() -> None:
+    report("moe align", A._moe_align_kernel,
+           dict(TOPK_IDS="*i64", SORTED_IDS="*i32", EXPERT_IDS="*i32", NUM_PADDED="*i32"),
+           dict(BLOCK_M=16, BLOCK_E=256, BLOCK=4096))  # fmt: skip
+    types = dict(A="*bf16", B="*bf16", C="*bf16", TOPK_WEIGHTS="*fp32", SORTED_IDS="*i32", EXPERT_IDS="*i32",
+                 NUM_PADDED="*i32")  # fmt: skip
+    configs = (F.MoeConfig(16, 64, 128, 1, 4, 4), F.MoeConfig(32, 64, 128, 8, 4, 3),
+               F.MoeConfig(64, 128, 64, 8, 8, 3), F.MoeConfig(128, 128, 64, 8, 8, 3))  # fmt: skip
+    for c in configs:
+        for gate_up in (True, False):
+            tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+            consts = dict(
+                tiles, A_ROWS_PER_PAIR=not gate_up, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, PRECISION="tf32"
+            )
+            kind = "gate_up" if gate_up else "down"
+            name = f"moe {kind} {c.block_m}x{c.block_n}x{c.block_k} warps{c.num_warps} "
+            report(
+                name + f"stages{c.num_stages}", F._moe_gemm_kernel, types, consts, c.num_warps, c.num_stages
+            )
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["mla", "moe"]
+    for part in which:
+        {"mla": mla, "moe": moe}[part]()

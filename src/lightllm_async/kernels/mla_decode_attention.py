@@ -1,0 +1,277 @@
+"""MLA decode attention (DeepSeek-V2/V3) over the token-level latent cache: one new query token per
+request, the no-rope query already absorbed through W_UK, so that every head attends directly over
+the one shared latent "KV head" (c_kv, also the value) plus the rope key. Flash-decoding: the context
+is cut into chunks, then a second stage merges them, so that small batches still fill the card."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .backend import jit, tl, triton, use_triton
+
+
+def mla_decode_attention_ref(
+    q_nope: Tensor,
+    q_pe: Tensor,
+    kv_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor:
+    # reads every request's latent + rope rows once: sum(seq_lens) * (R + P) * itemsize, plus the
+    # queries and the output; the heads share those rows, which is what makes MLA decode cheap
+    rank = q_nope.shape[-1]
+    out = torch.zeros_like(q_nope)
+    for b in range(q_nope.shape[0]):
+        seq_len = int(seq_lens[b])
+        if seq_len == 0:
+            continue
+        rows = req_to_token[int(req_idx[b]), :seq_len].long()
+        kv = kv_cache[rows].float()  # [n, R + P]
+        c_kv, k_pe = kv[:, :rank], kv[:, rank:]
+        scores = (q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T) * scale  # [H, n]
+        out[b] = (scores.softmax(dim=-1) @ c_kv).to(q_nope.dtype)
+    return out
+
+
+@jit
+def _mla_decode_split_kernel(
+    Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
+    Q_PE,  # [B, H, P] rope queries
+    KV_CACHE,  # [S, R + P] per token: the latent c_kv (also the value), then the rope key k_pe
+    REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
+    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
+    SEQ_LENS,  # [B] context length of each request, the new token included
+    MID_O,  # [B, H, NUM_SPLITS, R] float32: each chunk's normalized output (unused if DIRECT)
+    MID_LSE,  # [B, H, NUM_SPLITS] float32: each chunk's log2-sum-exp2 (-inf: empty; unused if DIRECT)
+    OUT,  # [B, H, R] the output, written here when DIRECT (one chunk: nothing to merge)
+    stride_qn_b, stride_qn_h,  # Q_NOPE strides; the last dim is contiguous
+    stride_qp_b, stride_qp_h,  # Q_PE strides
+    stride_kv,  # KV_CACHE row stride
+    stride_r2t,  # REQ_TO_TOKEN row stride
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
+    stride_o_b, stride_o_h,  # OUT strides
+    num_heads,  # H
+    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    KV_LORA_RANK: tl.constexpr,  # R: latent width, the first R values of a cache row
+    ROPE_DIM: tl.constexpr,  # P: rope key width, the P values after them
+    NUM_SPLITS: tl.constexpr,  # chunks the context is cut into
+    DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
+    BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
+    BLOCK_N: tl.constexpr,  # context tokens per iteration
+    BLOCK_R: tl.constexpr,  # >= R, a power of two
+    BLOCK_P: tl.constexpr,  # >= P, a power of two
+):  # fmt: skip
+    # one program: BLOCK_H heads of one request, one chunk of its context. The head blocks of a chunk
+    # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
+    head_block = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+
+    # -- this program's chunk: whole blocks of BLOCK_N tokens --
+    seq_len = tl.load(SEQ_LENS + b)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    # -- the heads' queries, loaded once --
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_h = heads < num_heads
+    mask_r = offs_r < KV_LORA_RANK
+    mask_p = offs_p < ROPE_DIM
+    qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
+    q_nope = tl.load(qn_ptrs, mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
+    q_pe = tl.load(qp_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+
+    # -- online softmax over the chunk; each latent tile serves as key and as value --
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    for n in range(start, end, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
+        row_ptrs = KV_CACHE + rows[:, None] * stride_kv
+        c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        k_pe = tl.load(
+            row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
+        )
+        s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=PRECISION)
+        m_i = m_new
+
+    # -- the chunk's result; an empty chunk gives zeros and lse = -inf, which the merge ignores --
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    mask_out = mask_h[:, None] & mask_r[None, :]
+    if DIRECT:
+        o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_r[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
+    else:
+        lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
+        tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_h)
+
+
+@jit
+def _mla_decode_merge_kernel(
+    MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
+    OUT,  # [B, H, R] attention output
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides
+    stride_o_b, stride_o_h,  # OUT strides
+    KV_LORA_RANK: tl.constexpr,  # R
+    NUM_SPLITS: tl.constexpr,  # any count >= 1
+    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
+    BLOCK_R: tl.constexpr,  # >= R, a power of two
+):  # fmt: skip
+    # one program: one head of one request
+    head = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < KV_LORA_RANK
+    lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h
+
+    # -- each chunk weighs its share of the total exp-sum; all empty (seq_len 0) gives zeros --
+    lse = tl.load(lse_ptrs + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.math.exp2(lse - m), axis=0)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_r
+    for s in range(NUM_SPLITS):  # one row at a time: [NUM_SPLITS, R] at once would spill
+        w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
+        acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    block_h: int  # heads per program
+    block_n: int  # tokens per iteration
+    num_warps: int
+    num_stages: int
+    per_sm: int  # programs that fit on one multiprocessor at once
+
+
+# Compiled for sm_90a by Triton 3.9 (perf/sm90_compile_check.py), neither of these spills. Up to 16
+# heads (V2-Lite): a [16, 512] float32 accumulator and two-stage [32, 576] tiles, 153 registers and
+# 56 KB of shared memory, 2-3 programs per SM. More heads (V3's 128): 32 heads per program, so each
+# latent tile serves twice as many heads, 178 registers, 76 KB, 8 warps; 64 heads spill.
+# perf/mla_moe_bench.py --sweep measures the alternatives.
+_LAUNCH_FEW_HEADS = _Launch(16, 32, 4, 2, 2)
+_LAUNCH_MANY_HEADS = _Launch(32, 32, 8, 2, 1)
+_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, 1)
+
+
+def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
+    if device.type != "cuda":
+        launch = _LAUNCH_INTERPRETER
+    else:
+        launch = _LAUNCH_FEW_HEADS if heads <= 16 else _LAUNCH_MANY_HEADS
+    return launch if block_h is None else replace(launch, block_h=block_h)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.device) -> int:
+    """Chunks per context: about two waves of programs over the card, or one chunk (no merge) where
+    the batch and heads fill a wave already. A function of the shapes only, never of seq_lens, so
+    that the launch is the same in a CUDA graph."""
+    if device.type != "cuda":
+        return 3  # the interpreter: small contexts still cut into several chunks and merged
+    wave, programs = launch.per_sm * _num_sms(device), batch * head_blocks
+    return 1 if programs >= wave else min(64, triton.cdiv(2 * wave, programs))
+
+
+def mla_decode_attention(
+    q_nope: Tensor,
+    q_pe: Tensor,
+    kv_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    block_h: int | None = None,
+) -> Tensor:
+    """MLA attention of each request's one new token over its whole context in the latent cache.
+
+    q_nope [B, H, R]: the no-rope query multiplied per head by W_UK (absorbed); q_pe [B, H, P]: the
+    rope query; kv_cache [S, R + P]: per token the latent c_kv then the rope key k_pe (mla_store_kv
+    it first), same dtype as the queries. req_to_token [*, L] int32 holds each request's cache rows
+    in position order; request b is row req_idx[b] (int32) with seq_lens[b] (int32) tokens. The score
+    of token t is (q_nope . c_kv[t] + q_pe . k_pe[t]) * scale. Returns [B, H, R], the softmax-weighted
+    sum of c_kv (the caller applies W_UV); a request with seq_len 0 gets zeros. num_splits (any
+    count >= 1) and block_h (heads per program, a power of two >= 16) override the defaults.
+    """
+    if not use_triton(q_nope):
+        return mla_decode_attention_ref(q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, scale)
+    batch, heads, rank = q_nope.shape
+    rope = q_pe.shape[-1]
+    assert q_pe.shape == (batch, heads, rope), f"q_pe {tuple(q_pe.shape)} for q_nope {(batch, heads)}"
+    assert kv_cache.dim() == 2 and kv_cache.shape[1] == rank + rope, (
+        f"kv_cache {tuple(kv_cache.shape)} is not [S, {rank} + {rope}]"
+    )
+    assert q_pe.dtype == q_nope.dtype == kv_cache.dtype, "queries and cache must share a dtype"
+    assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
+    assert q_nope.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(1) == 1
+    out = torch.empty((batch, heads, rank), dtype=q_nope.dtype, device=q_nope.device)
+    if batch == 0:
+        return out
+    launch = _launch_config(heads, q_nope.device, block_h)
+    head_blocks = triton.cdiv(heads, launch.block_h)
+    splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
+    assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
+    # one chunk writes `out` directly: the float32 buffers are then placeholders
+    mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
+    mid_o = torch.empty((*mid_shape, rank), dtype=torch.float32, device=q_nope.device)
+    mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q_nope.device)
+    block_r = triton.next_power_of_2(rank)
+    _mla_decode_split_kernel[(head_blocks, splits, batch)](
+        q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        heads, scale * math.log2(math.e),
+        KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, DIRECT=splits == 1,
+        PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
+        BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
+        BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _mla_decode_merge_kernel[(heads, batch)](
+            mid_o, mid_lse, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            KV_LORA_RANK=rank, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,168 @@
+"""MLA decode attention and the MLA cache store against their references: in the Triton interpreter
+on CPU tensors at small irregular sizes, and compiled on CUDA at DeepSeek's sizes (marked gpu).
+
+Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32, where the kernel
+and the float32 reference differ only in summation order; 1e-2 in bfloat16, where the kernel rounds
+the softmax weights to bf16 before the second product, as every flash-attention kernel does."""
+
+import pytest
+import torch
+
+from lightllm_async.kernels import (
+    mla_decode_attention,
+    mla_decode_attention_ref,
+    mla_store_kv,
+    mla_store_kv_ref,
+)
+from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
+
+
+def make_latent_cache(seq_lens, width, dtype, device, spare=37):
+    """A [rows, width] latent cache and request table for requests of `seq_lens` tokens, their rows
+    scattered at random. Rows no request owns hold NaN, and every request's table row is padded past
+    its length with pointers to them, so a kernel that reads outside a context gives NaN."""
+    used, rows = sum(seq_lens), sum(seq_lens) + spare
+    perm = torch.randperm(rows, device=device)
+    kv_cache = torch.full((rows, width), float("nan"), dtype=dtype, device=device)
+    kv_cache[perm[:used]] = torch.randn(used, width, dtype=dtype, device=device)
+    num_rows, table_width = len(seq_lens) + 3, max(seq_lens, default=0) + 5
+    pad = torch.randint(0, spare, (num_rows, table_width), device=device)
+    req_to_token = perm[used:][pad].to(torch.int32)
+    req_idx = torch.randperm(num_rows, device=device)[: len(seq_lens)].to(torch.int32)
+    start = 0
+    for b, n in enumerate(seq_lens):
+        req_to_token[req_idx[b], :n] = perm[start : start + n].to(torch.int32)
+        start += n
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return kv_cache, req_to_token, req_idx, seq_lens
+
+
+def check_mla_decode(seq_lens, heads, rank, rope, dtype, device, **launch):
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, rank + rope, dtype, device)
+    q_nope = torch.randn(len(seq_lens), heads, rank, dtype=dtype, device=device)
+    q_pe = torch.randn(len(seq_lens), heads, rope, dtype=dtype, device=device)
+    args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, (rank // 4 + rope) ** -0.5)
+    with nan_filled_allocations():
+        out = mla_decode_attention(*args, **launch)
+    ref = mla_decode_attention_ref(*args)
+    assert out.shape == (len(seq_lens), heads, rank) and out.dtype == dtype
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads, rank, rope",
+    [(3, 32, 16), (16, 64, 16), (20, 48, 16)],  # heads under, at and over one block; a rank of 48
+)
+@pytest.mark.parametrize("seq_lens", [[300], [1, 17, 130, 300, 64]])
+def test_mla_decode_matches_reference_in_interpreter(interpreter, seq_lens, heads, rank, rope):
+    check_mla_decode(seq_lens, heads, rank, rope, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 1 writes the output directly, no merge
+def test_mla_decode_merges_any_number_of_splits(interpreter, num_splits):
+    check_mla_decode([1, 33, 130, 7], 5, 32, 16, torch.float32, "cpu", num_splits=num_splits)
+
+
+def test_mla_decode_gives_zeros_for_an_empty_context(interpreter):
+    for splits in (1, 3):
+        out = check_mla_decode([0, 17], 3, 32, 16, torch.float32, "cpu", num_splits=splits)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+def test_mla_decode_with_absorbed_weights_equals_decompressed_attention(interpreter):
+    """The contract the model relies on: attending over the latent with q_nope @ W_UK, then applying
+    W_UV, is multi-head attention with keys [c_kv @ W_UK^T, k_pe] and values c_kv @ W_UV^T."""
+    seq_lens, heads, rank, rope, nope, v_dim = [9, 70], 4, 32, 16, 24, 20
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, rank + rope, torch.float32, "cpu")
+    w_uk = torch.randn(heads, nope, rank) / rank**0.5  # kv_b_proj's key half, per head
+    w_uv = torch.randn(heads, v_dim, rank) / rank**0.5  # kv_b_proj's value half, per head
+    q_nope, q_pe = torch.randn(2, heads, nope), torch.randn(2, heads, rope)
+    scale = (nope + rope) ** -0.5
+
+    q_absorbed = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)
+    latent_out = mla_decode_attention(q_absorbed, q_pe, kv_cache, req_to_token, req_idx, lens, scale)
+    out = torch.einsum("bhr,hvr->bhv", latent_out, w_uv)
+
+    for b, n in enumerate(seq_lens):
+        kv = kv_cache[req_to_token[req_idx[b], :n].long()]
+        c_kv, k_pe = kv[:, :rank], kv[:, rank:]
+        k = torch.cat([torch.einsum("sr,hdr->hsd", c_kv, w_uk), k_pe.expand(heads, n, rope)], dim=-1)
+        v = torch.einsum("sr,hvr->hsv", c_kv, w_uv)
+        q = torch.cat([q_nope[b], q_pe[b]], dim=-1)  # [H, nope + rope]
+        probs = (torch.einsum("hd,hsd->hs", q, k) * scale).softmax(dim=-1)
+        assert rel_err(out[b], torch.einsum("hs,hsv->hv", probs, v)) < 1e-4
+
+
+def check_mla_store_kv(num_tokens, rank, rope, dtype, device):
+    rows = 3 * num_tokens + 5
+    kv_cache = torch.full((rows, rank + rope), float("nan"), dtype=dtype, device=device)
+    # strided inputs, as slices of kv_a_proj's output [T, R + P] would be
+    projected = torch.randn(num_tokens, rank + rope + 3, dtype=dtype, device=device)
+    c_kv, k_pe = projected[:, :rank], projected[:, rank : rank + rope]
+    slots = torch.randperm(rows, device=device)[:num_tokens]
+    mla_store_kv(kv_cache, c_kv, k_pe.unsqueeze(1), slots)
+    assert torch.equal(kv_cache[slots], torch.cat([c_kv, k_pe], dim=-1))
+    untouched = torch.ones(rows, dtype=torch.bool, device=device)
+    untouched[slots] = False
+    assert kv_cache[untouched].isnan().all()
+    ref = torch.full_like(kv_cache, float("nan"))
+    mla_store_kv_ref(ref, c_kv, k_pe, slots)
+    assert torch.equal(ref.nan_to_num(), kv_cache.nan_to_num())
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("rank, rope", [(32, 16), (48, 8)])
+def test_mla_store_kv_writes_exactly_the_slots_in_interpreter(interpreter, num_tokens, rank, rope):
+    check_mla_store_kv(num_tokens, rank, rope, torch.float32, "cpu")
+
+
+def test_mla_store_then_decode_reads_the_stored_token(interpreter):
+    """The new token, stored with mla_store_kv, takes part in the attention that follows."""
+    seq_lens, heads, rank, rope = [5, 40], 3, 32, 16
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, rank + rope, torch.float32, "cpu")
+    last = req_to_token[req_idx.long(), lens.long() - 1].long()  # each request's newest row
+    new = torch.randn(2, rank + rope)
+    mla_store_kv(kv_cache, new[:, :rank], new[:, rank:], last)
+    assert torch.equal(kv_cache[last], new)
+    q_nope, q_pe = torch.randn(2, heads, rank), torch.randn(2, heads, rope)
+    args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 0.2)
+    assert rel_err(mla_decode_attention(*args), mla_decode_attention_ref(*args)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])  # DeepSeek-V2-Lite, DeepSeek-V3 (one GPU, no TP)
+def test_mla_decode_matches_reference_on_gpu(gpu, heads):
+    seq_lens = torch.randint(1, 4097, (64,)).tolist()
+    seq_lens[:3] = [1, 4096, 4095]
+    check_mla_decode(seq_lens, heads, 512, 64, torch.bfloat16, "cuda")
+    check_mla_decode([4096] * 4, heads, 512, 64, torch.bfloat16, "cuda")
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
+    other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
+
+
+@pytest.mark.gpu
+def test_mla_store_kv_writes_exactly_the_slots_on_gpu(gpu):
+    check_mla_store_kv(4099, 512, 64, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_mla_decode_replays_in_a_cuda_graph_with_new_lengths(gpu):
+    seq_lens = [300, 1, 2048, 77]
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, 576, torch.bfloat16, "cuda")
+    q_nope = torch.randn(4, 16, 512, dtype=torch.bfloat16, device="cuda")
+    q_pe = torch.randn(4, 16, 64, dtype=torch.bfloat16, device="cuda")
+    args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 192**-0.5)
+    mla_decode_attention(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode_attention(*args)
+    for new_lens in ([150, 1, 2048, 77], [1, 1, 129, 3]):  # within each request's cached rows
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q_nope.normal_()
+        q_pe.normal_()
+        graph.replay()
+        assert rel_err(out, mla_decode_attention_ref(*args)) < TOLERANCE[torch.bfloat16]
