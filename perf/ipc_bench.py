@@ -64,7 +64,6 @@ from lightllm_async.ipc import (  # noqa: E402
     Region,
     RegionSpec,
     SamplingParams,
-    atomics,
 )
 from lightllm_async.ipc.engine_side import ENGINE_SPIN_S  # noqa: E402
 
@@ -582,7 +581,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "atomics_native": atomics.IS_NATIVE,
         "zmq": zmq.zmq_version(),
         "pyzmq": zmq.__version__,
         "msgspec": msgspec.__version__,

@@ -61,8 +61,6 @@ def region():
 
 
 def test_contending_processes_never_share_or_lose_a_slot(region):
-    if not atomics.IS_NATIVE:
-        pytest.skip("needs the compiled atomics (the reference is not atomic across processes)")
     held = mmap.mmap(-1, 4 * NUM_SLOTS)
     ctx = mp.get_context("fork")
     pipes, start = [ctx.Pipe(duplex=False) for _ in range(WORKERS)], ctx.Barrier(WORKERS)
