@@ -57,15 +57,9 @@ import zmq.asyncio
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from lightllm_async.frontend.reader import Reader  # noqa: E402
-from lightllm_async.ipc import (  # noqa: E402
-    EngineState,
-    FinishReason,
-    Op,
-    Region,
-    RegionSpec,
-    SamplingParams,
-)
+from lightllm_async.ipc import EngineState, Op, Region, RegionSpec  # noqa: E402
 from lightllm_async.ipc.engine_side import ENGINE_SPIN_S  # noqa: E402
+from lightllm_async.types import FinishReason, SamplingParams  # noqa: E402
 
 PROMPT_LEN = 100
 TOKEN = 1234  # what the no-op engine emits
