@@ -7,7 +7,8 @@ and publishes the step.
 
   shm          the real frontend machinery: `frontend.reader.Reader` (the helper thread that waits on
                the semaphore and hands each wake-up to the loop, one `RequestHandle` per request)
-               over a `Region`; the engine uses the Region's engine-side API, as engine.py does.
+               over the `FrontendRegion` that `Region.create` returns; the engine attaches its
+               `EngineRegion` by name and uses it as engine.py does.
   zmq-msgpack  pyzmq PUSH/PULL over ipc://, one socket each way, built like vLLM's AsyncLLM: requests
                and per-step output batches are msgspec Structs (array_like) encoded with msgpack; a
                zmq.asyncio task decodes each batch and fills per-request collectors (asyncio.Event).
@@ -182,7 +183,7 @@ class Codec:
 
 
 def shm_engine(name: str, gate: int, stop: Any, spin: float) -> None:
-    """The no-op engine over a Region: what engine.py does around the runner, nothing else."""
+    """The no-op engine over an EngineRegion: what engine.py does around the runner, nothing else."""
     region = Region.attach(name)
     region.set_engine_state(EngineState.READY)
     slots = np.empty(0, np.int64)  # running requests' slots, and tokens each has still to emit

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
-from lightllm_async.ipc import EngineStats, Op, Region
+from lightllm_async.ipc import EngineRegion, EngineStats, Op
 from lightllm_async.types import FinishReason
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class InjectedFailure(RuntimeError):
 class Engine:
     """Rank 0's loop. Ranks that follow would receive `batch` instead of scheduling it."""
 
-    def __init__(self, region: Region, scheduler: Scheduler, runner: Runner, fail_after_steps: int = 0):
+    def __init__(self, region: EngineRegion, scheduler: Scheduler, runner: Runner, fail_after_steps: int = 0):
         self.region = region
         self.scheduler = scheduler
         self.runner = runner
