@@ -7,7 +7,8 @@ and publishes the step.
 
   shm          the real frontend machinery: `frontend.reader.Reader` (the helper thread that waits on
                the semaphore and hands each wake-up to the loop, one `RequestHandle` per request)
-               over a `Region`; the engine uses the Region's engine-side API, as engine.py does.
+               over the `FrontendRegion` that `Region.create` returns; the engine attaches its
+               `EngineRegion` by name and uses it as engine.py does.
   zmq-msgpack  pyzmq PUSH/PULL over ipc://, one socket each way, built like vLLM's AsyncLLM: requests
                and per-step output batches are msgspec Structs (array_like) encoded with msgpack; a
                zmq.asyncio task decodes each batch and fills per-request collectors (asyncio.Event).
@@ -57,16 +58,9 @@ import zmq.asyncio
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from lightllm_async.frontend.reader import Reader  # noqa: E402
-from lightllm_async.ipc import (  # noqa: E402
-    EngineState,
-    FinishReason,
-    Op,
-    Region,
-    RegionSpec,
-    SamplingParams,
-    atomics,
-)
+from lightllm_async.ipc import EngineState, Op, Region, RegionSpec  # noqa: E402
 from lightllm_async.ipc.engine_side import ENGINE_SPIN_S  # noqa: E402
+from lightllm_async.types import FinishReason, SamplingParams  # noqa: E402
 
 PROMPT_LEN = 100
 TOKEN = 1234  # what the no-op engine emits
@@ -189,7 +183,7 @@ class Codec:
 
 
 def shm_engine(name: str, gate: int, stop: Any, spin: float) -> None:
-    """The no-op engine over a Region: what engine.py does around the runner, nothing else."""
+    """The no-op engine over an EngineRegion: what engine.py does around the runner, nothing else."""
     region = Region.attach(name)
     region.set_engine_state(EngineState.READY)
     slots = np.empty(0, np.int64)  # running requests' slots, and tokens each has still to emit
@@ -582,7 +576,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "atomics_native": atomics.IS_NATIVE,
         "zmq": zmq.zmq_version(),
         "pyzmq": zmq.__version__,
         "msgspec": msgspec.__version__,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lightllm_async.frontend.app import FrontendContext, create_app
-from lightllm_async.ipc import Op, Region, RegionSpec
+from lightllm_async.ipc import EngineRegion, Op, Region, RegionSpec
 from lightllm_async.types import FinishReason
 
 SCRIPT_TEXT = " Hello! I am a tiny model, and this is my scripted answer: 42 🎉 done."
@@ -38,7 +38,7 @@ def tokenizer():
 class FakeEngine:
     """Engine rank 0 on a real Region; emits `script` cyclically, one token per step."""
 
-    def __init__(self, region: Region, script: list[int], step_time: float = 0.0005):
+    def __init__(self, region: EngineRegion, script: list[int], step_time: float = 0.0005):
         self.region = region
         self.script = script
         self.step_time = step_time
@@ -134,7 +134,7 @@ class Harness:
         self.script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
         if eos_in_script:
             self.script = self.script + [tokenizer.eos_token_ids[0]]
-        self.engine = FakeEngine(self.region, self.script)
+        self.engine = FakeEngine(Region.attach(self.region.name), self.script)
         self.ctx = FrontendContext(
             region=self.region,
             tokenizer=tokenizer,
@@ -164,6 +164,7 @@ class Harness:
         await self._life
         if self.engine.alive:
             self.engine.kill()
+        self.engine.region.close()
         self.region.close()
         self.region.unlink()
 
@@ -768,6 +769,7 @@ def test_under_uvicorn_stream_then_disconnect_aborts_and_frees_slot(tokenizer):
         server.should_exit = True
         thread.join(5)
         h.engine.kill()
+        h.engine.region.close()
         h.region.close()
         h.region.unlink()
     assert not thread.is_alive()

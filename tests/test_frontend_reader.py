@@ -17,7 +17,7 @@ import pytest
 
 from lightllm_async.frontend import reader as reader_mod
 from lightllm_async.frontend.reader import Reader
-from lightllm_async.ipc import Op, Region, RegionSpec, atomics
+from lightllm_async.ipc import Op, Region, RegionSpec
 from lightllm_async.types import FinishReason, SamplingParams
 
 NUM_SLOTS = 16
@@ -50,8 +50,6 @@ def _engine(name: str, stop) -> None:
 
 @pytest.mark.parametrize("few", [1000, 0], ids=["one_by_one", "vectorized"])
 def test_no_wakeup_is_lost_between_engine_and_reader(monkeypatch, few):
-    if not atomics.IS_NATIVE:
-        pytest.skip("needs the compiled atomics")
     monkeypatch.setattr(reader_mod, "_FEW", few)
     monkeypatch.setattr(reader_mod, "LIVENESS_INTERVAL_S", 3600.0)  # no safety-net poll
     region = Region.create(f"rd{os.getpid()}-{uuid.uuid4().hex[:8]}", RegionSpec(NUM_SLOTS, 64))

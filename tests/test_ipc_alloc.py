@@ -1,4 +1,7 @@
-"""Slot allocation under contention: processes hammer alloc_slot/free_slot on one region."""
+"""Slot allocation under contention: processes hammer alloc_slot/free_slot on one region.
+
+The workers are forked from the creator and use its FrontendRegion through the inherited shared
+mapping: allocating slots is the frontend's business, which an engine view cannot do."""
 
 from __future__ import annotations
 
@@ -11,14 +14,14 @@ from collections import defaultdict
 
 import pytest
 
-from lightllm_async.ipc import Region, RegionSpec, SlotState, atomics
+from lightllm_async.ipc import FrontendRegion, Region, RegionSpec, SlotState, atomics
 
 NUM_SLOTS = 7
 WORKERS = 4
 ITERS = 10000
 
 
-def _hammer(region: Region, held: mmap.mmap, rng: random.Random) -> tuple[list[tuple[int, int]], int]:
+def _hammer(region: FrontendRegion, held: mmap.mmap, rng: random.Random) -> tuple[list[tuple[int, int]], int]:
     """Alloc and free at random, holding up to 3 slots; `held[slot]` counts holders across processes."""
     mine: list[tuple[int, int]] = []
     got, violations = [], 0
@@ -39,9 +42,8 @@ def _hammer(region: Region, held: mmap.mmap, rng: random.Random) -> tuple[list[t
     return got, violations
 
 
-def _worker(name: str, held: mmap.mmap, seed: int, start, conn) -> None:  # type: ignore[no-untyped-def]
+def _worker(region: FrontendRegion, held: mmap.mmap, seed: int, start, conn) -> None:  # type: ignore[no-untyped-def]
     try:
-        region = Region.attach(name)
         start.wait(10)
         conn.send(_hammer(region, held, random.Random(seed)))
         region.close()
@@ -61,14 +63,10 @@ def region():
 
 
 def test_contending_processes_never_share_or_lose_a_slot(region):
-    if not atomics.IS_NATIVE:
-        pytest.skip("needs the compiled atomics (the reference is not atomic across processes)")
     held = mmap.mmap(-1, 4 * NUM_SLOTS)
     ctx = mp.get_context("fork")
     pipes, start = [ctx.Pipe(duplex=False) for _ in range(WORKERS)], ctx.Barrier(WORKERS)
-    procs = [
-        ctx.Process(target=_worker, args=(region.name, held, i, start, w)) for i, (_, w) in enumerate(pipes)
-    ]
+    procs = [ctx.Process(target=_worker, args=(region, held, i, start, w)) for i, (_, w) in enumerate(pipes)]
     for p in procs:
         p.start()
     results = [r.recv() if r.poll(60) else "no answer" for r, _ in pipes]

@@ -1,12 +1,15 @@
-"""The compiled atomics (lightllm_async._atomics) against the pure-Python reference and by hand."""
+"""The compiled atomics (lightllm_async._atomics) against the pure-Python reference (atomics_ref,
+the specification, kept here in tests/) and by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
 import random
 import select
 import struct
+import sys
 import threading
 import time
 
@@ -16,24 +19,31 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightllm_async.ipc import atomics, atomics_ref
+import atomics_ref
+import lightllm_async
+from lightllm_async.ipc import atomics
 
 SIZE = 64
 U32, U64 = 2**32, 2**64
 
 
-def _native():
-    """The compiled module. In CI (or with LLA_REQUIRE_C=1) a missing build fails instead of skipping."""
-    if atomics.native is None:
-        if os.environ.get("LLA_REQUIRE_C") == "1" or os.environ.get("CI"):
-            pytest.fail("lightllm_async._atomics is not built")
-        pytest.skip("lightllm_async._atomics is not built (pip install --no-build-isolation .)")
-    return atomics.native
+native = atomics.native  # the compiled module (importing ipc.atomics fails without it)
 
 
 @pytest.fixture(params=["native", "ref"])
 def impl(request):
-    return _native() if request.param == "native" else atomics_ref
+    """Each hand-written check holds for the compiled module and for its specification alike."""
+    return native if request.param == "native" else atomics_ref
+
+
+def test_import_fails_without_the_compiled_module(monkeypatch):
+    """No silent fallback to the reference, which is not atomic between processes."""
+    monkeypatch.delattr(lightllm_async, "_atomics", raising=False)
+    monkeypatch.setitem(sys.modules, "lightllm_async._atomics", None)  # its import raises
+    monkeypatch.setattr(sys, "path", [])  # no installed copy to find either
+    spec = importlib.util.spec_from_file_location("atomics_without_c", atomics.__file__)
+    with pytest.raises(ImportError, match="not built"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 def _outcome(fn, *args):
@@ -130,7 +140,6 @@ _ops = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(init=st.binary(min_size=SIZE, max_size=SIZE), ops=st.lists(_ops, max_size=40))
 def test_native_matches_reference_on_word_ops(init, ops):
-    native = _native()
     a, b = mmap.mmap(-1, SIZE), mmap.mmap(-1, SIZE)
     a[:] = b[:] = init
     for name, *args in ops:
@@ -147,7 +156,6 @@ _stack_ops = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(0, 33), off=st.sampled_from([0, 8, 12, 16]), ops=_stack_ops)
 def test_native_matches_reference_on_slot_stack(n, off, ops):
-    native = _native()
     size = 16 + native.slot_stack_nbytes(n)
     a, b = mmap.mmap(-1, size), mmap.mmap(-1, size)
     init = _outcome(native.slot_stack_init, a, off, n)
@@ -163,7 +171,6 @@ def test_native_matches_reference_on_slot_stack(n, off, ops):
 @given(n=st.integers(1, 40), data=st.data())
 def test_slot_stack_hands_out_each_free_slot_once(n, data):
     """Against a model: pops return free slots only, pushes of held slots come back, none lost."""
-    native = _native()
     buf = mmap.mmap(-1, native.slot_stack_nbytes(n))
     native.slot_stack_init(buf, 0, n)
     free, held = list(range(n - 1, -1, -1)), []  # model: top of stack at the end

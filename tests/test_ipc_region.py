@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from lightllm_async.ipc import (
+    EngineRegion,
     EngineState,
     EngineStats,
+    FrontendRegion,
     Op,
     Region,
     RegionSpec,
@@ -51,7 +53,7 @@ def _files(name: str) -> list[str]:
 
 @pytest.fixture
 def pair():
-    """(frontend, engine): the creator and a second mapping attached by name."""
+    """(frontend, engine): the creator's view and an engine view attached by name."""
     front = Region.create(_uid(), RegionSpec(num_slots=3, max_tokens_per_slot=32))
     engine = Region.attach(front.name)
     yield front, engine
@@ -60,14 +62,14 @@ def pair():
     front.unlink()
 
 
-def _submit(front: Region, prompt: list[int]) -> tuple[int, int]:
+def _submit(front: FrontendRegion, prompt: list[int]) -> tuple[int, int]:
     slot, gen = front.alloc_slot()
     front.write_request(slot, prompt, PARAMS)
     front.submit(slot, gen)
     return slot, gen
 
 
-def _run_to_end(engine: Region, slot: int, tokens: list[int], reason=FinishReason.STOP) -> None:
+def _run_to_end(engine: EngineRegion, slot: int, tokens: list[int], reason=FinishReason.STOP) -> None:
     assert engine.set_running(slot)
     engine.append_tokens(slot, tokens)
     assert engine.finish(slot, reason)
@@ -231,7 +233,7 @@ def test_engine_state_error_text_and_heartbeat(pair):
 # ---- a whole step at once: append_step on the engine side, poll_outputs on the frontend's ----
 
 
-def _running(front: Region, engine: Region, prompts: list[list[int]]) -> list[tuple[int, int]]:
+def _running(front: FrontendRegion, engine: EngineRegion, prompts: list[list[int]]) -> list[tuple[int, int]]:
     refs = [_submit(front, p) for p in prompts]
     engine.drain_ring()
     for slot, _ in refs:
@@ -386,12 +388,14 @@ def test_engine_stats_snapshots_are_never_torn(pair):
 
 def test_close_stops_a_wake_relay_left_running():
     front = Region.create(_uid(), RegionSpec(num_slots=2, max_tokens_per_slot=8))
+    engine = Region.attach(front.name)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         front.start_wake_relay(efd)
-        front.notify_frontend()
+        engine.notify_frontend()
         assert select.select([efd], [], [], 5)[0]  # the relay is running
         front.close()  # no BufferError: the relay was stopped and its export released
     finally:
+        engine.close()
         os.close(efd)
         front.unlink()

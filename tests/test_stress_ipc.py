@@ -3,6 +3,7 @@
   engine process     drains the ring, runs each request for its max_new_tokens steps (one
                      append_step over all running slots per step), honours aborts, logs finishes
   churn processes    take slots and give them back (WRITING -> FREE): contention on the allocator
+                     (forked from this one, on its FrontendRegion: only a frontend view allocates)
   producer threads   (here, sharing the ring with the reader) submit, abort at random, poll, free
   reader tasks       (on this process's event loop, through the real Reader) submit, abort at
                      random, read; the Reader frees
@@ -29,10 +30,8 @@ import time
 import uuid
 from collections import Counter
 
-import pytest
-
 from lightllm_async.frontend.reader import Reader
-from lightllm_async.ipc import Op, Region, RegionSpec, SlotState, atomics
+from lightllm_async.ipc import FrontendRegion, Op, Region, RegionSpec, SlotState, atomics
 from lightllm_async.types import FinishReason, SamplingParams
 
 SECONDS = float(os.environ.get("LLA_STRESS_SECONDS", "3"))
@@ -101,9 +100,9 @@ def engine_main(name: str, stop, conn) -> None:
         region.close()
 
 
-def churn_main(name: str, held: mmap.mmap, stop, seed: int, conn) -> None:
+def churn_main(region: FrontendRegion, held: mmap.mmap, stop, seed: int, conn) -> None:
     """Take a slot, hold it a moment, give it back."""
-    region, rng, frees, bad = Region.attach(name), random.Random(seed), Counter(), 0
+    rng, frees, bad = random.Random(seed), Counter(), 0
     while not stop.value:
         ref = region.alloc_slot()
         if ref is None:
@@ -151,7 +150,7 @@ class Ledger:
                 self.violations.append(what)
 
 
-def producer_thread(region: Region, ledger: Ledger, deadline: float, seed: int) -> None:
+def producer_thread(region: FrontendRegion, ledger: Ledger, deadline: float, seed: int) -> None:
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         ref = region.alloc_slot()
@@ -179,7 +178,7 @@ def producer_thread(region: Region, ledger: Ledger, deadline: float, seed: int) 
 class CountingReader(Reader):
     """The real Reader, counting its slots in and out of the ledger around its own alloc/free."""
 
-    def __init__(self, region: Region, ledger: Ledger) -> None:
+    def __init__(self, region: FrontendRegion, ledger: Ledger) -> None:
         super().__init__(region, lambda: True)
         self.ledger = ledger
 
@@ -195,7 +194,7 @@ class CountingReader(Reader):
         super()._end(h)
 
 
-async def reader_tasks(region: Region, ledger: Ledger, deadline: float) -> None:
+async def reader_tasks(region: FrontendRegion, ledger: Ledger, deadline: float) -> None:
     reader = CountingReader(region, ledger)
     await reader.start()
 
@@ -229,8 +228,6 @@ async def reader_tasks(region: Region, ledger: Ledger, deadline: float) -> None:
 
 
 def test_many_producers_one_engine_nothing_lost_held_twice_or_ended_twice():
-    if not atomics.IS_NATIVE:
-        pytest.skip("needs the compiled atomics (the reference is not atomic across processes)")
     region = Region.create(f"st{os.getpid()}-{uuid.uuid4().hex[:8]}", RegionSpec(NUM_SLOTS, ARENA))
     held = mmap.mmap(-1, 4 * NUM_SLOTS)
     ctx = mp.get_context("fork")  # before any thread of ours starts
@@ -238,7 +235,7 @@ def test_many_producers_one_engine_nothing_lost_held_twice_or_ended_twice():
     (engine_rx, engine_tx), churn_pipes = ctx.Pipe(False), [ctx.Pipe(False) for _ in range(CHURN_PROCS)]
     procs = [ctx.Process(target=engine_main, args=(region.name, stop_engine, engine_tx))]
     procs += [
-        ctx.Process(target=churn_main, args=(region.name, held, stop_churn, i, tx))
+        ctx.Process(target=churn_main, args=(region, held, stop_churn, i, tx))
         for i, (_, tx) in enumerate(churn_pipes)
     ]
     try:

@@ -14,8 +14,14 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from lightllm_async.config import EngineConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from lightllm_async.ipc import FrontendRegion
 
 log = logging.getLogger("lightllm_async")
 
@@ -104,7 +110,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _wait_ready(region, proc) -> bool:
+def _wait_ready(region: FrontendRegion, proc: BaseProcess) -> bool:
     from lightllm_async.ipc import EngineState
 
     while proc.is_alive():
@@ -125,7 +131,7 @@ def serve(cfg: ServerConfig) -> int:
     from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
-    region = Region.create(
+    region = Region.create(  # the frontend's view; the engine process attaches its own by name
         cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
     )
     proc = mp.get_context("spawn").Process(

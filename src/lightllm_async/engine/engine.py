@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from lightllm_async.batch import Batch, DeviceFailure, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
-from lightllm_async.ipc import EngineStats, Op, Region
+from lightllm_async.ipc import EngineRegion, EngineStats, Op
 from lightllm_async.types import FinishReason, InvalidParam
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Engine:
     its view of the region. `step()` does one iteration; `run()` loops until `stop` is set or the
     parent process is gone."""
 
-    def __init__(self, region: Region, scheduler: Scheduler, runner: Runner):
+    def __init__(self, region: EngineRegion, scheduler: Scheduler, runner: Runner):
         self.region = region
         self.scheduler = scheduler
         self.runner = runner

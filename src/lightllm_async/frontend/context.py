@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lightllm_async.ipc import Region
+    from lightllm_async.ipc import FrontendRegion
     from lightllm_async.tokenizer import Tokenizer
 
 
@@ -19,7 +19,7 @@ class FrontendContext:
     cheap and must not block (Process.is_alive is fine).
     """
 
-    region: Region
+    region: FrontendRegion
     tokenizer: Tokenizer
     served_model_name: str
     max_model_len: int

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lightllm_async.ipc import Region, SlotState
+from lightllm_async.ipc import FrontendRegion, SlotState
 from lightllm_async.types import FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class RequestHandle:
 class Reader:
     """Owns the frontend side of the region's output: submit, read, abort, free."""
 
-    def __init__(self, region: Region, engine_alive: Callable[[], bool]):
+    def __init__(self, region: FrontendRegion, engine_alive: Callable[[], bool]):
         self._region = region
         self._engine_alive = engine_alive
         n = region.spec.num_slots

@@ -2,9 +2,14 @@
 
     from lightllm_async.ipc import Region, RegionSpec, Op
 
+    front = Region.create(instance_id, spec)   # FrontendRegion: the frontend's writers
+    engine = Region.attach(front.name)          # EngineRegion: the engine's writers
+
 No torch here: the frontend imports this package.
 """
 
+from lightllm_async.ipc.engine_side import EngineRegion
+from lightllm_async.ipc.frontend_side import FrontendRegion
 from lightllm_async.ipc.region import Region
 from lightllm_async.ipc.types import (
     EngineState,
@@ -18,8 +23,10 @@ from lightllm_async.ipc.types import (
 )
 
 __all__ = [
+    "EngineRegion",
     "EngineState",
     "EngineStats",
+    "FrontendRegion",
     "Op",
     "OutputView",
     "Region",

@@ -1,10 +1,12 @@
-"""The atomics used by the shared-memory layout: the compiled `lightllm_async._atomics` when it can
-be found, else the pure-Python reference (`atomics_ref`, not atomic across processes) with a warning.
+"""The atomics used by the shared-memory layout: the compiled `lightllm_async._atomics`, required.
+
+There is no pure-Python fallback: one could not be atomic between processes, so a missing build
+would show up as rare corruption under load instead of an error at import. tests/atomics_ref.py
+is the specification the compiled module is tested against.
 
 Where to find the compiled module, in order: the package itself (an installed or in-place build);
 then, when the package is imported from a source tree (`PYTHONPATH=src`), an installed copy of the
 extension elsewhere on `sys.path` (site-packages, a `pip install --target` folder).
-Set LLA_REQUIRE_C=1 to make a missing extension an ImportError instead of a fallback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-import warnings
 from types import ModuleType
 
 _NAME = "lightllm_async._atomics"
@@ -37,49 +38,41 @@ def _find_installed() -> ModuleType | None:
     return None
 
 
-def _load() -> ModuleType | None:
+def _load() -> ModuleType:
     try:
         from lightllm_async import _atomics
 
         return _atomics
     except ImportError:
-        return _find_installed()
-
-
-native: ModuleType | None = _load()
-IS_NATIVE = native is not None
-if native is None:
-    if os.environ.get("LLA_REQUIRE_C") == "1":
+        pass
+    module = _find_installed()
+    if module is None:
         raise ImportError(
-            "lightllm_async._atomics is not built (LLA_REQUIRE_C=1); run `pip install --no-build-isolation .`"
+            "lightllm_async._atomics is not built: run `pip install --no-build-isolation .` "
+            "(or `-e .` in a source tree)"
         )
-    warnings.warn(
-        "lightllm_async._atomics is not built: using the pure-Python atomics, which are NOT atomic "
-        "between processes. Run `pip install --no-build-isolation .`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    from lightllm_async.ipc import atomics_ref as _impl
-else:
-    _impl = native
+    return module
 
-load_acquire_u32 = _impl.load_acquire_u32
-load_acquire_u64 = _impl.load_acquire_u64
-store_release_u32 = _impl.store_release_u32
-store_release_u64 = _impl.store_release_u64
-cas_u32 = _impl.cas_u32
-cas_u64 = _impl.cas_u64
-fetch_add_u32 = _impl.fetch_add_u32
-fetch_add_u64 = _impl.fetch_add_u64
-fence_seq_cst = _impl.fence_seq_cst
-slot_stack_nbytes = _impl.slot_stack_nbytes
-slot_stack_init = _impl.slot_stack_init
-slot_stack_pop = _impl.slot_stack_pop
-slot_stack_push = _impl.slot_stack_push
-slot_stack_count = _impl.slot_stack_count
-gather_acquire_u32 = _impl.gather_acquire_u32
-gather_acquire_u64 = _impl.gather_acquire_u64
-scatter_release_u32 = _impl.scatter_release_u32
-spin_while_equal_u64 = _impl.spin_while_equal_u64
-relay_start = _impl.relay_start
-relay_stop = _impl.relay_stop
+
+native: ModuleType = _load()
+
+load_acquire_u32 = native.load_acquire_u32
+load_acquire_u64 = native.load_acquire_u64
+store_release_u32 = native.store_release_u32
+store_release_u64 = native.store_release_u64
+cas_u32 = native.cas_u32
+cas_u64 = native.cas_u64
+fetch_add_u32 = native.fetch_add_u32
+fetch_add_u64 = native.fetch_add_u64
+fence_seq_cst = native.fence_seq_cst
+slot_stack_nbytes = native.slot_stack_nbytes
+slot_stack_init = native.slot_stack_init
+slot_stack_pop = native.slot_stack_pop
+slot_stack_push = native.slot_stack_push
+slot_stack_count = native.slot_stack_count
+gather_acquire_u32 = native.gather_acquire_u32
+gather_acquire_u64 = native.gather_acquire_u64
+scatter_release_u32 = native.scatter_release_u32
+spin_while_equal_u64 = native.spin_while_equal_u64
+relay_start = native.relay_start
+relay_stop = native.relay_stop

@@ -1,9 +1,8 @@
-"""The mapped views of a region that both sides share, and the slot-state CAS."""
+"""The mapped views of a region that both views build on, and the slot-state CAS."""
 
 from __future__ import annotations
 
 import mmap
-import threading
 
 import numpy as np
 import posix_ipc
@@ -61,9 +60,7 @@ class RegionCore:
         self._control_base = layout.slots_off + CONTROL
         self._num_output_base = layout.slots_off + NUM_OUTPUT
         self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
-        self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
         self._sem_engine, self._sem_frontend = sems
-        self._relays: list = []  # wake relays started here; close() stops those left running
 
     def _field_view(self, field_offset: int, dtype: type) -> np.ndarray:
         n = self._layout.spec.num_slots

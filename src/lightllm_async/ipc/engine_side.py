@@ -1,4 +1,4 @@
-"""What engine rank 0 does with a region: drain the ring, read requests, publish tokens, finish.
+"""The engine's view of a region: drain the ring, read requests, publish tokens, finish.
 
 Rank 0 is the single consumer of the submit ring and the single writer of the slots' engine
 sections and the header's engine fields.
@@ -16,7 +16,6 @@ import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
-from lightllm_async.ipc.core import RegionCore
 from lightllm_async.ipc.layout import (
     ABORT,
     ENGINE_IDLE,
@@ -38,6 +37,7 @@ from lightllm_async.ipc.types import (
     RingRecord,
     SlotState,
 )
+from lightllm_async.ipc.view import RegionView
 from lightllm_async.types import FinishReason, SamplingParams
 
 # An idle engine busy-waits this long on the ring before it sleeps on its semaphore: a request
@@ -65,8 +65,9 @@ def _params(fields: tuple) -> SamplingParams:
     )  # fmt: skip
 
 
-class EngineSide(RegionCore):
-    """Engine operations on a region (mixed into Region)."""
+class EngineRegion(RegionView):
+    """An engine's view of a region (from `Region.attach`): the header reads of RegionView and the
+    engine's writers. The frontend's writers are not here: a FrontendRegion has them."""
 
     def drain_ring(self, limit: int = 0) -> list[RingRecord]:
         """Every record submitted since the last drain (at most `limit` if > 0), oldest first."""
@@ -168,7 +169,7 @@ class EngineSide(RegionCore):
         """Wait until the frontend submits or aborts something, or `timeout` passes. True if there
         are records to drain (or a wake-up came). Busy-waits on the ring for `spin` seconds first,
         then sleeps on the semaphore with the idle flag set, so that the frontend posts only while
-        the engine sleeps, re-checking the ring after setting it (see FrontendSide._wake_engine)."""
+        the engine sleeps, re-checking the ring after setting it (see FrontendRegion._wake_engine)."""
         if self._ring.pending():
             return True
         if spin > 0 and self._ring.spin_until_pending(int(spin * 1e9)):
@@ -191,7 +192,7 @@ class EngineSide(RegionCore):
         """Once per step, after publishing that step's tokens: count the step in notify_seq, then
         post the frontend's semaphore unless its reader is busy reading the slots (it then checks
         notify_seq after clearing its flag and reads again if it moved). Dekker pair with
-        FrontendSide.set_frontend_busy: notify_seq stored, fence, flag loaded here; flag stored,
+        FrontendRegion.set_frontend_busy: notify_seq stored, fence, flag loaded here; flag stored,
         fence, notify_seq loaded there. One of the two sees the other's store."""
         atomics.fetch_add_u64(self._mm, NOTIFY_SEQ, 1)  # after the step's release stores
         atomics.fence_seq_cst()  # the flag load below stays after that store

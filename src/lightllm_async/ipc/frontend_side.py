@@ -1,4 +1,4 @@
-"""What the frontend process does with a region: allocate, write, submit, abort, read, free.
+"""The frontend's view of a region: allocate, write, submit, abort, read, free.
 
 The frontend is the single producer of the submit ring: call these from one process (any of its
 threads). alloc_slot/free_slot alone are safe from any number of processes.
@@ -6,6 +6,8 @@ threads). alloc_slot/free_slot alone are safe from any number of processes.
 
 from __future__ import annotations
 
+import mmap
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,28 +16,54 @@ import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
-from lightllm_async.ipc.core import RegionCore
 from lightllm_async.ipc.layout import (
     ABORT,
     CONTROL,
     ENGINE_IDLE,
     FRONTEND_BUSY,
+    MAGIC,
+    MAGIC_OFF,
     NOTIFY_SEQ,
     NUM_OUTPUT,
     PROMPT_LEN,
     REQUEST_FIELDS,
     SLOT_SIZE,
+    Layout,
 )
 from lightllm_async.ipc.shm import sem_names
 from lightllm_async.ipc.types import Op, OutputView, SlotState
+from lightllm_async.ipc.view import RegionView
 from lightllm_async.types import MAX_STOP_IDS, FinishReason, SamplingParams
 
 _U32 = 0xFFFFFFFF
 _NO_STOPS = (0,) * MAX_STOP_IDS
 
 
-class FrontendSide(RegionCore):
-    """Frontend operations on a region (mixed into Region)."""
+class FrontendRegion(RegionView):
+    """The frontend's view of a region (from `Region.create`): the header reads of RegionView and
+    the frontend's writers. The engine's writers are not here: an EngineRegion has them."""
+
+    def __init__(
+        self,
+        name: str,
+        mm: mmap.mmap,
+        layout: Layout,
+        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore],
+    ) -> None:
+        super().__init__(name, mm, layout, sems)
+        self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
+        self._relays: list = []  # wake relays started here; close() stops those left running
+
+    def _init_contents(self, owner_pid: int) -> None:
+        """Lay out a new region; the release store of the magic publishes it to attach()."""
+        self._layout.write_header(self._header, owner_pid)
+        atomics.slot_stack_init(self._mm, self._layout.stack_off, self.spec.num_slots)
+        atomics.store_release_u64(self._mm, MAGIC_OFF, MAGIC)
+
+    def close(self) -> None:
+        for relay in list(self._relays):  # each holds an export of the mapping
+            self.stop_wake_relay(relay)
+        super().close()
 
     def alloc_slot(self) -> tuple[int, int] | None:
         """Take a free slot, FREE -> WRITING. Returns (slot, generation), or None if none is free."""
@@ -46,10 +74,6 @@ class FrontendSide(RegionCore):
         if state != SlotState.FREE or not self._move(slot, gen, SlotState.FREE, SlotState.WRITING):
             raise RuntimeError(f"slot {slot} came off the free stack in state {state.name}")
         return slot, gen
-
-    def num_free_slots(self) -> int:
-        """Free slots (exact when no one is allocating at the same moment)."""
-        return atomics.slot_stack_count(self._mm, self._layout.stack_off)
 
     def write_request(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Fill a WRITING slot. The prompt must leave room for one output token; max_new_tokens is
@@ -211,7 +235,7 @@ class FrontendSide(RegionCore):
         reading the slots: the engine then only counts its steps instead of posting. After clearing
         it, read the slots once more if notify_seq moved since the value setting it returned: a
         step published before the engine could see the flag cleared is read there, a later one is
-        posted (see EngineSide.notify_frontend)."""
+        posted (see EngineRegion.notify_frontend)."""
         atomics.store_release_u32(self._mm, FRONTEND_BUSY, int(busy))
         if not busy:
             atomics.fence_seq_cst()

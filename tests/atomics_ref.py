@@ -1,10 +1,10 @@
 """Pure-Python reference of the `lightllm_async._atomics` extension: same functions, same layout,
 same errors.
 
-It is the specification the C extension is tested against, and the fallback when the extension is
-not built. Each operation runs under one process-local lock, so it is atomic between threads of one
-process but NOT between processes: a compare-and-swap here is a read followed by a write. Use the
-compiled extension for anything shared between processes.
+It is the specification the C extension is tested against (tests/test_ipc_atomics.py), not a
+stand-in for it: the package requires the compiled module. Each operation runs under one
+process-local lock, so it is atomic between threads of one process but NOT between processes: a
+compare-and-swap here is a read followed by a write.
 """
 
 from __future__ import annotations
