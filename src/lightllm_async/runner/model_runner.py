@@ -15,7 +15,7 @@ from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalL
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.inputs import flatten
-from lightllm_async.runner.sampler import sample
+from lightllm_async.runner.sampler import SamplingMetadata, sample
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,10 @@ class ModelRunner:
         else:
             logits = self.model(input_ids, ctx, self.kv)  # [S, V]
         items = [it for it in batch.items if it.samples]
-        tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])  # [S]
+        meta = SamplingMetadata.build(
+            [it.params for it in items], [it.num_output for it in items], device=self.device
+        )
+        tokens = sample(logits, meta)  # [S]
         self._last_sampled = tokens
         self._last_index = {it.slot: i for i, it in enumerate(items)}
         if self.device.type != "cuda":
