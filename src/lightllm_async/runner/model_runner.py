@@ -46,8 +46,39 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> to
     return torch.float16 if stored == "float16" else torch.bfloat16
 
 
+# Memory kept free for activations when the KV cache is sized from free GPU memory. The cache is
+# allocated after the weights and before any step has run, so these are estimates, on the generous
+# side: an overestimate costs a few KV slots, an underestimate crashes the first big step.
+_ACT_ITEMSIZE = 4  # activations may be fp32 (--dtype float32); bf16/fp16 halves the need
+# Eager prefill of T tokens peaks in the MLP: gate_up's [T, 2I] output and silu_and_mul's [T, I]
+# product are alive together (3 T·I values). We reserve 8 T·I: the remainder covers the
+# down-projection's output, the attention and residual tensors beside them ([T, H] each, H < I),
+# and the caching allocator's rounding and fragmentation between steps of different sizes.
+_PREFILL_LIVE_TI = 8
+# Per sampled row of the largest batch: the graphs' logits buffer [B, V] float32 and the sampler's
+# [S, V] temporaries (scaled logits, probabilities, sorted probabilities + int64 order, cumulative
+# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit.
+_SAMPLER_BYTES_PER_LOGIT = 48
+# Per row of the largest decode graph: its activations in the graph pool, up to the MLP's [B, 2I]
+# and [B, I] (with headroom as above), at 4 bytes each.
+_GRAPH_LIVE_I = 8
+
+
+def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
+    """Bytes kept free beside the KV cache for a step's activations and the CUDA-graph pool."""
+    inter, rows = model_cfg.intermediate_size, cfg.max_running_requests
+    prefill = _PREFILL_LIVE_TI * cfg.max_num_batched_tokens * inter * _ACT_ITEMSIZE
+    sampler = rows * model_cfg.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+    graphs = _GRAPH_LIVE_I * rows * inter * _ACT_ITEMSIZE
+    return prefill + sampler + graphs
+
+
 def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device) -> int:
-    """Token slots for the KV cache: set by the CLI, or what memory allows."""
+    """Token slots for the KV cache: set by the CLI, or what memory allows once the weights are in.
+
+    On CUDA: the free memory above the (1 - gpu_memory_utilization) share of the card left to
+    others, less the activation reserve. Never more than every running request at full length
+    can use, never less than one request at full length (the scheduler needs that much)."""
     if cfg.kv_cache_tokens > 0:
         return cfg.kv_cache_tokens
     per_token = KVCache.bytes_per_token(model_cfg, dtype)
@@ -55,53 +86,29 @@ def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: to
         budget = 2 << 30  # 2 GiB of host memory by default
     else:
         free, total = torch.cuda.mem_get_info(device)
-        # Prefill activations, then the graph pool's logits and activations at the largest batch.
-        activations = 2 * cfg.max_num_batched_tokens * model_cfg.intermediate_size * 4 * 4
-        activations += cfg.max_running_requests * (model_cfg.vocab_size + 4 * model_cfg.intermediate_size) * 8
-        budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activations
+        budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activation_reserve(cfg, model_cfg)
     tokens = min(budget // per_token, cfg.max_running_requests * cfg.max_model_len)
     return max(int(tokens), cfg.max_model_len)
 
 
 class ModelRunner:
-    """Owns the weights, the KV cache and the request-to-token table on one device."""
+    """Owns the weights, the KV cache and the request-to-token table on one device.
+
+    Built in steps, in this order because each depends on the one before: load the model; size
+    the KV cache from the memory the weights left free; allocate the cache, then the step
+    buffers; capture the decode graphs, which read the cache."""
 
     def __init__(self, cfg: EngineConfig, progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model_cfg = load_model_config(cfg.model_path)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
         self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
-        # One extra cache row and one extra table row: the sink that CUDA-graph padding writes to.
-        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
-        self.req_to_token = torch.zeros(
-            (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
-        )
-        log.info(
-            "KV cache: %d token slots (%.2f GiB)",
-            self.num_kv_tokens,
-            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
-        )
-        self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._last_index: dict[int, int] = {}
-        if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
-            self._pinned = [
-                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
-            ]
-            self._flip = 0
-        self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not cfg.disable_cuda_graph:
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.kv,
-                self.req_to_token,
-                cfg.max_running_requests,
-                pad_slot=self.num_kv_tokens,
-                pad_row=cfg.max_running_requests,
-            )
-            self.graphs.capture()
+        self._allocate_kv_cache()
+        self._allocate_buffers()
+        self.graphs = self._capture_graphs()
 
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
@@ -118,6 +125,44 @@ class ModelRunner:
 
         model.load_weights(counted())
         return model.eval()
+
+    def _allocate_kv_cache(self) -> None:
+        cfg = self.cfg
+        # One extra cache slot and one extra table row: the sink that CUDA-graph padding writes to.
+        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
+        self.req_to_token = torch.zeros(
+            (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
+        )
+        log.info(
+            "KV cache: %d token slots (%.2f GiB)",
+            self.num_kv_tokens,
+            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
+        )
+
+    def _allocate_buffers(self) -> None:
+        """The buffers that carry one step's samples into the next (overlapped) step."""
+        cfg = self.cfg
+        self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._last_index: dict[int, int] = {}
+        if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
+            self._pinned = [
+                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
+            ]
+            self._flip = 0
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
+            return None
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv,
+            self.req_to_token,
+            self.cfg.max_running_requests,
+            pad_slot=self.num_kv_tokens,
+            pad_row=self.cfg.max_running_requests,
+        )
+        graphs.capture()
+        return graphs
 
     def execute(self, batch: Batch) -> Sampled:
         """Run one step and wait for its tokens."""
