@@ -11,11 +11,11 @@ from torch import Tensor
 
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
-from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
+from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
 from lightllm_async.runner.cuda_graph import DecodeGraphs
-from lightllm_async.runner.inputs import flatten
-from lightllm_async.runner.sampler import SamplingMetadata, sample
+from lightllm_async.runner.inputs import InputBuffers
+from lightllm_async.runner.sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,11 @@ def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: to
 
 
 class ModelRunner:
-    """Owns the weights, the KV cache and the request-to-token table on one device.
+    """Owns the weights, the KV cache, the request-to-token table and the step inputs on one device.
 
     Built in steps, in this order because each depends on the one before: load the model; size
-    the KV cache from the memory the weights left free; allocate the cache, then the step
-    buffers; capture the decode graphs, which read the cache."""
+    the KV cache from the memory the weights left free; allocate the cache, then the persistent
+    step buffers; capture the decode graphs, which read the cache and those buffers."""
 
     def __init__(self, cfg: EngineConfig, progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
@@ -140,8 +140,16 @@ class ModelRunner:
         )
 
     def _allocate_buffers(self) -> None:
-        """The buffers that carry one step's samples into the next (overlapped) step."""
+        """The persistent step inputs (read by the eager path and every graph) and outputs."""
         cfg = self.cfg
+        self.inputs = InputBuffers(
+            # A step never exceeds the token budget, and a decode step holds one token per request.
+            max_tokens=max(cfg.max_num_batched_tokens, cfg.max_running_requests),
+            max_batch=cfg.max_running_requests,
+            req_to_token=self.req_to_token,
+            sink_slot=self.num_kv_tokens,
+            sink_row=cfg.max_running_requests,
+        )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
         if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
@@ -153,14 +161,7 @@ class ModelRunner:
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
             return None
-        graphs = DecodeGraphs(
-            self.model,
-            self.kv,
-            self.req_to_token,
-            self.cfg.max_running_requests,
-            pad_slot=self.num_kv_tokens,
-            pad_row=self.cfg.max_running_requests,
-        )
+        graphs = DecodeGraphs(self.model, self.kv, self.inputs, self.cfg.max_running_requests)
         graphs.capture()
         return graphs
 
@@ -173,22 +174,20 @@ class ModelRunner:
 
         Inputs marked PENDING_TOKEN are the previous launch's samples, taken on the device, so the
         engine can schedule step N+1 while step N still runs."""
-        input_ids, ctx = self._prepare(batch)
-        if self.graphs is not None and batch.decode_only and self.graphs.can_run(len(batch.items)):
-            logits = self.graphs.run(input_ids, ctx)  # [B, V]
+        bucket = self.graphs.bucket_for(batch) if self.graphs is not None else None
+        step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
+        if bucket is not None:
+            logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
         else:
-            logits = self.model(input_ids, ctx, self.kv)  # [S, V]
-        items = [it for it in batch.items if it.samples]
-        meta = SamplingMetadata.build(
-            [it.params for it in items], [it.num_output for it in items], device=self.device
-        )
-        tokens = sample(logits, meta)  # [S]
+            logits = self.model(step.input_ids, step.ctx, self.kv)  # [S, V]
+        tokens = sample(logits, step.sampling)  # [S]
         self._last_sampled = tokens
-        self._last_index = {it.slot: i for i, it in enumerate(items)}
+        sampling_slots = [it.slot for it in batch.items if it.samples]
+        self._last_index = {slot: i for i, slot in enumerate(sampling_slots)}
         if self.device.type != "cuda":
             return StepHandle(tokens, None)
         self._flip ^= 1
-        host = self._pinned[self._flip][: len(items)]
+        host = self._pinned[self._flip][: step.num_samples]
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -200,29 +199,3 @@ class ModelRunner:
         if handle.done is not None:
             handle.done.synchronize()
         return Sampled(token_ids=tuple(handle.tokens.tolist()))
-
-    def _prepare(self, batch: Batch) -> tuple[Tensor, ForwardContext]:
-        """Flatten the batch, upload it in one host-to-device copy, and fill req_to_token."""
-        values, sizes = flatten(batch, self._last_index).packed()
-        packed = torch.tensor(
-            values,
-            dtype=torch.int64,
-            pin_memory=self.device.type == "cuda",  # async: never waits
-        ).to(self.device, non_blocking=True)
-        ids, pos, slots, token_rows, rows, q_start, seq_lens, logits_idx, pend_pos, pend_src = packed.split(
-            sizes
-        )
-        if pend_pos.numel():
-            ids[pend_pos] = self._last_sampled.index_select(0, pend_src)
-        self.req_to_token[token_rows, pos] = slots.to(torch.int32)
-        ctx = ForwardContext(
-            positions=pos,
-            kv_slots=slots,
-            req_to_token=self.req_to_token,
-            req_idx=rows.to(torch.int32),
-            q_start=q_start.to(torch.int32),
-            seq_lens=seq_lens.to(torch.int32),
-            logits_idx=logits_idx,
-            decode_only=batch.decode_only,
-        )
-        return ids, ctx
