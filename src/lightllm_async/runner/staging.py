@@ -28,7 +28,7 @@ _NUMPY = {
 
 class Staging:
     """Named 1-D sections of fixed capacity; `put` writes one into the host mirror, `upload`
-    copies what this step wrote to the device in one copy.
+    copies what this step put to the device, normally in one copy.
 
     Two host mirrors alternate, because a step is written while the previous step's copy may
     still be queued on the device (overlapped steps). Before a mirror is reused, the copy that read
@@ -48,7 +48,8 @@ class Staging:
         pin = device.type == "cuda"
         self._host = [torch.zeros(offset, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
         self._host_views = [{name: self._numpy_section(h, name) for name in self._layout} for h in self._host]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
+        # Marks, per mirror, the end of the last copy that read it (made once, recorded each upload).
+        self._copied = [torch.cuda.Event() for _ in range(2)] if device.type == "cuda" else None
         self._flip = 0
         self._written: list[tuple[int, int]] = []  # byte ranges put since the last upload
         self._begun = False
@@ -84,10 +85,8 @@ class Staging:
         host = self._host[self._flip]
         for start, end in self.spans():
             self._device[start:end].copy_(host[start:end], non_blocking=True)
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._copied[self._flip] = event
+        if self._copied is not None:
+            self._copied[self._flip].record()
         self._flip ^= 1
         self._written = []
         self._begun = False
@@ -103,7 +102,6 @@ class Staging:
         return spans
 
     def _begin(self) -> None:
-        event = self._copied[self._flip]
-        if event is not None:
-            event.synchronize()  # the copy that last read this mirror (normally long done)
+        if self._copied is not None:
+            self._copied[self._flip].synchronize()  # the copy that last read this mirror (long done)
         self._begun = True
