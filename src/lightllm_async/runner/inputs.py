@@ -1,24 +1,32 @@
-"""A step's inputs as flat host-side index lists: the shape the device copy wants.
+"""A step's inputs: flattened on the host, then uploaded once into buffers that every path reads.
 
-Kept apart from the runner so that the flattening (pure Python) reads on its own and the runner
-only uploads and wraps.
+`flatten` (pure Python) turns a `Batch` into flat index lists. `InputBuffers` owns the
+maximum-size device buffers for them and for the sampling metadata: a step writes its lists into a
+host mirror and uploads them with one copy; the eager forward reads slices of those buffers, and
+each CUDA graph was captured reading the very same slices, so a replay needs no copy of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
 from lightllm_async.batch import PENDING_TOKEN, Batch
+from lightllm_async.models.llama import ForwardContext
+from lightllm_async.runner.sampler import SAMPLING_FIELDS, SamplingMetadata
+from lightllm_async.runner.staging import Staging
 
 
 @dataclass
 class FlatInputs:
-    """T new tokens of B requests; lists in the order they are packed for one copy."""
+    """T new tokens of B requests, S of which sample; padding rows appended by `pad_to`."""
 
     ids: list[int] = field(default_factory=list)  # [T] token ids, PENDING_TOKEN where not known yet
     positions: list[int] = field(default_factory=list)  # [T]
     kv_slots: list[int] = field(default_factory=list)  # [T] cache rows receiving k/v
-    token_rows: list[int] = field(default_factory=list)  # [T] each token's request-table row
+    token_rows: list[int] = field(default_factory=list)  # [T real] each token's request-table row
     rows: list[int] = field(default_factory=list)  # [B]
     q_start: list[int] = field(default_factory=lambda: [0])  # [B + 1]
     seq_lens: list[int] = field(default_factory=list)  # [B]
@@ -26,21 +34,17 @@ class FlatInputs:
     pending_pos: list[int] = field(default_factory=list)  # [P] inputs that are the last step's samples
     pending_src: list[int] = field(default_factory=list)  # [P] ... and which sample each one is
 
-    def packed(self) -> tuple[list[int], list[int]]:
-        """All lists concatenated, and their lengths (for `Tensor.split`)."""
-        parts = [
-            self.ids,
-            self.positions,
-            self.kv_slots,
-            self.token_rows,
-            self.rows,
-            self.q_start,
-            self.seq_lens,
-            self.logits_idx,
-            self.pending_pos,
-            self.pending_src,
-        ]
-        return [x for p in parts for x in p], [len(p) for p in parts]
+    def pad_to(self, n: int, sink_slot: int, sink_row: int) -> None:
+        """Append one-token rows up to n requests (a CUDA-graph bucket): each writes its k/v into
+        the sink slot, which no request owns, and attends over the sink row's one entry."""
+        for _ in range(len(self.rows), n):
+            self.logits_idx.append(len(self.ids))
+            self.ids.append(0)
+            self.positions.append(0)
+            self.kv_slots.append(sink_slot)
+            self.rows.append(sink_row)
+            self.q_start.append(self.q_start[-1] + 1)
+            self.seq_lens.append(1)
 
 
 def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
@@ -62,3 +66,117 @@ def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
         if it.samples:
             f.logits_idx.append(f.q_start[-1] - 1)
     return f
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Device views of one step's inputs, all slices of the persistent buffers."""
+
+    input_ids: Tensor  # [T] int64 (T counts padding rows when padded to a graph bucket)
+    ctx: ForwardContext
+    sampling: SamplingMetadata  # [S] rows, padding excluded
+    num_samples: int
+
+
+class InputBuffers:
+    """The one owner of the step inputs on the device, sized for the largest step.
+
+    `load` writes a batch (padded to a CUDA-graph bucket if asked), uploads it with one copy, puts
+    the previous launch's samples into PENDING_TOKEN inputs and records the new tokens' cache
+    slots in req_to_token, all on the device. `context(b)` gives the views a graph of b rows is
+    captured with: the same tensors `load` fills. Row `sink_row` of req_to_token starts with
+    `sink_slot`: the cache entry padding rows write and read.
+    """
+
+    def __init__(
+        self,
+        max_tokens: int,
+        max_batch: int,
+        req_to_token: Tensor,
+        sink_slot: int,
+        sink_row: int,
+    ):
+        self.req_to_token = req_to_token
+        self.sink_slot, self.sink_row = sink_slot, sink_row
+        req_to_token[sink_row, 0] = sink_slot
+        per_request = {
+            "req_idx": (torch.int32, max_batch),
+            "q_start": (torch.int32, max_batch + 1),
+            "seq_lens": (torch.int32, max_batch),
+            "logits_idx": (torch.int64, max_batch),
+            "pending_pos": (torch.int64, max_batch),  # at most one pending input per request
+            "pending_src": (torch.int64, max_batch),
+        }
+        sampling = {name: (dtype, max_batch) for name, dtype in SAMPLING_FIELDS.items()}
+        per_token = {
+            "positions": (torch.int64, max_tokens),
+            "kv_slots": (torch.int64, max_tokens),
+            "token_rows": (torch.int64, max_tokens),
+            "input_ids": (torch.int64, max_tokens),
+        }
+        self.staging = Staging(per_request | sampling | per_token, req_to_token.device)
+
+    @property
+    def input_ids(self) -> Tensor:
+        """The whole input-id buffer: graphs are captured on its leading slices."""
+        return self.staging.view("input_ids", self.staging.capacity("input_ids"))
+
+    def context(self, num_tokens: int, num_reqs: int, num_logits: int, decode_only: bool) -> ForwardContext:
+        """Views of the buffers for a step of this shape; the same memory for every step."""
+        view = self.staging.view
+        return ForwardContext(
+            positions=view("positions", num_tokens),
+            kv_slots=view("kv_slots", num_tokens),
+            req_to_token=self.req_to_token,
+            req_idx=view("req_idx", num_reqs),
+            q_start=view("q_start", num_reqs + 1),
+            seq_lens=view("seq_lens", num_reqs),
+            logits_idx=view("logits_idx", num_logits),
+            decode_only=decode_only,
+        )
+
+    def load(
+        self, batch: Batch, last_sampled: Tensor, last_index: dict[int, int], pad_to: int = 0
+    ) -> StepInputs:
+        """Upload a batch; `last_sampled` [S'] and `last_index` (slot -> row) are the previous
+        launch's samples, which fill its PENDING_TOKEN inputs."""
+        flat = flatten(batch, last_index)
+        num_real_tokens = len(flat.ids)
+        flat.pad_to(pad_to, self.sink_slot, self.sink_row)
+        sampling = SamplingMetadata.build(
+            [it.params for it in batch.items if it.samples],
+            [it.num_output for it in batch.items if it.samples],
+            put=self.staging.put,
+        )
+        ids, pending_pos, pending_src = self._write(flat)
+        self.staging.upload()
+        if pending_pos.numel():
+            ids.index_copy_(0, pending_pos, last_sampled.index_select(0, pending_src))
+        t, view = num_real_tokens, self.staging.view  # padding rows come after the real tokens
+        self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
+        num_samples = sum(it.samples for it in batch.items)
+        return StepInputs(
+            input_ids=ids,
+            ctx=self.context(len(flat.ids), len(flat.rows), len(flat.logits_idx), batch.decode_only),
+            sampling=sampling,
+            num_samples=num_samples,
+        )
+
+    def load_padding(self, num_rows: int) -> None:
+        """Fill the first num_rows rows with padding only: what graph capture runs on."""
+        flat = FlatInputs()
+        flat.pad_to(num_rows, self.sink_slot, self.sink_row)
+        self._write(flat)
+        self.staging.upload()
+
+    def _write(self, flat: FlatInputs) -> tuple[Tensor, Tensor, Tensor]:
+        put = self.staging.put
+        put("req_idx", flat.rows)
+        put("q_start", flat.q_start)
+        put("seq_lens", flat.seq_lens)
+        put("logits_idx", flat.logits_idx)
+        put("positions", flat.positions)
+        put("kv_slots", flat.kv_slots)
+        put("token_rows", flat.token_rows)
+        pending = put("pending_pos", flat.pending_pos), put("pending_src", flat.pending_src)
+        return put("input_ids", flat.ids), *pending

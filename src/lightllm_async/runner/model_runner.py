@@ -11,10 +11,10 @@ from torch import Tensor
 
 from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
-from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
+from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
 from lightllm_async.runner.cuda_graph import DecodeGraphs
-from lightllm_async.runner.inputs import flatten
+from lightllm_async.runner.inputs import InputBuffers
 from lightllm_async.runner.sampler import sample
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,39 @@ def resolve_dtype(name: str, device: torch.device, model_cfg: ModelConfig) -> to
     return torch.float16 if stored == "float16" else torch.bfloat16
 
 
+# Memory kept free for activations when the KV cache is sized from free GPU memory. The cache is
+# allocated after the weights and before any step has run, so these are estimates, on the generous
+# side: an overestimate costs a few KV slots, an underestimate crashes the first big step.
+_ACT_ITEMSIZE = 4  # activations may be fp32 (--dtype float32); bf16/fp16 halves the need
+# Eager prefill of T tokens peaks in the MLP: gate_up's [T, 2I] output and silu_and_mul's [T, I]
+# product are alive together (3 T·I values). We reserve 8 T·I: the remainder covers the
+# down-projection's output, the attention and residual tensors beside them ([T, H] each, H < I),
+# and the caching allocator's rounding and fragmentation between steps of different sizes.
+_PREFILL_LIVE_TI = 8
+# Per sampled row of the largest batch: the graphs' logits buffer [B, V] float32 and the sampler's
+# [S, V] temporaries (scaled logits, probabilities, sorted probabilities + int64 order, cumulative
+# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit.
+_SAMPLER_BYTES_PER_LOGIT = 48
+# Per row of the largest decode graph: its activations in the graph pool, up to the MLP's [B, 2I]
+# and [B, I] (with headroom as above), at 4 bytes each.
+_GRAPH_LIVE_I = 8
+
+
+def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
+    """Bytes kept free beside the KV cache for a step's activations and the CUDA-graph pool."""
+    inter, rows = model_cfg.intermediate_size, cfg.max_running_requests
+    prefill = _PREFILL_LIVE_TI * cfg.max_num_batched_tokens * inter * _ACT_ITEMSIZE
+    sampler = rows * model_cfg.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+    graphs = _GRAPH_LIVE_I * rows * inter * _ACT_ITEMSIZE
+    return prefill + sampler + graphs
+
+
 def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device) -> int:
-    """Token slots for the KV cache: set by the CLI, or what memory allows."""
+    """Token slots for the KV cache: set by the CLI, or what memory allows once the weights are in.
+
+    On CUDA: the free memory above the (1 - gpu_memory_utilization) share of the card left to
+    others, less the activation reserve. Never more than every running request at full length
+    can use, never less than one request at full length (the scheduler needs that much)."""
     if cfg.kv_cache_tokens > 0:
         return cfg.kv_cache_tokens
     per_token = KVCache.bytes_per_token(model_cfg, dtype)
@@ -55,53 +86,29 @@ def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: to
         budget = 2 << 30  # 2 GiB of host memory by default
     else:
         free, total = torch.cuda.mem_get_info(device)
-        # Prefill activations, then the graph pool's logits and activations at the largest batch.
-        activations = 2 * cfg.max_num_batched_tokens * model_cfg.intermediate_size * 4 * 4
-        activations += cfg.max_running_requests * (model_cfg.vocab_size + 4 * model_cfg.intermediate_size) * 8
-        budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activations
+        budget = int(free - (1.0 - cfg.gpu_memory_utilization) * total) - activation_reserve(cfg, model_cfg)
     tokens = min(budget // per_token, cfg.max_running_requests * cfg.max_model_len)
     return max(int(tokens), cfg.max_model_len)
 
 
 class ModelRunner:
-    """Owns the weights, the KV cache and the request-to-token table on one device."""
+    """Owns the weights, the KV cache, the request-to-token table and the step inputs on one device.
+
+    Built in steps, in this order because each depends on the one before: load the model; size
+    the KV cache from the memory the weights left free; allocate the cache, then the persistent
+    step buffers; capture the decode graphs, which read the cache and those buffers."""
 
     def __init__(self, cfg: EngineConfig, progress: Callable[[int, int], None] | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.model_cfg = load_model_config(cfg.model_path)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
         self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
-        # One extra cache row and one extra table row: the sink that CUDA-graph padding writes to.
-        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
-        self.req_to_token = torch.zeros(
-            (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
-        )
-        log.info(
-            "KV cache: %d token slots (%.2f GiB)",
-            self.num_kv_tokens,
-            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
-        )
-        self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._last_index: dict[int, int] = {}
-        if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
-            self._pinned = [
-                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
-            ]
-            self._flip = 0
-        self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not cfg.disable_cuda_graph:
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.kv,
-                self.req_to_token,
-                cfg.max_running_requests,
-                pad_slot=self.num_kv_tokens,
-                pad_row=cfg.max_running_requests,
-            )
-            self.graphs.capture()
+        self._allocate_kv_cache()
+        self._allocate_buffers()
+        self.graphs = self._capture_graphs()
 
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
@@ -119,6 +126,45 @@ class ModelRunner:
         model.load_weights(counted())
         return model.eval()
 
+    def _allocate_kv_cache(self) -> None:
+        cfg = self.cfg
+        # One extra cache slot and one extra table row: the sink that CUDA-graph padding writes to.
+        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
+        self.req_to_token = torch.zeros(
+            (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
+        )
+        log.info(
+            "KV cache: %d token slots (%.2f GiB)",
+            self.num_kv_tokens,
+            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
+        )
+
+    def _allocate_buffers(self) -> None:
+        """The persistent step inputs (read by the eager path and every graph) and outputs."""
+        cfg = self.cfg
+        self.inputs = InputBuffers(
+            # A step never exceeds the token budget, and a decode step holds one token per request.
+            max_tokens=max(cfg.max_num_batched_tokens, cfg.max_running_requests),
+            max_batch=cfg.max_running_requests,
+            req_to_token=self.req_to_token,
+            sink_slot=self.num_kv_tokens,
+            sink_row=cfg.max_running_requests,
+        )
+        self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._last_index: dict[int, int] = {}
+        if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
+            self._pinned = [
+                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
+            ]
+            self._flip = 0
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
+            return None
+        graphs = DecodeGraphs(self.model, self.kv, self.inputs, self.cfg.max_running_requests)
+        graphs.capture()
+        return graphs
+
     def execute(self, batch: Batch) -> Sampled:
         """Run one step and wait for its tokens."""
         return self.collect(self.launch(batch))
@@ -128,19 +174,20 @@ class ModelRunner:
 
         Inputs marked PENDING_TOKEN are the previous launch's samples, taken on the device, so the
         engine can schedule step N+1 while step N still runs."""
-        input_ids, ctx = self._prepare(batch)
-        if self.graphs is not None and batch.decode_only and self.graphs.can_run(len(batch.items)):
-            logits = self.graphs.run(input_ids, ctx)  # [B, V]
+        bucket = self.graphs.bucket_for(batch) if self.graphs is not None else None
+        step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
+        if bucket is not None:
+            logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
         else:
-            logits = self.model(input_ids, ctx, self.kv)  # [S, V]
-        items = [it for it in batch.items if it.samples]
-        tokens = sample(logits, [it.params for it in items], [it.num_output for it in items])  # [S]
+            logits = self.model(step.input_ids, step.ctx, self.kv)  # [S, V]
+        tokens = sample(logits, step.sampling)  # [S]
         self._last_sampled = tokens
-        self._last_index = {it.slot: i for i, it in enumerate(items)}
+        sampling_slots = [it.slot for it in batch.items if it.samples]
+        self._last_index = {slot: i for i, slot in enumerate(sampling_slots)}
         if self.device.type != "cuda":
             return StepHandle(tokens, None)
         self._flip ^= 1
-        host = self._pinned[self._flip][: len(items)]
+        host = self._pinned[self._flip][: step.num_samples]
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -152,29 +199,3 @@ class ModelRunner:
         if handle.done is not None:
             handle.done.synchronize()
         return Sampled(token_ids=tuple(handle.tokens.tolist()))
-
-    def _prepare(self, batch: Batch) -> tuple[Tensor, ForwardContext]:
-        """Flatten the batch, upload it in one host-to-device copy, and fill req_to_token."""
-        values, sizes = flatten(batch, self._last_index).packed()
-        packed = torch.tensor(
-            values,
-            dtype=torch.int64,
-            pin_memory=self.device.type == "cuda",  # async: never waits
-        ).to(self.device, non_blocking=True)
-        ids, pos, slots, token_rows, rows, q_start, seq_lens, logits_idx, pend_pos, pend_src = packed.split(
-            sizes
-        )
-        if pend_pos.numel():
-            ids[pend_pos] = self._last_sampled.index_select(0, pend_src)
-        self.req_to_token[token_rows, pos] = slots.to(torch.int32)
-        ctx = ForwardContext(
-            positions=pos,
-            kv_slots=slots,
-            req_to_token=self.req_to_token,
-            req_idx=rows.to(torch.int32),
-            q_start=q_start.to(torch.int32),
-            seq_lens=seq_lens.to(torch.int32),
-            logits_idx=logits_idx,
-            decode_only=batch.decode_only,
-        )
-        return ids, ctx

@@ -1,0 +1,100 @@
+"""On a CUDA device, the runner alone (no server): CUDA-graph replays read the step's one upload,
+padding included, under overlapped launch/collect; seeded noise is the same bits as on the CPU.
+
+Skipped where there is no GPU. Needs only torch, triton, safetensors and tokenizers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightllm_async.config import EngineConfig
+from lightllm_async.engine.request import Request
+from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+from lightllm_async.runner.model_runner import ModelRunner
+from lightllm_async.runner.sampler import SamplingMetadata, sample, seeded_uniform
+from lightllm_async.types import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from lightllm_async.tools.make_random_model import shape_config, write_model
+
+    return write_model(shape_config("tiny", "float32"), str(tmp_path_factory.mktemp("tiny")), seed=5)
+
+
+def overlapped_generate(runner: ModelRunner, prompts, params) -> list[list[int]]:
+    """The engine loop's order: launch step N+1, then collect step N."""
+    cfg = runner.cfg
+    sched = Scheduler(
+        SchedulerConfig(
+            cfg.max_running_requests, cfg.max_num_batched_tokens, cfg.max_model_len, runner.num_kv_tokens
+        )
+    )
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        sched.add(Request(slot=i, gen=0, prompt_ids=list(prompt), params=p, arrival=i))
+    outputs: dict[int, list[int]] = {}
+    inflight = None
+    while True:
+        batch = sched.schedule()
+        launched = None if batch is None else (batch, runner.launch(batch))
+        if inflight is not None:
+            for f in sched.update(inflight[0], runner.collect(inflight[1]))[1]:
+                outputs[f.request.slot] = f.request.output_ids
+        inflight = launched
+        if inflight is None and not sched.has_work():
+            return [outputs[i] for i in range(len(prompts))]
+
+
+def test_graphs_on_and_off_give_the_same_tokens_under_overlap(model_dir):
+    g = torch.Generator().manual_seed(1)
+    # 11 requests over 6 rows: decode batches of every size 1..6, so buckets 1, 2, 4, 6 with and
+    # without padding, rows reused as requests finish at different lengths.
+    prompts = [
+        torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 4, 9, 17, 2, 33, 5, 8, 3, 21, 12)
+    ]
+    params = [
+        SamplingParams(
+            max_new_tokens=6 + 5 * (i % 4), temperature=0.0 if i % 3 else 0.8, seed=i if i % 3 == 0 else None
+        )
+        for i in range(len(prompts))
+    ]
+    outs = []
+    for disable in (False, True):
+        cfg = EngineConfig(
+            model_path=model_dir,
+            device="cuda",
+            dtype="float32",
+            max_model_len=128,
+            kv_cache_tokens=2048,
+            max_running_requests=6,
+            disable_cuda_graph=disable,
+        )
+        runner = ModelRunner(cfg)
+        assert (runner.graphs is None) == disable
+        outs.append(overlapped_generate(runner, prompts, params))
+    assert outs[0] == outs[1]
+    assert [len(o) for o in outs[0]] == [p.max_new_tokens for p in params]
+
+
+def test_seeded_noise_has_the_same_bits_on_cuda_and_cpu():
+    seed = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 12345], dtype=torch.int64)
+    position = torch.tensor([0, 7, 3, 100000, 1, 2], dtype=torch.int64)
+    cpu = seeded_uniform(seed, position, 50257)
+    gpu = seeded_uniform(seed.cuda(), position.cuda(), 50257)
+    assert torch.equal(cpu, gpu.cpu())
+
+
+def test_seeded_tokens_on_cuda_equal_the_cpu():
+    logits = torch.randn(16, 4099) * 2
+    params = [
+        SamplingParams(temperature=0.7, top_k=i % 5 * 20, top_p=0.5 + i / 40, seed=1000 + i)
+        for i in range(16)
+    ]
+    positions = list(range(16))
+    cpu = sample(logits, SamplingMetadata.build(params, positions))
+    gpu = sample(logits.cuda(), SamplingMetadata.build(params, positions, device="cuda"))
+    assert cpu.tolist() == gpu.tolist()
