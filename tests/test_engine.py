@@ -147,3 +147,13 @@ def test_run_loop_serves_until_stop_is_set(harness):
     t0 = time.monotonic()
     h.stop()  # asserts the thread ended
     assert time.monotonic() - t0 < 1.0
+
+
+def test_the_model_runner_calls_a_cuda_error_a_device_failure():
+    """What the runner raises decides between isolating a request and ending the engine."""
+    from lightllm_async.runner.model_runner import device_failures
+
+    with pytest.raises(DeviceFailure), device_failures():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(ValueError), device_failures():
+        raise ValueError("a bad row")

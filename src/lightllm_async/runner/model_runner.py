@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import Batch, Sampled
+from lightllm_async.batch import Batch, DeviceFailure, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
@@ -173,7 +174,12 @@ class ModelRunner:
         """Enqueue a step on the device and return without waiting for it.
 
         Inputs marked PENDING_TOKEN are the previous launch's samples, taken on the device, so the
-        engine can schedule step N+1 while step N still runs."""
+        engine can schedule step N+1 while step N still runs. A CUDA error is a DeviceFailure; any
+        other exception concerns this step's requests (the engine isolates them)."""
+        with device_failures():
+            return self._launch(batch)
+
+    def _launch(self, batch: Batch) -> StepHandle:
         bucket = self.graphs.bucket_for(batch) if self.graphs is not None else None
         step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
         if bucket is not None:
@@ -196,6 +202,22 @@ class ModelRunner:
     @staticmethod
     def collect(handle: StepHandle) -> Sampled:
         """The step's sampled tokens: the one host sync of a step."""
-        if handle.done is not None:
-            handle.done.synchronize()
-        return Sampled(token_ids=tuple(handle.tokens.tolist()))
+        with device_failures():
+            if handle.done is not None:
+                handle.done.synchronize()
+            return Sampled(token_ids=tuple(handle.tokens.tolist()))
+
+
+@contextlib.contextmanager
+def device_failures() -> Iterator[None]:
+    """Re-raise what means the device is broken as DeviceFailure: a CUDA error poisons the whole
+    context (every later call fails too), so no request is to blame and the engine must end."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise  # one step asked too much: recoverable, and the engine isolates the request
+    except Exception as exc:
+        accel = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+        if isinstance(exc, accel) or "CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc):
+            raise DeviceFailure(str(exc)) from exc
+        raise
