@@ -19,6 +19,13 @@ import pytest
 
 from asgi_client import call
 from lightllm_async.frontend.app import FrontendContext, create_app
+from lightllm_async.frontend.limits import (
+    MAX_BODY_BYTES,
+    MAX_CONTENT_PARTS,
+    MAX_MESSAGES,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+)
 from lightllm_async.ipc import Region, RegionSpec
 from test_frontend_app import MAX_MODEL_LEN, FakeEngine, Harness, Response
 
@@ -41,6 +48,93 @@ def post(h: Harness, path: str, body) -> Response:
 
 def chat(content="hi", n: int = 1, **kw):
     return {"messages": [{"role": "user", "content": content}] * n, **kw}
+
+
+# ---------------------------------------------------------------- limits: 400s naming them
+
+
+LIMITED = [
+    (
+        "/v1/completions",
+        {"prompt": "x", "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]},
+        "stop",
+        str(MAX_STOP_STRINGS),
+    ),
+    (
+        "/v1/chat/completions",
+        chat(stop="y" * (MAX_STOP_STRING_CHARS + 1)),
+        "stop",
+        str(MAX_STOP_STRING_CHARS),
+    ),
+    (
+        "/generate",
+        {"inputs": "x", "parameters": {"stop_sequences": [str(i) for i in range(MAX_STOP_STRINGS + 1)]}},
+        "parameters.stop_sequences",
+        str(MAX_STOP_STRINGS),
+    ),
+    ("/v1/chat/completions", chat(n=MAX_MESSAGES + 1), "messages", str(MAX_MESSAGES)),
+    (
+        "/v1/chat/completions",
+        chat(content=[{"type": "text", "text": "a"}] * (MAX_CONTENT_PARTS + 1)),
+        "messages[0].content",
+        str(MAX_CONTENT_PARTS),
+    ),
+    # a token-id prompt too long for the context is refused by its length, whatever its ids
+    ("/v1/completions", {"prompt": [-1] * (MAX_MODEL_LEN + 7)}, "prompt", "maximum context length"),
+    ("/v1/completions", {"prompt": [[5] * MAX_MODEL_LEN]}, "prompt", "maximum context length"),
+]
+
+
+def test_each_limit_is_a_400_that_names_it(tokenizer):
+    async def go():
+        async with Harness(tokenizer) as h:
+            for path, body, param, named in LIMITED:
+                r = await post(h, path, body)
+                assert r.status == 400, (path, param, r.status, r.body[:200])
+                err = r.json()["error"]
+                assert err["param"] == param and named in err["message"], err
+            # at the limits, the same requests are served
+            r = await post(h, "/v1/completions", {"prompt": "x", "max_tokens": 2, "stop": ["s"] * 16})
+            assert r.status == 200, r.body
+            r = await post(h, "/v1/chat/completions", chat(max_tokens=1, stop="y" * MAX_STOP_STRING_CHARS))
+            assert r.status == 200, r.body
+            assert len(h.engine.submitted) == 2
+
+    run(go())
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+def test_deeply_nested_json_is_a_400_not_a_500(tokenizer, depth):
+    nested = b"[" * depth + b"]" * depth
+    bodies = [
+        ("/v1/completions", b'{"prompt": ' + nested + b"}"),
+        ("/v1/chat/completions", b'{"messages": [], "unknown": ' + nested + b"}"),
+        (
+            "/generate",
+            b'{"inputs": "x", "parameters": {"x": ' + b'{"a":' * depth + b"1" + b"}" * depth + b"}}",
+        ),
+    ]
+
+    async def go():
+        async with Harness(tokenizer) as h:
+            for path, raw in bodies:
+                r = await h.request("POST", path, raw=raw)
+                assert r.status == 400, (path, r.status, r.body[:200])
+                assert "nested more deeply" in r.json()["error"]["message"]
+            assert (await h.request("GET", "/health")).status == 200
+
+    run(go())
+
+
+def test_body_over_the_limit_is_a_413(tokenizer):
+    async def go():
+        async with Harness(tokenizer) as h:
+            big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'  # no content-length: counted
+            r = await call(h.app, "POST", "/v1/completions", big)
+            assert r.status == 413
+            assert h.engine.submitted == []
+
+    run(go())
 
 
 # ---------------------------------------------------------------- prompt size before tokenizing

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .generation import ClientDisconnected
+from .limits import MAX_BODY_BYTES
 from .protocol import ENCODER, ApiError, error_body
 
 Scope = dict[str, Any]
@@ -13,13 +14,15 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+def body_too_large(limit: int = MAX_BODY_BYTES) -> ApiError:
+    return ApiError(413, f"Request body is larger than the limit of {limit} bytes.")
 
 
 async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -31,7 +34,7 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"Request body is larger than {limit} bytes.")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)

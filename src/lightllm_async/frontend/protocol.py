@@ -8,6 +8,7 @@ handler sees it. Range checks live in `sampling.py`.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import msgspec
@@ -81,6 +82,12 @@ def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> Any:
         return decoder.decode(body)
     except msgspec.MsgspecError as e:
         raise decode_error(e) from None
+    except RecursionError:  # msgspec's guard against deep nesting, at the interpreter's limit
+        raise ApiError(
+            400,
+            "Request body is not valid JSON: it is nested more deeply than the limit "
+            f"(about {sys.getrecursionlimit()} levels).",
+        ) from None
 
 
 # ---------------------------------------------------------------- requests
