@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from asgi_client import call
+from asgi_client import JSON, call
 from lightllm_async.frontend.app import FrontendContext, create_app
 from lightllm_async.frontend.limits import (
     MAX_BODY_BYTES,
@@ -126,9 +126,12 @@ def test_deeply_nested_json_is_a_400_not_a_500(tokenizer, depth):
     run(go())
 
 
-def test_body_over_the_limit_is_a_413(tokenizer):
+def test_body_over_the_limit_is_a_413_before_it_is_read(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
+            declared = (JSON, (b"content-length", str(MAX_BODY_BYTES + 1).encode()))
+            r = await call(h.app, "POST", "/v1/completions", b'{"prompt": "x"}', declared)
+            assert r.status == 413 and str(MAX_BODY_BYTES) in r.json()["error"]["message"]
             big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'  # no content-length: counted
             r = await call(h.app, "POST", "/v1/completions", big)
             assert r.status == 413

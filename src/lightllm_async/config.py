@@ -140,3 +140,6 @@ class ServerConfig:
     served_model_name: str = "default"
     instance_id: str = field(default_factory=lambda: f"{os.getpid()}")
     log_level: str = "info"
+    # The HTTP edge (frontend/edge.py)
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones; "*": any
+    allowed_origins: tuple[str, ...] = ()  # CORS origins; "*": any; none: no CORS headers

@@ -61,9 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
+    p.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=(),
+        help="comma-separated Host names answered besides loopback ones ('*': any); without it, a "
+        "server bound to a loopback address answers only loopback names, others answer any",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=_names,
+        default=(),
+        help="comma-separated origins allowed by CORS ('*': any); without it, no CORS headers",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def resolve_config(args: argparse.Namespace) -> ServerConfig:
@@ -101,6 +118,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         served_model_name=args.served_model_name or name,
         log_level=args.log_level,
+        allowed_hosts=args.allowed_hosts,
+        allowed_origins=args.allowed_origins,
     )
 
 
@@ -120,6 +139,7 @@ def _wait_ready(region, proc) -> bool:
 
 def serve(cfg: ServerConfig) -> int:
     from lightllm_async.frontend.app import FrontendContext
+    from lightllm_async.frontend.edge import EdgePolicy
     from lightllm_async.ipc import Region, RegionSpec
     from lightllm_async.models.loader import default_model_path
     from lightllm_async.tokenizer import load_tokenizer
@@ -144,6 +164,7 @@ def serve(cfg: ServerConfig) -> int:
             served_model_name=cfg.served_model_name,
             max_model_len=eng.max_model_len,
             engine_alive=proc.is_alive,
+            edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
         )
         exit_code = _serve_http(cfg, ctx, proc)
         return exit_code

@@ -12,6 +12,7 @@ import logging
 from . import native_api, openai_api
 from .asgi import Receive, Responder, Scope, Send
 from .context import FrontendContext
+from .edge import Edge, check_json_body
 from .generation import ClientDisconnected
 from .metrics import Metrics
 from .protocol import ApiError, engine_dead_error
@@ -44,6 +45,7 @@ class App:
     def __init__(self, ctx: FrontendContext):
         self.service = Service(ctx)
         self.metrics = Metrics(self.service)
+        self.edge = Edge(ctx.edge)
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,6 +81,11 @@ class App:
         resp = Responder(send)
         method, path = scope["method"], scope["path"]
         try:
+            cors = self.edge.check(scope)
+            resp = Responder(send, cors)
+            if (headers := self.edge.preflight(scope, cors)) is not None:
+                await resp.body(204, b"", headers=headers)
+                return
             if path == "/metrics" and method == "GET":
                 await self.metrics.handle(scope, receive, resp)
                 return
@@ -91,6 +98,8 @@ class App:
                 raise ApiError(
                     405, f"Method {method} is not allowed for {path}.", headers=((b"allow", allow),)
                 )
+            if method == "POST":
+                check_json_body(scope)
             await self._start()
             await handler(self.service, scope, receive, resp)
         except ClientDisconnected:

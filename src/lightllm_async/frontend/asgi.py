@@ -43,11 +43,13 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
 class Responder:
     """Sends one response: a JSON body, or an SSE stream of events; knows what was sent already.
 
-    A failing send means the client went away: it raises ClientDisconnected.
+    A failing send means the client went away: it raises ClientDisconnected. `headers` go on
+    every response it starts (CORS).
     """
 
-    def __init__(self, send: Send):
+    def __init__(self, send: Send, headers: tuple[tuple[bytes, bytes], ...] = ()):
         self._send = send
+        self._headers = headers
         self.started = False
         self.ended = False
         self.status = 0  # the status sent, once a response started
@@ -79,6 +81,7 @@ class Responder:
                     (b"content-type", content_type),
                     (b"content-length", str(len(body)).encode()),
                     *headers,
+                    *self._headers,
                 ],
             }
         )
@@ -106,7 +109,8 @@ class Responder:
         self.status = 200
         self._sse_done = done_marker or b""
         self._prefix = prefix
-        await self._emit({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        headers = [*_SSE_HEADERS, *self._headers] if self._headers else _SSE_HEADERS
+        await self._emit({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def event(self, payload: bytes) -> None:
         await self._emit(
