@@ -1,8 +1,10 @@
-"""Issue 8, the HTTP edge: browser safety by default.
+"""Issue 8, the HTTP edge: browser safety by default, and bounds on slow and greedy clients.
 
 In-process (the ASGI app of test_frontend_app's harness): POST bodies must be JSON (415), a
 server bound to loopback answers only loopback Host names (421, DNS rebinding), CORS headers only
-for --allowed-origins. Through a real server: the flags.
+for --allowed-origins. Through a real server and raw sockets: a client that stalls gets 408 and
+is dropped, a head over the limits gets 431, connections beyond --max-connections get 503, and
+what uvicorn refuses is an error object too.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import pytest
 
 from asgi_client import JSON, call
 from lightllm_async.frontend.edge import EdgePolicy
+from lightllm_async.frontend.limits import MAX_HEADER_BYTES, MAX_HEADERS
 from serverproc import ServerProcess
 from test_frontend_app import Harness
 
@@ -192,3 +196,116 @@ def test_allowed_hosts_and_origins_flags():
             assert (b"access-control-allow-origin: http://ui.example" in raw) == (status == 200)
     finally:
         assert srv.stop() == 0
+
+
+# ---------------------------------------------------------------- slow and greedy clients
+
+
+@pytest.fixture(scope="module")
+def edge_server():
+    srv = ServerProcess(
+        "--model", "dummy", "--dummy-step-time", "0.01", "--read-timeout", "0.5", "--max-connections", "6"
+    )  # fmt: skip
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "sent,what",
+    [
+        (b"", "headers"),  # connects and says nothing
+        (_head() + b"X-Slow: 1", "headers"),  # half a head
+        (
+            _head("/v1/completions", "POST", "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+            + b'{"prompt": ',
+            "body",
+        ),  # half a body
+    ],  # fmt: skip
+    ids=["silent", "half-head", "half-body"],
+)
+def test_a_client_that_stalls_gets_408_and_is_dropped(edge_server, sent, what):
+    s = _connect(edge_server)
+    s.sendall(sent)
+    t = time.monotonic()
+    raw = _read_all(s)
+    assert 0.3 < time.monotonic() - t < 3
+    status, err = _status_and_error(raw)
+    assert status == 408 and what in err["message"]
+    assert edge_server.request("GET", "/health")[0] == 200
+
+
+def test_a_slow_but_complete_request_and_a_long_stream_are_not_cut(edge_server):
+    s = _connect(edge_server)
+    body = json.dumps({"prompt": "x", "max_tokens": 100, "stream": True}).encode()  # ~1 s of tokens
+    head = _head(
+        "/v1/completions", "POST", f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    )
+    for piece in (head, b"\r\n", body[:10], body[10:]):
+        s.sendall(piece)
+        time.sleep(0.1)  # each piece within the timeout, the whole within it too
+    s.settimeout(10)
+    data = b""
+    while not data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+        chunk = s.recv(65536)
+        assert chunk, data[-200:]
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"data: {") >= 50
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        _head(extra="".join(f"X-H{i}: v\r\n" for i in range(MAX_HEADERS + 1)) + "\r\n"),
+        _head(extra="X-Big: " + "a" * (MAX_HEADER_BYTES + 1) + "\r\n\r\n"),
+        _head(extra="X-Big: " + "a" * (MAX_HEADER_BYTES * 8)),  # still coming: refused at the bound
+        b"GET /" + b"a" * (MAX_HEADER_BYTES + 1) + b" HTTP/1.1\r\n\r\n",
+    ],
+    ids=["many-headers", "large-header", "endless-header", "long-url"],
+)
+def test_a_head_over_the_limits_gets_431(edge_server, head):
+    s = _connect(edge_server)
+    s.sendall(head)
+    status, err = _status_and_error(_read_all(s))
+    assert status == 431 and err["type"] == "invalid_request_error"
+
+
+def test_a_malformed_request_gets_an_error_object(edge_server):
+    s = _connect(edge_server)
+    s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+    status, err = _status_and_error(_read_all(s))
+    assert status == 400 and err["message"]
+
+
+def test_connections_beyond_the_cap_get_503_and_the_server_recovers(edge_server):
+    streams = []
+    for _ in range(6):  # the cap: six streams held open
+        s = _connect(edge_server)
+        body = json.dumps({"prompt": "x", "max_tokens": 300, "stream": True}).encode()
+        s.sendall(
+            _head(
+                "/v1/completions",
+                "POST",
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n",
+            )
+            + body
+        )
+        assert s.recv(12) == b"HTTP/1.1 200"
+        streams.append(s)
+    s = _connect(edge_server)
+    s.sendall(_head() + b"\r\n")
+    status, err = _status_and_error(_read_all(s))
+    assert status == 503 and "--max-connections" in err["message"]
+    for s in streams:
+        s.close()
+    deadline = time.monotonic() + 5
+    while edge_server.request("GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_foreign_host_name_is_refused_over_http(edge_server):
+    s = _connect(edge_server)
+    s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: rebind.example:8000\r\nConnection: close\r\n\r\n")
+    status, err = _status_and_error(_read_all(s))
+    assert status == 421 and err["type"] == "invalid_request_error"

@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="comma-separated origins allowed by CORS ('*': any); without it, no CORS headers",
     )
+    p.add_argument(
+        "--max-connections", type=int, default=1000, help="open connections; beyond, 503 (0: no cap)"
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and again its body (then 408)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     return p
@@ -96,6 +105,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     max_model_len = args.max_model_len or min(model_len, 4096)
     if args.max_model_len and args.max_model_len > model_len:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
+    if args.read_timeout <= 0:
+        raise SystemExit("--read-timeout must be more than 0 seconds")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -120,6 +131,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         log_level=args.log_level,
         allowed_hosts=args.allowed_hosts,
         allowed_origins=args.allowed_origins,
+        max_connections=max(args.max_connections, 0),
+        read_timeout=args.read_timeout,
     )
 
 
@@ -177,23 +190,11 @@ def serve(cfg: ServerConfig) -> int:
 
 def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
     """Run uvicorn until a signal (0) or the engine's death (1)."""
-    import uvicorn
-
     from lightllm_async.frontend.app import create_app
+    from lightllm_async.frontend.http_server import ClientLimits, build_server
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(ctx),
-            host=cfg.host,
-            port=cfg.port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_level=cfg.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-    )
+    limits = ClientLimits(read_timeout=cfg.read_timeout, max_connections=cfg.max_connections)
+    server = build_server(create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits)
     died = threading.Event()
     threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
     server.run()

@@ -10,8 +10,11 @@ from __future__ import annotations
 from lightllm_async.types import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # checked by SamplingParams
 
 __all__ = [
+    "KEEP_ALIVE_TIMEOUT_S",
     "MAX_BODY_BYTES",
     "MAX_CONTENT_PARTS",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
     "MAX_MESSAGES",
     "MAX_STOP_STRINGS",
     "MAX_STOP_STRING_CHARS",
@@ -23,3 +26,10 @@ MAX_MESSAGES = 4096  # messages in one chat request
 MAX_CONTENT_PARTS = 256  # content parts in one chat message
 # JSON nesting is bounded by msgspec's decoder at the interpreter's recursion limit (about 1000
 # levels); a deeper body is a 400, as is any other body that does not decode.
+
+# Request heads (the request line and the headers), enforced by frontend/http_server.py: 431 beyond.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
+
+# An idle keep-alive connection is closed after this long (uvicorn's timeout_keep_alive).
+KEEP_ALIVE_TIMEOUT_S = 5

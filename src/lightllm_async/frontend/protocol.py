@@ -39,9 +39,11 @@ _ERROR_TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     421: "invalid_request_error",
+    431: "invalid_request_error",
     503: "service_unavailable",
     500: "internal_error",
 }
