@@ -145,3 +145,4 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS origins; "*": any; none: no CORS headers
     max_connections: int = 1000  # open connections; beyond, 503 (0: no cap)
     read_timeout: float = 30.0  # seconds for a request's head, and again for its body
+    shutdown_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM/SIGINT

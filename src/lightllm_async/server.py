@@ -1,7 +1,8 @@
 """`lightllm-async`: the one command. Creates the shared region, starts the engine, serves HTTP.
 
-Exit status: 0 after SIGINT/SIGTERM, 1 when the engine process died or failed to start (so a
-systemd unit with Restart=on-failure brings the server back).
+Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when the engine
+process died or failed to start (so a systemd unit with Restart=on-failure brings the server
+back). The last log line says which.
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds a client has to send a request's headers, and again its body (then 408)",
     )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGTERM/SIGINT",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     return p
@@ -133,6 +140,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=args.allowed_origins,
         max_connections=max(args.max_connections, 0),
         read_timeout=args.read_timeout,
+        shutdown_timeout=max(args.shutdown_timeout, 0.0),
     )
 
 
@@ -180,24 +188,29 @@ def serve(cfg: ServerConfig) -> int:
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
         )
         exit_code = _serve_http(cfg, ctx, proc)
-        return exit_code
+    except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
+        exit_code = 0
     finally:
         _stop_engine(proc)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
+    return exit_code
 
 
 def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
-    """Run uvicorn until a signal (0) or the engine's death (1)."""
+    """Run uvicorn until a signal and the drain after it (0) or the engine's death (1)."""
     from lightllm_async.frontend.app import create_app
     from lightllm_async.frontend.http_server import ClientLimits, build_server
 
     limits = ClientLimits(read_timeout=cfg.read_timeout, max_connections=cfg.max_connections)
-    server = build_server(create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits)
+    server = build_server(create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout)
     died = threading.Event()
     threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not listen, or the app failed to start
+        return 1
     return 1 if died.is_set() or not server.started else 0
 
 
@@ -242,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     cfg = resolve_config(args)
-    # SIGTERM takes the same path as Ctrl-C: uvicorn's handlers stop the server, `finally` cleans up.
+    # SIGTERM takes the same path as Ctrl-C: before serving it interrupts the start; while serving,
+    # DrainingServer drains the requests in flight, then `finally` cleans up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return serve(cfg)

@@ -1,4 +1,4 @@
-"""uvicorn with the edge's bounds on clients.
+"""uvicorn with the edge's bounds on clients, and a graceful drain on SIGTERM and SIGINT.
 
 uvicorn's httptools protocol bounds neither the time a client may take to send a request nor the
 size of its head, and answers what it refuses in plain text. `GuardedProtocol` adds:
@@ -10,7 +10,9 @@ size of its head, and answers what it refuses in plain text. `GuardedProtocol` a
 - a connection cap: beyond `max_connections` open connections, a new one is answered 503 and
   closed.
 
-Every refusal is an OpenAI error object.
+Every refusal is an OpenAI error object. `DrainingServer` turns the first SIGTERM or SIGINT into
+`App.drain` (new requests get 503, those in flight finish or are ended at `shutdown_timeout`)
+and only then lets uvicorn stop; a second signal ends the requests in flight at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .app import App
 from .limits import KEEP_ALIVE_TIMEOUT_S, MAX_HEADER_BYTES, MAX_HEADERS
 from .protocol import ENCODER, ApiError, error_body
 
@@ -185,13 +188,47 @@ async def _over_capacity(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server; a signal drains `app` first (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, app: App, shutdown_timeout: float):
+        super().__init__(config)
+        self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._drain: asyncio.Task | None = None
+        self.signals = 0
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not uvicorn's: it would stop at once and raise the signal again after serving.
+        self.signals += 1
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.signals and self._drain is None:
+            self._drain = asyncio.create_task(
+                self._app.drain(self._shutdown_timeout, hurry=lambda: self.signals > 1)
+            )
+        if self._drain is not None and self._drain.done():
+            self._close_stuck_connections()
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    def _close_stuck_connections(self) -> None:
+        """Close what uvicorn's shutdown would wait for: responses still being written after the
+        drain (a client that stopped reading) and refused connections lingering."""
+        for conn in list(self.server_state.connections):
+            cycle = getattr(conn, "cycle", None)
+            if getattr(conn, "_closing", False) or (cycle is not None and not cycle.response_complete):
+                conn.transport.abort()
+
+
 def build_server(
-    app,
+    app: App,
     host: str,
     port: int,
     log_level: str,
     limits: ClientLimits,
-) -> uvicorn.Server:
+    shutdown_timeout: float,
+) -> DrainingServer:
     """The uvicorn server for `app` (uvloop, httptools, lifespan on)."""
     config = uvicorn.Config(
         app,
@@ -204,6 +241,6 @@ def build_server(
         log_level=log_level,
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
-        timeout_graceful_shutdown=2,
+        timeout_graceful_shutdown=2,  # after the drain, only idle connections are left
     )
-    return uvicorn.Server(config)
+    return DrainingServer(config, app, shutdown_timeout)

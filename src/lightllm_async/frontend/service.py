@@ -19,6 +19,11 @@ from .sampling import api_names
 
 ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized in a thread, without the GIL
 RETRY_AFTER = ((b"retry-after", b"1"),)
+CLOSE = ((b"connection", b"close"),)
+
+
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "The server is shutting down; retry on another instance.", headers=CLOSE)
 
 
 def request_id(prefix: str) -> str:
@@ -39,6 +44,8 @@ class Service:
         # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
         per_token = self.tokenizer.max_bytes_per_token
         self.max_prompt_bytes = None if per_token is None else self.max_model_len * per_token
+        self._live: set[Generation] = set()
+        self._stopping: ApiError | None = None
 
     def engine_alive(self) -> bool:
         return not self.reader.dead and self.ctx.engine_alive()
@@ -81,6 +88,8 @@ class Service:
             params = params.with_context(len(prompt_ids), self.max_model_len, what)
         if not params.ignore_eos:
             params = replace(params, stop_ids=self.tokenizer.eos_token_ids[:MAX_STOP_IDS])
+        if self._stopping is not None:
+            raise self._stopping
         if not self.engine_alive():
             raise engine_dead_error()
         try:
@@ -93,4 +102,13 @@ class Service:
                 "The server is at capacity (every request slot is in use); retry shortly.",
                 headers=RETRY_AFTER,
             )
-        return Generation(self.reader, handle, self.tokenizer, prompt_ids, params)
+        gen = Generation(self.reader, handle, self.tokenizer, prompt_ids, params, on_exit=self._live.discard)
+        self._live.add(gen)
+        return gen
+
+    def end_all(self, err: ApiError) -> int:
+        """End every request in flight with `err`, and refuse new ones with it; returns how many."""
+        self._stopping = err
+        for gen in list(self._live):
+            gen.interrupt(err)
+        return len(self._live)
