@@ -212,7 +212,7 @@ class Harness:
             "type": "http",
             "method": method,
             "path": path,
-            "headers": [],
+            "headers": [(b"content-type", b"application/json")],
             "query_string": b"",
             "http_version": "1.1",
             "asgi": {"version": "3.0"},

@@ -140,3 +140,9 @@ class ServerConfig:
     served_model_name: str = "default"
     instance_id: str = field(default_factory=lambda: f"{os.getpid()}")
     log_level: str = "info"
+    # The HTTP edge (frontend/edge.py, frontend/http_server.py)
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones; "*": any
+    allowed_origins: tuple[str, ...] = ()  # CORS origins; "*": any; none: no CORS headers
+    max_connections: int = 1000  # open connections; beyond, 503 (0: no cap)
+    read_timeout: float = 30.0  # seconds for a request's head, and again for its body
+    shutdown_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM/SIGINT

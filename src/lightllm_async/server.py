@@ -1,7 +1,8 @@
 """`lightllm-async`: the one command. Creates the shared region, starts the engine, serves HTTP.
 
-Exit status: 0 after SIGINT/SIGTERM, 1 when the engine process died or failed to start (so a
-systemd unit with Restart=on-failure brings the server back).
+Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when the engine
+process died or failed to start (so a systemd unit with Restart=on-failure brings the server
+back). The last log line says which.
 """
 
 from __future__ import annotations
@@ -67,9 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
+    p.add_argument(
+        "--allowed-hosts",
+        type=_names,
+        default=(),
+        help="comma-separated Host names answered besides loopback ones ('*': any); without it, a "
+        "server bound to a loopback address answers only loopback names, others answer any",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        type=_names,
+        default=(),
+        help="comma-separated origins allowed by CORS ('*': any); without it, no CORS headers",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1000, help="open connections; beyond, 503 (0: no cap)"
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and again its body (then 408)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGTERM/SIGINT",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def resolve_config(args: argparse.Namespace) -> ServerConfig:
@@ -85,6 +118,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     max_model_len = args.max_model_len or min(model_len, 4096)
     if args.max_model_len and args.max_model_len > model_len:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
+    if args.read_timeout <= 0:
+        raise SystemExit("--read-timeout must be more than 0 seconds")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -107,6 +142,11 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         served_model_name=args.served_model_name or name,
         log_level=args.log_level,
+        allowed_hosts=args.allowed_hosts,
+        allowed_origins=args.allowed_origins,
+        max_connections=max(args.max_connections, 0),
+        read_timeout=args.read_timeout,
+        shutdown_timeout=max(args.shutdown_timeout, 0.0),
     )
 
 
@@ -126,6 +166,7 @@ def _wait_ready(region: FrontendRegion, proc: BaseProcess) -> bool:
 
 def serve(cfg: ServerConfig) -> int:
     from lightllm_async.frontend.app import FrontendContext
+    from lightllm_async.frontend.edge import EdgePolicy
     from lightllm_async.ipc import Region, RegionSpec
     from lightllm_async.models.loader import default_model_path
     from lightllm_async.tokenizer import load_tokenizer
@@ -150,38 +191,32 @@ def serve(cfg: ServerConfig) -> int:
             served_model_name=cfg.served_model_name,
             max_model_len=eng.max_model_len,
             engine_alive=proc.is_alive,
+            edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
         )
         exit_code = _serve_http(cfg, ctx, proc)
-        return exit_code
+    except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
+        exit_code = 0
     finally:
         _stop_engine(proc)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
+    return exit_code
 
 
 def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
-    """Run uvicorn until a signal (0) or the engine's death (1)."""
-    import uvicorn
-
+    """Run uvicorn until a signal and the drain after it (0) or the engine's death (1)."""
     from lightllm_async.frontend.app import create_app
+    from lightllm_async.frontend.http_server import ClientLimits, build_server
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(ctx),
-            host=cfg.host,
-            port=cfg.port,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_level=cfg.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-    )
+    limits = ClientLimits(read_timeout=cfg.read_timeout, max_connections=cfg.max_connections)
+    server = build_server(create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout)
     died = threading.Event()
     threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn could not listen, or the app failed to start
+        return 1
     return 1 if died.is_set() or not server.started else 0
 
 
@@ -226,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     cfg = resolve_config(args)
-    # SIGTERM takes the same path as Ctrl-C: uvicorn's handlers stop the server, `finally` cleans up.
+    # SIGTERM takes the same path as Ctrl-C: before serving it interrupts the start; while serving,
+    # DrainingServer drains the requests in flight, then `finally` cleans up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return serve(cfg)

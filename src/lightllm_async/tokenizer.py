@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import processors
+from tokenizers import models, processors
 
 # Turn-ending tokens: when a chat template writes one of these, generation stops on it too.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -57,6 +57,36 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text are matched whole."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_nogil(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode`, releasing the GIL while the tokenizer runs (for a helper thread): the library's
+        single-text encode holds it throughout, its batch encode does not."""
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def max_bytes_per_token(self) -> int | None:
+        """An upper bound on the UTF-8 bytes of input text that one token stands for, or None when
+        the pipeline may drop or shrink text without bound (then no such bound exists).
+
+        A text longer than `n` times this many bytes encodes to more than `n` tokens.
+        """
+        normalizer, pre_tokenizer = (
+            None if part is None else json.loads(part.__getstate__())
+            for part in (self.backend.normalizer, self.backend.pre_tokenizer)
+        )
+        shrink = _shrink_factor(normalizer)
+        if shrink is None or not _keeps_all_text(pre_tokenizer) or not _bounded_unknowns(self.backend.model):
+            return None
+        byte_level = '"ByteLevel"' in json.dumps(pre_tokenizer)
+        alphabet = _byte_alphabet() if byte_level else frozenset()
+        # Byte-level vocabularies spell each byte as one character; added tokens match raw text.
+        longest = max(
+            (len(t) if t.isascii() or set(t) <= alphabet else len(t.encode()))
+            for t in self.backend.get_vocab(with_added_tokens=False)
+        )
+        added = [t.content for t in self.backend.get_added_tokens_decoder().values()]
+        longest = max([longest, 4, *(len(t.encode()) for t in added)])  # 4: an unknown character
+        return shrink * longest
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -180,6 +210,58 @@ def _ensure_bos(backend: BackendTokenizer, bos: str) -> None:
 
 
 # -- shared ----------------------------------------------------------------------------------
+
+_UNICODE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split", "UnicodeScripts"}
+
+
+def _shrink_factor(normalizer: dict[str, Any] | None) -> int | None:
+    """How many times fewer bytes a normalizer may leave of a text, at most; None: unbounded."""
+    if normalizer is None:
+        return 1
+    kind = normalizer["type"]
+    if kind == "Sequence":
+        factor = 1
+        for child in normalizer["normalizers"]:
+            f = _shrink_factor(child)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Prepend":
+        return 1
+    if kind == "Replace":  # e.g. " " -> "▁" (sentencepiece style) only grows the text
+        pattern = normalizer["pattern"].get("String")
+        grows = pattern is not None and len(normalizer["content"].encode()) >= len(pattern.encode())
+        return 1 if grows else None
+    if kind in _UNICODE_NORMALIZERS:
+        # A character of 4 bytes may become one of 1 byte (NFKC, case folding); composition joins
+        # at most three 3-byte Hangul jamo into one 3-byte syllable.
+        return 4
+    return None  # Strip, BertNormalizer, Precompiled, ...: may remove text
+
+
+def _keeps_all_text(pre_tokenizer: dict[str, Any] | None) -> bool:
+    """Whether a pre-tokenizer passes every character on (whitespace splitters drop some)."""
+    if pre_tokenizer is None:
+        return True
+    if pre_tokenizer["type"] == "Sequence":
+        return all(_keeps_all_text(p) for p in pre_tokenizer["pretokenizers"])
+    return pre_tokenizer["type"] in _KEEPING_PRE_TOKENIZERS and pre_tokenizer.get("behavior") != "Removed"
+
+
+def _bounded_unknowns(model: Any) -> bool:
+    """A BPE model maps an unknown character to one token, unless it fuses runs of them into one."""
+    if not isinstance(model, models.BPE):
+        return False
+    return not (model.unk_token and model.fuse_unk and not model.byte_fallback)
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> frozenset[str]:
+    from lightllm_async.formats.gguf_tokenizer import bytes_to_unicode
+
+    return frozenset(bytes_to_unicode().values())
 
 
 def _eos_ids(backend: BackendTokenizer, declared: list[Any], template: str | None) -> tuple[int, ...]:

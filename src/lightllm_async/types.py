@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 
 MAX_STOP_IDS = 16  # stop token ids a request carries through the region (eos ids included)
+MAX_STOP_STRINGS = 16  # stop strings per request: each one is matched on every piece of text
+MAX_STOP_STRING_CHARS = 512  # characters in one stop string: the stream holds back this much text
 SEED_LIMIT = 2**64  # a seed is any unsigned 64-bit integer
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by them overflows
 TOP_K_LIMIT = 2**31  # top_k is stored as int32; any larger value keeps the whole vocabulary anyway
@@ -80,6 +82,11 @@ class SamplingParams:
         _check(len(self.stop_ids) <= MAX_STOP_IDS, "stop_ids",
                f"at most {MAX_STOP_IDS} stop token ids, got {len(self.stop_ids)}")  # fmt: skip
         _check(all(0 <= i < 2**31 for i in self.stop_ids), "stop_ids", "stop token ids must be in [0, 2**31)")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"allows at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")  # fmt: skip
+        longest = max(map(len, self.stop), default=0)
+        _check(longest <= MAX_STOP_STRING_CHARS, "stop",
+               f"strings must be at most {MAX_STOP_STRING_CHARS} characters long, got {longest}")  # fmt: skip
 
     @property
     def greedy(self) -> bool:

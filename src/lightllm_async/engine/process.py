@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
 import signal
 import sys
 import traceback
@@ -45,8 +48,29 @@ def _progress_bar():
     return update
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies, even by SIGKILL (Linux only).
+
+    Without it a `kill -9` of the server leaves the engine running, holding the GPU. The kernel
+    sends the signal when the parent's thread that started us ends: the server starts engines
+    from its main thread. A parent that died before the call is caught by comparing pids.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return  # not a multiprocessing child (a test running the engine in-process)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent.pid:
+        os._exit(1)
+
+
 def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
     """Target of the engine process. Exits non-zero with the error written to the region."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
     from lightllm_async.engine.engine import Engine

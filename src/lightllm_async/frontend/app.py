@@ -6,15 +6,18 @@ starts the reader (it also starts lazily on the first request if lifespan is off
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from . import native_api, openai_api
 from .asgi import ClientDisconnected, Receive, Responder, Scope, Send
 from .context import FrontendContext
+from .edge import Edge, check_json_body
 from .metrics import Metrics
 from .protocol import ApiError, engine_dead_error
-from .service import Service
+from .service import Service, shutting_down_error
 
 __all__ = ["FrontendContext", "create_app"]
 
@@ -37,13 +40,19 @@ _ROUTES = {
 }
 
 
+END_GRACE_S = 2.0  # after a drain's deadline: time for the ended requests to send their errors
+
+
 class App:
-    """A plain ASGI 3 callable serving one `Service`."""
+    """A plain ASGI 3 callable serving one `Service`; `drain` ends it gracefully."""
 
     def __init__(self, ctx: FrontendContext):
         self.service = Service(ctx)
         self.metrics = Metrics(self.service)
+        self.edge = Edge(ctx.edge)
         self._started = False
+        self.draining = False
+        self.in_flight = 0  # requests admitted and not yet answered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -77,10 +86,18 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         resp = Responder(send)
         method, path = scope["method"], scope["path"]
+        admitted = False
         try:
+            cors = self.edge.check(scope)
+            resp = Responder(send, cors)
+            if (headers := self.edge.preflight(scope, cors)) is not None:
+                await resp.body(204, b"", headers=headers)
+                return
             if path == "/metrics" and method == "GET":
                 await self.metrics.handle(scope, receive, resp)
                 return
+            if self.draining:
+                raise shutting_down_error()
             methods = _ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"Invalid URL ({method} {path}).")
@@ -90,6 +107,10 @@ class App:
                 raise ApiError(
                     405, f"Method {method} is not allowed for {path}.", headers=((b"allow", allow),)
                 )
+            if method == "POST":
+                check_json_body(scope)
+            admitted = True
+            self.in_flight += 1
             await self._start()
             await handler(self.service, scope, receive, resp)
         except ClientDisconnected:
@@ -100,12 +121,32 @@ class App:
             log.exception("internal error while serving %s %s", method, path)
             await self._answer(resp, ApiError(500, "Internal server error."))
         finally:
+            self.in_flight -= admitted
             self.metrics.count(path if path in _ROUTES or path == "/metrics" else "other", resp.status)
 
     @staticmethod
     async def _answer(resp: Responder, err: ApiError) -> None:
         with contextlib.suppress(ClientDisconnected):
             await resp.error(err)
+
+    async def drain(self, timeout: float, hurry: Callable[[], bool] = lambda: False) -> int:
+        """Answer new requests with 503, let those in flight finish for up to `timeout` seconds
+        (less once `hurry()` is true), then end the rest with a 503 error (an error event and the
+        end marker on a stream). Returns how many were still in flight after all that."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        if self.in_flight:
+            log.info("draining %d requests in flight (up to %g s); new ones get 503", self.in_flight, timeout)
+        deadline = loop.time() + timeout
+        while self.in_flight and loop.time() < deadline and not hurry():
+            await asyncio.sleep(0.02)
+        if self.in_flight:
+            n = self.service.end_all(shutting_down_error())
+            log.warning("shutdown timeout: ending %d requests in flight (%d generating)", self.in_flight, n)
+            deadline = loop.time() + END_GRACE_S
+            while self.in_flight and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        return self.in_flight
 
 
 def create_app(ctx: FrontendContext) -> App:

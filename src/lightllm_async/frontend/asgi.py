@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .limits import MAX_BODY_BYTES
 from .protocol import ENCODER, ApiError, error_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
 
 class ClientDisconnected(Exception):
     """The client went away; the request was aborted and nothing more can be sent."""
@@ -26,6 +24,10 @@ _SSE_HEADERS = [
 ]
 
 
+def body_too_large(limit: int = MAX_BODY_BYTES) -> ApiError:
+    return ApiError(413, f"Request body is larger than the limit of {limit} bytes.")
+
+
 async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
     chunks, size = [], 0
     while True:
@@ -35,7 +37,7 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"Request body is larger than {limit} bytes.")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
@@ -44,11 +46,13 @@ async def read_body(receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
 class Responder:
     """Sends one response: a JSON body, or an SSE stream of events; knows what was sent already.
 
-    A failing send means the client went away: it raises ClientDisconnected.
+    A failing send means the client went away: it raises ClientDisconnected. `headers` go on
+    every response it starts (CORS).
     """
 
-    def __init__(self, send: Send):
+    def __init__(self, send: Send, headers: tuple[tuple[bytes, bytes], ...] = ()):
         self._send = send
+        self._headers = headers
         self.started = False
         self.ended = False
         self.status = 0  # the status sent, once a response started
@@ -80,6 +84,7 @@ class Responder:
                     (b"content-type", content_type),
                     (b"content-length", str(len(body)).encode()),
                     *headers,
+                    *self._headers,
                 ],
             }
         )
@@ -107,7 +112,8 @@ class Responder:
         self.status = 200
         self._sse_done = done_marker or b""
         self._prefix = prefix
-        await self._emit({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        headers = [*_SSE_HEADERS, *self._headers] if self._headers else _SSE_HEADERS
+        await self._emit({"type": "http.response.start", "status": 200, "headers": headers})
 
     async def event(self, payload: bytes) -> None:
         await self._emit(

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .edge import EdgePolicy
+
 if TYPE_CHECKING:
     from lightllm_async.ipc import FrontendRegion
     from lightllm_async.tokenizer import Tokenizer
@@ -13,7 +15,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FrontendContext:
-    """The frontend's side of the shared region, the tokenizer and the served model's limits.
+    """The frontend's side of the shared region, the tokenizer, the served model's limits, and
+    the edge policy (which Host names and Origins are answered; the default suits a loopback bind).
 
     engine_alive is called on the event loop about ten times a second and by /health; it must be
     cheap and must not block (Process.is_alive is fine).
@@ -24,3 +27,4 @@ class FrontendContext:
     served_model_name: str
     max_model_len: int
     engine_alive: Callable[[], bool]
+    edge: EdgePolicy = EdgePolicy()

@@ -6,7 +6,7 @@ Every endpoint drives a `Generation` the same way and only formats its `Piece`s 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from lightllm_async.types import FinishReason, SamplingParams
@@ -41,6 +41,7 @@ class Generation:
         tokenizer,
         prompt_ids: Sequence[int],
         params: SamplingParams,
+        on_exit: Callable[[Generation], None] | None = None,
     ):
         self._reader = reader
         self._handle = handle
@@ -48,6 +49,8 @@ class Generation:
         self._stops = StopMatcher(params.stop)
         self._stop_ids = frozenset(params.stop_ids)
         self._watcher: asyncio.Task | None = None
+        self._on_exit = on_exit
+        self._interrupted: ApiError | None = None
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -61,6 +64,13 @@ class Generation:
             self._watcher.cancel()
         if self.finish_reason is None or self._stops.stopped:
             self._reader.abort(self._handle)
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    def interrupt(self, err: ApiError) -> None:
+        """End the request from outside (the server is shutting down): `pieces` raises `err`."""
+        self._interrupted = err
+        self._handle.notify_disconnect()  # wakes the reader's wait; _interrupted is looked at first
 
     def watch_disconnect(self, receive) -> None:
         """Listen for the client's http.disconnect while the response is being produced."""
@@ -75,6 +85,8 @@ class Generation:
         h = self._handle
         while self.finish_reason is None:
             tokens = await h.wait()
+            if self._interrupted is not None:
+                raise self._interrupted
             if h.disconnected:
                 raise ClientDisconnected
             if h.engine_dead and h.finish_reason is None:

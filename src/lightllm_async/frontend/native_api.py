@@ -25,7 +25,7 @@ from .service import Service
 async def _start(svc: Service, receive: Receive):
     req = decode_body(GENERATE_DECODER, await read_body(receive))
     params = generate_params(req.parameters)
-    prompt_ids = await svc.encode_text(req.inputs)
+    prompt_ids = await svc.encode_text(req.inputs, "inputs")
     return svc.start(prompt_ids, params, "inputs")
 
 

@@ -61,8 +61,8 @@ async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: R
 async def completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     req = decode_body(COMPLETION_DECODER, await read_body(receive))
     params = completion_params(req)
-    prompt = completion_prompt(req, svc.tokenizer.vocab_size)
-    prompt_ids = await svc.encode_text(prompt) if isinstance(prompt, str) else prompt
+    prompt = completion_prompt(req, svc.tokenizer.vocab_size, svc.max_model_len)
+    prompt_ids = await svc.encode_text(prompt, "prompt") if isinstance(prompt, str) else prompt
     rid, created, model = request_id("cmpl"), int(time.time()), svc.model_name
     async with svc.start(prompt_ids, params, "prompt") as gen:
         gen.watch_disconnect(receive)

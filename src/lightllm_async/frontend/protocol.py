@@ -8,6 +8,7 @@ handler sees it. Range checks live in `sampling.py`.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 import msgspec
@@ -35,9 +36,14 @@ class ApiError(Exception):
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
+    431: "invalid_request_error",
     503: "service_unavailable",
     500: "internal_error",
 }
@@ -81,6 +87,12 @@ def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> Any:
         return decoder.decode(body)
     except msgspec.MsgspecError as e:
         raise decode_error(e) from None
+    except RecursionError:  # msgspec's guard against deep nesting, at the interpreter's limit
+        raise ApiError(
+            400,
+            "Request body is not valid JSON: it is nested more deeply than the limit "
+            f"(about {sys.getrecursionlimit()} levels).",
+        ) from None
 
 
 # ---------------------------------------------------------------- requests

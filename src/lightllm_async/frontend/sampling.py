@@ -13,6 +13,7 @@ from typing import Any
 
 from lightllm_async.types import SEED_LIMIT, TOP_K_LIMIT, InvalidParam, SamplingParams
 
+from .limits import MAX_CONTENT_PARTS, MAX_MESSAGES
 from .protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -95,8 +96,8 @@ def generate_params(p: GenerateParameters | None) -> SamplingParams:
     p = p or GenerateParameters()
     _check_n(p.n, "parameters.n")
     _check_n(p.best_of, "parameters.best_of")
-    stop = p.stop_sequences if p.stop_sequences is not None else p.stop
-    with api_names({}, prefix="parameters."):
+    stop, name = (p.stop, "stop") if p.stop_sequences is None else (p.stop_sequences, "stop_sequences")
+    with api_names({"stop": name}, prefix="parameters."):
         return SamplingParams(
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature if p.do_sample else 0.0,
@@ -116,10 +117,17 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages as the chat template wants them: text content only, parts joined by newlines."""
     if not req.messages:
         raise _bad("messages must contain at least one message.", "messages")
+    if len(req.messages) > MAX_MESSAGES:
+        raise _bad(f"messages allows at most {MAX_MESSAGES} messages, got {len(req.messages)}.", "messages")
     out = []
     for i, m in enumerate(req.messages):
         content = m.content
         if isinstance(content, list):
+            if len(content) > MAX_CONTENT_PARTS:
+                raise _bad(
+                    f"A message allows at most {MAX_CONTENT_PARTS} content parts, got {len(content)}.",
+                    f"messages[{i}].content",
+                )
             texts = []
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
@@ -133,8 +141,14 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int]:
-    """The prompt as text or token ids; a batch of one is unwrapped, larger batches refused."""
+def completion_prompt(
+    req: CompletionRequest, vocab_size: int, max_model_len: int | None = None
+) -> str | list[int]:
+    """The prompt as text or token ids; a batch of one is unwrapped, larger batches refused.
+
+    A token-id prompt that cannot fit `max_model_len` is refused by its length, before its ids
+    are looked at one by one.
+    """
     prompt = req.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -142,6 +156,12 @@ def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int
         return prompt
     if not prompt:
         raise _bad("prompt must not be empty.", "prompt")
+    if max_model_len is not None and len(prompt) >= max_model_len:  # one output token must fit too
+        raise _bad(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request "
+            f"has {len(prompt)} input tokens. Please reduce the length of the input prompt.",
+            "prompt",
+        )
     if not all(type(t) is int for t in prompt):
         raise _bad(
             "prompt must be a string, a list of token ids, or a batch of one of those; "

@@ -17,8 +17,13 @@ from .protocol import ApiError, engine_dead_error
 from .reader import EngineDead, Reader
 from .sampling import api_names
 
-ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized off the event loop
+ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized in a thread, without the GIL
 RETRY_AFTER = ((b"retry-after", b"1"),)
+CLOSE = ((b"connection", b"close"),)
+
+
+def shutting_down_error() -> ApiError:
+    return ApiError(503, "The server is shutting down; retry on another instance.", headers=CLOSE)
 
 
 def request_id(prefix: str) -> str:
@@ -36,14 +41,37 @@ class Service:
         self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
         self.model_name = ctx.served_model_name
         self.created = int(time.time())
+        # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
+        per_token = self.tokenizer.max_bytes_per_token
+        self.max_prompt_bytes = None if per_token is None else self.max_model_len * per_token
+        self._live: set[Generation] = set()
+        self._stopping: ApiError | None = None
 
     def engine_alive(self) -> bool:
         return not self.reader.dead and self.ctx.engine_alive()
 
-    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode_text(self, text: str, what: str = "prompt", special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt; a 400 naming `what` when its size alone rules out the context."""
+        self._check_prompt_size(text, what)
         if len(text) <= ENCODE_INLINE_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+            return self.tokenizer.encode(text, add_special_tokens=special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode_nogil, text, add_special_tokens=special_tokens)
+
+    def _check_prompt_size(self, text: str, what: str) -> None:
+        limit = self.max_prompt_bytes
+        # A character is 1 to 4 bytes: most texts are decided without encoding them.
+        if limit is None or len(text) * 4 <= limit:
+            return
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise ApiError(
+                400,
+                f"The {what} is {size} bytes of text, more than can fit this model's maximum context "
+                f"length of {self.max_model_len} tokens (at most {limit} bytes: "
+                f"{self.tokenizer.max_bytes_per_token} bytes per token). Please reduce the length of "
+                f"the {what}.",
+                what,
+            )
 
     async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render the chat template, then encode without adding special tokens (as vLLM does):
@@ -52,7 +80,7 @@ class Service:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # a template rejects the conversation (roles, order, ...)
             raise ApiError(400, f"The chat template rejected the messages: {e}", "messages") from e
-        return await self.encode_text(text, add_special_tokens=False)
+        return await self.encode_text(text, "messages", special_tokens=False)
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> Generation:
         """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
@@ -60,6 +88,8 @@ class Service:
             params = params.with_context(len(prompt_ids), self.max_model_len, what)
         if not params.ignore_eos:
             params = replace(params, stop_ids=self.tokenizer.eos_token_ids[:MAX_STOP_IDS])
+        if self._stopping is not None:
+            raise self._stopping
         if not self.engine_alive():
             raise engine_dead_error()
         try:
@@ -72,4 +102,13 @@ class Service:
                 "The server is at capacity (every request slot is in use); retry shortly.",
                 headers=RETRY_AFTER,
             )
-        return Generation(self.reader, handle, self.tokenizer, prompt_ids, params)
+        gen = Generation(self.reader, handle, self.tokenizer, prompt_ids, params, on_exit=self._live.discard)
+        self._live.add(gen)
+        return gen
+
+    def end_all(self, err: ApiError) -> int:
+        """End every request in flight with `err`, and refuse new ones with it; returns how many."""
+        self._stopping = err
+        for gen in list(self._live):
+            gen.interrupt(err)
+        return len(self._live)
