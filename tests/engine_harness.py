@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import OutputView, Region, RegionSpec
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.tokenizer import load_tokenizer
-from lightllm_async.types import SamplingParams
+from lightllm_async.types import FinishReason, SamplingParams
 
 _ids = itertools.count()
 
@@ -29,9 +30,17 @@ class ScriptedRunner:
     forward error that concerns that request would. `gate`, while cleared, holds launches back.
     """
 
-    def __init__(self, num_kv_tokens: int = 4096, fail: Callable[[ScheduledReq], bool] | None = None):
+    def __init__(
+        self,
+        num_kv_tokens: int = 4096,
+        fail: Callable[[ScheduledReq], bool] | None = None,
+        script: Sequence[int] | None = None,
+        step_time: float = 0.0,
+    ):
         self.num_kv_tokens = num_kv_tokens
         self.fail = fail
+        self.script = script  # if given, the k-th output token of every request is script[k % len]
+        self.step_time = step_time
         self.gate = threading.Event()
         self.gate.set()
         self.launched: list[Batch] = []
@@ -43,6 +52,8 @@ class ScriptedRunner:
 
     def launch(self, batch: Batch) -> Sampled:
         self.gate.wait()
+        if self.step_time:
+            time.sleep(self.step_time)
         self.launched.append(batch)
         out = []
         for it in batch.items:
@@ -50,13 +61,83 @@ class ScriptedRunner:
                 self._base[it.slot, it.gen] = it.token_ids[0]
             if self.fail is not None and self.fail(it):
                 raise ValueError(f"scripted failure of slot {it.slot}")
-            if it.samples:
+            if it.samples and self.script:
+                out.append(self.script[it.num_output % len(self.script)])
+            elif it.samples:
                 out.append(self.token(self._base[it.slot, it.gen], it.num_output))
         return Sampled(tuple(out))
 
     @staticmethod
     def collect(handle: Sampled) -> Sampled:
         return handle
+
+
+class RecordingScheduler(Scheduler):
+    """The real scheduler, noting each request as it arrives and how each one ended."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        super().__init__(cfg)
+        self.submitted: list[tuple[list[int], SamplingParams]] = []  # (prompt ids, params) as read
+        self.finished: list[tuple[FinishReason, int]] = []  # (reason, output tokens)
+
+    def add(self, req) -> None:
+        self.submitted.append((list(req.prompt_ids), req.params))
+        super().add(req)
+
+    def abort(self, slot: int):
+        req = super().abort(slot)
+        if req is not None:
+            self.finished.append((FinishReason.ABORT, len(req.output_ids)))
+        return req
+
+    def update(self, batch, sampled):
+        applied, finished = super().update(batch, sampled)
+        self.finished += [(f.reason, len(f.request.output_ids)) for f in finished]
+        return applied, finished
+
+
+class LiveEngine:
+    """The real Engine looping in a thread on an existing region, with a scripted runner: what the
+    frontend's tests talk to. `paused` holds every step back; `kill()` stops it like a crash."""
+
+    def __init__(self, region_name: str, script: Sequence[int], max_model_len: int, step_time: float = 5e-4):
+        kv_tokens = max(max_model_len, min(64 * max_model_len, 1 << 16))
+        self.runner = ScriptedRunner(num_kv_tokens=kv_tokens, script=script, step_time=step_time)
+        self.region = Region.attach(region_name)
+        self.scheduler = RecordingScheduler(
+            SchedulerConfig(
+                max_running_requests=64,
+                max_num_batched_tokens=8 * max_model_len,
+                max_model_len=max_model_len,
+                kv_cache_tokens=self.runner.num_kv_tokens,
+            )
+        )
+        self.engine = Engine(self.region, self.scheduler, self.runner)
+        self.alive = True  # what engine_alive() reports
+        self.submitted, self.finished = self.scheduler.submitted, self.scheduler.finished
+        self._thread = threading.Thread(target=self.engine.run, daemon=True)
+        self._thread.start()
+
+    @property
+    def step_time(self) -> float:
+        return self.runner.step_time
+
+    @step_time.setter
+    def step_time(self, seconds: float) -> None:
+        self.runner.step_time = seconds
+
+    def pause(self) -> None:
+        self.runner.gate.clear()
+
+    def resume(self) -> None:
+        self.runner.gate.set()
+
+    def kill(self) -> None:
+        self.alive = False
+        self.engine.stop.set()
+        self.runner.gate.set()
+        self._thread.join(2)
+        self.region.close()
 
 
 class EngineHarness:

@@ -1,7 +1,6 @@
-"""The whole ASGI app over a real shared-memory Region, with a fake engine thread on the other side.
+"""The whole ASGI app over a real shared-memory Region, with the real Engine on the other side.
 
-The fake engine plays rank 0 exactly as the contract says (drain the ring, read the request, mark
-it running, append tokens, finish on max_new_tokens / a stop id / an abort) and emits a fixed
+The engine runs in a thread with a scripted runner (tests/engine_harness.py) that emits a fixed
 script of tokens, so every response is known in advance. Requests go in as raw ASGI calls, which
 lets a test disconnect mid-stream.
 """
@@ -18,8 +17,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from engine_harness import LiveEngine
 from lightllm_async.frontend.app import FrontendContext, create_app
-from lightllm_async.ipc import EngineRegion, Op, Region, RegionSpec
+from lightllm_async.ipc import Region, RegionSpec
 from lightllm_async.types import FinishReason
 
 SCRIPT_TEXT = " Hello! I am a tiny model, and this is my scripted answer: 42 🎉 done."
@@ -33,72 +33,6 @@ def tokenizer():
     from lightllm_async.tokenizer import load_tokenizer
 
     return load_tokenizer(default_model_path())
-
-
-class FakeEngine:
-    """Engine rank 0 on a real Region; emits `script` cyclically, one token per step."""
-
-    def __init__(self, region: EngineRegion, script: list[int], step_time: float = 0.0005):
-        self.region = region
-        self.script = script
-        self.step_time = step_time
-        self.paused = threading.Event()  # while set: accept requests but generate nothing
-        self.alive = True  # what engine_alive() reports
-        self.submitted: list[tuple[list[int], object]] = []  # (prompt_ids, params) as read
-        self.finished: list[tuple[FinishReason, int]] = []  # (reason, tokens emitted)
-        self._running: dict[int, list] = {}  # slot -> [gen, params, n_emitted]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def kill(self) -> None:
-        """Stop like a crashed process: nothing finishes any more."""
-        self.alive = False
-        self._stop.set()
-        self._thread.join(2)
-
-    def _run(self) -> None:
-        r = self.region
-        while not self._stop.is_set():
-            changed = self._drain()
-            if self.paused.is_set() or not self._running:
-                if changed:
-                    r.notify_frontend()
-                r.wait_engine(0.002)
-                continue
-            for slot, req in list(self._running.items()):
-                gen, params, n = req
-                if r.is_aborted(slot):
-                    self._finish(slot, FinishReason.ABORT)
-                    continue
-                token = self.script[n % len(self.script)]
-                req[2] = n + 1
-                r.append_tokens(slot, [token])
-                if token in params.stop_ids:
-                    self._finish(slot, FinishReason.STOP)
-                elif n + 1 >= params.max_new_tokens:
-                    self._finish(slot, FinishReason.LENGTH)
-            r.notify_frontend()
-            time.sleep(self.step_time)
-
-    def _drain(self) -> bool:
-        changed = False
-        for rec in self.region.drain_ring():
-            if rec.op == Op.SUBMIT:
-                view = self.region.read_request(rec.slot, rec.gen)
-                if view is None:
-                    continue
-                self.region.set_running(rec.slot)
-                self.submitted.append((view.prompt_ids, view.params))
-                self._running[rec.slot] = [rec.gen, view.params, 0]
-            elif rec.op == Op.ABORT and self._running.get(rec.slot, [None])[0] == rec.gen:
-                self._finish(rec.slot, FinishReason.ABORT)
-                changed = True
-        return changed
-
-    def _finish(self, slot: int, reason: FinishReason) -> None:
-        self.region.finish(slot, reason)
-        self.finished.append((reason, self._running.pop(slot)[2]))
 
 
 @dataclass
@@ -134,7 +68,7 @@ class Harness:
         self.script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
         if eos_in_script:
             self.script = self.script + [tokenizer.eos_token_ids[0]]
-        self.engine = FakeEngine(Region.attach(self.region.name), self.script)
+        self.engine = LiveEngine(self.region.name, self.script, MAX_MODEL_LEN)
         self.ctx = FrontendContext(
             region=self.region,
             tokenizer=tokenizer,
@@ -445,7 +379,7 @@ def test_native_generate_stream_events(tokenizer):
 def test_all_slots_in_use_answers_503_with_retry_after(tokenizer):
     async def go():
         async with Harness(tokenizer, num_slots=2) as h:
-            h.engine.paused.set()
+            h.engine.pause()
             body = {"prompt": "x", "max_tokens": 5}
             busy = [asyncio.create_task(h.request("POST", "/v1/completions", body)) for _ in range(2)]
             while h.region.num_free_slots():
@@ -453,7 +387,7 @@ def test_all_slots_in_use_answers_503_with_retry_after(tokenizer):
             r = await h.request("POST", "/v1/completions", body)
             assert r.status == 503 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] and r.json()["error"]["message"]
-            h.engine.paused.clear()
+            h.engine.resume()
             assert [t.status for t in await asyncio.gather(*busy)] == [200, 200]
             await h.wait_slots_free()
 

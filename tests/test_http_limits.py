@@ -18,6 +18,7 @@ import time
 import pytest
 
 from asgi_client import JSON, call
+from engine_harness import LiveEngine
 from lightllm_async.frontend.app import FrontendContext, create_app
 from lightllm_async.frontend.limits import (
     MAX_BODY_BYTES,
@@ -27,7 +28,7 @@ from lightllm_async.frontend.limits import (
     MAX_STOP_STRINGS,
 )
 from lightllm_async.ipc import Region, RegionSpec
-from test_frontend_app import MAX_MODEL_LEN, FakeEngine, Harness, Response
+from test_frontend_app import MAX_MODEL_LEN, Harness, Response
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,7 @@ def test_health_answers_fast_while_a_large_prompt_tokenizes(tokenizer):
     """The prompt is tokenized in a thread that releases the GIL: the event loop keeps serving."""
     max_len = 400_000
     region = Region.create(f"edge-test-{os.getpid()}", RegionSpec(num_slots=2, max_tokens_per_slot=max_len))
-    engine = FakeEngine(region, [5])
+    engine = LiveEngine(region.name, [5], max_len)
     ctx = FrontendContext(region, tokenizer, "m", max_len, lambda: engine.alive)
     app = create_app(ctx)
     prompt = "hello world, this is a test of the tokenizer. " * 8_000  # 370 kB, ~1 s to tokenize
