@@ -9,18 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from .attention_block import attend_block, attend_ref
 from .backend import jit, tl, triton, use_triton
-
-
-def _attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """q [n, Hq, D], k and v [S, Hk, D] float32, mask [n, S] (True: visible) -> [n, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,shd->hns", q, k) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hns,shd->nhd", scores.softmax(dim=-1), v)
 
 
 def decode_attention_ref(
@@ -40,7 +30,7 @@ def decode_attention_ref(
             continue
         rows = req_to_token[int(req_idx[b]), :seq_len].long()
         k, v = k_cache[rows].float(), v_cache[rows].float()
-        out[b] = _attend_ref(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
+        out[b] = attend_ref(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
     return out
 
 
@@ -94,23 +84,13 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    req_row = REQ_TO_TOKEN + req * stride_r2t
+    k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     for n in range(start, end, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k_ptrs = K_CACHE + rows[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = V_CACHE + rows[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(
+            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), end, end, req_row, k_head, v_head,
+            stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=True, PRECISION=PRECISION,
+        )  # fmt: skip
 
     # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --
     nonempty = l_i > 0
