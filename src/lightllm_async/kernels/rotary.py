@@ -65,11 +65,36 @@ def rotary_emb_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> 
 
 
 @jit
+def _rotate_heads(
+    X,  # [T, H, D] this tensor's rows to rotate
+    Y,  # [T, H, D] where the rotated rows go
+    t,  # the token
+    stride_x_t, stride_x_h,  # X strides (token, head); the head dim is contiguous
+    stride_y_t, stride_y_h,  # Y strides
+    H,  # heads
+    cos,  # [1, BLOCK_HALF] float32
+    sin,  # [1, BLOCK_HALF] float32
+    offs_d,  # [1, BLOCK_HALF] offsets into the first half
+    HALF,  # head_dim // 2
+    BLOCK_H: tl.constexpr,  # >= H, a power of two
+):  # fmt: skip
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for every head of token t
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    mask = (offs_h < H) & (offs_d < HALF)
+    x = X + t * stride_x_t + offs_h * stride_x_h + offs_d
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    y = Y + t * stride_y_t + offs_h * stride_y_h + offs_d
+    tl.store(y, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
 def _rotary_kernel(
     Q,  # [T, Hq, D] queries to rotate
     K,  # [T, Hk, D] keys to rotate
-    Q_OUT,  # [T, Hq, D] rotated queries (Q itself when in place)
-    K_OUT,  # [T, Hk, D] rotated keys (K itself when in place)
+    Q_OUT,  # [T, Hq, D] rotated queries
+    K_OUT,  # [T, Hk, D] rotated keys
     POS,  # [T] position of each token
     COS_SIN,  # [max_pos, D] cos | sin halves, float32
     stride_q_t, stride_q_h,  # Q strides (token, head); the head dim is contiguous
@@ -94,46 +119,24 @@ def _rotary_kernel(
     sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_d, mask=offs_d < HALF, other=0.0)
     sin = sin.to(tl.float32)
 
-    # -- queries: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) --
-    offs_h = tl.arange(0, BLOCK_HQ)[:, None]
-    mask = (offs_h < HQ) & (offs_d < HALF)
-    x = Q + t * stride_q_t + offs_h * stride_q_h + offs_d
-    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-    y = Q_OUT + t * stride_qo_t + offs_h * stride_qo_h + offs_d
-    tl.store(y, (x1 * cos - x2 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
-    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
-
-    # -- keys, the same --
-    offs_h = tl.arange(0, BLOCK_HK)[:, None]
-    mask = (offs_h < HK) & (offs_d < HALF)
-    x = K + t * stride_k_t + offs_h * stride_k_h + offs_d
-    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-    y = K_OUT + t * stride_ko_t + offs_h * stride_ko_h + offs_d
-    tl.store(y, (x1 * cos - x2 * sin).to(K_OUT.dtype.element_ty), mask=mask)
-    tl.store(y + HALF, (x2 * cos + x1 * sin).to(K_OUT.dtype.element_ty), mask=mask)
+    # -- queries, then keys --
+    _rotate_heads(
+        Q, Q_OUT, t, stride_q_t, stride_q_h, stride_qo_t, stride_qo_h, HQ, cos, sin, offs_d, HALF, BLOCK_HQ
+    )
+    _rotate_heads(
+        K, K_OUT, t, stride_k_t, stride_k_h, stride_ko_t, stride_ko_h, HK, cos, sin, offs_d, HALF, BLOCK_HK
+    )
 
 
-def rotary_emb(
-    q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, inplace: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64).
-
-    Returns new tensors, or q and k themselves rotated in place when `inplace`.
-    """
+def rotary_emb(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64) into new tensors."""
     if not use_triton(q):
-        q_out, k_out = rotary_emb_ref(q, k, positions, cos_sin)
-        if not inplace:
-            return q_out, k_out
-        q.copy_(q_out)
-        k.copy_(k_out)
-        return q, k
+        return rotary_emb_ref(q, k, positions, cos_sin)
     num_tokens, hq, dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, f"q {q.shape}, k {k.shape}"
     assert positions.shape == (num_tokens,) and cos_sin.shape[1] == dim
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
-    q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if num_tokens == 0:
         return q_out, k_out
     hk, half = k.shape[1], dim // 2
