@@ -1,5 +1,6 @@
 """What decode and prefill attention share: the PyTorch attention both references reduce to, and the
-Triton online-softmax step both kernels loop over (one block of context tokens at a time)."""
+Triton online softmax both kernels run: `attend_init` the running state, `attend_block` once per
+block of context tokens, `attend_result` to normalize. Scores are kept in base 2 (exp2, log2)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ def attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | Non
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("hns,shd->nhd", scores.softmax(dim=-1), v)
+
+
+@jit
+def attend_init(M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The running state of M queries before any context: m_i = -inf, l_i = 0, acc = 0."""
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    return m_i, tl.zeros([M], dtype=tl.float32), tl.zeros([M, BLOCK_D], dtype=tl.float32)
 
 
 @jit
@@ -57,3 +65,12 @@ def attend_block(
     v = tl.load(V_HEAD + rows[:, None] * stride_v_s + offs_d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
+
+
+@jit
+def attend_result(m_i, l_i, acc):
+    """(out [M, BLOCK_D], lse [M]): the normalized output and the log2-sum-exp2 of the scores;
+    a query that saw no context gets zeros and lse = -inf."""
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .attention_block import attend_block, attend_ref
+from .attention_block import attend_block, attend_init, attend_ref, attend_result
 from .backend import jit, tl, triton, use_triton
 
 
@@ -81,9 +81,7 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
     # -- online softmax over the chunk --
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = attend_init(BLOCK_G, BLOCK_D)
     req_row = REQ_TO_TOKEN + req * stride_r2t
     k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     for n in range(start, end, BLOCK_N):
@@ -93,9 +91,7 @@ def _decode_split_kernel(
         )  # fmt: skip
 
     # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    out, lse = attend_result(m_i, l_i, acc)
     mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
     tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_g)

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from .attention_block import attend_block, attend_ref
+from .attention_block import attend_block, attend_init, attend_ref, attend_result
 from .backend import jit, tl, triton, use_triton
 
 
@@ -97,9 +97,7 @@ def _prefill_kernel(
 
     # -- online softmax: first over the context every query of the block sees (whole blocks, no
     # mask), then over the rest up to the last query, with the causal mask --
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = attend_init(BLOCK_M, BLOCK_D)
     req_row = REQ_TO_TOKEN + req * stride_r2t
     k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
@@ -116,7 +114,7 @@ def _prefill_kernel(
         )  # fmt: skip
 
     # -- normalize and store; rows past the request's queries are not stored --
-    out = acc / l_i[:, None]
+    out, _ = attend_result(m_i, l_i, acc)
     o_ptrs = OUT + q_rows[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
