@@ -15,7 +15,6 @@ import torch
 from lightllm_async.formats.gguf_file import GGUFFile
 from lightllm_async.models import loader
 from lightllm_async.models.gguf_model import llama3_factors, unpermute_rows
-from lightllm_async.models.hf_names import weight_shapes
 from lightllm_async.models.loader import (
     count_weights,
     default_model_path,
@@ -23,6 +22,7 @@ from lightllm_async.models.loader import (
     load_model_config,
     normalize_hf_config,
 )
+from lightllm_async.models.registry import checkpoint_tensors
 from lightllm_async.tools import make_random_model as mrm
 
 
@@ -88,7 +88,7 @@ def test_gguf_config_matches_transformers(gguf_path, hf_gguf_model):
 
 
 def test_count_weights_matches_iter_weights(gguf_path, tiny_dir):
-    assert count_weights(gguf_path) == 272 == len(weight_shapes(load_model_config(gguf_path)))
+    assert count_weights(gguf_path) == 272 == len(checkpoint_tensors(load_model_config(gguf_path)))
 
 
 def test_count_weights_of_a_folder(tiny_dir):
@@ -100,7 +100,7 @@ def test_safetensors_roundtrip_keeps_names_order_and_values(tiny_dir):
 
     stored = load_file(os.path.join(tiny_dir, "model.safetensors"))
     got = list(iter_weights(tiny_dir, torch.bfloat16))
-    assert [n for n, _ in got] == [n for n, _ in weight_shapes(load_model_config(tiny_dir))]
+    assert [n for n, _ in got] == [t.hf for t in checkpoint_tensors(load_model_config(tiny_dir))]
     for name, tensor in got:
         assert torch.equal(tensor, stored[name]), name
     as_f32 = dict(iter_weights(tiny_dir))

@@ -13,6 +13,7 @@ from lightllm_async.batch import Batch, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
+from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.inputs import flatten
 from lightllm_async.runner.sampler import sample
@@ -106,7 +107,7 @@ class ModelRunner:
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
         if self.cfg.load_format == "random":
-            model.init_random_weights(self.cfg.seed)
+            load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
             return model.eval()
         total = count_weights(self.cfg.model_path)
 
@@ -116,7 +117,7 @@ class ModelRunner:
                 if progress is not None:
                     progress(i, total)
 
-        model.load_weights(counted())
+        load_weights(model, counted())
         return model.eval()
 
     def execute(self, batch: Batch) -> Sampled:
