@@ -109,8 +109,10 @@ def test_rotary_emb_at_position_zero_is_identity():
     assert torch.allclose(q_out, q) and torch.allclose(k_out, k)
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "default"}, LLAMA3_SCALING])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "rope_scaling", [None, {"rope_type": "default"}, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING]
+)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_rope_cache_equals_transformers(rope_scaling, head_dim):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

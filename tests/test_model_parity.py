@@ -53,9 +53,13 @@ def test_chunked_prefill_changes_nothing(smollm2):
     assert chunked == whole
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope-scaling", "qwen2-bias"])
+@pytest.mark.parametrize("variant", ["llama3-rope-scaling", "linear-rope-scaling", "qwen2-bias"])
 def test_tiny_variants_equal_hf_transformers(tmp_path, variant):
-    if variant == "llama3-rope-scaling":
+    if variant == "linear-rope-scaling":
+        cfg = dataclasses.replace(
+            shape_config("tiny", "float32"), rope_scaling={"rope_type": "linear", "factor": 4.0}
+        )
+    elif variant == "llama3-rope-scaling":
         cfg = dataclasses.replace(
             shape_config("tiny", "float32"),
             rope_scaling={

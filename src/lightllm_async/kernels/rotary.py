@@ -1,4 +1,4 @@
-"""Rotary position embedding, HF Llama `rotate_half` (neox) form, with the Llama-3 scaled cache."""
+"""Rotary position embedding, HF Llama `rotate_half` (neox) form, with linear and Llama-3 scaling."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
+
 from .backend import jit, tl, triton, use_triton
 
 
@@ -16,11 +18,13 @@ def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | Non
     # the same float32 operations, in the same order, as transformers' rope init functions
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
     inv_freq = 1.0 / (theta**exponent)
-    rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
-    if rope_type in (None, "default"):
+    kind = rope_type(rope_scaling)
+    if kind == "default":
         return inv_freq
-    if rope_type != "llama3":
-        raise NotImplementedError(f"rope_scaling type {rope_type!r}; supported: None, 'default', 'llama3'")
+    if kind == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if kind != "llama3":
+        raise NotImplementedError(f"rope_scaling type {kind!r}; supported: {SUPPORTED_ROPE_TYPES}")
     factor = rope_scaling["factor"]
     low_freq_factor = rope_scaling["low_freq_factor"]
     high_freq_factor = rope_scaling["high_freq_factor"]
@@ -43,9 +47,9 @@ def rope_cache(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """cos_sin [max_pos, head_dim] float32: cos(pos * inv_freq) in the first head_dim/2 columns,
-    sin in the last. rope_scaling: None, {"rope_type": "default"} or Llama-3's
-    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"}."""
+    sin in the last. rope_scaling: None, {"rope_type": "default"}, {"rope_type": "linear",
+    "factor"} or Llama-3's {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}."""
     inv_freq = _inv_freq(head_dim, float(theta), rope_scaling)  # on the CPU, as HF computes it
     freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
