@@ -139,6 +139,29 @@ def test_store_kv_writes_exactly_the_slots_in_interpreter(interpreter, num_token
     check_store_kv(num_tokens, kv_heads, head_dim, torch.float32, "cpu")
 
 
+# Head dims that are not powers of two (Phi-2 80, Qwen-1.8B and StableLM 96): the kernels pad the
+# head dim to the next power of two and mask the padding, at irregular lengths and GQA ratios.
+ODD_HEAD_DIMS = [80, 96]
+
+
+@pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)
+@pytest.mark.parametrize("heads", [(4, 2), (5, 5), (6, 1)])
+def test_decode_attention_pads_odd_head_dims(interpreter, heads, head_dim):
+    check_decode([1, 7, 13, 40], heads, head_dim, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)
+@pytest.mark.parametrize("heads", [(4, 2), (5, 5), (6, 1)])
+def test_prefill_attention_pads_odd_head_dims(interpreter, heads, head_dim):
+    check_prefill([(1, 0), (7, 6), (13, 20), (1, 12)], heads, head_dim, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)
+@pytest.mark.parametrize("num_tokens, kv_heads", [(1, 1), (7, 2), (13, 5)])
+def test_store_kv_pads_odd_head_dims(interpreter, num_tokens, kv_heads, head_dim):
+    check_store_kv(num_tokens, kv_heads, head_dim, torch.float32, "cpu")
+
+
 @pytest.mark.gpu
 def test_decode_attention_matches_reference_on_gpu(gpu):
     seq_lens = torch.randint(1, 4097, (64,)).tolist()
@@ -146,10 +169,12 @@ def test_decode_attention_matches_reference_on_gpu(gpu):
     check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda")
     check_decode([4096] * 4, (32, 8), 128, torch.bfloat16, "cuda")
     check_decode(seq_lens[:8], (32, 8), 64, torch.bfloat16, "cuda")
+    for head_dim in ODD_HEAD_DIMS:
+        check_decode(seq_lens[:8], (40, 8), head_dim, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
 def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
     new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
     check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda")
@@ -158,6 +183,7 @@ def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
 @pytest.mark.gpu
 def test_store_kv_writes_exactly_the_slots_on_gpu(gpu):
     check_store_kv(4099, 8, 128, torch.bfloat16, "cuda")
+    check_store_kv(4099, 5, 80, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu

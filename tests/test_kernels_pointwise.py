@@ -49,7 +49,7 @@ def check_silu_and_mul(num_tokens, inter, dtype, device):
     assert rel_err(out, silu_and_mul_ref(x)) < TOLERANCE[dtype]
 
 
-def check_rotary(num_tokens, heads, head_dim, inplace, dtype, device, max_pos=300):
+def check_rotary(num_tokens, heads, head_dim, dtype, device, max_pos=300):
     hq, hk = heads
     scaling = LLAMA3_SCALING | {"original_max_position_embeddings": 64}  # scaled within max_pos
     cos_sin = rope_cache(head_dim, max_pos, 500000.0, scaling, device)
@@ -57,19 +57,14 @@ def check_rotary(num_tokens, heads, head_dim, inplace, dtype, device, max_pos=30
     qkv = torch.randn(num_tokens, (hq + 2 * hk) * head_dim, dtype=dtype, device=device)
     q = qkv[:, : hq * head_dim].view(num_tokens, hq, head_dim)
     k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(num_tokens, hk, head_dim)
-    v_before = qkv[:, (hq + hk) * head_dim :].clone()
+    before = qkv.clone()
     positions = torch.randint(0, max_pos, (num_tokens,), device=device)
     q_ref, k_ref = rotary_emb_ref(q, k, positions, cos_sin)
-    if inplace:
-        q_out, k_out = rotary_emb(q, k, positions, cos_sin, inplace=True)
-        assert q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
-    else:
-        with nan_filled_allocations():
-            q_out, k_out = rotary_emb(q, k, positions, cos_sin)
-        assert q_out.data_ptr() != q.data_ptr()
+    with nan_filled_allocations():
+        q_out, k_out = rotary_emb(q, k, positions, cos_sin)
     assert not q_out.isnan().any() and not k_out.isnan().any()
     assert rel_err(q_out, q_ref) < TOLERANCE[dtype] and rel_err(k_out, k_ref) < TOLERANCE[dtype]
-    assert torch.equal(qkv[:, (hq + hk) * head_dim :], v_before)  # v untouched
+    assert torch.equal(qkv, before)  # q, k and v untouched
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
@@ -97,9 +92,15 @@ def test_silu_and_mul_matches_reference_in_interpreter(interpreter, num_tokens, 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
 @pytest.mark.parametrize("heads, head_dim", [((4, 2), 64), ((6, 6), 128), ((3, 1), 32)])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_rotary_emb_matches_reference_in_interpreter(interpreter, num_tokens, heads, head_dim, inplace):
-    check_rotary(num_tokens, heads, head_dim, inplace, torch.float32, "cpu")
+def test_rotary_emb_matches_reference_in_interpreter(interpreter, num_tokens, heads, head_dim):
+    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 13])
+@pytest.mark.parametrize("heads", [(5, 1), (6, 2), (7, 7)])
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_rotary_emb_pads_head_dims_that_are_not_powers_of_two(interpreter, num_tokens, heads, head_dim):
+    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu")
 
 
 def test_rotary_emb_at_position_zero_is_identity():
@@ -108,8 +109,10 @@ def test_rotary_emb_at_position_zero_is_identity():
     assert torch.allclose(q_out, q) and torch.allclose(k_out, k)
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "default"}, LLAMA3_SCALING])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "rope_scaling", [None, {"rope_type": "default"}, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING]
+)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_rope_cache_equals_transformers(rope_scaling, head_dim):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -151,6 +154,6 @@ def test_silu_and_mul_matches_reference_on_gpu(gpu):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("inplace", [False, True])
-def test_rotary_emb_matches_reference_on_gpu(gpu, inplace):
-    check_rotary(4099, (32, 8), 128, inplace, torch.bfloat16, "cuda", max_pos=8192)
+@pytest.mark.parametrize("heads, head_dim", [((32, 8), 128), ((40, 8), 80), ((24, 8), 96)])
+def test_rotary_emb_matches_reference_on_gpu(gpu, heads, head_dim):
+    check_rotary(4099, heads, head_dim, torch.bfloat16, "cuda", max_pos=8192)

@@ -15,7 +15,6 @@ import torch
 from lightllm_async.formats.gguf_file import GGUFFile
 from lightllm_async.models import loader
 from lightllm_async.models.gguf_model import llama3_factors, unpermute_rows
-from lightllm_async.models.hf_names import weight_shapes
 from lightllm_async.models.loader import (
     count_weights,
     default_model_path,
@@ -23,6 +22,7 @@ from lightllm_async.models.loader import (
     load_model_config,
     normalize_hf_config,
 )
+from lightllm_async.models.registry import checkpoint_tensors
 from lightllm_async.tools import make_random_model as mrm
 
 
@@ -88,7 +88,7 @@ def test_gguf_config_matches_transformers(gguf_path, hf_gguf_model):
 
 
 def test_count_weights_matches_iter_weights(gguf_path, tiny_dir):
-    assert count_weights(gguf_path) == 272 == len(weight_shapes(load_model_config(gguf_path)))
+    assert count_weights(gguf_path) == 272 == len(checkpoint_tensors(load_model_config(gguf_path)))
 
 
 def test_count_weights_of_a_folder(tiny_dir):
@@ -100,7 +100,7 @@ def test_safetensors_roundtrip_keeps_names_order_and_values(tiny_dir):
 
     stored = load_file(os.path.join(tiny_dir, "model.safetensors"))
     got = list(iter_weights(tiny_dir, torch.bfloat16))
-    assert [n for n, _ in got] == [n for n, _ in weight_shapes(load_model_config(tiny_dir))]
+    assert [n for n, _ in got] == [t.hf for t in checkpoint_tensors(load_model_config(tiny_dir))]
     for name, tensor in got:
         assert torch.equal(tensor, stored[name]), name
     as_f32 = dict(iter_weights(tiny_dir))
@@ -144,12 +144,24 @@ def test_unpermute_inverts_llama_cpp_permutation(n_head, head_dim, cols):
     np.testing.assert_array_equal(unpermute_rows(permuted, n_head), w)
 
 
-def _write_gguf(src_dir: str, path: str, arch: str, *, rope_freqs: np.ndarray | None = None) -> None:
+def _write_gguf(
+    src_dir: str,
+    path: str,
+    arch: str,
+    *,
+    rope_freqs: np.ndarray | None = None,
+    rope_scaling: tuple[str, float] | None = None,
+) -> None:
     """A llama.cpp-style GGUF of a HF folder: GGUF names, q/k rows permuted for arch llama,
-    every tensor F32 (the folder's bf16 values convert exactly)."""
+    every tensor F32 (the folder's bf16 values convert exactly). rope_scaling: (type, factor)."""
     gguf = pytest.importorskip("gguf")
     cfg = load_model_config(src_dir)
     w = gguf.GGUFWriter(path, arch)
+    if rope_scaling is not None:
+        kind, factor = rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.max_position_embeddings)
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -236,6 +248,30 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path, tiny_dir):
     _write_gguf(tiny_dir, path, "llama", rope_freqs=factors)
     assert load_model_config(path).rope_scaling == scaling
     assert count_weights(path) == count_weights(tiny_dir)  # rope_freqs is config, not a weight
+
+
+def test_linear_rope_scaling_is_read_from_gguf_metadata(tmp_path, tiny_dir):
+    path = str(tmp_path / "linear.gguf")
+    _write_gguf(tiny_dir, path, "llama", rope_scaling=("linear", 4.0))
+    assert load_model_config(path).rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_yarn_rope_scaling_is_refused_at_load(tmp_path, tiny_dir):
+    """The rotary kernel has no yarn: the file is refused when its config is read, naming why,
+    not when an engine process builds its rope cache."""
+    path = str(tmp_path / "yarn.gguf")
+    _write_gguf(tiny_dir, path, "llama", rope_scaling=("yarn", 4.0))
+    with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported; supported: default, linear"):
+        load_model_config(path)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "yarn", "factor": 4}])
+def test_unsupported_rope_scaling_in_config_json_is_refused_at_load(tmp_path, tiny_dir, scaling):
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        hf = json.load(f) | {"rope_scaling": scaling}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="is not supported"):
+        load_model_config(str(tmp_path))
 
 
 def test_float_tensor_types_read_exactly(tmp_path):

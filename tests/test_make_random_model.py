@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lightllm_async.models.hf_names import weight_shapes
 from lightllm_async.models.loader import default_model_path, iter_weights, load_model_config
+from lightllm_async.models.registry import checkpoint_tensors
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.tools import make_random_model as mrm
 
@@ -158,7 +158,7 @@ def test_cli_overrides_layers_and_dtype(tmp_path):
     )
     assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 1
     tensors = _load(tmp_path / "model.safetensors")
-    assert set(tensors) == {n for n, _ in weight_shapes(load_model_config(str(tmp_path)))}
+    assert set(tensors) == {t.hf for t in checkpoint_tensors(load_model_config(str(tmp_path)))}
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
 

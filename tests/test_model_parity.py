@@ -53,9 +53,13 @@ def test_chunked_prefill_changes_nothing(smollm2):
     assert chunked == whole
 
 
-@pytest.mark.parametrize("variant", ["llama3-rope-scaling", "qwen2-bias"])
+@pytest.mark.parametrize("variant", ["llama3-rope-scaling", "linear-rope-scaling", "qwen2-bias"])
 def test_tiny_variants_equal_hf_transformers(tmp_path, variant):
-    if variant == "llama3-rope-scaling":
+    if variant == "linear-rope-scaling":
+        cfg = dataclasses.replace(
+            shape_config("tiny", "float32"), rope_scaling={"rope_type": "linear", "factor": 4.0}
+        )
+    elif variant == "llama3-rope-scaling":
         cfg = dataclasses.replace(
             shape_config("tiny", "float32"),
             rope_scaling={
@@ -84,4 +88,29 @@ def test_tiny_variants_equal_hf_transformers(tmp_path, variant):
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 9, 90)]
     ours = generate(runner, prompts, 24)
     for prompt, out in zip(prompts, ours, strict=True):
+        assert out == hf_greedy(hf, prompt, 24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim, bias", [(64, False), (80, True), (96, False)])
+def test_cuda_model_equals_hf_transformers_at_any_head_dim(gpu, tmp_path, head_dim, bias):
+    """The compiled kernels end to end (CUDA graphs included), at head dims padded to a power of two."""
+    cfg = dataclasses.replace(
+        shape_config("tiny", "float32"),
+        architecture="Qwen2ForCausalLM" if bias else "LlamaForCausalLM",
+        attention_bias=bias,
+        num_heads=8,  # transformers wants hidden_size (64) a multiple of it
+        num_kv_heads=2,
+        head_dim=head_dim,
+    )
+    path = write_model(cfg, str(tmp_path), seed=4, device="cuda")
+    runner = ModelRunner(
+        EngineConfig(
+            model_path=path, device="cuda", max_model_len=256, kv_cache_tokens=2048, max_running_requests=4
+        )
+    )
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 13, 90)]
+    for prompt, out in zip(prompts, generate(runner, prompts, 24), strict=True):
         assert out == hf_greedy(hf, prompt, 24)

@@ -6,12 +6,19 @@ Nothing here imports torch: the frontend and the scheduler read these too.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")  # what kernels/rotary.py's rope_cache computes
+
+
+def rope_type(rope_scaling: dict[str, Any] | None) -> str:
+    """The kind of a rope_scaling dict ("default" for None), from `rope_type` or the legacy `type`."""
+    if rope_scaling is None:
+        return "default"
+    return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
 
 
 @dataclass(frozen=True)
@@ -31,12 +38,20 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # Qwen2 has q/k/v biases
-    # Llama-3 style scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"}; None for plain rope.
+    # None for plain rope; {"rope_type": "linear", "factor"}; or Llama-3's {"rope_type": "llama3",
+    # "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # refused here, at load, rather than when an engine builds its rope cache
+        if rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope scaling {rope_type(self.rope_scaling)!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -67,11 +82,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
-
-    @classmethod
-    def from_hf_folder(cls, path: str) -> ModelConfig:
-        with open(os.path.join(path, "config.json")) as f:
-            return cls.from_hf_dict(json.load(f))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF config.json equivalent, used to build a transformers reference."""

@@ -9,18 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from .attention_block import attend_block, attend_init, attend_ref, attend_result
 from .backend import jit, tl, triton, use_triton
-
-
-def _attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """q [n, Hq, D], k and v [S, Hk, D] float32, mask [n, S] (True: visible) -> [n, Hq, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,shd->hns", q, k) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hns,shd->nhd", scores.softmax(dim=-1), v)
 
 
 def decode_attention_ref(
@@ -40,7 +30,7 @@ def decode_attention_ref(
             continue
         rows = req_to_token[int(req_idx[b]), :seq_len].long()
         k, v = k_cache[rows].float(), v_cache[rows].float()
-        out[b] = _attend_ref(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
+        out[b] = attend_ref(q[b : b + 1].float(), k, v, scale, None)[0].to(q.dtype)
     return out
 
 
@@ -91,31 +81,17 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
     # -- online softmax over the chunk --
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = attend_init(BLOCK_G, BLOCK_D)
+    req_row = REQ_TO_TOKEN + req * stride_r2t
+    k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     for n in range(start, end, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k_ptrs = K_CACHE + rows[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = V_CACHE + rows[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_block(
+            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), end, end, req_row, k_head, v_head,
+            stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=True, PRECISION=PRECISION,
+        )  # fmt: skip
 
     # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    out, lse = attend_result(m_i, l_i, acc)
     mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
     tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_g)

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
+from .attention_block import attend_block, attend_init, attend_ref, attend_result
 from .backend import jit, tl, triton, use_triton
-from .decode_attention import _attend_ref
 
 
 def prefill_attention_ref(
@@ -33,7 +33,7 @@ def prefill_attention_ref(
         k, v = k_cache[rows].float(), v_cache[rows].float()
         pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]
-        out[start:end] = _attend_ref(q[start:end].float(), k, v, scale, mask).to(q.dtype)
+        out[start:end] = attend_ref(q[start:end].float(), k, v, scale, mask).to(q.dtype)
     return out
 
 
@@ -95,41 +95,26 @@ def _prefill_kernel(
     q_ptrs = Q + q_rows[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
-    # -- online softmax: stage 0 over the context every query of the block sees (whole blocks,
-    # no mask), stage 1 over the rest up to the last query, with the causal mask --
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # -- online softmax: first over the context every query of the block sees (whole blocks, no
+    # mask), then over the rest up to the last query, with the causal mask --
+    m_i, l_i, acc = attend_init(BLOCK_M, BLOCK_D)
+    req_row = REQ_TO_TOKEN + req * stride_r2t
+    k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
-    for stage in tl.static_range(2):
-        if stage == 0:
-            lo_n = 0
-            hi_n = seen_by_all
-        else:
-            lo_n = seen_by_all
-            hi_n = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
-        for n in range(lo_n, hi_n, BLOCK_N):
-            offs_n = n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi_n
-            rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0)
-            rows = rows.to(tl.int64)
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k_ptrs = K_CACHE + rows[:, None] * stride_k_s + kv_head * stride_k_h + offs_d[None, :]
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if stage == 1:
-                s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_ptrs = V_CACHE + rows[:, None] * stride_v_s + kv_head * stride_v_h + offs_d[None, :]
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    for n in range(0, seen_by_all, BLOCK_N):
+        m_i, l_i, acc = attend_block(
+            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), seen_by_all, seen_by_all, req_row, k_head,
+            v_head, stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=False, PRECISION=PRECISION,
+        )  # fmt: skip
+    last = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
+    for n in range(seen_by_all, last, BLOCK_N):
+        m_i, l_i, acc = attend_block(
+            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), last, pos_m[:, None] + 1, req_row, k_head,
+            v_head, stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=True, PRECISION=PRECISION,
+        )  # fmt: skip
 
     # -- normalize and store; rows past the request's queries are not stored --
-    out = acc / l_i[:, None]
+    out, _ = attend_result(m_i, l_i, acc)
     o_ptrs = OUT + q_rows[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding, HF Llama `rotate_half` (neox) form, with the Llama-3 scaled cache."""
+"""Rotary position embedding, HF Llama `rotate_half` (neox) form, with linear and Llama-3 scaling."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
+
 from .backend import jit, tl, triton, use_triton
 
 
@@ -16,11 +18,13 @@ def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | Non
     # the same float32 operations, in the same order, as transformers' rope init functions
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(dtype=torch.float) / head_dim
     inv_freq = 1.0 / (theta**exponent)
-    rope_type = None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
-    if rope_type in (None, "default"):
+    kind = rope_type(rope_scaling)
+    if kind == "default":
         return inv_freq
-    if rope_type != "llama3":
-        raise NotImplementedError(f"rope_scaling type {rope_type!r}; supported: None, 'default', 'llama3'")
+    if kind == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if kind != "llama3":
+        raise NotImplementedError(f"rope_scaling type {kind!r}; supported: {SUPPORTED_ROPE_TYPES}")
     factor = rope_scaling["factor"]
     low_freq_factor = rope_scaling["low_freq_factor"]
     high_freq_factor = rope_scaling["high_freq_factor"]
@@ -43,9 +47,9 @@ def rope_cache(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """cos_sin [max_pos, head_dim] float32: cos(pos * inv_freq) in the first head_dim/2 columns,
-    sin in the last. rope_scaling: None, {"rope_type": "default"} or Llama-3's
-    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"}."""
+    sin in the last. rope_scaling: None, {"rope_type": "default"}, {"rope_type": "linear",
+    "factor"} or Llama-3's {"rope_type": "llama3", "factor", "low_freq_factor",
+    "high_freq_factor", "original_max_position_embeddings"}."""
     inv_freq = _inv_freq(head_dim, float(theta), rope_scaling)  # on the CPU, as HF computes it
     freqs = torch.arange(max_pos, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
@@ -65,11 +69,36 @@ def rotary_emb_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> 
 
 
 @jit
+def _rotate_heads(
+    X,  # [T, H, D] this tensor's rows to rotate
+    Y,  # [T, H, D] where the rotated rows go
+    t,  # the token
+    stride_x_t, stride_x_h,  # X strides (token, head); the head dim is contiguous
+    stride_y_t, stride_y_h,  # Y strides
+    H,  # heads
+    cos,  # [1, BLOCK_HALF] float32
+    sin,  # [1, BLOCK_HALF] float32
+    offs_d,  # [1, BLOCK_HALF] offsets into the first half
+    HALF,  # head_dim // 2
+    BLOCK_H: tl.constexpr,  # >= H, a power of two
+):  # fmt: skip
+    # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for every head of token t
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    mask = (offs_h < H) & (offs_d < HALF)
+    x = X + t * stride_x_t + offs_h * stride_x_h + offs_d
+    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+    y = Y + t * stride_y_t + offs_h * stride_y_h + offs_d
+    tl.store(y, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
 def _rotary_kernel(
     Q,  # [T, Hq, D] queries to rotate
     K,  # [T, Hk, D] keys to rotate
-    Q_OUT,  # [T, Hq, D] rotated queries (Q itself when in place)
-    K_OUT,  # [T, Hk, D] rotated keys (K itself when in place)
+    Q_OUT,  # [T, Hq, D] rotated queries
+    K_OUT,  # [T, Hk, D] rotated keys
     POS,  # [T] position of each token
     COS_SIN,  # [max_pos, D] cos | sin halves, float32
     stride_q_t, stride_q_h,  # Q strides (token, head); the head dim is contiguous
@@ -94,46 +123,24 @@ def _rotary_kernel(
     sin = tl.load(COS_SIN + pos * stride_cs + HALF + offs_d, mask=offs_d < HALF, other=0.0)
     sin = sin.to(tl.float32)
 
-    # -- queries: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) --
-    offs_h = tl.arange(0, BLOCK_HQ)[:, None]
-    mask = (offs_h < HQ) & (offs_d < HALF)
-    x = Q + t * stride_q_t + offs_h * stride_q_h + offs_d
-    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-    y = Q_OUT + t * stride_qo_t + offs_h * stride_qo_h + offs_d
-    tl.store(y, (x1 * cos - x2 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
-    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Q_OUT.dtype.element_ty), mask=mask)
-
-    # -- keys, the same --
-    offs_h = tl.arange(0, BLOCK_HK)[:, None]
-    mask = (offs_h < HK) & (offs_d < HALF)
-    x = K + t * stride_k_t + offs_h * stride_k_h + offs_d
-    x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-    y = K_OUT + t * stride_ko_t + offs_h * stride_ko_h + offs_d
-    tl.store(y, (x1 * cos - x2 * sin).to(K_OUT.dtype.element_ty), mask=mask)
-    tl.store(y + HALF, (x2 * cos + x1 * sin).to(K_OUT.dtype.element_ty), mask=mask)
+    # -- queries, then keys --
+    _rotate_heads(
+        Q, Q_OUT, t, stride_q_t, stride_q_h, stride_qo_t, stride_qo_h, HQ, cos, sin, offs_d, HALF, BLOCK_HQ
+    )
+    _rotate_heads(
+        K, K_OUT, t, stride_k_t, stride_k_h, stride_ko_t, stride_ko_h, HK, cos, sin, offs_d, HALF, BLOCK_HK
+    )
 
 
-def rotary_emb(
-    q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor, inplace: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64).
-
-    Returns new tensors, or q and k themselves rotated in place when `inplace`.
-    """
+def rotary_emb(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64) into new tensors."""
     if not use_triton(q):
-        q_out, k_out = rotary_emb_ref(q, k, positions, cos_sin)
-        if not inplace:
-            return q_out, k_out
-        q.copy_(q_out)
-        k.copy_(k_out)
-        return q, k
+        return rotary_emb_ref(q, k, positions, cos_sin)
     num_tokens, hq, dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, f"q {q.shape}, k {k.shape}"
     assert positions.shape == (num_tokens,) and cos_sin.shape[1] == dim
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
-    q_out, k_out = (q, k) if inplace else (torch.empty_like(q), torch.empty_like(k))
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if num_tokens == 0:
         return q_out, k_out
     hk, half = k.shape[1], dim // 2

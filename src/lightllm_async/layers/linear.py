@@ -1,4 +1,4 @@
-"""Linear layers that know how to take their weights from HF-named tensors.
+"""Linear layers whose weights a loader fills (`models/weights.py`).
 
 Fused projections (q|k|v, gate|up) are one matrix here and several tensors in checkpoints: a
 `MergedLinear` names its parts and copies each into its rows. Tensor parallelism will shard
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Weights are allocated empty and filled by `load`."""
+    """y = x W^T (+ b). Weights are allocated empty, for a loader to fill."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
         super().__init__()
@@ -42,6 +42,7 @@ class MergedLinear(Linear):
             start += size
 
     def load_part(self, part: str, kind: str, tensor: Tensor) -> None:
+        """Copy `tensor` into the rows of `part` in the "weight" or the "bias"."""
         lo, hi = self.offsets[part]
         target = self.weight if kind == "weight" else self.bias
         if tensor.shape[0] != hi - lo:

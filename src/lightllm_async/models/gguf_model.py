@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) Llama/Qwen2 checkpoints seen as HF ones: a ModelConfig and HF-named tensors.
+"""GGUF (llama.cpp) Llama/Qwen2 checkpoints seen as HF ones: a ModelConfig and HF-named tensors,
+the names mapped by the family's checkpoint table (`models/registry.py`).
 
 Torch-free (numpy only); `loader.iter_weights` turns the arrays into tensors.
 
@@ -13,7 +14,6 @@ Two llama.cpp conventions are undone here:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,27 +21,12 @@ import numpy as np
 
 from lightllm_async.config import ModelConfig
 from lightllm_async.formats.gguf_file import GGUFFile, GGUFTensorInfo
+from lightllm_async.models.checkpoint import CheckpointTensor
+from lightllm_async.models.registry import checkpoint_tensors
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _PERMUTED_ARCHS = {"llama"}  # archs whose q/k rows llama.cpp permutes
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _SKIPPED = {"rope_freqs.weight"}  # folded into ModelConfig.rope_scaling
 
 
@@ -143,20 +128,17 @@ def llama3_factors(scaling: dict[str, Any], head_dim: int, theta: float) -> np.n
     return out.astype(np.float32)
 
 
-def hf_name(gguf_name: str) -> str:
-    """The HF name of a GGUF tensor, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_RE.match(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
-        raise ValueError(f"GGUF tensor {gguf_name!r} has no HF equivalent in a dense Llama/Qwen2 model")
-    layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-
-
-def weight_plan(gf: GGUFFile) -> list[tuple[GGUFTensorInfo, str]]:
-    """`[(tensor, hf_name)]` in file order, without the tensors that only feed the config."""
-    return [(t, hf_name(t.name)) for t in gf.tensors if t.name not in _SKIPPED]
+def weight_plan(gf: GGUFFile, cfg: ModelConfig) -> list[tuple[GGUFTensorInfo, CheckpointTensor]]:
+    """`[(tensor, its table row)]` in file order, without the tensors that only feed the config;
+    raises if the file holds a tensor the table lacks or lacks one it lists."""
+    rows = {t.gguf: t for t in checkpoint_tensors(cfg)}
+    plan = [(info, rows.pop(info.name, None)) for info in gf.tensors if info.name not in _SKIPPED]
+    unknown = [info.name for info, row in plan if row is None]
+    if unknown:
+        raise ValueError(f"{gf.path}: tensors {unknown[:3]} have no place in a {cfg.architecture}")
+    if rows:
+        raise KeyError(f"{gf.path}: {len(rows)} tensors missing, e.g. {sorted(rows)[:3]}")
+    return plan
 
 
 def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -168,10 +150,8 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def iter_gguf_arrays(gf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """`(hf_name, float32 array)` one tensor at a time, dequantized and un-permuted."""
     permuted = gf.architecture in _PERMUTED_ARCHS
-    for info, name in weight_plan(gf):
+    for info, row in weight_plan(gf, cfg):
         w = gf.dequantize(info)
-        if permuted and ".self_attn.q_proj." in name:
-            w = unpermute_rows(w, cfg.num_heads)
-        elif permuted and ".self_attn.k_proj." in name:
-            w = unpermute_rows(w, cfg.num_kv_heads)
-        yield name, w
+        if permuted and row.rope_heads is not None:
+            w = unpermute_rows(w, row.rope_heads)
+        yield row.hf, w

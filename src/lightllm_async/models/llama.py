@@ -1,13 +1,13 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): one file, variants by config.
 
 Every op goes through `kernels/`, so one switch turns this model into its own PyTorch oracle.
-Forward metadata arrives as an explicit `ForwardContext`, never through globals.
+Forward metadata arrives as an explicit `ForwardContext`, never through globals. Parameters are
+allocated empty; `models/weights.py` fills them from a checkpoint by the family's table
+(`models/llama_names.py`), so nothing here knows a checkpoint name.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -160,86 +160,3 @@ class LlamaForCausalLM(nn.Module):
         x = x.index_select(0, ctx.logits_idx)  # [S, H]
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()  # [S, V]
-
-    # -- weights ------------------------------------------------------------------------------
-
-    _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy HF-named tensors into place; every parameter must be written exactly once."""
-        seen: set[str] = set()
-        for name, tensor in weights:
-            seen.add(self._load_one(name, tensor))
-        expected = {n for n, _ in self._expected_names()}
-        missing = expected - seen
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
-
-    def init_random_weights(self, seed: int) -> None:
-        """Random weights in place, for benchmarks of real shapes without checkpoints on disk."""
-        gen = torch.Generator(device=self.embed.device).manual_seed(seed)
-        for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):
-                param.data.fill_(1.0)
-            else:
-                param.data.normal_(0.0, 0.02, generator=gen)
-
-    def _load_one(self, name: str, tensor: Tensor) -> str:
-        if name == "model.embed_tokens.weight":
-            self.embed.data.copy_(tensor)
-        elif name == "model.norm.weight":
-            self.norm.weight.data.copy_(tensor)
-        elif name == "lm_head.weight":
-            if self.lm_head is not None:
-                self.lm_head.data.copy_(tensor)
-        elif (m := self._LAYER.match(name)) is not None:
-            self._load_layer(self.layers[int(m.group(1))], m.group(2), m.group(3), tensor)
-        elif not name.endswith("rotary_emb.inv_freq"):
-            raise ValueError(f"unexpected tensor {name}")
-        return name
-
-    @staticmethod
-    def _load_layer(layer: DecoderLayer, path: str, kind: str, tensor: Tensor) -> None:
-        merged = {
-            "self_attn.q_proj": (layer.attn.qkv, "q"),
-            "self_attn.k_proj": (layer.attn.qkv, "k"),
-            "self_attn.v_proj": (layer.attn.qkv, "v"),
-            "mlp.gate_proj": (layer.mlp.gate_up, "gate"),
-            "mlp.up_proj": (layer.mlp.gate_up, "up"),
-        }
-        plain = {
-            "self_attn.o_proj": layer.attn.o_proj,
-            "mlp.down_proj": layer.mlp.down,
-            "input_layernorm": layer.input_norm,
-            "post_attention_layernorm": layer.post_norm,
-        }
-        if path in merged:
-            module, part = merged[path]
-            module.load_part(part, kind, tensor)
-        elif path in plain:
-            getattr(plain[path], kind).data.copy_(tensor)
-        else:
-            raise ValueError(f"unexpected tensor in layer: {path}.{kind}")
-
-    def _expected_names(self):
-        yield "model.embed_tokens.weight", None
-        yield "model.norm.weight", None
-        if self.lm_head is not None:
-            yield "lm_head.weight", None
-        parts = [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ]
-        for i in range(self.cfg.num_layers):
-            for p in parts:
-                yield f"model.layers.{i}.{p}.weight", None
-            if self.cfg.attention_bias:
-                for p in parts[:3]:
-                    yield f"model.layers.{i}.{p}.bias", None

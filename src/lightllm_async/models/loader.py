@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lightllm_async.config import ModelConfig
 from lightllm_async.formats.gguf_file import GGUFFile, is_gguf
 from lightllm_async.models.gguf_model import gguf_model_config, iter_gguf_arrays, weight_plan
-from lightllm_async.models.hf_names import weight_shapes
+from lightllm_async.models.registry import checkpoint_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -74,16 +74,17 @@ def normalize_hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def count_weights(path: str) -> int:
     """How many tensors `iter_weights(path)` yields (for a progress bar)."""
     if is_gguf(path):
-        return len(weight_plan(GGUFFile(path)))
+        gf = GGUFFile(path)
+        return len(weight_plan(gf, gguf_model_config(gf)))
     return len(_safetensors_plan(path))
 
 
 def iter_weights(path: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` one at a time, converted to `dtype` (None: float32).
 
-    Names are HF Llama names (model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight,
-    ..., model.norm.weight, lm_head.weight only when the embeddings are not tied). GGUF tensors are
-    dequantized and their q/k rows un-permuted; only one tensor is materialized at a time.
+    Names are the HF names of the family's checkpoint table (`models/registry.py`), whatever the
+    file's format. GGUF tensors are dequantized and their q/k rows un-permuted; only one tensor is
+    materialized at a time.
     """
     import torch
 
@@ -118,7 +119,7 @@ def _safetensors_plan(path: str) -> list[tuple[str, str]]:
     for file in files:
         with safe_open(file, framework="numpy") as f:
             location.update(dict.fromkeys(f.keys(), file))
-    needed = [name for name, _ in weight_shapes(load_model_config(path))]
+    needed = [t.hf for t in checkpoint_tensors(load_model_config(path))]
     missing = [name for name in needed if name not in location]
     if missing:
         raise KeyError(

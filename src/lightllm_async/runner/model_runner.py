@@ -14,6 +14,7 @@ from lightllm_async.batch import Batch, DeviceFailure, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
+from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.inputs import InputBuffers
 from lightllm_async.runner.sampler import sample
@@ -114,7 +115,7 @@ class ModelRunner:
     def _load_model(self, progress) -> LlamaForCausalLM:
         model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
         if self.cfg.load_format == "random":
-            model.init_random_weights(self.cfg.seed)
+            load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
             return model.eval()
         total = count_weights(self.cfg.model_path)
 
@@ -124,7 +125,7 @@ class ModelRunner:
                 if progress is not None:
                     progress(i, total)
 
-        model.load_weights(counted())
+        load_weights(model, counted())
         return model.eval()
 
     def _allocate_kv_cache(self) -> None:

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from lightllm_async.config import ModelConfig
-from lightllm_async.models.hf_names import is_norm, weight_shapes
-
-if TYPE_CHECKING:
-    import torch
+from lightllm_async.models.registry import checkpoint_tensors
 
 MAX_SHARD_BYTES = 4 << 30
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -230,32 +228,24 @@ def _training_text() -> list[str]:
 def write_random_weights(
     cfg: ModelConfig, out_dir: str, seed: int = 0, device: str = "cpu", max_shard_bytes: int = MAX_SHARD_BYTES
 ) -> list[str]:
-    """Random tensors (normal std 0.02, norms 1 + N(0, 0.02)) in `cfg.torch_dtype`, written one
-    shard at a time; returns the files written."""
+    """Random tensors (`models.weights.random_weights`) in `cfg.torch_dtype`, written one shard at
+    a time; returns the files written."""
     import torch
     from safetensors.torch import save_file
 
+    from lightllm_async.models.weights import random_weights
+
     dtype = getattr(torch, cfg.torch_dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    shards = plan_shards(weight_shapes(cfg), dtype.itemsize, max_shard_bytes)
+    shapes = [(t.hf, t.shape) for t in checkpoint_tensors(cfg)]
+    shards = plan_shards(shapes, dtype.itemsize, max_shard_bytes)
     names = _shard_file_names(len(shards))
+    tensors = random_weights(cfg, seed, dtype, device)  # in checkpoint order, as the shards are
     for file, shard in zip(names, shards, strict=True):
-        tensors = {name: _random_tensor(name, shape, dtype, gen, device) for name, shape in shard}
-        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
+        chunk = {name: t.cpu().contiguous() for name, t in itertools.islice(tensors, len(shard))}
+        save_file(chunk, os.path.join(out_dir, file), metadata={"format": "pt"})
     if len(shards) > 1:
         _write_index(out_dir, names, shards, dtype.itemsize)
     return names
-
-
-def _random_tensor(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, device: str
-) -> torch.Tensor:
-    import torch
-
-    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
-    if is_norm(name):
-        t.add_(1.0)
-    return t.to(dtype).cpu().contiguous()
 
 
 def plan_shards(

@@ -1,0 +1,53 @@
+"""Checkpoint tensors into a model's parameters, row by row of its family's table
+(`models/registry.py`): q/k/v and gate/up go into the rows of their merged linears, and a model
+with tied embeddings takes no lm_head. The model files hold only modules and forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lightllm_async.config import ModelConfig
+from lightllm_async.models.checkpoint import CheckpointTensor
+from lightllm_async.models.registry import checkpoint_tensors
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
+    """Copy HF-named tensors into `model` (which has a `cfg: ModelConfig`). Every tensor the table
+    lists for that config must come exactly once, in its shape, and nothing else may come."""
+    wanted = {t.hf: t for t in checkpoint_tensors(model.cfg)}
+    for name, tensor in weights:
+        spec = wanted.pop(name, None)
+        if spec is None:
+            arch = model.cfg.architecture
+            raise ValueError(f"unexpected tensor {name!r}: not in the {arch} table, or given twice")
+        _copy_into(model, spec, tensor)
+    if wanted:
+        raise ValueError(f"checkpoint lacks {len(wanted)} tensors, e.g. {sorted(wanted)[:4]}")
+
+
+def _copy_into(model: nn.Module, spec: CheckpointTensor, tensor: Tensor) -> None:
+    if tuple(tensor.shape) != spec.shape:
+        raise ValueError(f"{spec.hf}: shape {tuple(tensor.shape)}, expected {spec.shape}")
+    owner, _, attr = spec.param.rpartition(".")
+    module = model.get_submodule(owner)
+    if spec.part is None:
+        getattr(module, attr).data.copy_(tensor)
+    else:
+        module.load_part(spec.part, attr, tensor)  # a MergedLinear: its rows for this part
+
+
+def random_weights(
+    cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, Tensor]]:
+    """A random checkpoint of `cfg`, one tensor at a time in checkpoint order: normal(0, 0.02),
+    norm weights 1 + normal(0, 0.02). The same seed and device give the same tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for spec in checkpoint_tensors(cfg):
+        t = torch.randn(spec.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
+        if spec.norm:
+            t.add_(1.0)
+        yield spec.hf, t.to(dtype)
