@@ -22,10 +22,10 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.types import SamplingParams
 from lightllm_async.models.llama import KVCache
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_config_files
+from lightllm_async.types import SamplingParams
 
 
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
@@ -53,7 +53,7 @@ def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Sche
     sched = Scheduler(
         SchedulerConfig(
             max_running_requests=runner.cfg.max_running_requests,
-            max_num_batched_tokens=8192,
+            max_num_batched_tokens=runner.cfg.max_num_batched_tokens,  # what its input buffers hold
             max_model_len=runner.cfg.max_model_len,
             kv_cache_tokens=runner.num_kv_tokens,
         )

@@ -3,6 +3,7 @@
 #   correctness: GPU kernel tests, the CUDA server parity test (graphs on and off), decode benchmark
 #   serve:       serving benchmark of a Llama-3-8B-shaped model against HF transformers generate
 # Full logs and JSON go to $OUT; a short table is printed last.
+#   kernels:     the DeepSeek kernels (MLA decode, fused MoE) against their references and ceilings
 #   decode:      the decode benchmark alone
 #   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve|decode
 set -u
@@ -20,6 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "$part" in
 correctness)
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_pointwise.py \
+    tests/test_kernels_mla.py tests/test_kernels_moe.py tests/test_runner_gpu.py tests/test_model_parity.py \
     tests/test_gpu.py >"$OUT/pytest_gpu.log" 2>&1
   echo "pytest -m gpu exit $?"; tail -5 "$OUT/pytest_gpu.log"
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 --no-graph-baseline \
@@ -46,6 +48,10 @@ write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
     --dtype bfloat16 --out "$OUT/hf_baseline.json" >"$OUT/hf.log" 2>&1
   echo "hf_baseline exit $?"
   tail -8 "$OUT/hf.log"
+  ;;
+kernels)
+  python3 perf/mla_moe_bench.py >"$OUT/mla_moe.log" 2>&1
+  echo "mla_moe_bench exit $?"; tail -30 "$OUT/mla_moe.log"
   ;;
 decode)
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 \
