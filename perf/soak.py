@@ -69,6 +69,7 @@ class SoakConfig:
     huge_stops: int
     dummy_step_time: float
     timeout: float
+    max_seconds: float
     seed: int
 
 
@@ -79,6 +80,7 @@ class Tally:
     outcomes: Counter = field(default_factory=Counter)
     by_kind: dict = field(default_factory=lambda: defaultdict(Counter))
     answers_503: int = 0
+    unsent: int = 0  # left when --max-seconds ran out
     lost: list = field(default_factory=list)
     latencies: list = field(default_factory=list)  # seconds, completed normal requests
     done: int = 0
@@ -165,17 +167,24 @@ async def run_load(cfg: SoakConfig, addr, proc, rss: RssSampler) -> Tally:
     for group in plan(cfg, Mix(cfg.seed, cfg.max_tokens, cfg.burst_tokens, cfg.huge_stops)):
         queue.put_nowait(group)
 
+    deadline = time.monotonic() + cfg.max_seconds
+
     async def worker() -> None:
-        while not queue.empty() and proc.poll() is None:
+        while not queue.empty() and proc.poll() is None and time.monotonic() < deadline:
             group = queue.get_nowait()
             await asyncio.gather(*(send(cfg, addr, spec, tally) for spec in group))
             if tally.done >= cfg.warmup and rss.warm is None:
                 rss.mark_warm()
+            if tally.done >= cfg.requests // 2 and rss.mid is None:
+                rss.mark_mid()
 
     await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
-    while not queue.empty():  # the server died: what was never sent is lost too
+    while not queue.empty():
         for spec in queue.get_nowait():
-            tally.outcomes[LOST] += 1
+            if proc.poll() is None:  # out of time: never sent, not lost
+                tally.unsent += 1
+                continue
+            tally.outcomes[LOST] += 1  # the server died: what it never got is lost too
             tally.by_kind[spec.kind][LOST] += 1
             tally.lost.append({"kind": spec.kind, "reason": "never sent: the server had exited"})
     return tally
@@ -293,6 +302,7 @@ def report(cfg, tally: Tally, load_s, m, rss, health, sigterm, orphans) -> dict:
         },
         "load_seconds": round(load_s, 1),
         "sent": sum(tally.outcomes.values()),
+        "unsent_out_of_time": tally.unsent,
         "outcomes": dict(tally.outcomes),
         "answers_503": tally.answers_503,
         "by_kind": {k: dict(v) for k, v in tally.by_kind.items()},
@@ -313,7 +323,7 @@ def report(cfg, tally: Tally, load_s, m, rss, health, sigterm, orphans) -> dict:
 def print_table(r: dict) -> None:
     o, rss, h, st = r["outcomes"], r["rss_mb"], r["health"], r["sigterm"]
     rows = [
-        ("requests sent", r["sent"]),
+        ("requests sent", f"{r['sent']}   (not sent, out of time: {r['unsent_out_of_time']})"),
         ("completed", o.get("completed", 0)),
         ("refused (503, after retries)", f"{o.get('refused', 0)}   (503 answers: {r['answers_503']})"),
         ("client errors (4xx)", o.get("client_error", 0)),
@@ -324,8 +334,8 @@ def print_table(r: dict) -> None:
         ("worst /health latency", f"{h['worst_ms']} ms over {h['polls']} polls ({h['failures']} failed)"),
     ]
     for name, s in rss.items():
-        growth = f"(growth after warm-up {s['growth_after_warmup']} MB)"
-        rows.append((f"RSS {name} start/warm/end", f"{s['start']} / {s['warm']} / {s['end']} MB  {growth}"))
+        growth = f"growth after warm-up {s['growth_after_warmup']}, second half {s['growth_second_half']}"
+        rows.append((f"RSS {name} start/warm/end", f"{s['start']} / {s['warm']} / {s['end']} MB  ({growth})"))
     if "exit_code" in st:
         ends = f"{st['complete']} complete, {st['error']} error, {st['cut']} cut, {st['bad']} bad"
         rows.append(("SIGTERM in flight", f"{st['in_flight_at_sigterm']} of {st['requests']}: {ends}"))
@@ -372,6 +382,7 @@ def parse_args(argv=None) -> SoakConfig:
     p.add_argument("--huge-stops", type=int, default=2000, help="stop strings in the huge-stop-list case")
     p.add_argument("--dummy-step-time", type=float, default=0.001)
     p.add_argument("--timeout", type=float, default=None, help="seconds one answer may take (a hang beyond)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop sending after (4 h; --ci 120 s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the figures here as JSON")
     a = p.parse_args(argv)
@@ -396,6 +407,7 @@ def parse_args(argv=None) -> SoakConfig:
         huge_stops=a.huge_stops,
         dummy_step_time=a.dummy_step_time,
         timeout=a.timeout or (30.0 if dummy else 300.0),
+        max_seconds=a.max_seconds or (120.0 if a.ci else 4 * 3600.0),
         seed=a.seed,
     )
     return cfg, a.out

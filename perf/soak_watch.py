@@ -36,15 +36,18 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _rss_mb(pid: int) -> float | None:
+def _memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS, and RssAnon: the private part, without the shared region and mapped files, whose
+    pages count in RSS once touched."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * PAGE_MB
+                if line.startswith(("VmRSS:", "RssAnon:")):
+                    out["" if line.startswith("VmRSS") else "_anon"] = int(line.split()[1]) * PAGE_MB
     except OSError:
-        return None
-    return None
+        return {}
+    return out
 
 
 def _label(pid: int, root: int) -> str:
@@ -58,6 +61,10 @@ def _label(pid: int, root: int) -> str:
     return "resource_tracker" if b"resource_tracker" in cmd else "engine"
 
 
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 1)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -67,7 +74,8 @@ def _alive(pid: int) -> bool:
 
 
 class RssSampler:
-    """RSS of the server and its descendants (the engine), sampled every second."""
+    """RSS of the server and its descendants (the engine), sampled every second: `server`,
+    `engine` (VmRSS) and `server_anon`, `engine_anon` (RssAnon)."""
 
     def __init__(self, root: int, period: float = 1.0):
         self.root = root
@@ -76,6 +84,7 @@ class RssSampler:
         self.samples: list[tuple[float, dict[str, float]]] = []
         self.t0 = time.monotonic()
         self.warm: dict[str, float] | None = None
+        self.mid: dict[str, float] | None = None  # half the requests answered
         self.end: dict[str, float] | None = None
 
     def sample(self) -> dict[str, float]:
@@ -86,10 +95,12 @@ class RssSampler:
             todo += _children(pid)
         now = {}
         for pid in pids:
-            rss, label = _rss_mb(pid), _label(pid, self.root)
+            label = _label(pid, self.root)
             self.seen.setdefault(pid, label)
-            if rss is not None and label != "resource_tracker":
-                now[label] = round(now.get(label, 0.0) + rss, 1)
+            if label == "resource_tracker":
+                continue
+            for suffix, mb in _memory_mb(pid).items():
+                now[label + suffix] = round(now.get(label + suffix, 0.0) + mb, 1)
         self.samples.append((round(time.monotonic() - self.t0, 1), now))
         return now
 
@@ -100,6 +111,9 @@ class RssSampler:
 
     def mark_warm(self) -> None:
         self.warm = self.sample()
+
+    def mark_mid(self) -> None:
+        self.mid = self.sample()
 
     def mark_end(self) -> None:
         self.end = self.sample()
@@ -118,16 +132,17 @@ class RssSampler:
         out = {}
         for name in start:
             series = [s[name] for _, s in self.samples if name in s]
-            warm = (self.warm or {}).get(name)
-            end = (self.end or {}).get(name)
-            growth = round(end - warm, 1) if warm is not None and end is not None else None
-            out[name] = {"start": start[name], "warm": warm, "end": end, "max": max(series),
-                         "growth_after_warmup": growth}  # fmt: skip
+            warm, mid, end = ((m or {}).get(name) for m in (self.warm, self.mid, self.end))
+            out[name] = {
+                "start": start[name], "warm": warm, "mid": mid, "end": end, "max": max(series),
+                "growth_after_warmup": _diff(end, warm), "growth_second_half": _diff(end, mid),
+            }  # fmt: skip
         return out
 
     def series(self) -> list[list]:
-        """[seconds, server MB, engine MB] per sample."""
-        return [[t, s.get("server"), s.get("engine")] for t, s in self.samples]
+        """[seconds, server, engine, server_anon, engine_anon] (MB) per sample."""
+        names = ("server", "engine", "server_anon", "engine_anon")
+        return [[t, *(s.get(n) for n in names)] for t, s in self.samples]
 
 
 class HealthPoller:
