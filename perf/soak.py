@@ -307,6 +307,7 @@ def report(cfg, tally: Tally, load_s, m, rss, health, sigterm, orphans) -> dict:
         "answers_503": tally.answers_503,
         "by_kind": {k: dict(v) for k, v in tally.by_kind.items()},
         "lost": lost,
+        "lost_by_cause": _causes(tally.lost),
         "lost_examples": tally.lost[:20],
         "leaked_slots": leaked_slots,
         "leaked_kv_tokens": leaked_kv,
@@ -318,6 +319,11 @@ def report(cfg, tally: Tally, load_s, m, rss, health, sigterm, orphans) -> dict:
         "sigterm": sigterm,
         "orphan_processes": orphans,
     }
+
+
+def _causes(lost: list[dict]) -> dict[str, int]:
+    """Lost answers counted by kind, case and the head of the reason."""
+    return dict(Counter(f"{e['kind']} {e.get('note', '')}: {e['reason'][:60]}" for e in lost).most_common())
 
 
 def print_table(r: dict) -> None:
@@ -344,8 +350,8 @@ def print_table(r: dict) -> None:
     rows.append(("load duration", f"{r['load_seconds']} s"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    for ex in r["lost_examples"][:10]:
-        print("  lost:", ex.get("kind"), ex.get("note", ""), ex.get("path", ""), "-", ex["reason"][:160])
+    for cause, n in r["lost_by_cause"].items():
+        print(f"  lost {n:5d} x {cause}")
 
 
 def failed(r: dict) -> list[str]:
