@@ -22,10 +22,10 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.types import SamplingParams
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tokenizer import load_tokenizer
+from lightllm_async.types import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

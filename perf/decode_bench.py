@@ -22,10 +22,10 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.types import SamplingParams
 from lightllm_async.models.llama import KVCache
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_config_files
+from lightllm_async.types import SamplingParams
 
 
 def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
