@@ -157,3 +157,21 @@ def test_the_model_runner_calls_a_cuda_error_a_device_failure():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(ValueError), device_failures():
         raise ValueError("a bad row")
+
+
+def test_a_signal_during_the_idle_wait_is_a_wake_up_not_an_error(harness):
+    """The engine process stops on SIGTERM through a handler that sets engine.stop; the semaphore
+    wait it interrupts must return, not raise."""
+    import os
+    import signal
+    import threading
+
+    h = harness()
+    got = threading.Event()
+    old = signal.signal(signal.SIGUSR1, lambda *_: got.set())
+    try:
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        woke = h.engine_view.wait_engine(timeout=2.0, spin=0)
+        assert got.is_set() and woke is False
+    finally:
+        signal.signal(signal.SIGUSR1, old)

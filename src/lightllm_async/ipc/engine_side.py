@@ -182,7 +182,7 @@ class EngineRegion(RegionView):
         try:
             self._sem_engine.acquire(timeout)
             woke = True
-        except posix_ipc.BusyError:
+        except (posix_ipc.BusyError, posix_ipc.SignalError):  # timed out, or a signal (SIGTERM: stop)
             woke = False
         atomics.store_release_u32(self._mm, ENGINE_IDLE, 0)
         self._drain(self._sem_engine)
