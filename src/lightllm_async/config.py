@@ -264,6 +264,12 @@ def _deepseek_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{arch}: scoring_func {scoring!r} with topk_method {method!r} is not supported")
     if cfg.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"{arch}: moe_layer_freq {cfg['moe_layer_freq']} is not supported (only 1)")
+    quant = cfg.get("quantization_config")
+    if quant:  # e.g. the released V3/R1 weights: fp8 blocks with weight_scale_inv tensors
+        raise ValueError(
+            f"{arch}: quantized checkpoints ({quant.get('quant_method', quant)!r}) are not supported; "
+            "convert the weights to bfloat16 first"
+        )
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{arch}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     n_routed = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0
