@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from engine_harness import generate, hf_greedy
 from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.kernels import use_triton
 from lightllm_async.models.deepseek import MLAKVCache, MLAttention
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.models.loader import load_model_config
@@ -135,6 +136,21 @@ def test_logits_close_to_hf_prefill_and_absorbed_decode(model):
     decode = runner.model(ids[40:], _ctx([40], 41, True), kv)  # absorbed path over the latent cache
     torch.testing.assert_close(prefill, expected[:40], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decode, expected[40:], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, interpreter):
+    """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
+    kernel over the decompressed cache (v padded to the q.k dim), fused MoE, rope, rms norm."""
+    cfg, _, runner, hf, _ = model
+    assert use_triton(torch.empty(1))
+    ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0].float()
+    kv = MLAKVCache.allocate(cfg, 32, torch.float32, "cpu")
+    prefill = runner.model(ids[:12], _ctx(list(range(12)), 12, False), kv)
+    decode = runner.model(ids[12:], _ctx([12], 13, True), kv)
+    torch.testing.assert_close(prefill, expected[:12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
 
 
 def test_kv_pool_holds_latent_plus_rope_key_per_token_and_layer(model):
