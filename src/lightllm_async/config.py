@@ -6,12 +6,26 @@ Nothing here imports torch: the frontend and the scheduler read these too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    *DEEPSEEK_ARCHITECTURES,
+)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")  # what kernels/rotary.py's rope_cache computes
+DEEPSEEK_ROPE_TYPES = ("default", "yarn")  # what models/deepseek.py's mla_rope_cache computes
+# expert routing each DeepSeek architecture defines (its reference code refuses the others)
+DEEPSEEK_TOPK_METHODS = {
+    "DeepseekV2ForCausalLM": ("greedy", "group_limited_greedy"),
+    "DeepseekV3ForCausalLM": ("noaux_tc",),
+}
+_SCORING = {"greedy": "softmax", "group_limited_greedy": "softmax", "noaux_tc": "sigmoid"}
 
 
 def rope_type(rope_scaling: dict[str, Any] | None) -> str:
@@ -44,14 +58,103 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # DeepSeek V2/V3 (MLA + MoE); unused by the Llama family. rope_scaling may then be YaRN:
+    # {"rope_type": "yarn", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+    # "mscale", "mscale_all_dim"}. head_dim is qk_nope_head_dim + qk_rope_head_dim there.
+    q_lora_rank: int | None = None  # None: one q_proj (V2-Lite); else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # the checkpoints' rope dims come in (x0, x1), (x2, x3) pairs
+    first_k_dense_replace: int = 0  # the first k layers have a dense MLP, the rest MoE
+    n_shared_experts: int = 0
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         # refused here, at load, rather than when an engine builds its rope cache
-        if rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
+        if self.is_deepseek:
+            self._check_deepseek()
+        elif rope_type(self.rope_scaling) not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"rope scaling {rope_type(self.rope_scaling)!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+
+    @property
+    def is_deepseek(self) -> bool:
+        return self.architecture in DEEPSEEK_ARCHITECTURES
+
+    def _check_deepseek(self) -> None:
+        arch, kind = self.architecture, rope_type(self.rope_scaling)
+        if kind not in DEEPSEEK_ROPE_TYPES:
+            raise ValueError(
+                f"{arch}: rope scaling {kind!r} is not supported; supported: {', '.join(DEEPSEEK_ROPE_TYPES)}"
+            )
+        if kind == "yarn":
+            missing = [
+                k for k in ("factor", "original_max_position_embeddings") if k not in self.rope_scaling
+            ]
+            if missing:
+                raise ValueError(f"{arch}: yarn rope scaling lacks {missing}")
+            if self.rope_scaling.get("attention_factor") is not None:
+                raise ValueError(
+                    f"{arch}: yarn attention_factor is not supported (mscale/mscale_all_dim are)"
+                )
+        dims = dict(
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            n_routed_experts=self.n_routed_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            moe_intermediate_size=self.moe_intermediate_size,
+        )
+        bad = [k for k, v in dims.items() if not v or v < 0]
+        if bad:
+            raise ValueError(f"{arch}: {', '.join(bad)} must be positive")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"{arch}: qk_rope_head_dim {self.qk_rope_head_dim} must be even")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(f"{arch}: q_lora_rank must be positive or null")
+        if self.attention_bias:
+            raise ValueError(f"{arch}: attention_bias is not supported")
+        methods = DEEPSEEK_TOPK_METHODS[arch]
+        if self.topk_method not in methods:
+            raise ValueError(
+                f"{arch}: topk_method {self.topk_method!r} is not supported; supported: {methods}"
+            )
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(f"{arch}: num_experts_per_tok {self.num_experts_per_tok} > n_routed_experts")
+        if self.topk_method != "greedy":
+            g, tg = self.n_group, self.topk_group
+            if not g or not tg or self.n_routed_experts % g or tg > g:
+                raise ValueError(
+                    f"{arch}: topk_method {self.topk_method!r} needs n_group dividing n_routed_experts "
+                    f"({self.n_routed_experts}) and 1 <= topk_group <= n_group; got {g}, {tg}"
+                )
+        if not 0 <= self.first_k_dense_replace <= self.num_layers or self.n_shared_experts < 0:
+            raise ValueError(f"{arch}: bad first_k_dense_replace or n_shared_experts")
+
+    @property
+    def mla_softmax_scale(self) -> float:
+        """DeepSeek's attention scale: (nope + rope dims)^-0.5, times mscale^2 under YaRN, where
+        mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (as DeepSeek's and transformers' code)."""
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        if rope_type(self.rope_scaling) != "default":
+            mscale_all_dim = self.rope_scaling.get("mscale_all_dim") or 0
+            factor = self.rope_scaling["factor"]
+            if mscale_all_dim and factor > 1:
+                m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+                scale = scale * m * m
+        return scale
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -63,6 +166,11 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        extra = _deepseek_fields(arch, cfg) if arch in DEEPSEEK_ARCHITECTURES else {}
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is None and isinstance(cfg.get("rope_parameters"), dict):  # transformers 5
+            params = {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
+            rope_scaling = params if rope_type(params) != "default" else None
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -71,16 +179,19 @@ class ModelConfig:
             num_layers=cfg["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            head_dim=(extra["qk_nope_head_dim"] + extra["qk_rope_head_dim"])
+            if extra
+            else cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_scaling=rope_scaling,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            **extra,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -91,6 +202,8 @@ class ModelConfig:
                 "LlamaForCausalLM": "llama",
                 "MistralForCausalLM": "mistral",
                 "Qwen2ForCausalLM": "qwen2",
+                "DeepseekV2ForCausalLM": "deepseek_v2",
+                "DeepseekV3ForCausalLM": "deepseek_v3",
             }[self.architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -114,7 +227,71 @@ class ModelConfig:
             d["attention_bias"] = self.attention_bias
         if self.rope_scaling is not None:
             d["rope_scaling"] = self.rope_scaling
+        if self.is_deepseek:
+            d.update(
+                q_lora_rank=self.q_lora_rank,
+                kv_lora_rank=self.kv_lora_rank,
+                qk_nope_head_dim=self.qk_nope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
+                v_head_dim=self.v_head_dim,
+                first_k_dense_replace=self.first_k_dense_replace,
+                n_shared_experts=self.n_shared_experts,
+                n_routed_experts=self.n_routed_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                topk_method=self.topk_method,
+                scoring_func=_SCORING[self.topk_method],
+                n_group=self.n_group,
+                topk_group=self.topk_group,
+                norm_topk_prob=self.norm_topk_prob,
+                routed_scaling_factor=self.routed_scaling_factor,
+                moe_layer_freq=1,
+                attention_bias=self.attention_bias,
+                num_nextn_predict_layers=0,
+            )
+            del d["head_dim"]  # transformers derives it (the rope dim) itself
+            if self.architecture == "DeepseekV3ForCausalLM":
+                d["rope_interleave"] = self.rope_interleave
         return d
+
+
+def _deepseek_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSeek part of a config.json; settings the model cannot honour raise ValueError."""
+    default_method = "noaux_tc" if arch == "DeepseekV3ForCausalLM" else "greedy"
+    method = cfg.get("topk_method") or default_method
+    scoring = cfg.get("scoring_func")
+    if scoring is not None and method in _SCORING and scoring != _SCORING[method]:
+        raise ValueError(f"{arch}: scoring_func {scoring!r} with topk_method {method!r} is not supported")
+    if cfg.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"{arch}: moe_layer_freq {cfg['moe_layer_freq']} is not supported (only 1)")
+    quant = cfg.get("quantization_config")
+    if quant:  # e.g. the released V3/R1 weights: fp8 blocks with weight_scale_inv tensors
+        raise ValueError(
+            f"{arch}: quantized checkpoints ({quant.get('quant_method', quant)!r}) are not supported; "
+            "convert the weights to bfloat16 first"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{arch}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    n_routed = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    return dict(
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg.get("kv_lora_rank", 0),
+        qk_nope_head_dim=cfg.get("qk_nope_head_dim", 0),
+        qk_rope_head_dim=cfg.get("qk_rope_head_dim", 0),
+        v_head_dim=cfg.get("v_head_dim", 0),
+        # transformers' V2 always interleaves; its V3 reads rope_interleave (default true)
+        rope_interleave=bool(cfg.get("rope_interleave", True)) if arch == "DeepseekV3ForCausalLM" else True,
+        first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+        n_shared_experts=cfg.get("n_shared_experts") or 0,
+        n_routed_experts=n_routed,
+        num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+        moe_intermediate_size=cfg.get("moe_intermediate_size", 0),
+        topk_method=method,
+        n_group=cfg.get("n_group"),
+        topk_group=cfg.get("topk_group"),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+    )
 
 
 @dataclass(frozen=True)

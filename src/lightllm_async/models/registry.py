@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from lightllm_async.config import ModelConfig
 from lightllm_async.models.checkpoint import CheckpointTable, CheckpointTensor
+from lightllm_async.models.deepseek_names import DEEPSEEK, DeepseekTable
 from lightllm_async.models.llama_names import LLAMA
 
-TABLES: dict[str, CheckpointTable] = {
+TABLES: dict[str, CheckpointTable | DeepseekTable] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "Qwen2ForCausalLM": LLAMA,
+    "DeepseekV2ForCausalLM": DEEPSEEK,
+    "DeepseekV3ForCausalLM": DEEPSEEK,
 }
 
 

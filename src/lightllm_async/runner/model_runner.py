@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled
 from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
@@ -28,6 +29,13 @@ class StepHandle:
 
     tokens: Tensor
     done: torch.cuda.Event | None
+
+
+def model_family(model_cfg: ModelConfig) -> tuple[type, type]:
+    """(model class, KV cache class) of an architecture: DeepSeek's MLA, or the Llama family."""
+    if model_cfg.is_deepseek:
+        return DeepseekForCausalLM, MLAKVCache
+    return LlamaForCausalLM, KVCache
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +91,7 @@ def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: to
     can use, never less than one request at full length (the scheduler needs that much)."""
     if cfg.kv_cache_tokens > 0:
         return cfg.kv_cache_tokens
-    per_token = KVCache.bytes_per_token(model_cfg, dtype)
+    per_token = model_family(model_cfg)[1].bytes_per_token(model_cfg, dtype)
     if device.type == "cpu":
         budget = 2 << 30  # 2 GiB of host memory by default
     else:
@@ -105,6 +113,7 @@ class ModelRunner:
         self.device = resolve_device(cfg.device)
         self.model_cfg = load_model_config(cfg.model_path)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg)
+        self.model_cls, self.kv_cls = model_family(self.model_cfg)
         torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
         self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
@@ -112,8 +121,8 @@ class ModelRunner:
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
 
-    def _load_model(self, progress) -> LlamaForCausalLM:
-        model = LlamaForCausalLM(self.model_cfg, self.dtype, self.device)
+    def _load_model(self, progress) -> LlamaForCausalLM | DeepseekForCausalLM:
+        model = self.model_cls(self.model_cfg, self.dtype, self.device)
         if self.cfg.load_format == "random":
             load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
             return model.eval()
@@ -131,14 +140,14 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         cfg = self.cfg
         # One extra cache slot and one extra table row: the sink that CUDA-graph padding writes to.
-        self.kv = KVCache.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
+        self.kv = self.kv_cls.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
         self.req_to_token = torch.zeros(
             (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
         )
         log.info(
             "KV cache: %d token slots (%.2f GiB)",
             self.num_kv_tokens,
-            self.num_kv_tokens * KVCache.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
+            self.num_kv_tokens * self.kv_cls.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
         )
 
     def _allocate_buffers(self) -> None:

@@ -1,0 +1,317 @@
+"""DeepSeek V2/V3 (and R1, the V3 architecture): multi-head latent attention (MLA) and
+routed + shared experts (MoE). Modules and forward only, written against `kernels/` like llama.py;
+the checkpoint table is `models/deepseek_names.py`.
+
+MLA caches per token and layer only the normed latent c_kv [kv_lora_rank] and the rotated rope key
+k_pe [qk_rope_head_dim], one row of a [slots, R + P] pool (`MLAKVCache`).
+- Steps that are not decode-only (prefill chunks, possibly mixed with decodes): the latent of
+  every cached token of the step's requests is decompressed through kv_b_proj into per-head k_nope
+  and v, and `prefill_attention` runs over that temporary expanded cache (v zero-padded to the
+  q.k head dim, which the kernel requires, and sliced back after).
+- Decode-only steps: W_UK is absorbed into the no-rope query (q_nope @ W_UK per head), so that
+  `mla_decode_attention` attends over the latent cache directly; W_UV is applied to its output.
+
+Rope: the checkpoints lay the rope dims out in interleaved pairs; q_pe and k_pe are de-interleaved
+(the same permutation for both, so their dot products are unchanged) and rotated by the neox
+`rotary_emb`. YaRN scales the cos/sin table by its attention factor and the softmax scale by mscale^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightllm_async.config import ModelConfig, rope_type
+from lightllm_async.kernels import (
+    fused_moe,
+    mla_decode_attention,
+    mla_store_kv,
+    prefill_attention,
+    rope_cache,
+    rotary_emb,
+    select_experts,
+    silu_and_mul,
+)
+from lightllm_async.layers.linear import Linear, MergedLinear
+from lightllm_async.models.llama import ForwardContext, RMSNorm
+
+
+@dataclass(frozen=True)
+class MLAKVCache:
+    """One pool per layer: [num_token_slots, kv_lora_rank + qk_rope_head_dim] (latent, rope key)."""
+
+    kv: list[Tensor]
+
+    @staticmethod
+    def width(cfg: ModelConfig) -> int:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device) -> MLAKVCache:
+        shape = (num_tokens, cls.width(cfg))
+        return cls(kv=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+
+    @classmethod
+    def bytes_per_token(cls, cfg: ModelConfig, dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return cfg.num_layers * cls.width(cfg) * itemsize
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def mla_rope_cache(cfg: ModelConfig, device) -> Tensor:
+    """cos_sin [max_pos, rope_dim] float32 (cos | sin halves) for plain rope or YaRN; under YaRN
+    both are multiplied by its attention factor, as transformers' DeepSeek rotary embeddings do."""
+    dim, theta, rs = cfg.qk_rope_head_dim, float(cfg.rope_theta), cfg.rope_scaling
+    if rope_type(rs) == "default":
+        return rope_cache(dim, cfg.max_position_embeddings, theta, None, device)
+    # YaRN, the same float32 operations as transformers' _compute_yarn_parameters
+    factor = rs["factor"]
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        attention_factor = _yarn_get_mscale(factor, mscale) / _yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        attention_factor = _yarn_get_mscale(factor)
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+    orig = rs["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = theta ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extra_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extra_factor) + extrapolation * extra_factor
+    freqs = torch.arange(cfg.max_position_embeddings, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat([freqs.cos() * attention_factor, freqs.sin() * attention_factor], dim=-1)
+    return cos_sin.to(device)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.n, self.nope, self.rope = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_dim, self.rank = cfg.v_head_dim, cfg.kv_lora_rank
+        self.qk_dim = self.nope + self.rope
+        h = cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(h, self.n * self.qk_dim, False, dtype, device)
+        else:
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, False, dtype, device)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.n * self.qk_dim, False, dtype, device)
+        self.q_lora = cfg.q_lora_rank is not None
+        self.kv_a_proj_with_mqa = Linear(h, self.rank + self.rope, False, dtype, device)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps, dtype, device)
+        self.kv_b_proj = Linear(self.rank, self.n * (self.nope + self.v_dim), False, dtype, device)
+        self.o_proj = Linear(self.n * self.v_dim, h, False, dtype, device)
+        self.scale = cfg.mla_softmax_scale
+        # de-interleave the rope dims: (x0, x1), (x2, x3), ... -> (x0, x2, ...), (x1, x3, ...)
+        perm = torch.cat([torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)])
+        self.register_buffer("rope_perm", perm.to(device) if cfg.rope_interleave else None, persistent=False)
+
+    def _w_kv_b(self) -> tuple[Tensor, Tensor]:
+        """W_UK [n, nope, R] and W_UV [n, v, R]: views of kv_b_proj, no copy."""
+        w = self.kv_b_proj.weight.view(self.n, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, kv_cache: Tensor) -> Tensor:
+        t = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(t, self.n, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv.contiguous())  # [T, R]
+        k_pe = k_pe.view(t, 1, self.rope)
+        if self.rope_perm is not None:
+            q_pe, k_pe = q_pe.index_select(-1, self.rope_perm), k_pe.index_select(-1, self.rope_perm)
+        q_pe, k_pe = rotary_emb(q_pe.contiguous(), k_pe.contiguous(), ctx.positions, cos_sin)
+        mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
+        if ctx.decode_only:
+            o = self._decode(q_nope, q_pe, ctx, kv_cache)
+        else:
+            o = self._prefill(torch.cat([q_nope, q_pe], dim=-1), ctx, kv_cache)
+        return self.o_proj(o.reshape(t, self.n * self.v_dim))
+
+    def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
+        w_uk, w_uv = self._w_kv_b()
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()  # [B, n, R]
+        o = mla_decode_attention(
+            q_abs, q_pe.contiguous(), kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
+        )  # [B, n, R]: attention-weighted latents
+        return torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, n, v]
+
+    def _prefill(self, q: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
+        # The cached rows of every request of the step, decompressed into a temporary per-head
+        # k/v cache that the prefill kernel reads through a temporary request-to-token table.
+        seq_lens = ctx.seq_lens.tolist()
+        tables = ctx.req_to_token[ctx.req_idx.long()]  # [B, L]
+        rows = torch.cat([tables[b, :n] for b, n in enumerate(seq_lens)]).long()
+        kv = kv_cache.index_select(0, rows)  # [N, R + P]
+        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
+        k_nope, v = (
+            self.kv_b_proj(c_kv).view(-1, self.n, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
+        )
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n, -1)], dim=-1)  # [N, n, qk]
+        v = F.pad(v, (0, self.qk_dim - self.v_dim)) if self.v_dim < self.qk_dim else v
+        width = max(self.qk_dim, v.shape[-1])
+        if k.shape[-1] < width:  # v wider than q.k: pad q and k with zeros (scores unchanged)
+            k, q = F.pad(k, (0, width - k.shape[-1])), F.pad(q, (0, width - q.shape[-1]))
+        max_len = max(seq_lens)
+        starts = torch.tensor([0, *seq_lens], device=q.device).cumsum(0)[:-1]
+        table = (starts[:, None] + torch.arange(max_len, device=q.device)[None, :]).to(torch.int32)
+        req_idx = torch.arange(len(seq_lens), dtype=torch.int32, device=q.device)
+        o = prefill_attention(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            table,
+            req_idx,
+            ctx.q_start,
+            ctx.seq_lens,
+            self.scale,
+        )
+        return o[..., : self.v_dim]
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, dtype, device):
+        super().__init__()
+        self.gate_up = MergedLinear(hidden, {"gate": inter, "up": inter}, False, dtype, device)
+        self.down = Linear(inter, hidden, False, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(silu_and_mul(self.gate_up(x)))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        e = cfg.n_routed_experts
+        self.weight = nn.Parameter(
+            torch.empty(e, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(e, dtype=torch.float32, device=device), requires_grad=False)
+            if cfg.topk_method == "noaux_tc"
+            else None
+        )
+
+
+class Experts(nn.Module):
+    """The routed experts stacked for fused_moe: w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        e, i, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.inter = i
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
+
+    def load_part(self, part: str, kind: str, tensor: Tensor) -> None:
+        """part "gate.E" / "up.E" fill expert E's rows of w13, "down.E" its w2."""
+        which, e = part.split(".")
+        e = int(e)
+        if which == "gate":
+            self.w13.data[e, : self.inter].copy_(tensor)
+        elif which == "up":
+            self.w13.data[e, self.inter :].copy_(tensor)
+        else:
+            self.w2.data[e].copy_(tensor)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg, dtype, device)
+        self.experts = Experts(cfg, dtype, device)
+        inter = cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.shared = MLP(cfg.hidden_size, inter, dtype, device) if cfg.n_shared_experts else None
+        # transformers' V2 never normalizes the top-k weights; DeepSeek-V2's own code does when
+        # norm_topk_prob, and then skips the scaling factor (see select_experts)
+        v2 = cfg.architecture == "DeepseekV2ForCausalLM"
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = 1.0 if v2 and cfg.norm_topk_prob else cfg.routed_scaling_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E], float32 as the reference
+        weights, ids = select_experts(
+            logits,
+            cfg.num_experts_per_tok,
+            cfg.topk_method,
+            cfg.n_group,
+            cfg.topk_group,
+            self.norm_topk_prob,
+            self.scaling,
+            self.gate.e_score_correction_bias,
+        )
+        out = fused_moe(x, self.experts.w13, self.experts.w2, weights.contiguous(), ids.contiguous())
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, dtype, device):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.attn = MLAttention(cfg, dtype, device)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        dense = index < cfg.first_k_dense_replace
+        self.mlp = (
+            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device) if dense else MoE(cfg, dtype, device)
+        )
+
+    def forward(self, x, residual, ctx, cos_sin, kv_cache):
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm(x, residual)
+        h = self.attn(h, ctx, cos_sin, kv_cache)
+        h, residual = self.post_norm(h, residual)
+        return self.mlp(h), residual
+
+
+class DeepseekForCausalLM(nn.Module):
+    """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(
+            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
+        )
+        self.register_buffer("cos_sin", mla_rope_cache(cfg, device), persistent=False)  # [max_pos, P]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:
+        x = F.embedding(input_ids, self.embed)  # [T, H]
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, ctx, self.cos_sin, kv.kv[i])
+        x, _ = self.norm(x, residual)
+        x = x.index_select(0, ctx.logits_idx)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()  # [S, V]

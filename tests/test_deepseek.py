@@ -1,0 +1,237 @@
+"""DeepSeek V2/V3 (MLA + MoE) against HF transformers' DeepseekV2ForCausalLM / DeepseekV3ForCausalLM,
+on tiny random models, fp32 on the CPU (every kernel op through its PyTorch reference).
+
+Variants: V2 without q_lora_rank, YaRN scaling, greedy routing; V2 with group_limited_greedy;
+V3 with q_lora_rank and noaux_tc (bias-corrected sigmoid, grouped), normalized and scaled weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine_harness import generate, hf_greedy
+from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.kernels import use_triton
+from lightllm_async.models.deepseek import MLAKVCache, MLAttention
+from lightllm_async.models.llama import ForwardContext
+from lightllm_async.models.loader import load_model_config
+from lightllm_async.runner.model_runner import ModelRunner
+from lightllm_async.tools.make_random_model import shape_config, write_model
+
+NEW_TOKENS = 16
+
+
+def _variant(name: str) -> ModelConfig:
+    if name == "v2-yarn-greedy":
+        return shape_config("deepseek-v2-tiny", "float32")
+    if name == "v2-group-limited":
+        return dataclasses.replace(
+            shape_config("deepseek-v2-tiny", "float32"),
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=3,
+            routed_scaling_factor=1.5,
+            rope_scaling=None,
+        )
+    if name == "v3-noaux-tc":
+        return shape_config("deepseek-v3-tiny", "float32")
+    if name == "v3-yarn-dense-only-first-2":
+        return dataclasses.replace(
+            shape_config("deepseek-v3-tiny", "float32"),
+            first_k_dense_replace=2,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            max_position_embeddings=512,
+        )
+    raise AssertionError(name)
+
+
+def _runner(path: str) -> ModelRunner:
+    return ModelRunner(
+        EngineConfig(
+            model_path=path, device="cpu", max_model_len=256, kv_cache_tokens=2048, max_running_requests=4
+        )
+    )
+
+
+@pytest.fixture(
+    scope="module", params=["v2-yarn-greedy", "v2-group-limited", "v3-noaux-tc", "v3-yarn-dense-only-first-2"]
+)
+def model(request, tmp_path_factory):
+    cfg = _variant(request.param)
+    path = write_model(cfg, str(tmp_path_factory.mktemp(request.param)), seed=5)
+    hf, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    return cfg, path, _runner(path), hf.eval(), info
+
+
+def test_checkpoint_names_are_the_hf_ones(model):
+    """transformers finds every tensor it needs under our names, and none it does not know."""
+    *_, info = model
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_greedy_equals_hf_batched_with_chunked_prefill(model, monkeypatch):
+    cfg, _, runner, hf, _ = model
+    calls = {"prefill": 0, "decode": 0}
+    prefill, decode = MLAttention._prefill, MLAttention._decode
+
+    def counted_prefill(self, *a):
+        calls["prefill"] += 1
+        return prefill(self, *a)
+
+    def counted_decode(self, *a):
+        calls["decode"] += 1
+        return decode(self, *a)
+
+    monkeypatch.setattr(MLAttention, "_prefill", counted_prefill)
+    monkeypatch.setattr(MLAttention, "_decode", counted_decode)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 9, 37, 90)]
+    # 16-token chunks: the long prompts' chunks share steps with the short ones' decodes, then
+    # the decode-only steps take the absorbed path
+    ours = generate(runner, prompts, NEW_TOKENS, max_num_batched_tokens=16)
+    assert calls["prefill"] > 0 and calls["decode"] > 0, calls
+    for prompt, out in zip(prompts, ours, strict=True):
+        assert out == hf_greedy(hf, prompt, NEW_TOKENS)
+
+
+def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContext:
+    t = len(positions)
+    table = torch.zeros((1, 256), dtype=torch.int32)
+    table[0, :row_len] = torch.arange(row_len, dtype=torch.int32)
+    return ForwardContext(
+        positions=torch.tensor(positions, dtype=torch.int64),
+        kv_slots=torch.tensor(positions, dtype=torch.int64),
+        req_to_token=table,
+        req_idx=torch.zeros(1, dtype=torch.int32),
+        q_start=torch.tensor([0, t], dtype=torch.int32),
+        seq_lens=torch.tensor([row_len], dtype=torch.int32),
+        logits_idx=torch.arange(t, dtype=torch.int64),
+        decode_only=decode_only,
+    )
+
+
+def test_logits_close_to_hf_prefill_and_absorbed_decode(model):
+    cfg, _, runner, hf, _ = model
+    ids = torch.randint(3, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0].float()  # [41, V]
+    kv = MLAKVCache.allocate(cfg, 64, torch.float32, "cpu")
+    prefill = runner.model(ids[:40], _ctx(list(range(40)), 40, False), kv)  # decompressed path
+    decode = runner.model(ids[40:], _ctx([40], 41, True), kv)  # absorbed path over the latent cache
+    torch.testing.assert_close(prefill, expected[:40], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode, expected[40:], atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, interpreter):
+    """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
+    kernel over the decompressed cache (v padded to the q.k dim), fused MoE, rope, rms norm."""
+    cfg, _, runner, hf, _ = model
+    assert use_triton(torch.empty(1))
+    ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0].float()
+    kv = MLAKVCache.allocate(cfg, 32, torch.float32, "cpu")
+    prefill = runner.model(ids[:12], _ctx(list(range(12)), 12, False), kv)
+    decode = runner.model(ids[12:], _ctx([12], 13, True), kv)
+    torch.testing.assert_close(prefill, expected[:12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
+
+
+def test_kv_pool_holds_latent_plus_rope_key_per_token_and_layer(model):
+    cfg, _, runner, _, _ = model
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert len(runner.kv.kv) == cfg.num_layers
+    assert all(t.shape == (runner.num_kv_tokens + 1, width) for t in runner.kv.kv)  # + the graph sink
+    assert MLAKVCache.bytes_per_token(cfg, torch.float32) == cfg.num_layers * width * 4
+    assert MLAKVCache.bytes_per_token(cfg, torch.bfloat16) == cfg.num_layers * width * 2
+
+
+def _config_json(tmp_path, **changes) -> str:
+    cfg = shape_config("deepseek-v3-tiny", "float32")
+    d = {**cfg.to_hf_dict(), **changes}
+    os.makedirs(tmp_path, exist_ok=True)
+    with open(os.path.join(tmp_path, "config.json"), "w") as f:
+        json.dump(d, f)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"topk_method": "mystery"}, "topk_method 'mystery' is not supported"),
+        ({"topk_method": "greedy"}, "topk_method 'greedy' is not supported"),  # V3 routes by noaux_tc only
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "rope scaling 'dynamic' is not supported",
+        ),
+        ({"rope_scaling": {"rope_type": "yarn"}}, "yarn rope scaling lacks"),
+        ({"n_group": 3}, "needs n_group dividing n_routed_experts"),
+        ({"scoring_func": "softmax"}, "scoring_func 'softmax'"),
+        ({"attention_bias": True}, "attention_bias is not supported"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq 2 is not supported"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints ('fp8') are not supported"),
+    ],
+)
+def test_unsupported_config_is_refused_at_load(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model_config(_config_json(tmp_path, **changes))
+
+
+def test_v2_refuses_noaux_tc(tmp_path):
+    d = shape_config("deepseek-v2-tiny", "float32").to_hf_dict()
+    d.update(topk_method="noaux_tc", scoring_func="sigmoid", n_group=2, topk_group=1)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(d, f)
+    with pytest.raises(ValueError, match="DeepseekV2ForCausalLM: topk_method 'noaux_tc' is not supported"):
+        load_model_config(str(tmp_path))
+
+
+def test_config_round_trips_through_config_json():
+    for shape in ("deepseek-v2-tiny", "deepseek-v3-tiny", "deepseek-v2-lite", "deepseek-v3"):
+        cfg = shape_config(shape, "bfloat16")
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_softmax_scale_follows_yarn_mscale():
+    v3 = shape_config("deepseek-v3", "bfloat16")  # factor 40, mscale_all_dim 1
+    m = 0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1.0
+    assert v3.mla_softmax_scale == pytest.approx(192**-0.5 * m * m)
+    assert shape_config("deepseek-v3-tiny").mla_softmax_scale == pytest.approx(32**-0.5)  # no YaRN
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["v2-yarn-greedy", "v3-noaux-tc"])
+def test_cuda_deepseek_equals_hf_transformers(gpu, tmp_path, name):
+    """The Triton kernels end to end (CUDA graphs for decode included) against transformers."""
+    cfg = _variant(name)
+    path = write_model(cfg, str(tmp_path), seed=6, device="cuda")
+    runner = ModelRunner(
+        EngineConfig(
+            model_path=path, device="cuda", max_model_len=256, kv_cache_tokens=2048, max_running_requests=4
+        )
+    )
+    assert runner.graphs is not None
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 13, 90)]
+    for prompt, out in zip(
+        prompts, generate(runner, prompts, NEW_TOKENS, max_num_batched_tokens=32), strict=True
+    ):
+        assert out == hf_greedy(hf, prompt, NEW_TOKENS)
