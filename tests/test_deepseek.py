@@ -224,7 +224,12 @@ def test_cuda_deepseek_equals_hf_transformers(gpu, tmp_path, name):
     path = write_model(cfg, str(tmp_path), seed=6, device="cuda")
     runner = ModelRunner(
         EngineConfig(
-            model_path=path, device="cuda", max_model_len=256, kv_cache_tokens=2048, max_running_requests=4
+            model_path=path,
+            device="cuda",
+            dtype="float32",  # "auto" is bfloat16 on CUDA; HF runs in float32
+            max_model_len=256,
+            kv_cache_tokens=2048,
+            max_running_requests=4,
         )
     )
     assert runner.graphs is not None
