@@ -142,23 +142,33 @@ def mla_rows(args, copy: float, mm: float) -> None:
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
 
 
+MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
+    (16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 8, 2),
+    (16, 32, 8, 3), (16, 128, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2),
+    (64, 64, 8, 2), (64, 32, 16, 2), (64, 64, 16, 2), (128, 32, 16, 2),
+]  # fmt: skip
+
+
 def mla_sweep(inputs: tuple, copy: float, mm: float) -> None:
+    """Every launch of MLA_LAUNCHES that the heads fill, at several split counts; prints the best
+    three. A launch that fails to compile (shared memory, registers) is reported and skipped."""
     heads = inputs[0].shape[1]
-    launches = [
-        mla_module._Launch(bh, bn, w, st, 1)
-        for bh, bn, w, st in ((16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 3), (16, 64, 8, 2), (32, 32, 8, 2))
-        if heads >= bh
-    ]
-    best, default = (float("inf"), ""), mla_module._launch_config
+    launches = [mla_module._Launch(bh, bn, w, st, 1, 1) for bh, bn, w, st in MLA_LAUNCHES if heads >= bh]
+    results, default = [], mla_module._launch_config
     for launch in launches:
         mla_module._launch_config = lambda *_, launch=launch: launch  # read at each call
         try:
             for splits in (1, 2, 4, 8, 16, 32):
                 line, ms = row(mla_case(inputs, num_splits=splits), copy, mm, False)
-                best = min(best, (ms, f"{launch} splits={splits}: {line.split()[-4]} GB/s"))
+                results.append((ms, f"h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
+                                f"s{launch.num_stages} splits={splits}: {line.split()[-4]} GB/s "
+                                f"{line.split()[-2]} TFLOP/s"))  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (a launch the card cannot compile or run)
+            print(f"    {launch}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         finally:
             mla_module._launch_config = default
-    print(f"    best {best[1]}", flush=True)
+    for ms, desc in sorted(results)[:3]:
+        print(f"    best {ms * 1e3:8.1f} us  {desc}", flush=True)
 
 
 MOE_CONFIGS = [

@@ -174,23 +174,29 @@ class _Launch:
     num_warps: int
     num_stages: int
     per_sm: int  # programs that fit on one multiprocessor at once
+    waves: int  # waves of programs the context split aims at (more: more merge traffic)
 
 
-# Compiled for sm_90a by Triton 3.9 (perf/sm90_compile_check.py), neither of these spills. Up to 16
-# heads (V2-Lite): a [16, 512] float32 accumulator and two-stage [32, 576] tiles, 153 registers and
-# 56 KB of shared memory, 2-3 programs per SM. More heads (V3's 128): 32 heads per program, so each
-# latent tile serves twice as many heads, 178 registers, 76 KB, 8 warps; 64 heads spill.
-# perf/mla_moe_bench.py --sweep measures the alternatives.
-_LAUNCH_FEW_HEADS = _Launch(16, 32, 4, 2, 2)
-_LAUNCH_MANY_HEADS = _Launch(32, 32, 8, 2, 1)
-_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, 1)
+# Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
+# Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles, one
+# program per SM (147 KB of shared memory), the context cut so that about two waves run: 71-86% of
+# the copy rate at batch 64-128 and 4k-8k contexts. More heads (V3's 128): 64 heads per program,
+# 8 warps, so that the products are 64-row wgmma tiles and each latent tile serves 64 heads: 3.3x
+# the 32-head launch, ~235 TFLOP/s; bound by the tensor cores, and its merge traffic ([B, H, splits,
+# 512] float32) costs more than a second wave gains, so it splits only when the batch leaves the
+# card mostly idle.
+_LAUNCH_FEW_HEADS = _Launch(16, 64, 4, 2, per_sm=1, waves=2)
+_LAUNCH_MANY_HEADS = _Launch(64, 64, 8, 2, per_sm=1, waves=1)
+_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
     if device.type != "cuda":
         launch = _LAUNCH_INTERPRETER
-    else:
-        launch = _LAUNCH_FEW_HEADS if heads <= 16 else _LAUNCH_MANY_HEADS
+    elif heads <= 16:
+        launch = _LAUNCH_FEW_HEADS
+    else:  # 17-64 heads: one program holds them all (a power of two >= 16)
+        launch = replace(_LAUNCH_MANY_HEADS, block_h=min(64, triton.next_power_of_2(heads)))
     return launch if block_h is None else replace(launch, block_h=block_h)
 
 
@@ -200,13 +206,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.device) -> int:
-    """Chunks per context: about two waves of programs over the card, or one chunk (no merge) where
-    the batch and heads fill a wave already. A function of the shapes only, never of seq_lens, so
-    that the launch is the same in a CUDA graph."""
+    """Chunks per context: about `launch.waves` waves of programs over the card, rounded down, or one
+    chunk (no merge) where the batch and heads fill that already. A function of the shapes only,
+    never of seq_lens, so that the launch is the same in a CUDA graph."""
     if device.type != "cuda":
         return 3  # the interpreter: small contexts still cut into several chunks and merged
-    wave, programs = launch.per_sm * _num_sms(device), batch * head_blocks
-    return 1 if programs >= wave else min(64, triton.cdiv(2 * wave, programs))
+    target, programs = launch.waves * launch.per_sm * _num_sms(device), batch * head_blocks
+    return max(1, min(64, target // programs))
 
 
 def mla_decode_attention(
