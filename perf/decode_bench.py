@@ -22,7 +22,6 @@ import torch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-from lightllm_async.models.llama import KVCache
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_config_files
 from lightllm_async.types import SamplingParams
@@ -117,14 +116,33 @@ def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int, overlap: b
     return busy / wall_us
 
 
+def weight_bytes_read(runner: ModelRunner, batch: int) -> float:
+    """Weight bytes one decode step of `batch` tokens must read: every parameter, except that an
+    untied embedding table gives only its `batch` rows, and of each MoE layer's routed experts
+    (stacked [E, ...] tensors named `experts.w13` / `experts.w2`) only those the batch is expected to
+    touch, E * (1 - (1 - k/E)^batch) under uniform routing (experts stacked beyond the routed ones,
+    the shared experts fused in, are always read)."""
+    cfg, total = runner.model_cfg, 0.0
+    for name, p in runner.model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if name == "embed" and not cfg.tie_word_embeddings:
+            nbytes = batch * p[0].numel() * p.element_size()
+        elif name.endswith(("experts.w13", "experts.w2")):
+            e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+            touched = (p.shape[0] - e) + e * (1 - (1 - k / e) ** batch)
+            nbytes *= touched / p.shape[0]
+        total += nbytes
+    return total
+
+
 def measure(
     runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int, overlap: bool
 ) -> dict:
     sched = fill_batch(runner, batch, context, seed=batch)
     step_times(runner, sched, 5, overlap)  # warm-up
     t = sorted(step_times(runner, sched, 30, overlap))[15]
-    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv = batch * (context + 20) * KVCache.bytes_per_token(runner.model_cfg, runner.dtype)
+    weights = weight_bytes_read(runner, batch)
+    kv = batch * (context + 20) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.dtype)
     roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
     row = {
         "batch": batch,

@@ -5,6 +5,8 @@
 # Full logs and JSON go to $OUT; a short table is printed last.
 #   kernels:     the DeepSeek kernels (MLA decode, fused MoE) against their references and ceilings
 #   decode:      the decode benchmark alone
+#   deepseek:    DeepSeek-V2-Lite shape (random bf16 weights made on the device): decode step against
+#                its roofline, the serving benchmark (100 clients, then 1 client), HF generate
 #   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve|decode
 set -u
 part=${1:-correctness}
@@ -52,6 +54,30 @@ write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
 kernels)
   python3 perf/mla_moe_bench.py >"$OUT/mla_moe.log" 2>&1
   echo "mla_moe_bench exit $?"; tail -30 "$OUT/mla_moe.log"
+  ;;
+deepseek)
+  d=/tmp/dsv2l
+  mkdir -p $d
+  python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
+write_tokenizer as t; m = s('deepseek-v2-lite', 'bfloat16'); c(m, '$d'); t(m, '$d')"
+  python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
+    --out "$OUT/ds_decode.json" >"$OUT/ds_decode.log" 2>&1
+  echo "decode_bench exit $?"; tail -6 "$OUT/ds_decode.log"
+  python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+    --max-num-batched-tokens ${CHUNK:-8192} >"$OUT/ds_server.log" 2>&1 &
+  srv=$!
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 100 --num-requests 500 \
+    --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/ds_serve.json" >"$OUT/ds_serve.log" 2>&1
+  echo "serve_bench 100 clients exit $?"; tail -9 "$OUT/ds_serve.log"
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 1 --num-requests 8 --input-len 1024 \
+    --warmup 2 --api native --tokenizer $d --out "$OUT/ds_serve1.json" >"$OUT/ds_serve1.log" 2>&1
+  echo "serve_bench 1 client exit $?"; tail -9 "$OUT/ds_serve1.log"
+  kill -INT $srv; wait $srv
+  grep -E "captured|KV cache" "$OUT/ds_server.log" | head -3
+  python3 perf/hf_baseline.py --model $d --random-weights --batch 100 --input-len 1024 --output-len 128 \
+    --repeats 1 --dtype bfloat16 --out "$OUT/ds_hf.json" >"$OUT/ds_hf.log" 2>&1
+  echo "hf_baseline exit $?"
+  tail -8 "$OUT/ds_hf.log"
   ;;
 decode)
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 \
