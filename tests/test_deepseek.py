@@ -123,6 +123,7 @@ def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContex
         seq_lens=torch.tensor([row_len], dtype=torch.int32),
         logits_idx=torch.arange(t, dtype=torch.int64),
         decode_only=decode_only,
+        host_seq_lens=(row_len,),
     )
 
 
@@ -140,7 +141,7 @@ def test_logits_close_to_hf_prefill_and_absorbed_decode(model):
 
 def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, interpreter):
     """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
-    kernel over the decompressed cache (v padded to the q.k dim), fused MoE, rope, rms norm."""
+    kernel over the decompressed cache (q.k and v head dims apart), fused MoE, rope, rms norm."""
     cfg, _, runner, hf, _ = model
     assert use_triton(torch.empty(1))
     ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
