@@ -134,11 +134,12 @@ class MLAttention(nn.Module):
 
     @torch.no_grad()
     def finish_loading(self) -> None:
-        """Derive forward's weights from the loaded checkpoint; once per load, since the first
-        step is in place. De-interleave the rope rows of the q projection (per head, the last
-        qk_rope_head_dim rows) and of kv_a_proj_with_mqa (its last rows): the same permutation of
-        q_pe and k_pe leaves their dot products unchanged and gives them the halves layout
-        `rotary_emb` rotates. Then copy W_UK and W_UV^T out of kv_b_proj."""
+        """Derive forward's weights from the loaded checkpoint. Run it exactly once per load: the
+        first step permutes rows in place, so a second run would scramble them. De-interleave the
+        rope rows of the q projection (per head, the last qk_rope_head_dim rows) and of
+        kv_a_proj_with_mqa (its last rows): the same permutation of q_pe and k_pe leaves their dot
+        products unchanged and gives them the halves layout `rotary_emb` rotates. Then copy W_UK
+        and W_UV^T out of kv_b_proj."""
         if self.rope_interleave:
             # (x0, x1), (x2, x3), ... -> (x0, x2, ...), (x1, x3, ...)
             perm = torch.cat([torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)])
