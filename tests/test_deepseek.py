@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from engine_harness import generate, hf_greedy
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.kernels import use_triton
-from lightllm_async.models.deepseek import MLAKVCache, MLAttention
+from lightllm_async.models.deepseek import MLAKVCache, MLAttention, mla_rope_cache
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.models.loader import load_model_config
 from lightllm_async.runner.model_runner import ModelRunner
@@ -123,6 +123,7 @@ def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContex
         seq_lens=torch.tensor([row_len], dtype=torch.int32),
         logits_idx=torch.arange(t, dtype=torch.int64),
         decode_only=decode_only,
+        host_seq_lens=(row_len,),
     )
 
 
@@ -140,7 +141,7 @@ def test_logits_close_to_hf_prefill_and_absorbed_decode(model):
 
 def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, interpreter):
     """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
-    kernel over the decompressed cache (v padded to the q.k dim), fused MoE, rope, rms norm."""
+    kernel over the decompressed cache (q.k and v head dims apart), fused MoE, rope, rms norm."""
     cfg, _, runner, hf, _ = model
     assert use_triton(torch.empty(1))
     ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
@@ -240,3 +241,41 @@ def test_cuda_deepseek_equals_hf_transformers(gpu, tmp_path, name):
         prompts, generate(runner, prompts, NEW_TOKENS, max_num_batched_tokens=32), strict=True
     ):
         assert out == hf_greedy(hf, prompt, NEW_TOKENS)
+
+
+@pytest.mark.gpu
+def test_cuda_mla_prefill_layer_makes_no_host_sync(gpu):
+    """A mixed step through one MLA layer (the contexts packed from the host lengths, the
+    decompressed prefill) never waits for the device: the runner can launch ahead of it."""
+    cfg = _variant("v3-noaux-tc")
+    attn = MLAttention(cfg, torch.float32, "cuda")
+    for p in attn.parameters():
+        p.normal_(0, 0.1)
+    attn.finish_loading()
+    positions = [*range(5, 12), 0, 1, 2, 3]  # a chunk after 5 cached tokens, then a 4-token prompt
+    table = torch.zeros((3, 64), dtype=torch.int32, device="cuda")
+    table[2, :12], table[0, :4] = torch.arange(12), torch.arange(20, 24)
+    ctx = ForwardContext(
+        positions=torch.tensor(positions, device="cuda"),
+        kv_slots=torch.tensor([*range(5, 12), 20, 21, 22, 23], device="cuda"),
+        req_to_token=table,
+        req_idx=torch.tensor([2, 0], dtype=torch.int32, device="cuda"),
+        q_start=torch.tensor([0, 7, 11], dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor([12, 4], dtype=torch.int32, device="cuda"),
+        logits_idx=torch.tensor([6, 10], device="cuda"),
+        decode_only=False,
+        host_seq_lens=(12, 4),
+    )
+    kv = torch.randn(32, MLAKVCache.width(cfg), device="cuda")
+    x = torch.randn(len(positions), cfg.hidden_size, device="cuda")
+    cos_sin = mla_rope_cache(cfg, "cuda")
+    first = attn(x, ctx, cos_sin, kv.clone())  # compiles the kernels
+    fresh = dataclasses.replace(ctx)  # a new step: its contexts not packed yet
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attn(x, fresh, cos_sin, kv)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, first)

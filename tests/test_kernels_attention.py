@@ -19,18 +19,20 @@ from lightllm_async.kernels.testing import (
 )
 
 
-def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37):
-    """A cache and request table for requests of `seq_lens` tokens, their rows scattered at random.
+def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None):
+    """A cache and request table for requests of `seq_lens` tokens, their rows scattered at random;
+    v has head dim `v_dim` (default: head_dim).
 
     Rows no request owns hold NaN, and every request's table row is padded past its length with
     pointers to them, so a kernel that reads outside a context gives NaN.
     """
     used, rows = sum(seq_lens), sum(seq_lens) + spare
     perm = torch.randperm(rows, device=device)
+    v_dim = v_dim or head_dim
     k_cache = torch.full((rows, kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
-    v_cache = k_cache.clone()
+    v_cache = torch.full((rows, kv_heads, v_dim), float("nan"), dtype=dtype, device=device)
     k_cache[perm[:used]] = torch.randn(used, kv_heads, head_dim, dtype=dtype, device=device)
-    v_cache[perm[:used]] = torch.randn(used, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache[perm[:used]] = torch.randn(used, kv_heads, v_dim, dtype=dtype, device=device)
     num_rows, width = len(seq_lens) + 3, max(seq_lens, default=0) + 5
     pad = torch.randint(0, spare, (num_rows, width), device=device)
     req_to_token = perm[used:][pad].to(torch.int32)
@@ -56,10 +58,12 @@ def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
     return out
 
 
-def check_prefill(new_and_prefix, heads, head_dim, dtype, device):
+def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None):
     hq, hk = heads
     seq_lens = [new + prefix for new, prefix in new_and_prefix]
-    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, hk, head_dim, dtype, device)
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(
+        seq_lens, hk, head_dim, dtype, device, v_dim=v_dim
+    )
     new = torch.tensor([0] + [n for n, _ in new_and_prefix], device=device)
     q_start = new.cumsum(0).to(torch.int32)
     q = torch.randn(int(q_start[-1]), hq, head_dim, dtype=dtype, device=device)
@@ -67,7 +71,7 @@ def check_prefill(new_and_prefix, heads, head_dim, dtype, device):
     with nan_filled_allocations():
         out = prefill_attention(*args)
     ref = prefill_attention_ref(*args)
-    assert not out.isnan().any()
+    assert out.shape == (q.shape[0], hq, v_dim or head_dim) and not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
@@ -156,6 +160,14 @@ def test_prefill_attention_pads_odd_head_dims(interpreter, heads, head_dim):
     check_prefill([(1, 0), (7, 6), (13, 20), (1, 12)], heads, head_dim, torch.float32, "cpu")
 
 
+# MLA's prefill attends with q.k head dim 192 and v head dim 128; the kernel takes any pair,
+# v narrower or wider than q.k, each padded to its own power of two.
+@pytest.mark.parametrize("qk_dim, v_dim", [(48, 32), (24, 40), (96, 64), (80, 16)])
+@pytest.mark.parametrize("heads", [(4, 2), (5, 5)])
+def test_prefill_attention_takes_a_v_head_dim_of_its_own(interpreter, heads, qk_dim, v_dim):
+    check_prefill([(1, 0), (7, 6), (20, 14), (1, 12)], heads, qk_dim, torch.float32, "cpu", v_dim=v_dim)
+
+
 @pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)
 @pytest.mark.parametrize("num_tokens, kv_heads", [(1, 1), (7, 2), (13, 5)])
 def test_store_kv_pads_odd_head_dims(interpreter, num_tokens, kv_heads, head_dim):
@@ -178,6 +190,13 @@ def test_decode_attention_matches_reference_on_gpu(gpu):
 def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
     new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
     check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_prefill_attention_with_mla_head_dims_on_gpu(gpu):
+    """DeepSeek V2/V3's decompressed prefill: 128 heads (MHA), q.k 192, v 128."""
+    new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (129, 127)]
+    check_prefill(new_and_prefix, (128, 128), 192, torch.bfloat16, "cuda", v_dim=128)
 
 
 @pytest.mark.gpu

@@ -97,6 +97,32 @@ def test_graph_views_are_the_buffers_every_step_loads():
     assert buf.req_to_token[0, :5].tolist() == [0, 1, 2, 3, 4]
 
 
+def test_packed_contexts_hold_every_requests_cache_rows_in_order_once_per_step():
+    buf = buffers()
+    buf.req_to_token[2, :4] = torch.tensor([70, 71, 72, 73], dtype=torch.int32)  # cached prefix
+    batch = Batch(
+        items=(
+            item(1, 2, 4, [5, 6, 7], [80, 81, 82]),  # a chunk after 4 cached tokens
+            item(2, 0, 0, [8], [90]),  # a one-token prompt
+            item(3, 3, 0, [9, 10], [91, 92]),
+        ),
+        step=1,
+    )
+    ctx = buf.load(batch, torch.empty(0, dtype=torch.int64), {}).ctx
+    assert ctx.host_seq_lens == (7, 1, 2)
+    packed = ctx.packed
+    assert packed is ctx.packed  # built once, whichever layer asks first
+    assert packed.rows.tolist() == [70, 71, 72, 73, 80, 81, 82, 90, 91, 92]
+    assert packed.req_idx.tolist() == [0, 1, 2] and packed.req_to_token.shape == (3, 7)
+    for b, n in enumerate(ctx.host_seq_lens):  # the packed table leads back to the same rows
+        assert (
+            packed.rows[packed.req_to_token[b, :n].long()].tolist()
+            == buf.req_to_token[ctx.req_idx[b], :n].tolist()
+        )
+    with pytest.raises(ValueError, match="host_seq_lens"):
+        _ = buf.context(4, 4, 4, decode_only=True).packed  # a graph's context: lengths unknown
+
+
 def test_a_smaller_step_after_a_larger_one_sees_only_its_own_rows():
     buf = buffers()
     big = Batch(items=tuple(item(i, i, 2, [30 + i], [50 + i]) for i in range(4)), step=1)

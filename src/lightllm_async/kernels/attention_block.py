@@ -11,7 +11,7 @@ from .backend import jit, tl
 
 
 def attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """q [n, Hq, D], k and v [S, Hk, D] float32, mask [n, S] (True: visible) -> [n, Hq, D]."""
+    """q [n, Hq, D], k [S, Hk, D], v [S, Hk, Dv] float32, mask [n, S] (True: visible) -> [n, Hq, Dv]."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
@@ -22,10 +22,10 @@ def attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | Non
 
 
 @jit
-def attend_init(M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The running state of M queries before any context: m_i = -inf, l_i = 0, acc = 0."""
+def attend_init(M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The running state of M queries before any context: m_i = -inf, l_i = 0, acc [M, BLOCK_DV] = 0."""
     m_i = tl.full([M], float("-inf"), dtype=tl.float32)
-    return m_i, tl.zeros([M], dtype=tl.float32), tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    return m_i, tl.zeros([M], dtype=tl.float32), tl.zeros([M, BLOCK_DV], dtype=tl.float32)
 
 
 @jit
@@ -33,7 +33,7 @@ def attend_block(
     q,  # [M, BLOCK_D] the queries, zero past HEAD_DIM
     m_i,  # [M] float32 running maximum of the base-2 scores
     l_i,  # [M] float32 running sum of exp2(score - m_i)
-    acc,  # [M, BLOCK_D] float32 running sum of exp2(score - m_i) * v
+    acc,  # [M, BLOCK_DV] float32 running sum of exp2(score - m_i) * v
     offs_n,  # [BLOCK_N] context positions of this block
     end,  # positions >= end are not loaded
     limit,  # positions >= limit score -inf: a scalar, or [M, 1] for a limit per query (causal)
@@ -42,8 +42,10 @@ def attend_block(
     V_HEAD,  # V_CACHE at this kv head
     stride_k_s,  # K_CACHE row stride
     stride_v_s,  # V_CACHE row stride
-    offs_d,  # [BLOCK_D] head-dim offsets
+    offs_d,  # [BLOCK_D] q/k head-dim offsets
     mask_d,  # [BLOCK_D] offs_d < HEAD_DIM
+    offs_dv,  # [BLOCK_DV] v head-dim offsets (offs_d again where v has the q/k head dim)
+    mask_dv,  # [BLOCK_DV] offs_dv < the v head dim
     qk_scale,  # softmax scale * log2(e)
     MASKED: tl.constexpr,  # apply `limit`; False only where every query sees the whole block
     PRECISION: tl.constexpr,  # tl.dot input precision
@@ -51,8 +53,8 @@ def attend_block(
     # -- this block's keys and scores --
     mask_n = offs_n < end
     rows = tl.load(REQ_ROW + offs_n, mask=mask_n, other=0).to(tl.int64)
-    kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K_HEAD + rows[:, None] * stride_k_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    k_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K_HEAD + rows[:, None] * stride_k_s + offs_d[None, :], mask=k_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
     if MASKED:
         s = tl.where(offs_n[None, :] < limit, s, float("-inf"))
@@ -62,14 +64,15 @@ def attend_block(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V_HEAD + rows[:, None] * stride_v_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    v_mask = mask_n[:, None] & mask_dv[None, :]
+    v = tl.load(V_HEAD + rows[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @jit
 def attend_result(m_i, l_i, acc):
-    """(out [M, BLOCK_D], lse [M]): the normalized output and the log2-sum-exp2 of the scores;
+    """(out [M, BLOCK_DV], lse [M]): the normalized output and the log2-sum-exp2 of the scores;
     a query that saw no context gets zeros and lse = -inf."""
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)

@@ -87,7 +87,8 @@ def _decode_split_kernel(
     for n in range(start, end, BLOCK_N):
         m_i, l_i, acc = attend_block(
             q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), end, end, req_row, k_head, v_head,
-            stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=True, PRECISION=PRECISION,
+            stride_k_s, stride_v_s, offs_d, mask_d, offs_d, mask_d, qk_scale, MASKED=True,
+            PRECISION=PRECISION,
         )  # fmt: skip
 
     # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --

@@ -1,5 +1,6 @@
 """Prefill ("extend") attention: causal attention of new tokens over their requests' caches,
-prefix tokens cached by earlier steps included; varlen, GQA."""
+prefix tokens cached by earlier steps included; varlen, GQA, and v's head dim free of q/k's (MLA
+attends with 192-dim q.k and 128-dim v)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ def prefill_attention_ref(
     seq_lens: Tensor,
     scale: float,
 ) -> Tensor:
-    # compute-bound: 4 * Hq * D flops per (query, visible key) pair; reads q and the requests' K
-    # and V rows (the kernel once per BLOCK_M queries and head), writes out
-    out = torch.zeros_like(q)
+    # compute-bound: 2 * Hq * (D + Dv) flops per (query, visible key) pair; reads q and the
+    # requests' K and V rows (the kernel once per BLOCK_M queries and head), writes out
+    out = q.new_zeros(q.shape[:2] + v_cache.shape[2:])  # [T, Hq, Dv]
     for b in range(len(req_idx)):
         start, end, seq_len = int(q_start[b]), int(q_start[b + 1]), int(seq_lens[b])
         if end == start:
@@ -41,12 +42,12 @@ def prefill_attention_ref(
 def _prefill_kernel(
     Q,  # [T, Hq, D] the new tokens' queries, packed request after request
     K_CACHE,  # [S, Hk, D] key cache, the new tokens' keys stored already
-    V_CACHE,  # [S, Hk, D] value cache
+    V_CACHE,  # [S, Hk, Dv] value cache
     REQ_TO_TOKEN,  # [R, L] cache rows of each request, in position order
     REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
     Q_START,  # [B + 1] first row in Q of each request, then T
     SEQ_LENS,  # [B] total tokens of each request, cached prefix included
-    OUT,  # [T, Hq, D] attention output
+    OUT,  # [T, Hq, Dv] attention output
     stride_q_t, stride_q_h,  # Q strides; the head dim is contiguous
     stride_k_s, stride_k_h,  # K_CACHE strides
     stride_v_s, stride_v_h,  # V_CACHE strides
@@ -56,10 +57,12 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,  # D
+    V_DIM: tl.constexpr,  # Dv
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+    BLOCK_DV: tl.constexpr,  # >= V_DIM, a power of two
 ):  # fmt: skip
     # one program: BLOCK_M queries of one request and one query head. Request b owns programs
     # q_start[b] // BLOCK_M + b onwards, which leaves it at least cdiv(n_b, BLOCK_M) of them and
@@ -94,29 +97,33 @@ def _prefill_kernel(
     q_rows = (q_beg + offs_m).to(tl.int64)
     q_ptrs = Q + q_rows[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < V_DIM
 
     # -- online softmax: first over the context every query of the block sees (whole blocks, no
     # mask), then over the rest up to the last query, with the causal mask --
-    m_i, l_i, acc = attend_init(BLOCK_M, BLOCK_D)
+    m_i, l_i, acc = attend_init(BLOCK_M, BLOCK_DV)
     req_row = REQ_TO_TOKEN + req * stride_r2t
     k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
     seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
     for n in range(0, seen_by_all, BLOCK_N):
         m_i, l_i, acc = attend_block(
             q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), seen_by_all, seen_by_all, req_row, k_head,
-            v_head, stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=False, PRECISION=PRECISION,
+            v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
+            PRECISION=PRECISION,
         )  # fmt: skip
     last = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
     for n in range(seen_by_all, last, BLOCK_N):
         m_i, l_i, acc = attend_block(
             q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), last, pos_m[:, None] + 1, req_row, k_head,
-            v_head, stride_k_s, stride_v_s, offs_d, mask_d, qk_scale, MASKED=True, PRECISION=PRECISION,
+            v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=True,
+            PRECISION=PRECISION,
         )  # fmt: skip
 
     # -- normalize and store; rows past the request's queries are not stored --
     out, _ = attend_result(m_i, l_i, acc)
-    o_ptrs = OUT + q_rows[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    o_ptrs = OUT + q_rows[:, None] * stride_o_t + head * stride_o_h + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
 def _blocks(q: Tensor, batch: int) -> tuple[int, int, int, int]:
@@ -138,7 +145,8 @@ def prefill_attention(
     seq_lens: Tensor,
     scale: float,
 ) -> Tensor:
-    """Causal attention of the new tokens of B requests, packed in q [T, Hq, D].
+    """Causal attention of the new tokens of B requests, packed in q [T, Hq, D], over k_cache
+    [S, Hk, D] and v_cache [S, Hk, Dv]: out [T, Hq, Dv] (Dv may differ from D).
 
     Request b owns q rows q_start[b]:q_start[b+1] (q_start [B+1] int32) and has seq_lens[b] tokens
     in all, cached prefix included; its new token i sits at position
@@ -149,11 +157,11 @@ def prefill_attention(
     if not use_triton(q):
         return prefill_attention_ref(q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, scale)
     num_tokens, hq, dim = q.shape
-    batch, hk = req_idx.shape[0], k_cache.shape[1]
-    assert k_cache.shape[2] == dim and v_cache.shape == k_cache.shape and hq % hk == 0
+    batch, hk, dim_v = req_idx.shape[0], k_cache.shape[1], v_cache.shape[2]
+    assert k_cache.shape[2] == dim and v_cache.shape[:2] == k_cache.shape[:2] and hq % hk == 0
     assert q_start.shape == (batch + 1,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
-    out = torch.empty((num_tokens, hq, dim), dtype=q.dtype, device=q.device)
+    out = torch.empty((num_tokens, hq, dim_v), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
     block_m, block_n, num_warps, num_stages = _blocks(q, batch)
@@ -162,8 +170,9 @@ def prefill_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
         batch, scale * math.log2(math.e),
-        GROUP=hq // hk, HEAD_DIM=dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GROUP=hq // hk, HEAD_DIM=dim, V_DIM=dim_v, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_DV=triton.next_power_of_2(dim_v),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

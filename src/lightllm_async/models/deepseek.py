@@ -5,15 +5,19 @@ the checkpoint table is `models/deepseek_names.py`.
 MLA caches per token and layer only the normed latent c_kv [kv_lora_rank] and the rotated rope key
 k_pe [qk_rope_head_dim], one row of a [slots, R + P] pool (`MLAKVCache`).
 - Steps that are not decode-only (prefill chunks, possibly mixed with decodes): the latent of
-  every cached token of the step's requests is decompressed through kv_b_proj into per-head k_nope
-  and v, and `prefill_attention` runs over that temporary expanded cache (v zero-padded to the
-  q.k head dim, which the kernel requires, and sliced back after).
+  every cached token of the step's requests (gathered once per step: `ForwardContext.packed`) is
+  decompressed through kv_b_proj into per-head k_nope and v, and `prefill_attention` runs over
+  that temporary expanded cache, q.k head dim nope + rope (192), v head dim v_head_dim (128).
 - Decode-only steps: W_UK is absorbed into the no-rope query (q_nope @ W_UK per head), so that
   `mla_decode_attention` attends over the latent cache directly; W_UV is applied to its output.
 
-Rope: the checkpoints lay the rope dims out in interleaved pairs; q_pe and k_pe are de-interleaved
-(the same permutation for both, so their dot products are unchanged) and rotated by the neox
-`rotary_emb`. YaRN scales the cos/sin table by its attention factor and the softmax scale by mscale^2.
+The loader calls `DeepseekForCausalLM.finish_loading` once every weight is in; it prepares what
+forward reads. Rope: the checkpoints lay the rope dims out in interleaved pairs; finish_loading
+de-interleaves the rows of the q and kv_a projections that produce q_pe and k_pe (the same
+permutation for both, so their dot products are unchanged), so that the neox `rotary_emb` rotates
+them with no permutation at run time. It also copies W_UK and W_UV^T out of kv_b_proj for the
+absorbed decode. YaRN scales the cos/sin table by its attention factor and the softmax scale by
+mscale^2.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ def mla_rope_cache(cfg: ModelConfig, device) -> Tensor:
 
 
 class MLAttention(nn.Module):
+    """Multi-head latent attention; `finish_loading` must run once the checkpoint is in."""
+
     def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
         self.n, self.nope, self.rope = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -119,14 +125,31 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(self.rank, self.n * (self.nope + self.v_dim), False, dtype, device)
         self.o_proj = Linear(self.n * self.v_dim, h, False, dtype, device)
         self.scale = cfg.mla_softmax_scale
-        # de-interleave the rope dims: (x0, x1), (x2, x3), ... -> (x0, x2, ...), (x1, x3, ...)
-        perm = torch.cat([torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)])
-        self.register_buffer("rope_perm", perm.to(device) if cfg.rope_interleave else None, persistent=False)
+        self.rope_interleave = cfg.rope_interleave
+        # kv_b_proj's two halves for the absorbed decode, each laid out as its bmm reads it
+        w_uk = torch.empty(self.n, self.nope, self.rank, dtype=dtype, device=device)
+        w_uv = torch.empty(self.n, self.rank, self.v_dim, dtype=dtype, device=device)
+        self.register_buffer("w_uk", w_uk, persistent=False)  # [n, nope, R]: W_UK
+        self.register_buffer("w_uv", w_uv, persistent=False)  # [n, R, v]: W_UV transposed
 
-    def _w_kv_b(self) -> tuple[Tensor, Tensor]:
-        """W_UK [n, nope, R] and W_UV [n, v, R]: views of kv_b_proj, no copy."""
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        """Derive forward's weights from the loaded checkpoint. Run it exactly once per load: the
+        first step permutes rows in place, so a second run would scramble them. De-interleave the
+        rope rows of the q projection (per head, the last qk_rope_head_dim rows) and of
+        kv_a_proj_with_mqa (its last rows): the same permutation of q_pe and k_pe leaves their dot
+        products unchanged and gives them the halves layout `rotary_emb` rotates. Then copy W_UK
+        and W_UV^T out of kv_b_proj."""
+        if self.rope_interleave:
+            # (x0, x1), (x2, x3), ... -> (x0, x2, ...), (x1, x3, ...)
+            perm = torch.cat([torch.arange(0, self.rope, 2), torch.arange(1, self.rope, 2)])
+            q_w = (self.q_b_proj if self.q_lora else self.q_proj).weight.view(self.n, self.qk_dim, -1)
+            q_w[:, self.nope :] = q_w[:, self.nope :][:, perm.to(q_w.device)]
+            kv_w = self.kv_a_proj_with_mqa.weight
+            kv_w[self.rank :] = kv_w[self.rank :][perm.to(kv_w.device)]
         w = self.kv_b_proj.weight.view(self.n, self.nope + self.v_dim, self.rank)
-        return w[:, : self.nope], w[:, self.nope :]
+        self.w_uk.copy_(w[:, : self.nope])
+        self.w_uv.copy_(w[:, self.nope :].transpose(1, 2))
 
     def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, kv_cache: Tensor) -> Tensor:
         t = x.shape[0]
@@ -135,10 +158,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv.contiguous())  # [T, R]
-        k_pe = k_pe.view(t, 1, self.rope)
-        if self.rope_perm is not None:
-            q_pe, k_pe = q_pe.index_select(-1, self.rope_perm), k_pe.index_select(-1, self.rope_perm)
-        q_pe, k_pe = rotary_emb(q_pe.contiguous(), k_pe.contiguous(), ctx.positions, cos_sin)
+        # rotary_emb reads the strided slices and writes new contiguous tensors
+        q_pe, k_pe = rotary_emb(q_pe, k_pe.view(t, 1, self.rope), ctx.positions, cos_sin)
         mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
         if ctx.decode_only:
             o = self._decode(q_nope, q_pe, ctx, kv_cache)
@@ -147,44 +168,23 @@ class MLAttention(nn.Module):
         return self.o_proj(o.reshape(t, self.n * self.v_dim))
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
-        w_uk, w_uv = self._w_kv_b()
-        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()  # [B, n, R]
+        q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1).contiguous()  # [B, n, R]
         o = mla_decode_attention(
             q_abs, q_pe.contiguous(), kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
         )  # [B, n, R]: attention-weighted latents
-        return torch.bmm(o.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, n, v]
+        return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v]
 
     def _prefill(self, q: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
-        # The cached rows of every request of the step, decompressed into a temporary per-head
-        # k/v cache that the prefill kernel reads through a temporary request-to-token table.
-        seq_lens = ctx.seq_lens.tolist()
-        tables = ctx.req_to_token[ctx.req_idx.long()]  # [B, L]
-        rows = torch.cat([tables[b, :n] for b, n in enumerate(seq_lens)]).long()
-        kv = kv_cache.index_select(0, rows)  # [N, R + P]
-        c_kv, k_pe = kv.split([self.rank, self.rope], dim=-1)
-        k_nope, v = (
-            self.kv_b_proj(c_kv).view(-1, self.n, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
-        )
+        # The cached rows of every request of the step (packed once per step, for all layers),
+        # decompressed into a temporary per-head k/v cache in that packed order.
+        packed = ctx.packed
+        c_kv, k_pe = kv_cache.index_select(0, packed.rows).split([self.rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(-1, self.n, self.nope + self.v_dim)  # [N, n, nope + v]
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.n, -1)], dim=-1)  # [N, n, qk]
-        v = F.pad(v, (0, self.qk_dim - self.v_dim)) if self.v_dim < self.qk_dim else v
-        width = max(self.qk_dim, v.shape[-1])
-        if k.shape[-1] < width:  # v wider than q.k: pad q and k with zeros (scores unchanged)
-            k, q = F.pad(k, (0, width - k.shape[-1])), F.pad(q, (0, width - q.shape[-1]))
-        max_len = max(seq_lens)
-        starts = torch.tensor([0, *seq_lens], device=q.device).cumsum(0)[:-1]
-        table = (starts[:, None] + torch.arange(max_len, device=q.device)[None, :]).to(torch.int32)
-        req_idx = torch.arange(len(seq_lens), dtype=torch.int32, device=q.device)
-        o = prefill_attention(
-            q.contiguous(),
-            k.contiguous(),
-            v.contiguous(),
-            table,
-            req_idx,
-            ctx.q_start,
-            ctx.seq_lens,
-            self.scale,
-        )
-        return o[..., : self.v_dim]
+        return prefill_attention(
+            q, k, v, packed.req_to_token, packed.req_idx, ctx.q_start, ctx.seq_lens, self.scale
+        )  # [T, n, v]: v read in place, as a strided view of kv
 
 
 class MLP(nn.Module):
@@ -277,6 +277,9 @@ class DecoderLayer(nn.Module):
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device) if dense else MoE(cfg, dtype, device)
         )
 
+    def finish_loading(self) -> None:
+        self.attn.finish_loading()
+
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
         if residual is None:
             residual, h = x, self.input_norm(x)
@@ -304,6 +307,12 @@ class DeepseekForCausalLM(nn.Module):
             else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
         )
         self.register_buffer("cos_sin", mla_rope_cache(cfg, device), persistent=False)  # [max_pos, P]
+
+    def finish_loading(self) -> None:
+        """Prepare the loaded weights for forward (see the module docstring); `load_weights` calls
+        it once, after the last checkpoint tensor."""
+        for layer in self.layers:
+            layer.finish_loading()
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:

@@ -9,6 +9,7 @@ allocated empty; `models/weights.py` fills them from a checkpoint by the family'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,17 @@ from lightllm_async.layers.linear import Linear, MergedLinear
 
 
 @dataclass(frozen=True)
+class PackedContexts:
+    """The step's requests' whole contexts (cached prefix + new tokens) packed one request after
+    another, N = sum(seq_lens) tokens: what attention reads over a temporary copy of the
+    context, laid out in that order (MLA's prefill decompresses the latent cache into one)."""
+
+    rows: Tensor  # [N] int64, the KV-cache row of each packed token
+    req_to_token: Tensor  # [B, max(seq_lens)] int32, request b's packed indices in position order
+    req_idx: Tensor  # [B] int32, 0..B-1: request b's row of req_to_token
+
+
+@dataclass(frozen=True)
 class ForwardContext:
     """Where this step's tokens sit: T new tokens from B requests."""
 
@@ -39,6 +51,25 @@ class ForwardContext:
     seq_lens: Tensor  # [B] int32, tokens in the cache after this step (prefix + new)
     logits_idx: Tensor  # [S] int64, which of the T tokens need logits
     decode_only: bool  # every request has exactly one new token
+    # seq_lens as the host knows them; None only where they change under a fixed context
+    # (CUDA-graph replays, which are decode-only), so `packed` is not for those steps
+    host_seq_lens: tuple[int, ...] | None = None
+
+    @cached_property  # once per step, whichever layer asks first (the instance has a __dict__)
+    def packed(self) -> PackedContexts:
+        """The requests' contexts packed, built on the device with no host sync: the host
+        lengths give the sizes, the device tensors the values."""
+        if self.host_seq_lens is None:
+            raise ValueError("packing the contexts needs host_seq_lens")
+        num_reqs, total = len(self.host_seq_lens), sum(self.host_seq_lens)
+        device, seq_lens = self.seq_lens.device, self.seq_lens.long()
+        starts = seq_lens.cumsum(0) - seq_lens  # [B] each request's first packed index
+        req = torch.arange(num_reqs, device=device).repeat_interleave(seq_lens, output_size=total)  # [N]
+        pos = torch.arange(total, device=device) - starts[req]  # [N] position within its request
+        rows = self.req_to_token[self.req_idx.long()[req], pos].long()
+        width = torch.arange(max(self.host_seq_lens, default=0), device=device)
+        table = (starts[:, None] + width[None, :]).to(torch.int32)  # [B, max_len]
+        return PackedContexts(rows, table, torch.arange(num_reqs, dtype=torch.int32, device=device))
 
 
 @dataclass(frozen=True)

@@ -121,8 +121,16 @@ class InputBuffers:
         """The whole input-id buffer: graphs are captured on its leading slices."""
         return self.staging.view("input_ids", self.staging.capacity("input_ids"))
 
-    def context(self, num_tokens: int, num_reqs: int, num_logits: int, decode_only: bool) -> ForwardContext:
-        """Views of the buffers for a step of this shape; the same memory for every step."""
+    def context(
+        self,
+        num_tokens: int,
+        num_reqs: int,
+        num_logits: int,
+        decode_only: bool,
+        host_seq_lens: tuple[int, ...] | None = None,
+    ) -> ForwardContext:
+        """Views of the buffers for a step of this shape; the same memory for every step.
+        `host_seq_lens` is left out only for CUDA-graph captures, whose lengths vary per replay."""
         view = self.staging.view
         return ForwardContext(
             positions=view("positions", num_tokens),
@@ -133,6 +141,7 @@ class InputBuffers:
             seq_lens=view("seq_lens", num_reqs),
             logits_idx=view("logits_idx", num_logits),
             decode_only=decode_only,
+            host_seq_lens=host_seq_lens,
         )
 
     def load(
@@ -155,9 +164,12 @@ class InputBuffers:
         t, view = num_real_tokens, self.staging.view  # padding rows come after the real tokens
         self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
         num_samples = sum(it.samples for it in batch.items)
+        ctx = self.context(
+            len(flat.ids), len(flat.rows), len(flat.logits_idx), batch.decode_only, tuple(flat.seq_lens)
+        )
         return StepInputs(
             input_ids=ids,
-            ctx=self.context(len(flat.ids), len(flat.rows), len(flat.logits_idx), batch.decode_only),
+            ctx=ctx,
             sampling=sampling,
             num_samples=num_samples,
         )
