@@ -1,19 +1,30 @@
 """Time the DeepSeek kernels (MLA decode attention, fused MoE, its alignment and routing) against
 their PyTorch references on CUDA, and against the card's ceilings measured in the same run.
 
-    python perf/mla_moe_bench.py [--only mla|moe] [--no-ref] [--sweep] [--out tuned.json]
+    python perf/mla_moe_bench.py [--only mla|moe] [--no-ref] [--sweep] [--moe-m 1,8,...] [--out FILE]
 
 Kernels are timed replaying CUDA graphs (as decode runs in the server), references eagerly, L2
 flushed between calls. MLA decode reports GB/s (latent + rope rows, queries and output: the bytes it
 must move) as a share of a device-to-device copy, and TFLOP/s, since at 128 heads it does ~240 FLOP
 per byte and is bound by the tensor cores rather than by memory. Fused MoE reports GB/s over the
 weights of the experts the batch touches (plus activations) as a share of the copy rate, and TFLOP/s
-as a share of a bf16 8192^3 matmul. Goals (issue 9): MLA >= 80% of copy at batch 64/128, contexts
-1k-8k, 16 and 128 heads; MoE >= 70% of the bandwidth roofline for M = 1-256 at the V2-Lite and V3
-shapes and >= 50% of the matmul rate at M = 8192. --sweep also times the launch alternatives of each
-case and prints the best (with --out, the best MoE tiles per shape and M as JSON); a sweep of both
-halves takes several minutes, so on a device run give each half its own call (--only). The V3 MoE
-shape holds 22.5 GB of expert weights.
+as a share of a bf16 8192^3 matmul, at the V2-Lite and V3 shapes for each token count M of --moe-m
+(default 1,8,32,64,128,256,1024,8192). Goals (issue 9): MLA >= 80% of copy at batch 64/128, contexts
+1k-8k, 16 and 128 heads; MoE >= 70% of the bandwidth roofline for M = 1-256 and >= 50% of the
+matmul rate at M = 8192. The MoE half then times the whole MoE layer of models/deepseek.py at the
+same shapes and Ms both ways: the shared experts (2 in V2-Lite, 1 in V3) fused into fused_moe's
+pass, and fused_moe over the routed experts plus the separate shared MLP.
+
+--sweep also times the launch alternatives of each case and prints the best; with --out FILE, the
+best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
+FILE when it holds an earlier sweep on the same card, so that the Ms may be split over several
+calls). Copy FILE to the name it prints, under src/lightllm_async/kernels/tuned/. The tuning call:
+
+    python perf/mla_moe_bench.py --only moe --sweep --no-ref --out moe_tuned.json
+
+Tile candidates that fail to compile on the card are skipped with a line saying why. A sweep of
+both halves takes several minutes, so on a device run give each half its own call (--only). The V3
+MoE shape holds 22.5 GB of expert weights, its layer comparison twice that.
 """
 
 from __future__ import annotations
@@ -34,8 +45,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on the path)
 
 from lightllm_async import kernels as K  # noqa: E402
+from lightllm_async.kernels.testing import rel_err  # noqa: E402
+from lightllm_async.models.deepseek import MoE  # noqa: E402
+from lightllm_async.tools.make_random_model import shape_config  # noqa: E402
 
 mla_module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
+moe_module = importlib.import_module("lightllm_async.kernels.fused_moe")
 
 DTYPE, DEV = torch.bfloat16, "cuda"
 RANK, ROPE = 512, 64
@@ -43,6 +58,8 @@ MOE_SHAPES = {  # name: (hidden, intermediate, experts, top_k)
     "v2-lite": (2048, 1408, 64, 6),
     "v3": (7168, 2048, 256, 8),
 }
+MOE_MODELS = {"v2-lite": "deepseek-v2-lite", "v3": "deepseek-v3"}  # their shape_config names
+MOE_M = "1,8,32,64,128,256,1024,8192"
 
 
 @dataclass(frozen=True)
@@ -174,30 +191,61 @@ def mla_sweep(inputs: tuple, copy: float, mm: float) -> None:
 MOE_CONFIGS = [
     K.MoeConfig(bm, bn, bk, g, w, s)
     for bm, bn, bk, g, w, s in (
+        # M = 1-8: one thin row block per expert, the weights streamed
         (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 128, 1, 4, 5),
+        (16, 128, 64, 1, 4, 4), (16, 64, 64, 1, 4, 5), (16, 256, 64, 1, 8, 3),
+        # tens to hundreds of rows per expert
         (32, 64, 128, 8, 4, 3), (32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3),
-        (64, 128, 64, 16, 4, 4), (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3),
+        (64, 128, 64, 16, 4, 4), (64, 128, 64, 8, 4, 4),
+        # large M on H100/H200: wide wgmma tiles, deep pipelines
+        (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (128, 128, 128, 8, 8, 3), (64, 256, 64, 8, 8, 3),
+        (128, 256, 64, 8, 8, 3), (128, 256, 64, 16, 8, 3),
     )
 ]  # fmt: skip
 
 
 def moe_rows(args, copy: float, mm: float) -> None:
-    tuned = {}
+    tuned: dict[str, dict[str, dict]] = {}
     for shape in MOE_SHAPES:
+        hidden, inter, experts, _ = MOE_SHAPES[shape]
         w13, w2 = moe_weights(shape)
-        for tokens in (1, 8, 32, 64, 128, 256, 1024, 8192):
+        for tokens in args.moe_m:
             inputs = moe_inputs(shape, tokens, w13, w2)
             print(row(moe_case(shape, tokens, inputs), copy, mm, not args.no_ref)[0], flush=True)
             if args.sweep:
-                tuned[f"{shape},M={tokens}"] = moe_sweep(shape, tokens, inputs, copy, mm)
+                best = moe_sweep(shape, tokens, inputs, copy, mm)
+                key = moe_module.moe_shape_key(experts, inter, hidden)
+                tuned.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best)
             print(overheads(shape, inputs), flush=True)
             del inputs
             torch.cuda.empty_cache()
         del w13, w2
         torch.cuda.empty_cache()
     if args.out and tuned:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "configs": tuned}, f, indent=1)
+        write_tuned(args.out, tuned)
+    for shape in MOE_SHAPES:
+        shared_rows(shape, *moe_layers(shape), args.moe_m)
+        torch.cuda.empty_cache()  # the layers went with the call
+
+
+def write_tuned(path: str, tuned: dict[str, dict[str, dict]]) -> None:
+    """The tiles in the format of kernels/fused_moe.py, merged into those of an earlier sweep on
+    the same card that `path` holds."""
+    device = torch.cuda.get_device_name()
+    shapes: dict[str, dict[str, dict]] = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier.get("device") == device:
+            shapes = earlier["shapes"]
+    for key, buckets in tuned.items():
+        shapes.setdefault(key, {}).update(buckets)
+    for key, buckets in shapes.items():
+        shapes[key] = dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))
+    doc = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "shapes": shapes}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"\nwrote {path}: copy it to {os.path.relpath(moe_module.tuned_file(device))}\n", flush=True)
 
 
 def overheads(shape: str, inputs: tuple) -> str:
@@ -211,17 +259,50 @@ def overheads(shape: str, inputs: tuple) -> str:
     return f"    moe_align_block_size {1e3 * align_ms:6.1f} us   select_experts {1e3 * route_ms:6.1f} us"
 
 
-def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) -> dict:
+def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) -> K.MoeConfig:
+    """The fastest of the candidate tiles that compile, with a line for each that does not."""
     _, _, experts, top_k = MOE_SHAPES[shape]
     rows_per_expert = max(1, tokens * top_k // experts)
     results = []
     for config in MOE_CONFIGS:
-        if config.block_m <= 16 * rows_per_expert:  # far taller blocks than rows: mostly padding
+        if config.block_m > 16 * rows_per_expert:  # far taller blocks than rows: mostly padding
+            continue
+        try:
             line, ms = row(moe_case(shape, tokens, inputs, config), copy, mm, False)
-            results.append((ms, line, config))
+        except Exception as e:  # more shared memory or registers than the card has, say
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"    skip {dataclasses.astuple(config)}: {type(e).__name__}: {first[:100]}", flush=True)
+            continue
+        results.append((ms, line, config))
     ms, line, config = min(results, key=lambda r: r[0])
     print(f"    best {line}", flush=True)
-    return dataclasses.asdict(config)
+    return config
+
+
+def moe_layers(shape: str) -> tuple[MoE, MoE]:
+    """models/deepseek.py's MoE layer at a shape, with random weights, twice: the shared experts
+    as a separate MLP, and the same weights with them fused into the routed experts."""
+    cfg = shape_config(MOE_MODELS[shape], "bfloat16")
+    separate, fused = MoE(cfg, False, DTYPE, DEV), MoE(cfg, True, DTYPE, DEV)
+    for name, p in separate.named_parameters():
+        p.normal_(std=p.shape[-1] ** -0.5)
+        fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s
+    fused.finish_loading()
+    return separate, fused
+
+
+def shared_rows(shape: str, separate: MoE, fused: MoE, token_counts: list[int]) -> None:
+    hidden, shared = separate.cfg.hidden_size, separate.cfg.n_shared_experts
+    for tokens in token_counts:
+        x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEV)
+        separate_ms = bench_ms(lambda x=x: separate(x), graph=True)
+        fused_ms = bench_ms(lambda x=x: fused(x), graph=True)
+        err = rel_err(fused(x), separate(x))
+        print(
+            f"moe layer {shape} M={tokens:<5} {shared} shared: separate MLP {separate_ms:8.4f} ms   "
+            f"fused {fused_ms:8.4f} ms   {separate_ms / fused_ms:5.2f}x   rel err {err:.1e}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -229,8 +310,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["mla", "moe"], help="one half only")
     parser.add_argument("--no-ref", action="store_true", help="skip the (slow) PyTorch references")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configs per case")
-    parser.add_argument("--out", help="with --sweep: write the best MoE tiles here as JSON")
+    parser.add_argument("--moe-m", default=MOE_M, help=f"MoE token counts M (default {MOE_M})")
+    parser.add_argument("--out", help="with --sweep: write (merge) the best MoE tiles here as JSON")
     args = parser.parse_args()
+    args.moe_m = [int(m) for m in args.moe_m.split(",")]
     assert torch.cuda.is_available(), "the benchmark needs a CUDA device"
     torch.manual_seed(0)
     copy, mm = copy_gbps(), matmul_tflops()

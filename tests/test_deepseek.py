@@ -3,6 +3,8 @@ on tiny random models, fp32 on the CPU (every kernel op through its PyTorch refe
 
 Variants: V2 without q_lora_rank, YaRN scaling, greedy routing; V2 with group_limited_greedy;
 V3 with q_lora_rank and noaux_tc (bias-corrected sigmoid, grouped), normalized and scaled weights.
+The logits are checked with the shared experts as a separate MLP (the CPU default) and fused into
+fused_moe's experts (the CUDA default).
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ from transformers import AutoModelForCausalLM
 from engine_harness import generate, hf_greedy
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.kernels import use_triton
-from lightllm_async.models.deepseek import MLAKVCache, MLAttention, mla_rope_cache
+from lightllm_async.kernels.testing import rel_err
+from lightllm_async.models.deepseek import (
+    MLP,
+    DeepseekForCausalLM,
+    MLAKVCache,
+    MLAttention,
+    MoE,
+    mla_rope_cache,
+)
 from lightllm_async.models.llama import ForwardContext
-from lightllm_async.models.loader import load_model_config
+from lightllm_async.models.loader import iter_weights, load_model_config
+from lightllm_async.models.weights import load_weights
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_model
 
@@ -79,6 +90,21 @@ def model(request, tmp_path_factory):
     return cfg, path, _runner(path), hf.eval(), info
 
 
+@pytest.fixture(scope="module")
+def fused_model(model) -> DeepseekForCausalLM:
+    """The same checkpoint with the shared experts fused into fused_moe's experts."""
+    cfg, path, *_ = model
+    fused = DeepseekForCausalLM(cfg, torch.float32, torch.device("cpu"), fuse_shared_experts=True)
+    load_weights(fused, iter_weights(path))
+    return fused.eval()
+
+
+def _forward_model(model, fused_model, fused: bool) -> DeepseekForCausalLM:
+    _, _, runner, _, _ = model
+    assert isinstance(runner.model.layers[-1].mlp.shared, MLP)  # unfused by default on the CPU
+    return fused_model if fused else runner.model
+
+
 def test_checkpoint_names_are_the_hf_ones(model):
     """transformers finds every tensor it needs under our names, and none it does not know."""
     *_, info = model
@@ -127,31 +153,63 @@ def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContex
     )
 
 
-def test_logits_close_to_hf_prefill_and_absorbed_decode(model):
-    cfg, _, runner, hf, _ = model
+@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
+def test_logits_close_to_hf_prefill_and_absorbed_decode(model, fused_model, fused):
+    cfg, _, _, hf, _ = model
+    net = _forward_model(model, fused_model, fused)
     ids = torch.randint(3, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids[None]).logits[0].float()  # [41, V]
     kv = MLAKVCache.allocate(cfg, 64, torch.float32, "cpu")
-    prefill = runner.model(ids[:40], _ctx(list(range(40)), 40, False), kv)  # decompressed path
-    decode = runner.model(ids[40:], _ctx([40], 41, True), kv)  # absorbed path over the latent cache
+    prefill = net(ids[:40], _ctx(list(range(40)), 40, False), kv)  # decompressed path
+    decode = net(ids[40:], _ctx([40], 41, True), kv)  # absorbed path over the latent cache
     torch.testing.assert_close(prefill, expected[:40], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decode, expected[40:], atol=1e-4, rtol=1e-4)
 
 
-def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, interpreter):
+@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
+def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, fused_model, interpreter, fused):
     """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
     kernel over the decompressed cache (q.k and v head dims apart), fused MoE, rope, rms norm."""
-    cfg, _, runner, hf, _ = model
+    cfg, _, _, hf, _ = model
+    net = _forward_model(model, fused_model, fused)
     assert use_triton(torch.empty(1))
     ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf(ids[None]).logits[0].float()
     kv = MLAKVCache.allocate(cfg, 32, torch.float32, "cpu")
-    prefill = runner.model(ids[:12], _ctx(list(range(12)), 12, False), kv)
-    decode = runner.model(ids[12:], _ctx([12], 13, True), kv)
+    prefill = net(ids[:12], _ctx(list(range(12)), 12, False), kv)
+    decode = net(ids[12:], _ctx([12], 13, True), kv)
     torch.testing.assert_close(prefill, expected[:12], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
+
+
+def _moe_pair(cfg: ModelConfig) -> tuple[MoE, MoE]:
+    """An MoE layer with its shared experts as a separate MLP and the same one fused, as loaded."""
+    unfused, fused = MoE(cfg, False, torch.float32, "cpu"), MoE(cfg, True, torch.float32, "cpu")
+    for name, p in unfused.named_parameters():
+        p.normal_(std=cfg.hidden_size**-0.5)
+        fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s
+    fused.finish_loading()
+    return unfused, fused
+
+
+@pytest.mark.parametrize("kernels", ["ref", "interpreter"])
+@pytest.mark.parametrize("shape", ["deepseek-v2-tiny", "deepseek-v3-tiny"])
+def test_fused_shared_experts_give_the_separate_mlp_output(shape, kernels, request):
+    """Irregular sizes and three shared experts (V2 greedy, unscaled; V3 noaux_tc, whose routed
+    scaling factor 2.5 must not reach the shared part)."""
+    if kernels == "interpreter":
+        request.getfixturevalue("interpreter")
+    cfg = dataclasses.replace(
+        shape_config(shape, "float32"), hidden_size=40, moe_intermediate_size=24, n_shared_experts=3
+    )
+    torch.manual_seed(3)
+    unfused, fused = _moe_pair(cfg)
+    assert fused.shared is None and fused.experts.w13.shape == (cfg.n_routed_experts + 3, 48, 40)
+    for tokens in (1, 7, 33):
+        x = torch.randn(tokens, cfg.hidden_size)
+        assert rel_err(fused(x), unfused(x)) < 1e-5
 
 
 def test_kv_pool_holds_latent_plus_rope_key_per_token_and_layer(model):

@@ -13,6 +13,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+
 class ClientDisconnected(Exception):
     """The client went away; the request was aborted and nothing more can be sent."""
 

@@ -1,8 +1,26 @@
-"""Routed-expert MoE (DeepSeek's routed experts) as two grouped GEMMs over expert-sorted blocks:
-gate/up with SiLU-and-mul fused, then down with the routing weight; the top-k sum last."""
+"""Routed-expert MoE (DeepSeek's routed experts, and its shared experts where the model appends
+them as further experts of weight 1) as two grouped GEMMs over expert-sorted blocks: gate/up with
+SiLU-and-mul fused, then down with the routing weight; the top-k sum last.
+
+Tiles: `moe_config` takes those measured fastest on the card, from `tuned/moe_<card>.json` beside
+this file (<card>: torch.cuda.get_device_name() with every character but letters and digits
+replaced by "_"), written by `perf/mla_moe_bench.py --only moe --sweep --out FILE`:
+
+    {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0",
+     "shapes": {"E=64,I=1408,H=2048": {"1": {"block_m": 16, "block_n": 64, ...}, "8": {...}, ...}}}
+
+each shape's tiles keyed by the token count M they were measured at (torch and triton are a
+record of the sweep's versions; the lookup does not read them). Where no file or shape fits, and
+on the CPU, `default_moe_config`.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +28,8 @@ from torch import Tensor
 
 from .backend import jit, tl, triton, use_triton
 from .moe_align import moe_align_block_size
+
+TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
 
 
 def fused_moe_ref(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
@@ -40,10 +60,9 @@ class MoeConfig:
 
 
 def default_moe_config(num_pairs: int, num_experts: int, device: torch.device) -> MoeConfig:
-    """Tiles by the mean rows per expert: thin row blocks and deep K tiles while decode streams
-    weights, square tiles once each expert has enough rows to reuse them. None spills on sm_90a
-    (perf/sm90_compile_check.py); the 64-row tiles compile to wgmma. Untuned: perf/mla_moe_bench.py
-    --sweep measures the alternatives."""
+    """Tiles by the mean rows per expert, where nothing was measured: thin row blocks and deep K
+    tiles while decode streams weights, square tiles once each expert has enough rows to reuse
+    them. None spills on sm_90a (perf/sm90_compile_check.py); the 64-row tiles compile to wgmma."""
     if device.type != "cuda":
         return MoeConfig(16, 32, 32)  # the interpreter: partial tiles at the tests' small sizes
     rows = num_pairs / num_experts
@@ -52,6 +71,63 @@ def default_moe_config(num_pairs: int, num_experts: int, device: torch.device) -
     if rows <= 128:
         return MoeConfig(32, 64, 128, group_m=8, num_warps=4, num_stages=3)
     return MoeConfig(64, 128, 64, group_m=8, num_warps=8, num_stages=3)
+
+
+def moe_shape_key(num_experts: int, inter: int, hidden: int) -> str:
+    """A shape's key in the tuned files: "E=64,I=1408,H=2048"."""
+    return f"E={num_experts},I={inter},H={hidden}"
+
+
+def tuned_file(device_name: str) -> str:
+    """The tuned-tiles file of the card that torch.cuda.get_device_name() calls `device_name`."""
+    return os.path.join(TUNED_DIR, "moe_" + re.sub(r"[^0-9A-Za-z]", "_", device_name) + ".json")
+
+
+@functools.cache
+def _read_tuned(path: str) -> dict[tuple[int, int, int], dict[int, MoeConfig]]:
+    """{(E, I, H): {M: tiles}} of a tuned file, parsed once; empty where there is no file."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        shapes = json.load(f)["shapes"]
+    tuned = {}
+    for key, buckets in shapes.items():
+        dims = dict(part.split("=") for part in key.split(","))
+        shape = (int(dims["E"]), int(dims["I"]), int(dims["H"]))
+        tuned[shape] = {int(m): MoeConfig(**tiles) for m, tiles in buckets.items()}
+    return tuned
+
+
+def tuned_moe_config(
+    device_name: str, num_tokens: int, num_experts: int, inter: int, hidden: int
+) -> MoeConfig | None:
+    """The tiles measured fastest on the card at shape (E, I, H), or else at the measured shape of
+    the same (I, H) and the nearest E (a weight with the shared experts appended has more experts
+    than the routed shape the sweep timed), taken at the measured M nearest to `num_tokens` in log
+    scale. None where the card or (I, H) was never measured."""
+    shapes = _read_tuned(tuned_file(device_name))
+    same_ih = [shape for shape in shapes if shape[1:] == (inter, hidden)]
+    if not same_ih:
+        return None
+    buckets = shapes[min(same_ih, key=lambda shape: abs(shape[0] - num_experts))]
+    return buckets[min(buckets, key=lambda m: (abs(math.log(m / num_tokens)), m))]
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def moe_config(
+    num_tokens: int, top_k: int, num_experts: int, inter: int, hidden: int, device: torch.device
+) -> MoeConfig:
+    """The tiles fused_moe launches with by default: on CUDA those tuned for the card
+    (`tuned_moe_config`) where measured, else `default_moe_config`."""
+    if device.type == "cuda":
+        tuned = tuned_moe_config(_device_name(device.index), num_tokens, num_experts, inter, hidden)
+        if tuned is not None:
+            return tuned
+    return default_moe_config(num_tokens * top_k, num_experts, device)
 
 
 @jit
@@ -154,6 +230,7 @@ def fused_moe(
     dtype, rows contiguous; topk_weights [T, k] float (any float dtype), topk_ids [T, k] int32 or
     int64 in [0, E), both contiguous. Returns [T, hidden] in x's dtype; products accumulate in float32,
     the activation and each expert's output are rounded to x's dtype before the next step. No host sync.
+    `config` overrides the tiles `moe_config` picks.
     """
     if not use_triton(x):
         return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
@@ -170,7 +247,7 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    cfg = config or default_moe_config(num_pairs, num_experts, x.device)
+    cfg = config or moe_config(num_tokens, top_k, num_experts, inter, hidden, x.device)
     aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, topk_weights, aligned, top_k, inter, cfg, False, True, False)

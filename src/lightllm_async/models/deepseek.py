@@ -11,8 +11,8 @@ k_pe [qk_rope_head_dim], one row of a [slots, R + P] pool (`MLAKVCache`).
 - Decode-only steps: W_UK is absorbed into the no-rope query (q_nope @ W_UK per head), so that
   `mla_decode_attention` attends over the latent cache directly; W_UV is applied to its output.
 
-The loader calls `DeepseekForCausalLM.finish_loading` once every weight is in; it prepares what
-forward reads. Rope: the checkpoints lay the rope dims out in interleaved pairs; finish_loading
+The loader calls each module's `finish_loading` once every weight is in (`models/weights.py`); they
+prepare what forward reads. Rope: the checkpoints lay the rope dims out in interleaved pairs; finish_loading
 de-interleaves the rows of the q and kv_a projections that produce q_pe and k_pe (the same
 permutation for both, so their dot products are unchanged), so that the neox `rotary_emb` rotates
 them with no permutation at run time. It also copies W_UK and W_UV^T out of kv_b_proj for the
@@ -212,12 +212,14 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts stacked for fused_moe: w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I]."""
+    """The experts stacked for fused_moe: w13 [E + s, 2I, H] (gate rows, then up), w2 [E + s, H, I].
+    Experts [0, E) are the routed ones; with fused shared experts, [E, E + s) are the s shared
+    ones (`fill_shared`), else s = 0."""
 
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, num_shared: int, dtype, device):
         super().__init__()
-        e, i, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.inter = i
+        e, i, h = cfg.n_routed_experts + num_shared, cfg.moe_intermediate_size, cfg.hidden_size
+        self.inter, self.num_routed = i, cfg.n_routed_experts
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
 
@@ -232,20 +234,45 @@ class Experts(nn.Module):
         else:
             self.w2.data[e].copy_(tensor)
 
+    def fill_shared(self, mlp: MLP) -> None:
+        """Experts [E, E + s) from the shared experts' dense MLP of intermediate s*I: chunk j of
+        its gate rows, its up rows and its down columns is expert E + j. The MLP is
+        (silu(x G^T) * x U^T) D^T, elementwise in the intermediate dim, so it is the sum of its
+        s chunks, each an expert of intermediate I."""
+        e, i = self.num_routed, self.inter
+        s, h = self.w13.shape[0] - e, self.w13.shape[2]
+        gate_up = mlp.gate_up.weight.data.view(2, s, i, h)  # gate rows, then up rows
+        self.w13.data[e:].view(s, 2, i, h).copy_(gate_up.transpose(0, 1))
+        self.w2.data[e:].copy_(mlp.down.weight.data.view(h, s, i).transpose(0, 1))
+
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    """Routed experts plus shared experts. With `fuse_shared`, the shared experts become experts
+    E..E+s-1 of the routed ones (`finish_loading`, once the weights are in), chosen by every token
+    with weight 1: one fused_moe pass instead of fused_moe and a separate dense MLP."""
+
+    def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(cfg, dtype, device)
-        self.experts = Experts(cfg, dtype, device)
+        num_fused = cfg.n_shared_experts if fuse_shared else 0
+        self.experts = Experts(cfg, num_fused, dtype, device)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared = MLP(cfg.hidden_size, inter, dtype, device) if cfg.n_shared_experts else None
+        e = cfg.n_routed_experts
+        fused_ids = torch.arange(e, e + num_fused, device=device)[None, :] if num_fused else None
+        self.register_buffer("fused_ids", fused_ids, persistent=False)  # [1, s] int64
         # transformers' V2 never normalizes the top-k weights; DeepSeek-V2's own code does when
         # norm_topk_prob, and then skips the scaling factor (see select_experts)
         v2 = cfg.architecture == "DeepseekV2ForCausalLM"
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = 1.0 if v2 and cfg.norm_topk_prob else cfg.routed_scaling_factor
+
+    def finish_loading(self) -> None:
+        """With fused shared experts: move the loaded shared MLP into the experts, drop the MLP."""
+        if self.fused_ids is not None:
+            self.experts.fill_shared(self.shared)
+            self.shared = None
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
@@ -260,6 +287,10 @@ class MoE(nn.Module):
             self.scaling,
             self.gate.e_score_correction_bias,
         )
+        if self.fused_ids is not None:  # every token also takes the shared experts, unscaled
+            fused_ids = self.fused_ids.expand(x.shape[0], -1)
+            ids = torch.cat([ids, fused_ids], dim=1)  # [T, k + s]
+            weights = torch.cat([weights, weights.new_ones(fused_ids.shape)], dim=1)
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights.contiguous(), ids.contiguous())
         if self.shared is not None:
             out = out + self.shared(x)
@@ -267,18 +298,17 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, dtype, device):
+    def __init__(self, cfg: ModelConfig, index: int, fuse_shared: bool, dtype, device):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.attn = MLAttention(cfg, dtype, device)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         dense = index < cfg.first_k_dense_replace
         self.mlp = (
-            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device) if dense else MoE(cfg, dtype, device)
+            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            if dense
+            else MoE(cfg, fuse_shared, dtype, device)
         )
-
-    def finish_loading(self) -> None:
-        self.attn.finish_loading()
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
         if residual is None:
@@ -291,15 +321,25 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
-    """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM)."""
+    """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM).
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    `fuse_shared_experts`: run the shared experts inside the routed experts' fused_moe pass
+    (`MoE`); None: on CUDA only (perf/mla_moe_bench.py --only moe compares the two there)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        fuse_shared_experts: bool | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
+        fuse = torch.device(device).type == "cuda" if fuse_shared_experts is None else fuse_shared_experts
         self.embed = nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fuse, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             None
@@ -307,12 +347,6 @@ class DeepseekForCausalLM(nn.Module):
             else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
         )
         self.register_buffer("cos_sin", mla_rope_cache(cfg, device), persistent=False)  # [max_pos, P]
-
-    def finish_loading(self) -> None:
-        """Prepare the loaded weights for forward (see the module docstring); `load_weights` calls
-        it once, after the last checkpoint tensor."""
-        for layer in self.layers:
-            layer.finish_loading()
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:

@@ -1,8 +1,8 @@
 """Checkpoint tensors into a model's parameters, row by row of its family's table
 (`models/registry.py`): q/k/v and gate/up go into the rows of their merged linears, and a model
 with tied embeddings takes no lm_head. The model files hold only modules and forward passes; a
-model that derives weights from the loaded ones (DeepSeek's) has a `finish_loading()` method,
-which runs once the last tensor is in.
+module that rearranges its weights once they are all in (DeepSeek's MoE fusing its shared
+experts into the routed ones) does it in a `finish_loading()` method, which runs last.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from lightllm_async.models.registry import checkpoint_tensors
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy HF-named tensors into `model` (which has a `cfg: ModelConfig`), then run its
-    `finish_loading()` if it has one. Every tensor the table lists for that config must come
-    exactly once, in its shape, and nothing else may come."""
+    """Copy HF-named tensors into `model` (which has a `cfg: ModelConfig`). Every tensor the table
+    lists for that config must come exactly once, in its shape, and nothing else may come. Then
+    each module's `finish_loading()`, where it has one, runs once."""
     wanted = {t.hf: t for t in checkpoint_tensors(model.cfg)}
     for name, tensor in weights:
         spec = wanted.pop(name, None)
@@ -30,9 +30,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> Non
         _copy_into(model, spec, tensor)
     if wanted:
         raise ValueError(f"checkpoint lacks {len(wanted)} tensors, e.g. {sorted(wanted)[:4]}")
-    finish = getattr(model, "finish_loading", None)
-    if finish is not None:
-        finish()
+    for module in list(model.modules()):  # a copy: finish_loading may drop submodules
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
 
 
 def _copy_into(model: nn.Module, spec: CheckpointTensor, tensor: Tensor) -> None:

@@ -116,6 +116,8 @@ class ModelRunner:
         self.model_cls, self.kv_cls = model_family(self.model_cfg)
         torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
+        if self.device.type == "cuda":  # the KV sizing reads the driver's free memory: hand back
+            torch.cuda.empty_cache()  # what loading freed (copies, DeepSeek's fused shared MLPs)
         self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
         self._allocate_kv_cache()
         self._allocate_buffers()
