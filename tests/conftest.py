@@ -8,6 +8,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: serverproc, engine_harness
+pytest.register_assert_rewrite("serverproc")  # its checks report their values like a test's
 
 
 @pytest.fixture

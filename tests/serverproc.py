@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -93,6 +94,91 @@ class ServerProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+
+def stream_token_ids(srv: ServerProcess, prompt: str, n: int) -> list[int]:
+    """Greedy token ids through LightLLM's /generate_stream, which names each token's id."""
+    events = srv.stream(
+        "/generate_stream",
+        {"inputs": prompt, "parameters": {"max_new_tokens": n, "do_sample": False, "ignore_eos": True}},
+    )
+    ids, count = [], 0
+    for e in events:
+        tok = json.loads(e)["token"]
+        if tok["count_output_tokens"] > count:  # a finish without a new token repeats the last one
+            ids.append(tok["id"])
+            count = tok["count_output_tokens"]
+    return ids
+
+
+def stream_text(srv: ServerProcess, body) -> str:
+    """The text of a streamed /v1/completions (`body` without "stream"), checked to end in [DONE]."""
+    events = srv.stream("/v1/completions", {**body, "stream": True})
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+
+
+def concurrently(fn, items: list) -> list:
+    """`fn(item)` for every item, each in its own thread, all at once; the results in order."""
+    results: list = [None] * len(items)
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            results[i] = fn(items[i])
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a request did not finish"
+    return results
+
+
+def check_disconnect_frees_slot_and_kv(srv: ServerProcess, body) -> None:
+    """Start the streamed completion `body` (long enough to outlast the test), read a few events,
+    go away, and check that the engine aborted it early and gave back its slot and every KV token,
+    and that the next request is served."""
+    from lightllm_async.ipc import Region
+
+    region = Region.attach(srv.region_name)
+    try:
+        stats = region.engine_stats
+        assert wait_until(lambda: stats().num_running == 0, 30)
+        free_slots, free_kv = region.num_free_slots(), stats().kv_tokens_free
+        generated = stats().generation_tokens_total
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({**body, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        for _ in range(5):
+            assert resp.readline().startswith(b"data: ")
+            resp.readline()
+        assert region.num_free_slots() == free_slots - 1
+        assert stats().kv_tokens_free < free_kv
+        conn.sock.close()  # the client goes away mid-stream
+        conn.close()
+        assert wait_until(lambda: region.num_free_slots() == free_slots, 10)
+        assert wait_until(lambda: stats().kv_tokens_free == free_kv, 10)
+        assert stats().num_running == 0
+        assert stats().generation_tokens_total - generated < body["max_tokens"]  # aborted, not finished
+        again = srv.request(
+            "POST", "/v1/completions", {"prompt": body["prompt"], "max_tokens": 3, "ignore_eos": True}
+        )
+        assert again[0] == 200 and again[2]["usage"]["completion_tokens"] == 3, again
+        assert wait_until(lambda: stats().kv_tokens_free == free_kv, 10)
+    finally:
+        region.close()
 
 
 def _parse(raw: bytes):

@@ -5,27 +5,10 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import threading
 
 import pytest
 
-from lightllm_async.ipc import Region
-from serverproc import wait_until
-
-
-def stream_token_ids(srv, prompt: str, n: int) -> list[int]:
-    """Greedy token ids through LightLLM's /generate_stream, which names each token's id."""
-    events = srv.stream(
-        "/generate_stream",
-        {"inputs": prompt, "parameters": {"max_new_tokens": n, "do_sample": False, "ignore_eos": True}},
-    )
-    ids, count = [], 0
-    for e in events:
-        tok = json.loads(e)["token"]
-        if tok["count_output_tokens"] > count:  # a finish without a new token repeats the last one
-            ids.append(tok["id"])
-            count = tok["count_output_tokens"]
-    return ids
+from serverproc import check_disconnect_frees_slot_and_kv, concurrently, stream_text, stream_token_ids
 
 
 def test_server_greedy_token_ids_equal_hf_transformers(smollm2_server, smollm2_reference):
@@ -60,28 +43,13 @@ def test_32_concurrent_streams_each_equal_the_same_request_alone(smollm2_server)
             "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 60))),
             "max_tokens": rng.randint(4, 40),
             "temperature": 0,
-            "stream": True,
             "ignore_eos": True,
         }
         for _ in range(32)
     ]
 
-    def text_of(body):
-        events = smollm2_server.stream("/v1/completions", body)
-        assert events[-1] == "[DONE]"
-        return "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"])
-
-    together: list[str | None] = [None] * len(bodies)
-    threads = [
-        threading.Thread(target=lambda i=i: together.__setitem__(i, text_of(bodies[i])))
-        for i in range(len(bodies))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    alone = [text_of(b) for b in bodies]
-    assert all(t is not None for t in together)
+    together = concurrently(lambda b: stream_text(smollm2_server, b), bodies)
+    alone = [stream_text(smollm2_server, b) for b in bodies]
     assert together == alone
 
 
@@ -185,27 +153,8 @@ def test_unknown_route_404_and_health(smollm2_server):
 
 
 def test_disconnect_mid_stream_frees_slot_and_kv_tokens(smollm2_server):
-    region = Region.attach(smollm2_server.region_name)
-    try:
-        idle = wait_until(lambda: region.engine_stats().num_running == 0, 30)
-        assert idle
-        free_slots, free_kv = region.num_free_slots(), region.engine_stats().kv_tokens_free
-        conn = http.client.HTTPConnection("127.0.0.1", smollm2_server.port, timeout=60)
-        body = {"prompt": "Tell me a long story", "max_tokens": 900, "stream": True, "ignore_eos": True}
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        for _ in range(5):
-            assert resp.readline().startswith(b"data: ")
-            resp.readline()
-        assert region.num_free_slots() == free_slots - 1
-        assert region.engine_stats().kv_tokens_free < free_kv
-        conn.sock.close()  # the client goes away mid-stream
-        conn.close()
-        assert wait_until(lambda: region.num_free_slots() == free_slots, 10)
-        assert wait_until(lambda: region.engine_stats().kv_tokens_free == free_kv, 10)
-        assert region.engine_stats().num_running == 0
-    finally:
-        region.close()
+    body = {"prompt": "Tell me a long story", "max_tokens": 900, "ignore_eos": True}
+    check_disconnect_frees_slot_and_kv(smollm2_server, body)
 
 
 def test_metrics_expose_engine_gauges_and_http_counts(smollm2_server):
