@@ -10,6 +10,7 @@ fused_moe's experts (the CUDA default).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -165,6 +166,66 @@ def test_logits_close_to_hf_prefill_and_absorbed_decode(model, fused_model, fuse
     decode = net(ids[40:], _ctx([40], 41, True), kv)  # absorbed path over the latent cache
     torch.testing.assert_close(prefill, expected[:40], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(decode, expected[40:], atol=1e-4, rtol=1e-4)
+
+
+def _step_ctx(parts: list[tuple[int, int, int]], with_host_q_lens: bool = True) -> ForwardContext:
+    """A step of several requests: (row, cached tokens, new tokens) each; request `row` keeps its
+    cache rows at row * 64 + position."""
+    table = (torch.arange(4)[:, None] * 64 + torch.arange(64)[None, :]).to(torch.int32)
+    positions = [p for _, cached, new in parts for p in range(cached, cached + new)]
+    slots = [row * 64 + p for row, cached, new in parts for p in range(cached, cached + new)]
+    q_lens = [new for _, _, new in parts]
+    return ForwardContext(
+        positions=torch.tensor(positions, dtype=torch.int64),
+        kv_slots=torch.tensor(slots, dtype=torch.int64),
+        req_to_token=table,
+        req_idx=torch.tensor([row for row, _, _ in parts], dtype=torch.int32),
+        q_start=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32),
+        seq_lens=torch.tensor([cached + new for _, cached, new in parts], dtype=torch.int32),
+        logits_idx=torch.arange(len(positions), dtype=torch.int64),
+        decode_only=all(n == 1 for n in q_lens),
+        host_seq_lens=tuple(cached + new for _, cached, new in parts),
+        host_q_lens=tuple(q_lens) if with_host_q_lens else None,
+    )
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["reference", "interpreter"])
+def test_mixed_step_runs_decodes_absorbed_and_chunks_decompressed(model, monkeypatch, request, interpreted):
+    """One step with two decodes and two prefill chunks (one of them a later chunk over a cached
+    prefix), in interleaved order: the decodes take the absorbed path over the latent alone, the
+    chunks decompress only their own contexts, and every logit equals HF's."""
+    if interpreted:
+        request.getfixturevalue("interpreter")
+    cfg, _, runner, hf, _ = model
+    net = runner.model
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=gen) for n in (21, 10, 8, 13)]
+    with torch.no_grad():
+        expected = [hf(s[None]).logits[0].float() for s in seqs]
+    kv = MLAKVCache.allocate(cfg, 4 * 64, torch.float32, "cpu")
+    # before the step: requests 0 and 2 hold all but their last token, request 3 its first 5
+    net(
+        torch.cat([seqs[0][:20], seqs[2][:7], seqs[3][:5]]), _step_ctx([(0, 0, 20), (2, 0, 7), (3, 0, 5)]), kv
+    )
+    parts = [(0, 20, 1), (1, 0, 10), (2, 7, 1), (3, 5, 8)]
+    ids = torch.cat([seqs[0][20:], seqs[1], seqs[2][7:], seqs[3][5:]])
+    seen = []
+    decode, prefill = MLAttention._decode, MLAttention._prefill
+    monkeypatch.setattr(
+        MLAttention, "_decode", lambda m, *a: seen.append(("decode", a[2].host_q_lens)) or decode(m, *a)
+    )
+    monkeypatch.setattr(
+        MLAttention, "_prefill", lambda m, *a: seen.append(("prefill", a[1].host_q_lens)) or prefill(m, *a)
+    )
+    out = net(ids, _step_ctx(parts), kv)
+    assert set(seen) == {("decode", (1, 1)), ("prefill", (10, 8))}
+    want = torch.cat([expected[0][20:], expected[1], expected[2][7:], expected[3][5:]])
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    seen.clear()  # without the host query lengths the whole step is decompressed: the same logits
+    torch.testing.assert_close(
+        net(ids, _step_ctx(parts, with_host_q_lens=False), kv), want, atol=1e-4, rtol=1e-4
+    )
+    assert set(seen) == {("prefill", None)}
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])

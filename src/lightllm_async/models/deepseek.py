@@ -163,8 +163,16 @@ class MLAttention(nn.Module):
         mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
         if ctx.decode_only:
             o = self._decode(q_nope, q_pe, ctx, kv_cache)
-        else:
+        elif ctx.host_q_lens is None or 1 not in ctx.host_q_lens:
             o = self._prefill(torch.cat([q_nope, q_pe], dim=-1), ctx, kv_cache)
+        else:  # mixed: decodes absorbed over the latent, prefill chunks over their decompressed context
+            split = ctx.by_query_len
+            o = q_nope.new_empty(t, self.n, self.v_dim)
+            dec = split.single_tokens
+            o[dec] = self._decode(q_nope[dec], q_pe[dec], split.single, kv_cache)
+            pre = split.multi_tokens
+            if pre.numel():
+                o[pre] = self._prefill(torch.cat([q_nope[pre], q_pe[pre]], dim=-1), split.multi, kv_cache)
         return self.o_proj(o.reshape(t, self.n * self.v_dim))
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:

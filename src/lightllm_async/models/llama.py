@@ -8,6 +8,7 @@ allocated empty; `models/weights.py` fills them from a checkpoint by the family'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,6 +55,8 @@ class ForwardContext:
     # seq_lens as the host knows them; None only where they change under a fixed context
     # (CUDA-graph replays, which are decode-only), so `packed` is not for those steps
     host_seq_lens: tuple[int, ...] | None = None
+    # new tokens of each request as the host knows them; None where host_seq_lens is
+    host_q_lens: tuple[int, ...] | None = None
 
     @cached_property  # once per step, whichever layer asks first (the instance has a __dict__)
     def packed(self) -> PackedContexts:
@@ -70,6 +73,63 @@ class ForwardContext:
         width = torch.arange(max(self.host_seq_lens, default=0), device=device)
         table = (starts[:, None] + width[None, :]).to(torch.int32)  # [B, max_len]
         return PackedContexts(rows, table, torch.arange(num_reqs, dtype=torch.int32, device=device))
+
+    @cached_property  # once per step, as `packed`
+    def by_query_len(self) -> QuerySplit:
+        """The step's one-token requests (decodes) apart from those with more (prefill chunks),
+        each part with its token indices and a context of its requests alone, built on the device
+        with no host sync (the host lengths give the sizes). Attention that treats a decode
+        differently from a prefill (MLA) runs each part its own way in a mixed step."""
+        if self.host_seq_lens is None or self.host_q_lens is None:
+            raise ValueError("splitting a step by query length needs its host lengths")
+        q_lens = self.host_q_lens
+        single = [b for b, n in enumerate(q_lens) if n == 1]
+        multi = [b for b, n in enumerate(q_lens) if n != 1]
+        device = self.q_start.device
+        q_len = (self.q_start[1:] - self.q_start[:-1]).long()  # [B]
+        order = torch.argsort((q_len != 1).to(torch.int8), stable=True)  # single requests first
+        reqs_single, reqs_multi = order[: len(single)], order[len(single) :]
+        num_multi_tokens = sum(q_lens[b] for b in multi)
+        len_multi = q_len[reqs_multi]
+        starts_multi = len_multi.cumsum(0) - len_multi  # [Bm] first index within the multi part
+        owner = torch.arange(len(multi), device=device).repeat_interleave(
+            len_multi, output_size=num_multi_tokens
+        )
+        tokens_multi = self.q_start[reqs_multi].long()[owner] + (
+            torch.arange(num_multi_tokens, device=device) - starts_multi[owner]
+        )
+        q_start_multi = torch.cat([len_multi.new_zeros(1), len_multi.cumsum(0)]).to(torch.int32)
+
+        def part(reqs: Tensor, rows: list[int], q_start: Tensor) -> ForwardContext:
+            return dataclasses.replace(
+                self,
+                req_idx=self.req_idx[reqs],
+                q_start=q_start,
+                seq_lens=self.seq_lens[reqs],
+                decode_only=all(q_lens[b] == 1 for b in rows),
+                host_seq_lens=tuple(self.host_seq_lens[b] for b in rows),
+                host_q_lens=tuple(q_lens[b] for b in rows),
+            )
+
+        q_start_single = torch.arange(len(single) + 1, dtype=torch.int32, device=device)
+        return QuerySplit(
+            self.q_start[reqs_single].long(),
+            part(reqs_single, single, q_start_single),
+            tokens_multi,
+            part(reqs_multi, multi, q_start_multi),
+        )
+
+
+@dataclass(frozen=True)
+class QuerySplit:
+    """A step's requests in two parts: one new token each, and more (see `by_query_len`). The
+    parts' contexts keep the step's positions, kv_slots and logits_idx (they index its tokens);
+    their req_idx, q_start, seq_lens and host lengths are the part's own."""
+
+    single_tokens: Tensor  # [Bs] int64, the step's token index of each one-token request
+    single: ForwardContext
+    multi_tokens: Tensor  # [Tm] int64, the step's token indices of the other requests, in order
+    multi: ForwardContext
 
 
 @dataclass(frozen=True)

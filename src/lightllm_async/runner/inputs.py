@@ -8,6 +8,7 @@ each CUDA graph was captured reading the very same slices, so a replay needs no 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -128,9 +129,10 @@ class InputBuffers:
         num_logits: int,
         decode_only: bool,
         host_seq_lens: tuple[int, ...] | None = None,
+        host_q_lens: tuple[int, ...] | None = None,
     ) -> ForwardContext:
         """Views of the buffers for a step of this shape; the same memory for every step.
-        `host_seq_lens` is left out only for CUDA-graph captures, whose lengths vary per replay."""
+        The host lengths are left out only for CUDA-graph captures, whose lengths vary per replay."""
         view = self.staging.view
         return ForwardContext(
             positions=view("positions", num_tokens),
@@ -142,6 +144,7 @@ class InputBuffers:
             logits_idx=view("logits_idx", num_logits),
             decode_only=decode_only,
             host_seq_lens=host_seq_lens,
+            host_q_lens=host_q_lens,
         )
 
     def load(
@@ -165,7 +168,12 @@ class InputBuffers:
         self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
         num_samples = sum(it.samples for it in batch.items)
         ctx = self.context(
-            len(flat.ids), len(flat.rows), len(flat.logits_idx), batch.decode_only, tuple(flat.seq_lens)
+            len(flat.ids),
+            len(flat.rows),
+            len(flat.logits_idx),
+            batch.decode_only,
+            tuple(flat.seq_lens),
+            tuple(b - a for a, b in itertools.pairwise(flat.q_start)),
         )
         return StepInputs(
             input_ids=ids,
