@@ -157,7 +157,7 @@ class MLAttention(nn.Module):
         q = q.view(t, self.n, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv.contiguous())  # [T, R]
+        c_kv = self.kv_a_layernorm(c_kv)  # [T, R], read in place from the strided slice
         # rotary_emb reads the strided slices and writes new contiguous tensors
         q_pe, k_pe = rotary_emb(q_pe, k_pe.view(t, 1, self.rope), ctx.positions, cos_sin)
         mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
@@ -176,9 +176,9 @@ class MLAttention(nn.Module):
         return self.o_proj(o.reshape(t, self.n * self.v_dim))
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
-        q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1).contiguous()  # [B, n, R]
+        q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, n, R], strided
         o = mla_decode_attention(
-            q_abs, q_pe.contiguous(), kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
+            q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
         )  # [B, n, R]: attention-weighted latents
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v]
 
