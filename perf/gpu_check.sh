@@ -5,6 +5,7 @@
 # Full logs and JSON go to $OUT; a short table is printed last.
 #   kernels:     the DeepSeek kernels (MLA decode, fused MoE) against their references and ceilings
 #   decode:      the decode benchmark alone
+#   deepseek-tune: DeepSeek GPU tests, the MoE tile sweep (JSON for kernels/tuned/), MLA decode rows
 #   deepseek:    DeepSeek-V2-Lite shape (random bf16 weights made on the device): decode step against
 #                its roofline, the serving benchmark (100 clients, then 1 client), HF generate
 #   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve|decode
@@ -78,6 +79,22 @@ write_tokenizer as t; m = s('deepseek-v2-lite', 'bfloat16'); c(m, '$d'); t(m, '$
     --repeats 1 --dtype bfloat16 --out "$OUT/ds_hf.json" >"$OUT/ds_hf.log" 2>&1
   echo "hf_baseline exit $?"
   tail -8 "$OUT/ds_hf.log"
+  ;;
+deepseek-tune)
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_mla.py \
+    tests/test_kernels_moe.py tests/test_kernels_moe_tuned.py tests/test_deepseek.py tests/test_runner_gpu.py \
+    >"$OUT/pytest_gpu.log" 2>&1
+  echo "pytest -m gpu exit $?"; grep -E "passed|failed|Error" "$OUT/pytest_gpu.log" | tail -8
+  timeout 60 python3 perf/deepseek_gpu_check.py >"$OUT/ds_check.log" 2>&1
+  echo "deepseek_gpu_check exit $?"; tail -2 "$OUT/ds_check.log"
+  timeout 90 python3 perf/mla_moe_bench.py --only mla --no-ref >"$OUT/mla.log" 2>&1
+  echo "mla exit $?"; grep -E "^mla|copy:" "$OUT/mla.log"
+  for ms in 1,8,64 256,1024,8192; do
+    timeout 200 python3 perf/mla_moe_bench.py --only moe --sweep --no-ref --moe-m $ms --out "$OUT/moe_tuned.json" \
+      >>"$OUT/moe.log" 2>&1
+    echo "moe sweep $ms exit $?"
+  done
+  grep -E "^fused_moe|best|^moe layer|select_experts" "$OUT/moe.log" | cut -c1-150
   ;;
 decode)
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 \
