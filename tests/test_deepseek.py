@@ -102,7 +102,7 @@ def fused_model(model) -> DeepseekForCausalLM:
 
 def _forward_model(model, fused_model, fused: bool) -> DeepseekForCausalLM:
     _, _, runner, _, _ = model
-    assert isinstance(runner.model.layers[-1].mlp.shared, MLP)  # unfused by default on the CPU
+    assert isinstance(runner.model.layers[-1].mlp.shared, MLP)  # unfused by default
     return fused_model if fused else runner.model
 
 

@@ -332,18 +332,21 @@ class DeepseekForCausalLM(nn.Module):
     """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM).
 
     `fuse_shared_experts`: run the shared experts inside the routed experts' fused_moe pass
-    (`MoE`); None: on CUDA only (perf/mla_moe_bench.py --only moe compares the two there)."""
+    (`MoE`). Off by default: on an H200 (perf/RESULTS.md, `perf/mla_moe_bench.py --only moe`) it
+    gained 4-6% of the MoE layer's time at V2-Lite's shape with M <= 8 tokens and lost 3-11%
+    everywhere else (V3's shape at every M, V2-Lite's from M = 64): the shared experts' rows then
+    outnumber any routed expert's, and the routed experts' tiles do not suit them."""
 
     def __init__(
         self,
         cfg: ModelConfig,
         dtype: torch.dtype,
         device: torch.device,
-        fuse_shared_experts: bool | None = None,
+        fuse_shared_experts: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
-        fuse = torch.device(device).type == "cuda" if fuse_shared_experts is None else fuse_shared_experts
+        fuse = fuse_shared_experts
         self.embed = nn.Parameter(
             torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
         )
