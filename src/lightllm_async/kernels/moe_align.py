@@ -108,9 +108,9 @@ def moe_align_block_size(topk_ids: Tensor, num_experts: int, block_m: int) -> tu
     device = topk_ids.device
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_padded = torch.zeros(1, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)  # the kernel writes it
     if num_pairs == 0:
-        return sorted_ids, expert_ids, num_padded
+        return sorted_ids, expert_ids, num_padded.zero_()
     # the interpreter takes small chunks so that the tests' few hundred pairs span several
     chunk = min(4096, max(16, triton.next_power_of_2(num_pairs))) if topk_ids.is_cuda else 64
     _moe_align_kernel[(num_experts,)](
