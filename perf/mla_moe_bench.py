@@ -249,14 +249,18 @@ def write_tuned(path: str, tuned: dict[str, dict[str, dict]]) -> None:
 
 
 def overheads(shape: str, inputs: tuple) -> str:
-    """The routing and alignment that precede the GEMMs, timed alone."""
+    """The routing (V3's noaux_tc, one fused shared expert appended) and the alignment that precede
+    the GEMMs, timed alone; the routing also through its PyTorch reference, both in CUDA graphs."""
     _, _, experts, top_k = MOE_SHAPES[shape]
     _, _, _, _, ids, logits, bias = inputs
+    route_args = (logits, top_k, "noaux_tc", 8, 4, True, 2.5, bias, 1)
     align_ms = bench_ms(lambda: K.moe_align_block_size(ids, experts, 16), graph=True)
-    route_ms = bench_ms(
-        lambda: K.select_experts(logits, top_k, "noaux_tc", 8, 4, True, 2.5, bias), graph=True
+    route_ms = bench_ms(lambda: K.select_experts(*route_args), graph=True)
+    ref_ms = bench_ms(lambda: K.select_experts_ref(*route_args), graph=True)
+    return (
+        f"    moe_align_block_size {1e3 * align_ms:6.1f} us   select_experts {1e3 * route_ms:6.1f} us"
+        f" (PyTorch reference {1e3 * ref_ms:6.1f} us)"
     )
-    return f"    moe_align_block_size {1e3 * align_ms:6.1f} us   select_experts {1e3 * route_ms:6.1f} us"
 
 
 def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) -> K.MoeConfig:

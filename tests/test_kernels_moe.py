@@ -1,6 +1,7 @@
-"""Routed-expert MoE: the block alignment, the fused grouped GEMMs against their reference (in the
-Triton interpreter on CPU tensors at small irregular sizes, compiled on CUDA at the DeepSeek-V2-Lite
-and V3 shapes, marked gpu), and the routing against transformers' DeepSeek-V2 and V3 gates.
+"""Routed-expert MoE: the block alignment, the fused grouped GEMMs and the routing kernel against their
+references (in the Triton interpreter on CPU tensors at small irregular sizes, compiled on CUDA at the
+DeepSeek-V2-Lite and V3 shapes, marked gpu), and the routing against transformers' DeepSeek-V2 and V3
+gates.
 
 Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32, where kernel and
 reference differ in summation order only; 1e-2 in bfloat16, where the kernel rounds each pair's down
@@ -16,6 +17,7 @@ from lightllm_async.kernels import (
     moe_align_block_size,
     moe_align_block_size_ref,
     select_experts,
+    select_experts_ref,
 )
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
@@ -158,6 +160,7 @@ def sort_by_expert(weights, ids):
     return weights.gather(1, order), ids
 
 
+@pytest.mark.parametrize("kernels", ["ref", "interpreter"])
 @pytest.mark.parametrize(
     "version, config",
     [
@@ -168,7 +171,9 @@ def sort_by_expert(weights, ids):
         (3, dict(n_group=4, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0)),
     ],
 )
-def test_select_experts_matches_transformers_deepseek_gates(version, config):
+def test_select_experts_matches_transformers_deepseek_gates(version, config, kernels, request):
+    if kernels == "interpreter":
+        request.getfixturevalue("interpreter")
     num_experts, top_k, hidden = 64, 6, 32
     router = hf_router(version, num_experts, top_k, hidden, **config)
     hidden_states = torch.randn(57, hidden)
@@ -185,7 +190,7 @@ def test_select_experts_matches_transformers_deepseek_gates(version, config):
         router.e_score_correction_bias if version == 3 else None,
     )
     assert weights.dtype == torch.float32 and ids.shape == (57, top_k)
-    weights, ids = sort_by_expert(weights, ids)
+    weights, ids = sort_by_expert(weights, ids.long())
     hf_weights, hf_ids = sort_by_expert(hf_weights, hf_ids)
     assert torch.equal(ids, hf_ids)
     torch.testing.assert_close(weights, hf_weights, rtol=1e-6, atol=1e-7)
@@ -203,6 +208,74 @@ def test_noaux_tc_chooses_by_biased_scores_and_weights_by_unbiased():
 def test_select_experts_refuses_an_unknown_method():
     with pytest.raises(ValueError, match="topk_method"):
         select_experts(torch.randn(3, 8), 2, "sinkhorn")
+
+
+def check_routing(logits, top_k, method, n_group, topk_group, norm, scaling, bias, num_shared):
+    """The kernel against the reference: the same set of experts per row (in any order), the same
+    weight for each, and the shared experts last in order with weight exactly 1."""
+    args = (logits, top_k, method, n_group, topk_group, norm, scaling, bias, num_shared)
+    with nan_filled_allocations():
+        weights, ids = select_experts(*args)
+    ref_weights, ref_ids = select_experts_ref(*args)
+    num_tokens, num_experts = logits.shape
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.shape == weights.shape == (num_tokens, top_k + num_shared)
+    assert ids.is_contiguous() and weights.is_contiguous()
+    shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device)
+    assert torch.equal(ids[:, top_k:].long(), shared.expand(num_tokens, -1))
+    assert torch.equal(weights[:, top_k:], torch.ones_like(weights[:, top_k:]))
+    weights, ids = sort_by_expert(weights, ids.long())
+    ref_weights, ref_ids = sort_by_expert(ref_weights, ref_ids)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def random_logits(num_tokens, num_experts, device, seed):
+    """Router logits and a correction bias large enough to change noaux_tc's choice. Seeded: an
+    exact tie, or a near one that the two computations' last bits order differently, would fail."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(num_tokens, num_experts, generator=gen, device=device)
+    return logits, 0.3 * torch.randn(num_experts, generator=gen, device=device)
+
+
+ROUTINGS = {  # name: (experts, top_k, method, n_group, topk_group)
+    "v2-lite-greedy": (64, 6, "greedy", None, None),
+    "v2-group-limited": (64, 6, "group_limited_greedy", 8, 3),
+    "v3-noaux-tc": (256, 8, "noaux_tc", 8, 4),
+    "odd-noaux-tc": (12, 3, "noaux_tc", 4, 2),  # groups of 3: padded lanes in every group
+    "odd-group-limited": (12, 3, "group_limited_greedy", 4, 2),
+}
+
+
+@pytest.mark.parametrize("norm, scaling, num_shared", [(False, 1.0, 0), (True, 2.5, 1), (False, 16.0, 2)])
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_routing_kernel_matches_reference_in_interpreter(
+    interpreter, routing, num_tokens, norm, scaling, num_shared
+):
+    num_experts, top_k, method, n_group, topk_group = ROUTINGS[routing]
+    logits, bias = random_logits(num_tokens, num_experts, "cpu", seed=num_tokens)
+    bias = bias if method == "noaux_tc" else None
+    check_routing(logits, top_k, method, n_group, topk_group, norm, scaling, bias, num_shared)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_routing_kernel_breaks_ties_by_the_lowest_expert(interpreter, routing):
+    """All choices equal: the lowest groups, then the lowest experts, in order."""
+    num_experts, top_k, method, n_group, topk_group = ROUTINGS[routing]
+    bias = torch.zeros(num_experts) if method == "noaux_tc" else None
+    weights, ids = select_experts(
+        torch.zeros(3, num_experts), top_k, method, n_group, topk_group, False, 1.0, bias
+    )
+    assert torch.equal(ids, torch.arange(top_k, dtype=torch.int32).expand(3, -1))
+    score = 0.5 if method == "noaux_tc" else 1 / num_experts
+    torch.testing.assert_close(weights, torch.full((3, top_k), score))
+
+
+def test_routing_kernel_reads_strided_half_precision_logits(interpreter):
+    logits = torch.randn(7, 2, 64).bfloat16()[:, 0]  # rows 128 apart
+    assert logits.stride(0) == 128
+    check_routing(logits, 6, "greedy", None, None, True, 1.0, None, 2)
 
 
 V2_LITE = dict(hidden=2048, inter=1408, num_experts=64, top_k=6)
@@ -228,6 +301,15 @@ def test_moe_align_matches_its_contract_on_gpu(gpu):
         _, topk_ids = random_routing(num_tokens, experts, top_k, "cuda")
         for block_m in (16, 64):
             check_alignment(topk_ids, experts, block_m, moe_align_block_size(topk_ids, experts, block_m))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("routing, num_shared", [("v3-noaux-tc", 1), ("v2-lite-greedy", 2)])
+def test_routing_kernel_matches_reference_on_gpu(gpu, routing, num_shared):
+    num_experts, top_k, method, n_group, topk_group = ROUTINGS[routing]
+    for num_tokens in (1, 2, 7, 64, 257, 512):
+        logits, bias = random_logits(num_tokens, num_experts, "cuda", seed=num_tokens)
+        check_routing(logits, top_k, method, n_group, topk_group, True, 2.5, bias, num_shared)
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ from .fused_moe import MoeConfig, fused_moe, fused_moe_ref
 from .mla_decode_attention import mla_decode_attention, mla_decode_attention_ref
 from .mla_store_kv import mla_store_kv, mla_store_kv_ref
 from .moe_align import moe_align_block_size, moe_align_block_size_ref
-from .moe_routing import select_experts
+from .moe_routing import select_experts, select_experts_ref
 from .prefill_attention import prefill_attention, prefill_attention_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import rope_cache, rotary_emb, rotary_emb_ref
@@ -34,6 +34,7 @@ __all__ = [
     "rotary_emb",
     "rotary_emb_ref",
     "select_experts",
+    "select_experts_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
     "store_kv",

@@ -206,11 +206,15 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    """The gate, kept in float32 whatever the model's dtype: the router logits are computed in
+    float32 (as transformers does), and a weight stored so is converted once, when it is loaded
+    (`copy_` casts), not at every step."""
+
+    def __init__(self, cfg: ModelConfig, device):
         super().__init__()
         e = cfg.n_routed_experts
         self.weight = nn.Parameter(
-            torch.empty(e, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+            torch.empty(e, cfg.hidden_size, dtype=torch.float32, device=device), requires_grad=False
         )
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(e, dtype=torch.float32, device=device), requires_grad=False)
@@ -262,14 +266,11 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device):
         super().__init__()
         self.cfg = cfg
-        self.gate = Router(cfg, dtype, device)
-        num_fused = cfg.n_shared_experts if fuse_shared else 0
-        self.experts = Experts(cfg, num_fused, dtype, device)
+        self.gate = Router(cfg, device)
+        self.num_fused = cfg.n_shared_experts if fuse_shared else 0
+        self.experts = Experts(cfg, self.num_fused, dtype, device)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared = MLP(cfg.hidden_size, inter, dtype, device) if cfg.n_shared_experts else None
-        e = cfg.n_routed_experts
-        fused_ids = torch.arange(e, e + num_fused, device=device)[None, :] if num_fused else None
-        self.register_buffer("fused_ids", fused_ids, persistent=False)  # [1, s] int64
         # transformers' V2 never normalizes the top-k weights; DeepSeek-V2's own code does when
         # norm_topk_prob, and then skips the scaling factor (see select_experts)
         v2 = cfg.architecture == "DeepseekV2ForCausalLM"
@@ -278,13 +279,14 @@ class MoE(nn.Module):
 
     def finish_loading(self) -> None:
         """With fused shared experts: move the loaded shared MLP into the experts, drop the MLP."""
-        if self.fused_ids is not None:
+        if self.num_fused:
             self.experts.fill_shared(self.shared)
             self.shared = None
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E], float32 as the reference
+        logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32, as the reference
+        # [T, k + s]: the routed experts, then the fused shared ones (weight 1, unscaled)
         weights, ids = select_experts(
             logits,
             cfg.num_experts_per_tok,
@@ -294,12 +296,9 @@ class MoE(nn.Module):
             self.norm_topk_prob,
             self.scaling,
             self.gate.e_score_correction_bias,
+            num_shared=self.num_fused,
         )
-        if self.fused_ids is not None:  # every token also takes the shared experts, unscaled
-            fused_ids = self.fused_ids.expand(x.shape[0], -1)
-            ids = torch.cat([ids, fused_ids], dim=1)  # [T, k + s]
-            weights = torch.cat([weights, weights.new_ones(fused_ids.shape)], dim=1)
-        out = fused_moe(x, self.experts.w13, self.experts.w2, weights.contiguous(), ids.contiguous())
+        out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
