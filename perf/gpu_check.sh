@@ -57,6 +57,9 @@ kernels)
   echo "mla_moe_bench exit $?"; tail -30 "$OUT/mla_moe.log"
   ;;
 deepseek)
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_moe.py tests/test_deepseek.py \
+    >"$OUT/pytest_gpu.log" 2>&1
+  echo "pytest -m gpu exit $?"; grep -E "passed|failed|Error" "$OUT/pytest_gpu.log" | tail -5
   d=/tmp/dsv2l
   mkdir -p $d
   python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
