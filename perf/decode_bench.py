@@ -161,6 +161,51 @@ def measure(
     return row
 
 
+def mixed_profile(runner: ModelRunner, batch: int, context: int, prompt_len: int, steps: int = 8) -> dict:
+    """Steps of `batch` decoding requests plus one new `prompt_len`-token prompt each (prefilled in
+    that one step, then aborted so the batch stays the same): wall time per step, the GPU's busy
+    share, and the kernels that take the most GPU time, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = fill_batch(runner, batch, context, seed=batch)
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    vocab = runner.model_cfg.vocab_size
+
+    def one_step(slot: int) -> float:
+        prompt = torch.randint(min(1000, vocab // 2), min(20000, vocab), (prompt_len,), generator=g).tolist()
+        sched.add(Request(slot=slot, gen=0, prompt_ids=prompt, params=params, arrival=slot))
+        sync("cuda")
+        start = time.perf_counter()
+        b = sched.schedule()
+        sched.update(b, runner.execute(b))
+        elapsed = time.perf_counter() - start
+        sched.abort(slot)
+        return elapsed
+
+    for i in range(3):
+        one_step(batch + i)  # warm-up (compiles the prefill-shaped kernels)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        times = [one_step(batch + 3 + i) for i in range(steps)]
+    kernels: dict[str, list[float]] = {}
+    spans = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            spans.append((e.time_range.start, e.time_range.end))
+            kernels.setdefault(e.name[:60], []).append(e.time_range.end - e.time_range.start)
+    busy = sum(end - start for start, end in spans) / (sum(times) * 1e6)
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]
+    for r in list(sched.running):
+        sched.abort(r.slot)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "step_ms": sorted(times)[len(times) // 2] * 1e3,
+        "gpu_busy_upper": busy,  # kernel time over wall time (overlapping kernels counted twice)
+        "top_kernels_ms_per_step": [(name, sum(v) / steps / 1e3, len(v) // steps) for name, v in top],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -171,6 +216,11 @@ def main() -> None:
     ap.add_argument("--no-graph-baseline", action="store_true", help="also time without CUDA graphs")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--mixed",
+        default="",
+        help="BATCH,PROMPT: also profile steps of BATCH decodes plus one PROMPT-token prefill",
+    )
     args = ap.parse_args()
     folder = tempfile.mkdtemp()
     write_config_files(shape_config(args.shape, args.dtype), folder)
@@ -198,6 +248,14 @@ def main() -> None:
             profile = 20 if args.device == "cuda" and not disable else 0
             for overlap in (True, False):
                 rows.append(measure(runner, b, args.context, bw, profile, overlap))
+        if args.mixed and args.device == "cuda" and not disable:
+            mb, mp = (int(x) for x in args.mixed.split(","))
+            mixed = mixed_profile(runner, mb, args.context, mp)
+            graph_info["mixed"] = mixed
+            print(f"\nmixed step: {mb} decodes + one {mp}-token prefill: {mixed['step_ms']:.2f} ms, "
+                  f"GPU kernel time / wall {mixed['gpu_busy_upper']:.1%}")  # fmt: skip
+            for name, ms, count in mixed["top_kernels_ms_per_step"]:
+                print(f"  {ms:8.3f} ms {count:5d}x  {name}")
         del runner
         if args.device == "cuda":
             torch.cuda.empty_cache()
