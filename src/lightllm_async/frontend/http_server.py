@@ -12,7 +12,9 @@ size of its head, and answers what it refuses in plain text. `GuardedProtocol` a
 
 Every refusal is an OpenAI error object. `DrainingServer` turns the first SIGTERM or SIGINT into
 `App.drain` (new requests get 503, those in flight finish or are ended at `shutdown_timeout`)
-and only then lets uvicorn stop; a second signal ends the requests in flight at once.
+and only then lets uvicorn stop; a second signal ends the requests in flight at once. Its `Hooks`
+tell the server process when uvicorn listens, tick every 0.1 s on the event loop, and tell when
+the drain starts (systemd's READY=1, WATCHDOG=1 and STOPPING=1).
 """
 
 from __future__ import annotations
