@@ -272,8 +272,9 @@ def test_systemd_unit_prints_a_notify_unit_serving_with_the_given_flags(capsys):
         "20",
     ]
     assert main(["systemd-unit", *flags, "--api-key", "s3cret", "--watchdog-sec", "40"]) == 0
-    text = capsys.readouterr().out
-    assert "s3cret" not in text
+    out = capsys.readouterr()
+    text = out.out
+    assert "s3cret" not in text + out.err and "LLA_API_KEY" in out.err
     svc = unit_of(text)["Service"]
     assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
     assert svc["Restart"] == "on-failure" and svc["KillMode"] == "mixed"

@@ -315,6 +315,8 @@ def systemd_unit(argv: list[str]) -> int:
     else:
         command = [sys.executable, "-m", "lightllm_async.server"]
     print(systemd.unit_text([*command, *flags], flags, args.shutdown_timeout, args.watchdog_sec), end="")
+    if args.api_key:
+        print("--api-key is not in the unit: put LLA_API_KEY=<key> in its EnvironmentFile", file=sys.stderr)
     return 0
 
 
