@@ -59,7 +59,7 @@ class Response:
 class Harness:
     """A region, a fake engine, the app with its lifespan running, and a raw ASGI client."""
 
-    def __init__(self, tokenizer, num_slots: int = 8, eos_in_script: bool = False):
+    def __init__(self, tokenizer, num_slots: int = 8, eos_in_script: bool = False, **context):
         self.tokenizer = tokenizer
         self.region = Region.create(
             f"fe-test-{os.getpid()}-{next(_ids)}",
@@ -75,6 +75,7 @@ class Harness:
             served_model_name="test-model",
             max_model_len=MAX_MODEL_LEN,
             engine_alive=lambda: self.engine.alive,
+            **context,  # more FrontendContext fields: edge, api_key
         )
         self.app = create_app(self.ctx)
 

@@ -219,7 +219,19 @@ BODIES = {
     "/v1/completions": _body({"prompt": PROMPT}, OPENAI_SAMPLING),
     "/generate": NATIVE,
     "/generate_stream": NATIVE,
+    "/tokenize": _body(
+        {},
+        {
+            "prompt": TEXT,
+            "messages": st.lists(MESSAGE, max_size=4),
+            "add_special_tokens": st.booleans(),
+            "add_generation_prompt": st.booleans(),
+            "return_token_strs": st.booleans(),
+        },
+    ),
+    "/detokenize": _body({"tokens": TOKEN_IDS}, {}),
 }
+GENERATING = {"/v1/chat/completions", "/v1/completions", "/generate", "/generate_stream"}
 
 
 # ---------------------------------------------------------------- one exchange and its checks
@@ -304,7 +316,11 @@ def check_answer(path: str, ans: Answer) -> None:
         assert b"lightllm_request_slots_free" in ans.body
     else:
         out = json.loads(ans.body)
-        if path in BODIES:
+        if path == "/tokenize":
+            assert out["count"] == len(out["tokens"]) and out["max_model_len"] == MAX_MODEL_LEN, out
+        elif path == "/detokenize":
+            assert isinstance(out["prompt"], str), out
+        elif path in GENERATING:
             reason = out["finish_reason"] if "finish_reason" in out else out["choices"][0]["finish_reason"]
             assert reason in FINISHED, out
 
@@ -390,7 +406,7 @@ def test_malformed_bodies_get_a_400_error_object(server, path):
     assert_still_serves(server)
 
 
-ROUTES = [*BODIES, "/v1/models", "/health", "/metrics"]
+ROUTES = [*BODIES, "/v1/models", "/health", "/metrics", "/openapi.json"]
 
 
 @settings(SETTINGS, max_examples=max(EXAMPLES // 2, 20))

@@ -33,6 +33,7 @@ ALLOWED = {
 # What each top-level name in the package is: a new module or package must be placed here.
 PARTS = {
     "server": "server",
+    "systemd": "server",  # the command's talk with its supervisor
     "tools": "tools",
     "frontend": "frontend",
     "engine": "engine",

@@ -333,3 +333,4 @@ class ServerConfig:
     max_connections: int = 1000  # open connections; beyond, 503 (0: no cap)
     read_timeout: float = 30.0  # seconds for a request's head, and again for its body
     shutdown_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM/SIGINT
+    api_key: str | None = field(default=None, repr=False)  # --api-key / LLA_API_KEY; never in a repr

@@ -2,7 +2,8 @@
 
 Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when the engine
 process died or failed to start (so a systemd unit with Restart=on-failure brings the server
-back). The last log line says which.
+back). The last log line says which. Under systemd it sends READY=1, WATCHDOG=1 and STOPPING=1
+(see systemd.py); `lightllm-async systemd-unit [flags]` prints a unit that runs it with `flags`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from lightllm_async import systemd
 from lightllm_async.config import EngineConfig, ServerConfig
 
 if TYPE_CHECKING:
@@ -29,9 +31,12 @@ log = logging.getLogger("lightllm_async")
 ENGINE_DEATH_GRACE_S = 1.0  # time for in-flight requests to receive their error before exit
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(**kwargs) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="lightllm-async", description="Serve an LLM over an OpenAI-compatible API."
+        prog="lightllm-async",
+        description="Serve an LLM over an OpenAI-compatible API. `lightllm-async systemd-unit "
+        "[flags]` prints a systemd unit that serves with those flags.",
+        **kwargs,
     )
     p.add_argument(
         "--model",
@@ -96,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests may take to finish after SIGTERM/SIGINT",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on every route but /health, /metrics and "
+        "/openapi.json (default: $LLA_API_KEY; prefer it: the command line is visible to all users)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--fail-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook
     return p
@@ -147,6 +158,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         max_connections=max(args.max_connections, 0),
         read_timeout=args.read_timeout,
         shutdown_timeout=max(args.shutdown_timeout, 0.0),
+        api_key=args.api_key or os.environ.get("LLA_API_KEY") or None,
     )
 
 
@@ -192,9 +204,11 @@ def serve(cfg: ServerConfig) -> int:
             max_model_len=eng.max_model_len,
             engine_alive=proc.is_alive,
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
+            api_key=cfg.api_key,
         )
         exit_code = _serve_http(cfg, ctx, proc)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
+        systemd.notify("STOPPING=1")
         exit_code = 0
     finally:
         _stop_engine(proc)
@@ -210,9 +224,12 @@ def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
     from lightllm_async.frontend.http_server import ClientLimits, build_server
 
     limits = ClientLimits(read_timeout=cfg.read_timeout, max_connections=cfg.max_connections)
-    server = build_server(create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout)
+    hooks = _systemd_hooks(cfg, ctx.region)
+    server = build_server(
+        create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout, hooks
+    )
     died = threading.Event()
-    threading.Thread(target=_watch, args=(server, proc, died, cfg), daemon=True).start()
+    threading.Thread(target=_watch, args=(server, proc, died), daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn could not listen, or the app failed to start
@@ -226,19 +243,40 @@ def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
     run_engine(eng, region_name, log_level)
 
 
-def _watch(server, proc, died: threading.Event, cfg: ServerConfig) -> None:
-    """Log the ready line once uvicorn listens; stop the server when the engine dies."""
-    announced = False
+def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
+    """The ready line and READY=1 once uvicorn listens, WATCHDOG=1 while the engine's heartbeat
+    moves (when systemd asked for a watchdog), STOPPING=1 when a signal starts the drain."""
+    from lightllm_async.engine.engine import IDLE_WAIT_S
+    from lightllm_async.frontend.http_server import Hooks
+
+    url = f"http://{cfg.host}:{cfg.port}"
+
+    def serving() -> None:
+        log.info("lightllm-async ready: %s (model %s)", url, cfg.served_model_name)
+        systemd.notify(f"READY=1\nSTATUS=serving {cfg.served_model_name} on {url}")
+
+    def draining() -> None:
+        systemd.notify("STOPPING=1\nSTATUS=draining requests in flight")
+
+    interval = systemd.watchdog_interval()
+    if interval is None:
+        return Hooks(serving=serving, draining=draining)
+    # An idle engine beats every IDLE_WAIT_S, a busy one every step: a few idle beats missed is a wedge.
+    watchdog = systemd.Watchdog(
+        interval, lambda: region.heartbeat, stale_after=max(interval, 4 * IDLE_WAIT_S)
+    )
+    log.info("systemd watchdog: a ping every %.1f s while the engine's heartbeat moves", interval)
+    return Hooks(serving=serving, tick=watchdog.tick, draining=draining)
+
+
+def _watch(server, proc, died: threading.Event) -> None:
+    """Stop the server when the engine dies."""
     while not server.should_exit:
-        if not announced and server.started:
-            log.info(
-                "lightllm-async ready: http://%s:%d (model %s)", cfg.host, cfg.port, cfg.served_model_name
-            )
-            announced = True
         if not proc.is_alive():
             log.error(
                 "engine process died (exit code %s); stopping so a supervisor can restart", proc.exitcode
             )
+            systemd.notify(f"STATUS=engine process died (exit code {proc.exitcode})")
             died.set()
             time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
             server.should_exit = True
@@ -257,7 +295,35 @@ def _stop_engine(proc) -> None:
         proc.join(2)
 
 
+def systemd_unit(argv: list[str]) -> int:
+    """`lightllm-async systemd-unit [flags]`: print a unit whose ExecStart serves with `flags`
+    (checked as the server would parse them); --api-key is left out, for the EnvironmentFile."""
+    p = build_parser(allow_abbrev=False)
+    p.prog = "lightllm-async systemd-unit"
+    p.add_argument("--watchdog-sec", type=int, default=60, help="the unit's WatchdogSec (default 60)")
+    args = p.parse_args(argv)
+    flags, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--api-key", "--watchdog-sec"):
+            skip = True
+        elif not a.startswith(("--api-key=", "--watchdog-sec=")):
+            flags.append(a)
+    if os.path.basename(sys.argv[0]) == "lightllm-async":
+        command = [os.path.abspath(sys.argv[0])]
+    else:
+        command = [sys.executable, "-m", "lightllm_async.server"]
+    print(systemd.unit_text([*command, *flags], flags, args.shutdown_timeout, args.watchdog_sec), end="")
+    if args.api_key:
+        print("--api-key is not in the unit: put LLA_API_KEY=<key> in its EnvironmentFile", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["systemd-unit"]:
+        return systemd_unit(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     cfg = resolve_config(args)

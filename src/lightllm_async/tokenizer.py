@@ -92,6 +92,12 @@ class Tokenizer:
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
+    def decode_nogil(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """`decode`, releasing the GIL while the tokenizer runs (for a helper thread), as
+        `encode_nogil` does."""
+        text = self.backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
         """Vocabulary strings (byte-level spelling, e.g. 'Ġworld'); None for ids beyond the vocab."""
         return [self.backend.id_to_token(i) for i in ids]

@@ -65,6 +65,7 @@ class Engine:
                 log.warning("the server process is gone; engine exits")
                 return
             self.region.wait_engine(timeout=0.005 if self.scheduler.has_work() else IDLE_WAIT_S)
+            self.region.beat()  # an idle engine is alive too: the server's watchdog reads this
 
     def step(self) -> bool:
         """One iteration: admit what arrived, launch the next step, complete the one in flight.

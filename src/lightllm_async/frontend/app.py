@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
-from . import native_api, openai_api
+from . import native_api, openai_api, openapi, tokenize_api
 from .asgi import ClientDisconnected, Receive, Responder, Scope, Send
+from .auth import OPEN_PATHS, ApiKey
 from .context import FrontendContext
 from .edge import Edge, check_json_body
 from .metrics import Metrics
-from .protocol import ApiError, engine_dead_error
+from .protocol import ENCODER, ApiError, engine_dead_error
 from .service import Service, shutting_down_error
 
 __all__ = ["FrontendContext", "create_app"]
@@ -30,14 +32,32 @@ async def health(svc: Service, scope: Scope, receive: Receive, resp: Responder) 
     await resp.body(200, b"{}")
 
 
+async def openapi_json(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
+    await resp.body(200, _openapi_body(svc.ctx.api_key is not None))
+
+
 _ROUTES = {
     "/v1/chat/completions": {"POST": openai_api.chat_completions},
     "/v1/completions": {"POST": openai_api.completions},
     "/v1/models": {"GET": openai_api.list_models},
     "/generate": {"POST": native_api.generate},
     "/generate_stream": {"POST": native_api.generate_stream},
+    "/tokenize": {"POST": tokenize_api.tokenize},
+    "/detokenize": {"POST": tokenize_api.detokenize},
     "/health": {"GET": health},
+    "/openapi.json": {"GET": openapi_json},
 }
+
+
+def served_routes() -> dict[str, tuple[str, ...]]:
+    """Every path the app answers and its methods: the table above and /metrics (served before
+    the table, so that it stays up while the server drains)."""
+    return {**{path: tuple(methods) for path, methods in _ROUTES.items()}, "/metrics": ("GET",)}
+
+
+@functools.cache
+def _openapi_body(secured: bool) -> bytes:
+    return ENCODER.encode(openapi.document(served_routes(), secured=secured, open_paths=OPEN_PATHS))
 
 
 END_GRACE_S = 2.0  # after a drain's deadline: time for the ended requests to send their errors
@@ -50,6 +70,7 @@ class App:
         self.service = Service(ctx)
         self.metrics = Metrics(self.service)
         self.edge = Edge(ctx.edge)
+        self.api_key = ApiKey(ctx.api_key) if ctx.api_key is not None else None
         self._started = False
         self.draining = False
         self.in_flight = 0  # requests admitted and not yet answered
@@ -98,6 +119,8 @@ class App:
                 return
             if self.draining:
                 raise shutting_down_error()
+            if self.api_key is not None and path not in OPEN_PATHS:
+                self.api_key.check(scope["headers"])
             methods = _ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"Invalid URL ({method} {path}).")

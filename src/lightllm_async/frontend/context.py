@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .edge import EdgePolicy
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class FrontendContext:
     """The frontend's side of the shared region, the tokenizer, the served model's limits, and
-    the edge policy (which Host names and Origins are answered; the default suits a loopback bind).
+    the edge policy (which Host names and Origins are answered; the default suits a loopback bind),
+    and the API key every route but the open ones requires (None: no key).
 
     engine_alive is called on the event loop about ten times a second and by /health; it must be
     cheap and must not block (Process.is_alive is fine).
@@ -28,3 +29,4 @@ class FrontendContext:
     max_model_len: int
     engine_alive: Callable[[], bool]
     edge: EdgePolicy = EdgePolicy()
+    api_key: str | None = field(default=None, repr=False)  # never in a repr, so never in a log

@@ -12,13 +12,16 @@ size of its head, and answers what it refuses in plain text. `GuardedProtocol` a
 
 Every refusal is an OpenAI error object. `DrainingServer` turns the first SIGTERM or SIGINT into
 `App.drain` (new requests get 503, those in flight finish or are ended at `shutdown_timeout`)
-and only then lets uvicorn stop; a second signal ends the requests in flight at once.
+and only then lets uvicorn stop; a second signal ends the requests in flight at once. Its `Hooks`
+tell the server process when uvicorn listens, tick every 0.1 s on the event loop, and tell when
+the drain starts (systemd's READY=1, WATCHDOG=1 and STOPPING=1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -188,14 +191,30 @@ async def _over_capacity(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the server process is told, on the event loop: `serving` once uvicorn listens, `tick`
+    every 0.1 s from then on (also while draining), `draining` when a signal starts the drain."""
+
+    serving: Callable[[], None] = _nothing
+    tick: Callable[[], None] = _nothing
+    draining: Callable[[], None] = _nothing
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's Server; a signal drains `app` first (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, app: App, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, app: App, shutdown_timeout: float, hooks: Hooks = Hooks()):
         super().__init__(config)
         self._app = app
         self._shutdown_timeout = shutdown_timeout
+        self._hooks = hooks
         self._drain: asyncio.Task | None = None
+        self._serving = False
         self.signals = 0
 
     def handle_exit(self, sig, frame) -> None:
@@ -203,7 +222,13 @@ class DrainingServer(uvicorn.Server):
         self.signals += 1
 
     async def on_tick(self, counter: int) -> bool:
+        # uvicorn ticks from the end of its startup on: the first tick means it listens.
+        if not self._serving:
+            self._serving = True
+            self._hooks.serving()
+        self._hooks.tick()
         if self.signals and self._drain is None:
+            self._hooks.draining()
             self._drain = asyncio.create_task(
                 self._app.drain(self._shutdown_timeout, hurry=lambda: self.signals > 1)
             )
@@ -228,6 +253,7 @@ def build_server(
     log_level: str,
     limits: ClientLimits,
     shutdown_timeout: float,
+    hooks: Hooks = Hooks(),
 ) -> DrainingServer:
     """The uvicorn server for `app` (uvloop, httptools, lifespan on)."""
     config = uvicorn.Config(
@@ -243,4 +269,4 @@ def build_server(
         timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
         timeout_graceful_shutdown=2,  # after the drain, only idle connections are left
     )
-    return DrainingServer(config, app, shutdown_timeout)
+    return DrainingServer(config, app, shutdown_timeout, hooks)

@@ -25,6 +25,7 @@ class ApiError(Exception):
         param: str | None = None,
         error_type: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        code: str | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -32,10 +33,12 @@ class ApiError(Exception):
         self.param = param
         self.type = error_type or _ERROR_TYPES.get(status, "internal_error")
         self.headers = headers
+        self.code = code  # OpenAI's word for the error ("invalid_api_key"); the status when None
 
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
@@ -53,15 +56,17 @@ class ErrorInfo(Struct):
     message: str
     type: str
     param: str | None
-    code: int
+    code: int | str  # the HTTP status, as vLLM writes it, or OpenAI's code where one exists
 
 
 class ErrorResponse(Struct):
+    """Every error the server answers, whatever the route: OpenAI's error object."""
+
     error: ErrorInfo
 
 
 def error_body(err: ApiError) -> ErrorResponse:
-    return ErrorResponse(ErrorInfo(err.message, err.type, err.param, err.status))
+    return ErrorResponse(ErrorInfo(err.message, err.type, err.param, err.code or err.status))
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -157,6 +162,23 @@ class GenerateParameters(Struct, forbid_unknown_fields=False):
 class GenerateRequest(Struct, forbid_unknown_fields=False):
     inputs: str
     parameters: GenerateParameters | None = None
+
+
+class TokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """vLLM's two tokenize shapes in one Struct: a text `prompt`, or chat `messages` rendered by
+    the chat template; exactly one of them (checked by the handler)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (vLLM)
+    add_generation_prompt: bool = True  # messages only
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    tokens: list[int]
+    model: str | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -271,8 +293,25 @@ class GenerateStreamEvent(Struct):
     details: None = None
 
 
+class TokenizeResponse(Struct, omit_defaults=True):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs: the vocabulary's spelling
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
+
+
+class HealthResponse(Struct):
+    """/health's body: an empty object while the engine serves."""
+
+
 # msgspec Decoders are reusable and thread-safe; one per request type.
 CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
 COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
 GENERATE_DECODER = msgspec.json.Decoder(GenerateRequest)
+TOKENIZE_DECODER = msgspec.json.Decoder(TokenizeRequest)
+DETOKENIZE_DECODER = msgspec.json.Decoder(DetokenizeRequest)
 ENCODER = msgspec.json.Encoder()

@@ -20,6 +20,7 @@ from .protocol import (
     CompletionRequest,
     GenerateParameters,
     OpenAISampling,
+    TokenizeRequest,
 )
 
 
@@ -113,7 +114,7 @@ def include_usage(req: OpenAISampling) -> bool:
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, Any]]:
     """Messages as the chat template wants them: text content only, parts joined by newlines."""
     if not req.messages:
         raise _bad("messages must contain at least one message.", "messages")

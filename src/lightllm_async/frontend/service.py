@@ -18,6 +18,7 @@ from .reader import EngineDead, Reader
 from .sampling import api_names
 
 ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized in a thread, without the GIL
+DECODE_INLINE_TOKENS = 8192  # the same for /detokenize
 RETRY_AFTER = ((b"retry-after", b"1"),)
 CLOSE = ((b"connection", b"close"),)
 
@@ -73,14 +74,23 @@ class Service:
                 what,
             )
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render the chat template, then encode without adding special tokens (as vLLM does):
-        the template already wrote them."""
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, special_tokens: bool = False
+    ) -> list[int]:
+        """Render the chat template, then encode without adding special tokens by default (as
+        vLLM does): the template already wrote them."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except Exception as e:  # a template rejects the conversation (roles, order, ...)
             raise ApiError(400, f"The chat template rejected the messages: {e}", "messages") from e
-        return await self.encode_text(text, "messages", special_tokens=False)
+        return await self.encode_text(text, "messages", special_tokens=special_tokens)
+
+    async def decode_tokens(self, ids: list[int]) -> str:
+        """The text of token ids (known to be in the vocabulary), special tokens spelled out as
+        vLLM's /detokenize does; long lists are decoded in a thread, without the GIL."""
+        if len(ids) <= DECODE_INLINE_TOKENS:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return await asyncio.to_thread(self.tokenizer.decode_nogil, ids, skip_special_tokens=False)
 
     def start(self, prompt_ids: Sequence[int], params: SamplingParams, what: str) -> Generation:
         """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
