@@ -312,6 +312,7 @@ class EngineConfig:
     seed: int = 0
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
+    cpu_threads: int = 0  # the engine's torch intra-op threads (0: the cores left after the frontend)
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)

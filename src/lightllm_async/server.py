@@ -72,6 +72,13 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="the engine's compute threads on the CPU (default: the cores this process may use, less "
+        "one for the HTTP frontend, at least 1); idle threads sleep rather than spin",
+    )
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
     p.add_argument(
         "--allowed-hosts",
@@ -145,6 +152,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         disable_cuda_graph=args.disable_cuda_graph,
         seed=args.seed,
         fail_after_steps=args.fail_after_steps,
+        cpu_threads=args.cpu_threads,
         dummy_step_time=args.dummy_step_time,
     )
     return ServerConfig(

@@ -68,11 +68,37 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def cpu_threads(requested: int) -> int:
+    """The engine's intra-op threads: `requested`, or the cores this process may run on less one,
+    which the HTTP frontend (and a client on the same machine) needs; at least 1."""
+    if requested > 0:
+        return requested
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def configure_threads(cfg: EngineConfig) -> int | None:
+    """Before torch loads: idle OpenMP workers sleep instead of spinning at barriers (an engine
+    that spins takes the cores its own frontend and clients need, and on a busy machine every
+    barrier then waits for a descheduled spinner: 20-80x slower, issue 12). Then the thread count.
+    The dummy model loads no torch: None."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if cfg.model_path == "dummy":
+        return None
+    import torch
+
+    threads = cpu_threads(cfg.cpu_threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
     """Target of the engine process. Exits non-zero with the error written to the region."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
+    threads = configure_threads(cfg)
+    if threads is not None:
+        log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
     from lightllm_async.engine.engine import Engine
     from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 
