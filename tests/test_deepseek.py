@@ -398,3 +398,17 @@ def test_cuda_mla_prefill_layer_makes_no_host_sync(gpu):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, first)
+
+
+def test_kv_sizing_reserves_the_mla_prefill_decompression():
+    """The KV cache is sized after the activation reserve: for MLA that must hold the per-head k
+    and k_nope|v of a whole chunked prompt's context, which grows with max_model_len."""
+    from lightllm_async.runner.model_runner import activation_reserve
+
+    m = shape_config("deepseek-v3", "bfloat16")
+    short, long = (
+        EngineConfig(model_path="x", max_num_batched_tokens=8192, max_model_len=n) for n in (4096, 8192)
+    )
+    per_token = m.num_heads * (2 * m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * 4
+    assert activation_reserve(long, m) - activation_reserve(short, m) == 4096 * per_token
+    assert activation_reserve(short, m) > (8192 + 4096) * per_token

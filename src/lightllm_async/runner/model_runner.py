@@ -74,13 +74,25 @@ _SAMPLER_BYTES_PER_LOGIT = 48
 _GRAPH_LIVE_I = 8
 
 
+# DeepSeek's MLA prefill decompresses the whole context of the step's prefill requests through
+# kv_b_proj into per-head k [N, n, nope + rope] and k_nope|v [N, n, nope + v] (models/deepseek.py):
+# N is the chunk plus the cached prefix of a chunked prompt, at most max_num_batched_tokens +
+# max_model_len. The MoE's grouped GEMMs hold [T*k, I_moe] and [T*k, H] beside it, which the dense
+# MLP's reserve above (first_k_dense_replace layers, I > I_moe * k / 3 at every released shape) covers.
+
+
 def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
     """Bytes kept free beside the KV cache for a step's activations and the CUDA-graph pool."""
     inter, rows = model_cfg.intermediate_size, cfg.max_running_requests
     prefill = _PREFILL_LIVE_TI * cfg.max_num_batched_tokens * inter * _ACT_ITEMSIZE
     sampler = rows * model_cfg.vocab_size * _SAMPLER_BYTES_PER_LOGIT
     graphs = _GRAPH_LIVE_I * rows * inter * _ACT_ITEMSIZE
-    return prefill + sampler + graphs
+    mla = 0
+    if model_cfg.is_deepseek:
+        m = model_cfg
+        per_token = m.num_heads * (2 * m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
+        mla = (cfg.max_num_batched_tokens + cfg.max_model_len) * per_token * _ACT_ITEMSIZE
+    return prefill + sampler + graphs + mla
 
 
 def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device) -> int:
