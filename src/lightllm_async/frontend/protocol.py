@@ -162,10 +162,15 @@ class GenerateRequest(Struct, forbid_unknown_fields=False):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(Struct):
