@@ -166,6 +166,8 @@ class EngineHarness:
         max_num_batched_tokens: int = 64,
         num_slots: int = 32,
         prefix_cache: bool = True,
+        kv_cache_tokens: int | None = None,  # fewer than the runner's slots: a smaller pool
+        expected_output_tokens: int = 256,
     ):
         spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len)
         self.frontend = Region.create(f"harness-{os.getpid()}-{next(_ids)}", spec)
@@ -175,7 +177,8 @@ class EngineHarness:
                 max_running_requests=max_running_requests,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
-                kv_cache_tokens=runner.num_kv_tokens,
+                kv_cache_tokens=min(kv_cache_tokens or runner.num_kv_tokens, runner.num_kv_tokens),
+                expected_output_tokens=expected_output_tokens,
                 enable_prefix_cache=prefix_cache,
             )
         )
