@@ -41,4 +41,6 @@ def check_kv_ownership(s: Scheduler) -> None:
     assert cache.num_tokens == len(held)
     assert cache.num_evictable == sum(len(n.key) for n in nodes if n.refs == 0)
     assert cache._leaves == {n for n in nodes if n.refs == 0 and not n.children}
+    live = {(n.last_access, n.serial) for n in cache._leaves}
+    assert live <= {(access, serial) for access, serial, _ in cache._heap}, "a leaf eviction can't find"
     assert s.num_free_tokens == len(free) + cache.num_evictable

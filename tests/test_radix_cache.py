@@ -103,6 +103,35 @@ def test_eviction_takes_least_recently_used_leaves_first_then_their_parents():
     assert c.num_tokens == 3 and c.pool.num_free == 64 - 3
 
 
+def test_each_eviction_takes_the_least_recently_used_unreferenced_leaf():
+    """Against a brute-force search over the tree, through random inserts, lookups, locks and
+    unlocks (the eviction heap is kept incrementally, with stale entries)."""
+    rng = random.Random(12)
+    c = cache_with(400)
+    locked = []
+    for _ in range(3000):
+        op = rng.random()
+        tokens = [rng.randrange(3) for _ in range(rng.randint(1, 9))]
+        if op < 0.3 and c.pool.num_free >= len(tokens):
+            put(c, tokens)
+        elif op < 0.5:
+            c.match_prefix(tokens)
+        elif op < 0.6:
+            _, node = c.match_prefix(tokens)
+            if node is not c.root:
+                c.lock(node)
+                locked.append(node)
+        elif op < 0.7 and locked:
+            c.unlock(locked.pop(rng.randrange(len(locked))))
+        elif c.num_evictable:
+            leaves = [n for n in c.nodes() if n.refs == 0 and not n.children]
+            oldest = min(leaves, key=lambda n: (n.last_access, n.serial))
+            before = set(c.nodes())
+            assert c.evict(1) == len(oldest.slots)
+            assert set(c.nodes()) == before - {oldest}  # that leaf, and nothing else
+        assert c.pool.num_free + c.num_tokens == 400
+
+
 def test_evict_frees_at_least_what_is_asked_when_the_tree_holds_it():
     c = cache_with(100)
     rng = random.Random(3)

@@ -8,7 +8,8 @@ never evicted; unreferenced leaves are evicted in LRU order when the pool needs 
 unreferenced token counts as free capacity, since a leaf at a time all of them can be evicted.
 
 Operations cost the length of the match in C-speed list comparisons plus the depth of the path
-in Python steps; eviction costs a heap over the evictable leaves.
+in Python steps; eviction pops a heap of the evictable leaves that is kept as they change (stale
+entries are skipped when popped and dropped when they outnumber the live ones).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class RadixCache:
         self.num_tokens = 0  # slots held by the tree
         self.num_evictable = 0  # slots of unreferenced nodes: free capacity
         self._leaves: set[Node] = set()  # unreferenced nodes without children: eviction candidates
+        # (last_access, serial, node) for every candidate, plus stale entries of nodes that have
+        # since been locked, given a child, evicted or touched again
+        self._heap: list[tuple[int, int, Node]] = []
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class RadixCache:
             k = _common_prefix(child.key, tokens, hit)
             if k < len(child.key):
                 child = self._split(child, k)
-            child.last_access = self._clock
+            self._touch(child)
             slots += child.slots
             hit += k
             node = child
@@ -120,7 +124,7 @@ class RadixCache:
             k = _common_prefix(child.key, tokens, i)
             if k < len(child.key):
                 child = self._split(child, k)
-            child.last_access = self._clock
+            self._touch(child)
             i += k
             node = child
         return n, node
@@ -142,23 +146,19 @@ class RadixCache:
             if node.refs == 0:
                 self.num_evictable += len(node.key)
                 if not node.children:
-                    self._leaves.add(node)
+                    self._add_candidate(node)
             node = node.parent
 
     def evict(self, n: int) -> int:
         """Free at least `n` slots back to the pool, least recently used leaves first (a parent
         left childless becomes a candidate in turn); fewer only if the tree has no more to give.
         Returns the number freed."""
-        heap = [(leaf.last_access, leaf.serial, leaf) for leaf in self._leaves]
-        heapq.heapify(heap)
         freed = 0
-        while freed < n and heap:
-            _, _, leaf = heapq.heappop(heap)
-            parent = leaf.parent
-            self._remove_leaf(leaf)
-            freed += len(leaf.slots)
-            if parent in self._leaves:
-                heapq.heappush(heap, (parent.last_access, parent.serial, parent))
+        while freed < n and self._leaves:
+            access, _, leaf = heapq.heappop(self._heap)
+            if leaf in self._leaves and access == leaf.last_access:
+                self._remove_leaf(leaf)
+                freed += len(leaf.slots)
         return freed
 
     # -- inspection (tests, stats) --------------------------------------------------------------
@@ -196,7 +196,7 @@ class RadixCache:
         leaf.last_access = self._clock
         parent.children[key[0]] = leaf
         self._leaves.discard(parent)
-        self._leaves.add(leaf)
+        self._add_candidate(leaf)
         self.num_tokens += len(key)
         self.num_evictable += len(key)
 
@@ -208,7 +208,22 @@ class RadixCache:
         self.num_evictable -= len(leaf.key)
         self.pool.free(leaf.slots)
         if parent is not self.root and parent.refs == 0 and not parent.children:
-            self._leaves.add(parent)
+            self._add_candidate(parent)
+
+    def _touch(self, node: Node) -> None:
+        node.last_access = self._clock
+        if node in self._leaves:
+            self._push(node)
+
+    def _add_candidate(self, node: Node) -> None:
+        self._leaves.add(node)
+        self._push(node)
+
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._heap, (node.last_access, node.serial, node))
+        if len(self._heap) > 2 * len(self._leaves) + 64:  # mostly stale: rebuild from the live ones
+            self._heap = [(n.last_access, n.serial, n) for n in self._leaves]
+            heapq.heapify(self._heap)
 
 
 class NoPrefixCache:
