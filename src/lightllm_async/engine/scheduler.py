@@ -251,8 +251,9 @@ class Scheduler:
 
     def recover(self, batches: Iterable[Batch]) -> None:
         """Undo steps that failed or were in flight when one did: every request they held goes
-        back to the queue as a suspect, its KV freed and its in-flight samples forgotten (it is
-        recomputed, which gives the same tokens)."""
+        back to the queue as a suspect, its KV released (what completed steps computed stays in
+        the prefix cache) and its in-flight samples forgotten (it is recomputed, which gives the
+        same tokens)."""
         for batch in batches:
             for item in batch.items:
                 req = self.by_slot.get(item.slot)
