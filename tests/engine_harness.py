@@ -25,6 +25,8 @@ _ids = itertools.count()
 
 class ScriptedRunner:
     """A runner without a model: a request's k-th output token is `token(first prompt token, k)`.
+    It keeps the token each KV slot was written for, so that a request whose prompt starts in
+    the prefix cache reads its first token where the cache says it is.
 
     `fail(item)` True makes a launch that contains `item` raise ValueError, as a sampling or
     forward error that concerns that request would. `gate`, while cleared, holds launches back.
@@ -45,6 +47,7 @@ class ScriptedRunner:
         self.gate.set()
         self.launched: list[Batch] = []
         self._base: dict[tuple[int, int], int] = {}
+        self._kv: dict[int, int] = {}  # KV slot -> the token whose "KV" it holds
 
     @staticmethod
     def token(base: int, k: int) -> int:
@@ -57,8 +60,12 @@ class ScriptedRunner:
         self.launched.append(batch)
         out = []
         for it in batch.items:
+            for tok, kv_slot in zip(it.token_ids, it.new_kv_slots, strict=True):
+                self._kv[kv_slot] = tok
             if it.start == 0:
                 self._base[it.slot, it.gen] = it.token_ids[0]
+            elif it.prefix_kv_slots:
+                self._base[it.slot, it.gen] = self._kv[it.prefix_kv_slots[0]]
             if self.fail is not None and self.fail(it):
                 raise ValueError(f"scripted failure of slot {it.slot}")
             if it.samples and self.script:
@@ -100,7 +107,14 @@ class LiveEngine:
     """The real Engine looping in a thread on an existing region, with a scripted runner: what the
     frontend's tests talk to. `paused` holds every step back; `kill()` stops it like a crash."""
 
-    def __init__(self, region_name: str, script: Sequence[int], max_model_len: int, step_time: float = 5e-4):
+    def __init__(
+        self,
+        region_name: str,
+        script: Sequence[int],
+        max_model_len: int,
+        step_time: float = 5e-4,
+        prefix_cache: bool = True,
+    ):
         kv_tokens = max(max_model_len, min(64 * max_model_len, 1 << 16))
         self.runner = ScriptedRunner(num_kv_tokens=kv_tokens, script=script, step_time=step_time)
         self.region = Region.attach(region_name)
@@ -110,6 +124,7 @@ class LiveEngine:
                 max_num_batched_tokens=8 * max_model_len,
                 max_model_len=max_model_len,
                 kv_cache_tokens=self.runner.num_kv_tokens,
+                enable_prefix_cache=prefix_cache,
             )
         )
         self.engine = Engine(self.region, self.scheduler, self.runner)
@@ -150,6 +165,9 @@ class EngineHarness:
         max_running_requests: int = 8,
         max_num_batched_tokens: int = 64,
         num_slots: int = 32,
+        prefix_cache: bool = True,
+        kv_cache_tokens: int | None = None,  # fewer than the runner's slots: a smaller pool
+        expected_output_tokens: int = 256,
     ):
         spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len)
         self.frontend = Region.create(f"harness-{os.getpid()}-{next(_ids)}", spec)
@@ -159,7 +177,9 @@ class EngineHarness:
                 max_running_requests=max_running_requests,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
-                kv_cache_tokens=runner.num_kv_tokens,
+                kv_cache_tokens=min(kv_cache_tokens or runner.num_kv_tokens, runner.num_kv_tokens),
+                expected_output_tokens=expected_output_tokens,
+                enable_prefix_cache=prefix_cache,
             )
         )
         self.engine = Engine(self.engine_view, sched, runner)

@@ -59,7 +59,9 @@ class Response:
 class Harness:
     """A region, a fake engine, the app with its lifespan running, and a raw ASGI client."""
 
-    def __init__(self, tokenizer, num_slots: int = 8, eos_in_script: bool = False, **context):
+    def __init__(
+        self, tokenizer, num_slots: int = 8, eos_in_script: bool = False, prefix_cache: bool = True, **context
+    ):
         self.tokenizer = tokenizer
         self.region = Region.create(
             f"fe-test-{os.getpid()}-{next(_ids)}",
@@ -68,7 +70,7 @@ class Harness:
         self.script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
         if eos_in_script:
             self.script = self.script + [tokenizer.eos_token_ids[0]]
-        self.engine = LiveEngine(self.region.name, self.script, MAX_MODEL_LEN)
+        self.engine = LiveEngine(self.region.name, self.script, MAX_MODEL_LEN, prefix_cache=prefix_cache)
         self.ctx = FrontendContext(
             region=self.region,
             tokenizer=tokenizer,
@@ -196,6 +198,7 @@ def test_chat_completion_returns_script_text_and_exact_usage(tokenizer):
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": 7,
                 "total_tokens": len(prompt_ids) + 7,
+                "prompt_tokens_details": {"cached_tokens": 0},
             }
             await h.wait_slots_free()
 
@@ -213,7 +216,12 @@ def test_completion_with_text_and_token_prompts(tokenizer):
             assert h.engine.submitted[-1][0] == tokenizer.encode("Once upon", add_special_tokens=True)
             r = await h.request("POST", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3})
             assert r.status == 200 and h.engine.submitted[-1][0] == [5, 6, 7]
-            assert r.json()["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+            assert r.json()["usage"] == {
+                "prompt_tokens": 3,
+                "completion_tokens": 3,
+                "total_tokens": 6,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            }
             r = await h.request("POST", "/v1/completions", {"prompt": [[9, 10]], "max_tokens": 1})
             assert r.status == 200 and h.engine.submitted[-1][0] == [9, 10]
 
@@ -335,6 +343,45 @@ def test_chat_stream_format_role_first_finish_last_usage_then_done(tokenizer):
             assert text == h.script_text(9)
             assert all("\ufffd" not in (c["choices"][0]["delta"].get("content") or "") for c in body)
             assert all("usage" not in c for c in chunks[:-1])
+
+    run(go())
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(tokenizer, prefix_cache):
+    """vLLM's usage.prompt_tokens_details.cached_tokens, streamed or not; /metrics counts the
+    prompt tokens looked up and found. With the cache off: 0 everywhere."""
+
+    async def go():
+        async with Harness(tokenizer, prefix_cache=prefix_cache) as h:
+            body = chat_body(max_tokens=4)
+            first = (await h.request("POST", "/v1/chat/completions", body)).json()["usage"]
+            again = (await h.request("POST", "/v1/chat/completions", body)).json()["usage"]
+            n = first["prompt_tokens"]
+            assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+            # all but the last prompt token, which is computed again for its logits
+            assert again["prompt_tokens_details"] == {"cached_tokens": n - 1 if prefix_cache else 0}
+            stream = {"prompt": "Tell me a story", "max_tokens": 3, "stream": True}
+            stream["stream_options"] = {"include_usage": True}
+            usages = []
+            for _ in range(2):
+                r = await h.request("POST", "/v1/completions", stream)
+                usages.append(json.loads(r.events()[-2])["usage"])
+            m = usages[0]["prompt_tokens"]
+            assert usages[0]["prompt_tokens_details"] == {"cached_tokens": 0}
+            assert usages[1]["prompt_tokens_details"] == {"cached_tokens": m - 1 if prefix_cache else 0}
+            text = (await h.request("GET", "/metrics")).body.decode()
+            counters = {
+                line.split()[0]: float(line.split()[1])
+                for line in text.splitlines()
+                if line.startswith("lightllm_prefix_cache_")
+            }
+            queried = 2 * n + 2 * m if prefix_cache else 0
+            hits = (n - 1) + (m - 1) if prefix_cache else 0
+            assert counters == {
+                "lightllm_prefix_cache_queries_total": queried,
+                "lightllm_prefix_cache_hits_total": hits,
+            }
 
     run(go())
 

@@ -55,6 +55,8 @@ TORCH_FREE = [
     "ipc",
     "engine/scheduler.py",
     "engine/kv_pool.py",
+    "engine/kv_manager.py",
+    "engine/radix_cache.py",
     "engine/request.py",
     "engine/engine.py",
     "tokenizer.py",

@@ -27,6 +27,7 @@ from lightllm_async.ipc import (
     engine_side,
 )
 from lightllm_async.ipc.shm import SHM_DIR
+from lightllm_async.ipc.types import ENGINE_STATS_FIELDS
 from lightllm_async.types import FinishReason, SamplingParams
 
 PARAMS = SamplingParams(
@@ -367,7 +368,7 @@ def test_engine_and_frontend_wake_each_other_without_loss(pair):
 def _publish_stats(name: str, n: int) -> None:
     engine = Region.attach(name)
     for i in range(1, n + 1):
-        engine.set_engine_stats(EngineStats(*([i] * 8)))
+        engine.set_engine_stats(EngineStats(*([i] * ENGINE_STATS_FIELDS)))
     os._exit(0)
 
 

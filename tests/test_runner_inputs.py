@@ -7,6 +7,8 @@ same model run on those views stands in for the replay.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -121,6 +123,21 @@ def test_packed_contexts_hold_every_requests_cache_rows_in_order_once_per_step()
         )
     with pytest.raises(ValueError, match="host_seq_lens"):
         _ = buf.context(4, 4, 4, decode_only=True).packed  # a graph's context: lengths unknown
+
+
+def test_a_prefix_cache_hit_maps_the_cached_slots_before_the_new_tokens():
+    """A request admitted with a hit computes from `start`; positions [0, start) of its row get the
+    cache's slots in the same upload, whatever the row held for its previous request."""
+    buf = buffers()
+    buf.req_to_token[1, :6] = torch.tensor([9, 9, 9, 9, 9, 9], dtype=torch.int32)  # a stale row
+    hit = item(5, 1, 4, [21, 22], [60, 61])
+    hit = dataclasses.replace(hit, prefix_kv_slots=(33, 7, 12, 40))
+    batch = Batch(items=(item(2, 0, 3, [11], [50]), hit), step=1)
+    step = buf.load(batch, torch.empty(0, dtype=torch.int64), {}, pad_to=0)
+    assert buf.req_to_token[1, :6].tolist() == [33, 7, 12, 40, 60, 61]
+    assert buf.req_to_token[0, 3] == 50
+    assert step.ctx.positions.tolist() == [3, 4, 5] and step.ctx.seq_lens.tolist() == [4, 6]
+    assert step.ctx.kv_slots.tolist() == [50, 60, 61]  # only the new tokens are written to the cache
 
 
 def test_a_smaller_step_after_a_larger_one_sees_only_its_own_rows():

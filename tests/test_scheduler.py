@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from kv_checks import check_kv_ownership
 from lightllm_async.batch import PENDING_TOKEN, Sampled
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
@@ -19,7 +20,7 @@ def Params(max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> SamplingParam
     return SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=0.0)
 
 
-def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256) -> Scheduler:
+def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256, prefix_cache=True) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             max_running_requests=running,
@@ -27,6 +28,7 @@ def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256) -> Sche
             max_model_len=max_len,
             kv_cache_tokens=kv,
             expected_output_tokens=expected,
+            enable_prefix_cache=prefix_cache,
         )
     )
 
@@ -51,8 +53,7 @@ def run_to_end(s: Scheduler, max_steps=10_000):
         sampled = Sampled(tuple(next_token(s.by_slot[it.slot]) for it in batch.items if it.samples))
         for f in s.update(batch, sampled)[1]:
             done[f.request.slot] = (f.request.output_ids, f.reason)
-        held = sum(len(r.kv_slots) for r in s.running)
-        assert held + s.tokens.num_free == s.tokens.capacity
+        check_kv_ownership(s)
         for r in s.running:
             assert len(r.kv_slots) == r.num_computed_tokens
     assert not s.has_work()
@@ -89,7 +90,7 @@ def run_overlapped(s: Scheduler, max_steps=10_000):
         if inflight is None and not s.has_work():
             break
     assert not s.has_work()
-    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == s.rows.capacity
+    assert s.num_free_tokens == s.tokens.capacity and s.rows.num_free == s.rows.capacity
     return done
 
 
@@ -135,7 +136,7 @@ def test_requests_of_different_lengths_all_finish_with_their_own_tokens():
         out, reason = done[i]
         assert reason == FinishReason.LENGTH
         assert out == expected_output(p, 5 + i)
-    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == s.rows.capacity
+    assert s.num_free_tokens == s.tokens.capacity and s.rows.num_free == s.rows.capacity
 
 
 def test_long_prompt_is_chunked_within_the_token_budget():
@@ -181,7 +182,7 @@ def test_abort_frees_kv_and_row_wherever_the_request_is():
     assert s.abort(0) is not None  # running
     assert s.abort(0) is None
     assert not s.has_work()
-    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == 1
+    assert s.num_free_tokens == s.tokens.capacity and s.rows.num_free == 1
 
 
 def test_cache_smaller_than_context_is_refused():
@@ -206,7 +207,7 @@ def test_a_failed_step_is_undone_and_its_culprit_found_alone():
     assert failed and len(batch.items) == 4
     assert s.blame(batch) is None  # four requests: no culprit yet
     s.recover([batch])
-    assert not s.running and s.tokens.num_free == s.tokens.capacity
+    assert not s.running and s.num_free_tokens == s.tokens.capacity
     assert all(r.suspect and r.num_pending == 0 for r in s.waiting)
     done = {}
     while s.has_work():
@@ -226,7 +227,7 @@ def test_a_failed_step_is_undone_and_its_culprit_found_alone():
     assert sorted(done) == [0, 1, 3]
     for i in done:
         assert done[i] == expected_output(prompts[i], 6)
-    assert s.tokens.num_free == s.tokens.capacity and s.rows.num_free == s.rows.capacity
+    assert s.num_free_tokens == s.tokens.capacity and s.rows.num_free == s.rows.capacity
 
 
 def test_scheduler_runs_with_torch_posix_ipc_and_the_c_extension_blocked():

@@ -13,6 +13,15 @@ from lightllm_async.types import SamplingParams
 PENDING_TOKEN = -1  # an input position whose token the previous step samples on the device
 
 
+def max_prefix_slots(max_model_len: int, max_num_batched_tokens: int) -> int:
+    """How many prefix-cache slots one step may map into request rows (`prefix_kv_slots`, summed
+    over the batch): the scheduler admits within it and the runner sizes an input section by it.
+    At least one whole context, and room for a step of many short suffixes behind long shared
+    prefixes: 16 cached tokens per token of the step budget (a 2,000-token system prompt ahead of
+    128-token questions needs 16)."""
+    return max(max_model_len, 16 * max_num_batched_tokens)
+
+
 @dataclass(frozen=True)
 class ScheduledReq:
     """One request's share of a step: compute positions [start, start + len(token_ids))."""
@@ -27,6 +36,9 @@ class ScheduledReq:
     samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
     params: SamplingParams
     num_output: int  # output tokens before the one this step samples (for penalties and seeds)
+    # On a request's first step after admission with a prefix-cache hit: the cached KV slots of
+    # positions [0, start), which the runner maps into the row before computing the new tokens.
+    prefix_kv_slots: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

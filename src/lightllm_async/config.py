@@ -309,6 +309,7 @@ class EngineConfig:
     kv_cache_tokens: int = 0  # 0: derive from memory
     gpu_memory_utilization: float = 0.85
     disable_cuda_graph: bool = False
+    disable_prefix_cache: bool = False
     seed: int = 0
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step

@@ -71,6 +71,9 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV cache size in tokens (0: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument(
+        "--disable-prefix-cache", action="store_true", help="compute every prompt in full (no prefix cache)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--cpu-threads",
@@ -150,6 +153,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_prefix_cache=args.disable_prefix_cache,
         seed=args.seed,
         fail_after_steps=args.fail_after_steps,
         cpu_threads=args.cpu_threads,

@@ -158,6 +158,7 @@ class Engine:
             slots, tokens = zip(*applied, strict=True)
             self.region.append_step(slots, tokens)
         for f in finished:
+            self.region.set_cached_tokens(f.request.slot, f.request.cached_tokens or 0)
             self.region.finish(f.request.slot, f.reason)
         self._generated_tokens += len(applied)
         self.publish_stats()
@@ -169,10 +170,12 @@ class Engine:
             EngineStats(
                 num_running=len(s.running),
                 num_waiting=len(s.waiting),
-                kv_tokens_free=s.tokens.num_free,
-                kv_tokens_total=s.tokens.capacity,
+                kv_tokens_free=s.num_free_tokens,
+                kv_tokens_total=s.kv.capacity,
                 num_preemptions=s.num_preemptions,
                 prompt_tokens_total=self._prompt_tokens,
                 generation_tokens_total=self._generated_tokens,
+                cached_tokens_total=s.prefix_hit_tokens,
+                prefix_queried_tokens_total=s.prefix_queried_tokens,
             )
         )

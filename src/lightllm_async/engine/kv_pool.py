@@ -1,8 +1,9 @@
 """Free lists of KV token slots and request-table rows. Plain Python, no torch.
 
-The KV cache is token-level (page size 1): a request owns one cache row per token it has
-computed, anywhere in the pool. The runner maps a request's positions to those rows through the
-request-to-token table, whose rows come from `RowPool`.
+The KV cache is token-level (page size 1): a request has one cache row per token it has
+computed, anywhere in the pool, its own or shared through the prefix cache (kv_manager.py says
+which). The runner maps a request's positions to those rows through the request-to-token table,
+whose rows come from `RowPool`.
 """
 
 from __future__ import annotations

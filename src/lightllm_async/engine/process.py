@@ -112,6 +112,7 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
                 max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_model_len=cfg.max_model_len,
                 kv_cache_tokens=runner.num_kv_tokens,
+                enable_prefix_cache=not cfg.disable_prefix_cache,
             )
         )
         engine = Engine(region, scheduler, runner)

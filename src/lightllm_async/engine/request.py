@@ -18,7 +18,8 @@ class Request:
     With overlapped steps, a token can be sampled on the device but not yet known here: it is
     `pending`, and the next step may already feed it to the model (as PENDING_TOKEN, which the
     runner replaces with the device-side sample). `kv_slots` counts positions scheduled, which runs
-    ahead of `num_computed_tokens` while a step is in flight.
+    ahead of `num_computed_tokens` while a step is in flight. A prefix-cache hit at admission
+    makes the first `num_cached` positions computed without a step.
     """
 
     slot: int
@@ -29,7 +30,14 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     row: int = -1  # row in the request-to-token table while running
-    kv_slots: list[int] = field(default_factory=list)  # KV cache rows, one per computed position
+    kv_slots: list[int] = field(default_factory=list)  # KV cache rows, one per scheduled position
+    # The prefix cache's share (engine/kv_manager.py): kv_slots[:num_cached] are the cache's, on the
+    # path locked at cache_node; the rest are the request's own.
+    num_cached: int = 0
+    cache_node: object = None
+    map_prefix: bool = False  # the next step maps the cached prefix into the request's table row
+    prompt_cached: bool = False  # the computed prompt was offered to the cache
+    cached_tokens: int | None = None  # prompt tokens the cache held at first admission (for usage)
     num_preemptions: int = 0
     num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
     suspect: bool = False  # was in a step that failed: runs alone until one of its steps succeeds

@@ -4,6 +4,10 @@ Each step the scheduler gives running requests their next tokens (one for decode
 prefill that is still catching up), then admits waiting requests while the token budget and the
 KV capacity allow. Admission reserves the peak a request is expected to reach; when the guess
 proves wrong and the cache runs dry, the newest request is preempted and recomputed later.
+
+With the prefix cache (engine/radix_cache.py), an admitted request reuses the KV of its longest
+cached prefix and starts computing after it; cached slots that no running request uses count as
+free capacity, evicted when the pool runs short and before anything is preempted.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lightllm_async.batch import Batch, Sampled, ScheduledReq
-from lightllm_async.engine.kv_pool import RowPool, TokenPool
+from lightllm_async.batch import Batch, Sampled, ScheduledReq, max_prefix_slots
+from lightllm_async.engine.kv_manager import KVManager
+from lightllm_async.engine.kv_pool import RowPool
 from lightllm_async.engine.request import Request
 from lightllm_async.types import FinishReason
 
@@ -26,6 +31,7 @@ class SchedulerConfig:
     kv_cache_tokens: int
     # Output length assumed at admission for requests whose max_new_tokens is larger.
     expected_output_tokens: int = 256
+    enable_prefix_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,17 @@ class Scheduler:
                 f"max_model_len={cfg.max_model_len}"
             )
         self.cfg = cfg
-        self.tokens = TokenPool(cfg.kv_cache_tokens)
+        self.kv = KVManager(cfg.kv_cache_tokens, cfg.enable_prefix_cache)
+        self.tokens = self.kv.tokens
         self.rows = RowPool(cfg.max_running_requests)
+        self.max_prefix_slots = max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is the newest
         self.by_slot: dict[int, Request] = {}
         self.num_steps = 0
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # prompt tokens looked up at first admission
+        self.prefix_hit_tokens = 0  # ... and found in the cache
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -67,6 +77,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_free_tokens(self) -> int:
+        """KV capacity not held by running requests: free slots and evictable cached ones."""
+        return self.kv.num_free
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -89,8 +104,12 @@ class Scheduler:
                 continue  # nothing to do, or req itself was preempted
             items.append(self._take(req, n))
             budget -= n
-        while budget > 0 and self._admissible(self.waiting[0] if self.waiting else None):
-            req = self._admit_next()
+        prefix_room = self.max_prefix_slots
+        while budget > 0 and self.waiting and not self.waiting[0].suspect:
+            req = self.waiting[0]
+            if not self._admit(req, prefix_room):
+                break
+            prefix_room -= req.num_cached
             n = min(self._unscheduled(req), budget)
             items.append(self._take(req, n))
             budget -= n
@@ -102,14 +121,24 @@ class Scheduler:
         self.num_steps += 1
         return Batch(items=tuple(items), step=self.num_steps)
 
-    def _admissible(self, req: Request | None) -> bool:
-        return req is not None and not req.suspect and self._can_admit(req)
-
-    def _admit_next(self) -> Request:
-        req = self.waiting.popleft()
+    def _admit(self, req: Request, prefix_room: int) -> bool:
+        """Admit a waiting request if a row, the KV capacity and the step's room for cached
+        prefixes allow; it reuses its cached prefix. False if it has to wait."""
+        if self.rows.num_free == 0 or req.num_pending:  # a preempted request's token is in flight
+            return False
+        hit, pinned = self.kv.probe(req)
+        if hit > prefix_room or not self._fits(req, hit, pinned):
+            return False
+        self.waiting.remove(req)  # the head, but for a suspect
         req.row = self.rows.allocate()
         self.running.append(req)
-        return req
+        hit = self.kv.acquire_prefix(req)
+        if req.cached_tokens is None:  # first admission: what the client's prompt found
+            req.cached_tokens = hit
+            if self.kv.cache.enabled:
+                self.prefix_queried_tokens += len(req.prompt_ids)
+                self.prefix_hit_tokens += hit
+        return True
 
     @staticmethod
     def _unscheduled(req: Request) -> int:
@@ -126,7 +155,9 @@ class Scheduler:
 
     def _take(self, req: Request, n: int) -> ScheduledReq:
         start = req.num_scheduled_tokens
-        slots = self.tokens.allocate(n)
+        prefix = tuple(req.kv_slots) if req.map_prefix else ()
+        req.map_prefix = False
+        slots = self.kv.allocate(n)
         req.kv_slots.extend(slots)
         samples = start + n == req.num_tokens + req.num_pending
         item = ScheduledReq(
@@ -140,13 +171,15 @@ class Scheduler:
             samples=samples,
             params=req.params,
             num_output=len(req.output_ids) + req.num_pending,
+            prefix_kv_slots=prefix,
         )
         req.num_pending += samples
         return item
 
     def _make_room(self, n: int, req: Request) -> bool:
-        """Preempt the newest requests until `n` token slots are free; False if `req` went."""
-        while not self.tokens.can_allocate(n):
+        """Preempt the newest requests until `n` token slots are free (evictable cached ones
+        count: a preempted request's computed tokens join them); False if `req` went."""
+        while self.kv.num_free < n:
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
@@ -156,7 +189,6 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._release(req)
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         # Back to the head of the queue, ahead of requests that arrived later.
@@ -166,8 +198,7 @@ class Scheduler:
         self.waiting.insert(pos, req)
 
     def _release(self, req: Request) -> None:
-        self.tokens.free(req.kv_slots)
-        req.kv_slots = []
+        self.kv.release(req)
         if req.row >= 0:
             self.rows.free(req.row)
             req.row = -1
@@ -177,26 +208,25 @@ class Scheduler:
         expected = min(remaining, self.cfg.expected_output_tokens)
         return min(req.num_tokens + max(expected, 1), self.cfg.max_model_len)
 
-    def _can_admit(self, req: Request) -> bool:
-        if self.rows.num_free == 0 or req.num_pending:  # a preempted request's token is in flight
-            return False
+    def _fits(self, req: Request, hit: int, pinned: int) -> bool:
+        """Room for `req`'s peak beside the peaks the running requests are expected to reach; a
+        hit of `hit` cached tokens, `pinned` of them now evictable, needs that many fewer slots
+        but takes those from the free capacity."""
         reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
-        return self.tokens.num_free - reserved >= self._peak(req)
+        return self.kv.num_free - pinned - reserved >= self._peak(req) - hit
 
     # -- failure isolation --------------------------------------------------------------------
 
     def _next_suspect(self) -> Request | None:
-        """A suspect to run alone: a running one, else the first waiting one that can be admitted
-        (moved to the head of the queue). None: schedule normally, suspects left waiting."""
+        """A suspect to run alone: a running one, else the first waiting one, admitted here if it
+        can be. None: schedule normally, suspects left waiting."""
         running = next((r for r in self.running if r.suspect), None)
         if running is not None:
             return running
         waiting = next((r for r in self.waiting if r.suspect), None)
-        if waiting is None or not self._can_admit(waiting):
+        if waiting is None or not self._admit(waiting, self.max_prefix_slots):
             return None
-        self.waiting.remove(waiting)
-        self.waiting.appendleft(waiting)
-        return self._admit_next()
+        return waiting
 
     def _schedule_alone(self, req: Request) -> Batch | None:
         """Not overlapped: a failure then belongs to exactly one step of this request."""
@@ -221,8 +251,9 @@ class Scheduler:
 
     def recover(self, batches: Iterable[Batch]) -> None:
         """Undo steps that failed or were in flight when one did: every request they held goes
-        back to the queue as a suspect, its KV freed and its in-flight samples forgotten (it is
-        recomputed, which gives the same tokens)."""
+        back to the queue as a suspect, its KV released (what completed steps computed stays in
+        the prefix cache) and its in-flight samples forgotten (it is recomputed, which gives the
+        same tokens)."""
         for batch in batches:
             for item in batch.items:
                 req = self.by_slot.get(item.slot)
@@ -249,6 +280,8 @@ class Scheduler:
                 continue
             if item.epoch == req.num_preemptions:
                 req.num_computed_tokens += len(item.token_ids)
+                if not req.prompt_cached and req.num_computed_tokens >= len(req.prompt_ids):
+                    self.kv.cache_prompt(req)
             if token is None:
                 continue
             req.suspect = False  # it sampled: whatever failed was not this request

@@ -45,6 +45,11 @@ class EngineCollector(Collector):
             "num_preemptions": ("Requests preempted for lack of KV cache.", s.num_preemptions),
             "prompt_tokens": ("Prompt tokens admitted.", s.prompt_tokens_total),
             "generation_tokens": ("Tokens generated.", s.generation_tokens_total),
+            "prefix_cache_queries": (
+                "Prompt tokens looked up in the prefix cache (each request once, at admission).",
+                s.prefix_queried_tokens_total,
+            ),
+            "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.cached_tokens_total),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)

@@ -21,6 +21,7 @@ from .protocol import (
     Delta,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     Usage,
     decode_body,
 )
@@ -29,7 +30,12 @@ from .service import Service, request_id
 
 
 def _usage(gen: Generation) -> Usage:
-    return Usage(gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens + gen.completion_tokens)
+    return Usage(
+        gen.prompt_tokens,
+        gen.completion_tokens,
+        gen.prompt_tokens + gen.completion_tokens,
+        PromptTokensDetails(gen.cached_tokens),
+    )
 
 
 async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:

@@ -74,7 +74,8 @@ class EngineStats:
     num_preemptions: int = 0  # counters from here on: totals since the engine started
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    cached_tokens_total: int = 0
+    cached_tokens_total: int = 0  # prompt tokens found in the prefix cache at first admission
+    prefix_queried_tokens_total: int = 0  # prompt tokens looked up there (none when it is off)
 
 
 ENGINE_STATS_FIELDS = len(fields(EngineStats))

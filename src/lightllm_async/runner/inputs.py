@@ -34,6 +34,10 @@ class FlatInputs:
     logits_idx: list[int] = field(default_factory=list)  # [S] tokens whose logits are sampled
     pending_pos: list[int] = field(default_factory=list)  # [P] inputs that are the last step's samples
     pending_src: list[int] = field(default_factory=list)  # [P] ... and which sample each one is
+    # [C] prefix-cache hits to map into req_to_token: (row, position) <- cache slot
+    prefix_rows: list[int] = field(default_factory=list)
+    prefix_pos: list[int] = field(default_factory=list)
+    prefix_slots: list[int] = field(default_factory=list)
 
     def pad_to(self, n: int, sink_slot: int, sink_row: int) -> None:
         """Append one-token rows up to n requests (a CUDA-graph bucket): each writes its k/v into
@@ -66,6 +70,10 @@ def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
         f.seq_lens.append(it.start + n)
         if it.samples:
             f.logits_idx.append(f.q_start[-1] - 1)
+        if it.prefix_kv_slots:  # positions [0, start), computed for another request
+            f.prefix_rows.extend([it.row] * it.start)
+            f.prefix_pos.extend(range(it.start))
+            f.prefix_slots.extend(it.prefix_kv_slots)
     return f
 
 
@@ -84,8 +92,9 @@ class InputBuffers:
 
     `load` writes a batch (padded to a CUDA-graph bucket if asked), uploads it with one copy, puts
     the previous launch's samples into PENDING_TOKEN inputs and records the new tokens' cache
-    slots in req_to_token, all on the device. `context(b)` gives the views a graph of b rows is
-    captured with: the same tensors `load` fills. Row `sink_row` of req_to_token starts with
+    slots in req_to_token, all on the device, after the cached-prefix slots of newly admitted
+    requests (at most `max_prefix_slots` a step). `context(b)` gives the views a graph of b rows
+    is captured with: the same tensors `load` fills. Row `sink_row` of req_to_token starts with
     `sink_slot`: the cache entry padding rows write and read.
     """
 
@@ -96,6 +105,7 @@ class InputBuffers:
         req_to_token: Tensor,
         sink_slot: int,
         sink_row: int,
+        max_prefix_slots: int = 0,  # 0: one row of req_to_token
     ):
         self.req_to_token = req_to_token
         self.sink_slot, self.sink_row = sink_slot, sink_row
@@ -115,7 +125,13 @@ class InputBuffers:
             "token_rows": (torch.int64, max_tokens),
             "input_ids": (torch.int64, max_tokens),
         }
-        self.staging = Staging(per_request | sampling | per_token, req_to_token.device)
+        max_prefix_slots = max_prefix_slots or req_to_token.shape[1]
+        prefix = {
+            "prefix_rows": (torch.int64, max_prefix_slots),
+            "prefix_pos": (torch.int64, max_prefix_slots),
+            "prefix_slots": (torch.int32, max_prefix_slots),
+        }
+        self.staging = Staging(per_request | sampling | per_token | prefix, req_to_token.device)
 
     @property
     def input_ids(self) -> Tensor:
@@ -161,9 +177,13 @@ class InputBuffers:
             put=self.staging.put,
         )
         ids, pending_pos, pending_src = self._write(flat)
+        prefix = self._write_prefix(flat)
         self.staging.upload()
         if pending_pos.numel():
             ids.index_copy_(0, pending_pos, last_sampled.index_select(0, pending_src))
+        if prefix is not None:
+            rows, pos, slots = prefix
+            self.req_to_token[rows, pos] = slots
         t, view = num_real_tokens, self.staging.view  # padding rows come after the real tokens
         self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
         num_samples = sum(it.samples for it in batch.items)
@@ -200,3 +220,13 @@ class InputBuffers:
         put("token_rows", flat.token_rows)
         pending = put("pending_pos", flat.pending_pos), put("pending_src", flat.pending_src)
         return put("input_ids", flat.ids), *pending
+
+    def _write_prefix(self, flat: FlatInputs) -> tuple[Tensor, Tensor, Tensor] | None:
+        if not flat.prefix_slots:
+            return None
+        put = self.staging.put
+        return (
+            put("prefix_rows", flat.prefix_rows),
+            put("prefix_pos", flat.prefix_pos),
+            put("prefix_slots", flat.prefix_slots),
+        )

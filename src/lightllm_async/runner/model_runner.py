@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import Batch, DeviceFailure, Sampled
+from lightllm_async.batch import Batch, DeviceFailure, Sampled, max_prefix_slots
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
@@ -174,6 +174,7 @@ class ModelRunner:
             req_to_token=self.req_to_token,
             sink_slot=self.num_kv_tokens,
             sink_row=cfg.max_running_requests,
+            max_prefix_slots=max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens),
         )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
