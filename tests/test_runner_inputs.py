@@ -7,8 +7,6 @@ same model run on those views stands in for the replay.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -131,7 +129,7 @@ def test_a_prefix_cache_hit_maps_the_cached_slots_before_the_new_tokens():
     buf = buffers()
     buf.req_to_token[1, :6] = torch.tensor([9, 9, 9, 9, 9, 9], dtype=torch.int32)  # a stale row
     hit = item(5, 1, 4, [21, 22], [60, 61])
-    hit = dataclasses.replace(hit, prefix_kv_slots=(33, 7, 12, 40))
+    hit = hit._replace(prefix_kv_slots=(33, 7, 12, 40))
     batch = Batch(items=(item(2, 0, 3, [11], [50]), hit), step=1)
     step = buf.load(batch, torch.empty(0, dtype=torch.int64), {}, pad_to=0)
     assert buf.req_to_token[1, :6].tolist() == [33, 7, 12, 40, 60, 61]

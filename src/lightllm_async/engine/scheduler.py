@@ -97,11 +97,11 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req not in self.running or self._will_finish_by_length(req):
-                continue  # preempted by an earlier iteration, or its pending token is its last
+            if req.row < 0 or self._will_finish_by_length(req):
+                continue  # preempted by an earlier iteration (no row), or its pending token is its last
             n = min(self._unscheduled(req), budget)
-            if n == 0 or not self._make_room(n, req):
-                continue  # nothing to do, or req itself was preempted
+            if n == 0 or (self.tokens.num_free < n and not self._make_room(n, req)):
+                continue  # nothing to do, or req itself was preempted (free slots in the pool: no need)
             items.append(self._take(req, n))
             budget -= n
         prefix_room = self.max_prefix_slots
@@ -154,24 +154,27 @@ class Scheduler:
         )
 
     def _take(self, req: Request, n: int) -> ScheduledReq:
-        start = req.num_scheduled_tokens
-        prefix = tuple(req.kv_slots) if req.map_prefix else ()
+        # once per running request per step: the attribute reads are kept few (scheduler_bench)
+        kv_slots = req.kv_slots
+        start = len(kv_slots)  # req.num_scheduled_tokens
+        prefix = tuple(kv_slots) if req.map_prefix else ()
         req.map_prefix = False
         slots = self.kv.allocate(n)
-        req.kv_slots.extend(slots)
-        samples = start + n == req.num_tokens + req.num_pending
+        kv_slots.extend(slots)
+        num_output = len(req.output_ids) + req.num_pending
+        samples = start + n == len(req.prompt_ids) + num_output
         item = ScheduledReq(
-            slot=req.slot,
-            gen=req.gen,
-            epoch=req.num_preemptions,
-            row=req.row,
-            start=start,
-            token_ids=tuple(req.token_ids(start, start + n)),
-            new_kv_slots=tuple(slots),
-            samples=samples,
-            params=req.params,
-            num_output=len(req.output_ids) + req.num_pending,
-            prefix_kv_slots=prefix,
+            req.slot,
+            req.gen,
+            req.num_preemptions,
+            req.row,
+            start,
+            tuple(req.token_ids(start, start + n)),
+            tuple(slots),
+            samples,
+            req.params,
+            num_output,
+            prefix,
         )
         req.num_pending += samples
         return item
