@@ -258,3 +258,48 @@ print('ok')
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_admission_learns_the_expected_output_length_from_finished_requests():
+    """Until 32 requests finished, admission reserves the configured 256 output tokens per
+    request; once they finish after 8 tokens each, it reserves their 90th percentile instead and
+    admits more requests into the same KV capacity."""
+
+    def admitted(s: Scheduler) -> int:
+        for i in range(8):
+            s.add(
+                Request(
+                    slot=100 + i,
+                    gen=0,
+                    prompt_ids=[5] * 40,
+                    params=Params(max_new_tokens=400),
+                    arrival=100 + i,
+                )
+            )
+        s.schedule()
+        return len(s.running)
+
+    fresh = make_sched(kv=1200, running=8, budget=512, max_len=512)
+    assert admitted(fresh) == 4  # 1200 // (40 + 256)
+    learned = make_sched(kv=1200, running=8, budget=512, max_len=512)
+    for i in range(40):
+        learned.add(Request(slot=i, gen=0, prompt_ids=[5] * 40, params=Params(max_new_tokens=8), arrival=i))
+    run_to_end(learned)
+    assert learned.output_lengths.expected == 8
+    assert admitted(learned) == 8  # 1200 // (40 + 8) = 25, the rows allow 8
+
+
+def test_learning_the_output_length_can_be_turned_off():
+    s = Scheduler(
+        SchedulerConfig(
+            max_running_requests=8,
+            max_num_batched_tokens=512,
+            max_model_len=512,
+            kv_cache_tokens=1200,
+            learn_output_tokens=False,
+        )
+    )
+    for i in range(40):
+        s.add(Request(slot=i, gen=0, prompt_ids=[5] * 40, params=Params(max_new_tokens=8), arrival=i))
+    run_to_end(s)
+    assert s.output_lengths.expected == 256

@@ -29,9 +29,39 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     kv_cache_tokens: int
-    # Output length assumed at admission for requests whose max_new_tokens is larger.
+    # Output length assumed at admission for requests whose max_new_tokens is larger, until
+    # LEARN_AFTER requests have finished; then the LEARN_QUANTILE of the recent output lengths.
     expected_output_tokens: int = 256
+    learn_output_tokens: bool = True
     enable_prefix_cache: bool = True
+
+
+class OutputLengths:
+    """What admission expects a request to generate, learned from those that finished (as
+    LightLLM's router does): the LEARN_QUANTILE of the last WINDOW output lengths once LEARN_AFTER
+    are known, the configured guess before. An overestimate leaves KV capacity idle; an
+    underestimate costs preemptions (counted), which recompute and so stay correct."""
+
+    WINDOW = 512
+    LEARN_AFTER = 32
+    LEARN_QUANTILE = 0.9
+
+    def __init__(self, initial: int, learn: bool):
+        self.initial, self.learn = initial, learn
+        self.recent: deque[int] = deque(maxlen=self.WINDOW)
+        self._expected = initial
+
+    def observe(self, length: int) -> None:
+        if not self.learn:
+            return
+        self.recent.append(length)
+        if len(self.recent) >= self.LEARN_AFTER and len(self.recent) % 8 == 0:  # sort now and then
+            ordered = sorted(self.recent)
+            self._expected = max(1, ordered[int(self.LEARN_QUANTILE * (len(ordered) - 1))])
+
+    @property
+    def expected(self) -> int:
+        return self._expected
 
 
 @dataclass(frozen=True)
@@ -61,6 +91,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0  # prompt tokens looked up at first admission
         self.prefix_hit_tokens = 0  # ... and found in the cache
+        self.output_lengths = OutputLengths(cfg.expected_output_tokens, cfg.learn_output_tokens)
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -208,7 +239,7 @@ class Scheduler:
 
     def _peak(self, req: Request) -> int:
         remaining = req.params.max_new_tokens - len(req.output_ids)
-        expected = min(remaining, self.cfg.expected_output_tokens)
+        expected = min(remaining, self.output_lengths.expected)
         return min(req.num_tokens + max(expected, 1), self.cfg.max_model_len)
 
     def _fits(self, req: Request, hit: int, pinned: int) -> bool:
@@ -295,6 +326,7 @@ class Scheduler:
             if reason is not FinishReason.NONE:
                 self._retire(req)
                 finished.append(Finished(req, reason))
+                self.output_lengths.observe(len(req.output_ids))
         return applied, finished
 
     def _retire(self, req: Request) -> None:
