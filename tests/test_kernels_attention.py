@@ -1,6 +1,8 @@
 """Attention and KV-store kernels against their references: in the Triton interpreter on CPU
 tensors at small irregular sizes, and compiled on CUDA at real sizes (marked gpu)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from lightllm_async.kernels import (
     prefill_attention_ref,
     store_kv,
     store_kv_ref,
+    use_triton,
 )
 from lightllm_async.kernels.testing import (
     TOLERANCE,
@@ -166,6 +169,33 @@ def test_prefill_attention_pads_odd_head_dims(interpreter, heads, head_dim):
 @pytest.mark.parametrize("heads", [(4, 2), (5, 5)])
 def test_prefill_attention_takes_a_v_head_dim_of_its_own(interpreter, heads, qk_dim, v_dim):
     check_prefill([(1, 0), (7, 6), (20, 14), (1, 12)], heads, qk_dim, torch.float32, "cpu", v_dim=v_dim)
+
+
+@pytest.mark.parametrize(
+    "new_and_prefix, heads, head_dim, v_dim",
+    [
+        ([(1, 0), (7, 10), (33, 97)], (4, 2), 64, None),  # a decode-like token, prefixes, GQA
+        ([(16, 0), (0, 5), (17, 16), (1, 1)], (3, 3), 80, None),  # an empty request, MHA
+        ([(1, 3)] * 9 + [(40, 0)], (8, 1), 128, None),  # many short requests, one long
+        ([(1, 0), (7, 6), (20, 14)], (5, 5), 96, 64),  # MLA-like: v narrower than q.k
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_cpu_path_matches_reference(
+    monkeypatch, new_and_prefix, heads, head_dim, v_dim, dtype
+):
+    """Without Triton (the CPU), prefill runs torch's SDPA per request rather than the reference."""
+    assert not use_triton(torch.empty(1)), "run without TRITON_INTERPRET: this is the CPU path"
+
+    def not_the_reference(*_):
+        raise AssertionError("the CPU path must not build every score")
+
+    monkeypatch.setattr(
+        importlib.import_module("lightllm_async.kernels.prefill_attention"),
+        "prefill_attention_ref",
+        not_the_reference,
+    )
+    check_prefill(new_and_prefix, heads, head_dim, dtype, "cpu", v_dim=v_dim)
 
 
 @pytest.mark.parametrize("head_dim", ODD_HEAD_DIMS)

@@ -38,6 +38,48 @@ def prefill_attention_ref(
     return out
 
 
+def prefill_attention_cpu(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    req_to_token: Tensor,
+    req_idx: Tensor,
+    q_start: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+) -> Tensor:
+    """The CPU path (no Triton there): per request, torch's scaled_dot_product_attention, whose CPU
+    kernel works in blocks and skips the masked half, over the request's rows gathered from the
+    cache; causal from the top left when there is no cached prefix, else an explicit mask that
+    lines the new tokens up with the end of the context. The reference builds every score."""
+    out = q.new_empty(q.shape[:2] + v_cache.shape[2:])  # [T, Hq, Dv]
+    group = q.shape[1] // k_cache.shape[1]  # kv heads repeated: SDPA's enable_gqa takes its slow path
+    bounds = zip(
+        q_start[:-1].tolist(), q_start[1:].tolist(), seq_lens.tolist(), req_idx.tolist(), strict=True
+    )
+    for start, end, seq_len, row in bounds:
+        if end == start:
+            continue
+        rows = req_to_token[row, :seq_len].long()
+        k, v = k_cache[rows].transpose(0, 1), v_cache[rows].transpose(0, 1)  # [Hk, S, D], [Hk, S, Dv]
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # [Hq, S, *]
+        new, mask = end - start, None
+        if new != seq_len:
+            pos = torch.arange(seq_len - new, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]  # [new, S]
+        o = torch.nn.functional.scaled_dot_product_attention(  # 4-D: 3-D inputs take the math path
+            q[start:end].transpose(0, 1)[None],
+            k[None],
+            v[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+        )  # [1, Hq, new, Dv]
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
 @jit
 def _prefill_kernel(
     Q,  # [T, Hq, D] the new tokens' queries, packed request after request
@@ -155,7 +197,8 @@ def prefill_attention(
     q_start[B] must be T.
     """
     if not use_triton(q):
-        return prefill_attention_ref(q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, scale)
+        fallback = prefill_attention_cpu if q.device.type == "cpu" else prefill_attention_ref
+        return fallback(q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, scale)
     num_tokens, hq, dim = q.shape
     batch, hk, dim_v = req_idx.shape[0], k_cache.shape[1], v_cache.shape[2]
     assert k_cache.shape[2] == dim and v_cache.shape[:2] == k_cache.shape[:2] and hq % hk == 0
