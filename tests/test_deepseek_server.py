@@ -100,6 +100,6 @@ def test_concurrent_requests_each_equal_the_same_request_alone(deepseek):
 def test_disconnect_mid_stream_frees_slot_and_kv_tokens(deepseek):
     srv, _, _, max_model_len = deepseek
     total = srv.request("GET", "/metrics")[2]
-    assert f"lightllm_kv_cache_tokens_total {float(MAX_RUNNING * max_model_len)}" in total
+    assert f"lightllm_async:kv_cache_tokens_total {float(MAX_RUNNING * max_model_len)}" in total
     body = {"prompt": "tell me a long story", "max_tokens": max_model_len - 16, "ignore_eos": True}
     check_disconnect_frees_slot_and_kv(srv, body)

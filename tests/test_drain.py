@@ -59,7 +59,7 @@ def wait_generating(srv: ServerProcess, n: int) -> None:
 
     def running() -> int:
         _, _, text = srv.request("GET", "/metrics")
-        line = next(x for x in text.splitlines() if x.startswith("lightllm_num_requests_running "))
+        line = next(x for x in text.splitlines() if x.startswith("lightllm_async:num_requests_running "))
         return int(float(line.split()[1]))
 
     assert wait_until(lambda: running() >= n, 10)

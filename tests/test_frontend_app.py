@@ -374,13 +374,13 @@ def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(tokeni
             counters = {
                 line.split()[0]: float(line.split()[1])
                 for line in text.splitlines()
-                if line.startswith("lightllm_prefix_cache_")
+                if line.startswith("lightllm_async:prefix_cache_")
             }
             queried = 2 * n + 2 * m if prefix_cache else 0
             hits = (n - 1) + (m - 1) if prefix_cache else 0
             assert counters == {
-                "lightllm_prefix_cache_queries_total": queried,
-                "lightllm_prefix_cache_hits_total": hits,
+                "lightllm_async:prefix_cache_queries_total": queried,
+                "lightllm_async:prefix_cache_hits_total": hits,
             }
 
     run(go())
@@ -755,3 +755,56 @@ def test_under_uvicorn_stream_then_disconnect_aborts_and_frees_slot(tokenizer):
         h.region.close()
         h.region.unlink()
     assert not thread.is_alive()
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
+    }
+
+
+def test_metrics_count_a_known_workload_and_return_to_zero_after_cancellations(tokenizer):
+    """Three requests to their length, one the client leaves: the per-request histograms and
+    the success counter add up, under vLLM's names; the running and waiting gauges go back to 0."""
+
+    async def go():
+        async with Harness(tokenizer) as h:
+            h.engine.step_time = 0.005
+            for _ in range(3):
+                assert (
+                    await h.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 5})
+                ).status == 200
+            body = {"prompt": "x", "max_tokens": 200, "stream": True}
+            await h.request("POST", "/v1/completions", body, disconnect_after=3)
+            await h.wait_slots_free(timeout=0.5)
+            m = _metric_values((await h.request("GET", "/metrics")).body.decode())
+            p = "lightllm_async:"
+            assert m[f'{p}request_success_total{{finished_reason="length"}}'] == 3
+            assert m[f'{p}request_success_total{{finished_reason="abort"}}'] == 1
+            assert m[f"{p}e2e_request_latency_seconds_count"] == 4
+            assert m[f"{p}time_to_first_token_seconds_count"] == 4
+            assert m[f"{p}request_prompt_tokens_count"] == 4
+            left = m[f"{p}request_generation_tokens_sum"] - 15  # the one that was left: a few tokens
+            assert 1 <= left < 100
+            assert m[f"{p}inter_token_latency_seconds_count"] == 3 * 4 + left - 1
+            assert m[f"{p}num_requests_running"] == 0 and m[f"{p}num_requests_waiting"] == 0
+
+    run(go())
+
+
+def test_the_engine_logs_progress_while_busy_and_never_a_prompt(caplog):
+    from lightllm_async.engine.engine import LOG_INTERVAL_S, Engine
+    from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+
+    class Region:
+        pass
+
+    engine = Engine(Region(), Scheduler(SchedulerConfig(4, 64, 128, 1024)), runner=None)
+    start = engine._logged[0]
+    assert not engine.log_progress(start + LOG_INTERVAL_S + 1)  # idle: nothing to say
+    engine._generated_tokens = 60
+    with caplog.at_level("INFO", logger="lightllm_async.engine.engine"):
+        assert not engine.log_progress(start + LOG_INTERVAL_S + 2)  # too soon after the last
+        assert engine.log_progress(start + 2 * LOG_INTERVAL_S + 3)
+    (line,) = caplog.messages
+    assert line.startswith("prompt 0.0 tok/s, generation ") and "running 0, waiting 0" in line

@@ -313,7 +313,7 @@ def check_answer(path: str, ans: Answer) -> None:
     elif ans.headers.get("content-type") == "text/event-stream":
         check_stream(path, ans.body)
     elif path == "/metrics":
-        assert b"lightllm_request_slots_free" in ans.body
+        assert b"lightllm_async:request_slots_free" in ans.body
     else:
         out = json.loads(ans.body)
         if path == "/tokenize":

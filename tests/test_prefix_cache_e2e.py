@@ -103,6 +103,6 @@ def test_the_server_reports_cached_tokens_in_usage_unless_the_cache_is_disabled(
         want = 0 if flags else 39  # all but the last prompt token
         assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, want]
         metrics = srv.request("GET", "/metrics")[2]
-        assert f"lightllm_prefix_cache_hits_total {float(want)}" in metrics
+        assert f"lightllm_async:prefix_cache_hits_total {float(want)}" in metrics
     finally:
         assert srv.stop() == 0

@@ -167,7 +167,7 @@ def test_metrics_expose_engine_gauges_and_http_counts(smollm2_server):
         line = next(line for line in text.splitlines() if line.startswith(name))
         return float(line.rsplit(" ", 1)[1])
 
-    assert value("lightllm_kv_cache_tokens_total") == 16384
-    assert value("lightllm_engine_alive") == 1.0
-    assert value("lightllm_generation_tokens_total") >= 3
-    assert value('lightllm_http_requests_total{route="/v1/completions",status="200"}') >= 1
+    assert value("lightllm_async:kv_cache_tokens_total") == 16384
+    assert value("lightllm_async:engine_alive") == 1.0
+    assert value("lightllm_async:generation_tokens_total") >= 3
+    assert value('lightllm_async:http_requests_total{route="/v1/completions",status="200"}') >= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any, Protocol
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.25  # an idle engine checks for its stop and its parent this often
 MAX_CONSECUTIVE_FAILURES = 16  # failed steps with no success between them: the engine is broken
+LOG_INTERVAL_S = 5.0  # while busy, one progress line this often
 
 
 class Runner(Protocol):
@@ -54,6 +56,7 @@ class Engine:
         self._arrivals = 0
         self._prompt_tokens = 0
         self._generated_tokens = 0
+        self._logged = (time.monotonic(), 0, 0)  # when the last progress line went out, and the totals then
 
     def run(self) -> None:
         """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
@@ -164,7 +167,32 @@ class Engine:
         self.publish_stats()
         self.region.notify_frontend()
 
+    def log_progress(self, now: float | None = None) -> bool:
+        """Every LOG_INTERVAL_S while there is work: one info line of throughput and load (never a
+        prompt). True if it logged."""
+        now = time.monotonic() if now is None else now
+        then, prompt, generated = self._logged
+        if now - then < LOG_INTERVAL_S:
+            return False
+        self._logged = (now, self._prompt_tokens, self._generated_tokens)
+        s, dt = self.scheduler, now - then
+        if not s.has_work() and prompt == self._prompt_tokens and generated == self._generated_tokens:
+            return False
+        used = 1 - s.num_free_tokens / s.kv.capacity if s.kv.capacity else 0.0
+        log.info(
+            "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%% used, "
+            "%d preemptions",
+            (self._prompt_tokens - prompt) / dt,
+            (self._generated_tokens - generated) / dt,
+            len(s.running),
+            len(s.waiting),
+            100 * used,
+            s.num_preemptions,
+        )
+        return True
+
     def publish_stats(self) -> None:
+        self.log_progress()
         s = self.scheduler
         self.region.set_engine_stats(
             EngineStats(

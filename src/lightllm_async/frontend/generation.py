@@ -6,6 +6,7 @@ Every endpoint drives a `Generation` the same way and only formats its `Piece`s 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,11 +56,23 @@ class Generation:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.finish_reason: str | None = None
+        # for /metrics: when it started, its first token, the gap before each later token, its end
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.token_gaps: list[float] = []
+        self._last_token_at = 0.0
+        self.ended_at: float | None = None
+        self.outcome = "abort"  # the finish reason; "abort" if the client left, "error" if it failed
 
     async def __aenter__(self) -> Generation:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, exc_type, *_) -> None:
+        self.ended_at = time.monotonic()
+        if self.finish_reason is not None and exc_type is None:
+            self.outcome = self.finish_reason
+        elif exc_type is not None and not issubclass(exc_type, (ClientDisconnected, asyncio.CancelledError)):
+            self.outcome = "error"
         if self._watcher is not None:
             self._watcher.cancel()
         if self.finish_reason is None or self._stops.stopped:
@@ -113,6 +126,14 @@ class Generation:
 
     def _consume(self, tokens: list[int], done: FinishReason | None) -> list[Piece]:
         out = []
+        if tokens:  # tokens that arrive together share the gap since the last arrival
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+                self.token_gaps.extend([0.0] * (len(tokens) - 1))
+            else:
+                self.token_gaps.extend([(now - self._last_token_at) / len(tokens)] * len(tokens))
+            self._last_token_at = now
         for token in tokens:
             self.completion_tokens += 1
             # A stop id is always the last token (the engine stops on it); like vLLM, not shown.

@@ -1,21 +1,33 @@
-"""GET /metrics: Prometheus text format through prometheus_client.
+"""GET /metrics: Prometheus text format through prometheus_client, names in vLLM's conventions
+under the `lightllm_async:` prefix (vLLM's `vllm:`).
 
 Engine gauges and counters are read from the region at scrape time (the engine publishes one
 snapshot per step, see ipc EngineStats), so scraping costs the engine nothing. The frontend adds
-its own counter of HTTP requests by route and status.
+its own: HTTP requests by route and status, and per request, observed when it ends, histograms of
+time to first token, inter-token latency, end-to-end latency, prompt and generation lengths, and
+the count of requests by how they ended.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .asgi import Receive, Responder, Scope
 
-PREFIX = "lightllm"
+PREFIX = "lightllm_async:"
+
+# vLLM's buckets, so that dashboards built for it read these the same way
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)  # fmt: skip
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class EngineCollector(Collector):
@@ -40,7 +52,7 @@ class EngineCollector(Collector):
             "engine_alive": ("1 while the engine process runs.", float(self.service.engine_alive())),
         }
         for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+            yield GaugeMetricFamily(f"{PREFIX}{name}", doc, value=value)
         counters = {
             "num_preemptions": ("Requests preempted for lack of KV cache.", s.num_preemptions),
             "prompt_tokens": ("Prompt tokens admitted.", s.prompt_tokens_total),
@@ -52,21 +64,56 @@ class EngineCollector(Collector):
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.cached_tokens_total),
         }
         for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+            yield CounterMetricFamily(f"{PREFIX}{name}", doc, value=value)
 
 
 class Metrics:
-    """One registry per app: the engine collector and the HTTP request counter."""
+    """One registry per app: the engine collector, the HTTP request counter and the per-request
+    histograms, which the service feeds as each request ends (`service.on_request_end`)."""
 
     def __init__(self, service):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(service))
+        r = self.registry
         self.http_requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests by route and status.",
-            ["route", "status"],
-            registry=self.registry,
+            f"{PREFIX}http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
+        self.ttft = Histogram(
+            f"{PREFIX}time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            f"{PREFIX}inter_token_latency_seconds",
+            "Time between output tokens.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}e2e_request_latency_seconds", "Request latency.", buckets=E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Histogram(
+            f"{PREFIX}request_prompt_tokens", "Prompt length.", buckets=LENGTH_BUCKETS, registry=r
+        )
+        self.generation_tokens = Histogram(
+            f"{PREFIX}request_generation_tokens", "Output length.", buckets=LENGTH_BUCKETS, registry=r
+        )
+        self.success = Counter(
+            f"{PREFIX}request_success",
+            "Requests by how they ended: stop, length, abort (the client left), error.",
+            ["finished_reason"],
+            registry=r,
+        )
+        service.on_request_end = self.observe
+
+    def observe(self, gen) -> None:
+        """A request ended (a frontend `Generation`, its timings filled in)."""
+        if gen.first_token_at is not None:
+            self.ttft.observe(gen.first_token_at - gen.started)
+        for gap in gen.token_gaps:
+            self.itl.observe(gap)
+        self.e2e.observe((gen.ended_at or gen.started) - gen.started)
+        self.prompt_tokens.observe(gen.prompt_tokens)
+        self.generation_tokens.observe(gen.completion_tokens)
+        self.success.labels(gen.outcome).inc()
 
     def count(self, route: str, status: int) -> None:
         self.http_requests.labels(route, str(status)).inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -47,6 +47,7 @@ class Service:
         self.max_prompt_bytes = None if per_token is None else self.max_model_len * per_token
         self._live: set[Generation] = set()
         self._stopping: ApiError | None = None
+        self.on_request_end: Callable[[Generation], None] | None = None  # the metrics' observer
 
     def engine_alive(self) -> bool:
         return not self.reader.dead and self.ctx.engine_alive()
@@ -112,9 +113,14 @@ class Service:
                 "The server is at capacity (every request slot is in use); retry shortly.",
                 headers=RETRY_AFTER,
             )
-        gen = Generation(self.reader, handle, self.tokenizer, prompt_ids, params, on_exit=self._live.discard)
+        gen = Generation(self.reader, handle, self.tokenizer, prompt_ids, params, on_exit=self._ended)
         self._live.add(gen)
         return gen
+
+    def _ended(self, gen: Generation) -> None:
+        self._live.discard(gen)
+        if self.on_request_end is not None:
+            self.on_request_end(gen)
 
     def end_all(self, err: ApiError) -> int:
         """End every request in flight with `err`, and refuse new ones with it; returns how many."""
