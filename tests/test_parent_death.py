@@ -27,7 +27,8 @@ def test_kill_9_of_the_main_process_ends_a_busy_engine_and_the_next_start_cleans
     engine = engine_pid(srv)
     body = {"prompt": "x", "max_tokens": 3000, "stream": True}  # 30 s of work
     threading.Thread(target=lambda: _swallow(srv.stream, "/v1/completions", body), daemon=True).start()
-    assert wait_until(lambda: "lightllm_async:num_requests_running 1.0" in srv.request("GET", "/metrics")[2], 10)
+    running = "lightllm_async:num_requests_running 1.0"
+    assert wait_until(lambda: running in srv.request("GET", "/metrics")[2], 10)
     os.kill(srv.proc.pid, signal.SIGKILL)  # the main process only, not its group
     srv.proc.wait(5)
     assert wait_until(lambda: not alive(engine), 2, interval=0.02), "the engine outlived its parent"

@@ -154,8 +154,17 @@ def _operation(op: Operation, ref: dict[type, dict[str, Any]], locked: bool) -> 
         ok["application/json"] = {"schema": ref[op.response]}
     if op.events is not None:
         ok["text/event-stream"] = {
+            # the schema of one event (as OpenAPI 3.2's itemSchema, and as schemathesis reads it):
+            # its `data` field is the JSON of the event Struct, or the stream's end marker
             "schema": {
-                "type": "string",
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {"type": "string", "contentMediaType": "application/json"},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
                 "description": f"Server-sent events, each `data: <{op.events.__name__} as JSON>`, "
                 f"{op.stream_end}; an error mid-stream is a `data: <ErrorResponse as JSON>` event.",
             },
