@@ -27,6 +27,7 @@ class ScheduledReq:
     samples: bool  # the chunk reaches the end of the known tokens, so a token is sampled
     params: SamplingParams
     num_output: int  # output tokens before the one this step samples (for penalties and seeds)
+    prompt_len: int = 0  # the request's prompt tokens (penalties tell prompt from output by it)
 
 
 @dataclass(frozen=True)

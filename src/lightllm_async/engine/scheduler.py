@@ -140,6 +140,7 @@ class Scheduler:
             samples=samples,
             params=req.params,
             num_output=len(req.output_ids) + req.num_pending,
+            prompt_len=len(req.prompt_ids),
         )
         req.num_pending += samples
         return item
@@ -270,7 +271,9 @@ class Scheduler:
             self.waiting.remove(req)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason:
-        if token in req.params.stop_ids:
+        # Before min_tokens the sampler bans the stop ids; a runner that does not is held to it
+        # here, as vLLM's stop check is.
+        if token in req.params.stop_ids and len(req.output_ids) >= req.params.min_tokens:
             return FinishReason.STOP
         if len(req.output_ids) >= req.params.max_new_tokens:
             return FinishReason.LENGTH

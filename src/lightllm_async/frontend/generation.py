@@ -48,6 +48,7 @@ class Generation:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopMatcher(params.stop)
         self._stop_ids = frozenset(params.stop_ids)
+        self._min_tokens = params.min_tokens  # stop strings apply from this many tokens on (vLLM)
         self._watcher: asyncio.Task | None = None
         self._on_exit = on_exit
         self._interrupted: ApiError | None = None
@@ -117,7 +118,9 @@ class Generation:
             self.completion_tokens += 1
             # A stop id is always the last token (the engine stops on it); like vLLM, not shown.
             hidden = token in self._stop_ids
-            text = self._stops.feed("" if hidden else self._detok.push((token,)))
+            text = "" if hidden else self._detok.push((token,))
+            if self.completion_tokens >= self._min_tokens:
+                text = self._stops.feed(text)
             out.append(Piece(text, [token]))
             if self._stops.stopped:
                 self.finish_reason = "stop"

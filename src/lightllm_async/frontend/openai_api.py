@@ -34,7 +34,7 @@ def _usage(gen: Generation) -> Usage:
 
 async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     req = decode_body(CHAT_DECODER, await read_body(receive))
-    params = chat_params(req)
+    params = chat_params(req, svc.tokenizer.vocab_size)
     prompt_ids = await svc.encode_chat(chat_messages(req))
     rid, created, model = request_id("chatcmpl"), int(time.time()), svc.model_name
     async with svc.start(prompt_ids, params, "messages") as gen:
@@ -60,7 +60,7 @@ async def chat_completions(svc: Service, scope: Scope, receive: Receive, resp: R
 
 async def completions(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     req = decode_body(COMPLETION_DECODER, await read_body(receive))
-    params = completion_params(req)
+    params = completion_params(req, svc.tokenizer.vocab_size)
     prompt = completion_prompt(req, svc.tokenizer.vocab_size, svc.max_model_len)
     prompt_ids = await svc.encode_text(prompt, "prompt") if isinstance(prompt, str) else prompt
     rid, created, model = request_id("cmpl"), int(time.time()), svc.model_name

@@ -121,6 +121,13 @@ class OpenAISampling(Struct, kw_only=True, forbid_unknown_fields=False):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are token ids written as strings
 
 
 class ContentPart(Struct, forbid_unknown_fields=False):
@@ -157,6 +164,10 @@ class GenerateParameters(Struct, forbid_unknown_fields=False):
     seed: int | None = None
     n: int = 1
     best_of: int = 1
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class GenerateRequest(Struct, forbid_unknown_fields=False):

@@ -68,28 +68,56 @@ def _check_n(n: int | None, param: str = "n") -> None:
         raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported", param)
 
 
-def _openai(req: OpenAISampling, max_tokens: int | None, max_tokens_name: str) -> SamplingParams:
+def _logit_bias(bias: dict[int, float] | None, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id -> bias, as pairs; an id outside the vocabulary is a 400."""
+    if not bias:
+        return ()
+    if vocab_size is not None:
+        bad = next((t for t in bias if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise _bad(f"logit_bias token id {bad} is out of range [0, {vocab_size}).", "logit_bias")
+    return tuple((int(t), float(b)) for t, b in bias.items())
+
+
+def _opt(value, default):
+    return default if value is None else value
+
+
+# SamplingParams field -> its name in the OpenAI APIs, where they differ
+_OPENAI_NAMES = {"stop_ids": "stop_token_ids"}
+
+
+def _openai(
+    req: OpenAISampling, max_tokens: int | None, max_tokens_name: str, vocab_size: int | None
+) -> SamplingParams:
     _check_n(req.n)
-    with api_names({"max_new_tokens": max_tokens_name}):
+    with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name}):
         return SamplingParams(
             max_new_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=_opt(req.temperature, 1.0),
+            top_p=_opt(req.top_p, 1.0),
             top_k=_top_k(req.top_k),
+            min_p=_opt(req.min_p, 0.0),
+            presence_penalty=_opt(req.presence_penalty, 0.0),
+            frequency_penalty=_opt(req.frequency_penalty, 0.0),
+            repetition_penalty=_opt(req.repetition_penalty, 1.0),
             seed=_seed(req.seed),
             ignore_eos=bool(req.ignore_eos),
             stop=_stop_strings(req.stop),
+            stop_ids=tuple(dict.fromkeys(req.stop_token_ids or ())),
+            min_tokens=_opt(req.min_tokens, 0),
+            logit_bias=_logit_bias(req.logit_bias, vocab_size),
         )
 
 
-def completion_params(req: CompletionRequest) -> SamplingParams:
-    return _openai(req, req.max_tokens, "max_tokens")
+def completion_params(req: CompletionRequest, vocab_size: int | None = None) -> SamplingParams:
+    return _openai(req, req.max_tokens, "max_tokens", vocab_size)
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, vocab_size: int | None = None) -> SamplingParams:
     if req.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-        return _openai(req, req.max_completion_tokens, "max_completion_tokens")
-    return _openai(req, req.max_tokens, "max_tokens")
+        return _openai(req, req.max_completion_tokens, "max_completion_tokens", vocab_size)
+    return _openai(req, req.max_tokens, "max_tokens", vocab_size)
 
 
 def generate_params(p: GenerateParameters | None) -> SamplingParams:
@@ -98,7 +126,7 @@ def generate_params(p: GenerateParameters | None) -> SamplingParams:
     _check_n(p.n, "parameters.n")
     _check_n(p.best_of, "parameters.best_of")
     stop, name = (p.stop, "stop") if p.stop_sequences is None else (p.stop_sequences, "stop_sequences")
-    with api_names({"stop": name}, prefix="parameters."):
+    with api_names({"stop": name, "min_tokens": "min_new_tokens"}, prefix="parameters."):
         return SamplingParams(
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature if p.do_sample else 0.0,
@@ -107,6 +135,10 @@ def generate_params(p: GenerateParameters | None) -> SamplingParams:
             seed=_seed(p.seed),
             ignore_eos=p.ignore_eos,
             stop=_stop_strings(stop),
+            min_tokens=p.min_new_tokens,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
         )
 
 

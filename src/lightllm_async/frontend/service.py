@@ -96,8 +96,7 @@ class Service:
         """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
         with api_names({}):
             params = params.with_context(len(prompt_ids), self.max_model_len, what)
-        if not params.ignore_eos:
-            params = replace(params, stop_ids=self.tokenizer.eos_token_ids[:MAX_STOP_IDS])
+        params = self._with_eos(params)
         if self._stopping is not None:
             raise self._stopping
         if not self.engine_alive():
@@ -115,6 +114,22 @@ class Service:
         gen = Generation(self.reader, handle, self.tokenizer, prompt_ids, params, on_exit=self._live.discard)
         self._live.add(gen)
         return gen
+
+    def _with_eos(self, params: SamplingParams) -> SamplingParams:
+        """The client's stop token ids and, unless ignore_eos, the tokenizer's eos ids."""
+        if params.ignore_eos:
+            return params
+        eos = self.tokenizer.eos_token_ids
+        stop_ids = tuple(dict.fromkeys(params.stop_ids + tuple(eos)))
+        if len(stop_ids) > MAX_STOP_IDS:
+            room = MAX_STOP_IDS - len(eos)
+            raise ApiError(
+                400,
+                f"stop_token_ids allows at most {room} ids besides the model's end-of-sequence "
+                f"tokens, got {len(params.stop_ids)}.",
+                "stop_token_ids",
+            )
+        return replace(params, stop_ids=stop_ids)
 
     def end_all(self, err: ApiError) -> int:
         """End every request in flight with `err`, and refuse new ones with it; returns how many."""

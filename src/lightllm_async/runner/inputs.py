@@ -96,8 +96,15 @@ class InputBuffers:
         req_to_token: Tensor,
         sink_slot: int,
         sink_row: int,
+        vocab_size: int | None = None,
     ):
         self.req_to_token = req_to_token
+        # The token id at each position of each request row, as fed to the model: what penalties
+        # count (sampler.SamplingMetadata.with_history). Written beside req_to_token, from the
+        # same inputs; a step that maps positions it does not compute (a cached prefix) must
+        # write their ids here too.
+        self.token_table = torch.zeros_like(req_to_token)
+        self.vocab_size = vocab_size
         self.sink_slot, self.sink_row = sink_slot, sink_row
         req_to_token[sink_row, 0] = sink_slot
         per_request = {
@@ -108,7 +115,7 @@ class InputBuffers:
             "pending_pos": (torch.int64, max_batch),  # at most one pending input per request
             "pending_src": (torch.int64, max_batch),
         }
-        sampling = {name: (dtype, max_batch) for name, dtype in SAMPLING_FIELDS.items()}
+        sampling = {name: (dtype, per_row * max_batch) for name, (dtype, per_row) in SAMPLING_FIELDS.items()}
         per_token = {
             "positions": (torch.int64, max_tokens),
             "kv_slots": (torch.int64, max_tokens),
@@ -155,17 +162,23 @@ class InputBuffers:
         flat = flatten(batch, last_index)
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
+        sampled = [it for it in batch.items if it.samples]
         sampling = SamplingMetadata.build(
-            [it.params for it in batch.items if it.samples],
-            [it.num_output for it in batch.items if it.samples],
+            [it.params for it in sampled],
+            [it.num_output for it in sampled],
             put=self.staging.put,
+            contexts=[(it.row, it.prompt_len, it.start + len(it.token_ids)) for it in sampled],
+            vocab=self.vocab_size,
         )
         ids, pending_pos, pending_src = self._write(flat)
         self.staging.upload()
         if pending_pos.numel():
             ids.index_copy_(0, pending_pos, last_sampled.index_select(0, pending_src))
         t, view = num_real_tokens, self.staging.view  # padding rows come after the real tokens
-        self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
+        rows, positions = view("token_rows", t), view("positions", t)
+        self.req_to_token[rows, positions] = view("kv_slots", t).to(torch.int32)
+        self.token_table[rows, positions] = ids[:t].to(torch.int32)
+        sampling = sampling.with_history(self.token_table)
         num_samples = sum(it.samples for it in batch.items)
         ctx = self.context(
             len(flat.ids),

@@ -67,8 +67,9 @@ _ACT_ITEMSIZE = 4  # activations may be fp32 (--dtype float32); bf16/fp16 halves
 _PREFILL_LIVE_TI = 8
 # Per sampled row of the largest batch: the graphs' logits buffer [B, V] float32 and the sampler's
 # [S, V] temporaries (scaled logits, probabilities, sorted probabilities + int64 order, cumulative
-# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit.
-_SAMPLER_BYTES_PER_LOGIT = 48
+# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit;
+# with biases or penalties, the processed copy and the penalties' counts and seen mask, 9 more.
+_SAMPLER_BYTES_PER_LOGIT = 57
 # Per row of the largest decode graph: its activations in the graph pool, up to the MLP's [B, 2I]
 # and [B, I] (with headroom as above), at 4 bytes each.
 _GRAPH_LIVE_I = 8
@@ -162,6 +163,7 @@ class ModelRunner:
             req_to_token=self.req_to_token,
             sink_slot=self.num_kv_tokens,
             sink_row=cfg.max_running_requests,
+            vocab_size=self.model_cfg.vocab_size,
         )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
