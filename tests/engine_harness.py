@@ -17,6 +17,7 @@ from lightllm_async.engine.engine import Engine
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import OutputView, Region, RegionSpec
 from lightllm_async.models.loader import default_model_path
+from lightllm_async.runner.dummy import certain_logprobs
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.types import FinishReason, SamplingParams
 
@@ -65,7 +66,7 @@ class ScriptedRunner:
                 out.append(self.script[it.num_output % len(self.script)])
             elif it.samples:
                 out.append(self.token(self._base[it.slot, it.gen], it.num_output))
-        return Sampled(tuple(out))
+        return Sampled(tuple(out), certain_logprobs(batch, out, 1 << 16))
 
     @staticmethod
     def collect(handle: Sampled) -> Sampled:
@@ -150,8 +151,9 @@ class EngineHarness:
         max_running_requests: int = 8,
         max_num_batched_tokens: int = 64,
         num_slots: int = 32,
+        logprob_ring: int = 256,
     ):
-        spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len)
+        spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len, logprob_ring=logprob_ring)
         self.frontend = Region.create(f"harness-{os.getpid()}-{next(_ids)}", spec)
         self.engine_view = Region.attach(self.frontend.name)
         sched = Scheduler(

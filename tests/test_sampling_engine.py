@@ -13,23 +13,16 @@ from engine_harness import EngineHarness
 from lightllm_async.config import EngineConfig
 from lightllm_async.ipc import Region, RegionSpec
 from lightllm_async.runner.model_runner import ModelRunner
-from lightllm_async.tools.make_random_model import shape_config, write_model
 from lightllm_async.types import SamplingParams
 
 MAX_LEN = 256
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    cfg = shape_config("tiny", "float32")
-    return write_model(cfg, str(tmp_path_factory.mktemp("tiny")), seed=11)
-
-
-@pytest.fixture(scope="module")
-def runner(tiny_path):
+def runner(tiny_llama_path):
     return ModelRunner(
         EngineConfig(
-            model_path=tiny_path, device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=4096,
+            model_path=tiny_llama_path, device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=4096,
             max_running_requests=8,
         )
     )  # fmt: skip

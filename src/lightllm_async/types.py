@@ -21,6 +21,8 @@ TOP_K_LIMIT = 2**31  # top_k is stored as int32; any larger value keeps the whol
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (each crosses the region: 8 bytes)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for one bias: [-100, 100]
 MAX_TOP_LOGPROBS = 20  # most likely tokens reported beside each token (OpenAI's chat limit)
+# Prompt positions whose log-probabilities (echo) one step computes: each is a row of logits
+PROMPT_LOGPROB_TOKENS_PER_STEP = 256
 TOKEN_ID_LIMIT = 2**31  # token ids cross the region as int32
 
 

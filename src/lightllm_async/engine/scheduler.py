@@ -12,10 +12,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lightllm_async.batch import Batch, Sampled, ScheduledReq
+from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled, ScheduledReq
 from lightllm_async.engine.kv_pool import RowPool, TokenPool
 from lightllm_async.engine.request import Request
-from lightllm_async.types import FinishReason
+from lightllm_async.types import PROMPT_LOGPROB_TOKENS_PER_STEP, FinishReason
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class SchedulerConfig:
     kv_cache_tokens: int
     # Output length assumed at admission for requests whose max_new_tokens is larger.
     expected_output_tokens: int = 256
+    # Prompt positions with log-probabilities (echo) computed in one step: each needs a row of
+    # logits ([n, vocab] float32), which a whole prefill chunk of them would make too large.
+    max_prompt_logprob_tokens: int = PROMPT_LOGPROB_TOKENS_PER_STEP
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Scheduler:
         self.by_slot: dict[int, Request] = {}
         self.num_steps = 0
         self.num_preemptions = 0
+        self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -78,23 +82,35 @@ class Scheduler:
         if suspect is not None:
             return self._schedule_alone(suspect)
         budget = self.cfg.max_num_batched_tokens
+        self._logprob_budget = self.cfg.max_prompt_logprob_tokens
         items: list[ScheduledReq] = []
         for req in list(self.running):
             if budget == 0:
                 break
             if req not in self.running or self._will_finish_by_length(req):
                 continue  # preempted by an earlier iteration, or its pending token is its last
-            n = min(self._unscheduled(req), budget)
+            n = self._room(req, budget)
             if n == 0 or not self._make_room(n, req):
                 continue  # nothing to do, or req itself was preempted
             items.append(self._take(req, n))
             budget -= n
         while budget > 0 and self._admissible(self.waiting[0] if self.waiting else None):
-            req = self._admit_next()
-            n = min(self._unscheduled(req), budget)
-            items.append(self._take(req, n))
+            n = self._room(self.waiting[0], budget)
+            if n == 0:
+                break
+            items.append(self._take(self._admit_next(), n))
             budget -= n
         return self._batch(items)
+
+    def _room(self, req: Request, budget: int) -> int:
+        """Tokens to schedule for `req` now: what it has left, within the step's budget, and
+        within its log-probabilities' room (the ring's limit, the step's prompt-logprob rows)."""
+        n = min(self._unscheduled(req), budget)
+        if req.logprob_limit is not None:  # the chunk writes positions up to start + n
+            n = min(n, req.logprob_limit - 1 - req.num_scheduled_tokens)
+        if req.params.prompt_logprobs:
+            n = min(n, self._logprob_budget)
+        return max(n, 0)
 
     def _batch(self, items: list[ScheduledReq]) -> Batch | None:
         if not items:
@@ -129,6 +145,8 @@ class Scheduler:
         slots = self.tokens.allocate(n)
         req.kv_slots.extend(slots)
         samples = start + n == req.num_tokens + req.num_pending
+        if req.params.prompt_logprobs:
+            self._logprob_budget -= n
         item = ScheduledReq(
             slot=req.slot,
             gen=req.gen,
@@ -141,6 +159,9 @@ class Scheduler:
             params=req.params,
             num_output=len(req.output_ids) + req.num_pending,
             prompt_len=len(req.prompt_ids),
+            next_token=req.token_ids(start + n, start + n + 1)[0]
+            if req.params.prompt_logprobs and not samples
+            else PENDING_TOKEN,
         )
         req.num_pending += samples
         return item
@@ -203,7 +224,8 @@ class Scheduler:
         """Not overlapped: a failure then belongs to exactly one step of this request."""
         if req.num_pending:
             return None
-        n = min(self._unscheduled(req), self.cfg.max_num_batched_tokens)
+        self._logprob_budget = self.cfg.max_prompt_logprob_tokens
+        n = self._room(req, self.cfg.max_num_batched_tokens)
         if n == 0 or not self._make_room(n, req):
             return None
         return self._batch([self._take(req, n)])

@@ -20,12 +20,23 @@ _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Finis
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the k most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Piece:
-    """Text produced by `token_ids` (output tokens, in order); finish_reason on the last piece."""
+    """Text produced by `token_ids` (output tokens, in order); finish_reason on the last piece.
+    `logprobs`, when the request asked for them, has one entry per token id."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Generation:
@@ -52,6 +63,9 @@ class Generation:
         self._watcher: asyncio.Task | None = None
         self._on_exit = on_exit
         self._interrupted: ApiError | None = None
+        self._prompt_ids = prompt_ids
+        self._logprobs: dict[int, TokenLogprob] | None = {} if params.wants_logprobs else None
+        self.prompt_logprobs: list[TokenLogprob] = []  # prompt positions 1.. (prompt_logprobs)
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -95,6 +109,8 @@ class Generation:
             done = h.finish_reason
             if done == FinishReason.ERROR:
                 raise ApiError(500, "The engine failed while processing this request.")
+            if self._logprobs is not None:
+                self._absorb(h.take_logprobs())
             batch = self._consume(tokens, done)
             if not batch:
                 continue
@@ -106,22 +122,50 @@ class Generation:
                     "".join(p.text for p in batch),
                     [t for p in batch for t in p.token_ids],
                     batch[-1].finish_reason,
+                    None if self._logprobs is None else [e for p in batch for e in p.logprobs or ()],
                 )
 
     async def text(self) -> str:
         """The whole output text, for non-streaming responses."""
-        return "".join([p.text async for p in self.pieces()])
+        return (await self.output())[0]
+
+    async def output(self) -> tuple[str, list[TokenLogprob] | None]:
+        """The whole output text and, if asked for, every output token's log-probability."""
+        pieces = [p async for p in self.pieces()]
+        text = "".join(p.text for p in pieces)
+        if self._logprobs is None:
+            return text, None
+        return text, [e for p in pieces for e in p.logprobs or ()]
+
+    def _absorb(self, chunks) -> None:
+        """Log-probabilities by position: the prompt's are kept in order, the output's wait for
+        their tokens."""
+        plen = len(self._prompt_ids)
+        for c in chunks:
+            for i, (chosen, ids, top) in enumerate(zip(c.chosen, c.top_ids, c.top_logprobs, strict=True)):
+                q = c.start + i
+                entry = TokenLogprob(-1, chosen, list(zip(ids, top, strict=True)))
+                if q < plen:
+                    entry.token_id = self._prompt_ids[q]
+                    self.prompt_logprobs.append(entry)
+                else:
+                    self._logprobs[q] = entry
 
     def _consume(self, tokens: list[int], done: FinishReason | None) -> list[Piece]:
         out = []
         for token in tokens:
+            entry = None
+            if self._logprobs is not None:
+                entry = self._logprobs.pop(self.prompt_tokens + self.completion_tokens, None)
+                if entry is not None:
+                    entry.token_id = token
             self.completion_tokens += 1
             # A stop id is always the last token (the engine stops on it); like vLLM, not shown.
             hidden = token in self._stop_ids
             text = "" if hidden else self._detok.push((token,))
             if self.completion_tokens >= self._min_tokens:
                 text = self._stops.feed(text)
-            out.append(Piece(text, [token]))
+            out.append(Piece(text, [token], logprobs=None if entry is None else [entry]))
             if self._stops.stopped:
                 self.finish_reason = "stop"
                 out[-1].finish_reason = "stop"

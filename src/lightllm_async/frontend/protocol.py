@@ -143,11 +143,14 @@ class ChatMessage(Struct, forbid_unknown_fields=False):
 class ChatCompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
     # str, or token ids, or a one-element batch of either; checked in sampling.completion_prompt
     prompt: str | list[Any]
+    logprobs: int | None = None  # the legacy API's count of top tokens (0..5)
 
 
 class GenerateParameters(Struct, forbid_unknown_fields=False):
@@ -206,11 +209,30 @@ class AssistantMessage(Struct):
     role: str = "assistant"
 
 
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(Struct):
+    """Chat's log-probability of one output token, and the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprobEntry] | None
+
+
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(Struct):
@@ -231,7 +253,7 @@ class ChatChunkChoice(Struct):
     index: int
     delta: Delta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 # Chunks omit `usage` unless it is set; `object` is a msgspec tag so it is always written.
@@ -243,11 +265,23 @@ class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="c
     usage: Usage | None = None
 
 
+class CompletionLogprobs(Struct):
+    """The legacy completions shape: one entry per token in each list (null for a prompt's
+    first token, which has no context); top_logprobs maps token text to log-probability and
+    holds the token itself beside the most likely ones; text_offset is each token's offset in
+    the choice's text."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(Struct):

@@ -87,11 +87,19 @@ def _opt(value, default):
 _OPENAI_NAMES = {"stop_ids": "stop_token_ids"}
 
 
+COMPLETION_LOGPROBS_LIMIT = 5  # the legacy completions API's bound on `logprobs`
+
+
 def _openai(
-    req: OpenAISampling, max_tokens: int | None, max_tokens_name: str, vocab_size: int | None
+    req: OpenAISampling,
+    max_tokens: int | None,
+    max_tokens_name: str,
+    vocab_size: int | None,
+    logprobs: tuple[bool, int, str],
 ) -> SamplingParams:
     _check_n(req.n)
-    with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name}):
+    wanted, top, top_name = logprobs
+    with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs": top_name}):
         return SamplingParams(
             max_new_tokens=max_tokens,
             temperature=_opt(req.temperature, 1.0),
@@ -107,17 +115,23 @@ def _openai(
             stop_ids=tuple(dict.fromkeys(req.stop_token_ids or ())),
             min_tokens=_opt(req.min_tokens, 0),
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            logprobs=wanted,
+            top_logprobs=top,
         )
 
 
 def completion_params(req: CompletionRequest, vocab_size: int | None = None) -> SamplingParams:
-    return _openai(req, req.max_tokens, "max_tokens", vocab_size)
+    k = req.logprobs
+    if k is not None and not 0 <= k <= COMPLETION_LOGPROBS_LIMIT:
+        raise _bad(f"logprobs must be in [0, {COMPLETION_LOGPROBS_LIMIT}], got {k}.", "logprobs")
+    return _openai(req, req.max_tokens, "max_tokens", vocab_size, (k is not None, k or 0, "logprobs"))
 
 
 def chat_params(req: ChatCompletionRequest, vocab_size: int | None = None) -> SamplingParams:
+    logprobs = (bool(req.logprobs), _opt(req.top_logprobs, 0), "top_logprobs")
     if req.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-        return _openai(req, req.max_completion_tokens, "max_completion_tokens", vocab_size)
-    return _openai(req, req.max_tokens, "max_tokens", vocab_size)
+        return _openai(req, req.max_completion_tokens, "max_completion_tokens", vocab_size, logprobs)
+    return _openai(req, req.max_tokens, "max_tokens", vocab_size, logprobs)
 
 
 def generate_params(p: GenerateParameters | None) -> SamplingParams:

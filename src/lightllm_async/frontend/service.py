@@ -13,6 +13,7 @@ from lightllm_async.types import MAX_STOP_IDS, SamplingParams
 
 from .context import FrontendContext
 from .generation import Generation
+from .logprobs import TokenTexts
 from .protocol import ApiError, engine_dead_error
 from .reader import EngineDead, Reader
 from .sampling import api_names
@@ -45,6 +46,7 @@ class Service:
         # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
         per_token = self.tokenizer.max_bytes_per_token
         self.max_prompt_bytes = None if per_token is None else self.max_model_len * per_token
+        self.token_texts = TokenTexts(self.tokenizer)  # each token's own text, for logprobs
         self._live: set[Generation] = set()
         self._stopping: ApiError | None = None
 

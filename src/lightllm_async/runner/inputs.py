@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import PENDING_TOKEN, Batch
+from lightllm_async.batch import PENDING_TOKEN, Batch, logprob_rows, logprob_top_k
 from lightllm_async.models.llama import ForwardContext
+from lightllm_async.runner.logprobs import LogprobPlan, plan_lists
 from lightllm_async.runner.sampler import SAMPLING_FIELDS, SamplingMetadata
 from lightllm_async.runner.staging import Staging
 
@@ -77,6 +78,7 @@ class StepInputs:
     ctx: ForwardContext
     sampling: SamplingMetadata  # [S] rows, padding excluded
     num_samples: int
+    logprobs: LogprobPlan | None = None  # when some item reports log-probabilities
 
 
 class InputBuffers:
@@ -111,7 +113,11 @@ class InputBuffers:
             "req_idx": (torch.int32, max_batch),
             "q_start": (torch.int32, max_batch + 1),
             "seq_lens": (torch.int32, max_batch),
-            "logits_idx": (torch.int64, max_batch),
+            # the samples' rows, then the rows of prompt log-probabilities (at most one a token)
+            "logits_idx": (torch.int64, max_batch + max_tokens),
+            "lp_rows": (torch.int64, max_batch + max_tokens),
+            "lp_targets": (torch.int64, max_batch + max_tokens),
+            "lp_samples": (torch.int64, max_batch + max_tokens),
             "pending_pos": (torch.int64, max_batch),  # at most one pending input per request
             "pending_src": (torch.int64, max_batch),
         }
@@ -162,6 +168,7 @@ class InputBuffers:
         flat = flatten(batch, last_index)
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
+        logprobs = self._plan_logprobs(batch, flat)  # appends its rows to flat.logits_idx
         sampled = [it for it in batch.items if it.samples]
         sampling = SamplingMetadata.build(
             [it.params for it in sampled],
@@ -193,6 +200,19 @@ class InputBuffers:
             ctx=ctx,
             sampling=sampling,
             num_samples=num_samples,
+            logprobs=logprobs,
+        )
+
+    def _plan_logprobs(self, batch: Batch, flat: FlatInputs) -> LogprobPlan | None:
+        rows = logprob_rows(batch)
+        if not rows:
+            return None
+        starts = {it.slot: q for it, q in zip(batch.items, flat.q_start, strict=False)}
+        lists = plan_lists(rows, sum(it.samples for it in batch.items), starts)
+        flat.logits_idx.extend(lists.pop("extra"))
+        put = self.staging.put
+        return LogprobPlan(
+            **{name[3:]: put(name, v) for name, v in lists.items()}, top_k=logprob_top_k(batch)
         )
 
     def load_padding(self, num_rows: int) -> None:
