@@ -14,6 +14,8 @@ from lightllm_async.frontend.protocol import (
 from lightllm_async.frontend.sampling import (
     chat_messages,
     chat_params,
+    choice_count,
+    choice_params,
     completion_params,
     completion_prompt,
     generate_params,
@@ -64,8 +66,6 @@ def test_normalization_of_top_k_seed_and_stop():
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"n": 2}, "n"),
-        ({"n": 0}, "n"),
     ],
 )
 def test_out_of_range_values_are_400_naming_the_field(kw, param):
@@ -187,3 +187,19 @@ def test_new_fields_out_of_range_are_400_naming_the_field(kw, param):
 def test_a_logit_bias_key_that_is_not_a_token_id_is_a_decode_error():
     with pytest.raises(msgspec.ValidationError):
         chat(logit_bias={"abc": 1})
+
+
+def test_n_is_bounded_best_of_refused_and_seeds_spread_over_the_choices():
+    assert choice_count(chat(), 8) == 1 and choice_count(chat(n=8, best_of=1), 8) == 8
+    for kw, param in (
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),
+        ({"best_of": 2}, "best_of"),
+        ({"best_of": 0}, "best_of"),
+    ):
+        with pytest.raises(ApiError) as e:
+            choice_count(chat(**kw), 8)
+        assert (e.value.status, e.value.param) == (400, param)
+    seeded = choice_params(SamplingParams(seed=2**64 - 2), 3)
+    assert [p.seed for p in seeded] == [2**64 - 2, 2**64 - 1, 0]
+    assert choice_params(SamplingParams(), 3) == [SamplingParams()] * 3

@@ -178,3 +178,59 @@ def test_completions_logprobs_above_five_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt="x", max_tokens=2, logprobs=6)
     assert e.value.body["param"] == "logprobs"
+
+
+def _streamed_texts(stream) -> tuple[dict[int, str], dict[int, str | None], list]:
+    texts, finish, usage = {}, {}, []
+    for c in stream:
+        if c.usage is not None:
+            usage.append(c.usage)
+        for ch in c.choices:
+            piece = ch.delta.content if hasattr(ch, "delta") else ch.text
+            texts[ch.index] = texts.get(ch.index, "") + (piece or "")
+            if ch.finish_reason is not None:
+                finish[ch.index] = ch.finish_reason
+    return texts, finish, usage
+
+
+def test_n_choices_in_chat_streamed_and_not(client):
+    kw = dict(model="m", messages=MESSAGES, max_tokens=7, extra_body={"ignore_eos": True})
+    greedy = client.chat.completions.create(**kw, n=3, temperature=0)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1 and greedy.usage.completion_tokens == 21
+    sampled = client.chat.completions.create(**kw, n=4, temperature=1.5, seed=11)
+    texts = [c.message.content for c in sampled.choices]
+    assert len(set(texts)) > 1  # each choice draws its own tokens ...
+    stream = client.chat.completions.create(
+        **kw, n=4, temperature=1.5, seed=11, stream=True, stream_options={"include_usage": True}
+    )
+    got, finish, usage = _streamed_texts(stream)
+    assert [got[i] for i in range(4)] == texts  # ... and the request reproduces, streamed too
+    assert finish == {i: "length" for i in range(4)} and usage[0].completion_tokens == 28
+
+
+def test_n_choices_in_completions_with_logprobs_streamed(client):
+    kw = dict(model="m", prompt="def value", max_tokens=5, temperature=1.0, seed=2, logprobs=1)
+    whole = client.completions.create(**kw, n=2, extra_body={"ignore_eos": True})
+    stream = client.completions.create(**kw, n=2, stream=True, extra_body={"ignore_eos": True})
+    offsets, tokens, texts = {0: [], 1: []}, {0: [], 1: []}, {0: "", 1: ""}
+    for c in stream:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+            if ch.logprobs is not None:
+                offsets[ch.index] += ch.logprobs.text_offset
+                tokens[ch.index] += ch.logprobs.tokens
+    for ch in whole.choices:
+        i = ch.index
+        assert texts[i] == ch.text and tokens[i] == ch.logprobs.tokens
+        assert offsets[i] == ch.logprobs.text_offset
+        assert offsets[i][0] == 0 and len(tokens[i]) == 5
+
+
+def test_best_of_and_too_many_choices_are_400s(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="m", prompt="x", max_tokens=2, best_of=3)
+    assert e.value.body["param"] == "best_of" and "not supported" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, n=41)  # 40 slots
+    assert e.value.body["param"] == "n"

@@ -87,9 +87,13 @@ class Generation:
         self._interrupted = err
         self._handle.notify_disconnect()  # wakes the reader's wait; _interrupted is looked at first
 
+    @property
+    def handle(self) -> RequestHandle:
+        return self._handle
+
     def watch_disconnect(self, receive) -> None:
         """Listen for the client's http.disconnect while the response is being produced."""
-        self._watcher = asyncio.create_task(_watch_disconnect(receive, self._handle))
+        self._watcher = asyncio.create_task(watch_disconnect(receive, [self._handle]))
 
     async def pieces(self, per_token: bool = False) -> AsyncIterator[Piece]:
         """Text as it comes: one piece per wake-up, or per token; the last has finish_reason.
@@ -183,7 +187,9 @@ class Generation:
         return out
 
 
-async def _watch_disconnect(receive, handle: RequestHandle) -> None:
+async def watch_disconnect(receive, handles: Sequence[RequestHandle]) -> None:
+    """Wait for the client's http.disconnect, then tell every handle of its response."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    handle.notify_disconnect()
+    for handle in handles:
+        handle.notify_disconnect()

@@ -121,6 +121,7 @@ class OpenAISampling(Struct, kw_only=True, forbid_unknown_fields=False):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
+    best_of: int | None = None  # refused unless 1
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

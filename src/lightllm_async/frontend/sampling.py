@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from lightllm_async.types import SEED_LIMIT, TOP_K_LIMIT, InvalidParam, SamplingParams
@@ -68,6 +69,28 @@ def _check_n(n: int | None, param: str = "n") -> None:
         raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported", param)
 
 
+def choice_count(req: OpenAISampling, max_choices: int) -> int:
+    """`n`, checked: each choice is an engine request of its own, sharing the prompt. best_of
+    (draw several, return the best) is refused."""
+    if req.best_of is not None and req.best_of != 1:
+        raise _bad(
+            f"best_of is not supported (got {req.best_of}); use n to get several choices and pick one.",
+            "best_of",
+        )
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= max_choices:
+        raise _bad(f"n must be in [1, {max_choices}], got {n}.", "n")
+    return n
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Each choice's record: with a seed, choice i draws with seed + i (mod 2**64), so that the
+    choices differ yet the request as a whole reproduces."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [replace(params, seed=(params.seed + i) % SEED_LIMIT) for i in range(n)]
+
+
 def _logit_bias(bias: dict[int, float] | None, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's map of token id -> bias, as pairs; an id outside the vocabulary is a 400."""
     if not bias:
@@ -97,7 +120,6 @@ def _openai(
     vocab_size: int | None,
     logprobs: tuple[bool, int, str],
 ) -> SamplingParams:
-    _check_n(req.n)
     wanted, top, top_name = logprobs
     with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs": top_name}):
         return SamplingParams(

@@ -41,6 +41,7 @@ class Service:
         self.reader = Reader(ctx.region, ctx.engine_alive)
         # The region's per-slot arena holds prompt + output, so it bounds the context too.
         self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
+        self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot
         self.model_name = ctx.served_model_name
         self.created = int(time.time())
         # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
