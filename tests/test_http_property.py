@@ -239,7 +239,8 @@ BODIES = {
         },
     ),
     "/v1/completions": _body(
-        {"prompt": PROMPT}, {**OPENAI_SAMPLING, "logprobs": st.one_of(st.integers(-1, 7), INTS)}
+        {"prompt": PROMPT},
+        {**OPENAI_SAMPLING, "logprobs": st.one_of(st.integers(-1, 7), INTS), "echo": st.booleans()},
     ),
     "/generate": NATIVE,
     "/generate_stream": NATIVE,

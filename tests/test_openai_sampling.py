@@ -234,3 +234,48 @@ def test_best_of_and_too_many_choices_are_400s(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, n=41)  # 40 slots
     assert e.value.body["param"] == "n"
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_equal_hf_log_softmax(client, tok, hf):
+    prompt = [5, 77, 300, 41, 9, 120, 260, 33]
+    kw = dict(
+        model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
+    whole = client.completions.create(**kw, logprobs=3)
+    expected = hf_greedy(hf, prompt, 4)
+    seq = prompt + expected
+    ref = hf_logprobs(hf, seq)
+    choice = whole.choices[0]
+    assert choice.text == tok.decode(prompt) + tok.decode(expected)
+    lp = choice.logprobs
+    assert lp.tokens == [tok.decode([t], skip_special_tokens=False) for t in seq]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for q in range(1, len(seq)):
+        assert abs(lp.token_logprobs[q] - ref[q - 1, seq[q]].item()) < TOL, q
+        assert math.isclose(max(lp.top_logprobs[q].values()), ref[q - 1].max().item(), abs_tol=TOL)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:q]) for q in range(len(seq))]
+    # streamed: the prompt comes first, with the same entries; then the completion's
+    events = [c for c in client.completions.create(**kw, logprobs=3, stream=True) if c.choices]
+    assert events[0].choices[0].text == tok.decode(prompt)
+    streamed = [x for c in events if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs and "".join(c.choices[0].text for c in events) == choice.text
+    # without logprobs: only the text; with a text prompt: that very text
+    plain = client.completions.create(model="m", prompt="def value", max_tokens=3, echo=True)
+    assert plain.choices[0].text.startswith("def value") and plain.choices[0].logprobs is None
+
+
+def test_echo_of_a_long_prompt_streams_through_the_ring_in_chunks(client, hf):
+    """A prompt longer than the 256-position logprob ring and the per-step prompt-logprob budget:
+    the engine holds back until the reader frees room, nothing is lost."""
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 512, (460,), generator=g).tolist()
+    out = client.completions.create(
+        model="m", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=1, n=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    ref = hf_logprobs(hf, prompt + hf_greedy(hf, prompt, 2))
+    for choice in out.choices:
+        got = choice.logprobs.token_logprobs
+        assert len(got) == 462 and got[0] is None
+        want = [ref[q - 1, t].item() for q, t in enumerate(prompt) if q]
+        assert max(abs(a - b) for a, b in zip(got[1:460], want, strict=True)) < TOL

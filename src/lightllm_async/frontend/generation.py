@@ -65,7 +65,7 @@ class Generation:
         self._interrupted: ApiError | None = None
         self._prompt_ids = prompt_ids
         self._logprobs: dict[int, TokenLogprob] | None = {} if params.wants_logprobs else None
-        self.prompt_logprobs: list[TokenLogprob] = []  # prompt positions 1.. (prompt_logprobs)
+        self._prompt_logprobs: dict[int, TokenLogprob] = {}  # by prompt position (prompt_logprobs)
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -151,9 +151,16 @@ class Generation:
                 entry = TokenLogprob(-1, chosen, list(zip(ids, top, strict=True)))
                 if q < plen:
                     entry.token_id = self._prompt_ids[q]
-                    self.prompt_logprobs.append(entry)
+                    self._prompt_logprobs[q] = entry
                 else:
                     self._logprobs[q] = entry
+
+    def prompt_logprobs(self) -> list[TokenLogprob | tuple[int, None]]:
+        """One entry per prompt token: its log-probability, or (token id, None) for the first
+        token (no context) and any position the engine did not compute. Complete once the first
+        output token arrived: the engine publishes a prompt's before its first token."""
+        entries = self._prompt_logprobs
+        return [entries.get(q) or (t, None) for q, t in enumerate(self._prompt_ids)]
 
     def _consume(self, tokens: list[int], done: FinishReason | None) -> list[Piece]:
         out = []

@@ -87,15 +87,29 @@ async def completions(svc: Service, scope: Scope, receive: Receive, resp: Respon
     prompt_ids = await svc.encode_text(prompt, "prompt") if isinstance(prompt, str) else prompt
     rid, created, model = request_id("cmpl"), int(time.time()), svc.model_name
     writers = [CompletionLogprobsWriter(svc.token_texts) for _ in range(n)]
+    echo = None
+    if req.echo:  # the prompt as the client wrote it, else as its ids decode
+        echo = prompt if isinstance(prompt, str) else svc.tokenizer.decode(prompt_ids)
     async with Choices.start(svc, prompt_ids, choice_params(params, n), "prompt") as choices:
         choices.watch_disconnect(receive)
         if not req.stream:
             out = []
             for i, (text, entries) in enumerate(await choices.outputs()):
+                if echo is not None:
+                    text = echo + text
+                    entries = None if entries is None else choices.gens[i].prompt_logprobs() + entries
                 logprobs = None if entries is None else writers[i].write(entries)
                 out.append(CompletionChoice(i, text, choices.gens[i].finish_reason, logprobs))
             await resp.json(CompletionResponse(rid, created, model, out, _usage(choices)))
             return
+
+        def echo_chunk(i: int) -> bytes:
+            """The prompt, before a choice's first piece (its log-probabilities are in by then)."""
+            logprobs = (
+                None if params.logprobs is False else writers[i].write(choices.gens[i].prompt_logprobs())
+            )
+            choice = CompletionChoice(i, echo, None, logprobs)
+            return ENCODER.encode(CompletionChunk(rid, created, model, [choice]))
 
         def piece_chunk(i: int, p: Piece) -> bytes:
             logprobs = None if p.logprobs is None else writers[i].write(p.logprobs)
@@ -103,17 +117,22 @@ async def completions(svc: Service, scope: Scope, receive: Receive, resp: Respon
             return ENCODER.encode(CompletionChunk(rid, created, model, [choice]))
 
         await resp.start_stream()
-        await _stream(choices, resp, piece_chunk)
+        await _stream(choices, resp, piece_chunk, first=echo_chunk if echo is not None else None)
         if include_usage(req):
             usage = CompletionChunk(rid, created, model, [], usage=_usage(choices))
             await resp.event(ENCODER.encode(usage))
         await resp.end_stream()
 
 
-async def _stream(choices: Choices, resp: Responder, encode) -> None:
+async def _stream(choices: Choices, resp: Responder, encode, first=None) -> None:
     """One SSE event per choice and wake-up that produced text or tokens with log-probabilities,
-    and one that carries the choice's finish_reason."""
+    and one that carries the choice's finish_reason; `first(i)`, if given, is an event sent
+    before choice i's first."""
+    started = [first is None] * len(choices.gens)
     async for i, p in choices.pieces():
+        if not started[i]:
+            started[i] = True
+            await resp.event(first(i))
         if p.text or p.finish_reason or p.logprobs:
             await resp.event(encode(i, p))
 

@@ -152,6 +152,7 @@ class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=Fals
     # str, or token ids, or a one-element batch of either; checked in sampling.completion_prompt
     prompt: str | list[Any]
     logprobs: int | None = None  # the legacy API's count of top tokens (0..5)
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's too)
 
 
 class GenerateParameters(Struct, forbid_unknown_fields=False):

@@ -119,6 +119,7 @@ def _openai(
     max_tokens_name: str,
     vocab_size: int | None,
     logprobs: tuple[bool, int, str],
+    prompt_logprobs: bool = False,
 ) -> SamplingParams:
     wanted, top, top_name = logprobs
     with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs": top_name}):
@@ -139,6 +140,7 @@ def _openai(
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
             logprobs=wanted,
             top_logprobs=top,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -146,7 +148,10 @@ def completion_params(req: CompletionRequest, vocab_size: int | None = None) -> 
     k = req.logprobs
     if k is not None and not 0 <= k <= COMPLETION_LOGPROBS_LIMIT:
         raise _bad(f"logprobs must be in [0, {COMPLETION_LOGPROBS_LIMIT}], got {k}.", "logprobs")
-    return _openai(req, req.max_tokens, "max_tokens", vocab_size, (k is not None, k or 0, "logprobs"))
+    echo_logprobs = bool(req.echo) and k is not None  # the prompt's log-probabilities too
+    return _openai(
+        req, req.max_tokens, "max_tokens", vocab_size, (k is not None, k or 0, "logprobs"), echo_logprobs
+    )
 
 
 def chat_params(req: ChatCompletionRequest, vocab_size: int | None = None) -> SamplingParams:
