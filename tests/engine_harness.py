@@ -228,6 +228,30 @@ def generate(
         h.close()
 
 
+def generate_with_logprobs(runner, max_model_len: int, requests, chunk: int = 64) -> list:
+    """Requests run together by the real engine: per request (output, first logprob position,
+    chosen [m], top ids [m, k], top logprobs [m, k]) as the region's ring holds them, or None
+    for a request without log-probabilities. The ring must hold a whole request (no reader)."""
+    h = EngineHarness(
+        runner, max_model_len=max_model_len, max_running_requests=8, max_num_batched_tokens=chunk
+    )
+    try:
+        refs = [h.submit(p, params) for p, params in requests]
+        outs = h.step_until_done(refs)
+        got = []
+        for (slot, _), (prompt, params), out in zip(refs, requests, outs, strict=True):
+            if not params.wants_logprobs:
+                got.append(None)
+                continue
+            first = params.first_logprob_position(len(prompt))
+            end = h.frontend.logprob_end(slot)
+            assert end == len(prompt) + len(out.tokens)  # every position up to the last token
+            got.append((out, first, *h.frontend.read_logprobs(slot, first, end, params.top_logprobs)))
+        return got
+    finally:
+        h.close()
+
+
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """HF transformers' greedy continuation, eos ignored: exactly n tokens."""
     ids = torch.tensor([prompt], device=model.device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_harness import EngineHarness
+from engine_harness import EngineHarness, generate_with_logprobs
 from lightllm_async.config import EngineConfig
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.types import SamplingParams
@@ -42,26 +42,6 @@ def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-def run_with_logprobs(runner, requests, chunk=64):
-    """(output, first position, chosen [m], top ids [m, k], top logprobs [m, k]) per request."""
-    h = EngineHarness(runner, max_model_len=MAX_LEN, max_running_requests=8, max_num_batched_tokens=chunk)
-    try:
-        refs = [h.submit(p, params) for p, params in requests]
-        outs = h.step_until_done(refs)
-        got = []
-        for (slot, _), (prompt, params), out in zip(refs, requests, outs, strict=True):
-            if not params.wants_logprobs:
-                got.append(None)
-                continue
-            first = params.first_logprob_position(len(prompt))
-            end = h.frontend.logprob_end(slot)
-            assert end == len(prompt) + len(out.tokens)  # every position up to the last token
-            got.append((out, first, *h.frontend.read_logprobs(slot, first, end, params.top_logprobs)))
-        return got
-    finally:
-        h.close()
-
-
 def check_against_hf(hf, prompt, out, first, chosen, top_ids, top_lp):
     seq = prompt + out.tokens
     ref = hf_logprobs(hf, seq)
@@ -87,7 +67,7 @@ def test_generated_and_prompt_logprobs_equal_hf_log_softmax(runner, hf):
     ]
     plain = [(p, SamplingParams(max_new_tokens=6, temperature=0.0)) for p in prompts]
     # prompts in 37-token chunks: prompt log-probabilities span chunks, next to requests without any
-    got = run_with_logprobs(runner, requests[:2] + plain + requests[2:], chunk=37)
+    got = generate_with_logprobs(runner, MAX_LEN, requests[:2] + plain + requests[2:], chunk=37)
     for (prompt, _), result in zip(requests, got[:2] + got[-2:], strict=True):
         check_against_hf(hf, prompt, *result)
 
@@ -98,7 +78,7 @@ def test_penalties_and_temperature_do_not_change_the_reported_logprobs(runner, h
         max_new_tokens=16, temperature=1.7, seed=1, repetition_penalty=3.0, frequency_penalty=2.0,
         logit_bias=((7, 20.0),), logprobs=True, top_logprobs=3,
     )  # fmt: skip
-    ((out, first, chosen, ids, top),) = run_with_logprobs(runner, [(prompt, params)])
+    ((out, first, chosen, ids, top),) = generate_with_logprobs(runner, MAX_LEN, [(prompt, params)])
     assert 7 in out.tokens  # the bias moved the draw ...
     check_against_hf(hf, prompt, out, first, chosen, ids, top)  # ... not the reported distribution
 

@@ -62,7 +62,19 @@ class LogprobRow:
 
 def logprob_rows(batch: Batch) -> list[LogprobRow]:
     """The step's log-probability rows, in the order the runner returns them: item by item,
-    positions ascending. ValueError if a known position's token is not known yet."""
+    positions ascending. ValueError if a known position's token is not known yet. Computed
+    once per batch (the runner and the engine both ask), and cheaply when no item wants any."""
+    rows = batch.__dict__.get("_logprob_rows")
+    if rows is None:
+        if any(it.params.logprobs or it.params.prompt_logprobs for it in batch.items):
+            rows = _logprob_rows(batch)
+        else:
+            rows = []
+        batch.__dict__["_logprob_rows"] = rows  # a cache beside the frozen fields
+    return rows
+
+
+def _logprob_rows(batch: Batch) -> list[LogprobRow]:
     rows, sample = [], 0
     for it in batch.items:
         end = it.start + len(it.token_ids)

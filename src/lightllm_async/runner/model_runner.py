@@ -179,8 +179,8 @@ class ModelRunner:
                 (
                     torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True),
                     torch.empty(rows, dtype=torch.float32, pin_memory=True),
-                    torch.empty((rows, MAX_TOP_LOGPROBS), dtype=torch.int32, pin_memory=True),
-                    torch.empty((rows, MAX_TOP_LOGPROBS), dtype=torch.float32, pin_memory=True),
+                    torch.empty(rows * MAX_TOP_LOGPROBS, dtype=torch.int32, pin_memory=True),
+                    torch.empty(rows * MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=True),
                 )
                 for _ in range(2)
             ]
@@ -225,8 +225,9 @@ class ModelRunner:
         host = pinned[0][: step.num_samples]
         host.copy_(tokens, non_blocking=True)
         if logprobs is not None:
-            rows, k = logprobs[1].shape
-            host_lp = pinned[1][:rows], pinned[2][:rows, :k], pinned[3][:rows, :k]
+            rows, k = logprobs[1].shape  # contiguous [rows, k] views of the flat pinned buffers
+            n = rows * k
+            host_lp = pinned[1][:rows], pinned[2][:n].view(rows, k), pinned[3][:n].view(rows, k)
             for dst, src in zip(host_lp, logprobs, strict=True):
                 dst.copy_(src, non_blocking=True)
             logprobs = host_lp

@@ -32,7 +32,7 @@ def apply_bias_and_bans(
         logits.index_put_((rows, ids), values, accumulate=True)
     if bans is not None:
         rows, ids = bans
-        logits.index_put_((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+        logits.index_put_((rows, ids), logits.new_full(rows.shape, float("-inf")))  # no host copy
     return logits
 
 
