@@ -108,9 +108,14 @@ class Scheduler:
         n = min(self._unscheduled(req), budget)
         if req.logprob_limit is not None:  # the chunk writes positions up to start + n
             n = min(n, req.logprob_limit - 1 - req.num_scheduled_tokens)
-        if req.params.prompt_logprobs:
+        if self._prompt_logprob_rows(req):
             n = min(n, self._logprob_budget)
         return max(n, 0)
+
+    @staticmethod
+    def _prompt_logprob_rows(req: Request) -> bool:
+        """The request's next chunk computes prompt positions' log-probabilities (a logits row each)."""
+        return req.params.prompt_logprobs and req.num_scheduled_tokens < len(req.prompt_ids)
 
     def _batch(self, items: list[ScheduledReq]) -> Batch | None:
         if not items:
@@ -145,7 +150,7 @@ class Scheduler:
         slots = self.tokens.allocate(n)
         req.kv_slots.extend(slots)
         samples = start + n == req.num_tokens + req.num_pending
-        if req.params.prompt_logprobs:
+        if req.params.prompt_logprobs and start < len(req.prompt_ids):  # rows of prompt logprobs
             self._logprob_budget -= n
         item = ScheduledReq(
             slot=req.slot,
