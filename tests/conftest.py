@@ -74,3 +74,11 @@ def smollm2_reference(hf_smollm2):
     from engine_harness import hf_greedy, smollm2_prompts
 
     return [(p, hf_greedy(hf_smollm2, p, 64)) for p in smollm2_prompts()]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    """A tiny random Llama folder (vocab 512, 3 layers), loadable by us and by HF transformers."""
+    from lightllm_async.tools.make_random_model import shape_config, write_model
+
+    return write_model(shape_config("tiny", "float32"), str(tmp_path_factory.mktemp("tiny-llama")), seed=11)

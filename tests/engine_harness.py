@@ -17,6 +17,7 @@ from lightllm_async.engine.engine import Engine
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import OutputView, Region, RegionSpec
 from lightllm_async.models.loader import default_model_path
+from lightllm_async.runner.dummy import certain_logprobs
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.types import FinishReason, SamplingParams
 
@@ -72,7 +73,7 @@ class ScriptedRunner:
                 out.append(self.script[it.num_output % len(self.script)])
             elif it.samples:
                 out.append(self.token(self._base[it.slot, it.gen], it.num_output))
-        return Sampled(tuple(out))
+        return Sampled(tuple(out), certain_logprobs(batch, out, 1 << 16))
 
     @staticmethod
     def collect(handle: Sampled) -> Sampled:
@@ -168,8 +169,9 @@ class EngineHarness:
         prefix_cache: bool = True,
         kv_cache_tokens: int | None = None,  # fewer than the runner's slots: a smaller pool
         expected_output_tokens: int = 256,
+        logprob_ring: int = 256,
     ):
-        spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len)
+        spec = RegionSpec(num_slots=num_slots, max_tokens_per_slot=max_model_len, logprob_ring=logprob_ring)
         self.frontend = Region.create(f"harness-{os.getpid()}-{next(_ids)}", spec)
         self.engine_view = Region.attach(self.frontend.name)
         sched = Scheduler(
@@ -242,6 +244,30 @@ def generate(
         params = params or SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
         refs = [h.submit(p, params) for p in prompts]
         return [out.tokens for out in h.step_until_done(refs)]
+    finally:
+        h.close()
+
+
+def generate_with_logprobs(runner, max_model_len: int, requests, chunk: int = 64) -> list:
+    """Requests run together by the real engine: per request (output, first logprob position,
+    chosen [m], top ids [m, k], top logprobs [m, k]) as the region's ring holds them, or None
+    for a request without log-probabilities. The ring must hold a whole request (no reader)."""
+    h = EngineHarness(
+        runner, max_model_len=max_model_len, max_running_requests=8, max_num_batched_tokens=chunk
+    )
+    try:
+        refs = [h.submit(p, params) for p, params in requests]
+        outs = h.step_until_done(refs)
+        got = []
+        for (slot, _), (prompt, params), out in zip(refs, requests, outs, strict=True):
+            if not params.wants_logprobs:
+                got.append(None)
+                continue
+            first = params.first_logprob_position(len(prompt))
+            end = h.frontend.logprob_end(slot)
+            assert end == len(prompt) + len(out.tokens)  # every position up to the last token
+            got.append((out, first, *h.frontend.read_logprobs(slot, first, end, params.top_logprobs)))
+        return got
     finally:
         h.close()
 

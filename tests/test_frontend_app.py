@@ -468,6 +468,39 @@ def test_client_disconnect_aborts_request_and_frees_slot(tokenizer, path, body):
     run(go())
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_disconnect_aborts_every_choice_of_n_and_frees_their_slots(tokenizer, stream):
+    async def go():
+        async with Harness(tokenizer) as h:
+            h.engine.step_time = 0.005
+            body = {"prompt": "x", "max_tokens": 200, "n": 3, "stream": stream}
+            await h.request("POST", "/v1/completions", body, disconnect_after=4 if stream else 0)
+            await h.wait_slots_free(timeout=0.5)
+            assert len(h.engine.submitted) == 3 and h.app.service.reader.num_active == 0
+            assert [r for r, _ in h.engine.finished] == [FinishReason.ABORT] * 3
+
+    run(go())
+
+
+def test_n_beyond_the_free_slots_is_a_503_that_leaves_nothing_running(tokenizer):
+    async def go():
+        async with Harness(tokenizer, num_slots=4) as h:
+            h.engine.pause()
+            body = {"prompt": "x", "max_tokens": 5}
+            busy = asyncio.create_task(h.request("POST", "/v1/completions", {**body, "n": 2}))
+            while h.region.num_free_slots() > 2:
+                await asyncio.sleep(0.002)
+            r = await h.request("POST", "/v1/completions", {**body, "n": 3})
+            assert r.status == 503
+            h.engine.resume()
+            ok = await busy
+            assert ok.status == 200 and [c["index"] for c in ok.json()["choices"]] == [0, 1]
+            await h.wait_slots_free()
+            assert h.app.service.reader.num_active == 0
+
+    run(go())
+
+
 def test_engine_death_ends_streams_with_error_event_and_requests_with_503(tokenizer):
     async def go():
         async with Harness(tokenizer) as h:
@@ -565,7 +598,21 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}', "top_p"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "top_k": -2}', "top_k"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 9}', "n"),  # > slots
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "best_of": 3}', "best_of"),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}',
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 1e3}}',
+        "logit_bias",
+    ),
+    ("/v1/completions", b'{"prompt": "x", "logprobs": 6}', "logprobs"),
+    ("/v1/completions", b'{"prompt": "x", "logit_bias": {"99999999": 1}}', "logit_bias"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": 5}', "stop"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
     (

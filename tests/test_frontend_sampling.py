@@ -14,6 +14,8 @@ from lightllm_async.frontend.protocol import (
 from lightllm_async.frontend.sampling import (
     chat_messages,
     chat_params,
+    choice_count,
+    choice_params,
     completion_params,
     completion_prompt,
     generate_params,
@@ -64,8 +66,6 @@ def test_normalization_of_top_k_seed_and_stop():
         ({"seed": 2**64}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"n": 2}, "n"),
-        ({"n": 0}, "n"),
     ],
 )
 def test_out_of_range_values_are_400_naming_the_field(kw, param):
@@ -138,3 +138,68 @@ def test_context_limit_resolves_or_refuses_in_vllm_words():
         p.with_context(100, 100)
     with pytest.raises(ValueError, match="empty"):
         p.with_context(0, 100)
+
+
+def test_penalties_min_tokens_stop_token_ids_and_logit_bias_reach_the_record():
+    spec = chat_params(
+        chat(
+            min_p=0.1, presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.2,
+            min_tokens=3, stop_token_ids=[7, 9, 7], logit_bias={"5": 10, "42": -100.0},
+        ),
+        vocab_size=100,
+    )  # fmt: skip
+    assert (spec.min_p, spec.presence_penalty, spec.frequency_penalty, spec.repetition_penalty) == (
+        0.1, 0.5, -0.25, 1.2,
+    )  # fmt: skip
+    assert spec.min_tokens == 3 and spec.stop_ids == (7, 9)
+    assert spec.logit_bias == ((5, 10.0), (42, -100.0))
+    native = GENERATE_DECODER.decode(
+        b'{"inputs": "x", "parameters": {"min_new_tokens": 2, "repetition_penalty": 1.5,'
+        b' "presence_penalty": 1, "frequency_penalty": 0.5}}'
+    )
+    p = generate_params(native.parameters)
+    assert (p.min_tokens, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (2, 1.5, 1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"logit_bias": {"3": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"1000": 1}}, "logit_bias"),  # past the vocabulary
+        ({"logit_bias": {"-1": 1}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"stop_token_ids": list(range(17))}, "stop_token_ids"),
+        ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+    ],
+)
+def test_new_fields_out_of_range_are_400_naming_the_field(kw, param):
+    with pytest.raises(ApiError) as e:
+        chat_params(chat(**kw), vocab_size=1000)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_a_logit_bias_key_that_is_not_a_token_id_is_a_decode_error():
+    with pytest.raises(msgspec.ValidationError):
+        chat(logit_bias={"abc": 1})
+
+
+def test_n_is_bounded_best_of_refused_and_seeds_spread_over_the_choices():
+    assert choice_count(chat(), 8) == 1 and choice_count(chat(n=8, best_of=1), 8) == 8
+    for kw, param in (
+        ({"n": 0}, "n"),
+        ({"n": 9}, "n"),
+        ({"best_of": 2}, "best_of"),
+        ({"best_of": 0}, "best_of"),
+    ):
+        with pytest.raises(ApiError) as e:
+            choice_count(chat(**kw), 8)
+        assert (e.value.status, e.value.param) == (400, param)
+    seeded = choice_params(SamplingParams(seed=2**64 - 2), 3)
+    assert [p.seed for p in seeded] == [2**64 - 2, 2**64 - 1, 0]
+    assert choice_params(SamplingParams(), 3) == [SamplingParams()] * 3

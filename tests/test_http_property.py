@@ -160,6 +160,12 @@ TOP_P = st.one_of(st.floats(0, 1), st.sampled_from(EDGE_FLOATS))
 TOP_K = st.one_of(st.integers(-1, 100), INTS)
 SEED = st.one_of(st.integers(0, 1000), INTS)
 ONE = st.one_of(st.just(1), st.just(1), INTS)  # n, best_of
+PENALTY = st.one_of(st.floats(-3, 3), st.floats(0, 200), st.sampled_from(EDGE_FLOATS), FLOATS)
+LOGIT_BIAS = st.dictionaries(
+    st.one_of(st.integers(-5, 60_000).map(str), SHORT_TEXT),
+    st.one_of(st.floats(-120, 120), st.sampled_from(EDGE_FLOATS), FLOATS),
+    max_size=8,
+)
 OPENAI_SAMPLING = {
     "model": st.one_of(st.none(), SHORT_TEXT),
     "max_tokens": MAX_TOKENS,
@@ -172,6 +178,13 @@ OPENAI_SAMPLING = {
     "stream": st.booleans(),
     "stream_options": st.one_of(st.none(), shaped({}, {"include_usage": st.booleans()})),
     "n": ONE,
+    "min_p": TOP_P,
+    "presence_penalty": PENALTY,
+    "frequency_penalty": PENALTY,
+    "repetition_penalty": PENALTY,
+    "min_tokens": MAX_TOKENS,
+    "stop_token_ids": st.lists(st.one_of(st.integers(0, 60_000), INTS), max_size=20),
+    "logit_bias": LOGIT_BIAS,
 }
 UNKNOWN = st.dictionaries(
     st.sampled_from(["logprobs", "user", "tools", "x", "presence_penalty"]), ANY, max_size=2
@@ -200,6 +213,10 @@ GENERATE_PARAMETERS = shaped(
         "seed": SEED,
         "n": ONE,
         "best_of": ONE,
+        "min_new_tokens": MAX_TOKENS,
+        "repetition_penalty": PENALTY,
+        "presence_penalty": PENALTY,
+        "frequency_penalty": PENALTY,
     },
 )
 
@@ -214,9 +231,17 @@ NATIVE = _body({"inputs": TEXT}, {"parameters": st.one_of(st.none(), GENERATE_PA
 BODIES = {
     "/v1/chat/completions": _body(
         {"messages": st.one_of(st.lists(MESSAGE, min_size=1, max_size=4), st.just([]))},
-        {**OPENAI_SAMPLING, "max_completion_tokens": MAX_TOKENS},
+        {
+            **OPENAI_SAMPLING,
+            "max_completion_tokens": MAX_TOKENS,
+            "logprobs": st.booleans(),
+            "top_logprobs": st.one_of(st.integers(-1, 22), INTS),
+        },
     ),
-    "/v1/completions": _body({"prompt": PROMPT}, OPENAI_SAMPLING),
+    "/v1/completions": _body(
+        {"prompt": PROMPT},
+        {**OPENAI_SAMPLING, "logprobs": st.one_of(st.integers(-1, 7), INTS), "echo": st.booleans()},
+    ),
     "/generate": NATIVE,
     "/generate_stream": NATIVE,
     "/tokenize": _body(

@@ -98,3 +98,46 @@ def test_seeded_tokens_on_cuda_equal_the_cpu():
     cpu = sample(logits, SamplingMetadata.build(params, positions))
     gpu = sample(logits.cuda(), SamplingMetadata.build(params, positions, device="cuda"))
     assert cpu.tolist() == gpu.tolist()
+
+
+def test_penalties_bias_and_logprobs_the_same_with_graphs_on_and_off_and_equal_to_hf(model_dir):
+    """Every sampling parameter of issue 11 through the CUDA-graph decode path and the eager one:
+    the same tokens and log-probabilities; and the log-probabilities are HF's on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from engine_harness import generate_with_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 7, 40, 90, 13)]
+    params = [
+        SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=1.5, logprobs=True,
+                       top_logprobs=5),
+        SamplingParams(max_new_tokens=16, seed=3, frequency_penalty=1.0, presence_penalty=0.5,
+                       logit_bias=((11, 3.0), (12, -100.0)), logprobs=True),
+        SamplingParams(max_new_tokens=12, seed=4, min_tokens=12, stop_ids=(2, 5), logprobs=True,
+                       top_logprobs=20, prompt_logprobs=True),
+        SamplingParams(max_new_tokens=18, temperature=0.9, top_k=40, min_p=0.05, seed=9),
+        SamplingParams(max_new_tokens=9, temperature=0.0),
+    ]  # fmt: skip
+    results = []
+    for disable in (False, True):
+        cfg = EngineConfig(
+            model_path=model_dir, device="cuda", dtype="float32", max_model_len=128,
+            kv_cache_tokens=2048, max_running_requests=6, disable_cuda_graph=disable,
+        )  # fmt: skip
+        runner = ModelRunner(cfg)
+        assert (runner.graphs is None) == disable
+        results.append(generate_with_logprobs(runner, 128, list(zip(prompts, params, strict=True)), chunk=32))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    for graphs, eager, prompt in zip(*results, prompts, strict=True):
+        if graphs is None:
+            continue
+        assert graphs[0].tokens == eager[0].tokens
+        for a, b in zip(graphs[2:], eager[2:], strict=True):
+            assert torch.allclose(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=1e-4)
+        out, first, chosen = graphs[0], graphs[1], graphs[2]
+        seq = prompt + out.tokens
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([seq], device="cuda")).logits[0].float(), -1).cpu()
+        want = [ref[q - 1, seq[q]].item() for q in range(first, len(seq))]
+        assert torch.allclose(torch.as_tensor(chosen), torch.tensor(want), atol=2e-3)

@@ -303,3 +303,34 @@ def test_learning_the_output_length_can_be_turned_off():
         s.add(Request(slot=i, gen=0, prompt_ids=[5] * 40, params=Params(max_new_tokens=8), arrival=i))
     run_to_end(s)
     assert s.output_lengths.expected == 256
+
+
+def test_prompt_logprob_chunks_share_a_step_budget_and_stop_at_the_ring_limit():
+    s = Scheduler(
+        SchedulerConfig(
+            max_running_requests=4, max_num_batched_tokens=64, max_model_len=128, kv_cache_tokens=1024,
+            max_prompt_logprob_tokens=10,
+        )
+    )  # fmt: skip
+    echo = SamplingParams(max_new_tokens=3, logprobs=True, prompt_logprobs=True, temperature=0.0)
+    a = Request(slot=0, gen=0, prompt_ids=list(range(3, 33)), params=echo, arrival=0)
+    b = Request(slot=1, gen=0, prompt_ids=list(range(3, 33)), params=echo, arrival=1)
+    plain = Request(slot=2, gen=0, prompt_ids=list(range(3, 23)), params=Params(3), arrival=2)
+    for r in (a, b, plain):
+        s.add(r)
+    batch = s.schedule()
+    # the budget of 10 prompt-logprob rows goes to the first; the second waits, and the plain one
+    # behind it (admission stays in arrival order)
+    assert [(it.slot, len(it.token_ids)) for it in batch.items] == [(0, 10)]
+    assert batch.items[0].next_token == 13 and list(batch.items[0].logprob_positions()) == list(range(1, 11))
+    s.update(batch, Sampled(()))
+    a.logprob_limit = 15  # the reader has room for positions below 15: chunks end at 14
+    batch = s.schedule()
+    assert [(it.slot, it.start, len(it.token_ids)) for it in batch.items] == [
+        (0, 10, 4),
+        (1, 0, 6),
+        (2, 0, 20),
+    ]
+    s.update(batch, Sampled((50,)))
+    a.logprob_limit = 14  # nothing fits: a is held, the others go on
+    assert [(it.slot, it.start, len(it.token_ids)) for it in s.schedule().items] == [(1, 6, 10), (2, 20, 1)]

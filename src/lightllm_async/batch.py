@@ -7,7 +7,7 @@ importing each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from lightllm_async.types import SamplingParams
 
@@ -41,6 +41,66 @@ class ScheduledReq(NamedTuple):
     # On a request's first step after admission with a prefix-cache hit: the cached KV slots of
     # positions [0, start), which the runner maps into the row before computing the new tokens.
     prefix_kv_slots: tuple[int, ...] = ()
+    prompt_len: int = 0  # the request's prompt tokens (penalties tell prompt from output by it)
+    # The token at position start + len(token_ids) when the chunk does not sample it but knows it
+    # (the next prompt token): its log-probability comes from this chunk's last logits.
+    next_token: int = PENDING_TOKEN
+
+    def logprob_positions(self) -> range:
+        """Positions whose token's log-probability this chunk computes: those its inputs predict,
+        (start, start + n], where the request reports them (prompt_logprobs: from position 1;
+        else only the sampled token) and the token is known or sampled here."""
+        p, end = self.params, self.start + len(self.token_ids)
+        if not p.wants_logprobs:
+            return range(0)
+        if not p.prompt_logprobs:
+            return range(end, end + 1) if self.samples else range(0)
+        known = self.samples or self.next_token != PENDING_TOKEN
+        return range(self.start + 1, end + known)
+
+
+@dataclass(frozen=True)
+class LogprobRow:
+    """One log-probability a step computes: of the token at `position` of request (slot, gen),
+    from the logits of input `offset` of its chunk; `target` is that token, or PENDING_TOKEN
+    when it is the chunk's own sample (number `sample` of the step's samples)."""
+
+    slot: int
+    gen: int
+    position: int
+    offset: int
+    target: int
+    sample: int
+
+
+def logprob_rows(batch: Batch) -> list[LogprobRow]:
+    """The step's log-probability rows, in the order the runner returns them: item by item,
+    positions ascending. ValueError if a known position's token is not known yet. Computed
+    once per batch (the runner and the engine both ask), and cheaply when no item wants any."""
+    rows = batch.__dict__.get("_logprob_rows")
+    if rows is None:
+        if any(it.params.logprobs or it.params.prompt_logprobs for it in batch.items):
+            rows = _logprob_rows(batch)
+        else:
+            rows = []
+        batch.__dict__["_logprob_rows"] = rows  # a cache beside the frozen fields
+    return rows
+
+
+def _logprob_rows(batch: Batch) -> list[LogprobRow]:
+    rows, sample = [], 0
+    for it in batch.items:
+        end = it.start + len(it.token_ids)
+        for q in it.logprob_positions():
+            if q == end:
+                target = PENDING_TOKEN if it.samples else it.next_token
+            else:
+                target = it.token_ids[q - it.start]
+                if target == PENDING_TOKEN:
+                    raise ValueError(f"slot {it.slot}: position {q} is not known in this step")
+            rows.append(LogprobRow(it.slot, it.gen, q, q - 1 - it.start, target, sample))
+        sample += it.samples
+    return rows
 
 
 @dataclass(frozen=True)
@@ -60,11 +120,30 @@ class Batch:
         return all(len(it.token_ids) == 1 and it.samples for it in self.items)
 
 
+def logprob_top_k(batch: Batch) -> int:
+    """The most top tokens any item of the step reports beside its own (the step's k)."""
+    return max((it.params.top_logprobs for it in batch.items if it.params.wants_logprobs), default=0)
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """A step's log-probabilities, one row per `logprob_rows(batch)` entry: the token's own
+    [L] float32, and the k most likely tokens [L, k] int32 with theirs [L, k] float32 (k: the
+    step's largest top_logprobs). The raw model distribution: before any penalty or bias.
+    The arrays are numpy's (not imported here: the scheduler's imports stay plain Python)."""
+
+    chosen: Any
+    top_ids: Any
+    top_logprobs: Any
+
+
 @dataclass(frozen=True)
 class Sampled:
-    """What the runner hands back: one token per sampling item, in batch order."""
+    """What the runner hands back: one token per sampling item, in batch order, and the step's
+    log-probabilities when some item asked for them."""
 
     token_ids: tuple[int, ...]
+    logprobs: StepLogprobs | None = None
 
 
 class DeviceFailure(RuntimeError):

@@ -18,6 +18,12 @@ MAX_STOP_STRING_CHARS = 512  # characters in one stop string: the stream holds b
 SEED_LIMIT = 2**64  # a seed is any unsigned 64-bit integer
 GREEDY_BELOW = 1e-5  # temperatures under this are greedy: dividing logits by them overflows
 TOP_K_LIMIT = 2**31  # top_k is stored as int32; any larger value keeps the whole vocabulary anyway
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (each crosses the region: 8 bytes)
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for one bias: [-100, 100]
+MAX_TOP_LOGPROBS = 20  # most likely tokens reported beside each token (OpenAI's chat limit)
+# Prompt positions whose log-probabilities (echo) one step computes: each is a row of logits
+PROMPT_LOGPROB_TOKENS_PER_STEP = 256
+TOKEN_ID_LIMIT = 2**31  # token ids cross the region as int32
 
 
 class FinishReason(IntEnum):
@@ -45,6 +51,15 @@ class SamplingParams:
     the prompt length is known, before the request enters the region. temperature 0 is greedy,
     top_k 0 and top_p 1 are off, seed None draws from the engine's generator. `stop` (strings)
     never crosses the region: the frontend matches it on text.
+
+    Until `min_tokens` tokens are out, the `stop_ids` cannot be sampled (and do not stop).
+    `logit_bias` pairs (token id, bias) are added to the logits; ids the model's vocabulary
+    lacks are ignored by the sampler (the frontend refuses them first). Penalties follow vLLM:
+    repetition over prompt and output, presence and frequency over the output. `logprobs`
+    reports each output token's log-probability and `top_logprobs` of the most likely tokens
+    beside it; `prompt_logprobs` does the same for every prompt token after the first. All
+    log-probabilities are the model's own (log-softmax of the raw logits, before any penalty,
+    bias or temperature).
     """
 
     max_new_tokens: int | None = None
@@ -60,6 +75,10 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
     def __post_init__(self) -> None:
         # No upper bound here: with_context holds it to the context, which the region can store.
@@ -87,6 +106,33 @@ class SamplingParams:
         longest = max(map(len, self.stop), default=0)
         _check(longest <= MAX_STOP_STRING_CHARS, "stop",
                f"strings must be at most {MAX_STOP_STRING_CHARS} characters long, got {longest}")  # fmt: skip
+        self._check_extras()
+
+    def _check_extras(self) -> None:
+        m = self.min_tokens
+        _check(0 <= m < TOKEN_ID_LIMIT, "min_tokens", f"must be at least 0, got {m}")
+        _check(self.max_new_tokens is None or m <= self.max_new_tokens, "min_tokens",
+               f"must be at most max_new_tokens ({self.max_new_tokens}), got {m}")  # fmt: skip
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+               f"allows at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")  # fmt: skip
+        for token, bias in self.logit_bias:
+            _check(0 <= token < TOKEN_ID_LIMIT, "logit_bias", f"token ids must be in [0, 2**31), got {token}")
+            _check(math.isfinite(bias) and abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias",
+                   f"values must be in [-100, 100], got {bias} for token {token}")  # fmt: skip
+        k = self.top_logprobs
+        _check(0 <= k <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
+        _check(k == 0 or self.logprobs or self.prompt_logprobs, "top_logprobs",
+               "needs logprobs (or prompt_logprobs) to be requested")  # fmt: skip
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Some log-probability crosses the region for this request."""
+        return self.logprobs or self.prompt_logprobs
+
+    def first_logprob_position(self, prompt_len: int) -> int:
+        """The first position whose token's log-probability is reported: the prompt's second
+        token with prompt_logprobs (the first has no context), else the first output token."""
+        return 1 if self.prompt_logprobs else prompt_len
 
     @property
     def greedy(self) -> bool:

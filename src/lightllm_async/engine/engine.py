@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from lightllm_async.batch import Batch, DeviceFailure, Sampled
+from lightllm_async.batch import Batch, DeviceFailure, Sampled, logprob_rows
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
 from lightllm_async.ipc import EngineRegion, EngineStats, Op
@@ -57,6 +57,7 @@ class Engine:
         self._prompt_tokens = 0
         self._generated_tokens = 0
         self._logged = (time.monotonic(), 0, 0)  # when the last progress line went out, and the totals then
+        self._logprob_slots: set[int] = set()  # requests whose log-probabilities use the ring
 
     def run(self) -> None:
         """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
@@ -74,6 +75,7 @@ class Engine:
         """One iteration: admit what arrived, launch the next step, complete the one in flight.
         False when there was nothing to launch or complete (the caller may sleep)."""
         self.drain_inbox()
+        self._refresh_logprob_limits()
         batch = self.scheduler.schedule()
         previous, self._inflight = self._inflight, None
         if batch is not None:
@@ -93,10 +95,45 @@ class Engine:
 
     def complete(self, batch: Batch, handle: Any) -> None:
         """Read a launched step's tokens, apply them, publish."""
-        applied, finished = self.scheduler.update(batch, self.runner.collect(handle))
+        sampled = self.runner.collect(handle)
+        logprobs = self._live_logprobs(batch, sampled)  # before update retires finished requests
+        applied, finished = self.scheduler.update(batch, sampled)
         self._failures = 0
-        self.publish(applied, finished)
+        self.publish(applied, finished, logprobs)
         self.region.beat()
+
+    # -- log-probabilities ------------------------------------------------------------------
+
+    def _refresh_logprob_limits(self) -> None:
+        """How far each request with log-probabilities may run ahead of the frontend's reader."""
+        by_slot = self.scheduler.by_slot
+        for slot in list(self._logprob_slots):
+            req = by_slot.get(slot)
+            if req is None or not req.params.wants_logprobs:
+                self._logprob_slots.discard(slot)
+            else:
+                req.logprob_limit = self.region.logprob_limit(slot)
+
+    def _live_logprobs(self, batch: Batch, sampled: Sampled) -> tuple | None:
+        """The step's log-probability rows of requests still here (slot, gen): (slots, positions,
+        chosen, top_ids, top_logprobs), or None."""
+        rows = logprob_rows(batch)
+        if not rows:
+            return None
+        if sampled.logprobs is None:
+            raise ValueError("the runner returned no log-probabilities for a step that asked for them")
+        by_slot = self.scheduler.by_slot
+        live = [
+            i for i, r in enumerate(rows) if (req := by_slot.get(r.slot)) is not None and req.gen == r.gen
+        ]
+        lp = sampled.logprobs
+        return (
+            [rows[i].slot for i in live],
+            [rows[i].position for i in live],
+            lp.chosen[live],
+            lp.top_ids[live],
+            lp.top_logprobs[live],
+        )
 
     # -- failure isolation --------------------------------------------------------------------
 
@@ -143,6 +180,8 @@ class Engine:
             return
         self._arrivals += 1
         self._prompt_tokens += len(view.prompt_ids)
+        if view.params.wants_logprobs:
+            self._logprob_slots.add(slot)
         self.scheduler.add(
             Request(
                 slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
@@ -155,8 +194,13 @@ class Engine:
 
     # -- outbox ---------------------------------------------------------------------------------
 
-    def publish(self, applied: list[tuple[int, int]], finished: list[Finished]) -> None:
-        """Tokens first (each count published with a release store), then finish marks, one wake-up."""
+    def publish(
+        self, applied: list[tuple[int, int]], finished: list[Finished], logprobs: tuple | None = None
+    ) -> None:
+        """Log-probabilities, then tokens (each count published with a release store: a reader that
+        sees a token sees its log-probability), then finish marks, one wake-up."""
+        if logprobs is not None:
+            self.region.put_logprobs(*logprobs)
         if applied:
             slots, tokens = zip(*applied, strict=True)
             self.region.append_step(slots, tokens)

@@ -42,6 +42,11 @@ class KVManager:
 
     @staticmethod
     def _lookup_key(req: Request) -> list[int]:
+        p = req.params
+        if p.prompt_logprobs or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            # These read every position fed to the model in the request's own row (the prompt's
+            # logits; the runner's token table for penalties): a cached prefix is never fed.
+            return []
         # The last known token is always computed again: its logits give the next token.
         return req.token_ids(0, req.num_tokens - 1)
 

@@ -41,6 +41,9 @@ class Request:
     num_preemptions: int = 0
     num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
     suspect: bool = False  # was in a step that failed: runs alone until one of its steps succeeds
+    # Positions below this may get log-probabilities now (the region's ring has room up to it; the
+    # engine refreshes it each step): a request that would pass it waits. None: no limit.
+    logprob_limit: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -16,11 +16,11 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lightllm_async.batch import Batch, Sampled, ScheduledReq, max_prefix_slots
+from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled, ScheduledReq, max_prefix_slots
 from lightllm_async.engine.kv_manager import KVManager
 from lightllm_async.engine.kv_pool import RowPool
 from lightllm_async.engine.request import Request
-from lightllm_async.types import FinishReason
+from lightllm_async.types import PROMPT_LOGPROB_TOKENS_PER_STEP, FinishReason
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class SchedulerConfig:
     expected_output_tokens: int = 256
     learn_output_tokens: bool = True
     enable_prefix_cache: bool = True
+    # Prompt positions with log-probabilities (echo) computed in one step: each needs a row of
+    # logits ([n, vocab] float32), which a whole prefill chunk of them would make too large.
+    max_prompt_logprob_tokens: int = PROMPT_LOGPROB_TOKENS_PER_STEP
 
 
 class OutputLengths:
@@ -92,6 +95,7 @@ class Scheduler:
         self.prefix_queried_tokens = 0  # prompt tokens looked up at first admission
         self.prefix_hit_tokens = 0  # ... and found in the cache
         self.output_lengths = OutputLengths(cfg.expected_output_tokens, cfg.learn_output_tokens)
+        self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -124,13 +128,14 @@ class Scheduler:
         if suspect is not None:
             return self._schedule_alone(suspect)
         budget = self.cfg.max_num_batched_tokens
+        self._logprob_budget = self.cfg.max_prompt_logprob_tokens
         items: list[ScheduledReq] = []
         for req in list(self.running):
             if budget == 0:
                 break
             if req.row < 0 or self._will_finish_by_length(req):
                 continue  # preempted by an earlier iteration (no row), or its pending token is its last
-            n = min(self._unscheduled(req), budget)
+            n = self._room(req, budget)
             if n == 0 or (self.tokens.num_free < n and not self._make_room(n, req)):
                 continue  # nothing to do, or req itself was preempted (free slots in the pool: no need)
             items.append(self._take(req, n))
@@ -138,13 +143,28 @@ class Scheduler:
         prefix_room = self.max_prefix_slots
         while budget > 0 and self.waiting and not self.waiting[0].suspect:
             req = self.waiting[0]
-            if not self._admit(req, prefix_room):
+            if self._room(req, budget) == 0 or not self._admit(req, prefix_room):
                 break
             prefix_room -= req.num_cached
-            n = min(self._unscheduled(req), budget)
+            n = self._room(req, budget)
             items.append(self._take(req, n))
             budget -= n
         return self._batch(items)
+
+    def _room(self, req: Request, budget: int) -> int:
+        """Tokens to schedule for `req` now: what it has left, within the step's budget, and
+        within its log-probabilities' room (the ring's limit, the step's prompt-logprob rows)."""
+        n = min(self._unscheduled(req), budget)
+        if req.logprob_limit is not None:  # the chunk writes positions up to start + n
+            n = min(n, req.logprob_limit - 1 - req.num_scheduled_tokens)
+        if self._prompt_logprob_rows(req):
+            n = min(n, self._logprob_budget)
+        return max(n, 0)
+
+    @staticmethod
+    def _prompt_logprob_rows(req: Request) -> bool:
+        """The request's next chunk computes prompt positions' log-probabilities (a logits row each)."""
+        return req.params.prompt_logprobs and req.num_scheduled_tokens < len(req.prompt_ids)
 
     def _batch(self, items: list[ScheduledReq]) -> Batch | None:
         if not items:
@@ -193,7 +213,11 @@ class Scheduler:
         slots = self.kv.allocate(n)
         kv_slots.extend(slots)
         num_output = len(req.output_ids) + req.num_pending
-        samples = start + n == len(req.prompt_ids) + num_output
+        prompt_len = len(req.prompt_ids)
+        samples = start + n == prompt_len + num_output
+        prompt_logprobs = req.params.prompt_logprobs
+        if prompt_logprobs and start < prompt_len:  # rows of prompt logprobs
+            self._logprob_budget -= n
         item = ScheduledReq(
             req.slot,
             req.gen,
@@ -206,6 +230,8 @@ class Scheduler:
             req.params,
             num_output,
             prefix,
+            prompt_len,
+            req.token_ids(start + n, start + n + 1)[0] if prompt_logprobs and not samples else PENDING_TOKEN,
         )
         req.num_pending += samples
         return item
@@ -266,7 +292,8 @@ class Scheduler:
         """Not overlapped: a failure then belongs to exactly one step of this request."""
         if req.num_pending:
             return None
-        n = min(self._unscheduled(req), self.cfg.max_num_batched_tokens)
+        self._logprob_budget = self.cfg.max_prompt_logprob_tokens
+        n = self._room(req, self.cfg.max_num_batched_tokens)
         if n == 0 or not self._make_room(n, req):
             return None
         return self._batch([self._take(req, n)])
@@ -338,7 +365,9 @@ class Scheduler:
             self.waiting.remove(req)
 
     def _stop_reason(self, req: Request, token: int) -> FinishReason:
-        if token in req.params.stop_ids:
+        # Before min_tokens the sampler bans the stop ids; a runner that does not is held to it
+        # here, as vLLM's stop check is.
+        if token in req.params.stop_ids and len(req.output_ids) >= req.params.min_tokens:
             return FinishReason.STOP
         if len(req.output_ids) >= req.params.max_new_tokens:
             return FinishReason.LENGTH

@@ -21,12 +21,23 @@ _FINISH_NAMES = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Finis
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the k most likely tokens at its place."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Piece:
-    """Text produced by `token_ids` (output tokens, in order); finish_reason on the last piece."""
+    """Text produced by `token_ids` (output tokens, in order); finish_reason on the last piece.
+    `logprobs`, when the request asked for them, has one entry per token id."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Generation:
@@ -49,9 +60,13 @@ class Generation:
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self._stops = StopMatcher(params.stop)
         self._stop_ids = frozenset(params.stop_ids)
+        self._min_tokens = params.min_tokens  # stop strings apply from this many tokens on (vLLM)
         self._watcher: asyncio.Task | None = None
         self._on_exit = on_exit
         self._interrupted: ApiError | None = None
+        self._prompt_ids = prompt_ids
+        self._logprobs: dict[int, TokenLogprob] | None = {} if params.wants_logprobs else None
+        self._prompt_logprobs: dict[int, TokenLogprob] = {}  # by prompt position (prompt_logprobs)
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -85,9 +100,13 @@ class Generation:
         self._interrupted = err
         self._handle.notify_disconnect()  # wakes the reader's wait; _interrupted is looked at first
 
+    @property
+    def handle(self) -> RequestHandle:
+        return self._handle
+
     def watch_disconnect(self, receive) -> None:
         """Listen for the client's http.disconnect while the response is being produced."""
-        self._watcher = asyncio.create_task(_watch_disconnect(receive, self._handle))
+        self._watcher = asyncio.create_task(watch_disconnect(receive, [self._handle]))
 
     async def pieces(self, per_token: bool = False) -> AsyncIterator[Piece]:
         """Text as it comes: one piece per wake-up, or per token; the last has finish_reason.
@@ -107,6 +126,8 @@ class Generation:
             done = h.finish_reason
             if done == FinishReason.ERROR:
                 raise ApiError(500, "The engine failed while processing this request.")
+            if self._logprobs is not None:
+                self._absorb(h.take_logprobs())
             batch = self._consume(tokens, done)
             if not batch:
                 continue
@@ -118,11 +139,41 @@ class Generation:
                     "".join(p.text for p in batch),
                     [t for p in batch for t in p.token_ids],
                     batch[-1].finish_reason,
+                    None if self._logprobs is None else [e for p in batch for e in p.logprobs or ()],
                 )
 
     async def text(self) -> str:
         """The whole output text, for non-streaming responses."""
-        return "".join([p.text async for p in self.pieces()])
+        return (await self.output())[0]
+
+    async def output(self) -> tuple[str, list[TokenLogprob] | None]:
+        """The whole output text and, if asked for, every output token's log-probability."""
+        pieces = [p async for p in self.pieces()]
+        text = "".join(p.text for p in pieces)
+        if self._logprobs is None:
+            return text, None
+        return text, [e for p in pieces for e in p.logprobs or ()]
+
+    def _absorb(self, chunks) -> None:
+        """Log-probabilities by position: the prompt's are kept in order, the output's wait for
+        their tokens."""
+        plen = len(self._prompt_ids)
+        for c in chunks:
+            for i, (chosen, ids, top) in enumerate(zip(c.chosen, c.top_ids, c.top_logprobs, strict=True)):
+                q = c.start + i
+                entry = TokenLogprob(-1, chosen, list(zip(ids, top, strict=True)))
+                if q < plen:
+                    entry.token_id = self._prompt_ids[q]
+                    self._prompt_logprobs[q] = entry
+                else:
+                    self._logprobs[q] = entry
+
+    def prompt_logprobs(self) -> list[TokenLogprob | tuple[int, None]]:
+        """One entry per prompt token: its log-probability, or (token id, None) for the first
+        token (no context) and any position the engine did not compute. Complete once the first
+        output token arrived: the engine publishes a prompt's before its first token."""
+        entries = self._prompt_logprobs
+        return [entries.get(q) or (t, None) for q, t in enumerate(self._prompt_ids)]
 
     def _consume(self, tokens: list[int], done: FinishReason | None) -> list[Piece]:
         out = []
@@ -135,11 +186,18 @@ class Generation:
                 self.token_gaps.extend([(now - self._last_token_at) / len(tokens)] * len(tokens))
             self._last_token_at = now
         for token in tokens:
+            entry = None
+            if self._logprobs is not None:
+                entry = self._logprobs.pop(self.prompt_tokens + self.completion_tokens, None)
+                if entry is not None:
+                    entry.token_id = token
             self.completion_tokens += 1
             # A stop id is always the last token (the engine stops on it); like vLLM, not shown.
             hidden = token in self._stop_ids
-            text = self._stops.feed("" if hidden else self._detok.push((token,)))
-            out.append(Piece(text, [token]))
+            text = "" if hidden else self._detok.push((token,))
+            if self.completion_tokens >= self._min_tokens:
+                text = self._stops.feed(text)
+            out.append(Piece(text, [token], logprobs=None if entry is None else [entry]))
             if self._stops.stopped:
                 self.finish_reason = "stop"
                 out[-1].finish_reason = "stop"
@@ -157,7 +215,9 @@ class Generation:
         return out
 
 
-async def _watch_disconnect(receive, handle: RequestHandle) -> None:
+async def watch_disconnect(receive, handles: Sequence[RequestHandle]) -> None:
+    """Wait for the client's http.disconnect, then tell every handle of its response."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    handle.notify_disconnect()
+    for handle in handles:
+        handle.notify_disconnect()

@@ -12,6 +12,7 @@ from lightllm_async.types import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS  # chec
 __all__ = [
     "KEEP_ALIVE_TIMEOUT_S",
     "MAX_BODY_BYTES",
+    "MAX_CHOICES",
     "MAX_CONTENT_PARTS",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
@@ -24,6 +25,7 @@ __all__ = [
 MAX_BODY_BYTES = 8 * 1024 * 1024  # 413 beyond; checked against Content-Length before reading
 MAX_MESSAGES = 4096  # messages in one chat request
 MAX_CONTENT_PARTS = 256  # content parts in one chat message
+MAX_CHOICES = 128  # `n`: each choice is a request of its own (a slot; fewer slots bound it lower)
 # JSON nesting is bounded by msgspec's decoder at the interpreter's recursion limit (about 1000
 # levels); a deeper body is a 400, as is any other body that does not decode.
 

@@ -121,6 +121,14 @@ class OpenAISampling(Struct, kw_only=True, forbid_unknown_fields=False):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
+    best_of: int | None = None  # refused unless 1
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are token ids written as strings
 
 
 class ContentPart(Struct, forbid_unknown_fields=False):
@@ -136,11 +144,15 @@ class ChatMessage(Struct, forbid_unknown_fields=False):
 class ChatCompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(OpenAISampling, kw_only=True, forbid_unknown_fields=False):
     # str, or token ids, or a one-element batch of either; checked in sampling.completion_prompt
     prompt: str | list[Any]
+    logprobs: int | None = None  # the legacy API's count of top tokens (0..5)
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's too)
 
 
 class GenerateParameters(Struct, forbid_unknown_fields=False):
@@ -157,6 +169,10 @@ class GenerateParameters(Struct, forbid_unknown_fields=False):
     seed: int | None = None
     n: int = 1
     best_of: int = 1
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class GenerateRequest(Struct, forbid_unknown_fields=False):
@@ -200,11 +216,30 @@ class AssistantMessage(Struct):
     role: str = "assistant"
 
 
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(Struct):
+    """Chat's log-probability of one output token, and the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprobEntry] | None
+
+
 class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(Struct):
@@ -225,7 +260,7 @@ class ChatChunkChoice(Struct):
     index: int
     delta: Delta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 # Chunks omit `usage` unless it is set; `object` is a msgspec tag so it is always written.
@@ -237,11 +272,23 @@ class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="c
     usage: Usage | None = None
 
 
+class CompletionLogprobs(Struct):
+    """The legacy completions shape: one entry per token in each list (null for a prompt's
+    first token, which has no context); top_logprobs maps token text to log-probability and
+    holds the token itself beside the most likely ones; text_offset is each token's offset in
+    the choice's text."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(Struct):

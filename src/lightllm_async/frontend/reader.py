@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,6 +37,16 @@ class EngineDead(Exception):
     """The engine process is gone; requests in flight cannot finish."""
 
 
+class LogprobChunk(NamedTuple):
+    """Log-probabilities of positions start, start + 1, ...: each token's own, and the top k
+    tokens' ids and log-probabilities (lists of lists)."""
+
+    start: int
+    chosen: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
 class RequestHandle:
     """One request's output as the reader delivers it. Used on the event loop only."""
 
@@ -50,12 +60,19 @@ class RequestHandle:
         "disconnected",
         "abandoned",
         "_event",
+        "logprob_k",
+        "logprob_next",
+        "_logprobs",
     )
 
-    def __init__(self, slot: int, gen: int):
+    def __init__(self, slot: int, gen: int, logprob_k: int = 0, logprob_first: int = -1):
         self.slot = slot
         self.gen = gen
         self._tokens: list[int] = []  # copied but not yet taken by the handler
+        # log-probabilities: top tokens per position, and the next position to copy (-1: none)
+        self.logprob_k = logprob_k
+        self.logprob_next = logprob_first
+        self._logprobs: list[LogprobChunk] = []
         self.finish_reason: FinishReason | None = None  # set once the engine finished the slot
         self.cached_tokens = 0
         self.engine_dead = False
@@ -73,6 +90,12 @@ class RequestHandle:
         tokens, self._tokens = self._tokens, []
         return tokens
 
+    def take_logprobs(self) -> list[LogprobChunk]:
+        """The log-probabilities copied since the last call (each token's arrive with it or
+        before it; a prompt's, before the first output token)."""
+        chunks, self._logprobs = self._logprobs, []
+        return chunks
+
     def notify_disconnect(self) -> None:
         self.disconnected = True
         self._event.set()
@@ -82,6 +105,11 @@ class RequestHandle:
     def _deliver(self, tokens: list[int]) -> None:
         if not self.abandoned:
             self._tokens.extend(tokens)
+            self._event.set()
+
+    def _deliver_logprobs(self, chunk: LogprobChunk) -> None:
+        if not self.abandoned:
+            self._logprobs.append(chunk)
             self._event.set()
 
     def _finish(self, reason: FinishReason, cached_tokens: int) -> None:
@@ -112,6 +140,7 @@ class Reader:
         self._mask = np.zeros(n, bool)
         self._slots: np.ndarray | None = None
         self._num_read = np.zeros(n, np.int64)  # output tokens copied, by slot
+        self._logprob_handles: dict[int, RequestHandle] = {}  # the active ones with log-probabilities
         self._loop: asyncio.AbstractEventLoop | None = None
         self._efd = -1
         self._relay: Any = None
@@ -156,7 +185,13 @@ class Reader:
         if got is None:
             return None
         slot, gen = got
-        handle = RequestHandle(slot, gen)
+        if params.wants_logprobs:
+            handle = RequestHandle(
+                slot, gen, params.top_logprobs, params.first_logprob_position(len(prompt_ids))
+            )
+            self._logprob_handles[slot] = handle
+        else:
+            handle = RequestHandle(slot, gen)
         self._num_read[slot] = 0
         self._active[slot] = self._by_slot[slot] = handle  # before any wake-up: we are on the loop
         self._mask[slot] = True
@@ -183,6 +218,15 @@ class Reader:
 
     def _on_wake(self) -> None:
         """Copy what every active slot published since the last wake-up; end the finished ones."""
+        self._on_wake_tokens()
+        # Log-probabilities published without a token (a prompt's): copied now, so that the
+        # engine, which may run only so far ahead of this reader, goes on.
+        for h in list(self._logprob_handles.values()):
+            state, _, _ = self._region.poll_output(h.slot)
+            if state in (_RUNNING, _FINISHED):  # the slot's logprob_end is this request's
+                self._take_logprobs(h)
+
+    def _on_wake_tokens(self) -> None:
         if len(self._active) <= _FEW:  # numpy's per-call cost outweighs its loop here
             for h in list(self._active.values()):
                 state, _, n = self._region.poll_output(h.slot)
@@ -204,6 +248,8 @@ class Reader:
 
     def _take(self, h: RequestHandle, n: int, done: bool) -> None:
         """Deliver tokens up to count `n` (read with acquire); end the request if it finished."""
+        if h.logprob_next >= 0:  # read after the count: covers every token counted
+            self._take_logprobs(h)
         start = int(self._num_read[h.slot])
         if n > start:
             self._num_read[h.slot] = n
@@ -211,7 +257,19 @@ class Reader:
         if done:  # n is final and every token was delivered above
             self._end(h)
 
+    def _take_logprobs(self, h: RequestHandle) -> None:
+        """Copy the log-probabilities published since the last copy, then give their places in
+        the ring back to the engine (also for an abandoned handle, which drops them)."""
+        start, end = h.logprob_next, self._region.logprob_end(h.slot)
+        if end <= start:
+            return
+        chosen, ids, top = self._region.read_logprobs(h.slot, start, end, h.logprob_k)
+        self._region.set_logprob_read(h.slot, end)
+        h.logprob_next = end
+        h._deliver_logprobs(LogprobChunk(start, chosen.tolist(), ids.tolist(), top.tolist()))
+
     def _end(self, h: RequestHandle) -> None:
+        self._logprob_handles.pop(h.slot, None)
         del self._active[h.slot]
         self._by_slot[h.slot] = None
         self._mask[h.slot] = False
@@ -240,6 +298,7 @@ class Reader:
         for h in self._active.values():
             h._fail()
         self._active.clear()  # nobody will ever finish these slots
+        self._logprob_handles.clear()
         self._by_slot = [None] * len(self._by_slot)
         self._mask[:] = False
         self._slots = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from lightllm_async.types import SEED_LIMIT, TOP_K_LIMIT, InvalidParam, SamplingParams
@@ -68,28 +69,96 @@ def _check_n(n: int | None, param: str = "n") -> None:
         raise _bad(f"{param} must be 1 (got {n}); several choices per request are not supported", param)
 
 
-def _openai(req: OpenAISampling, max_tokens: int | None, max_tokens_name: str) -> SamplingParams:
-    _check_n(req.n)
-    with api_names({"max_new_tokens": max_tokens_name}):
+def choice_count(req: OpenAISampling, max_choices: int) -> int:
+    """`n`, checked: each choice is an engine request of its own, sharing the prompt. best_of
+    (draw several, return the best) is refused."""
+    if req.best_of is not None and req.best_of != 1:
+        raise _bad(
+            f"best_of is not supported (got {req.best_of}); use n to get several choices and pick one.",
+            "best_of",
+        )
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= max_choices:
+        raise _bad(f"n must be in [1, {max_choices}], got {n}.", "n")
+    return n
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """Each choice's record: with a seed, choice i draws with seed + i (mod 2**64), so that the
+    choices differ yet the request as a whole reproduces."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [replace(params, seed=(params.seed + i) % SEED_LIMIT) for i in range(n)]
+
+
+def _logit_bias(bias: dict[int, float] | None, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id -> bias, as pairs; an id outside the vocabulary is a 400."""
+    if not bias:
+        return ()
+    if vocab_size is not None:
+        bad = next((t for t in bias if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise _bad(f"logit_bias token id {bad} is out of range [0, {vocab_size}).", "logit_bias")
+    return tuple((int(t), float(b)) for t, b in bias.items())
+
+
+def _opt(value, default):
+    return default if value is None else value
+
+
+# SamplingParams field -> its name in the OpenAI APIs, where they differ
+_OPENAI_NAMES = {"stop_ids": "stop_token_ids"}
+
+
+COMPLETION_LOGPROBS_LIMIT = 5  # the legacy completions API's bound on `logprobs`
+
+
+def _openai(
+    req: OpenAISampling,
+    max_tokens: int | None,
+    max_tokens_name: str,
+    vocab_size: int | None,
+    logprobs: tuple[bool, int, str],
+    prompt_logprobs: bool = False,
+) -> SamplingParams:
+    wanted, top, top_name = logprobs
+    with api_names({**_OPENAI_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs": top_name}):
         return SamplingParams(
             max_new_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=_opt(req.temperature, 1.0),
+            top_p=_opt(req.top_p, 1.0),
             top_k=_top_k(req.top_k),
+            min_p=_opt(req.min_p, 0.0),
+            presence_penalty=_opt(req.presence_penalty, 0.0),
+            frequency_penalty=_opt(req.frequency_penalty, 0.0),
+            repetition_penalty=_opt(req.repetition_penalty, 1.0),
             seed=_seed(req.seed),
             ignore_eos=bool(req.ignore_eos),
             stop=_stop_strings(req.stop),
+            stop_ids=tuple(dict.fromkeys(req.stop_token_ids or ())),
+            min_tokens=_opt(req.min_tokens, 0),
+            logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            logprobs=wanted,
+            top_logprobs=top,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
-def completion_params(req: CompletionRequest) -> SamplingParams:
-    return _openai(req, req.max_tokens, "max_tokens")
+def completion_params(req: CompletionRequest, vocab_size: int | None = None) -> SamplingParams:
+    k = req.logprobs
+    if k is not None and not 0 <= k <= COMPLETION_LOGPROBS_LIMIT:
+        raise _bad(f"logprobs must be in [0, {COMPLETION_LOGPROBS_LIMIT}], got {k}.", "logprobs")
+    echo_logprobs = bool(req.echo) and k is not None  # the prompt's log-probabilities too
+    return _openai(
+        req, req.max_tokens, "max_tokens", vocab_size, (k is not None, k or 0, "logprobs"), echo_logprobs
+    )
 
 
-def chat_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, vocab_size: int | None = None) -> SamplingParams:
+    logprobs = (bool(req.logprobs), _opt(req.top_logprobs, 0), "top_logprobs")
     if req.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-        return _openai(req, req.max_completion_tokens, "max_completion_tokens")
-    return _openai(req, req.max_tokens, "max_tokens")
+        return _openai(req, req.max_completion_tokens, "max_completion_tokens", vocab_size, logprobs)
+    return _openai(req, req.max_tokens, "max_tokens", vocab_size, logprobs)
 
 
 def generate_params(p: GenerateParameters | None) -> SamplingParams:
@@ -98,7 +167,7 @@ def generate_params(p: GenerateParameters | None) -> SamplingParams:
     _check_n(p.n, "parameters.n")
     _check_n(p.best_of, "parameters.best_of")
     stop, name = (p.stop, "stop") if p.stop_sequences is None else (p.stop_sequences, "stop_sequences")
-    with api_names({"stop": name}, prefix="parameters."):
+    with api_names({"stop": name, "min_tokens": "min_new_tokens"}, prefix="parameters."):
         return SamplingParams(
             max_new_tokens=p.max_new_tokens,
             temperature=p.temperature if p.do_sample else 0.0,
@@ -107,6 +176,10 @@ def generate_params(p: GenerateParameters | None) -> SamplingParams:
             seed=_seed(p.seed),
             ignore_eos=p.ignore_eos,
             stop=_stop_strings(stop),
+            min_tokens=p.min_new_tokens,
+            repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
         )
 
 

@@ -13,6 +13,7 @@ from lightllm_async.types import MAX_STOP_IDS, SamplingParams
 
 from .context import FrontendContext
 from .generation import Generation
+from .logprobs import TokenTexts
 from .protocol import ApiError, engine_dead_error
 from .reader import EngineDead, Reader
 from .sampling import api_names
@@ -40,11 +41,13 @@ class Service:
         self.reader = Reader(ctx.region, ctx.engine_alive)
         # The region's per-slot arena holds prompt + output, so it bounds the context too.
         self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
+        self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot
         self.model_name = ctx.served_model_name
         self.created = int(time.time())
         # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
         per_token = self.tokenizer.max_bytes_per_token
         self.max_prompt_bytes = None if per_token is None else self.max_model_len * per_token
+        self.token_texts = TokenTexts(self.tokenizer)  # each token's own text, for logprobs
         self._live: set[Generation] = set()
         self._stopping: ApiError | None = None
         self.on_request_end: Callable[[Generation], None] | None = None  # the metrics' observer
@@ -97,8 +100,7 @@ class Service:
         """Check the context, take a slot and submit; 400 too long, 503 full or engine gone."""
         with api_names({}):
             params = params.with_context(len(prompt_ids), self.max_model_len, what)
-        if not params.ignore_eos:
-            params = replace(params, stop_ids=self.tokenizer.eos_token_ids[:MAX_STOP_IDS])
+        params = self._with_eos(params)
         if self._stopping is not None:
             raise self._stopping
         if not self.engine_alive():
@@ -121,6 +123,22 @@ class Service:
         self._live.discard(gen)
         if self.on_request_end is not None:
             self.on_request_end(gen)
+
+    def _with_eos(self, params: SamplingParams) -> SamplingParams:
+        """The client's stop token ids and, unless ignore_eos, the tokenizer's eos ids."""
+        if params.ignore_eos:
+            return params
+        eos = self.tokenizer.eos_token_ids
+        stop_ids = tuple(dict.fromkeys(params.stop_ids + tuple(eos)))
+        if len(stop_ids) > MAX_STOP_IDS:
+            room = MAX_STOP_IDS - len(eos)
+            raise ApiError(
+                400,
+                f"stop_token_ids allows at most {room} ids besides the model's end-of-sequence "
+                f"tokens, got {len(params.stop_ids)}.",
+                "stop_token_ids",
+            )
+        return replace(params, stop_ids=stop_ids)
 
     def end_all(self, err: ApiError) -> int:
         """End every request in flight with `err`, and refuse new ones with it; returns how many."""

@@ -8,6 +8,7 @@ import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
+from lightllm_async.ipc.extras import Extras
 from lightllm_async.ipc.layout import (
     CONTROL,
     FIRST_TOKEN_TIME,
@@ -60,6 +61,7 @@ class RegionCore:
         self._control_base = layout.slots_off + CONTROL
         self._num_output_base = layout.slots_off + NUM_OUTPUT
         self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
+        self._extras = Extras(mm, layout.extras)  # sampling extras and the log-probability ring
         self._sem_engine, self._sem_frontend = sems
 
     def _field_view(self, field_offset: int, dtype: type) -> np.ndarray:
@@ -110,5 +112,5 @@ class RegionCore:
 
     def _release_views(self) -> None:
         """Drop every export of the mapping, so that mmap.close() succeeds."""
-        self._header = self._slots = self._tokens = self._logprobs = None  # type: ignore[assignment]
+        self._header = self._slots = self._tokens = self._logprobs = self._extras = None  # type: ignore[assignment]
         self._prompt_lens = self._submit_times = self._num_outputs = self._first_token_times = None  # type: ignore[assignment]

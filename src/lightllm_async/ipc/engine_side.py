@@ -6,6 +6,7 @@ sections and the header's engine fields.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import posix_ipc
 
 from lightllm_async.ipc import atomics
+from lightllm_async.ipc.extras import SlotExt
 from lightllm_async.ipc.layout import (
     ABORT,
     ENGINE_IDLE,
@@ -51,17 +53,20 @@ def _as_list(values: Sequence) -> Sequence:
 
 
 @functools.lru_cache(maxsize=4096)
-def _params(fields: tuple) -> SamplingParams:
-    """SamplingParams from a slot's packed fields; requests mostly repeat a few parameter sets, and
-    building the frozen dataclass costs more than this lookup. Raises InvalidParam for a slot whose
-    fields no frontend could have written (the engine then fails that request alone)."""
+def _params(fields: tuple, extras: tuple) -> SamplingParams:
+    """SamplingParams from a slot's packed fields and its extras; requests mostly repeat a few
+    parameter sets, and building the frozen dataclass costs more than this lookup. Raises
+    InvalidParam for a slot whose fields no frontend could have written (the engine then fails
+    that request alone)."""
     (max_new, temperature, top_p, min_p, presence, frequency, repetition, seed, top_k,
      num_stop, ignore_eos, logprobs, has_seed, *stops) = fields  # fmt: skip
+    min_tokens, top_logprobs, prompt_logprobs, logit_bias = extras
     return SamplingParams(
         max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed if has_seed else None, ignore_eos=bool(ignore_eos), stop_ids=tuple(stops[:num_stop]),
         logprobs=bool(logprobs), min_p=min_p, presence_penalty=presence, frequency_penalty=frequency,
-        repetition_penalty=repetition,
+        repetition_penalty=repetition, min_tokens=min_tokens, logit_bias=logit_bias,
+        top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
     )  # fmt: skip
 
 
@@ -80,7 +85,7 @@ class EngineRegion(RegionView):
         if cur != gen or state not in (SlotState.QUEUED, SlotState.RUNNING):
             return None
         plen, *fields = REQUEST_FIELDS.unpack_from(self._mm, self._layout.slot_off(slot) + PROMPT_LEN)
-        params = _params(tuple(fields))
+        params = _params(tuple(fields), self._extras.read(self._mm, slot))
         prompt = self._tokens[slot, :plen].tolist()
         return RequestView(slot, gen, prompt, params, float(self._submit_times[slot]))
 
@@ -144,6 +149,49 @@ class EngineRegion(RegionView):
         if not n.all():  # some slot's first token
             self._first_token_times[idx[n == 0]] = time.monotonic()
         atomics.scatter_release_u32(self._mm, self._num_output_base, SLOT_SIZE, idx, n + 1)
+
+    def logprob_limit(self, slot: int) -> int:
+        """Positions below this may be written into the slot's log-probability ring now: the
+        reader has copied out every entry R positions back (acquire of its lp_read)."""
+        ext = self._extras
+        read = atomics.load_acquire_u32(self._mm, ext.field_off(slot, ext.lp_read_base))
+        return read + self.spec.logprob_ring
+
+    def put_logprobs(
+        self,
+        slots: Sequence[int],
+        positions: Sequence[int],
+        chosen: np.ndarray,
+        top_ids: np.ndarray,
+        top_logprobs: np.ndarray,
+    ) -> None:
+        """Log-probabilities of the tokens at `positions` of `slots` (a slot's rows in ascending,
+        consecutive positions): chosen [L], top_ids / top_logprobs [L, k]. Rows of positions
+        already published (a recomputation) are skipped; the rest are written, then each slot's
+        end is release-stored. ValueError, with nothing written, for a row that would leave a
+        gap or overwrite an entry the reader has not copied (logprob_limit)."""
+        if not len(slots):
+            return
+        ext, ring = self._extras, self.spec.logprob_ring
+        slots, pos = self._check_many(slots), np.asarray(positions, np.int64)
+        keep = pos >= ext.lp_end[slots]  # our own field: a plain read
+        slots, pos = slots[keep], pos[keep]
+        if not len(slots):
+            return
+        last = np.flatnonzero(np.r_[slots[1:] != slots[:-1], True])  # each slot's last row
+        first = np.r_[0, last[:-1] + 1]
+        ends, limits = pos[last] + 1, np.empty(len(last), np.uint32)
+        atomics.gather_acquire_u32(self._mm, ext.lp_read_base, ctypes.sizeof(SlotExt), slots[last], limits)
+        if (pos[first] != ext.lp_end[slots[first]]).any() or (ends > limits.astype(np.int64) + ring).any():
+            bad = slots[last].tolist()
+            raise ValueError(f"log-probabilities of slots {bad} out of order or past the ring")
+        idx, k = pos % ring, top_ids.shape[1]
+        ext.lp_chosen[slots, idx] = np.asarray(chosen)[keep]
+        ext.lp_ids[slots, idx, :k] = np.asarray(top_ids)[keep]
+        ext.lp_vals[slots, idx, :k] = np.asarray(top_logprobs)[keep]
+        atomics.scatter_release_u32(
+            self._mm, ext.lp_end_base, ctypes.sizeof(SlotExt), slots[last], ends.astype(np.uint32)
+        )
 
     def set_cached_tokens(self, slot: int, n: int) -> None:
         """Prefix-cache hit length; published by the next append_tokens or finish."""
@@ -227,3 +275,4 @@ class EngineRegion(RegionView):
         s = self._slots[slot]
         s.num_output = s.finish_reason = s.cached_tokens = 0
         s.first_token_time = s.finish_time = 0.0
+        self._extras.table[slot].lp_end = self._extras.table[slot].lp_read  # the first position

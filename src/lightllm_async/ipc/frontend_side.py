@@ -119,6 +119,10 @@ class FrontendRegion(RegionView):
         )  # fmt: skip
         atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
         self._tokens[slot, :n] = prompt_ids
+        self._extras.write(
+            self._mm, slot, p.min_tokens, p.top_logprobs, p.prompt_logprobs, p.logit_bias,
+            p.first_logprob_position(n),
+        )  # fmt: skip
 
     def _queue(self, slot: int, gen: int) -> None:
         self._submit_times[slot] = time.monotonic()
@@ -187,6 +191,23 @@ class FrontendRegion(RegionView):
         """Output tokens [start, stop) of a slot, for stop <= a count read with acquire."""
         base = self._prompt_lens[slot]  # our own field
         return self._tokens[slot, base + start : base + stop].tolist()
+
+    def logprob_end(self, slot: int) -> int:
+        """Positions below this have log-probabilities in the ring (acquire: their entries are
+        visible after it). Read after the output count, it covers every token counted."""
+        return atomics.load_acquire_u32(self._mm, self._extras.field_off(slot, self._extras.lp_end_base))
+
+    def read_logprobs(self, slot: int, start: int, stop: int, k: int) -> tuple[np.ndarray, ...]:
+        """Copies of the ring entries of positions [start, stop), for stop <= a logprob_end read
+        with acquire and start >= what set_logprob_read last released: chosen [m] float32, the
+        k most likely ids [m, k] int32 and their logprobs [m, k] float32."""
+        if not 0 <= stop - start <= self.spec.logprob_ring:
+            raise ValueError(f"positions [{start}, {stop}) do not fit a ring of {self.spec.logprob_ring}")
+        return self._extras.copy_logprobs(slot, start, stop, k)
+
+    def set_logprob_read(self, slot: int, position: int) -> None:
+        """The reader copied every entry below `position`: the engine may reuse their places."""
+        atomics.store_release_u32(self._mm, self._extras.field_off(slot, self._extras.lp_read_base), position)
 
     def read_finish(self, slot: int) -> tuple[FinishReason, int]:
         """(finish_reason, cached_tokens) of a slot seen FINISHED by an acquire load."""

@@ -6,6 +6,8 @@
     ring_off          submit ring       (ring.py: tail line, head line, records)
     tokens_off        int32[num_slots][max_tokens_per_slot]   prompt ids, then output ids
     logprobs_off      float32[num_slots][max_tokens_per_slot] logprob of output token i at [i]
+    ext_off           the sampling extras (extras.py): SlotExt[num_slots], logit biases, and the
+                      log-probability ring
 
 Every field has one writer process; the comment on each group names it. A field read by another
 process is published by a release store (or a CAS, which is sequentially consistent) that the
@@ -57,6 +59,7 @@ import struct
 from dataclasses import dataclass
 
 from lightllm_async.ipc import atomics
+from lightllm_async.ipc.extras import ExtrasLayout
 from lightllm_async.ipc.ring import SubmitRing
 from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, RegionSpec
 from lightllm_async.types import MAX_STOP_IDS
@@ -89,7 +92,10 @@ class Header(ctypes.Structure):
         # thread clears it after each pass): 1 while the reader is sure to read the slots again,
         # so the engine skips its post (Dekker pair with notify_seq, like engine_idle)
         ("frontend_busy", ctypes.c_uint32),
-        ("_pad0", ctypes.c_uint8 * 44),
+        # creator (frontend), written once: the sampling extras (extras.py)
+        ("logprob_ring", ctypes.c_uint32),
+        ("ext_off", ctypes.c_uint64),
+        ("_pad0", ctypes.c_uint8 * 32),
         # engine rank 0: engine_state is release-stored after engine_pid and error_text
         ("engine_state", ctypes.c_uint32),
         ("engine_pid", ctypes.c_int32),
@@ -189,6 +195,7 @@ class Layout:
     ring_off: int
     tokens_off: int
     logprobs_off: int
+    extras: ExtrasLayout
     total_size: int
 
     @classmethod
@@ -200,8 +207,9 @@ class Layout:
         ring_off = _align(stack_off + atomics.slot_stack_nbytes(n))
         tokens_off = _align(ring_off + SubmitRing.nbytes(spec.ring_capacity))
         logprobs_off = _align(tokens_off + 4 * n * t)
-        total = _align(logprobs_off + 4 * n * t, 4096)
-        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, total)
+        extras = ExtrasLayout.of(n, spec.logprob_ring, logprobs_off + 4 * n * t)
+        total = _align(extras.end, 4096)
+        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, extras, total)
 
     def slot_off(self, slot: int) -> int:
         return self.slots_off + slot * ctypes.sizeof(Slot)
@@ -213,14 +221,15 @@ class Layout:
         h.ring_capacity, h.slot_size = self.spec.ring_capacity, ctypes.sizeof(Slot)
         h.total_size, h.slots_off, h.stack_off = self.total_size, self.slots_off, self.stack_off
         h.ring_off, h.tokens_off, h.logprobs_off = self.ring_off, self.tokens_off, self.logprobs_off
+        h.logprob_ring, h.ext_off = self.spec.logprob_ring, self.extras.ext_off
 
     @classmethod
     def from_header(cls, h: Header) -> Layout:
         """The layout an attaching process recomputes, checked against what the creator wrote."""
         if h.magic != MAGIC or h.version != VERSION:
             raise ValueError(f"not a lightllm-async region (magic {h.magic:#x}, version {h.version})")
-        layout = cls.of(RegionSpec(h.num_slots, h.max_tokens_per_slot, h.ring_capacity))
-        stored = (h.slot_size, h.total_size, h.slots_off, h.stack_off, h.ring_off, h.tokens_off)
+        layout = cls.of(RegionSpec(h.num_slots, h.max_tokens_per_slot, h.ring_capacity, h.logprob_ring))
+        stored = (h.slot_size, h.total_size, h.slots_off, h.stack_off, h.ring_off, h.tokens_off, h.ext_off)
         mine = (
             ctypes.sizeof(Slot),
             layout.total_size,
@@ -228,6 +237,7 @@ class Layout:
             layout.stack_off,
             layout.ring_off,
             layout.tokens_off,
+            layout.extras.ext_off,
         )
         if stored != mine:
             raise ValueError("region layout differs from this build's; mixed versions?")

@@ -39,12 +39,14 @@ class RegionSpec:
     """Sizes of a region. ring_capacity 0 means the next power of two >= 4 * num_slots.
 
     A slot has at most three records in the ring at once (an ABORT of its previous generation,
-    SUBMIT, ABORT), so a ring of 3 * num_slots records never fills.
+    SUBMIT, ABORT), so a ring of 3 * num_slots records never fills. `logprob_ring` is the number
+    of positions of log-probabilities each slot holds until the frontend reads them (extras.py).
     """
 
     num_slots: int
     max_tokens_per_slot: int
     ring_capacity: int = 0
+    logprob_ring: int = 256
 
     def __post_init__(self) -> None:
         if not 0 < self.num_slots < 2**31:
@@ -54,13 +56,15 @@ class RegionSpec:
         cap = self.ring_capacity
         if cap < 0 or cap & (cap - 1) or 0 < cap < 3 * self.num_slots:
             raise ValueError(f"ring_capacity must be 0 or a power of two >= 3 * num_slots, got {cap}")
+        if not 2 <= self.logprob_ring < 2**20:
+            raise ValueError(f"logprob_ring must be in [2, 2**20), got {self.logprob_ring}")
 
     def resolved(self) -> RegionSpec:
         """The same spec with ring_capacity filled in."""
         if self.ring_capacity:
             return self
         cap = 1 << (4 * self.num_slots - 1).bit_length()
-        return RegionSpec(self.num_slots, self.max_tokens_per_slot, cap)
+        return RegionSpec(self.num_slots, self.max_tokens_per_slot, cap, self.logprob_ring)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ It measures the server's own overhead (HTTP, IPC, scheduling) with the model tak
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled
+import numpy as np
+
+from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled, StepLogprobs, logprob_rows, logprob_top_k
 from lightllm_async.config import EngineConfig
 
 DUMMY_VOCAB = 1000  # token ids stay below this so any tokenizer can decode them
@@ -32,7 +35,7 @@ class DummyRunner:
             if it.samples:
                 self._last[it.slot] = 3 + (last + 1) % (DUMMY_VOCAB - 3)
                 tokens.append(self._last[it.slot])
-        return Sampled(token_ids=tuple(tokens))
+        return Sampled(token_ids=tuple(tokens), logprobs=certain_logprobs(batch, tokens, DUMMY_VOCAB))
 
     @staticmethod
     def collect(handle: Sampled) -> Sampled:
@@ -40,3 +43,17 @@ class DummyRunner:
 
     def execute(self, batch: Batch) -> Sampled:
         return self.collect(self.launch(batch))
+
+
+def certain_logprobs(batch: Batch, sampled: Sequence[int], vocab: int) -> StepLogprobs | None:
+    """The log-probabilities of a runner without a model, which knows its tokens for certain:
+    each token's is 0, and the top tokens after it (the next ids) are impossible (-inf)."""
+    rows = logprob_rows(batch)
+    if not rows:
+        return None
+    targets = np.array([sampled[r.sample] if r.target == PENDING_TOKEN else r.target for r in rows])
+    k = logprob_top_k(batch)
+    ids = (targets[:, None] + np.arange(k)) % vocab
+    top = np.full((len(rows), k), -np.inf, np.float32)
+    top[:, :1] = 0.0
+    return StepLogprobs(np.zeros(len(rows), np.float32), ids.astype(np.int32), top)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import PENDING_TOKEN, Batch
+from lightllm_async.batch import PENDING_TOKEN, Batch, logprob_rows, logprob_top_k
 from lightllm_async.models.llama import ForwardContext
+from lightllm_async.runner.logprobs import LogprobPlan, plan_lists
 from lightllm_async.runner.sampler import SAMPLING_FIELDS, SamplingMetadata
 from lightllm_async.runner.staging import Staging
 
@@ -85,6 +86,7 @@ class StepInputs:
     ctx: ForwardContext
     sampling: SamplingMetadata  # [S] rows, padding excluded
     num_samples: int
+    logprobs: LogprobPlan | None = None  # when some item reports log-probabilities
 
 
 class InputBuffers:
@@ -106,19 +108,30 @@ class InputBuffers:
         sink_slot: int,
         sink_row: int,
         max_prefix_slots: int = 0,  # 0: one row of req_to_token
+        vocab_size: int | None = None,
     ):
         self.req_to_token = req_to_token
+        # The token id at each position of each request row, as fed to the model: what penalties
+        # count (sampler.SamplingMetadata.with_history). Written beside req_to_token, from the
+        # same inputs; a step that maps positions it does not compute (a cached prefix) must
+        # write their ids here too.
+        self.token_table = torch.zeros_like(req_to_token)
+        self.vocab_size = vocab_size
         self.sink_slot, self.sink_row = sink_slot, sink_row
         req_to_token[sink_row, 0] = sink_slot
         per_request = {
             "req_idx": (torch.int32, max_batch),
             "q_start": (torch.int32, max_batch + 1),
             "seq_lens": (torch.int32, max_batch),
-            "logits_idx": (torch.int64, max_batch),
+            # the samples' rows, then the rows of prompt log-probabilities (at most one a token)
+            "logits_idx": (torch.int64, max_batch + max_tokens),
+            "lp_rows": (torch.int64, max_batch + max_tokens),
+            "lp_targets": (torch.int64, max_batch + max_tokens),
+            "lp_samples": (torch.int64, max_batch + max_tokens),
             "pending_pos": (torch.int64, max_batch),  # at most one pending input per request
             "pending_src": (torch.int64, max_batch),
         }
-        sampling = {name: (dtype, max_batch) for name, dtype in SAMPLING_FIELDS.items()}
+        sampling = {name: (dtype, per_row * max_batch) for name, (dtype, per_row) in SAMPLING_FIELDS.items()}
         per_token = {
             "positions": (torch.int64, max_tokens),
             "kv_slots": (torch.int64, max_tokens),
@@ -171,10 +184,14 @@ class InputBuffers:
         flat = flatten(batch, last_index)
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
+        logprobs = self._plan_logprobs(batch, flat)  # appends its rows to flat.logits_idx
+        sampled = [it for it in batch.items if it.samples]
         sampling = SamplingMetadata.build(
-            [it.params for it in batch.items if it.samples],
-            [it.num_output for it in batch.items if it.samples],
+            [it.params for it in sampled],
+            [it.num_output for it in sampled],
             put=self.staging.put,
+            contexts=[(it.row, it.prompt_len, it.start + len(it.token_ids)) for it in sampled],
+            vocab=self.vocab_size,
         )
         ids, pending_pos, pending_src = self._write(flat)
         prefix = self._write_prefix(flat)
@@ -185,7 +202,10 @@ class InputBuffers:
             rows, pos, slots = prefix
             self.req_to_token[rows, pos] = slots
         t, view = num_real_tokens, self.staging.view  # padding rows come after the real tokens
-        self.req_to_token[view("token_rows", t), view("positions", t)] = view("kv_slots", t).to(torch.int32)
+        rows, positions = view("token_rows", t), view("positions", t)
+        self.req_to_token[rows, positions] = view("kv_slots", t).to(torch.int32)
+        self.token_table[rows, positions] = ids[:t].to(torch.int32)
+        sampling = sampling.with_history(self.token_table)
         num_samples = sum(it.samples for it in batch.items)
         ctx = self.context(
             len(flat.ids),
@@ -200,6 +220,19 @@ class InputBuffers:
             ctx=ctx,
             sampling=sampling,
             num_samples=num_samples,
+            logprobs=logprobs,
+        )
+
+    def _plan_logprobs(self, batch: Batch, flat: FlatInputs) -> LogprobPlan | None:
+        rows = logprob_rows(batch)
+        if not rows:
+            return None
+        starts = {it.slot: q for it, q in zip(batch.items, flat.q_start, strict=False)}
+        lists = plan_lists(rows, sum(it.samples for it in batch.items), starts)
+        flat.logits_idx.extend(lists.pop("extra"))
+        put = self.staging.put
+        return LogprobPlan(
+            **{name[3:]: put(name, v) for name, v in lists.items()}, top_k=logprob_top_k(batch)
         )
 
     def load_padding(self, num_rows: int) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import Batch, DeviceFailure, Sampled, max_prefix_slots
+from lightllm_async.batch import Batch, DeviceFailure, Sampled, StepLogprobs, max_prefix_slots
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
@@ -18,17 +18,21 @@ from lightllm_async.models.loader import count_weights, iter_weights, load_model
 from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.inputs import InputBuffers
+from lightllm_async.runner.logprobs import compute_logprobs
 from lightllm_async.runner.sampler import sample
+from lightllm_async.types import MAX_TOP_LOGPROBS, PROMPT_LOGPROB_TOKENS_PER_STEP
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StepHandle:
-    """A launched step: its sampled tokens (pinned host memory on CUDA) and the event marking them."""
+    """A launched step: its sampled tokens and log-probabilities (pinned host memory on CUDA)
+    and the event marking them."""
 
     tokens: Tensor
     done: torch.cuda.Event | None
+    logprobs: tuple[Tensor, Tensor, Tensor] | None = None  # chosen [L], top ids [L, k], top [L, k]
 
 
 def model_family(model_cfg: ModelConfig) -> tuple[type, type]:
@@ -67,8 +71,9 @@ _ACT_ITEMSIZE = 4  # activations may be fp32 (--dtype float32); bf16/fp16 halves
 _PREFILL_LIVE_TI = 8
 # Per sampled row of the largest batch: the graphs' logits buffer [B, V] float32 and the sampler's
 # [S, V] temporaries (scaled logits, probabilities, sorted probabilities + int64 order, cumulative
-# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit.
-_SAMPLER_BYTES_PER_LOGIT = 48
+# mass, noise, and for seeded rows the int64 hash and its shifted copy), about 48 bytes per logit;
+# with biases or penalties, the processed copy and the penalties' counts and seen mask, 9 more.
+_SAMPLER_BYTES_PER_LOGIT = 57
 # Per row of the largest decode graph: its activations in the graph pool, up to the MLP's [B, 2I]
 # and [B, I] (with headroom as above), at 4 bytes each.
 _GRAPH_LIVE_I = 8
@@ -86,6 +91,8 @@ def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
     inter, rows = model_cfg.intermediate_size, cfg.max_running_requests
     prefill = _PREFILL_LIVE_TI * cfg.max_num_batched_tokens * inter * _ACT_ITEMSIZE
     sampler = rows * model_cfg.vocab_size * _SAMPLER_BYTES_PER_LOGIT
+    # prompt log-probabilities: their logits rows, the gathered copy and the top-k's temporaries
+    sampler += PROMPT_LOGPROB_TOKENS_PER_STEP * model_cfg.vocab_size * 12
     graphs = _GRAPH_LIVE_I * rows * inter * _ACT_ITEMSIZE
     mla = 0
     if model_cfg.is_deepseek:
@@ -175,12 +182,20 @@ class ModelRunner:
             sink_slot=self.num_kv_tokens,
             sink_row=cfg.max_running_requests,
             max_prefix_slots=max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens),
+            vocab_size=self.model_cfg.vocab_size,
         )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
         if self.device.type == "cuda":  # two, because step N+1 is launched before N is collected
+            rows = self.inputs.staging.capacity("lp_rows")
             self._pinned = [
-                torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True) for _ in range(2)
+                (
+                    torch.empty(cfg.max_running_requests, dtype=torch.int64, pin_memory=True),
+                    torch.empty(rows, dtype=torch.float32, pin_memory=True),
+                    torch.empty(rows * MAX_TOP_LOGPROBS, dtype=torch.int32, pin_memory=True),
+                    torch.empty(rows * MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=True),
+                )
+                for _ in range(2)
             ]
             self._flip = 0
 
@@ -210,27 +225,40 @@ class ModelRunner:
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
         else:
-            logits = self.model(step.input_ids, step.ctx, self.kv)  # [S, V]
-        tokens = sample(logits, step.sampling)  # [S]
+            logits = self.model(step.input_ids, step.ctx, self.kv)  # [S + E, V]: E prompt logprob rows
+        tokens = sample(logits[: step.num_samples], step.sampling)  # [S]
+        logprobs = compute_logprobs(logits, tokens, step.logprobs) if step.logprobs else None
         self._last_sampled = tokens
         sampling_slots = [it.slot for it in batch.items if it.samples]
         self._last_index = {slot: i for i, slot in enumerate(sampling_slots)}
         if self.device.type != "cuda":
-            return StepHandle(tokens, None)
+            return StepHandle(tokens, None, logprobs)
         self._flip ^= 1
-        host = self._pinned[self._flip][: step.num_samples]
+        pinned = self._pinned[self._flip]
+        host = pinned[0][: step.num_samples]
         host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            rows, k = logprobs[1].shape  # contiguous [rows, k] views of the flat pinned buffers
+            n = rows * k
+            host_lp = pinned[1][:rows], pinned[2][:n].view(rows, k), pinned[3][:n].view(rows, k)
+            for dst, src in zip(host_lp, logprobs, strict=True):
+                dst.copy_(src, non_blocking=True)
+            logprobs = host_lp
         done = torch.cuda.Event()
         done.record()
-        return StepHandle(host, done)
+        return StepHandle(host, done, logprobs)
 
     @staticmethod
     def collect(handle: StepHandle) -> Sampled:
-        """The step's sampled tokens: the one host sync of a step."""
+        """The step's sampled tokens and log-probabilities: the one host sync of a step."""
         with device_failures():
             if handle.done is not None:
                 handle.done.synchronize()
-            return Sampled(token_ids=tuple(handle.tokens.tolist()))
+            logprobs = None
+            if handle.logprobs is not None:  # copies: the pinned buffers serve a later step
+                chosen, ids, top = (t.numpy().copy() for t in handle.logprobs)
+                logprobs = StepLogprobs(chosen, ids, top)
+            return Sampled(token_ids=tuple(handle.tokens.tolist()), logprobs=logprobs)
 
 
 @contextlib.contextmanager
