@@ -358,7 +358,7 @@ def post(live: LiveServer, path: str, body: bytes) -> None:
 
 def metric(srv: ServerProcess, name: str) -> float:
     _, _, text = srv.request("GET", "/metrics", timeout=10)
-    return float(re.search(rf"^lightllm_{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^lightllm_async:{name} (\S+)$", text, re.M).group(1))
 
 
 def assert_still_serves(live: LiveServer) -> None:
