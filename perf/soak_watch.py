@@ -20,8 +20,8 @@ async def metrics(addr) -> dict[str, float]:
     out = {}
     for line in r.body.decode().splitlines():
         name, _, value = line.partition(" ")
-        if name.startswith("lightllm_") and "{" not in name:
-            out[name.removeprefix("lightllm_")] = float(value)
+        if name.startswith("lightllm_async:") and "{" not in name:
+            out[name.removeprefix("lightllm_async:")] = float(value)
     return out
 
 
