@@ -810,9 +810,10 @@ def _metric_values(text: str) -> dict[str, float]:
     }
 
 
-def test_metrics_count_a_known_workload_and_return_to_zero_after_cancellations(tokenizer):
+def test_metrics_count_a_known_workload_and_return_to_zero_after_cancellations(tokenizer, caplog):
     """Three requests to their length, one the client leaves: the per-request histograms and
-    the success counter add up, under vLLM's names; the running and waiting gauges go back to 0."""
+    the success counter add up, under vLLM's names; the running and waiting gauges go back to 0.
+    At debug level each request ends with one summary line, which never holds its text."""
 
     async def go():
         async with Harness(tokenizer) as h:
@@ -836,7 +837,11 @@ def test_metrics_count_a_known_workload_and_return_to_zero_after_cancellations(t
             assert m[f"{p}inter_token_latency_seconds_count"] == 3 * 4 + left - 1
             assert m[f"{p}num_requests_running"] == 0 and m[f"{p}num_requests_waiting"] == 0
 
-    run(go())
+    with caplog.at_level("DEBUG", logger="lightllm_async.frontend.service"):
+        run(go())
+    lines = [r.getMessage() for r in caplog.records if r.name == "lightllm_async.frontend.service"]
+    assert sorted(line.split(":")[0] for line in lines) == ["request abort"] + ["request length"] * 3
+    assert all("prompt tokens" in line and "generated" in line for line in lines)
 
 
 def test_the_engine_logs_progress_while_busy_and_never_a_prompt(caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ ENCODE_INLINE_CHARS = 8192  # longer prompts are tokenized in a thread, without 
 DECODE_INLINE_TOKENS = 8192  # the same for /detokenize
 RETRY_AFTER = ((b"retry-after", b"1"),)
 CLOSE = ((b"connection", b"close"),)
+
+log = logging.getLogger(__name__)
 
 
 def shutting_down_error() -> ApiError:
@@ -121,6 +124,17 @@ class Service:
 
     def _ended(self, gen: Generation) -> None:
         self._live.discard(gen)
+        if log.isEnabledFor(logging.DEBUG):  # one line per request, never its text
+            ttft = "-" if gen.first_token_at is None else f"{gen.first_token_at - gen.started:.3f}s"
+            log.debug(
+                "request %s: %d prompt tokens (%d cached), %d generated, first token %s, %.3fs in all",
+                gen.outcome,
+                gen.prompt_tokens,
+                gen.cached_tokens,
+                gen.completion_tokens,
+                ttft,
+                (gen.ended_at or gen.started) - gen.started,
+            )
         if self.on_request_end is not None:
             self.on_request_end(gen)
 
