@@ -129,3 +129,24 @@ def test_greedy_output_is_unchanged_by_asking_for_logprobs(runner):
         assert a.tokens == b.tokens
     finally:
         h.close()
+
+
+def test_echo_and_logprobs_on_smollm2_equal_hf(hf_smollm2):
+    """The embedded SmolLM2 (what loglikelihood evaluation runs on this server by default): the
+    prompt's and the generated tokens' log-probabilities equal HF transformers' log-softmax."""
+    from engine_harness import smollm2_prompts
+    from lightllm_async.models.loader import default_model_path
+
+    smol = ModelRunner(
+        EngineConfig(
+            model_path=default_model_path(), device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=2048,
+            max_running_requests=4,
+        )
+    )  # fmt: skip
+    prompts = [p for p in smollm2_prompts() if len(p) < MAX_LEN - 16][:2]
+    requests = [(p, SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=True, prompt_logprobs=True,
+                                   top_logprobs=3)) for p in prompts]  # fmt: skip
+    for (prompt, _), result in zip(
+        requests, generate_with_logprobs(smol, MAX_LEN, requests, chunk=64), strict=True
+    ):
+        check_against_hf(hf_smollm2, prompt, *result)
