@@ -334,3 +334,23 @@ def test_prompt_logprob_chunks_share_a_step_budget_and_stop_at_the_ring_limit():
     s.update(batch, Sampled((50,)))
     a.logprob_limit = 14  # nothing fits: a is held, the others go on
     assert [(it.slot, it.start, len(it.token_ids)) for it in s.schedule().items] == [(1, 6, 10), (2, 20, 1)]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(frequency_penalty=-0.5),
+     dict(logprobs=True, prompt_logprobs=True)],
+)  # fmt: skip
+def test_requests_that_read_their_whole_row_take_no_cached_prefix(extra):
+    """Penalties count the tokens fed in the request's own row, prompt logprobs need every prompt
+    position's logits: a cached prefix is fed to neither, so they compute their prompt in full."""
+    s = make_sched()
+    prompt = list(range(3, 43))
+    s.add(Request(slot=0, gen=0, prompt_ids=prompt, params=Params(4), arrival=0))
+    run_to_end(s)
+    special = SamplingParams(max_new_tokens=4, temperature=0.0, **extra)
+    for slot, params in ((1, special), (2, Params(4))):
+        s.add(Request(slot=slot, gen=0, prompt_ids=prompt, params=params, arrival=slot))
+    first = s.schedule()
+    hits = {it.slot: it.start for it in first.items}
+    assert hits == {1: 0, 2: len(prompt) - 1}
