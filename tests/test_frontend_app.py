@@ -830,6 +830,8 @@ def test_metrics_count_a_known_workload_and_return_to_zero_after_cancellations(t
             assert m[f'{p}request_success_total{{finished_reason="length"}}'] == 3
             assert m[f'{p}request_success_total{{finished_reason="abort"}}'] == 1
             assert m[f"{p}e2e_request_latency_seconds_count"] == 4
+            assert m[f"{p}request_queue_time_seconds_count"] == 3  # known at the finish: not the one left
+            assert 0 <= m[f"{p}request_queue_time_seconds_sum"] < m[f"{p}e2e_request_latency_seconds_sum"]
             assert m[f"{p}time_to_first_token_seconds_count"] == 4
             assert m[f"{p}request_prompt_tokens_count"] == 4
             left = m[f"{p}request_generation_tokens_sum"] - 15  # the one that was left: a few tokens

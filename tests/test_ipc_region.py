@@ -142,7 +142,20 @@ def test_request_reaches_engine_and_output_comes_back(pair):
     assert engine.finish(slot, FinishReason.LENGTH)
     out = front.read_output(slot)
     assert (out.tokens, out.finished, out.finish_reason) == ([11, 12], True, FinishReason.LENGTH)
+    assert front.read_queue_time(slot) is None  # the engine never admitted it to a batch
     assert front.free_slot(slot, gen) and front.num_free_slots() == 3
+
+
+def test_queue_time_runs_from_submit_to_the_first_admission(pair):
+    front, engine = pair
+    slot, gen = _submit(front, [5, 6, 7])
+    engine.drain_ring()
+    submitted = engine.read_request(slot, gen).submit_time
+    assert engine.set_running(slot)
+    engine.set_scheduled(slot)
+    assert engine.finish(slot, FinishReason.ABORT)
+    queued = front.read_queue_time(slot)
+    assert 0 <= queued < time.monotonic() - submitted
 
 
 def test_max_new_tokens_is_clamped_to_the_arena_and_prompts_must_fit(pair):

@@ -13,11 +13,13 @@ from lightllm_async.types import FinishReason, SamplingParams
 
 FRONTEND_METHODS = (
     "alloc_slot", "write_request", "submit", "start_request", "abort", "free_slot", "read_output",
-    "poll_outputs", "poll_output", "read_tokens", "read_finish", "wait_frontend", "start_wake_relay",
+    "poll_outputs", "poll_output", "read_tokens", "read_finish", "read_queue_time", "wait_frontend",
+    "start_wake_relay",
     "stop_wake_relay", "set_frontend_busy",
 )  # fmt: skip
 ENGINE_METHODS = (
     "drain_ring", "read_request", "set_running", "append_tokens", "append_step", "set_cached_tokens",
+    "set_scheduled",
     "finish", "is_aborted", "wait_engine", "notify_frontend", "set_engine_state", "set_engine_stats",
     "beat",
 )  # fmt: skip

@@ -77,6 +77,10 @@ class Engine:
         self.drain_inbox()
         self._refresh_logprob_limits()
         batch = self.scheduler.schedule()
+        if self.scheduler.first_admitted:  # the end of their queue time
+            for req in self.scheduler.first_admitted:
+                self.region.set_scheduled(req.slot)
+            self.scheduler.first_admitted.clear()
         previous, self._inflight = self._inflight, None
         if batch is not None:
             try:

@@ -95,6 +95,7 @@ class Scheduler:
         self.prefix_queried_tokens = 0  # prompt tokens looked up at first admission
         self.prefix_hit_tokens = 0  # ... and found in the cache
         self.output_lengths = OutputLengths(cfg.expected_output_tokens, cfg.learn_output_tokens)
+        self.first_admitted: list[Request] = []  # admitted for the first time since the engine looked
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
 
     # -- requests in and out ------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Scheduler:
         hit = self.kv.acquire_prefix(req)
         if req.cached_tokens is None:  # first admission: what the client's prompt found
             req.cached_tokens = hit
+            self.first_admitted.append(req)
             if self.kv.cache.enabled:
                 self.prefix_queried_tokens += len(req.prompt_ids)
                 self.prefix_hit_tokens += hit

@@ -77,6 +77,7 @@ class Generation:
         self.token_gaps: list[float] = []
         self._last_token_at = 0.0
         self.ended_at: float | None = None
+        self.queue_time: float | None = None  # submit to first admission (engine's clock), once finished
         self.outcome = "abort"  # the finish reason; "abort" if the client left, "error" if it failed
 
     async def __aenter__(self) -> Generation:
@@ -208,6 +209,7 @@ class Generation:
             self.finish_reason = "stop" if self._stops.stopped else _FINISH_NAMES[done]
             tail += self._stops.flush()
             self.cached_tokens = self._handle.cached_tokens
+            self.queue_time = self._handle.queue_time
             if not out:
                 out.append(Piece("", []))
             out[-1].text += tail

@@ -4,8 +4,10 @@ under the `lightllm_async:` prefix (vLLM's `vllm:`).
 Engine gauges and counters are read from the region at scrape time (the engine publishes one
 snapshot per step, see ipc EngineStats), so scraping costs the engine nothing. The frontend adds
 its own: HTTP requests by route and status, and per request, observed when it ends, histograms of
-time to first token, inter-token latency, end-to-end latency, prompt and generation lengths, and
-the count of requests by how they ended.
+time to first token, inter-token latency, end-to-end latency, queue time (submit to the engine's
+first admission, both on the monotonic clock; known for the requests whose finish the frontend
+read, not those the client left first), prompt and generation lengths, and the count of requests
+by how they ended.
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class Metrics:
         self.e2e = Histogram(
             f"{PREFIX}e2e_request_latency_seconds", "Request latency.", buckets=E2E_BUCKETS, registry=r
         )
+        self.queue_time = Histogram(
+            f"{PREFIX}request_queue_time_seconds",
+            "Time from submission to the first admission to the running batch.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Histogram(
             f"{PREFIX}request_prompt_tokens", "Prompt length.", buckets=LENGTH_BUCKETS, registry=r
         )
@@ -111,6 +119,8 @@ class Metrics:
         for gap in gen.token_gaps:
             self.itl.observe(gap)
         self.e2e.observe((gen.ended_at or gen.started) - gen.started)
+        if gen.queue_time is not None:
+            self.queue_time.observe(max(gen.queue_time, 0.0))
         self.prompt_tokens.observe(gen.prompt_tokens)
         self.generation_tokens.observe(gen.completion_tokens)
         self.success.labels(gen.outcome).inc()

@@ -56,6 +56,7 @@ class RequestHandle:
         "_tokens",
         "finish_reason",
         "cached_tokens",
+        "queue_time",
         "engine_dead",
         "disconnected",
         "abandoned",
@@ -75,6 +76,7 @@ class RequestHandle:
         self._logprobs: list[LogprobChunk] = []
         self.finish_reason: FinishReason | None = None  # set once the engine finished the slot
         self.cached_tokens = 0
+        self.queue_time: float | None = None  # submit to first admission, once finished
         self.engine_dead = False
         self.disconnected = False  # set by the handler's disconnect watcher
         self.abandoned = False  # the handler stopped reading; drop tokens, free on finish
@@ -275,6 +277,7 @@ class Reader:
         self._mask[h.slot] = False
         self._slots = None
         reason, cached = self._region.read_finish(h.slot)
+        h.queue_time = self._region.read_queue_time(h.slot)
         self._region.free_slot(h.slot, h.gen)
         h._finish(reason, cached)
 

@@ -193,6 +193,11 @@ class EngineRegion(RegionView):
             self._mm, ext.lp_end_base, ctypes.sizeof(SlotExt), slots[last], ends.astype(np.uint32)
         )
 
+    def set_scheduled(self, slot: int) -> None:
+        """The request was admitted to the running batch for the first time, now (monotonic: the
+        same clock as the frontend's submit_time); published by the next append or finish."""
+        self._slots[self._check(slot)].scheduled_time = time.monotonic()
+
     def set_cached_tokens(self, slot: int, n: int) -> None:
         """Prefix-cache hit length; published by the next append_tokens or finish."""
         self._slots[self._check(slot)].cached_tokens = n
@@ -274,5 +279,5 @@ class EngineRegion(RegionView):
     def _reset_engine_fields(self, slot: int) -> None:
         s = self._slots[slot]
         s.num_output = s.finish_reason = s.cached_tokens = 0
-        s.first_token_time = s.finish_time = 0.0
+        s.first_token_time = s.finish_time = s.scheduled_time = 0.0
         self._extras.table[slot].lp_end = self._extras.table[slot].lp_read  # the first position

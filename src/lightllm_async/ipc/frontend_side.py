@@ -214,6 +214,12 @@ class FrontendRegion(RegionView):
         s = self._slots[slot]
         return FinishReason(s.finish_reason), s.cached_tokens
 
+    def read_queue_time(self, slot: int) -> float | None:
+        """Seconds from submit to the first admission to the running batch, of a slot seen
+        FINISHED by an acquire load; None if it was never admitted (aborted while waiting)."""
+        s = self._slots[slot]
+        return s.scheduled_time - s.submit_time if s.scheduled_time else None
+
     def free_slot(self, slot: int, gen: int) -> bool:
         """FINISHED (or WRITING) -> FREE with the generation bumped, then back on the free stack.
 

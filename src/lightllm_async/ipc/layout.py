@@ -149,7 +149,8 @@ class Slot(ctypes.Structure):
         ("_pad2", ctypes.c_uint32),
         ("first_token_time", ctypes.c_double),
         ("finish_time", ctypes.c_double),
-        ("_pad3", ctypes.c_uint8 * 32),
+        ("scheduled_time", ctypes.c_double),  # first admission to the running batch (monotonic)
+        ("_pad3", ctypes.c_uint8 * 24),
     ]
 
 
