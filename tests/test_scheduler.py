@@ -271,7 +271,7 @@ def test_admission_learns_the_expected_output_length_from_finished_requests():
                 Request(
                     slot=100 + i,
                     gen=0,
-                    prompt_ids=[5] * 40,
+                    prompt_ids=[5 + i] * 40,  # distinct: none waits for another's prompt
                     params=Params(max_new_tokens=400),
                     arrival=100 + i,
                 )
@@ -354,3 +354,31 @@ def test_requests_that_read_their_whole_row_take_no_cached_prefix(extra):
     first = s.schedule()
     hits = {it.slot: it.start for it in first.items}
     assert hits == {1: 0, 2: len(prompt) - 1}
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_copies_of_one_prompt_wait_for_the_first_and_reuse_its_kv(prefix_cache):
+    """n > 1 (or several clients sending one prompt at once): with the prefix cache the first copy
+    computes the prompt while the others wait a step behind it, then take it from the cache and
+    compute only its last token; a penalized copy (which takes no prefix) does not wait. Without the
+    cache all start together."""
+    s = make_sched(budget=256, prefix_cache=prefix_cache)
+    prompt = list(range(3, 103))
+    for slot in range(3):
+        s.add(Request(slot=slot, gen=0, prompt_ids=prompt, params=Params(4), arrival=slot))
+    penalized = SamplingParams(max_new_tokens=4, temperature=0.0, repetition_penalty=1.3)
+    s.add(Request(slot=3, gen=0, prompt_ids=prompt, params=penalized, arrival=3))
+    first = s.schedule()
+    computed = sum(len(it.token_ids) for it in first.items)
+    if not prefix_cache:
+        assert [it.slot for it in first.items] == [0, 1, 2] and computed == 256  # the budget
+        return
+    assert [it.slot for it in first.items] == [0]  # FIFO: the copies wait, and so does slot 3
+    s.update(first, Sampled((next_token(s.by_slot[0]),)))
+    second = s.schedule()
+    starts = {it.slot: (it.start, len(it.token_ids)) for it in second.items}
+    assert starts[1] == starts[2] == (99, 1)  # the cached prompt but its last token
+    assert starts[3] == (0, 100)  # penalized: the whole prompt, in its own row
+    s.update(second, Sampled(tuple(next_token(s.by_slot[it.slot]) for it in second.items if it.samples)))
+    done = run_to_end(s)
+    assert done[0][0] == done[1][0] == done[2][0]

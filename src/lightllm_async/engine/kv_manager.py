@@ -41,11 +41,18 @@ class KVManager:
     # -- a request's prefix ---------------------------------------------------------------------
 
     @staticmethod
-    def _lookup_key(req: Request) -> list[int]:
+    def shares_prefix(req: Request) -> bool:
+        """Whether `req` may take a cached prefix. Not with prompt logprobs or penalties: these
+        read every position fed to the model in the request's own row (the prompt's logits; the
+        runner's token table), and a cached prefix is never fed."""
         p = req.params
-        if p.prompt_logprobs or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            # These read every position fed to the model in the request's own row (the prompt's
-            # logits; the runner's token table for penalties): a cached prefix is never fed.
+        return not (
+            p.prompt_logprobs or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+        )
+
+    @classmethod
+    def _lookup_key(cls, req: Request) -> list[int]:
+        if not cls.shares_prefix(req):
             return []
         # The last known token is always computed again: its logits give the next token.
         return req.token_ids(0, req.num_tokens - 1)

@@ -38,6 +38,10 @@ class Request:
     map_prefix: bool = False  # the next step maps the cached prefix into the request's table row
     prompt_cached: bool = False  # the computed prompt was offered to the cache
     cached_tokens: int | None = None  # prompt tokens the cache held at first admission (for usage)
+    # With the prefix cache: hash of the prompt (None: it takes no cached prefix), and whether this
+    # request is computing it while others with the same prompt wait to reuse it
+    prompt_key: int | None = None
+    computing_prompt: bool = False
     num_preemptions: int = 0
     num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
     suspect: bool = False  # was in a step that failed: runs alone until one of its steps succeeds

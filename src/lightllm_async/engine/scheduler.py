@@ -96,12 +96,16 @@ class Scheduler:
         self.prefix_hit_tokens = 0  # ... and found in the cache
         self.output_lengths = OutputLengths(cfg.expected_output_tokens, cfg.learn_output_tokens)
         self.first_admitted: list[Request] = []  # admitted for the first time since the engine looked
+        # prompts that running requests are computing and have not cached yet: prompt key -> count
+        self._prompts_in_prefill: dict[int, int] = {}
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
 
     # -- requests in and out ------------------------------------------------------------------
 
     def add(self, req: Request) -> None:
         self.by_slot[req.slot] = req
+        if self.kv.cache.enabled and KVManager.shares_prefix(req):
+            req.prompt_key = hash(tuple(req.prompt_ids))
         self.waiting.append(req)
 
     def abort(self, slot: int) -> Request | None:
@@ -178,6 +182,12 @@ class Scheduler:
         prefixes allow; it reuses its cached prefix. False if it has to wait."""
         if self.rows.num_free == 0 or req.num_pending:  # a preempted request's token is in flight
             return False
+        if (
+            req.prompt_key is not None
+            and not req.prompt_cached
+            and req.prompt_key in self._prompts_in_prefill
+        ):
+            return False  # a running request is computing this very prompt: wait, then reuse it (n > 1)
         hit, pinned = self.kv.probe(req)
         if hit > prefix_room or not self._fits(req, hit, pinned):
             return False
@@ -185,6 +195,9 @@ class Scheduler:
         req.row = self.rows.allocate()
         self.running.append(req)
         hit = self.kv.acquire_prefix(req)
+        if req.prompt_key is not None and hit < len(req.prompt_ids) - 1:  # others may wait for it
+            self._prompts_in_prefill[req.prompt_key] = self._prompts_in_prefill.get(req.prompt_key, 0) + 1
+            req.computing_prompt = True
         if req.cached_tokens is None:  # first admission: what the client's prompt found
             req.cached_tokens = hit
             self.first_admitted.append(req)
@@ -259,7 +272,18 @@ class Scheduler:
             pos += 1
         self.waiting.insert(pos, req)
 
+    def _prompt_done(self, req: Request) -> None:
+        """`req` no longer computes its prompt for others: cached, preempted or gone."""
+        if req.computing_prompt:
+            req.computing_prompt = False
+            left = self._prompts_in_prefill[req.prompt_key] - 1
+            if left:
+                self._prompts_in_prefill[req.prompt_key] = left
+            else:
+                del self._prompts_in_prefill[req.prompt_key]
+
     def _release(self, req: Request) -> None:
+        self._prompt_done(req)
         self.kv.release(req)
         if req.row >= 0:
             self.rows.free(req.row)
@@ -345,6 +369,7 @@ class Scheduler:
                 req.num_computed_tokens += len(item.token_ids)
                 if not req.prompt_cached and req.num_computed_tokens >= len(req.prompt_ids):
                     self.kv.cache_prompt(req)
+                    self._prompt_done(req)
             if token is None:
                 continue
             req.suspect = False  # it sampled: whatever failed was not this request
