@@ -1,0 +1,144 @@
+"""The embedded default model on this computer's CPU, as a newcomer meets it (issue 12), against
+llama.cpp on the same GGUF file in the same run when `llama-cpp-python` is installed.
+
+For each `--dtype` the whole server is started (`lightllm-async --device cpu`) and measured over
+HTTP from a client on the same machine: time from the command to "ready", prefill of a ~1000-token
+prompt (the first streamed token of a max_tokens=1 request), single-stream decode (128 tokens,
+after the first), and the aggregate rate of 8 concurrent streams of 64 tokens. llama.cpp runs
+in-process with as many threads as there are cores: the same prompt's prefill, and 128 greedy tokens.
+
+    python perf/cpu_bench.py [--dtypes float32,bfloat16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from lightllm_async.models.loader import default_model_path  # noqa: E402
+
+PORT = 8413
+TEXT = "The keeper climbed the spiral stairs of the lighthouse every evening at dusk. "
+
+
+def start(dtype: str, threads: int) -> tuple[subprocess.Popen, float]:
+    cmd = [sys.executable, "-m", "lightllm_async.server", "--device", "cpu", "--port", str(PORT)]
+    cmd += ["--dtype", dtype, "--max-model-len", "2048", "--kv-cache-tokens", "16384"]
+    cmd += ["--max-num-batched-tokens", "2048"] + (["--cpu-threads", str(threads)] if threads else [])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "lightllm-async ready" in line:
+            ready = time.perf_counter() - t0
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            return proc, ready
+    raise RuntimeError(f"server exited {proc.wait()}")
+
+
+def stream(prompt: str, tokens: int) -> tuple[float, float, int]:
+    """(seconds to the first token, seconds in all, tokens) of one streamed completion."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{PORT}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    t0, first = time.perf_counter(), None
+    with urllib.request.urlopen(req, timeout=900) as r:
+        for line in r:
+            if first is None and line.startswith(b"data: {"):
+                first = time.perf_counter() - t0
+    return first or 0.0, time.perf_counter() - t0, tokens
+
+
+def ours(dtype: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
+    proc, ready = start(dtype, threads)
+    try:
+        stream("Hello", 4)  # warm-up
+        prefill = min(stream(f"{i}. {prompt}", 1)[0] for i in range(2))  # new prompts: no cache hit
+        first, total, n = stream("Tell me about lighthouses.", 128)
+        out: list[tuple[float, float, int]] = []
+        t0 = time.perf_counter()
+        threads_ = [
+            threading.Thread(target=lambda i=i: out.append(stream(f"Story number {i}:", 64)))
+            for i in range(8)
+        ]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        agg = 8 * 64 / (time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {
+        "engine": f"lightllm-async {dtype}",
+        "ready_s": ready,
+        "prefill_tok_s": prompt_tokens / prefill,
+        "decode_tok_s": (n - 1) / (total - first),
+        "8_streams_tok_s": agg,
+    }
+
+
+def llama_cpp(threads: int, prompt: str) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    llm = Llama(model_path=default_model_path(), n_ctx=2048, n_threads=threads, verbose=False)
+    ready = time.perf_counter() - t0
+    ids = llm.tokenize(prompt.encode())
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - t0)
+    llm.reset()
+    t0 = time.perf_counter()
+    out = llm.create_completion("Tell me about lighthouses.", max_tokens=128, temperature=0.0)
+    n = out["usage"]["completion_tokens"]
+    return {
+        "engine": "llama.cpp (llama-cpp-python)",
+        "ready_s": ready,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": n / (time.perf_counter() - t0),
+        "8_streams_tok_s": float("nan"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--threads", type=int, default=0, help="--cpu-threads (default: the server's)")
+    args = ap.parse_args()
+    from lightllm_async.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_path())
+    prompt = TEXT * 64
+    ids = tok.encode(prompt)
+    prompt = tok.decode(ids[:1000])
+    n = len(tok.encode(prompt))
+    rows = [ours(d, args.threads, prompt, n) for d in args.dtypes.split(",")]
+    ref = llama_cpp(args.threads or len(os.sched_getaffinity(0)), prompt)
+    rows += [ref] if ref else []
+    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    missing = "" if ref else "; llama-cpp-python not installed"
+    print(
+        f"\nSmolLM2-135M-Instruct (embedded GGUF), {cores} cores, prompt {n} tokens, load {load:.1f}{missing}"
+    )
+    print(f"{'engine':<32}{'ready s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'8 streams tok/s':>17}")
+    for r in rows:
+        print(
+            f"{r['engine']:<32}{r['ready_s']:>9.1f}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+            f"{r['8_streams_tok_s']:>17.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
