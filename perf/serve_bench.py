@@ -55,6 +55,7 @@ class BenchConfig:
     api: str = "openai"
     tokenizer: str | None = None
     model: str = ""
+    shared_prefix: int = 0  # tokens every prompt starts with (a system prompt), before input_len unique
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class Workload:
         self.cfg, self.count, self.deadline, self.to_text = cfg, count, deadline, to_text
         self.rng = np.random.default_rng(seed)
         self.issued = 0
+        # the same for every request and every run: a fixed seed, not the workload's
+        self.prefix = (
+            np.random.default_rng(1234).integers(cfg.id_low, cfg.id_high, cfg.shared_prefix).tolist()
+        )
 
     def next(self) -> RequestSpec | None:
         if self.count is not None and self.issued >= self.count:
@@ -117,11 +122,11 @@ class Workload:
         if self.deadline is not None and time.perf_counter() >= self.deadline:
             return None
         cfg = self.cfg
-        prompt = self.rng.integers(cfg.id_low, cfg.id_high, size=cfg.input_len).tolist()
+        prompt = self.prefix + self.rng.integers(cfg.id_low, cfg.id_high, size=cfg.input_len).tolist()
         out_len = round(float(self.rng.normal(cfg.output_mean, cfg.output_std)))
         max_tokens = int(np.clip(out_len, cfg.output_min, cfg.output_max))
         text = self.to_text(prompt) if self.to_text else prompt
-        spec = RequestSpec(self.issued, text, cfg.input_len, max_tokens)
+        spec = RequestSpec(self.issued, text, cfg.shared_prefix + cfg.input_len, max_tokens)
         self.issued += 1
         return spec
 
@@ -229,7 +234,7 @@ def text_prompts(cfg: BenchConfig) -> Callable[[list[int]], str]:
         ids = [low + (i - cfg.id_low) % (high - low) for i in ids]
         # decoded ids re-encode to fewer tokens (merges): decode twice as many, then cut
         text = tok.decode(ids + ids)
-        return tok.decode(tok.encode(text, add_special_tokens=False).ids[: cfg.input_len])
+        return tok.decode(tok.encode(text, add_special_tokens=False).ids[: cfg.shared_prefix + cfg.input_len])
 
     return to_text
 
@@ -344,8 +349,9 @@ def print_table(cfg: BenchConfig, s: dict) -> None:
         return f"  {name:<10}{cells}   {unit}"
 
     print(
-        f"\n{cfg.clients} clients, input {cfg.input_len}, output ~N({cfg.output_mean:g}, "
-        f"{cfg.output_std:g}) in [{cfg.output_min}, {cfg.output_max}], model {cfg.model!r}, api {cfg.api}"
+        f"\n{cfg.clients} clients, input {cfg.shared_prefix} shared + {cfg.input_len}, "
+        f"output ~N({cfg.output_mean:g}, {cfg.output_std:g}) in [{cfg.output_min}, {cfg.output_max}], "
+        f"model {cfg.model!r}, api {cfg.api}"
     )
     print(f"  requests   {s['requests_ok']} ok, {s['requests_failed']} failed in {s['duration_s']:.2f} s")
     print(f"  QPS        {s['qps']:.2f}")
@@ -388,6 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=500, help="requests in all (unless --duration)")
     p.add_argument("--duration", type=float, default=None, help="seconds to keep issuing requests")
     p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument(
+        "--shared-prefix", type=int, default=0, help="tokens every prompt starts with, before --input-len own"
+    )
     p.add_argument("--output-mean", type=float, default=128)
     p.add_argument("--output-std", type=float, default=128)
     p.add_argument("--output-min", type=int, default=2)
