@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lightllm_async.batch import Batch, Sampled, ScheduledReq
+from lightllm_async.config import EngineConfig
 from lightllm_async.engine.engine import Engine
 from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.ipc import OutputView, Region, RegionSpec
@@ -22,6 +23,25 @@ from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.types import FinishReason, SamplingParams
 
 _ids = itertools.count()
+
+
+def model_runner(
+    path: str,
+    device: str = "cpu",
+    max_model_len: int = 256,
+    kv_cache_tokens: int = 4096,
+    max_running_requests: int = 8,
+):
+    """The real ModelRunner on a small model, float32 (what HF parity runs in; "auto" is bfloat16
+    on CUDA)."""
+    from lightllm_async.runner.model_runner import ModelRunner
+
+    return ModelRunner(
+        EngineConfig(
+            model_path=path, device=device, dtype="float32", max_model_len=max_model_len,
+            kv_cache_tokens=kv_cache_tokens, max_running_requests=max_running_requests,
+        )
+    )  # fmt: skip
 
 
 class ScriptedRunner:

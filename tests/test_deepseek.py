@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_harness import generate, hf_greedy
+from engine_harness import generate, hf_greedy, model_runner
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.kernels import use_triton
 from lightllm_async.kernels.testing import rel_err
@@ -342,16 +342,7 @@ def test_cuda_deepseek_equals_hf_transformers(gpu, tmp_path, name):
     """The Triton kernels end to end (CUDA graphs for decode included) against transformers."""
     cfg = _variant(name)
     path = write_model(cfg, str(tmp_path), seed=6, device="cuda")
-    runner = ModelRunner(
-        EngineConfig(
-            model_path=path,
-            device="cuda",
-            dtype="float32",  # "auto" is bfloat16 on CUDA; HF runs in float32
-            max_model_len=256,
-            kv_cache_tokens=2048,
-            max_running_requests=4,
-        )
-    )
+    runner = model_runner(path, "cuda", kv_cache_tokens=2048, max_running_requests=4)  # float32, as HF
     assert runner.graphs is not None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     g = torch.Generator().manual_seed(2)

@@ -11,9 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_harness import EngineHarness, generate_with_logprobs
-from lightllm_async.config import EngineConfig
-from lightllm_async.runner.model_runner import ModelRunner
+from engine_harness import EngineHarness, generate_with_logprobs, model_runner
 from lightllm_async.types import SamplingParams
 
 MAX_LEN = 256
@@ -22,12 +20,7 @@ TOL = 2e-4
 
 @pytest.fixture(scope="module")
 def runner(tiny_llama_path):
-    return ModelRunner(
-        EngineConfig(
-            model_path=tiny_llama_path, device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=4096,
-            max_running_requests=8,
-        )
-    )  # fmt: skip
+    return model_runner(tiny_llama_path, max_model_len=MAX_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +130,7 @@ def test_echo_and_logprobs_on_smollm2_equal_hf(hf_smollm2):
     from engine_harness import smollm2_prompts
     from lightllm_async.models.loader import default_model_path
 
-    smol = ModelRunner(
-        EngineConfig(
-            model_path=default_model_path(), device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=2048,
-            max_running_requests=4,
-        )
-    )  # fmt: skip
+    smol = model_runner(default_model_path(), max_model_len=MAX_LEN, kv_cache_tokens=2048)
     prompts = [p for p in smollm2_prompts() if len(p) < MAX_LEN - 16][:2]
     requests = [(p, SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=True, prompt_logprobs=True,
                                    top_logprobs=3)) for p in prompts]  # fmt: skip

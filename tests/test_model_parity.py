@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_harness import generate, hf_greedy, smollm2_prompts
+from engine_harness import generate, hf_greedy, model_runner, smollm2_prompts
 from lightllm_async.config import EngineConfig
 from lightllm_async.models.loader import default_model_path
 from lightllm_async.runner.model_runner import ModelRunner
@@ -104,16 +104,7 @@ def test_cuda_model_equals_hf_transformers_at_any_head_dim(gpu, tmp_path, head_d
         head_dim=head_dim,
     )
     path = write_model(cfg, str(tmp_path), seed=4, device="cuda")
-    runner = ModelRunner(
-        EngineConfig(
-            model_path=path,
-            device="cuda",
-            dtype="float32",  # "auto" is bfloat16 on CUDA; HF runs in float32
-            max_model_len=256,
-            kv_cache_tokens=2048,
-            max_running_requests=4,
-        )
-    )
+    runner = model_runner(path, "cuda", kv_cache_tokens=2048, max_running_requests=4)  # float32, as HF
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 13, 90)]

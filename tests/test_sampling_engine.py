@@ -9,10 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from engine_harness import EngineHarness
-from lightllm_async.config import EngineConfig
+from engine_harness import EngineHarness, model_runner
 from lightllm_async.ipc import Region, RegionSpec
-from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.types import SamplingParams
 
 MAX_LEN = 256
@@ -20,12 +18,7 @@ MAX_LEN = 256
 
 @pytest.fixture(scope="module")
 def runner(tiny_llama_path):
-    return ModelRunner(
-        EngineConfig(
-            model_path=tiny_llama_path, device="cpu", max_model_len=MAX_LEN, kv_cache_tokens=4096,
-            max_running_requests=8,
-        )
-    )  # fmt: skip
+    return model_runner(tiny_llama_path, max_model_len=MAX_LEN)
 
 
 def run(runner, requests: list[tuple[list[int], SamplingParams]], chunk: int = 64) -> list:
