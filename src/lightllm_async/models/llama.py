@@ -55,7 +55,7 @@ class ForwardContext:
     # seq_lens as the host knows them; None only where they change under a fixed context
     # (CUDA-graph replays, which are decode-only), so `packed` is not for those steps
     host_seq_lens: tuple[int, ...] | None = None
-    # new tokens of each request as the host knows them; None where host_seq_lens is
+    # new tokens of each request as the host knows them; None in decode-only steps (all 1) and CUDA graphs
     host_q_lens: tuple[int, ...] | None = None
 
     @cached_property  # once per step, whichever layer asks first (the instance has a __dict__)

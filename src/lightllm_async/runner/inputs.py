@@ -213,7 +213,8 @@ class InputBuffers:
             len(flat.logits_idx),
             batch.decode_only,
             tuple(flat.seq_lens),
-            tuple(b - a for a, b in itertools.pairwise(flat.q_start)),
+            # a decode-only step's are all 1 and nothing reads them: not built on that hot path
+            None if batch.decode_only else tuple(b - a for a, b in itertools.pairwise(flat.q_start)),
         )
         return StepInputs(
             input_ids=ids,
