@@ -50,7 +50,7 @@ class OutputLengths:
     LEARN_QUANTILE = 0.9
 
     def __init__(self, initial: int, learn: bool):
-        self.initial, self.learn = initial, learn
+        self.learn = learn
         self.recent: deque[int] = deque(maxlen=self.WINDOW)
         self._expected = initial
 
