@@ -314,6 +314,13 @@ class EngineConfig:
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
     cpu_threads: int = 0  # the engine's torch intra-op threads (0: the cores left after the frontend)
+    # Tensor parallelism: this process is rank `tp_rank` of `tp_size` in engine group `replica`;
+    # the ranks meet at `dist_init` (a torch.distributed init_method URL) and run on `gpu` when CUDA.
+    tp_size: int = 1
+    tp_rank: int = 0
+    replica: int = 0
+    dist_init: str = ""
+    gpu: int = 0  # the CUDA device index of this rank when --device is auto or cuda
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)

@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from lightllm_async.config import EngineConfig, ServerConfig
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-    from lightllm_async.ipc import FrontendRegion
+    from lightllm_async.ipc import FrontendRegion, RegionSpec
 
 log = logging.getLogger("lightllm_async")
 
@@ -75,6 +76,14 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "--disable-prefix-cache", action="store_true", help="compute every prompt in full (no prefix cache)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="tensor parallel: one engine process per GPU, each holding 1/N of every layer (GPUs 0..N-1; "
+        "on the CPU, N processes over gloo)",
+    )
     p.add_argument(
         "--cpu-threads",
         type=int,
@@ -141,6 +150,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
     if args.read_timeout <= 0:
         raise SystemExit("--read-timeout must be more than 0 seconds")
+    if args.tp < 1:
+        raise SystemExit("--tp must be at least 1")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -158,6 +169,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         fail_after_steps=args.fail_after_steps,
         cpu_threads=args.cpu_threads,
         dummy_step_time=args.dummy_step_time,
+        tp_size=args.tp,
     )
     return ServerConfig(
         engine=engine,
@@ -174,63 +186,106 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _wait_ready(region: FrontendRegion, proc: BaseProcess) -> bool:
+def _wait_ready(region: FrontendRegion, procs: list[BaseProcess]) -> bool:
+    """Until rank 0 reports READY (it is ready only once every rank has joined and loaded), or
+    an engine process dies, or rank 0 reports its error."""
     from lightllm_async.ipc import EngineState
 
-    while proc.is_alive():
+    while all(p.is_alive() for p in procs):
         state = region.engine_state
         if state == EngineState.READY:
             return True
         if state == EngineState.ERROR:
             break
         time.sleep(0.05)
-    log.error("engine failed to start: %s", region.error_text or f"exit code {proc.exitcode}")
+    dead = ", ".join(f"{p.name} exit code {p.exitcode}" for p in procs if not p.is_alive())
+    log.error("engine failed to start: %s", region.error_text or dead)
     return False
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _engine_processes(eng: EngineConfig, region_name: str, log_level: str) -> list[BaseProcess]:
+    """Engine rank 0 first, then ranks 1..tp-1 (which follow its step channel), each on its GPU."""
+    ctx = mp.get_context("spawn")
+    dist_init = f"tcp://127.0.0.1:{_free_port()}" if eng.tp_size > 1 else ""
+    procs = []
+    for rank in range(eng.tp_size):
+        cfg = eng.replace(tp_rank=rank, gpu=rank, dist_init=dist_init)
+        target, name = (
+            (_engine_entry, "lightllm-engine") if rank == 0 else (_follower_entry, f"lightllm-engine-{rank}")
+        )
+        procs.append(ctx.Process(target=target, args=(cfg, region_name, log_level), name=name, daemon=True))
+    return procs
+
+
+def region_spec(eng: EngineConfig) -> RegionSpec:
+    """The region an engine configuration needs: its slots, and a step channel under TP."""
+    from lightllm_async.batch import max_prefix_slots
+    from lightllm_async.ipc import RegionSpec
+    from lightllm_async.ipc.steps import record_bytes
+
+    if eng.tp_size == 1:
+        return RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
+    record = record_bytes(
+        eng.max_running_requests,
+        max(eng.max_num_batched_tokens, eng.max_running_requests),
+        max_prefix_slots(eng.max_model_len, eng.max_num_batched_tokens),
+    )
+    return RegionSpec(
+        num_slots=eng.num_slots,
+        max_tokens_per_slot=eng.max_model_len,
+        step_channels=1,
+        step_followers=eng.tp_size - 1,
+        step_record=record,
+    )
 
 
 def serve(cfg: ServerConfig) -> int:
     from lightllm_async.frontend.app import FrontendContext
     from lightllm_async.frontend.edge import EdgePolicy
-    from lightllm_async.ipc import Region, RegionSpec
+    from lightllm_async.ipc import Region
     from lightllm_async.models.loader import default_model_path
     from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
-    region = Region.create(  # the frontend's view; the engine process attaches its own by name
-        cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
-    )
-    proc = mp.get_context("spawn").Process(
-        target=_engine_entry, args=(eng, region.name, cfg.log_level), name="lightllm-engine", daemon=True
-    )
+    # the frontend's view; the engine processes attach their own by name
+    region = Region.create(cfg.instance_id, region_spec(eng))
+    procs = _engine_processes(eng, region.name, cfg.log_level)
     exit_code = 1
     try:
-        proc.start()
+        for proc in procs:
+            proc.start()
         tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
         tokenizer = load_tokenizer(tok_path)
-        if not _wait_ready(region, proc):
+        if not _wait_ready(region, procs):
             return 1
         ctx = FrontendContext(
             region=region,
             tokenizer=tokenizer,
             served_model_name=cfg.served_model_name,
             max_model_len=eng.max_model_len,
-            engine_alive=proc.is_alive,
+            engine_alive=lambda: all(p.is_alive() for p in procs),
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
             api_key=cfg.api_key,
         )
-        exit_code = _serve_http(cfg, ctx, proc)
+        exit_code = _serve_http(cfg, ctx, procs)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
         systemd.notify("STOPPING=1")
         exit_code = 0
     finally:
-        _stop_engine(proc)
+        _stop_engines(procs)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
     return exit_code
 
 
-def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
+def _serve_http(cfg: ServerConfig, ctx, procs) -> int:
     """Run uvicorn until a signal and the drain after it (0) or the engine's death (1)."""
     from lightllm_async.frontend.app import create_app
     from lightllm_async.frontend.http_server import ClientLimits, build_server
@@ -241,7 +296,7 @@ def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
         create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout, hooks
     )
     died = threading.Event()
-    threading.Thread(target=_watch, args=(server, proc, died), daemon=True).start()
+    threading.Thread(target=_watch, args=(server, procs, died), daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn could not listen, or the app failed to start
@@ -253,6 +308,12 @@ def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
     from lightllm_async.engine.process import run_engine
 
     run_engine(eng, region_name, log_level)
+
+
+def _follower_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
+    from lightllm_async.engine.process import run_follower
+
+    run_follower(eng, region_name, log_level)
 
 
 def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
@@ -281,14 +342,17 @@ def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
     return Hooks(serving=serving, tick=watchdog.tick, draining=draining)
 
 
-def _watch(server, proc, died: threading.Event) -> None:
-    """Stop the server when the engine dies."""
+def _watch(server, procs, died: threading.Event) -> None:
+    """Stop the server when an engine process (any rank) dies."""
     while not server.should_exit:
-        if not proc.is_alive():
+        proc = next((p for p in procs if not p.is_alive()), None)
+        if proc is not None:
             log.error(
-                "engine process died (exit code %s); stopping so a supervisor can restart", proc.exitcode
+                "engine process %s died (exit code %s); stopping so a supervisor can restart",
+                proc.name,
+                proc.exitcode,
             )
-            systemd.notify(f"STATUS=engine process died (exit code {proc.exitcode})")
+            systemd.notify(f"STATUS=engine process {proc.name} died (exit code {proc.exitcode})")
             died.set()
             time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
             server.should_exit = True
@@ -296,15 +360,22 @@ def _watch(server, proc, died: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def _stop_engine(proc) -> None:
-    if proc.pid is None:
-        return
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(2)
+def _stop_engines(procs) -> None:
+    """Rank 0 first: it finishes its step and tells the other ranks to stop; then whoever is
+    left (a rank stuck in a collective with a dead peer) is terminated, then killed."""
+    started = [p for p in procs if p.pid is not None]
+    for i, proc in enumerate(started):
+        if proc.is_alive():
+            if i == 0:
+                proc.terminate()
+            proc.join(5 if i == 0 else 2)
+    for proc in started:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
 
 
 def systemd_unit(argv: list[str]) -> int:

@@ -22,9 +22,12 @@ def _make_runner(cfg: EngineConfig):
 
         runner = DummyRunner(cfg)
     else:
+        from lightllm_async.runner.distributed import init_tensor_parallel, rank_device
         from lightllm_async.runner.model_runner import ModelRunner
 
-        runner = ModelRunner(cfg, progress=_progress_bar())
+        tp = init_tensor_parallel(cfg)
+        cfg = cfg.replace(device=rank_device(cfg))
+        runner = ModelRunner(cfg, progress=_progress_bar() if cfg.tp_rank == 0 else None, tp=tp)
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
@@ -104,8 +107,14 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
 
     region = Region.attach(region_name)
     region.set_engine_state(EngineState.STARTING)  # makes our pid visible while loading
+    leader = None
     try:
         runner = _make_runner(cfg)
+        if cfg.tp_size > 1:
+            from lightllm_async.engine.tensor_parallel import LeaderRunner
+            from lightllm_async.ipc.steps import StepWriter
+
+            runner = leader = LeaderRunner(runner, StepWriter(region.step_channel(cfg.replica)))
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
@@ -121,11 +130,40 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
         engine.publish_stats()
         region.set_engine_state(EngineState.READY)
         engine.run()
+        if leader is not None:
+            leader.stop_followers()
     except BaseException as exc:  # noqa: BLE001 - report whatever killed us, then die
         text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         log.error("engine failed: %s\n%s", text, traceback.format_exc())
         region.set_engine_state(EngineState.ERROR, text)
         region.notify_frontend()
+        sys.exit(1)
+    finally:
+        region.close()
+
+
+def run_follower(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
+    """Target of the process of tensor-parallel rank cfg.tp_rank >= 1: load its shards, then run
+    what rank 0 publishes in the group's step channel. Exits 1 on any error (logged); the server
+    sees the death and stops, as for rank 0's."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s engine rank {cfg.tp_rank} %(levelname)s %(message)s"
+    )
+    configure_threads(cfg)
+    from lightllm_async.engine.tensor_parallel import Follower
+    from lightllm_async.ipc.steps import StepReader
+
+    region = Region.attach(region_name)
+    try:
+        reader = StepReader(region.step_channel(cfg.replica), cfg.tp_rank)
+        follower = Follower(reader, _make_runner(cfg))
+        signal.signal(signal.SIGTERM, lambda *_: follower.stop.set())
+        follower.run()
+        log.info("rank %d stops after %d steps", cfg.tp_rank, follower.steps)
+    except BaseException:  # noqa: BLE001 - whatever killed us, logged; the server notices the exit
+        log.error("engine rank %d failed:\n%s", cfg.tp_rank, traceback.format_exc())
         sys.exit(1)
     finally:
         region.close()

@@ -32,6 +32,7 @@ from lightllm_async.ipc.layout import (
     SLOT_SIZE,
     STATS_SEQ,
 )
+from lightllm_async.ipc.steps import StepChannel
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
@@ -73,6 +74,14 @@ def _params(fields: tuple, extras: tuple) -> SamplingParams:
 class EngineRegion(RegionView):
     """An engine's view of a region (from `Region.attach`): the header reads of RegionView and the
     engine's writers. The frontend's writers are not here: a FrontendRegion has them."""
+
+    def step_channel(self, group: int = 0) -> StepChannel:
+        """Engine group `group`'s tensor-parallel step channel (steps.py): rank 0 writes it,
+        ranks 1..N-1 read it."""
+        spec = self._layout.spec
+        return StepChannel.at(
+            self._mm, self._layout.step_channel_off(group), spec.step_followers, spec.step_record
+        )
 
     def drain_ring(self, limit: int = 0) -> list[RingRecord]:
         """Every record submitted since the last drain (at most `limit` if > 0), oldest first."""

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from lightllm_async.ipc import atomics
 from lightllm_async.ipc.extras import ExtrasLayout
 from lightllm_async.ipc.ring import SubmitRing
+from lightllm_async.ipc.steps import channel_bytes
 from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, RegionSpec
 from lightllm_async.types import MAX_STOP_IDS
 
@@ -95,7 +96,12 @@ class Header(ctypes.Structure):
         # creator (frontend), written once: the sampling extras (extras.py)
         ("logprob_ring", ctypes.c_uint32),
         ("ext_off", ctypes.c_uint64),
-        ("_pad0", ctypes.c_uint8 * 32),
+        # creator (frontend), written once: the tensor-parallel step channels (steps.py)
+        ("steps_off", ctypes.c_uint64),
+        ("step_record", ctypes.c_uint64),
+        ("step_channels", ctypes.c_uint32),
+        ("step_followers", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint8 * 8),
         # engine rank 0: engine_state is release-stored after engine_pid and error_text
         ("engine_state", ctypes.c_uint32),
         ("engine_pid", ctypes.c_int32),
@@ -197,6 +203,7 @@ class Layout:
     tokens_off: int
     logprobs_off: int
     extras: ExtrasLayout
+    steps_off: int
     total_size: int
 
     @classmethod
@@ -209,8 +216,15 @@ class Layout:
         tokens_off = _align(ring_off + SubmitRing.nbytes(spec.ring_capacity))
         logprobs_off = _align(tokens_off + 4 * n * t)
         extras = ExtrasLayout.of(n, spec.logprob_ring, logprobs_off + 4 * n * t)
-        total = _align(extras.end, 4096)
-        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, extras, total)
+        steps_off = _align(extras.end)
+        steps_end = steps_off + spec.step_channels * channel_bytes(spec.step_followers, spec.step_record)
+        total = _align(steps_end, 4096)
+        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, extras, steps_off, total)
+
+    def step_channel_off(self, group: int) -> int:
+        if not 0 <= group < self.spec.step_channels:
+            raise ValueError(f"no step channel {group} (the region has {self.spec.step_channels})")
+        return self.steps_off + group * channel_bytes(self.spec.step_followers, self.spec.step_record)
 
     def slot_off(self, slot: int) -> int:
         return self.slots_off + slot * ctypes.sizeof(Slot)
@@ -223,14 +237,29 @@ class Layout:
         h.total_size, h.slots_off, h.stack_off = self.total_size, self.slots_off, self.stack_off
         h.ring_off, h.tokens_off, h.logprobs_off = self.ring_off, self.tokens_off, self.logprobs_off
         h.logprob_ring, h.ext_off = self.spec.logprob_ring, self.extras.ext_off
+        h.steps_off, h.step_record = self.steps_off, self.spec.step_record
+        h.step_channels, h.step_followers = self.spec.step_channels, self.spec.step_followers
 
     @classmethod
     def from_header(cls, h: Header) -> Layout:
         """The layout an attaching process recomputes, checked against what the creator wrote."""
         if h.magic != MAGIC or h.version != VERSION:
             raise ValueError(f"not a lightllm-async region (magic {h.magic:#x}, version {h.version})")
-        layout = cls.of(RegionSpec(h.num_slots, h.max_tokens_per_slot, h.ring_capacity, h.logprob_ring))
-        stored = (h.slot_size, h.total_size, h.slots_off, h.stack_off, h.ring_off, h.tokens_off, h.ext_off)
+        spec = RegionSpec(
+            h.num_slots, h.max_tokens_per_slot, h.ring_capacity, h.logprob_ring,
+            h.step_channels, h.step_followers, h.step_record,
+        )  # fmt: skip
+        layout = cls.of(spec)
+        stored = (
+            h.slot_size,
+            h.total_size,
+            h.slots_off,
+            h.stack_off,
+            h.ring_off,
+            h.tokens_off,
+            h.ext_off,
+            h.steps_off,
+        )
         mine = (
             ctypes.sizeof(Slot),
             layout.total_size,
@@ -239,6 +268,7 @@ class Layout:
             layout.ring_off,
             layout.tokens_off,
             layout.extras.ext_off,
+            layout.steps_off,
         )
         if stored != mine:
             raise ValueError("region layout differs from this build's; mixed versions?")

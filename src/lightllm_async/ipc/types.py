@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import NamedTuple
@@ -47,6 +48,11 @@ class RegionSpec:
     max_tokens_per_slot: int
     ring_capacity: int = 0
     logprob_ring: int = 256
+    # tensor parallelism (steps.py): one step channel per engine group whose ranks 1..N-1 follow
+    # rank 0, with `step_followers` followers and records of up to `step_record` bytes
+    step_channels: int = 0
+    step_followers: int = 0
+    step_record: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.num_slots < 2**31:
@@ -58,13 +64,17 @@ class RegionSpec:
             raise ValueError(f"ring_capacity must be 0 or a power of two >= 3 * num_slots, got {cap}")
         if not 2 <= self.logprob_ring < 2**20:
             raise ValueError(f"logprob_ring must be in [2, 2**20), got {self.logprob_ring}")
+        if min(self.step_channels, self.step_followers, self.step_record) < 0 or (
+            self.step_channels and not (self.step_followers and self.step_record)
+        ):
+            raise ValueError("step channels need followers and a record size")
 
     def resolved(self) -> RegionSpec:
         """The same spec with ring_capacity filled in."""
         if self.ring_capacity:
             return self
         cap = 1 << (4 * self.num_slots - 1).bit_length()
-        return RegionSpec(self.num_slots, self.max_tokens_per_slot, cap, self.logprob_ring)
+        return dataclasses.replace(self, ring_capacity=cap)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""The engine's two roles under tensor parallelism (ARCHITECTURE.md §6).
+
+Rank 0 runs the ordinary `Engine` (scheduler, region, outbox) with a `LeaderRunner`: each batch
+is published in the group's step channel (ipc/steps.py) before it is launched. Ranks 1..N-1 run
+a `Follower`: read the next record, launch the same batch on their shards, collect the one before
+(the same overlap as rank 0, so the same PENDING_TOKEN inputs resolve to the same samples).
+
+A step that fails on any rank cannot be undone on the others (they ran it, or they wait inside
+a collective), so under tensor parallelism every step failure is a DeviceFailure: the engine ends
+and the server exits for its supervisor, as it does when a single engine's device fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from lightllm_async.batch import Batch, DeviceFailure, Sampled
+from lightllm_async.ipc.steps import StepReader, StepWriter
+
+log = logging.getLogger(__name__)
+
+IDLE_CHECK_S = 0.25  # an idle follower checks for its stop and its parent this often
+
+
+class LeaderRunner:
+    """Rank 0's runner: publish, then launch."""
+
+    def __init__(self, runner: Any, writer: StepWriter):
+        self.runner, self.writer = runner, writer
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.runner.num_kv_tokens
+
+    def launch(self, batch: Batch) -> Any:
+        self.writer.publish(batch)
+        return self._fatal(self.runner.launch, batch)
+
+    def collect(self, handle: Any) -> Sampled:
+        return self._fatal(self.runner.collect, handle)
+
+    def stop_followers(self) -> None:
+        self.writer.stop()
+
+    @staticmethod
+    def _fatal(fn, arg):
+        try:
+            return fn(arg)
+        except DeviceFailure:
+            raise
+        except Exception as exc:
+            raise DeviceFailure(
+                f"a tensor-parallel step failed, which the other ranks cannot undo: {exc!r}"
+            ) from exc
+
+
+class Follower:
+    """Ranks 1..N-1: run rank 0's steps until it stops, or `stop` is set, or the parent is gone."""
+
+    def __init__(self, reader: StepReader, runner: Any):
+        self.reader, self.runner = reader, runner
+        self.stop = threading.Event()
+        self.parent_pid = os.getppid()
+        self.steps = 0
+
+    def run(self) -> None:
+        inflight = None
+        while not self.stop.is_set():
+            try:
+                batch = self.reader.next(timeout=IDLE_CHECK_S)
+            except TimeoutError:
+                if inflight is not None:
+                    self.runner.collect(inflight)
+                    inflight = None
+                if os.getppid() != self.parent_pid:
+                    log.warning("the server process is gone; rank exits")
+                    return
+                continue
+            if batch is None:  # rank 0 left its loop
+                break
+            handle = self.runner.launch(batch)
+            if inflight is not None:
+                self.runner.collect(inflight)
+            inflight = handle
+            self.steps += 1
+        if inflight is not None:
+            self.runner.collect(inflight)

@@ -1,0 +1,46 @@
+"""Joining an engine group's ranks over torch.distributed: NCCL on CUDA, gloo on the CPU."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+import torch.distributed as dist
+
+from lightllm_async.config import EngineConfig
+from lightllm_async.layers.parallel import SINGLE, TPGroup
+
+log = logging.getLogger(__name__)
+
+# A rank that waits longer than this for its peers at start (loading, capturing) gives up.
+INIT_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def rank_device(cfg: EngineConfig) -> str:
+    """The device of this rank: with several ranks, `--device auto|cuda` means the rank's own GPU."""
+    if cfg.tp_size == 1 or cfg.device not in ("auto", "cuda"):
+        return cfg.device
+    if cfg.device == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{cfg.gpu}"
+
+
+def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
+    """The group of this engine's ranks; SINGLE (no torch.distributed) for one rank."""
+    if cfg.tp_size == 1:
+        return SINGLE
+    device = torch.device(rank_device(cfg))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, init_method=cfg.dist_init, rank=cfg.tp_rank, world_size=cfg.tp_size, timeout=INIT_TIMEOUT
+    )
+    log.info("rank %d of %d joined (%s, %s)", cfg.tp_rank, cfg.tp_size, backend, device)
+    return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
