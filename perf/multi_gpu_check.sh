@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call on nvidia-h200-x2 (carry .whl): issue 13 on two GPUs of one host.
+#   1. correctness: TP=2 against TP=1 through the server (tests/test_tp_gpu.py: fp32 greedy equal
+#      with CUDA graphs; bf16 agreement reported)
+#   2. Llama-3-8B shape, random bf16 weights, the whole server: TP=1, TP=2 and DP=2, each with
+#      one client (decode step at batch 1 = TPOT), 100 clients of 128 in / 256 out (batch ~100),
+#      and the reference workload (100 clients, 1024 in, N(128,128) out) for throughput.
+# A short table is printed last (perf/multi_gpu_table.py). Full logs and JSON go to $OUT.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+rm -rf /tmp/site /tmp/lla
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/lla . >"$OUT/build.log" 2>&1 || {
+  tail -30 "$OUT/build.log"; exit 1; }
+export PYTHONPATH=/tmp/lla:/tmp/site NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py >"$OUT/pytest_tp.log" 2>&1
+  echo "pytest tp gpu exit $?"; grep -E "passed|failed|Error|agree" "$OUT/pytest_tp.log" | tail -6
+fi
+
+d=/tmp/l3
+mkdir -p $d
+python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
+write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
+python3 perf/multi_gpu_table.py --bandwidth --model $d --out "$OUT/bandwidth.json"
+
+for mode in ${MODES:-tp1 tp2 dp2}; do
+  case $mode in
+    tp1) flags="" ;;
+    tp2) flags="--tp 2" ;;
+    dp2) flags="--dp 2" ;;
+  esac
+  python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+    --max-num-batched-tokens 8192 $flags >"$OUT/server_$mode.log" 2>&1 &
+  srv=$!
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 1 --num-requests 4 \
+    --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 1 --api native \
+    --tokenizer $d --out "$OUT/b1_$mode.json" >"$OUT/b1_$mode.log" 2>&1
+  echo "$mode batch 1 exit $?"
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 200 \
+    --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 0 --api native \
+    --tokenizer $d --out "$OUT/b100_$mode.json" >"$OUT/b100_$mode.log" 2>&1
+  echo "$mode batch 100 exit $?"
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 400 --input-len 1024 \
+    --warmup 100 --api native --tokenizer $d --out "$OUT/ref_$mode.json" >"$OUT/ref_$mode.log" 2>&1
+  echo "$mode reference workload exit $?"
+  kill -INT $srv; wait $srv
+  echo "$mode server exit $?"; grep -E "captured|KV cache|Traceback|Error" "$OUT/server_$mode.log" | head -4
+done
+python3 perf/multi_gpu_table.py --out-dir "$OUT" --model $d

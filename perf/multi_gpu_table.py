@@ -1,0 +1,116 @@
+"""The table of perf/multi_gpu_check.sh: TP=1, TP=2 and DP=2 side by side with their rooflines.
+
+`--bandwidth`: measure the card's copy bandwidth (bytes read + written per second of a large
+device-to-device copy) and write it with the model's weight bytes to --out.
+Otherwise: read the serve_bench JSONs in --out-dir and print the table. The decode step is the
+server's TPOT p50 (whole process tree: HTTP, shared memory, scheduler, forward, sampling); its
+roofline is the bytes one GPU must read per step (its share of the weights, its share of the KV
+of the batch's contexts) over the measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from lightllm_async.models.loader import load_model_config
+
+
+def weight_bytes(cfg) -> int:
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    attn = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * h
+    per_layer = attn + 3 * h * i + 2 * h
+    embed = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    return 2 * (layers * per_layer + embed + h)  # bf16
+
+
+def kv_bytes_per_token(cfg) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+def measure_bandwidth() -> float:
+    import torch
+
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def load(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)["summary"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--bandwidth", action="store_true")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default=None)
+    p.add_argument("--out-dir", default=".")
+    args = p.parse_args()
+    cfg = load_model_config(args.model)
+    if args.bandwidth:
+        bw = measure_bandwidth()
+        with open(args.out, "w") as f:
+            json.dump({"copy_bytes_per_s": bw, "weight_bytes": weight_bytes(cfg)}, f)
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes(cfg) / 1e9:.2f} GB")
+        return
+    with open(os.path.join(args.out_dir, "bandwidth.json")) as f:
+        bw = json.load(f)["copy_bytes_per_s"]
+    w, kv = weight_bytes(cfg), kv_bytes_per_token(cfg)
+    print(
+        f"\ncopy bandwidth {bw / 1e9:.0f} GB/s per GPU; weights {w / 1e9:.2f} GB; "
+        "roof = bytes per GPU / bandwidth"
+    )
+    print(
+        f"{'mode':<6}{'b1 TPOT ms':>12}{'roof ms':>9}{'x roof':>8}{'b100 TPOT':>11}{'roof ms':>9}{'x roof':>8}"
+        f"{'b100 tok/s':>12}{'ref out tok/s':>14}{'ref QPS':>9}{'TTFT p50':>10}{'TPOT p99':>10}"
+    )
+    base = {}
+    for mode, shards, gpus in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
+        b1, b100, ref = (load(os.path.join(args.out_dir, f"{k}_{mode}.json")) for k in ("b1", "b100", "ref"))
+        if b1 is None and b100 is None and ref is None:
+            continue
+        roof1 = w / shards / bw * 1e3
+        # batch ~100 per engine (DP: 50 per GPU), contexts 128..384 tokens: mean 256
+        per_engine = 100 / (gpus // shards)
+        roof100 = (w / shards + per_engine * 256 * kv / shards) / bw * 1e3
+
+        def cell(s, key, sub="p50", fmt="{:.2f}"):
+            return fmt.format(s[key][sub]) if s and s.get(key) else "-"
+
+        t1 = b1["tpot_ms"]["p50"] if b1 else None
+        t100 = b100["tpot_ms"]["p50"] if b100 else None
+        base.setdefault("t1", t1)
+        print(
+            f"{mode:<6}{cell(b1, 'tpot_ms'):>12}{roof1:>9.2f}{(t1 / roof1 if t1 else 0):>8.2f}"
+            f"{cell(b100, 'tpot_ms'):>11}{roof100:>9.2f}{(t100 / roof100 if t100 else 0):>8.2f}"
+            f"{(b100['output_tokens_per_s'] if b100 else 0):>12.0f}"
+            f"{(ref['output_tokens_per_s'] if ref else 0):>14.0f}{(ref['qps'] if ref else 0):>9.2f}"
+            f"{cell(ref, 'ttft_ms', fmt='{:.0f}'):>10}{cell(ref, 'tpot_ms', 'p99', '{:.1f}'):>10}"
+        )
+        base[mode] = (t1, ref["output_tokens_per_s"] if ref else None)
+    if "tp1" in base and "tp2" in base and base["tp1"][0] and base["tp2"][0]:
+        print(f"TP=2 batch-1 step / TP=1: {base['tp2'][0] / base['tp1'][0]:.2f} (goal <= 0.65)")
+    if "tp1" in base and "dp2" in base and base["tp1"][1] and base["dp2"][1]:
+        print(
+            f"DP=2 reference-workload throughput / one GPU: {base['dp2'][1] / base['tp1'][1]:.2f}x "
+            "(goal >= 1.9)"
+        )
+
+
+if __name__ == "__main__":
+    main()
