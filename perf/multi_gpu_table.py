@@ -76,8 +76,8 @@ def main() -> None:
         "roof = bytes per GPU / bandwidth"
     )
     print(
-        f"{'mode':<6}{'b1 TPOT ms':>12}{'roof ms':>9}{'x roof':>8}{'b100 TPOT':>11}{'roof ms':>9}{'x roof':>8}"
-        f"{'b100 tok/s':>12}{'ref out tok/s':>14}{'ref QPS':>9}{'TTFT p50':>10}{'TPOT p99':>10}"
+        f"{'mode':<6}{'b1 TPOT ms':>12}{'roof ms':>9}{'x roof':>8}{'b100 TPOT':>11}{'roof ms':>9}"
+        f"{'x roof':>8}{'b100 tok/s':>12}{'ref out tok/s':>14}{'ref QPS':>9}{'TTFT p50':>10}{'TPOT p99':>10}"
     )
     base = {}
     for mode, shards, gpus in (("tp1", 1, 1), ("tp2", 2, 2), ("dp2", 1, 2)):
