@@ -321,6 +321,7 @@ class EngineConfig:
     replica: int = 0
     dist_init: str = ""
     gpu: int = 0  # the CUDA device index of this rank when --device is auto or cuda
+    nnodes: int = 1  # hosts the ranks span: above 1, step records are broadcast (runner/plan_broadcast.py)
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
@@ -343,3 +344,7 @@ class ServerConfig:
     read_timeout: float = 30.0  # seconds for a request's head, and again for its body
     shutdown_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM/SIGINT
     api_key: str | None = field(default=None, repr=False)  # --api-key / LLA_API_KEY; never in a repr
+    # Ranks across hosts (engine.nnodes > 1): this host's index, and where rank 0's rendezvous is
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port (one host only)

@@ -85,6 +85,19 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "on the CPU, N processes over gloo)",
     )
     p.add_argument(
+        "--nnodes", type=int, default=1, help="hosts the --tp ranks span (each runs --tp/--nnodes of them)"
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="this host's index among --nnodes; node 0 serves HTTP, the others run engine ranks only",
+    )
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address for torch.distributed")
+    p.add_argument(
+        "--master-port", type=int, default=0, help="node 0's rendezvous port (needed with --nnodes > 1)"
+    )
+    p.add_argument(
         "--cpu-threads",
         type=int,
         default=0,
@@ -152,6 +165,12 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--read-timeout must be more than 0 seconds")
     if args.tp < 1:
         raise SystemExit("--tp must be at least 1")
+    if args.nnodes < 1 or args.tp % args.nnodes:
+        raise SystemExit(f"--tp {args.tp} must be a multiple of --nnodes {args.nnodes}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise SystemExit(f"--node-rank must be in [0, {args.nnodes})")
+    if args.nnodes > 1 and not 0 < args.master_port < 65536:
+        raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -170,6 +189,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         cpu_threads=args.cpu_threads,
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
+        nnodes=args.nnodes,
     )
     return ServerConfig(
         engine=engine,
@@ -183,6 +203,9 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         read_timeout=args.read_timeout,
         shutdown_timeout=max(args.shutdown_timeout, 0.0),
         api_key=args.api_key or os.environ.get("LLA_API_KEY") or None,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
     )
 
 
@@ -209,39 +232,39 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _engine_processes(eng: EngineConfig, region_name: str, log_level: str) -> list[BaseProcess]:
-    """Engine rank 0 first, then ranks 1..tp-1 (which follow its step channel), each on its GPU."""
-    ctx = mp.get_context("spawn")
-    dist_init = f"tcp://127.0.0.1:{_free_port()}" if eng.tp_size > 1 else ""
+def _engine_processes(cfg: ServerConfig, region_name: str | None) -> list[BaseProcess]:
+    """This host's engine ranks, rank 0 first where it is here; ranks >= 1 follow rank 0's step
+    records. Each on its GPU: the host's ranks take its GPUs 0, 1, ... in rank order."""
+    eng, ctx = cfg.engine, mp.get_context("spawn")
+    dist_init = ""
+    if eng.tp_size > 1:
+        port = cfg.master_port or _free_port()
+        dist_init = f"tcp://{cfg.master_addr}:{port}"
+    local = eng.tp_size // eng.nnodes
     procs = []
-    for rank in range(eng.tp_size):
-        cfg = eng.replace(tp_rank=rank, gpu=rank, dist_init=dist_init)
+    for rank in range(cfg.node_rank * local, (cfg.node_rank + 1) * local):
+        eng_rank = eng.replace(tp_rank=rank, gpu=rank - cfg.node_rank * local, dist_init=dist_init)
         target, name = (
             (_engine_entry, "lightllm-engine") if rank == 0 else (_follower_entry, f"lightllm-engine-{rank}")
         )
-        procs.append(ctx.Process(target=target, args=(cfg, region_name, log_level), name=name, daemon=True))
+        args = (eng_rank, region_name, cfg.log_level)
+        procs.append(ctx.Process(target=target, args=args, name=name, daemon=True))
     return procs
 
 
 def region_spec(eng: EngineConfig) -> RegionSpec:
     """The region an engine configuration needs: its slots, and a step channel under TP."""
-    from lightllm_async.batch import max_prefix_slots
+    from lightllm_async.engine.process import step_record_bytes
     from lightllm_async.ipc import RegionSpec
-    from lightllm_async.ipc.steps import record_bytes
 
-    if eng.tp_size == 1:
+    if eng.tp_size == 1 or eng.nnodes > 1:  # across hosts the records are broadcast
         return RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
-    record = record_bytes(
-        eng.max_running_requests,
-        max(eng.max_num_batched_tokens, eng.max_running_requests),
-        max_prefix_slots(eng.max_model_len, eng.max_num_batched_tokens),
-    )
     return RegionSpec(
         num_slots=eng.num_slots,
         max_tokens_per_slot=eng.max_model_len,
         step_channels=1,
         step_followers=eng.tp_size - 1,
-        step_record=record,
+        step_record=step_record_bytes(eng),
     )
 
 
@@ -253,9 +276,11 @@ def serve(cfg: ServerConfig) -> int:
     from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
+    if cfg.node_rank > 0:
+        return serve_node(cfg)
     # the frontend's view; the engine processes attach their own by name
     region = Region.create(cfg.instance_id, region_spec(eng))
-    procs = _engine_processes(eng, region.name, cfg.log_level)
+    procs = _engine_processes(cfg, region.name)
     exit_code = 1
     try:
         for proc in procs:
@@ -283,6 +308,31 @@ def serve(cfg: ServerConfig) -> int:
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
     return exit_code
+
+
+def serve_node(cfg: ServerConfig) -> int:
+    """A host other than node 0: its engine ranks only (no HTTP, no region). Exit 0 when they all
+    stop cleanly (rank 0 stopped them), 1 when one fails (e.g. its peers died): a supervisor
+    restarts the node with node 0."""
+    procs = _engine_processes(cfg, None)
+    log.info(
+        "node %d: engine ranks %s, rendezvous %s", cfg.node_rank, [p.name for p in procs], cfg.master_addr
+    )
+    for proc in procs:
+        proc.start()
+    try:
+        while all(p.is_alive() for p in procs):
+            time.sleep(0.1)
+        failed = [p for p in procs if p.exitcode not in (0, None)]
+        for p in failed:
+            log.error("engine process %s exited with %s", p.name, p.exitcode)
+        for p in procs:
+            p.join(5)
+        return 1 if failed or any(p.exitcode != 0 for p in procs) else 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop_engines(procs)
 
 
 def _serve_http(cfg: ServerConfig, ctx, procs) -> int:

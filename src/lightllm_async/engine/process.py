@@ -27,7 +27,9 @@ def _make_runner(cfg: EngineConfig):
 
         tp = init_tensor_parallel(cfg)
         cfg = cfg.replace(device=rank_device(cfg))
-        runner = ModelRunner(cfg, progress=_progress_bar() if cfg.tp_rank == 0 else None, tp=tp)
+        if tp.size > 1:
+            raise NotImplementedError("the models are not sharded yet")
+        runner = ModelRunner(cfg, progress=_progress_bar())
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
@@ -112,9 +114,8 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
         runner = _make_runner(cfg)
         if cfg.tp_size > 1:
             from lightllm_async.engine.tensor_parallel import LeaderRunner
-            from lightllm_async.ipc.steps import StepWriter
 
-            runner = leader = LeaderRunner(runner, StepWriter(region.step_channel(cfg.replica)))
+            runner = leader = LeaderRunner(runner, _step_writer(cfg, region))
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
@@ -139,13 +140,39 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
         region.notify_frontend()
         sys.exit(1)
     finally:
-        region.close()
+        if region is not None:
+            region.close()
 
 
-def run_follower(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
+def _step_writer(cfg: EngineConfig, region):
+    """Rank 0's end of the step records: the region's channel on one host, a broadcast across hosts."""
+    if cfg.nnodes == 1:
+        from lightllm_async.ipc.steps import StepWriter
+
+        return StepWriter(region.step_channel(cfg.replica))
+    from lightllm_async.runner.distributed import plan_group
+    from lightllm_async.runner.plan_broadcast import BroadcastWriter
+
+    return BroadcastWriter(plan_group(), step_record_bytes(cfg))
+
+
+def step_record_bytes(cfg: EngineConfig) -> int:
+    """The largest step record of an engine configured so."""
+    from lightllm_async.batch import max_prefix_slots
+    from lightllm_async.ipc.steps import record_bytes
+
+    return record_bytes(
+        cfg.max_running_requests,
+        max(cfg.max_num_batched_tokens, cfg.max_running_requests),
+        max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens),
+    )
+
+
+def run_follower(cfg: EngineConfig, region_name: str | None, log_level: str = "info") -> None:
     """Target of the process of tensor-parallel rank cfg.tp_rank >= 1: load its shards, then run
-    what rank 0 publishes in the group's step channel. Exits 1 on any error (logged); the server
-    sees the death and stops, as for rank 0's."""
+    what rank 0 publishes (in the group's step channel of region `region_name` on rank 0's host;
+    by broadcast when the ranks span hosts, with no region). Exits 1 on any error (logged); the
+    server sees the death and stops, as for rank 0's."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
@@ -153,12 +180,20 @@ def run_follower(cfg: EngineConfig, region_name: str, log_level: str = "info") -
     )
     configure_threads(cfg)
     from lightllm_async.engine.tensor_parallel import Follower
-    from lightllm_async.ipc.steps import StepReader
 
-    region = Region.attach(region_name)
+    region = Region.attach(region_name) if cfg.nnodes == 1 else None
     try:
-        reader = StepReader(region.step_channel(cfg.replica), cfg.tp_rank)
-        follower = Follower(reader, _make_runner(cfg))
+        runner = _make_runner(cfg)  # joins the group first: a broadcast plan needs its group
+        if region is not None:
+            from lightllm_async.ipc.steps import StepReader
+
+            reader = StepReader(region.step_channel(cfg.replica), cfg.tp_rank)
+        else:
+            from lightllm_async.runner.distributed import plan_group
+            from lightllm_async.runner.plan_broadcast import BroadcastReader
+
+            reader = BroadcastReader(plan_group(), step_record_bytes(cfg))
+        follower = Follower(reader, runner)
         signal.signal(signal.SIGTERM, lambda *_: follower.stop.set())
         follower.run()
         log.info("rank %d stops after %d steps", cfg.tp_rank, follower.steps)
@@ -166,4 +201,5 @@ def run_follower(cfg: EngineConfig, region_name: str, log_level: str = "info") -
         log.error("engine rank %d failed:\n%s", cfg.tp_rank, traceback.format_exc())
         sys.exit(1)
     finally:
-        region.close()
+        if region is not None:
+            region.close()

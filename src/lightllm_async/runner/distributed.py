@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # A rank that waits longer than this for its peers at start (loading, capturing) gives up.
 INIT_TIMEOUT = datetime.timedelta(minutes=30)
+# The step-record broadcast across hosts waits as long as the server idles.
+PLAN_TIMEOUT = datetime.timedelta(days=365)
+_plan_group = None
 
 
 def rank_device(cfg: EngineConfig) -> str:
@@ -38,7 +41,15 @@ def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
         backend, init_method=cfg.dist_init, rank=cfg.tp_rank, world_size=cfg.tp_size, timeout=INIT_TIMEOUT
     )
     log.info("rank %d of %d joined (%s, %s)", cfg.tp_rank, cfg.tp_size, backend, device)
+    if cfg.nnodes > 1:  # every rank creates it, in the same order
+        global _plan_group
+        _plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
     return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
+
+
+def plan_group():
+    """The gloo group that carries step records between hosts (None on one host)."""
+    return _plan_group
 
 
 def leave() -> None:
