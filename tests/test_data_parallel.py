@@ -9,17 +9,28 @@ replica that cannot start ends the start with exit 1.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
 import multiprocessing as mp
 import os
+import random
+import signal
 import threading
 import time
 import uuid
 
 import pytest
 
+from lightllm_async.config import rank_device
+from lightllm_async.frontend import reader as reader_mod
+from lightllm_async.frontend.balance import LeastOutstanding
+from lightllm_async.frontend.reader import EngineDead, Reader
 from lightllm_async.ipc import EngineState, EngineStats, Op, Region, RegionSpec, RingRecord
 from lightllm_async.ipc.shm import SHM_DIR
 from lightllm_async.types import FinishReason, SamplingParams
+from serverproc import ServerProcess, concurrently, stream_text, wait_until
+from test_lifecycle import alive, children_of
 
 PARAMS = SamplingParams(max_new_tokens=4)
 
@@ -163,3 +174,250 @@ def test_the_next_start_removes_every_replica_semaphore_of_a_dead_owner():
     finally:
         fresh.close()
         fresh.unlink()
+
+
+# ---------------------------------------------------------------- the frontend's choice
+
+
+def test_equal_replicas_take_turns():
+    chooser = LeastOutstanding(3)
+    picks = []
+    for _ in range(7):
+        picks.append(chooser.pick())
+        chooser.started(picks[-1])
+    assert picks == [0, 1, 2, 0, 1, 2, 0] and chooser.outstanding == [3, 2, 2]
+
+
+def test_the_replica_with_the_fewest_unfinished_requests_is_picked():
+    chooser = LeastOutstanding(3)
+    for replica, n in ((0, 3), (1, 1), (2, 2)):
+        for _ in range(n):
+            chooser.started(replica)
+    assert chooser.pick() == 1
+    chooser.started(1)
+    assert chooser.pick() in (1, 2)  # both hold 2 now: the turn goes on after the last pick
+    for _ in range(3):
+        chooser.finished(0)
+    assert chooser.pick() == 0  # the one that drained is next, whatever the turn
+
+
+def test_the_pick_is_always_a_least_loaded_replica_under_random_churn():
+    rng = random.Random(13)
+    for n in (1, 2, 5):
+        chooser, load = LeastOutstanding(n), [0] * n
+        for _ in range(2000):
+            if rng.random() < 0.55 or not any(load):
+                k = chooser.pick()
+                assert load[k] == min(load), (load, k)
+                chooser.started(k)
+                load[k] += 1
+            else:
+                k = rng.choice([i for i in range(n) if load[i]])
+                chooser.finished(k)
+                load[k] -= 1
+            assert chooser.outstanding == load
+
+
+def test_the_reader_spreads_requests_and_a_dead_replica_fails_only_its_own(monkeypatch):
+    monkeypatch.setattr(reader_mod, "LIVENESS_INTERVAL_S", 0.02)
+    front = Region.create(_uid(), RegionSpec(num_slots=8, max_tokens_per_slot=16, num_replicas=2))
+    engines = [Region.attach(front.name, replica=k) for k in range(2)]
+    alive = [True, True]
+
+    async def main() -> None:
+        reader = Reader(front, lambda: all(alive), lambda: alive)
+        await reader.start()
+        try:
+            handles = [reader.submit([1, 2], PARAMS) for _ in range(4)]
+            assert [h.replica for h in handles] == [0, 1, 0, 1]
+            assert [front.owner(h.slot) for h in handles] == [0, 1, 0, 1]
+            for rec in engines[1].drain_ring():  # replica 1 runs its two: one token each
+                assert engines[1].set_running(rec.slot)
+                engines[1].append_tokens(rec.slot, [7])
+            engines[1].notify_frontend()
+            alive[0] = False  # replica 0 dies with its two requests
+            await asyncio.sleep(0.2)
+            assert [h.engine_dead for h in handles] == [True, False, True, False]
+            assert reader.dead and reader._chooser.outstanding == [0, 2]
+            with pytest.raises(EngineDead):
+                reader.submit([1], PARAMS)  # the server is stopping: no new work
+            for h in handles[1::2]:  # replica 1 goes on and finishes them
+                assert engines[1].finish(h.slot, FinishReason.STOP)
+            engines[1].notify_frontend()
+            for h in handles[1::2]:
+                assert await asyncio.wait_for(h.wait(), 2) == [7]
+                assert h.finish_reason == FinishReason.STOP
+            assert reader._chooser.outstanding == [0, 0] and reader.num_active == 0
+        finally:
+            await reader.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
+        for e in engines:
+            e.close()
+        front.close()
+        front.unlink()
+
+
+def test_replica_k_of_m_ranks_each_takes_its_own_gpus():
+    assert [rank_device("cuda", k) for k in range(3)] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert [rank_device("cuda:2", k) for k in range(2)] == ["cuda:2", "cuda:3"]  # counted from --device
+    assert rank_device("cpu", 3) == "cpu"
+    # the seam for tensor parallelism: replica k's M ranks on GPUs k*M .. k*M + M - 1
+    assert [rank_device("cuda", 1, r, 4) for r in range(4)] == ["cuda:4", "cuda:5", "cuda:6", "cuda:7"]
+    with pytest.raises(ValueError):
+        rank_device("tpu", 0)
+    with pytest.raises(ValueError):
+        rank_device("cuda", 0, rank=2, ranks_per_replica=2)
+
+
+def test_the_dp_flag_reaches_the_config():
+    from lightllm_async.server import build_parser, resolve_config
+
+    assert resolve_config(build_parser().parse_args(["--model", "dummy"])).dp == 1
+    assert resolve_config(build_parser().parse_args(["--model", "dummy", "--dp", "3"])).dp == 3
+    with pytest.raises(SystemExit):
+        resolve_config(build_parser().parse_args(["--model", "dummy", "--dp", "0"]))
+
+
+class _Proc:
+    def __init__(self, alive: bool = True, exitcode: int | None = None):
+        self._alive, self.exitcode = alive, exitcode
+
+    def is_alive(self) -> bool:
+        return self._alive
+
+
+def test_the_start_waits_for_every_replica_and_fails_with_the_one_that_failed(caplog):
+    from lightllm_async.server import _wait_ready
+
+    front = Region.create(_uid(), RegionSpec(num_slots=2, max_tokens_per_slot=8, num_replicas=2))
+    engines = [Region.attach(front.name, replica=k) for k in range(2)]
+    try:
+        procs = [_Proc(), _Proc()]
+        engines[0].set_engine_state(EngineState.READY)
+        engines[1].set_engine_state(EngineState.READY)
+        assert _wait_ready(front, procs)
+        engines[1].set_engine_state(EngineState.ERROR, "CUDA error: invalid device ordinal")
+        assert not _wait_ready(front, procs)
+        assert "engine replica 1 failed to start: CUDA error: invalid device ordinal" in caplog.text
+        engines[1].set_engine_state(EngineState.STARTING)
+        assert not _wait_ready(front, [_Proc(), _Proc(alive=False, exitcode=-9)])  # died while loading
+        assert "engine replica 1 failed to start: exit code -9" in caplog.text
+    finally:
+        for e in engines:
+            e.close()
+        front.close()
+        front.unlink()
+
+
+# ---------------------------------------------------------------- the server, --model dummy
+
+
+def _metric(srv: ServerProcess, name: str) -> dict[str, float]:
+    """The samples of metric `name` by their label values ("" for one without labels)."""
+    out = {}
+    for line in srv.request("GET", "/metrics")[2].splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name) :].strip("{}").split('"')[1] if "{" in key else ""] = float(value)
+    return out
+
+
+def _region_files(srv: ServerProcess) -> list[str]:
+    return _shm_files("/" + srv.region_name)
+
+
+def test_two_replicas_serve_many_concurrent_requests_and_both_take_work():
+    srv = ServerProcess("--model", "dummy", "--dp", "2", "--dummy-step-time", "0.005")
+    try:
+        assert len(_region_files(srv)) == 4  # the region, two engine semaphores, the frontend's
+        region = Region.attach(srv.region_name)
+        pids = [region.replica_pid(k) for k in range(2)]
+        region.close()
+        assert len(set(pids)) == 2 and set(pids) <= set(children_of(srv.proc.pid))
+        rng = random.Random(21)
+        words = ["sun", "river", "stone", "cloud", "apple", "tiger", "music", "paper"]
+        bodies = [
+            {
+                "prompt": " ".join(rng.choice(words) for _ in range(rng.randint(1, 30))),
+                "max_tokens": rng.randint(4, 40),
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            for _ in range(32)
+        ]
+        together = concurrently(lambda b: stream_text(srv, b), bodies)
+        alone = [stream_text(srv, b) for b in bodies[:8]]
+        assert together[:8] == alone and all(together)
+        plain = srv.request("POST", "/v1/completions", bodies[0])
+        assert plain[0] == 200 and plain[2]["choices"][0]["text"] == together[0]
+
+        generated = _metric(srv, "lightllm_async:replica_generation_tokens_total")
+        served = sum(b["max_tokens"] for b in [*bodies, *bodies[:8], bodies[0]])
+        assert set(generated) == {"0", "1"} and sum(generated.values()) == served
+        assert min(generated.values()) >= 0.1 * served, generated  # both replicas took a share
+        assert _metric(srv, "lightllm_async:generation_tokens_total") == {"": served}
+        assert _metric(srv, "lightllm_async:kv_cache_tokens_total") == {"": 2 * 64 * 4096}  # summed
+        assert _metric(srv, "lightllm_async:engine_replicas") == {"": 2}
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        assert srv.stop() == 0
+    assert _region_files(srv) == []
+
+
+class TimedStream(threading.Thread):
+    """A streamed completion, each `data:` payload with the time it arrived."""
+
+    def __init__(self, srv: ServerProcess, body: dict):
+        super().__init__(daemon=True)
+        self.srv, self.body, self.events = srv, body, []
+        self.start()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(self.body), {"Content-Type": "application/json"})
+        for line in conn.getresponse():
+            if line.startswith(b"data:"):
+                self.events.append((time.monotonic(), line[5:].strip().decode()))
+        conn.close()
+
+    @property
+    def error(self) -> str:
+        assert self.events[-1][1] == "[DONE]", self.events[-3:]
+        return json.loads(self.events[-2][1])["error"]["message"]
+
+
+def test_a_killed_replica_fails_its_own_requests_at_once_then_the_server_exits_1_cleanly():
+    srv = ServerProcess("--model", "dummy", "--dp", "2", "--dummy-step-time", "0.02")
+    streams = [TimedStream(srv, {"prompt": "x", "max_tokens": 3000, "stream": True}) for _ in range(4)]
+    running = "lightllm_async:replica_num_requests_running"
+    assert wait_until(lambda: _metric(srv, running) == {"0": 2, "1": 2}, 10), _metric(srv, running)
+    region = Region.attach(srv.region_name)
+    pids = [region.replica_pid(k) for k in range(2)]
+    region.close()
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    for s in streams:
+        s.join(15)
+    lost = [s for s in streams if "replica 1" in s.error]
+    others = [s for s in streams if s not in lost]
+    assert len(lost) == 2 and all(s.events[-1][0] - killed < 2.0 for s in lost), [s.error for s in streams]
+    for s in others:  # replica 0 kept streaming after the death, until the server stopped
+        assert "stopping" in s.error
+        assert sum(t > killed + 0.3 for t, _ in s.events[:-2]) > 5
+    assert srv.proc.wait(10) == 1
+    assert "engine replica 1" in srv.text_log() and srv.text_log().rstrip().endswith("stopped (exit 1)")
+    assert _region_files(srv) == []
+    assert wait_until(lambda: not alive(pids[0]), 5)  # the other replica was stopped too
+
+
+def test_replicas_that_fail_at_start_end_the_start_with_exit_1_and_no_shared_memory():
+    # a KV cache that cannot hold one request: the engines refuse it, after the frontend accepted it
+    srv = ServerProcess("--model", "dummy", "--dp", "2", "--max-running-requests", "0")
+    assert srv.proc.wait(30) == 1
+    log = srv.text_log()
+    assert "failed to start" in log and "cannot hold one request" in log, log
+    assert "lightllm-async ready" not in log
+    assert _region_files(srv) == []

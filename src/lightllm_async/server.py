@@ -1,9 +1,16 @@
-"""`lightllm-async`: the one command. Creates the shared region, starts the engine, serves HTTP.
+"""`lightllm-async`: the one command. Creates the shared region, starts the engines, serves HTTP.
 
-Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when the engine
+`--dp N` starts N engine replicas (one process each; replica k on GPU k, see
+config.rank_device) behind the one frontend and region; HTTP is served once every replica is
+ready, and /health answers 200 only while every one runs.
+
+Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when an engine
 process died or failed to start (so a systemd unit with Restart=on-failure brings the server
-back). The last log line says which. Under systemd it sends READY=1, WATCHDOG=1 and STOPPING=1
-(see systemd.py); `lightllm-async systemd-unit [flags]` prints a unit that runs it with `flags`.
+back). When a replica dies, its requests end with an error at once, those of the others may go
+on for ENGINE_DEATH_GRACE_S, then end with an error too, and the server exits 1. The last log
+line says which. Under systemd it sends READY=1, WATCHDOG=1 (while every replica's heartbeat
+moves) and STOPPING=1 (see systemd.py); `lightllm-async systemd-unit [flags]` prints a unit that
+runs it with `flags`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lightllm_async import systemd
@@ -28,7 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lightllm_async")
 
-ENGINE_DEATH_GRACE_S = 1.0  # time for in-flight requests to receive their error before exit
+# After an engine died: how long the requests in flight on the other replicas may go on before
+# they end with an error too (the dead one's end at once) and the server exits.
+ENGINE_DEATH_GRACE_S = 1.0
 
 
 def build_parser(**kwargs) -> argparse.ArgumentParser:
@@ -46,7 +56,18 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present), cpu, cuda, cuda:N; with --dp, replica k takes the k-th GPU from it",
+    )
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data parallelism: engine replicas, each with its own model copy, KV cache and GPU, behind "
+        "one HTTP frontend; a request goes to the replica with the fewest requests in flight",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--load-format",
@@ -128,6 +149,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def resolve_config(args: argparse.Namespace) -> ServerConfig:
     """Turn CLI arguments into the frozen config, reading the model's own limits."""
+    from lightllm_async.ipc.types import MAX_REPLICAS
     from lightllm_async.models.loader import default_model_path, load_model_config
 
     model = args.model or default_model_path()
@@ -141,6 +163,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
     if args.read_timeout <= 0:
         raise SystemExit("--read-timeout must be more than 0 seconds")
+    if not 1 <= args.dp <= MAX_REPLICAS:
+        raise SystemExit(f"--dp must be in [1, {MAX_REPLICAS}], got {args.dp}")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -161,6 +185,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         engine=engine,
+        dp=args.dp,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name or name,
@@ -174,18 +199,21 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _wait_ready(region: FrontendRegion, proc: BaseProcess) -> bool:
+def _wait_ready(region: FrontendRegion, procs: list[BaseProcess]) -> bool:
+    """Until every replica reports READY (True), or one fails or dies first (False, logged)."""
     from lightllm_async.ipc import EngineState
 
-    while proc.is_alive():
-        state = region.engine_state
-        if state == EngineState.READY:
+    while True:
+        for k, proc in enumerate(procs):
+            state = region.replica_state(k)
+            if state == EngineState.ERROR or not proc.is_alive():
+                which = "engine" if len(procs) == 1 else f"engine replica {k}"
+                error = region.replica_error(k) or f"exit code {proc.exitcode}"
+                log.error("%s failed to start: %s", which, error)
+                return False
+        if all(region.replica_state(k) == EngineState.READY for k in range(len(procs))):
             return True
-        if state == EngineState.ERROR:
-            break
         time.sleep(0.05)
-    log.error("engine failed to start: %s", region.error_text or f"exit code {proc.exitcode}")
-    return False
 
 
 def serve(cfg: ServerConfig) -> int:
@@ -196,42 +224,57 @@ def serve(cfg: ServerConfig) -> int:
     from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
-    region = Region.create(  # the frontend's view; the engine process attaches its own by name
-        cfg.instance_id, RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
-    )
-    proc = mp.get_context("spawn").Process(
-        target=_engine_entry, args=(eng, region.name, cfg.log_level), name="lightllm-engine", daemon=True
-    )
+    spec = RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len, num_replicas=cfg.dp)
+    region = Region.create(cfg.instance_id, spec)  # the frontend's view; each engine attaches its own
+    spawn = mp.get_context("spawn")
+    procs = [
+        spawn.Process(
+            target=_engine_entry,
+            args=(eng, region.name, cfg.log_level, k),
+            name="lightllm-engine" if cfg.dp == 1 else f"lightllm-engine-{k}",
+            daemon=True,
+        )
+        for k in range(cfg.dp)
+    ]
     exit_code = 1
     try:
-        proc.start()
+        for proc in procs:
+            proc.start()
         tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
         tokenizer = load_tokenizer(tok_path)
-        if not _wait_ready(region, proc):
+        if not _wait_ready(region, procs):
             return 1
         ctx = FrontendContext(
             region=region,
             tokenizer=tokenizer,
             served_model_name=cfg.served_model_name,
             max_model_len=eng.max_model_len,
-            engine_alive=proc.is_alive,
+            engine_alive=_all_alive(procs),
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
             api_key=cfg.api_key,
+            replicas_alive=lambda: [proc.is_alive() for proc in procs],
         )
-        exit_code = _serve_http(cfg, ctx, proc)
+        exit_code = _serve_http(cfg, ctx, procs)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
         systemd.notify("STOPPING=1")
         exit_code = 0
     finally:
-        _stop_engine(proc)
+        _stop_engines(procs)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
     return exit_code
 
 
-def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
-    """Run uvicorn until a signal and the drain after it (0) or the engine's death (1)."""
+def _all_alive(procs: list[BaseProcess]) -> Callable[[], bool]:
+    """Whether every engine process runs (once serving, every one has reported READY)."""
+    if len(procs) == 1:
+        return procs[0].is_alive  # called for each request: no wrapper in the way
+    return lambda: all(proc.is_alive() for proc in procs)
+
+
+def _serve_http(cfg: ServerConfig, ctx, procs: list[BaseProcess]) -> int:
+    """Run uvicorn until a signal and the drain after it (0) or an engine's death (1)."""
     from lightllm_async.frontend.app import create_app
     from lightllm_async.frontend.http_server import ClientLimits, build_server
 
@@ -241,7 +284,7 @@ def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
         create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout, hooks
     )
     died = threading.Event()
-    threading.Thread(target=_watch, args=(server, proc, died), daemon=True).start()
+    threading.Thread(target=_watch, args=(server, procs, died), daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn could not listen, or the app failed to start
@@ -249,15 +292,15 @@ def _serve_http(cfg: ServerConfig, ctx, proc) -> int:
     return 1 if died.is_set() or not server.started else 0
 
 
-def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
+def _engine_entry(eng: EngineConfig, region_name: str, log_level: str, replica: int) -> None:
     from lightllm_async.engine.process import run_engine
 
-    run_engine(eng, region_name, log_level)
+    run_engine(eng, region_name, log_level, replica)
 
 
 def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
-    """The ready line and READY=1 once uvicorn listens, WATCHDOG=1 while the engine's heartbeat
-    moves (when systemd asked for a watchdog), STOPPING=1 when a signal starts the drain."""
+    """The ready line and READY=1 once uvicorn listens, WATCHDOG=1 while every engine replica's
+    heartbeat moves (when systemd asked for a watchdog), STOPPING=1 when a signal starts the drain."""
     from lightllm_async.engine.engine import IDLE_WAIT_S
     from lightllm_async.frontend.http_server import Hooks
 
@@ -274,37 +317,41 @@ def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
     if interval is None:
         return Hooks(serving=serving, draining=draining)
     # An idle engine beats every IDLE_WAIT_S, a busy one every step: a few idle beats missed is a wedge.
-    watchdog = systemd.Watchdog(
-        interval, lambda: region.heartbeat, stale_after=max(interval, 4 * IDLE_WAIT_S)
-    )
-    log.info("systemd watchdog: a ping every %.1f s while the engine's heartbeat moves", interval)
+    watchdog = systemd.Watchdog(interval, region.heartbeats, stale_after=max(interval, 4 * IDLE_WAIT_S))
+    log.info("systemd watchdog: a ping every %.1f s while every engine's heartbeat moves", interval)
     return Hooks(serving=serving, tick=watchdog.tick, draining=draining)
 
 
-def _watch(server, proc, died: threading.Event) -> None:
-    """Stop the server when the engine dies."""
+def _watch(server, procs: list[BaseProcess], died: threading.Event) -> None:
+    """Stop the server when an engine process dies: the frontend has ended the dead replica's
+    requests; the server's drain ends the others' after ENGINE_DEATH_GRACE_S."""
     while not server.should_exit:
-        if not proc.is_alive():
-            log.error(
-                "engine process died (exit code %s); stopping so a supervisor can restart", proc.exitcode
-            )
-            systemd.notify(f"STATUS=engine process died (exit code {proc.exitcode})")
-            died.set()
-            time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
-            server.should_exit = True
-            return
+        for k, proc in enumerate(procs):
+            if not proc.is_alive():
+                which = "engine process" if len(procs) == 1 else f"engine replica {k} (pid {proc.pid})"
+                log.error(
+                    "%s died (exit code %s); stopping so a supervisor can restart", which, proc.exitcode
+                )
+                systemd.notify(f"STATUS={which} died (exit code {proc.exitcode})")
+                died.set()
+                server.engine_died(ENGINE_DEATH_GRACE_S)
+                return
         time.sleep(0.05)
 
 
-def _stop_engine(proc) -> None:
-    if proc.pid is None:
-        return
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(2)
+def _stop_engines(procs: list[BaseProcess]) -> None:
+    """SIGTERM to every engine at once (each finishes its step), then SIGKILL to any left."""
+    started = [proc for proc in procs if proc.pid is not None]
+    for proc in started:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + 5
+    for proc in started:
+        proc.join(max(deadline - time.monotonic(), 0))
+    for proc in started:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
 
 
 def systemd_unit(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Entry point of an engine process: attach to the region, load, report ready, loop."""
+"""Entry point of an engine process: attach to the region as its replica, load, report ready, loop."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import signal
 import sys
 import traceback
 
-from lightllm_async.config import EngineConfig
+from lightllm_async.config import EngineConfig, rank_device
 from lightllm_async.ipc import EngineState, Region
 
 log = logging.getLogger("lightllm_async.engine")
 
 
-def _make_runner(cfg: EngineConfig):
+def _make_runner(cfg: EngineConfig, show_progress: bool = True):
     if cfg.model_path == "dummy":
         from lightllm_async.runner.dummy import DummyRunner
 
@@ -24,7 +24,7 @@ def _make_runner(cfg: EngineConfig):
     else:
         from lightllm_async.runner.model_runner import ModelRunner
 
-        runner = ModelRunner(cfg, progress=_progress_bar())
+        runner = ModelRunner(cfg, progress=_progress_bar() if show_progress else None)
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
@@ -68,15 +68,16 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def cpu_threads(requested: int) -> int:
+def cpu_threads(requested: int, num_replicas: int = 1) -> int:
     """The engine's intra-op threads: `requested`, or the cores this process may run on less one,
-    which the HTTP frontend (and a client on the same machine) needs; at least 1."""
+    which the HTTP frontend (and a client on the same machine) needs, shared by the engine
+    replicas (--dp); at least 1."""
     if requested > 0:
         return requested
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // num_replicas)
 
 
-def configure_threads(cfg: EngineConfig) -> int | None:
+def configure_threads(cfg: EngineConfig, num_replicas: int = 1) -> int | None:
     """Before torch loads: idle OpenMP workers sleep instead of spinning at barriers (an engine
     that spins takes the cores its own frontend and clients need, and on a busy machine every
     barrier then waits for a descheduled spinner: 20-80x slower, issue 12). Then the thread count.
@@ -86,26 +87,47 @@ def configure_threads(cfg: EngineConfig) -> int | None:
         return None
     import torch
 
-    threads = cpu_threads(cfg.cpu_threads)
+    threads = cpu_threads(cfg.cpu_threads, num_replicas)
     torch.set_num_threads(threads)
     return threads
 
 
-def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
-    """Target of the engine process. Exits non-zero with the error written to the region."""
+def place_replica(cfg: EngineConfig, replica: int, num_replicas: int) -> EngineConfig:
+    """Replica `replica`'s config (--dp): on CUDA, replica k runs on GPU k (config.rank_device;
+    "auto" means CUDA when present), which also becomes this process's current CUDA device, so
+    that what uses "the current device" (CUDA graphs, Triton launches, memory queries) means it.
+    With one replica, or the dummy model, the config stays as given."""
+    if num_replicas == 1 or cfg.model_path == "dummy":
+        return cfg
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rank_device(device, replica)
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return cfg.replace(device=device)
+
+
+def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", replica: int = 0) -> None:
+    """Target of the process of engine replica `replica`. Exits non-zero with the error written to
+    the replica's section of the region."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
-    threads = configure_threads(cfg)
-    if threads is not None:
-        log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
-    from lightllm_async.engine.engine import Engine
-    from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-
-    region = Region.attach(region_name)
+    region = Region.attach(region_name, replica)
     region.set_engine_state(EngineState.STARTING)  # makes our pid visible while loading
+    name = "engine" if region.num_replicas == 1 else f"engine {replica}"
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
-        runner = _make_runner(cfg)
+        threads = configure_threads(cfg, region.num_replicas)
+        if threads is not None:
+            log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
+        from lightllm_async.engine.engine import Engine
+        from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+
+        cfg = place_replica(cfg, replica, region.num_replicas)
+        runner = _make_runner(cfg, show_progress=replica == 0)
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
