@@ -22,6 +22,7 @@ import uuid
 
 import pytest
 
+from lightllm_async import systemd
 from lightllm_async.config import rank_device
 from lightllm_async.frontend import reader as reader_mod
 from lightllm_async.frontend.balance import LeastOutstanding
@@ -310,6 +311,26 @@ def test_the_start_waits_for_every_replica_and_fails_with_the_one_that_failed(ca
             e.close()
         front.close()
         front.unlink()
+
+
+def test_the_watchdog_stops_pinging_when_any_one_replica_stops_beating():
+    now, beats, sent = [0.0], [0, 0, 0], []
+    dog = systemd.Watchdog(1.0, lambda: tuple(beats), stale_after=2.0, send=sent.append, clock=lambda: now[0])
+
+    def run(seconds: float, beating: tuple[int, ...]) -> int:
+        """Tick every 1/8 s, the replicas in `beating` beating at every tick; the pings sent."""
+        before = len(sent)
+        for _ in range(int(seconds * 8)):
+            now[0] += 0.125
+            for k in beating:
+                beats[k] += 1
+            dog.tick()
+        return len(sent) - before
+
+    assert run(5, (0, 1, 2)) == 5
+    assert run(5, (0, 2)) <= 3 and dog.stalled  # replica 1 wedged; the others busy: no more pings
+    assert run(5, (0, 2)) == 0
+    assert run(2, (0, 1, 2)) == 2 and not dog.stalled
 
 
 # ---------------------------------------------------------------- the server, --model dummy
