@@ -30,7 +30,7 @@ from lightllm_async.frontend.reader import EngineDead, Reader
 from lightllm_async.ipc import EngineState, EngineStats, Op, Region, RegionSpec, RingRecord
 from lightllm_async.ipc.shm import SHM_DIR
 from lightllm_async.types import FinishReason, SamplingParams
-from serverproc import ServerProcess, concurrently, stream_text, wait_until
+from serverproc import ServerProcess, concurrently, stream_text, stream_token_ids, wait_until
 from test_lifecycle import alive, children_of
 
 PARAMS = SamplingParams(max_new_tokens=4)
@@ -441,4 +441,59 @@ def test_replicas_that_fail_at_start_end_the_start_with_exit_1_and_no_shared_mem
     log = srv.text_log()
     assert "failed to start" in log and "cannot hold one request" in log, log
     assert "lightllm-async ready" not in log
+    assert _region_files(srv) == []
+
+
+# ---------------------------------------------------------------- on GPUs (skipped without them)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _random_model(path) -> list[str]:
+    from lightllm_async.tools.make_random_model import make_random_model
+
+    model = make_random_model("smollm2-135m", str(path), dtype="float32", seed=5, device="cuda")
+    return ["--model", model, "--dtype", "float32", "--max-model-len", "512"] + [
+        "--gpu-memory-utilization",
+        "0.2",
+    ]
+
+
+@pytest.mark.gpu
+def test_on_two_gpus_each_replica_takes_its_own_and_the_output_equals_one_replicas(tmp_path):
+    if _cuda_devices() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    import torch
+
+    args = [*_random_model(tmp_path), "--device", "cuda"]
+    prompts = ["The quick brown fox", "def fibonacci(n):", "Paris is the capital of", "1, 2, 3,"] * 3
+    free = [torch.cuda.mem_get_info(k)[0] for k in range(2)]
+    srv = ServerProcess(*args, "--dp", "2")
+    try:
+        total = torch.cuda.mem_get_info(1)[1]
+        used = [free[k] - torch.cuda.mem_get_info(k)[0] for k in range(2)]
+        assert min(used) > 0.1 * total, used  # each replica's KV cache on its own GPU
+        together = concurrently(lambda p: stream_token_ids(srv, p, 32), prompts)
+        assert min(_metric(srv, "lightllm_async:replica_generation_tokens_total").values()) > 0
+    finally:
+        assert srv.stop() == 0
+    one = ServerProcess(*args)
+    try:
+        assert together == [stream_token_ids(one, p, 32) for p in prompts]
+    finally:
+        assert one.stop() == 0
+
+
+@pytest.mark.gpu
+def test_a_replica_past_the_last_gpu_fails_the_start_and_the_other_is_stopped(tmp_path):
+    gpus = _cuda_devices()
+    if gpus < 1:
+        pytest.skip("needs a CUDA device")
+    srv = ServerProcess(*_random_model(tmp_path), "--device", f"cuda:{gpus - 1}", "--dp", "2")
+    assert srv.proc.wait(120) == 1
+    assert "engine replica 1 failed to start" in srv.text_log(), srv.text_log()
     assert _region_files(srv) == []
