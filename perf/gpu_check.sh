@@ -25,7 +25,7 @@ case "$part" in
 correctness)
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_pointwise.py \
     tests/test_kernels_mla.py tests/test_kernels_moe.py tests/test_runner_gpu.py tests/test_model_parity.py \
-    tests/test_gpu.py >"$OUT/pytest_gpu.log" 2>&1
+    tests/test_gpu.py tests/test_data_parallel.py >"$OUT/pytest_gpu.log" 2>&1
   echo "pytest -m gpu exit $?"; tail -5 "$OUT/pytest_gpu.log"
   python3 perf/decode_bench.py --shape llama3-8b --batches 1,100 --max-running 512 --no-graph-baseline \
     --out "$OUT/decode.json" >"$OUT/decode.log" 2>&1

@@ -234,7 +234,7 @@ class SlotMachine(RuleBasedStateMachine):
             if m.state in (QUEUED, RUNNING, FINISHED):
                 assert self.engine.is_aborted(i) == m.aborted
         assert front.num_free_slots() == len(self.stack)
-        assert front._ring.pending() == len(self.ring)
+        assert self.engine._ring.pending() == len(self.ring)
 
 
 class VectorizedStepMachine(SlotMachine):

@@ -15,7 +15,7 @@ FRONTEND_METHODS = (
     "alloc_slot", "write_request", "submit", "start_request", "abort", "free_slot", "read_output",
     "poll_outputs", "poll_output", "read_tokens", "read_finish", "read_queue_time", "wait_frontend",
     "start_wake_relay",
-    "stop_wake_relay", "set_frontend_busy",
+    "stop_wake_relay", "set_frontend_busy", "owner",
 )  # fmt: skip
 ENGINE_METHODS = (
     "drain_ring", "read_request", "set_running", "append_tokens", "append_step", "set_cached_tokens",
@@ -26,6 +26,8 @@ ENGINE_METHODS = (
 SHARED = (
     "name", "spec", "control", "num_free_slots", "engine_state", "engine_pid", "error_text",
     "heartbeat", "engine_stats", "owner_pid", "close", "unlink", "__enter__", "__exit__",
+    "num_replicas", "replica_state", "replica_pid", "replica_error", "replica_heartbeat", "heartbeats",
+    "replica_stats",
 )  # fmt: skip
 
 

@@ -275,7 +275,7 @@ def test_many_producers_one_engine_nothing_lost_held_twice_or_ended_twice():
         assert [region.control(s) for s in range(NUM_SLOTS)] == [
             (SlotState.FREE, frees[s]) for s in range(NUM_SLOTS)
         ]
-        assert region.num_free_slots() == NUM_SLOTS and region._ring.pending() == 0
+        assert region.num_free_slots() == NUM_SLOTS and region._rings[0].pending() == 0
         assert held[:] == bytes(4 * NUM_SLOTS)
         assert sorted(region.alloc_slot()[0] for _ in range(NUM_SLOTS)) == list(range(NUM_SLOTS))
         assert region.alloc_slot() is None

@@ -314,28 +314,44 @@ class EngineConfig:
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
     cpu_threads: int = 0  # the engine's torch intra-op threads (0: the cores left after the frontend)
-    # Tensor parallelism: this process is rank `tp_rank` of `tp_size` in engine group `replica`;
-    # the ranks meet at `dist_init` (a torch.distributed init_method URL) and run on `gpu` when CUDA.
+    # Tensor parallelism: this process is rank `tp_rank` of `tp_size` (its replica's group), which
+    # meet at `dist_init` (a torch.distributed init_method URL)
     tp_size: int = 1
     tp_rank: int = 0
-    replica: int = 0
     dist_init: str = ""
-    gpu: int = 0  # the CUDA device index of this rank when --device is auto or cuda
-    nnodes: int = 1  # hosts the ranks span: above 1, step records are broadcast (runner/plan_broadcast.py)
+    nnodes: int = 1  # hosts the ranks span: above 1, step records are broadcast (engine/plan_broadcast.py)
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
 
 
+def rank_device(device: str, replica: int, rank: int = 0, ranks_per_replica: int = 1) -> str:
+    """The device of rank `rank` of data-parallel replica `replica`, from the --device given
+    (with "auto" already resolved to "cuda" or "cpu"): replica k's ranks take the GPUs
+    k * ranks_per_replica ... k * ranks_per_replica + ranks_per_replica - 1, counted from the GPU
+    --device names ("cuda" is GPU 0; "cuda:2" starts them at GPU 2). "cpu" stays "cpu".
+    Tensor parallelism (--tp) passes its rank and ranks per replica here."""
+    if device == "cpu":
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if not 0 <= rank < ranks_per_replica or replica < 0:
+        raise ValueError(f"no rank {rank} of {ranks_per_replica} in replica {replica}")
+    return f"cuda:{int(index or 0) + replica * ranks_per_replica + rank}"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything the CLI resolved; the engine part is passed to engine processes."""
+    """Everything the CLI resolved; the engine part is passed to engine processes (each of the
+    `dp` data-parallel replicas runs one with it, see rank_device)."""
 
     engine: EngineConfig
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str = "default"
     instance_id: str = field(default_factory=lambda: f"{os.getpid()}")
+    dp: int = 1  # data-parallel engine replicas behind the one frontend (--dp)
     log_level: str = "info"
     # The HTTP edge (frontend/edge.py, frontend/http_server.py)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones; "*": any

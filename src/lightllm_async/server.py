@@ -1,14 +1,24 @@
-"""`lightllm-async`: the one command. Creates the shared region, starts the engine, serves HTTP.
+"""`lightllm-async`: the one command. Creates the shared region, starts the engines, serves HTTP.
 
-Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when the engine
+`--dp N` starts N engine replicas behind the one frontend and region; `--tp M` makes each replica M
+processes (rank 0 schedules, ranks 1..M-1 follow its step records; replica k's ranks on GPUs
+k*M .. k*M+M-1, see config.rank_device). HTTP is served once every replica is ready, and
+/health answers 200 only while every engine process runs. With `--nnodes` > 1 the ranks span
+hosts: node 0 serves HTTP, the others run their engine ranks only (`serve_node`).
+
+Exit status: 0 after SIGINT/SIGTERM (once the requests in flight have drained), 1 when an engine
 process died or failed to start (so a systemd unit with Restart=on-failure brings the server
-back). The last log line says which. Under systemd it sends READY=1, WATCHDOG=1 and STOPPING=1
-(see systemd.py); `lightllm-async systemd-unit [flags]` prints a unit that runs it with `flags`.
+back). When a replica dies, its requests end with an error at once, those of the others may go
+on for ENGINE_DEATH_GRACE_S, then end with an error too, and the server exits 1. The last log
+line says which. Under systemd it sends READY=1, WATCHDOG=1 (while every replica's heartbeat
+moves) and STOPPING=1 (see systemd.py); `lightllm-async systemd-unit [flags]` prints a unit that
+runs it with `flags`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -17,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from lightllm_async import systemd
@@ -29,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lightllm_async")
 
-ENGINE_DEATH_GRACE_S = 1.0  # time for in-flight requests to receive their error before exit
+# After an engine died: how long the requests in flight on the other replicas may go on before
+# they end with an error too (the dead one's end at once) and the server exits.
+ENGINE_DEATH_GRACE_S = 1.0
 
 
 def build_parser(**kwargs) -> argparse.ArgumentParser:
@@ -47,7 +60,18 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="model name in the API (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present), cpu, cuda, cuda:N; with --dp/--tp, the engines take the GPUs from it",
+    )
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data parallelism: engine replicas, each with its own model copy, KV cache and GPU, behind "
+        "one HTTP frontend; a request goes to the replica with the fewest requests in flight",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--load-format",
@@ -81,8 +105,8 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "--tensor-parallel-size",
         type=int,
         default=1,
-        help="tensor parallel: one engine process per GPU, each holding 1/N of every layer (GPUs 0..N-1; "
-        "on the CPU, N processes over gloo)",
+        help="tensor parallel: N engine processes per replica, one per GPU, each holding 1/N of every "
+        "layer (on the CPU, N processes over gloo)",
     )
     p.add_argument(
         "--nnodes", type=int, default=1, help="hosts the --tp ranks span (each runs --tp/--nnodes of them)"
@@ -150,6 +174,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def resolve_config(args: argparse.Namespace) -> ServerConfig:
     """Turn CLI arguments into the frozen config, reading the model's own limits."""
+    from lightllm_async.ipc.types import MAX_REPLICAS
     from lightllm_async.models.loader import default_model_path, load_model_config
 
     model = args.model or default_model_path()
@@ -163,6 +188,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--max-model-len {args.max_model_len} exceeds the model's {model_len}")
     if args.read_timeout <= 0:
         raise SystemExit("--read-timeout must be more than 0 seconds")
+    if not 1 <= args.dp <= MAX_REPLICAS:
+        raise SystemExit(f"--dp must be in [1, {MAX_REPLICAS}], got {args.dp}")
     if args.tp < 1:
         raise SystemExit("--tp must be at least 1")
     if args.nnodes < 1 or args.tp % args.nnodes:
@@ -171,6 +198,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit(f"--node-rank must be in [0, {args.nnodes})")
     if args.nnodes > 1 and not 0 < args.master_port < 65536:
         raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
+    if args.nnodes > 1 and args.dp > 1:
+        raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -193,6 +222,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         engine=engine,
+        dp=args.dp,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name or name,
@@ -209,21 +239,23 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _wait_ready(region: FrontendRegion, procs: list[BaseProcess]) -> bool:
-    """Until rank 0 reports READY (it is ready only once every rank has joined and loaded), or
-    an engine process dies, or rank 0 reports its error."""
+def _wait_ready(region: FrontendRegion, groups: list[list[BaseProcess]]) -> bool:
+    """Until every replica reports READY (True; its rank 0 is ready once all its ranks have joined
+    and loaded), or one fails or one of its processes dies first (False, logged)."""
     from lightllm_async.ipc import EngineState
 
-    while all(p.is_alive() for p in procs):
-        state = region.engine_state
-        if state == EngineState.READY:
+    while True:
+        for k, group in enumerate(groups):
+            state = region.replica_state(k)
+            dead = next((p for p in group if not p.is_alive()), None)
+            if state == EngineState.ERROR or dead is not None:
+                which = "engine" if len(groups) == 1 else f"engine replica {k}"
+                error = region.replica_error(k) or f"{dead.name} exit code {dead.exitcode}"
+                log.error("%s failed to start: %s", which, error)
+                return False
+        if all(region.replica_state(k) == EngineState.READY for k in range(len(groups))):
             return True
-        if state == EngineState.ERROR:
-            break
         time.sleep(0.05)
-    dead = ", ".join(f"{p.name} exit code {p.exitcode}" for p in procs if not p.is_alive())
-    log.error("engine failed to start: %s", region.error_text or dead)
-    return False
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -232,39 +264,40 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _engine_processes(cfg: ServerConfig, region_name: str | None) -> list[BaseProcess]:
-    """This host's engine ranks, rank 0 first where it is here; ranks >= 1 follow rank 0's step
-    records. Each on its GPU: the host's ranks take its GPUs 0, 1, ... in rank order."""
-    eng, ctx = cfg.engine, mp.get_context("spawn")
-    dist_init = ""
-    if eng.tp_size > 1:
-        port = cfg.master_port or _free_port()
-        dist_init = f"tcp://{cfg.master_addr}:{port}"
+def _engine_processes(cfg: ServerConfig, region_name: str | None) -> list[list[BaseProcess]]:
+    """This host's engine processes, one list per replica: rank 0 first (where it is on this
+    host), then the ranks that follow its step records. Each replica's ranks join their own
+    torch.distributed group (on one host, at a free port of its own)."""
+    eng, spawn = cfg.engine, mp.get_context("spawn")
     local = eng.tp_size // eng.nnodes
-    procs = []
-    for rank in range(cfg.node_rank * local, (cfg.node_rank + 1) * local):
-        eng_rank = eng.replace(tp_rank=rank, gpu=rank - cfg.node_rank * local, dist_init=dist_init)
-        target, name = (
-            (_engine_entry, "lightllm-engine") if rank == 0 else (_follower_entry, f"lightllm-engine-{rank}")
-        )
-        args = (eng_rank, region_name, cfg.log_level)
-        procs.append(ctx.Process(target=target, args=args, name=name, daemon=True))
-    return procs
+    groups = []
+    for k in range(cfg.dp):
+        dist_init = ""
+        if eng.tp_size > 1:
+            dist_init = f"tcp://{cfg.master_addr}:{cfg.master_port or _free_port()}"
+        group = []
+        for rank in range(cfg.node_rank * local, (cfg.node_rank + 1) * local):
+            name = "lightllm-engine" if cfg.dp == 1 else f"lightllm-engine-{k}"
+            name += f"-rank{rank}" if eng.tp_size > 1 else ""
+            target = _engine_entry if rank == 0 else _follower_entry
+            args = (eng.replace(tp_rank=rank, dist_init=dist_init), region_name, cfg.log_level, k)
+            group.append(spawn.Process(target=target, args=args, name=name, daemon=True))
+        groups.append(group)
+    return groups
 
 
-def region_spec(eng: EngineConfig) -> RegionSpec:
-    """The region an engine configuration needs: its slots, and a step channel under TP."""
+def region_spec(cfg: ServerConfig) -> RegionSpec:
+    """The region a configuration needs: its slots, its replicas' rings, and under tensor
+    parallelism on one host a step channel per replica."""
     from lightllm_async.engine.process import step_record_bytes
     from lightllm_async.ipc import RegionSpec
 
+    eng = cfg.engine
+    spec = RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len, num_replicas=cfg.dp)
     if eng.tp_size == 1 or eng.nnodes > 1:  # across hosts the records are broadcast
-        return RegionSpec(num_slots=eng.num_slots, max_tokens_per_slot=eng.max_model_len)
-    return RegionSpec(
-        num_slots=eng.num_slots,
-        max_tokens_per_slot=eng.max_model_len,
-        step_channels=1,
-        step_followers=eng.tp_size - 1,
-        step_record=step_record_bytes(eng),
+        return spec
+    return dataclasses.replace(
+        spec, step_channels=cfg.dp, step_followers=eng.tp_size - 1, step_record=step_record_bytes(eng)
     )
 
 
@@ -278,65 +311,74 @@ def serve(cfg: ServerConfig) -> int:
     eng = cfg.engine
     if cfg.node_rank > 0:
         return serve_node(cfg)
-    # the frontend's view; the engine processes attach their own by name
-    region = Region.create(cfg.instance_id, region_spec(eng))
-    procs = _engine_processes(cfg, region.name)
+    region = Region.create(cfg.instance_id, region_spec(cfg))  # the frontend's view; engines attach theirs
+    groups = _engine_processes(cfg, region.name)
+    procs = [p for group in groups for p in group]
     exit_code = 1
     try:
         for proc in procs:
             proc.start()
         tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
         tokenizer = load_tokenizer(tok_path)
-        if not _wait_ready(region, procs):
+        if not _wait_ready(region, groups):
             return 1
         ctx = FrontendContext(
             region=region,
             tokenizer=tokenizer,
             served_model_name=cfg.served_model_name,
             max_model_len=eng.max_model_len,
-            engine_alive=lambda: all(p.is_alive() for p in procs),
+            engine_alive=_all_alive(procs),
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
             api_key=cfg.api_key,
+            replicas_alive=lambda: [all(p.is_alive() for p in group) for group in groups],
         )
-        exit_code = _serve_http(cfg, ctx, procs)
+        exit_code = _serve_http(cfg, ctx, groups)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
         systemd.notify("STOPPING=1")
         exit_code = 0
     finally:
-        _stop_engines(procs)
+        _stop_engines(groups)
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
     return exit_code
 
 
+def _all_alive(procs: list[BaseProcess]) -> Callable[[], bool]:
+    """Whether every engine process runs (once serving, every one has reported READY)."""
+    if len(procs) == 1:
+        return procs[0].is_alive  # called for each request: no wrapper in the way
+    return lambda: all(proc.is_alive() for proc in procs)
+
+
 def serve_node(cfg: ServerConfig) -> int:
     """A host other than node 0: its engine ranks only (no HTTP, no region). Exit 0 when they all
-    stop cleanly (rank 0 stopped them), 1 when one fails (e.g. its peers died): a supervisor
-    restarts the node with node 0."""
-    procs = _engine_processes(cfg, None)
+    stop cleanly (rank 0 stopped them), 1 when one fails (e.g. its peers died), so that a
+    supervisor restarts the node with node 0."""
+    groups = _engine_processes(cfg, None)
+    procs = [p for group in groups for p in group]
     log.info(
-        "node %d: engine ranks %s, rendezvous %s", cfg.node_rank, [p.name for p in procs], cfg.master_addr
+        "node %d: engine ranks %s, rendezvous at %s", cfg.node_rank, [p.name for p in procs], cfg.master_addr
     )
     for proc in procs:
         proc.start()
     try:
         while all(p.is_alive() for p in procs):
             time.sleep(0.1)
-        failed = [p for p in procs if p.exitcode not in (0, None)]
-        for p in failed:
-            log.error("engine process %s exited with %s", p.name, p.exitcode)
         for p in procs:
             p.join(5)
-        return 1 if failed or any(p.exitcode != 0 for p in procs) else 0
+        failed = [p for p in procs if p.exitcode != 0]
+        for p in failed:
+            log.error("engine process %s exited with %s", p.name, p.exitcode)
+        return 1 if failed else 0
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop_engines(procs)
+        _stop_engines(groups)
 
 
-def _serve_http(cfg: ServerConfig, ctx, procs) -> int:
-    """Run uvicorn until a signal and the drain after it (0) or the engine's death (1)."""
+def _serve_http(cfg: ServerConfig, ctx, groups: list[list[BaseProcess]]) -> int:
+    """Run uvicorn until a signal and the drain after it (0) or an engine's death (1)."""
     from lightllm_async.frontend.app import create_app
     from lightllm_async.frontend.http_server import ClientLimits, build_server
 
@@ -346,7 +388,7 @@ def _serve_http(cfg: ServerConfig, ctx, procs) -> int:
         create_app(ctx), cfg.host, cfg.port, cfg.log_level, limits, cfg.shutdown_timeout, hooks
     )
     died = threading.Event()
-    threading.Thread(target=_watch, args=(server, procs, died), daemon=True).start()
+    threading.Thread(target=_watch, args=(server, groups, died), daemon=True).start()
     try:
         server.run()
     except SystemExit:  # uvicorn could not listen, or the app failed to start
@@ -354,21 +396,21 @@ def _serve_http(cfg: ServerConfig, ctx, procs) -> int:
     return 1 if died.is_set() or not server.started else 0
 
 
-def _engine_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
+def _engine_entry(eng: EngineConfig, region_name: str, log_level: str, replica: int) -> None:
     from lightllm_async.engine.process import run_engine
 
-    run_engine(eng, region_name, log_level)
+    run_engine(eng, region_name, log_level, replica)
 
 
-def _follower_entry(eng: EngineConfig, region_name: str, log_level: str) -> None:
+def _follower_entry(eng: EngineConfig, region_name: str | None, log_level: str, replica: int) -> None:
     from lightllm_async.engine.process import run_follower
 
-    run_follower(eng, region_name, log_level)
+    run_follower(eng, region_name, log_level, replica)
 
 
 def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
-    """The ready line and READY=1 once uvicorn listens, WATCHDOG=1 while the engine's heartbeat
-    moves (when systemd asked for a watchdog), STOPPING=1 when a signal starts the drain."""
+    """The ready line and READY=1 once uvicorn listens, WATCHDOG=1 while every engine replica's
+    heartbeat moves (when systemd asked for a watchdog), STOPPING=1 when a signal starts the drain."""
     from lightllm_async.engine.engine import IDLE_WAIT_S
     from lightllm_async.frontend.http_server import Hooks
 
@@ -385,44 +427,45 @@ def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
     if interval is None:
         return Hooks(serving=serving, draining=draining)
     # An idle engine beats every IDLE_WAIT_S, a busy one every step: a few idle beats missed is a wedge.
-    watchdog = systemd.Watchdog(
-        interval, lambda: region.heartbeat, stale_after=max(interval, 4 * IDLE_WAIT_S)
-    )
-    log.info("systemd watchdog: a ping every %.1f s while the engine's heartbeat moves", interval)
+    watchdog = systemd.Watchdog(interval, region.heartbeats, stale_after=max(interval, 4 * IDLE_WAIT_S))
+    log.info("systemd watchdog: a ping every %.1f s while every engine's heartbeat moves", interval)
     return Hooks(serving=serving, tick=watchdog.tick, draining=draining)
 
 
-def _watch(server, procs, died: threading.Event) -> None:
-    """Stop the server when an engine process (any rank) dies."""
+def _watch(server, groups: list[list[BaseProcess]], died: threading.Event) -> None:
+    """Stop the server when an engine process (any rank of any replica) dies: the frontend has
+    ended the dead replica's requests; the server's drain ends the others' after
+    ENGINE_DEATH_GRACE_S."""
+    procs = [(k, p) for k, group in enumerate(groups) for p in group]
     while not server.should_exit:
-        proc = next((p for p in procs if not p.is_alive()), None)
-        if proc is not None:
-            log.error(
-                "engine process %s died (exit code %s); stopping so a supervisor can restart",
-                proc.name,
-                proc.exitcode,
-            )
-            systemd.notify(f"STATUS=engine process {proc.name} died (exit code {proc.exitcode})")
-            died.set()
-            time.sleep(ENGINE_DEATH_GRACE_S)  # the frontend ends in-flight requests with errors
-            server.should_exit = True
-            return
+        for k, proc in procs:
+            if not proc.is_alive():
+                which = "engine process" if len(groups) == 1 else f"engine replica {k}"
+                which += f" {proc.name} (pid {proc.pid})"
+                log.error(
+                    "%s died (exit code %s); stopping so a supervisor can restart", which, proc.exitcode
+                )
+                systemd.notify(f"STATUS={which} died (exit code {proc.exitcode})")
+                died.set()
+                server.engine_died(ENGINE_DEATH_GRACE_S)
+                return
         time.sleep(0.05)
 
 
-def _stop_engines(procs) -> None:
-    """Rank 0 first: it finishes its step and tells the other ranks to stop; then whoever is
-    left (a rank stuck in a collective with a dead peer) is terminated, then killed."""
-    started = [p for p in procs if p.pid is not None]
-    for i, proc in enumerate(started):
-        if proc.is_alive():
-            if i == 0:
+def _stop_engines(groups: list[list[BaseProcess]]) -> None:
+    """SIGTERM to every replica's first process at once (rank 0 finishes its step and tells its
+    other ranks to stop), then to the others left (a rank stuck in a collective with a dead
+    peer), then SIGKILL to any left."""
+    started = [[p for p in group if p.pid is not None] for group in groups]
+    deadline = time.monotonic() + 5
+    for stage in ([g[:1] for g in started], [g[1:] for g in started]):
+        for proc in (p for g in stage for p in g):
+            if proc.is_alive():
                 proc.terminate()
-            proc.join(5 if i == 0 else 2)
-    for proc in started:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(2)
+        for proc in (p for g in stage for p in g):
+            proc.join(max(deadline - time.monotonic(), 0))
+        deadline = time.monotonic() + 2
+    for proc in (p for g in started for p in g):
         if proc.is_alive():
             proc.kill()
             proc.join(2)

@@ -54,12 +54,14 @@ class Watchdog:
     `tick()` is called often (the server calls it every 0.1 s on its event loop, so a wedged
     event loop stops the pings too). A heartbeat that has not changed for `stale_after` seconds
     means a wedged engine: the pings stop, and systemd restarts the service after WatchdogSec.
+    With several engine replicas `heartbeat()` returns each one's count, and every one must move:
+    the replica whose count moved longest ago decides.
     """
 
     def __init__(
         self,
         interval: float,
-        heartbeat: Callable[[], int],
+        heartbeat: Callable[[], int | Sequence[int]],
         stale_after: float,
         send: Callable[[str], object] = notify,
         clock: Callable[[], float] = time.monotonic,
@@ -67,26 +69,36 @@ class Watchdog:
         self.interval = interval
         self.stale_after = stale_after
         self._heartbeat, self._send, self._clock = heartbeat, send, clock
-        self._beat = heartbeat()
-        self._moved = self._pinged = clock()
+        self._beats = self._read()
+        self._pinged = clock()
+        self._moved = [self._pinged] * len(self._beats)  # when each count last changed
         self._pinged -= interval  # the first tick pings
         self.stalled = False
 
+    def _read(self) -> tuple[int, ...]:
+        beat = self._heartbeat()
+        return (beat,) if isinstance(beat, int) else tuple(beat)
+
     def tick(self) -> bool:
-        """Ping if it is time and the engine is alive; True when it pinged."""
-        now, beat = self._clock(), self._heartbeat()
-        if beat != self._beat:
-            self._beat, self._moved = beat, now
-        if now - self._moved > self.stale_after:
+        """Ping if it is time and every engine is alive; True when it pinged."""
+        now, beats = self._clock(), self._read()
+        for k, (old, new) in enumerate(zip(self._beats, beats, strict=True)):
+            if new != old:
+                self._moved[k] = now
+        self._beats = beats
+        oldest = min(range(len(beats)), key=self._moved.__getitem__)
+        if now - self._moved[oldest] > self.stale_after:
             if not self.stalled:
+                which = "the engine's" if len(beats) == 1 else f"engine replica {oldest}'s"
                 log.error(
-                    "the engine's heartbeat has not moved for %.1f s: no more watchdog pings",
-                    now - self._moved,
+                    "%s heartbeat has not moved for %.1f s: no more watchdog pings",
+                    which,
+                    now - self._moved[oldest],
                 )
                 self.stalled = True
             return False
         if self.stalled:
-            log.warning("the engine's heartbeat moves again: watchdog pings resume")
+            log.warning("the engine heartbeats move again: watchdog pings resume")
             self.stalled = False
         if now - self._pinged < self.interval:
             return False

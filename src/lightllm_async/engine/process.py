@@ -1,4 +1,4 @@
-"""Entry point of an engine process: attach to the region, load, report ready, loop."""
+"""Entry point of an engine process: attach to the region as its replica, load, report ready, loop."""
 
 from __future__ import annotations
 
@@ -10,26 +10,27 @@ import signal
 import sys
 import traceback
 
-from lightllm_async.config import EngineConfig
+from lightllm_async.config import EngineConfig, rank_device
 from lightllm_async.ipc import EngineState, Region
 
 log = logging.getLogger("lightllm_async.engine")
 
 
-def _make_runner(cfg: EngineConfig):
+def _make_runner(cfg: EngineConfig, show_progress: bool = True):
+    """The runner of this rank; with several ranks, the group is joined first (the model's
+    sharded layers need it)."""
     if cfg.model_path == "dummy":
         from lightllm_async.runner.dummy import DummyRunner
 
         runner = DummyRunner(cfg)
     else:
-        from lightllm_async.runner.distributed import init_tensor_parallel, rank_device
+        from lightllm_async.runner.distributed import init_tensor_parallel
         from lightllm_async.runner.model_runner import ModelRunner
 
         tp = init_tensor_parallel(cfg)
-        cfg = cfg.replace(device=rank_device(cfg))
         if tp.size > 1:
             raise NotImplementedError("the models are not sharded yet")
-        runner = ModelRunner(cfg, progress=_progress_bar())
+        runner = ModelRunner(cfg, progress=_progress_bar() if show_progress else None)
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
@@ -73,15 +74,16 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def cpu_threads(requested: int) -> int:
+def cpu_threads(requested: int, num_replicas: int = 1) -> int:
     """The engine's intra-op threads: `requested`, or the cores this process may run on less one,
-    which the HTTP frontend (and a client on the same machine) needs; at least 1."""
+    which the HTTP frontend (and a client on the same machine) needs, shared by the engine
+    replicas (--dp); at least 1."""
     if requested > 0:
         return requested
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // num_replicas)
 
 
-def configure_threads(cfg: EngineConfig) -> int | None:
+def configure_threads(cfg: EngineConfig, num_replicas: int = 1) -> int | None:
     """Before torch loads: idle OpenMP workers sleep instead of spinning at barriers (an engine
     that spins takes the cores its own frontend and clients need, and on a busy machine every
     barrier then waits for a descheduled spinner: 20-80x slower, issue 12). Then the thread count.
@@ -91,31 +93,54 @@ def configure_threads(cfg: EngineConfig) -> int | None:
         return None
     import torch
 
-    threads = cpu_threads(cfg.cpu_threads)
+    threads = cpu_threads(cfg.cpu_threads, num_replicas)
     torch.set_num_threads(threads)
     return threads
 
 
-def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> None:
-    """Target of the engine process. Exits non-zero with the error written to the region."""
+def place_replica(cfg: EngineConfig, replica: int, num_replicas: int) -> EngineConfig:
+    """This rank's config (--dp, --tp): on CUDA, replica k's ranks run on GPUs k*tp .. k*tp+tp-1 of
+    this host (config.rank_device; "auto" means CUDA when present; across hosts, each host's
+    ranks from its first GPU), which also becomes this process's current CUDA device, so that
+    what uses "the current device" (CUDA graphs, Triton launches, NCCL, memory queries) means it.
+    With one replica of one rank, or the dummy model, the config stays as given."""
+    if (num_replicas == 1 and cfg.tp_size == 1) or cfg.model_path == "dummy":
+        return cfg
+    import torch
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    local = cfg.tp_size // cfg.nnodes  # this host's ranks of the group
+    device = rank_device(device, replica, cfg.tp_rank % local, local)
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return cfg.replace(device=device)
+
+
+def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", replica: int = 0) -> None:
+    """Target of the process of engine replica `replica`. Exits non-zero with the error written to
+    the replica's section of the region."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s engine %(levelname)s %(message)s")
-    threads = configure_threads(cfg)
-    if threads is not None:
-        log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
-    from lightllm_async.engine.engine import Engine
-    from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
-
-    region = Region.attach(region_name)
+    region = Region.attach(region_name, replica)
     region.set_engine_state(EngineState.STARTING)  # makes our pid visible while loading
+    name = "engine" if region.num_replicas == 1 else f"engine {replica}"
     leader = None
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
-        runner = _make_runner(cfg)
+        threads = configure_threads(cfg, region.num_replicas)
+        if threads is not None:
+            log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
+        from lightllm_async.engine.engine import Engine
+        from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+
+        cfg = place_replica(cfg, replica, region.num_replicas)
+        runner = _make_runner(cfg, show_progress=replica == 0)
         if cfg.tp_size > 1:
             from lightllm_async.engine.tensor_parallel import LeaderRunner
 
-            runner = leader = LeaderRunner(runner, _step_writer(cfg, region))
+            runner = leader = LeaderRunner(runner, _step_writer(cfg, region, replica))
         scheduler = Scheduler(
             SchedulerConfig(
                 max_running_requests=cfg.max_running_requests,
@@ -140,18 +165,18 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info") -> 
         region.notify_frontend()
         sys.exit(1)
     finally:
-        if region is not None:
-            region.close()
+        region.close()
 
 
-def _step_writer(cfg: EngineConfig, region):
-    """Rank 0's end of the step records: the region's channel on one host, a broadcast across hosts."""
+def _step_writer(cfg: EngineConfig, region, replica: int):
+    """Rank 0's end of the step records: its replica's channel in the region on one host, a
+    broadcast over the group's gloo plan group across hosts."""
     if cfg.nnodes == 1:
         from lightllm_async.ipc.steps import StepWriter
 
-        return StepWriter(region.step_channel(cfg.replica))
+        return StepWriter(region.step_channel(replica))
     from lightllm_async.runner.distributed import plan_group
-    from lightllm_async.runner.plan_broadcast import BroadcastWriter
+    from lightllm_async.engine.plan_broadcast import BroadcastWriter
 
     return BroadcastWriter(plan_group(), step_record_bytes(cfg))
 
@@ -168,29 +193,31 @@ def step_record_bytes(cfg: EngineConfig) -> int:
     )
 
 
-def run_follower(cfg: EngineConfig, region_name: str | None, log_level: str = "info") -> None:
-    """Target of the process of tensor-parallel rank cfg.tp_rank >= 1: load its shards, then run
-    what rank 0 publishes (in the group's step channel of region `region_name` on rank 0's host;
-    by broadcast when the ranks span hosts, with no region). Exits 1 on any error (logged); the
-    server sees the death and stops, as for rank 0's."""
+def run_follower(
+    cfg: EngineConfig, region_name: str | None, log_level: str = "info", replica: int = 0
+) -> None:
+    """Target of the process of tensor-parallel rank cfg.tp_rank >= 1 of replica `replica`: load
+    its shards, then run what rank 0 publishes (in the replica's step channel of region
+    `region_name` on rank 0's host; by broadcast, with no region, when the ranks span hosts).
+    Exits 1 on any error (logged); the server sees the death and stops, as for rank 0's."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=log_level.upper(), format=f"%(asctime)s engine rank {cfg.tp_rank} %(levelname)s %(message)s"
-    )
-    configure_threads(cfg)
-    from lightllm_async.engine.tensor_parallel import Follower
-
-    region = Region.attach(region_name) if cfg.nnodes == 1 else None
+    name = f"engine rank {cfg.tp_rank}" if replica == 0 else f"engine {replica} rank {cfg.tp_rank}"
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    region = Region.attach(region_name, replica) if cfg.nnodes == 1 else None
     try:
-        runner = _make_runner(cfg)  # joins the group first: a broadcast plan needs its group
+        configure_threads(cfg, region.num_replicas if region is not None else 1)
+        from lightllm_async.engine.tensor_parallel import Follower
+
+        cfg = place_replica(cfg, replica, region.num_replicas if region is not None else 1)
+        runner = _make_runner(cfg, show_progress=False)  # joins the group: a broadcast plan needs it
         if region is not None:
             from lightllm_async.ipc.steps import StepReader
 
-            reader = StepReader(region.step_channel(cfg.replica), cfg.tp_rank)
+            reader = StepReader(region.step_channel(replica), cfg.tp_rank)
         else:
             from lightllm_async.runner.distributed import plan_group
-            from lightllm_async.runner.plan_broadcast import BroadcastReader
+            from lightllm_async.engine.plan_broadcast import BroadcastReader
 
             reader = BroadcastReader(plan_group(), step_record_bytes(cfg))
         follower = Follower(reader, runner)

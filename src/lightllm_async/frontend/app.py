@@ -152,10 +152,13 @@ class App:
         with contextlib.suppress(ClientDisconnected):
             await resp.error(err)
 
-    async def drain(self, timeout: float, hurry: Callable[[], bool] = lambda: False) -> int:
+    async def drain(
+        self, timeout: float, hurry: Callable[[], bool] = lambda: False, err: ApiError | None = None
+    ) -> int:
         """Answer new requests with 503, let those in flight finish for up to `timeout` seconds
-        (less once `hurry()` is true), then end the rest with a 503 error (an error event and the
-        end marker on a stream). Returns how many were still in flight after all that."""
+        (less once `hurry()` is true), then end the rest with `err` (default: a 503 "shutting
+        down"; an error event and the end marker on a stream). Returns how many were still in
+        flight after all that."""
         self.draining = True
         loop = asyncio.get_running_loop()
         if self.in_flight:
@@ -164,7 +167,7 @@ class App:
         while self.in_flight and loop.time() < deadline and not hurry():
             await asyncio.sleep(0.02)
         if self.in_flight:
-            n = self.service.end_all(shutting_down_error())
+            n = self.service.end_all(err or shutting_down_error())
             log.warning("shutdown timeout: ending %d requests in flight (%d generating)", self.in_flight, n)
             deadline = loop.time() + END_GRACE_S
             while self.in_flight and loop.time() < deadline:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,8 +19,9 @@ class FrontendContext:
     the edge policy (which Host names and Origins are answered; the default suits a loopback bind),
     and the API key every route but the open ones requires (None: no key).
 
-    engine_alive is called on the event loop about ten times a second and by /health; it must be
-    cheap and must not block (Process.is_alive is fine).
+    engine_alive (every engine runs) is called on the event loop by /health and for each request;
+    replicas_alive (by replica, whether its engine runs; None: one replica, `engine_alive`) about
+    ten times a second. Both must be cheap and must not block (Process.is_alive is fine).
     """
 
     region: FrontendRegion
@@ -29,4 +30,5 @@ class FrontendContext:
     max_model_len: int
     engine_alive: Callable[[], bool]
     edge: EdgePolicy = EdgePolicy()
+    replicas_alive: Callable[[], Sequence[bool]] | None = None
     api_key: str | None = field(default=None, repr=False)  # never in a repr, so never in a log

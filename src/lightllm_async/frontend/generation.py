@@ -123,7 +123,7 @@ class Generation:
             if h.disconnected:
                 raise ClientDisconnected
             if h.engine_dead and h.finish_reason is None:
-                raise engine_dead_error()
+                raise engine_dead_error(h.replica if self._reader.num_replicas > 1 else None)
             done = h.finish_reason
             if done == FinishReason.ERROR:
                 raise ApiError(500, "The engine failed while processing this request.")

@@ -14,7 +14,9 @@ Every refusal is an OpenAI error object. `DrainingServer` turns the first SIGTER
 `App.drain` (new requests get 503, those in flight finish or are ended at `shutdown_timeout`)
 and only then lets uvicorn stop; a second signal ends the requests in flight at once. Its `Hooks`
 tell the server process when uvicorn listens, tick every 0.1 s on the event loop, and tell when
-the drain starts (systemd's READY=1, WATCHDOG=1 and STOPPING=1).
+the drain starts (systemd's READY=1, WATCHDOG=1 and STOPPING=1). `engine_died` (from any
+thread) drains the same way with a short deadline: the requests on the engines still running
+go on for that long, then end with an error, and uvicorn stops.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .app import App
 from .limits import KEEP_ALIVE_TIMEOUT_S, MAX_HEADER_BYTES, MAX_HEADERS
 from .protocol import ENCODER, ApiError, error_body
+from .service import stopping_after_death_error
 
 LINGER_S = 2.0  # a refused connection is closed after this long, or once the client closes it
 _STATUS_LINES = {
@@ -216,6 +219,13 @@ class DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task | None = None
         self._serving = False
         self.signals = 0
+        self._death_grace: float | None = None  # set by engine_died
+
+    def engine_died(self, grace: float) -> None:
+        """An engine process died (called from the server's watcher thread): stop serving. The
+        requests in flight on the other engine replicas may go on for `grace` seconds, then end
+        with an error (those of the dead one have ended already: the reader saw it)."""
+        self._death_grace = grace
 
     def handle_exit(self, sig, frame) -> None:
         # Not uvicorn's: it would stop at once and raise the signal again after serving.
@@ -227,6 +237,12 @@ class DrainingServer(uvicorn.Server):
             self._serving = True
             self._hooks.serving()
         self._hooks.tick()
+        if self._drain is None and self._death_grace is not None:
+            self._drain = asyncio.create_task(
+                self._app.drain(
+                    self._death_grace, hurry=lambda: self.signals > 0, err=stopping_after_death_error()
+                )
+            )
         if self.signals and self._drain is None:
             self._hooks.draining()
             self._drain = asyncio.create_task(

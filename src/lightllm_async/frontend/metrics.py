@@ -2,7 +2,9 @@
 under the `lightllm_async:` prefix (vLLM's `vllm:`).
 
 Engine gauges and counters are read from the region at scrape time (the engine publishes one
-snapshot per step, see ipc EngineStats), so scraping costs the engine nothing. The frontend adds
+snapshot per step, see ipc EngineStats), so scraping costs the engine nothing. With several engine
+replicas (--dp) the engine families are their sums (KV capacity included), and the
+`replica_*{replica="k"}` families show each replica's share of the load. The frontend adds
 its own: HTTP requests by route and status, and per request, observed when it ends, histograms of
 time to first token, inter-token latency, end-to-end latency, queue time (submit to the engine's
 first admission, both on the monotonic clock; known for the requests whose finish the frontend
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from lightllm_async.ipc import total_stats
 
 from .asgi import Receive, Responder, Scope
 
@@ -40,7 +44,8 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         region = self.service.ctx.region
-        s = region.engine_stats()
+        per_replica = [region.replica_stats(k) for k in range(region.num_replicas)]
+        s = total_stats(per_replica)
         gauges = {
             "num_requests_running": ("Requests in the running batch.", s.num_running),
             "num_requests_waiting": ("Requests waiting for admission.", s.num_waiting),
@@ -51,7 +56,8 @@ class EngineCollector(Collector):
                 1 - s.kv_tokens_free / s.kv_tokens_total if s.kv_tokens_total else 0.0,
             ),
             "request_slots_free": ("Free request slots in shared memory.", region.num_free_slots()),
-            "engine_alive": ("1 while the engine process runs.", float(self.service.engine_alive())),
+            "engine_alive": ("1 while every engine process runs.", float(self.service.engine_alive())),
+            "engine_replicas": ("Engine replicas (--dp).", region.num_replicas),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"{PREFIX}{name}", doc, value=value)
@@ -67,6 +73,26 @@ class EngineCollector(Collector):
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}{name}", doc, value=value)
+        yield from _by_replica(per_replica)
+
+
+def _by_replica(stats: list) -> Iterator[Metric]:
+    """Each replica's share: how the frontend spread the load over them."""
+    families = (
+        (GaugeMetricFamily, "replica_num_requests_running", "Requests in the replica's running batch.",
+         "num_running"),
+        (GaugeMetricFamily, "replica_num_requests_waiting", "Requests waiting in the replica.",
+         "num_waiting"),
+        (CounterMetricFamily, "replica_prompt_tokens", "Prompt tokens the replica admitted.",
+         "prompt_tokens_total"),
+        (CounterMetricFamily, "replica_generation_tokens", "Tokens the replica generated.",
+         "generation_tokens_total"),
+    )  # fmt: skip
+    for kind, name, doc, field in families:
+        family = kind(f"{PREFIX}{name}", doc, labels=["replica"])
+        for k, s in enumerate(stats):
+            family.add_metric([str(k)], getattr(s, field))
+        yield family
 
 
 class Metrics:

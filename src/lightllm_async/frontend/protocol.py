@@ -83,8 +83,13 @@ def decode_error(exc: msgspec.MsgspecError) -> ApiError:
     return ApiError(400, text, ".".join(path) or None)
 
 
-def engine_dead_error() -> ApiError:
-    return ApiError(503, "The engine is not running; the server cannot serve requests.")
+def engine_dead_error(replica: int | None = None) -> ApiError:
+    """503: the engine is gone; with `replica`, the engine replica that ran the request (--dp)."""
+    if replica is None:
+        return ApiError(503, "The engine is not running; the server cannot serve requests.")
+    return ApiError(
+        503, f"Engine replica {replica}, which ran this request, died; the server is stopping to restart."
+    )
 
 
 def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> Any:

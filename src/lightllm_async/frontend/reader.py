@@ -9,6 +9,11 @@ them. Handlers never touch the region's output side and never poll.
 The reader also owns slot lifetime: a slot goes back to the free list only after the engine has
 marked it FINISHED and the last tokens were copied, whether the handler still listens or has
 aborted (an abort is a flag the engine acknowledges by finishing the slot with ABORT).
+
+With several engine replicas (--dp), the reader picks the replica of each request
+(balance.LeastOutstanding) and reads every slot the same way whichever replica runs it. When a
+replica dies, its requests end with an error at once; the others' go on (the server stops soon
+after), and new requests are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 from lightllm_async.ipc import FrontendRegion, SlotState
 from lightllm_async.types import FinishReason, SamplingParams
 
+from .balance import LeastOutstanding
+
 log = logging.getLogger(__name__)
 
 LIVENESS_INTERVAL_S = 0.1  # engine_alive() checks; the server gives in-flight requests 1 s
@@ -34,7 +41,7 @@ _FEW = 8  # up to this many active requests, a wake-up reads them one by one
 
 
 class EngineDead(Exception):
-    """The engine process is gone; requests in flight cannot finish."""
+    """An engine process is gone; the requests in flight on it cannot finish."""
 
 
 class LogprobChunk(NamedTuple):
@@ -53,6 +60,7 @@ class RequestHandle:
     __slots__ = (
         "slot",
         "gen",
+        "replica",
         "_tokens",
         "finish_reason",
         "cached_tokens",
@@ -66,9 +74,10 @@ class RequestHandle:
         "_logprobs",
     )
 
-    def __init__(self, slot: int, gen: int, logprob_k: int = 0, logprob_first: int = -1):
+    def __init__(self, slot: int, gen: int, logprob_k: int = 0, logprob_first: int = -1, replica: int = 0):
         self.slot = slot
         self.gen = gen
+        self.replica = replica  # the engine replica that runs it
         self._tokens: list[int] = []  # copied but not yet taken by the handler
         # log-probabilities: top tokens per position, and the next position to copy (-1: none)
         self.logprob_k = logprob_k
@@ -129,11 +138,24 @@ class RequestHandle:
 
 
 class Reader:
-    """Owns the frontend side of the region's output: submit, read, abort, free."""
+    """Owns the frontend side of the region's output: submit, read, abort, free.
 
-    def __init__(self, region: FrontendRegion, engine_alive: Callable[[], bool]):
+    `replicas_alive()` says, by replica, whether each engine replica still runs (None: one
+    replica, whose liveness is `engine_alive()`); it is called ten times a second on the loop.
+    """
+
+    def __init__(
+        self,
+        region: FrontendRegion,
+        engine_alive: Callable[[], bool],
+        replicas_alive: Callable[[], Sequence[bool]] | None = None,
+    ):
         self._region = region
-        self._engine_alive = engine_alive
+        self._replicas_alive = replicas_alive or (lambda: (engine_alive(),))
+        self.num_replicas = region.num_replicas
+        # one replica: every request goes to it, with no bookkeeping on the way
+        self._chooser = LeastOutstanding(self.num_replicas) if self.num_replicas > 1 else None
+        self._dead_replicas: set[int] = set()
         n = region.spec.num_slots
         self._active: dict[int, RequestHandle] = {}
         # The same, by slot: a table and a mask, so that a change costs O(1) and a wake-up finds
@@ -180,20 +202,25 @@ class Reader:
     # ------------------------------------------------------------ requests
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle | None:
-        """Start a request; None when every slot is taken. Raises EngineDead."""
+        """Start a request on the least loaded replica; None when every slot is taken. Raises
+        EngineDead once any replica died (the server is stopping)."""
         if self.dead:
             raise EngineDead
-        got = self._region.start_request(prompt_ids, params)
+        chooser = self._chooser
+        replica = 0 if chooser is None else chooser.pick()
+        got = self._region.start_request(prompt_ids, params, replica)
         if got is None:
             return None
         slot, gen = got
+        if chooser is not None:
+            chooser.started(replica)
         if params.wants_logprobs:
             handle = RequestHandle(
-                slot, gen, params.top_logprobs, params.first_logprob_position(len(prompt_ids))
+                slot, gen, params.top_logprobs, params.first_logprob_position(len(prompt_ids)), replica
             )
             self._logprob_handles[slot] = handle
         else:
-            handle = RequestHandle(slot, gen)
+            handle = RequestHandle(slot, gen, replica=replica)
         self._num_read[slot] = 0
         self._active[slot] = self._by_slot[slot] = handle  # before any wake-up: we are on the loop
         self._mask[slot] = True
@@ -270,38 +297,48 @@ class Reader:
         h.logprob_next = end
         h._deliver_logprobs(LogprobChunk(start, chosen.tolist(), ids.tolist(), top.tolist()))
 
-    def _end(self, h: RequestHandle) -> None:
+    def _forget(self, h: RequestHandle) -> None:
+        """The reader no longer follows `h`'s slot."""
         self._logprob_handles.pop(h.slot, None)
         del self._active[h.slot]
         self._by_slot[h.slot] = None
         self._mask[h.slot] = False
         self._slots = None
+        if self._chooser is not None:
+            self._chooser.finished(h.replica)
+
+    def _end(self, h: RequestHandle) -> None:
+        self._forget(h)
         reason, cached = self._region.read_finish(h.slot)
         h.queue_time = self._region.read_queue_time(h.slot)
         self._region.free_slot(h.slot, h.gen)
         h._finish(reason, cached)
 
     async def _watch_engine(self) -> None:
-        """End every request promptly when the engine dies; also a safety net for lost wake-ups."""
+        """End the requests of a replica that died, promptly; also a safety net for lost wake-ups."""
         ticks = 0
         while True:
             await asyncio.sleep(LIVENESS_INTERVAL_S)
-            if not self._engine_alive():
-                self._on_wake()  # deliver what the engine published before it died
-                self._fail_all()
-                return
+            alive = self._replicas_alive()
+            if not all(alive):
+                self._on_wake()  # deliver what the engines published before one died
+                for k in [k for k, ok in enumerate(alive) if not ok and k not in self._dead_replicas]:
+                    self._fail_replica(k)
+                if len(self._dead_replicas) == self.num_replicas:
+                    return
             ticks += 1
             if ticks % 10 == 0 and self._active:
                 self._on_wake()
 
-    def _fail_all(self) -> None:
+    def _fail_replica(self, replica: int) -> None:
+        """Replica `replica` died: its requests end with an error (nobody will ever finish their
+        slots, which stay taken until the server stops); new requests are refused from now on."""
         self.dead = True
-        if self._active:
-            log.error("engine died with %d requests in flight", len(self._active))
-        for h in self._active.values():
+        self._dead_replicas.add(replica)
+        lost = [h for h in self._active.values() if h.replica == replica]
+        if lost:
+            which = f"engine replica {replica}" if self.num_replicas > 1 else "engine"
+            log.error("%s died with %d requests in flight", which, len(lost))
+        for h in lost:
+            self._forget(h)
             h._fail()
-        self._active.clear()  # nobody will ever finish these slots
-        self._logprob_handles.clear()
-        self._by_slot = [None] * len(self._by_slot)
-        self._mask[:] = False
-        self._slots = None

@@ -31,6 +31,11 @@ def shutting_down_error() -> ApiError:
     return ApiError(503, "The server is shutting down; retry on another instance.", headers=CLOSE)
 
 
+def stopping_after_death_error() -> ApiError:
+    text = "An engine process died; the server is stopping so that it restarts. Retry shortly."
+    return ApiError(503, text, headers=CLOSE)
+
+
 def request_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
@@ -41,7 +46,7 @@ class Service:
     def __init__(self, ctx: FrontendContext):
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
-        self.reader = Reader(ctx.region, ctx.engine_alive)
+        self.reader = Reader(ctx.region, ctx.engine_alive, ctx.replicas_alive)
         # The region's per-slot arena holds prompt + output, so it bounds the context too.
         self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
         self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot

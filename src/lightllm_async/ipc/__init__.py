@@ -3,7 +3,7 @@
     from lightllm_async.ipc import Region, RegionSpec, Op
 
     front = Region.create(instance_id, spec)   # FrontendRegion: the frontend's writers
-    engine = Region.attach(front.name)          # EngineRegion: the engine's writers
+    engine = Region.attach(front.name, k)       # EngineRegion: engine replica k's writers
 
 No torch here: the frontend imports this package.
 """
@@ -20,6 +20,7 @@ from lightllm_async.ipc.types import (
     RequestView,
     RingRecord,
     SlotState,
+    total_stats,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "RequestView",
     "RingRecord",
     "SlotState",
+    "total_stats",
 ]

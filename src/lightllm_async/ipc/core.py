@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Sequence
 
 import numpy as np
 import posix_ipc
@@ -16,11 +17,11 @@ from lightllm_async.ipc.layout import (
     PROMPT_LEN,
     SLOT_SIZE,
     SUBMIT_TIME,
+    EngineSection,
     Header,
     Layout,
     Slot,
 )
-from lightllm_async.ipc.ring import SubmitRing
 from lightllm_async.ipc.types import RegionSpec, SlotState
 
 _U32 = 0xFFFFFFFF
@@ -32,20 +33,21 @@ def pack_control(state: SlotState, gen: int) -> int:
 
 
 class RegionCore:
-    """Views over one mapped region: header, slot table, token arenas, ring, semaphores."""
+    """Views over one mapped region: header, engine sections, slot table, token arenas, and the
+    semaphores this process opened (`sems`: the subclass knows which; closed with the view). The
+    submit rings are the subclasses': a frontend has every replica's, an engine its own."""
 
-    def __init__(
-        self,
-        name: str,
-        mm: mmap.mmap,
-        layout: Layout,
-        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore],
-    ) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, layout: Layout, sems: Sequence[posix_ipc.Semaphore]) -> None:
         n, t = layout.spec.num_slots, layout.spec.max_tokens_per_slot
         self.name = name
         self._mm = mm
         self._layout = layout
+        self._sems = list(sems)
         self._header = Header.from_buffer(mm, 0)
+        # every replica's header section, by replica
+        self._engines = [
+            EngineSection.from_buffer(mm, layout.engine_off(k)) for k in range(layout.spec.num_replicas)
+        ]
         self._slots = (Slot * n).from_buffer(mm, layout.slots_off)
         # [num_slots, max_tokens_per_slot]: prompt ids, then output ids
         self._tokens = np.frombuffer(mm, np.int32, n * t, layout.tokens_off).reshape(n, t)
@@ -60,9 +62,8 @@ class RegionCore:
         self._first_token_times = self._field_view(FIRST_TOKEN_TIME, np.float64)
         self._control_base = layout.slots_off + CONTROL
         self._num_output_base = layout.slots_off + NUM_OUTPUT
-        self._ring = SubmitRing(mm, layout.ring_off, layout.spec.ring_capacity)
         self._extras = Extras(mm, layout.extras)  # sampling extras and the log-probability ring
-        self._sem_engine, self._sem_frontend = sems
+        self._last_stats: dict = {}  # each replica's last consistent stats snapshot read here
 
     def _field_view(self, field_offset: int, dtype: type) -> np.ndarray:
         n = self._layout.spec.num_slots
@@ -113,4 +114,5 @@ class RegionCore:
     def _release_views(self) -> None:
         """Drop every export of the mapping, so that mmap.close() succeeds."""
         self._header = self._slots = self._tokens = self._logprobs = self._extras = None  # type: ignore[assignment]
+        self._engines = []
         self._prompt_lens = self._submit_times = self._num_outputs = self._first_token_times = None  # type: ignore[assignment]

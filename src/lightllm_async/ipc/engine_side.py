@@ -1,13 +1,15 @@
 """The engine's view of a region: drain the ring, read requests, publish tokens, finish.
 
-Rank 0 is the single consumer of the submit ring and the single writer of the slots' engine
-sections and the header's engine fields.
+A view belongs to one engine replica (`Region.attach(name, replica=k)`). That replica's rank 0 is
+the single consumer of its submit ring, the single writer of its EngineSection, and the single
+writer of the engine fields of the slots submitted to it, while it runs them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -31,7 +33,9 @@ from lightllm_async.ipc.layout import (
     REQUEST_FIELDS,
     SLOT_SIZE,
     STATS_SEQ,
+    Layout,
 )
+from lightllm_async.ipc.ring import SubmitRing
 from lightllm_async.ipc.steps import StepChannel
 from lightllm_async.ipc.types import (
     EngineState,
@@ -72,12 +76,31 @@ def _params(fields: tuple, extras: tuple) -> SamplingParams:
 
 
 class EngineRegion(RegionView):
-    """An engine's view of a region (from `Region.attach`): the header reads of RegionView and the
-    engine's writers. The frontend's writers are not here: a FrontendRegion has them."""
+    """One engine replica's view of a region (from `Region.attach(name, replica)`): the header
+    reads of RegionView and the engine's writers, bound to the replica's own submit ring,
+    semaphore and EngineSection. The frontend's writers are not here: a FrontendRegion has them."""
+
+    def __init__(
+        self,
+        name: str,
+        mm: mmap.mmap,
+        layout: Layout,
+        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore],
+        replica: int = 0,
+    ) -> None:
+        super().__init__(name, mm, layout, sems)
+        self.replica = replica
+        self._sem_engine, self._sem_frontend = sems
+        self._ring = SubmitRing(mm, layout.replica_ring_off(replica), layout.spec.ring_capacity)
+        self._section = self._engines[replica]
+        base = layout.engine_off(replica)
+        self._state_off, self._idle_off = base + ENGINE_STATE, base + ENGINE_IDLE
+        self._heartbeat_off, self._notify_off = base + HEARTBEAT, base + NOTIFY_SEQ
+        self._stats_seq_off = base + STATS_SEQ
 
     def step_channel(self, group: int = 0) -> StepChannel:
-        """Engine group `group`'s tensor-parallel step channel (steps.py): rank 0 writes it,
-        ranks 1..N-1 read it."""
+        """Engine group `group`'s tensor-parallel step channel (steps.py): its rank 0 writes it,
+        its ranks 1..N-1 read it."""
         spec = self._layout.spec
         return StepChannel.at(
             self._mm, self._layout.step_channel_off(group), spec.step_followers, spec.step_record
@@ -236,17 +259,17 @@ class EngineRegion(RegionView):
             return True
         if spin > 0 and self._ring.spin_until_pending(int(spin * 1e9)):
             return True
-        atomics.store_release_u32(self._mm, ENGINE_IDLE, 1)
+        atomics.store_release_u32(self._mm, self._idle_off, 1)
         atomics.fence_seq_cst()
         if self._ring.pending():
-            atomics.store_release_u32(self._mm, ENGINE_IDLE, 0)
+            atomics.store_release_u32(self._mm, self._idle_off, 0)
             return True
         try:
             self._sem_engine.acquire(timeout)
             woke = True
         except (posix_ipc.BusyError, posix_ipc.SignalError):  # timed out, or a signal (SIGTERM: stop)
             woke = False
-        atomics.store_release_u32(self._mm, ENGINE_IDLE, 0)
+        atomics.store_release_u32(self._mm, self._idle_off, 0)
         self._drain(self._sem_engine)
         return woke or self._ring.pending() > 0
 
@@ -256,34 +279,38 @@ class EngineRegion(RegionView):
         notify_seq after clearing its flag and reads again if it moved). Dekker pair with
         FrontendRegion.set_frontend_busy: notify_seq stored, fence, flag loaded here; flag stored,
         fence, notify_seq loaded there. One of the two sees the other's store."""
-        atomics.fetch_add_u64(self._mm, NOTIFY_SEQ, 1)  # after the step's release stores
+        atomics.fetch_add_u64(self._mm, self._notify_off, 1)  # after the step's release stores
         atomics.fence_seq_cst()  # the flag load below stays after that store
         if not atomics.load_acquire_u32(self._mm, FRONTEND_BUSY):
             self._sem_frontend.release()
 
-    # ---- header: engine state, error text, heartbeat ----
+    # ---- header: this replica's section (state, error text, stats, heartbeat) ----
 
     def set_engine_state(self, state: EngineState, error: str = "") -> None:
-        """Record this process as the engine and publish its state; the release store of the
-        state publishes engine_pid and the error text written before it."""
+        """Record this process as the replica's engine and publish its state; the release store of
+        the state publishes engine_pid and the error text written before it."""
         data = error.encode()[:ERROR_TEXT_BYTES].decode(errors="ignore").encode()
-        h = self._header
-        h.engine_pid = os.getpid()
-        h.error_text = data
-        h.error_len = len(data)
-        atomics.store_release_u32(self._mm, ENGINE_STATE, int(state))
+        sec = self._section
+        sec.engine_pid = os.getpid()
+        sec.error_text = data
+        sec.error_len = len(data)
+        atomics.store_release_u32(self._mm, self._state_off, int(state))
 
     def set_engine_stats(self, stats: EngineStats) -> None:
         """Publish a snapshot (seqlock: odd count, fence, values, release-store of the even count)."""
-        seq = self._header.stats_seq  # our own field
-        atomics.store_release_u64(self._mm, STATS_SEQ, seq + 1)
+        seq = self._section.stats_seq  # our own field
+        atomics.store_release_u64(self._mm, self._stats_seq_off, seq + 1)
         atomics.fence_seq_cst()  # the value stores below stay after the odd count
-        self._header.stats[:] = astuple(stats)
-        atomics.store_release_u64(self._mm, STATS_SEQ, seq + 2)
+        self._section.stats[:] = astuple(stats)
+        atomics.store_release_u64(self._mm, self._stats_seq_off, seq + 2)
 
     def beat(self) -> None:
         """Count one engine step (the frontend can tell a hung engine from a busy one)."""
-        atomics.fetch_add_u64(self._mm, HEARTBEAT, 1)
+        atomics.fetch_add_u64(self._mm, self._heartbeat_off, 1)
+
+    def _release_views(self) -> None:
+        self._section = None  # type: ignore[assignment]
+        super()._release_views()
 
     def _reset_engine_fields(self, slot: int) -> None:
         s = self._slots[slot]

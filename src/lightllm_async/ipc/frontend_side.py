@@ -1,7 +1,7 @@
 """The frontend's view of a region: allocate, write, submit, abort, read, free.
 
-The frontend is the single producer of the submit ring: call these from one process (any of its
-threads). alloc_slot/free_slot alone are safe from any number of processes.
+The frontend is the single producer of every replica's submit ring: call these from one process
+(any of its threads). alloc_slot/free_slot alone are safe from any number of processes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from lightllm_async.ipc.layout import (
     SLOT_SIZE,
     Layout,
 )
-from lightllm_async.ipc.shm import sem_names
+from lightllm_async.ipc.ring import SubmitRing
+from lightllm_async.ipc.shm import frontend_sem_name
 from lightllm_async.ipc.types import Op, OutputView, SlotState
 from lightllm_async.ipc.view import RegionView
 from lightllm_async.types import MAX_STOP_IDS, FinishReason, SamplingParams
@@ -41,17 +42,23 @@ _NO_STOPS = (0,) * MAX_STOP_IDS
 
 class FrontendRegion(RegionView):
     """The frontend's view of a region (from `Region.create`): the header reads of RegionView and
-    the frontend's writers. The engine's writers are not here: an EngineRegion has them."""
+    the frontend's writers. The engine's writers are not here: an EngineRegion has them.
 
-    def __init__(
-        self,
-        name: str,
-        mm: mmap.mmap,
-        layout: Layout,
-        sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore],
-    ) -> None:
+    With several engine replicas, `submit(..., replica=k)` queues a slot on replica k's ring; the
+    view remembers the owner of each slot it queued (`owner(slot)`), so that an abort reaches the
+    replica that runs the request.
+    """
+
+    def __init__(self, name: str, mm: mmap.mmap, layout: Layout, sems: Sequence[posix_ipc.Semaphore]) -> None:
         super().__init__(name, mm, layout, sems)
-        self._ring_lock = threading.Lock()  # one producer: serialize this process's threads
+        replicas = range(layout.spec.num_replicas)
+        *self._sem_engines, self._sem_frontend = sems  # by replica, then the frontend's
+        cap = layout.spec.ring_capacity
+        self._rings = [SubmitRing(mm, layout.replica_ring_off(k), cap) for k in replicas]
+        self._ring_locks = [threading.Lock() for _ in replicas]  # one producer: this process's threads
+        self._idle_offs = [layout.engine_off(k) + ENGINE_IDLE for k in replicas]
+        self._notify_offs = [layout.engine_off(k) + NOTIFY_SEQ for k in replicas]
+        self._owners = [0] * layout.spec.num_slots  # the replica each slot was last queued on
         self._relays: list = []  # wake relays started here; close() stops those left running
 
     def _init_contents(self, owner_pid: int) -> None:
@@ -83,22 +90,25 @@ class FrontendRegion(RegionView):
             raise ValueError(f"slot {slot} is {state.name}, not WRITING")
         self._write(slot, prompt_ids, params)
 
-    def submit(self, slot: int, gen: int) -> None:
-        """WRITING -> QUEUED (the CAS publishes the request), then a SUBMIT record, then a wake-up."""
+    def submit(self, slot: int, gen: int, replica: int = 0) -> None:
+        """WRITING -> QUEUED (the CAS publishes the request), then a SUBMIT record on `replica`'s
+        ring, then a wake-up of that replica."""
         state, cur = self.control(slot)
         if (state, cur) != (SlotState.WRITING, gen):
             raise ValueError(f"slot {slot} gen {gen} is not being written (now {state.name}, gen {cur})")
-        self._queue(slot, gen)
+        self._queue(slot, gen, replica)
 
-    def start_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[int, int] | None:
-        """alloc_slot, write_request and submit in one call: (slot, gen), or None if no slot is
-        free. On an error the slot is freed again (the engine never saw it)."""
+    def start_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, replica: int = 0
+    ) -> tuple[int, int] | None:
+        """alloc_slot, write_request and submit (to `replica`) in one call: (slot, gen), or None
+        if no slot is free. On an error the slot is freed again (the engine never saw it)."""
         ref = self.alloc_slot()
         if ref is None:
             return None
         try:
             self._write(ref[0], prompt_ids, params)
-            self._queue(*ref)
+            self._queue(*ref, replica)
         except BaseException:
             self.free_slot(*ref)
             raise
@@ -124,17 +134,25 @@ class FrontendRegion(RegionView):
             p.first_logprob_position(n),
         )  # fmt: skip
 
-    def _queue(self, slot: int, gen: int) -> None:
+    def _queue(self, slot: int, gen: int, replica: int) -> None:
+        if not 0 <= replica < len(self._rings):
+            raise IndexError(f"replica {replica} out of range [0, {len(self._rings)})")
         self._submit_times[slot] = time.monotonic()
         if not self._move(slot, gen, SlotState.WRITING, SlotState.QUEUED):
             raise RuntimeError(f"slot {slot} changed state during submit")
+        self._owners[slot] = replica  # before the record: an abort may follow at once
         if not self._push(slot, gen, Op.SUBMIT):
             # the engine never saw it: it is still ours to take back
             self._move(slot, gen, SlotState.QUEUED, SlotState.WRITING)
             raise RuntimeError("submit ring full")
 
+    def owner(self, slot: int) -> int:
+        """The replica that slot was last queued on (0 for a slot never queued)."""
+        return self._owners[self._check(slot)]
+
     def abort(self, slot: int, gen: int) -> bool:
         """Ask the engine to stop (slot, gen). False if that reference is stale or already freed.
+        The ABORT record goes to the ring of the replica the slot was queued on.
 
         The flag (release-stored) is the truth; the ABORT record only gets the engine's attention.
         Idempotent: only the first call per generation pushes a record.
@@ -253,20 +271,24 @@ class FrontendRegion(RegionView):
         posts absorbed), sets the frontend_busy flag and adds 1 to the eventfd `fd`. An asyncio loop
         watches `fd` with add_reader; on each wake-up it reads `fd`, reads every active slot, then
         clears the flag as set_frontend_busy says. The compiled relay never takes the GIL."""
-        relay = atomics.relay_start(sem_names(self.name)[1], fd, self._mm, FRONTEND_BUSY)
+        relay = atomics.relay_start(frontend_sem_name(self.name), fd, self._mm, FRONTEND_BUSY)
         self._relays.append(relay)
         return relay
 
     def set_frontend_busy(self, busy: bool) -> int:
-        """The reader's flag; returns notify_seq, loaded after the flag is stored. Set it before
-        reading the slots: the engine then only counts its steps instead of posting. After clearing
-        it, read the slots once more if notify_seq moved since the value setting it returned: a
-        step published before the engine could see the flag cleared is read there, a later one is
-        posted (see EngineRegion.notify_frontend)."""
+        """The reader's flag; returns the sum of the replicas' notify_seq, loaded after the flag is
+        stored. Set it before reading the slots: the engines then only count their steps instead
+        of posting. After clearing it, read the slots once more if the sum moved since the value
+        setting it returned: a step published before an engine could see the flag cleared is read
+        there, a later one is posted (see EngineRegion.notify_frontend). Each count only grows,
+        so the sum moves when any of them does."""
         atomics.store_release_u32(self._mm, FRONTEND_BUSY, int(busy))
         if not busy:
             atomics.fence_seq_cst()
-        return atomics.load_acquire_u64(self._mm, NOTIFY_SEQ)
+        offs = self._notify_offs
+        if len(offs) == 1:
+            return atomics.load_acquire_u64(self._mm, offs[0])
+        return sum(atomics.load_acquire_u64(self._mm, off) for off in offs)
 
     def stop_wake_relay(self, relay: Any) -> None:
         """Stop and join the relay (idempotent; close() stops those still running)."""
@@ -274,17 +296,19 @@ class FrontendRegion(RegionView):
         if relay in self._relays:
             self._relays.remove(relay)
 
-    # ---- the submit ring and the engine's wake-up ----
+    # ---- the submit rings and the engines' wake-ups ----
 
     def _push(self, slot: int, gen: int, op: Op) -> bool:
-        with self._ring_lock:
-            ok = self._ring.push(slot, gen, op)
-        self._wake_engine()
+        """A record on the ring of the slot's owner, then a wake-up of that replica."""
+        replica = self._owners[slot]
+        with self._ring_locks[replica]:
+            ok = self._rings[replica].push(slot, gen, op)
+        self._wake_engine(replica)
         return ok
 
-    def _wake_engine(self) -> None:
+    def _wake_engine(self, replica: int) -> None:
         # Dekker pair with wait_engine: ring tail stored, fence, idle flag loaded here; idle flag
         # stored, fence, ring tail loaded there. One of the two sees the other's store.
         atomics.fence_seq_cst()
-        if atomics.load_acquire_u32(self._mm, ENGINE_IDLE):
-            self._sem_engine.release()
+        if atomics.load_acquire_u32(self._mm, self._idle_offs[replica]):
+            self._sem_engines[replica].release()

@@ -1,13 +1,22 @@
-"""Byte layout of a region: header, slot table, free-slot stack, submit ring, token arenas.
+"""Byte layout of a region: header, engine sections, slot table, free-slot stack, submit rings,
+token arenas.
 
-    offset 0          Header            (one per region)
+    offset 0          Header            (one per region; the creator's fields and frontend_busy)
+    engines_off       EngineSection[num_replicas]  (one per engine replica, --dp; 64-byte aligned)
     slots_off         Slot[num_slots]   (256 bytes each, 64-byte aligned)
     stack_off         free-slot stack   (csrc/atomics.c: head, n, count, next[num_slots])
-    ring_off          submit ring       (ring.py: tail line, head line, records)
+    ring_off          submit rings      (ring.py: tail line, head line, records), replica k's at
+                                        ring_off + k * ring_stride
     tokens_off        int32[num_slots][max_tokens_per_slot]   prompt ids, then output ids
     logprobs_off      float32[num_slots][max_tokens_per_slot] logprob of output token i at [i]
     ext_off           the sampling extras (extras.py): SlotExt[num_slots], logit biases, and the
                       log-probability ring
+
+Data parallelism (--dp N): N engine replicas share the slot table, the free stack and the arenas;
+a slot's index is its identity for all of them. The frontend submits a slot to one replica's
+ring and that replica alone runs it: it is the writer of the slot's engine section from
+QUEUED -> RUNNING until FINISHED (the next generation may go to another replica). Each replica
+writes only its own EngineSection; the frontend reads them all.
 
 Every field has one writer process; the comment on each group names it. A field read by another
 process is published by a release store (or a CAS, which is sequentially consistent) that the
@@ -18,7 +27,7 @@ writer makes after writing it, and read after the matching acquire load. The com
     request fields, prompt ids, abort=0,   submit / start_request: CAS           read_request: load control
       submit_time                            WRITING -> QUEUED                     (also the engine's later
                                                                                     reads of prompt_len)
-    ring record                            ring.push: store tail                 ring.pop_all: load tail
+    ring record (replica k's ring)         ring.push: store tail                 ring.pop_all: load tail
     ring cells free for reuse              ring.pop_all: store head              ring.push: load head
     engine-field reset of a reused slot    set_running: CAS QUEUED -> RUNNING    read_output, poll_output(s):
                                                                                    load control
@@ -33,20 +42,21 @@ writer makes after writing it, and read after the matching acquire load. The com
     abort request                          abort: store abort=1                  is_aborted: load abort
     generation bump, slot free             free_slot: CAS -> FREE, then the      alloc_slot: stack pop
                                              stack push (release CAS of head)      (acquire), load control
-    engine_pid, error_len, error_text      set_engine_state: store engine_state  engine_state, engine_pid,
-                                                                                   error_text: load state
-    stats                                  set_engine_stats: seqlock stats_seq   engine_stats: seqlock
+    replica k's section (EngineSection k): written by replica k's rank 0 only
+    engine_pid, error_len, error_text      set_engine_state: store engine_state  replica_state/_pid/_error:
+                                                                                   load state
+    stats                                  set_engine_stats: seqlock stats_seq   replica_stats: seqlock
     heartbeat                              beat: fetch-add (a counter, publishes nothing else)
 
 Two flags pair a store and a load on each side with a full fence between (Dekker: one of the two
 sides sees the other's store), so that a sleeper is always woken:
 
-    ring tail vs engine_idle               _wake_engine: tail stored, fence, engine_idle loaded;
-                                           wait_engine: engine_idle stored, fence, tail loaded
-    notify_seq vs frontend_busy            notify_frontend: notify_seq added, fence, frontend_busy
-                                             loaded (post only if clear);
-                                           set_frontend_busy(False): flag stored, fence, notify_seq
-                                             loaded (read the slots again if it moved)
+    ring k's tail vs replica k's           _wake_engine(k): tail stored, fence, engine_idle loaded;
+      engine_idle                          wait_engine: engine_idle stored, fence, tail loaded
+    every replica's notify_seq vs          notify_frontend: own notify_seq added, fence,
+      frontend_busy                          frontend_busy loaded (post only if clear);
+                                           set_frontend_busy(False): flag stored, fence, every
+                                             notify_seq loaded (read the slots again if the sum moved)
 
 Semaphore posts and eventfd writes are wake-ups only: they carry no data, and every reader above
 re-reads the published counts with acquire loads after waking.
@@ -66,7 +76,7 @@ from lightllm_async.ipc.types import ENGINE_STATS_FIELDS, RegionSpec
 from lightllm_async.types import MAX_STOP_IDS
 
 MAGIC = 0x3130_4D48_534C_4C41  # b"ALLSHM01" read little-endian
-VERSION = 1
+VERSION = 2  # 2: engine sections and submit rings per replica (--dp)
 ERROR_TEXT_BYTES = 1024
 CACHE_LINE = 64
 
@@ -91,18 +101,28 @@ class Header(ctypes.Structure):
         ("logprobs_off", ctypes.c_uint64),
         # frontend (its reader: the relay thread sets it before each eventfd write, the loop
         # thread clears it after each pass): 1 while the reader is sure to read the slots again,
-        # so the engine skips its post (Dekker pair with notify_seq, like engine_idle)
+        # so the engines skip their posts (Dekker pair with each notify_seq, like engine_idle)
         ("frontend_busy", ctypes.c_uint32),
-        # creator (frontend), written once: the sampling extras (extras.py)
+        # creator (frontend), written once: the sampling extras (extras.py), the replicas
         ("logprob_ring", ctypes.c_uint32),
         ("ext_off", ctypes.c_uint64),
+        ("num_replicas", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+        ("engines_off", ctypes.c_uint64),
+        ("ring_stride", ctypes.c_uint64),
         # creator (frontend), written once: the tensor-parallel step channels (steps.py)
         ("steps_off", ctypes.c_uint64),
         ("step_record", ctypes.c_uint64),
         ("step_channels", ctypes.c_uint32),
         ("step_followers", ctypes.c_uint32),
-        ("_pad0", ctypes.c_uint8 * 8),
-        # engine rank 0: engine_state is release-stored after engine_pid and error_text
+    ]
+
+
+class EngineSection(ctypes.Structure):
+    """One engine replica's part of the header; written by that replica's rank 0 only."""
+
+    _fields_ = [
+        # engine_state is release-stored after engine_pid and error_text
         ("engine_state", ctypes.c_uint32),
         ("engine_pid", ctypes.c_int32),
         ("engine_idle", ctypes.c_uint32),  # 1 while the engine sleeps on its semaphore
@@ -110,7 +130,7 @@ class Header(ctypes.Structure):
         ("heartbeat", ctypes.c_uint64),  # fetch-add once per engine step
         ("notify_seq", ctypes.c_uint64),  # fetch-add by every notify_frontend, before its flag check
         ("_pad1", ctypes.c_uint8 * 32),
-        # engine rank 0, seqlock: stats_seq is odd while `stats` is being written (EngineStats order)
+        # seqlock: stats_seq is odd while `stats` is being written (EngineStats order)
         ("stats_seq", ctypes.c_uint64),
         ("stats", ctypes.c_uint64 * ENGINE_STATS_FIELDS),
         ("_pad2", ctypes.c_uint8 * (120 - 8 * ENGINE_STATS_FIELDS)),
@@ -162,8 +182,8 @@ class Slot(ctypes.Structure):
 
 assert ctypes.sizeof(Slot) % CACHE_LINE == 0, ctypes.sizeof(Slot)
 assert Slot.num_output.offset % CACHE_LINE == 0  # the engine section starts on its own line
-assert Header.engine_state.offset % CACHE_LINE == 0
-assert Header.stats_seq.offset % CACHE_LINE == 0 and Header.error_text.offset % CACHE_LINE == 0
+assert ctypes.sizeof(EngineSection) % CACHE_LINE == 0, ctypes.sizeof(EngineSection)
+assert EngineSection.stats_seq.offset % CACHE_LINE == 0 and EngineSection.error_text.offset % CACHE_LINE == 0
 
 # The request fields of a slot, prompt_len through stop_ids, as one struct: write_request packs them
 # with one call and read_request unpacks them with one (ctypes field access costs ~0.2 us a field).
@@ -179,13 +199,14 @@ ABORT = Slot.abort.offset
 NUM_OUTPUT = Slot.num_output.offset
 FINISH_REASON = Slot.finish_reason.offset
 FIRST_TOKEN_TIME = Slot.first_token_time.offset
-ENGINE_STATE = Header.engine_state.offset
-ENGINE_IDLE = Header.engine_idle.offset
 FRONTEND_BUSY = Header.frontend_busy.offset
-HEARTBEAT = Header.heartbeat.offset
-NOTIFY_SEQ = Header.notify_seq.offset
-STATS_SEQ = Header.stats_seq.offset
 MAGIC_OFF = Header.magic.offset
+# offsets inside an EngineSection: add Layout.engine_off(k)
+ENGINE_STATE = EngineSection.engine_state.offset
+ENGINE_IDLE = EngineSection.engine_idle.offset
+HEARTBEAT = EngineSection.heartbeat.offset
+NOTIFY_SEQ = EngineSection.notify_seq.offset
+STATS_SEQ = EngineSection.stats_seq.offset
 
 
 def _align(x: int, a: int = CACHE_LINE) -> int:
@@ -197,29 +218,36 @@ class Layout:
     """Byte offsets of a region's parts, computed from a resolved RegionSpec."""
 
     spec: RegionSpec
+    engines_off: int
     slots_off: int
     stack_off: int
     ring_off: int
+    ring_stride: int
     tokens_off: int
     logprobs_off: int
     extras: ExtrasLayout
-    steps_off: int
     total_size: int
+    steps_off: int = 0
 
     @classmethod
     def of(cls, spec: RegionSpec) -> Layout:
         spec = spec.resolved()
-        n, t = spec.num_slots, spec.max_tokens_per_slot
-        slots_off = _align(ctypes.sizeof(Header))
+        n, t, r = spec.num_slots, spec.max_tokens_per_slot, spec.num_replicas
+        engines_off = _align(ctypes.sizeof(Header))
+        slots_off = _align(engines_off + r * ctypes.sizeof(EngineSection))
         stack_off = _align(slots_off + n * ctypes.sizeof(Slot))
         ring_off = _align(stack_off + atomics.slot_stack_nbytes(n))
-        tokens_off = _align(ring_off + SubmitRing.nbytes(spec.ring_capacity))
+        ring_stride = _align(SubmitRing.nbytes(spec.ring_capacity))
+        tokens_off = _align(ring_off + r * ring_stride)
         logprobs_off = _align(tokens_off + 4 * n * t)
         extras = ExtrasLayout.of(n, spec.logprob_ring, logprobs_off + 4 * n * t)
         steps_off = _align(extras.end)
         steps_end = steps_off + spec.step_channels * channel_bytes(spec.step_followers, spec.step_record)
         total = _align(steps_end, 4096)
-        return cls(spec, slots_off, stack_off, ring_off, tokens_off, logprobs_off, extras, steps_off, total)
+        return cls(
+            spec, engines_off, slots_off, stack_off, ring_off, ring_stride, tokens_off, logprobs_off,
+            extras, total, steps_off,
+        )  # fmt: skip
 
     def step_channel_off(self, group: int) -> int:
         if not 0 <= group < self.spec.step_channels:
@@ -229,6 +257,19 @@ class Layout:
     def slot_off(self, slot: int) -> int:
         return self.slots_off + slot * ctypes.sizeof(Slot)
 
+    def engine_off(self, replica: int) -> int:
+        """Where replica `replica`'s EngineSection starts."""
+        return self.engines_off + self._replica(replica) * ctypes.sizeof(EngineSection)
+
+    def replica_ring_off(self, replica: int) -> int:
+        """Where replica `replica`'s submit ring starts."""
+        return self.ring_off + self._replica(replica) * self.ring_stride
+
+    def _replica(self, replica: int) -> int:
+        if not 0 <= replica < self.spec.num_replicas:
+            raise IndexError(f"replica {replica} out of range [0, {self.spec.num_replicas})")
+        return replica
+
     def write_header(self, h: Header, owner_pid: int) -> None:
         """Fill the layout fields (not magic: the creator release-stores it last)."""
         h.version, h.owner_pid = VERSION, owner_pid
@@ -237,6 +278,8 @@ class Layout:
         h.total_size, h.slots_off, h.stack_off = self.total_size, self.slots_off, self.stack_off
         h.ring_off, h.tokens_off, h.logprobs_off = self.ring_off, self.tokens_off, self.logprobs_off
         h.logprob_ring, h.ext_off = self.spec.logprob_ring, self.extras.ext_off
+        h.num_replicas, h.engines_off = self.spec.num_replicas, self.engines_off
+        h.ring_stride = self.ring_stride
         h.steps_off, h.step_record = self.steps_off, self.spec.step_record
         h.step_channels, h.step_followers = self.spec.step_channels, self.spec.step_followers
 
@@ -246,30 +289,18 @@ class Layout:
         if h.magic != MAGIC or h.version != VERSION:
             raise ValueError(f"not a lightllm-async region (magic {h.magic:#x}, version {h.version})")
         spec = RegionSpec(
-            h.num_slots, h.max_tokens_per_slot, h.ring_capacity, h.logprob_ring,
+            h.num_slots, h.max_tokens_per_slot, h.ring_capacity, h.logprob_ring, h.num_replicas,
             h.step_channels, h.step_followers, h.step_record,
         )  # fmt: skip
         layout = cls.of(spec)
         stored = (
-            h.slot_size,
-            h.total_size,
-            h.slots_off,
-            h.stack_off,
-            h.ring_off,
-            h.tokens_off,
-            h.ext_off,
-            h.steps_off,
-        )
+            h.slot_size, h.total_size, h.engines_off, h.slots_off, h.stack_off, h.ring_off, h.ring_stride,
+            h.tokens_off, h.ext_off, h.steps_off,
+        )  # fmt: skip
         mine = (
-            ctypes.sizeof(Slot),
-            layout.total_size,
-            layout.slots_off,
-            layout.stack_off,
-            layout.ring_off,
-            layout.tokens_off,
-            layout.extras.ext_off,
-            layout.steps_off,
-        )
+            ctypes.sizeof(Slot), layout.total_size, layout.engines_off, layout.slots_off, layout.stack_off,
+            layout.ring_off, layout.ring_stride, layout.tokens_off, layout.extras.ext_off, layout.steps_off,
+        )  # fmt: skip
         if stored != mine:
             raise ValueError("region layout differs from this build's; mixed versions?")
         return layout

@@ -1,5 +1,6 @@
-"""Named POSIX objects of a region: the shared memory `/lla-<id>` and its two semaphores
-`/lla-<id>-ew` (engine wake) and `/lla-<id>-fw` (frontend wake), all mode 0600.
+"""Named POSIX objects of a region: the shared memory `/lla-<id>` and its semaphores, one per
+engine replica (`/lla-<id>-ew` for replica 0, `/lla-<id>-ew<k>` for replica k > 0: engine wake)
+and one for the frontend (`/lla-<id>-fw`: frontend wake), all mode 0600.
 
 Order, so that a semaphore never outlives its memory: create memory then semaphores; unlink
 semaphores then memory. On Linux they appear as /dev/shm/lla-<id> and /dev/shm/sem.lla-<id>-ew.
@@ -31,9 +32,21 @@ def region_name(instance_id: str) -> str:
     return f"/{PREFIX}{instance_id}"
 
 
-def sem_names(name: str) -> tuple[str, str]:
-    """(engine wake, frontend wake) semaphore names of region `name`."""
-    return f"{name}-ew", f"{name}-fw"
+def engine_sem_name(name: str, replica: int = 0) -> str:
+    """The name of replica `replica`'s engine wake-up semaphore of region `name`."""
+    return f"{name}-ew" if replica == 0 else f"{name}-ew{replica}"
+
+
+def frontend_sem_name(name: str) -> str:
+    return f"{name}-fw"
+
+
+def sem_names(name: str, num_replicas: int = 1) -> list[str]:
+    """Every semaphore name of region `name`: the engines' wake-ups, then the frontend's."""
+    return [*(engine_sem_name(name, k) for k in range(num_replicas)), frontend_sem_name(name)]
+
+
+_SEM_RE = re.compile(rf"sem\.({PREFIX}.+)-(?:ew\d*|fw)")  # a region's semaphore, by its file name
 
 
 def create_memory(name: str, size: int) -> mmap.mmap:
@@ -60,19 +73,29 @@ def attach_memory(name: str) -> mmap.mmap:
         shm.close_fd()
 
 
-def create_semaphores(name: str) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
-    return tuple(  # type: ignore[return-value]
-        posix_ipc.Semaphore(s, posix_ipc.O_CREX, mode=MODE, initial_value=0) for s in sem_names(name)
-    )
+def create_semaphores(name: str, num_replicas: int) -> list[posix_ipc.Semaphore]:
+    """The engines' semaphores, then the frontend's (sem_names' order). On an error, those
+    created are unlinked again."""
+    sems: list[posix_ipc.Semaphore] = []
+    try:
+        for s in sem_names(name, num_replicas):
+            sems.append(posix_ipc.Semaphore(s, posix_ipc.O_CREX, mode=MODE, initial_value=0))
+    except BaseException:
+        for sem in sems:
+            sem.close()
+        unlink_all(name, num_replicas)
+        raise
+    return sems
 
 
-def attach_semaphores(name: str) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
-    return tuple(posix_ipc.Semaphore(s) for s in sem_names(name))  # type: ignore[return-value]
+def attach_semaphores(name: str, replica: int) -> tuple[posix_ipc.Semaphore, posix_ipc.Semaphore]:
+    """(replica `replica`'s engine semaphore, the frontend's)."""
+    return posix_ipc.Semaphore(engine_sem_name(name, replica)), posix_ipc.Semaphore(frontend_sem_name(name))
 
 
-def unlink_all(name: str) -> None:
+def unlink_all(name: str, num_replicas: int = 1) -> None:
     """Remove the semaphores, then the memory, of region `name`; missing ones are skipped."""
-    for s in sem_names(name):
+    for s in sem_names(name, num_replicas):
         _ignore_missing(posix_ipc.unlink_semaphore, s)
     _ignore_missing(posix_ipc.unlink_shared_memory, name)
 
@@ -94,8 +117,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def read_owner(path: str) -> int | None:
-    """The owner pid of the region file at `path`, or None if it is not (yet) a valid region."""
+def read_owner(path: str) -> tuple[int, int] | None:
+    """(owner pid, number of engine replicas) of the region file at `path`, or None if it is not
+    (yet) a valid region."""
     try:
         with open(path, "rb") as f:
             data = f.read(ctypes.sizeof(Header))
@@ -104,7 +128,7 @@ def read_owner(path: str) -> int | None:
     if len(data) < ctypes.sizeof(Header):
         return None
     h = Header.from_buffer_copy(data)
-    return h.owner_pid if h.magic == MAGIC else None
+    return (h.owner_pid, max(h.num_replicas, 1)) if h.magic == MAGIC else None
 
 
 def remove_stale() -> list[str]:
@@ -121,12 +145,10 @@ def remove_stale() -> list[str]:
     for entry in entries:
         if entry.startswith(PREFIX):
             owner = read_owner(os.path.join(SHM_DIR, entry))
-            if owner is not None and not pid_alive(owner):
-                unlink_all("/" + entry)
+            if owner is not None and not pid_alive(owner[0]):
+                unlink_all("/" + entry, owner[1])
                 removed.append("/" + entry)
-        elif entry.startswith("sem." + PREFIX) and entry[-3:] in ("-ew", "-fw"):
-            region = entry[len("sem.") : -3]
-            if not os.path.exists(os.path.join(SHM_DIR, region)):
-                _ignore_missing(posix_ipc.unlink_semaphore, "/" + entry[len("sem.") :])
-                removed.append("/" + entry[len("sem.") :])
+        elif (match := _SEM_RE.fullmatch(entry)) and not os.path.exists(os.path.join(SHM_DIR, match[1])):
+            _ignore_missing(posix_ipc.unlink_semaphore, "/" + entry[len("sem.") :])
+            removed.append("/" + entry[len("sem.") :])
     return removed

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -29,6 +30,9 @@ class SlotState(IntEnum):
     FINISHED = 4
 
 
+MAX_REPLICAS = 64  # engine replicas (--dp) of one region
+
+
 class EngineState(IntEnum):
     STARTING = 0
     READY = 1
@@ -39,15 +43,18 @@ class EngineState(IntEnum):
 class RegionSpec:
     """Sizes of a region. ring_capacity 0 means the next power of two >= 4 * num_slots.
 
-    A slot has at most three records in the ring at once (an ABORT of its previous generation,
+    A slot has at most three records in a ring at once (an ABORT of its previous generation,
     SUBMIT, ABORT), so a ring of 3 * num_slots records never fills. `logprob_ring` is the number
     of positions of log-probabilities each slot holds until the frontend reads them (extras.py).
+    `num_replicas` engine replicas (--dp) share the slots; each has its own submit ring of
+    ring_capacity records, semaphore and header section (layout.EngineSection).
     """
 
     num_slots: int
     max_tokens_per_slot: int
     ring_capacity: int = 0
     logprob_ring: int = 256
+    num_replicas: int = 1
     # tensor parallelism (steps.py): one step channel per engine group whose ranks 1..N-1 follow
     # rank 0, with `step_followers` followers and records of up to `step_record` bytes
     step_channels: int = 0
@@ -64,6 +71,8 @@ class RegionSpec:
             raise ValueError(f"ring_capacity must be 0 or a power of two >= 3 * num_slots, got {cap}")
         if not 2 <= self.logprob_ring < 2**20:
             raise ValueError(f"logprob_ring must be in [2, 2**20), got {self.logprob_ring}")
+        if not 1 <= self.num_replicas <= MAX_REPLICAS:
+            raise ValueError(f"num_replicas must be in [1, {MAX_REPLICAS}], got {self.num_replicas}")
         if min(self.step_channels, self.step_followers, self.step_record) < 0 or (
             self.step_channels and not (self.step_followers and self.step_record)
         ):
@@ -79,7 +88,8 @@ class RegionSpec:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """Engine rank 0's gauges and counters, published as one snapshot (for /metrics and tests)."""
+    """One replica's engine rank 0's gauges and counters, published as one snapshot (for /metrics
+    and tests)."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -93,6 +103,14 @@ class EngineStats:
 
 
 ENGINE_STATS_FIELDS = len(fields(EngineStats))
+
+
+def total_stats(stats: Sequence[EngineStats]) -> EngineStats:
+    """The replicas' snapshots added field by field: every field is a gauge or a counter of
+    something the replicas hold apart (requests, KV tokens), so the sum is the server's."""
+    if len(stats) == 1:
+        return stats[0]
+    return EngineStats(*(sum(column) for column in zip(*(astuple(s) for s in stats), strict=True)))
 
 
 class RingRecord(NamedTuple):

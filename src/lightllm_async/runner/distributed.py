@@ -20,23 +20,12 @@ PLAN_TIMEOUT = datetime.timedelta(days=365)
 _plan_group = None
 
 
-def rank_device(cfg: EngineConfig) -> str:
-    """The device of this rank: with several ranks, `--device auto|cuda` means the rank's own GPU."""
-    if cfg.tp_size == 1 or cfg.device not in ("auto", "cuda"):
-        return cfg.device
-    if cfg.device == "auto" and not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{cfg.gpu}"
-
-
 def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
     """The group of this engine's ranks; SINGLE (no torch.distributed) for one rank."""
     if cfg.tp_size == 1:
         return SINGLE
-    device = torch.device(rank_device(cfg))
+    device = torch.device(cfg.device)  # placed by engine/process.py place_replica
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     dist.init_process_group(
         backend, init_method=cfg.dist_init, rank=cfg.tp_rank, world_size=cfg.tp_size, timeout=INIT_TIMEOUT
     )

@@ -1,0 +1,88 @@
+"""Two "nodes" on one host (separate process trees, CPU, gloo): node 0 serves HTTP with TP rank 0,
+node 1 runs rank 1 only, step records broadcast between them. Greedy output equals HF
+transformers'; node 1's death ends node 0 like a local rank's; node 0's stop ends node 1 cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine_harness import hf_greedy
+from lightllm_async.tokenizer import load_tokenizer
+from lightllm_async.tools.make_random_model import make_random_model
+from serverproc import ServerProcess, free_port, stream_token_ids
+from test_lifecycle import region_files
+
+FLAGS = ("--device", "cpu", "--max-model-len", "512", "--max-running-requests", "8", "--num-slots", "16",
+         "--max-num-batched-tokens", "32", "--cpu-threads", "1", "--tp", "2", "--nnodes", "2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_random_model("tiny", str(tmp_path_factory.mktemp("tiny")), "float32", seed=6)
+
+
+def _nodes(model: str):
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "lightllm_async.server", "--model", model, *FLAGS, "--node-rank", "1",
+         "--master-addr", "127.0.0.1", "--master-port", port],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        node0 = ServerProcess("--model", model, *FLAGS, "--node-rank", "0", "--master-port", port)
+    except BaseException:
+        node1.kill()
+        raise
+    return node0, node1
+
+
+def test_two_nodes_greedy_equals_hf_and_node0s_stop_ends_node1(model):
+    node0, node1 = _nodes(model)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        tok = load_tokenizer(model)
+        for text in ("the", "a stream of tokens " * 6):
+            assert stream_token_ids(node0, text, 12) == hf_greedy(hf, tok.encode(text), 12)
+        assert node0.stop() == 0
+        assert node1.wait(20) == 0
+    finally:
+        node1.kill()
+        if node0.proc.poll() is None:
+            node0.kill_tree()
+
+
+def test_node1_killed_mid_stream_ends_node0_with_errors(model):
+    node0, node1 = _nodes(model)
+    results: list = []
+
+    def streamer():
+        results.append(node0.stream("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True,
+                                                        "ignore_eos": True}))  # fmt: skip
+
+    try:
+        threads = [threading.Thread(target=streamer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        node1.send_signal(signal.SIGKILL)  # its ranks die with it (PDEATHSIG)
+        for t in threads:
+            t.join(30)
+        for events in results:
+            assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        assert node0.proc.wait(20) == 1
+        assert region_files(node0) == []
+    finally:
+        node1.kill()
+        if node0.proc.poll() is None:
+            node0.kill_tree()
