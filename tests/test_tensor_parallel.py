@@ -69,47 +69,58 @@ VARIANTS = [
 ]
 
 
-def _ctx(parts: list[tuple[int, int, int]]) -> ForwardContext:
+def _ctx(parts: list[tuple[int, int, int]], device: str = "cpu") -> ForwardContext:
     """A step of requests (row, cached tokens, new tokens), logits for every new token; host
     lengths as the runner gives them (no query lengths in a decode-only step)."""
     positions = [p for _, cached, new in parts for p in range(cached, cached + new)]
     q_lens = [new for _, _, new in parts]
     decode_only = all(n == 1 for n in q_lens)
+
+    def t(values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
     return ForwardContext(
-        positions=torch.tensor(positions),
-        kv_slots=torch.tensor(
-            [row * ROW + p for row, cached, new in parts for p in range(cached, cached + new)]
-        ),
-        req_to_token=(torch.arange(4)[:, None] * ROW + torch.arange(ROW)[None, :]).to(torch.int32),
-        req_idx=torch.tensor([row for row, _, _ in parts], dtype=torch.int32),
-        q_start=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32),
-        seq_lens=torch.tensor([cached + new for _, cached, new in parts], dtype=torch.int32),
-        logits_idx=torch.arange(len(positions)),
+        positions=t(positions),
+        kv_slots=t([row * ROW + p for row, cached, new in parts for p in range(cached, cached + new)]),
+        req_to_token=t([[row * ROW + p for p in range(ROW)] for row in range(4)], torch.int32),
+        req_idx=t([row for row, _, _ in parts], torch.int32),
+        q_start=t([0, *itertools.accumulate(q_lens)], torch.int32),
+        seq_lens=t([cached + new for _, cached, new in parts], torch.int32),
+        logits_idx=t(range(len(positions))),
         decode_only=decode_only,
         host_seq_lens=tuple(cached + new for _, cached, new in parts),
         host_q_lens=None if decode_only else tuple(q_lens),
     )
 
 
-def run_steps(name: str, tp: TPGroup) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Five steps of three requests through the model of `name` built for `tp`, each decode fed
-    the greedy token of the step before: (logits of every step, greedy tokens of every step)."""
+def build(name: str, tp: TPGroup, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, KV cache of 4 requests) of variant `name` for `tp`: every rank loads the same full
+    random checkpoint (made on the CPU) and keeps its shard."""
     cfg, extra = _variant(name)
     model_cls, kv_cls = model_family(cfg)
-    model = model_cls(cfg, torch.float32, torch.device("cpu"), tp=tp, **extra)
-    load_weights(model, random_weights(cfg, seed=13, dtype=torch.float32))
-    kv = kv_cls.allocate(cfg, 4 * ROW, torch.float32, "cpu", tp=tp)
-    prompts = [
-        torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n))
-        for n in (11, 1, 12)
-    ]
-    # prefill (request 2 its first chunk); decodes beside request 2's second chunk; then decodes
-    steps = [[(0, 0, 11), (1, 0, 1), (2, 0, 5)], [(0, 11, 1), (1, 1, 1), (2, 5, 7)]]
-    steps += [[(0, 12 + k, 1), (1, 2 + k, 1), (2, 12 + k, 1)] for k in range(3)]
+    model = model_cls(cfg, dtype, torch.device(device), tp=tp, **extra)
+    load_weights(model, random_weights(cfg, seed=13, dtype=dtype))
+    return model, kv_cls.allocate(cfg, 4 * ROW, dtype, device, tp=tp)
+
+
+# three requests: a prefill (request 2 its first chunk); decodes beside request 2's second chunk;
+# then three decode-only steps
+STEPS = [[(0, 0, 11), (1, 0, 1), (2, 0, 5)], [(0, 11, 1), (1, 1, 1), (2, 5, 7)]]
+STEPS += [[(0, 12 + k, 1), (1, 2 + k, 1), (2, 12 + k, 1)] for k in range(3)]
+
+
+def run_steps(
+    name: str, tp: TPGroup, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """`STEPS` through the model of `name` built for `tp`, each decode fed the greedy token of
+    the step before: (logits of every step on the CPU, greedy tokens of every step)."""
+    model, kv = build(name, tp, device, dtype)
+    vocab = model.cfg.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)) for n in (11, 1, 12)]
     logits, greedy, last = [], [], [None, None, None]
-    for parts in steps:
+    for parts in STEPS:
         ids = [prompts[r][c : c + n] if last[r] is None else last[r] for r, c, n in parts]
-        out = model(torch.cat(ids), _ctx(parts), kv)  # [T, V]
+        out = model(torch.cat(ids).to(device), _ctx(parts, device), kv).cpu()  # [T, V]
         ends = list(itertools.accumulate(n for _, _, n in parts))
         tokens = [int(out[end - 1].argmax()) for end in ends]
         for (r, c, n), token in zip(parts, tokens, strict=True):

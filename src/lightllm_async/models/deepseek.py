@@ -248,10 +248,8 @@ class Experts(nn.Module):
     intermediate dim split: I = moe_intermediate_size / size (gate and up rows, down columns), so
     the experts' output on a rank is a partial sum."""
 
-    tp_dims: ClassVar[dict[str, int]] = {
-        "w13": -2,
-        "w2": -1,
-    }  # of a checkpoint's gate/up [I, H] and down [H, I]
+    # the split dim of a checkpoint's per-expert gate/up [I, H] (into w13) and down [H, I] (into w2)
+    tp_dims: ClassVar[dict[str, int]] = {"w13": -2, "w2": -1}
 
     def __init__(self, cfg: ModelConfig, num_shared: int, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
