@@ -27,9 +27,7 @@ def _make_runner(cfg: EngineConfig):
 
         tp = init_tensor_parallel(cfg)
         cfg = cfg.replace(device=rank_device(cfg))
-        if tp.size > 1:
-            raise NotImplementedError("the models are not sharded yet")
-        runner = ModelRunner(cfg, progress=_progress_bar())
+        runner = ModelRunner(cfg, progress=_progress_bar(), tp=tp)
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
