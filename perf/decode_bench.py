@@ -125,7 +125,7 @@ def weight_bytes_read(runner: ModelRunner, batch: int) -> float:
     cfg, total = runner.model_cfg, 0.0
     for name, p in runner.model.named_parameters():
         nbytes = p.numel() * p.element_size()
-        if name == "embed" and not cfg.tie_word_embeddings:
+        if name == "embed.weight" and not cfg.tie_word_embeddings:
             nbytes = batch * p[0].numel() * p.element_size()
         elif name.endswith(("experts.w13", "experts.w2")):
             e, k = cfg.n_routed_experts, cfg.num_experts_per_tok

@@ -49,11 +49,11 @@ def test_every_parameter_is_filled_from_its_checkpoint_tensor(changes):
     if cfg.attention_bias:
         biases = [hf(f"self_attn.{p}_proj.bias") for p in "qkv"]
         assert torch.equal(layer.attn.qkv.bias, torch.cat(biases))
-    assert torch.equal(model.embed, weights["model.embed_tokens.weight"])
+    assert torch.equal(model.embed.weight, weights["model.embed_tokens.weight"])
     assert torch.equal(model.norm.weight, weights["model.norm.weight"])
     assert (model.lm_head is None) == cfg.tie_word_embeddings == ("lm_head.weight" not in weights)
     if model.lm_head is not None:
-        assert torch.equal(model.lm_head, weights["lm_head.weight"])
+        assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
 
 
 def test_table_names_each_tensor_once_in_both_namings():

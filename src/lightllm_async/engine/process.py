@@ -28,9 +28,7 @@ def _make_runner(cfg: EngineConfig, show_progress: bool = True):
         from lightllm_async.runner.model_runner import ModelRunner
 
         tp = init_tensor_parallel(cfg)
-        if tp.size > 1:
-            raise NotImplementedError("the models are not sharded yet")
-        runner = ModelRunner(cfg, progress=_progress_bar() if show_progress else None)
+        runner = ModelRunner(cfg, progress=_progress_bar() if show_progress else None, tp=tp)
     if cfg.fail_after_steps:
         from lightllm_async.runner.failing import FailingRunner
 
@@ -175,8 +173,8 @@ def _step_writer(cfg: EngineConfig, region, replica: int):
         from lightllm_async.ipc.steps import StepWriter
 
         return StepWriter(region.step_channel(replica))
-    from lightllm_async.runner.distributed import plan_group
     from lightllm_async.engine.plan_broadcast import BroadcastWriter
+    from lightllm_async.runner.distributed import plan_group
 
     return BroadcastWriter(plan_group(), step_record_bytes(cfg))
 
@@ -216,8 +214,8 @@ def run_follower(
 
             reader = StepReader(region.step_channel(replica), cfg.tp_rank)
         else:
-            from lightllm_async.runner.distributed import plan_group
             from lightllm_async.engine.plan_broadcast import BroadcastReader
+            from lightllm_async.runner.distributed import plan_group
 
             reader = BroadcastReader(plan_group(), step_record_bytes(cfg))
         follower = Follower(reader, runner)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,17 @@ from lightllm_async.kernels import (
     select_experts,
     silu_and_mul,
 )
-from lightllm_async.layers.linear import Linear, MergedLinear
+from lightllm_async.layers.embedding import VocabEmbedding
+from lightllm_async.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
+from lightllm_async.layers.parallel import SINGLE, TPGroup
 from lightllm_async.models.llama import ForwardContext, RMSNorm
 
 
 @dataclass(frozen=True)
 class MLAKVCache:
-    """One pool per layer: [num_token_slots, kv_lora_rank + qk_rope_head_dim] (latent, rope key)."""
+    """One pool per layer: [num_token_slots, kv_lora_rank + qk_rope_head_dim] (latent, rope key).
+    The latent is shared by all heads, so under tensor parallelism every rank holds all of it:
+    `tp` changes nothing here, and is taken only to answer as `KVCache` does."""
 
     kv: list[Tensor]
 
@@ -55,12 +60,12 @@ class MLAKVCache:
         return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device) -> MLAKVCache:
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device, tp: TPGroup = SINGLE) -> MLAKVCache:
         shape = (num_tokens, cls.width(cfg))
         return cls(kv=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
 
     @classmethod
-    def bytes_per_token(cls, cfg: ModelConfig, dtype) -> int:
+    def bytes_per_token(cls, cfg: ModelConfig, dtype, tp: TPGroup = SINGLE) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return cfg.num_layers * cls.width(cfg) * itemsize
 
@@ -105,25 +110,34 @@ def mla_rope_cache(cfg: ModelConfig, device) -> Tensor:
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention; `finish_loading` must run once the checkpoint is in."""
+    """Multi-head latent attention; `finish_loading` must run once the checkpoint is in.
 
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    Under tensor parallelism a rank runs its num_heads / size heads (`self.n`): the q projection
+    and kv_b_proj column-parallel by head, o_proj row-parallel; the latent (kv_a_proj_with_mqa,
+    its norm, the cache) is the same on every rank."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
-        self.n, self.nope, self.rope = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.n = tp.split(cfg.num_heads, "num_heads")  # this rank's heads
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.v_dim, self.rank = cfg.v_head_dim, cfg.kv_lora_rank
         self.qk_dim = self.nope + self.rope
-        h = cfg.hidden_size
+        h, heads = cfg.hidden_size, cfg.num_heads
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(h, self.n * self.qk_dim, False, dtype, device)
+            self.q_proj = ColumnParallelLinear(h, heads * self.qk_dim, False, dtype, device, tp)
         else:
             self.q_a_proj = Linear(h, cfg.q_lora_rank, False, dtype, device)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, device)
-            self.q_b_proj = Linear(cfg.q_lora_rank, self.n * self.qk_dim, False, dtype, device)
+            self.q_b_proj = ColumnParallelLinear(
+                cfg.q_lora_rank, heads * self.qk_dim, False, dtype, device, tp
+            )
         self.q_lora = cfg.q_lora_rank is not None
         self.kv_a_proj_with_mqa = Linear(h, self.rank + self.rope, False, dtype, device)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps, dtype, device)
-        self.kv_b_proj = Linear(self.rank, self.n * (self.nope + self.v_dim), False, dtype, device)
-        self.o_proj = Linear(self.n * self.v_dim, h, False, dtype, device)
+        self.kv_b_proj = ColumnParallelLinear(
+            self.rank, heads * (self.nope + self.v_dim), False, dtype, device, tp
+        )
+        self.o_proj = RowParallelLinear(heads * self.v_dim, h, False, dtype, device, tp)
         self.scale = cfg.mla_softmax_scale
         self.rope_interleave = cfg.rope_interleave
         # kv_b_proj's two halves for the absorbed decode, each laid out as its bmm reads it
@@ -196,10 +210,14 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, dtype, device):
+    """SiLU-gated MLP, the intermediate dim split across ranks. `reduce=False` (the MoE's shared
+    experts) leaves the sum over ranks to the caller."""
+
+    def __init__(self, hidden: int, inter: int, dtype, device, tp: TPGroup = SINGLE, reduce: bool = True):
         super().__init__()
-        self.gate_up = MergedLinear(hidden, {"gate": inter, "up": inter}, False, dtype, device)
-        self.down = Linear(inter, hidden, False, dtype, device)
+        tp.split(inter, "the MLP's intermediate size")
+        self.gate_up = MergedLinear(hidden, {"gate": inter, "up": inter}, False, dtype, device, tp)
+        self.down = RowParallelLinear(inter, hidden, False, dtype, device, tp, reduce)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(silu_and_mul(self.gate_up(x)))
@@ -226,17 +244,24 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """The experts stacked for fused_moe: w13 [E + s, 2I, H] (gate rows, then up), w2 [E + s, H, I].
     Experts [0, E) are the routed ones; with fused shared experts, [E, E + s) are the s shared
-    ones (`fill_shared`), else s = 0."""
+    ones (`fill_shared`), else s = 0. Under tensor parallelism every rank holds every expert, its
+    intermediate dim split: I = moe_intermediate_size / size (gate and up rows, down columns), so
+    the experts' output on a rank is a partial sum."""
 
-    def __init__(self, cfg: ModelConfig, num_shared: int, dtype, device):
+    # the split dim of a checkpoint's per-expert gate/up [I, H] (into w13) and down [H, I] (into w2)
+    tp_dims: ClassVar[dict[str, int]] = {"w13": -2, "w2": -1}
+
+    def __init__(self, cfg: ModelConfig, num_shared: int, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
-        e, i, h = cfg.n_routed_experts + num_shared, cfg.moe_intermediate_size, cfg.hidden_size
+        e, h = cfg.n_routed_experts + num_shared, cfg.hidden_size
+        i = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
         self.inter, self.num_routed = i, cfg.n_routed_experts
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=dtype, device=device), requires_grad=False)
 
     def load_part(self, part: str, kind: str, tensor: Tensor) -> None:
-        """part "gate.E" / "up.E" fill expert E's rows of w13, "down.E" its w2."""
+        """part "gate.E" / "up.E" fill expert E's rows of w13, "down.E" its w2 (this rank's
+        slice of each)."""
         which, e = part.split(".")
         e = int(e)
         if which == "gate":
@@ -250,7 +275,8 @@ class Experts(nn.Module):
         """Experts [E, E + s) from the shared experts' dense MLP of intermediate s*I: chunk j of
         its gate rows, its up rows and its down columns is expert E + j. The MLP is
         (silu(x G^T) * x U^T) D^T, elementwise in the intermediate dim, so it is the sum of its
-        s chunks, each an expert of intermediate I."""
+        s chunks, each an expert of intermediate I. A rank's MLP holds a slice s*I of the
+        intermediate dim and its experts slices I: the same chunking of what it holds."""
         e, i = self.num_routed, self.inter
         s, h = self.w13.shape[0] - e, self.w13.shape[2]
         gate_up = mlp.gate_up.weight.data.view(2, s, i, h)  # gate rows, then up rows
@@ -261,16 +287,22 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Routed experts plus shared experts. With `fuse_shared`, the shared experts become experts
     E..E+s-1 of the routed ones (`finish_loading`, once the weights are in), chosen by every token
-    with weight 1: one fused_moe pass instead of fused_moe and a separate dense MLP."""
+    with weight 1: one fused_moe pass instead of fused_moe and a separate dense MLP.
 
-    def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device):
+    Under tensor parallelism the router is the same on every rank (so is its input, so every rank
+    picks the same experts); the experts' intermediate dims are split, and the routed and shared
+    partial sums are added before the one reduction over the ranks."""
+
+    def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.gate = Router(cfg, device)
         self.num_fused = cfg.n_shared_experts if fuse_shared else 0
-        self.experts = Experts(cfg, self.num_fused, dtype, device)
+        self.experts = Experts(cfg, self.num_fused, dtype, device, tp)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared = MLP(cfg.hidden_size, inter, dtype, device) if cfg.n_shared_experts else None
+        self.shared = (
+            MLP(cfg.hidden_size, inter, dtype, device, tp, reduce=False) if cfg.n_shared_experts else None
+        )
         # transformers' V2 never normalizes the top-k weights; DeepSeek-V2's own code does when
         # norm_topk_prob, and then skips the scaling factor (see select_experts)
         v2 = cfg.architecture == "DeepseekV2ForCausalLM"
@@ -301,20 +333,20 @@ class MoE(nn.Module):
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, fuse_shared: bool, dtype, device):
+    def __init__(self, cfg: ModelConfig, index: int, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.attn = MLAttention(cfg, dtype, device)
+        self.attn = MLAttention(cfg, dtype, device, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         dense = index < cfg.first_k_dense_replace
         self.mlp = (
-            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device)
+            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp)
             if dense
-            else MoE(cfg, fuse_shared, dtype, device)
+            else MoE(cfg, fuse_shared, dtype, device, tp)
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
@@ -334,7 +366,9 @@ class DeepseekForCausalLM(nn.Module):
     (`MoE`). Off by default: on an H200 (perf/RESULTS.md, `perf/mla_moe_bench.py --only moe`) it
     gained 4-6% of the MoE layer's time at V2-Lite's shape with M <= 8 tokens and lost 3-11%
     everywhere else (V3's shape at every M, V2-Lite's from M = 64): the shared experts' rows then
-    outnumber any routed expert's, and the routed experts' tiles do not suit them."""
+    outnumber any routed expert's, and the routed experts' tiles do not suit them.
+
+    `tp`: built for one rank of a tensor-parallel group, as `LlamaForCausalLM`."""
 
     def __init__(
         self,
@@ -342,29 +376,30 @@ class DeepseekForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         fuse_shared_experts: bool = False,
+        tp: TPGroup = SINGLE,
     ):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         fuse = fuse_shared_experts
-        self.embed = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, fuse, dtype, device, tp) for i in range(cfg.num_layers)
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, fuse, dtype, device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
+            else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
         )
         self.register_buffer("cos_sin", mla_rope_cache(cfg, device), persistent=False)  # [max_pos, P]
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:
-        x = F.embedding(input_ids, self.embed)  # [T, H]
+        x = self.embed(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.kv[i])
         x, _ = self.norm(x, residual)
         x = x.index_select(0, ctx.logits_idx)
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()  # [S, V]
+        return head.logits(x)  # [S, V] float32

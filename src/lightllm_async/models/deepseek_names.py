@@ -89,12 +89,12 @@ class DeepseekTable:
     def tensors(self, cfg: ModelConfig) -> list[CheckpointTensor]:
         """Every tensor a checkpoint of `cfg` holds, in checkpoint order."""
         v, h = cfg.vocab_size, cfg.hidden_size
-        out = [_t("model.embed_tokens.weight", (v, h), "embed")]
+        out = [_t("model.embed_tokens.weight", (v, h), "embed.weight")]
         for i in range(cfg.num_layers):
             out += _layer(cfg, i)
         out.append(_t("model.norm.weight", (h,), "norm.weight", norm=True))
         if not cfg.tie_word_embeddings:
-            out.append(_t("lm_head.weight", (v, h), "lm_head"))
+            out.append(_t("lm_head.weight", (v, h), "lm_head.weight"))
         return out
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightllm_async.config import ModelConfig
@@ -26,7 +25,9 @@ from lightllm_async.kernels import (
     silu_and_mul,
     store_kv,
 )
-from lightllm_async.layers.linear import Linear, MergedLinear
+from lightllm_async.layers.embedding import VocabEmbedding
+from lightllm_async.layers.linear import MergedLinear, RowParallelLinear
+from lightllm_async.layers.parallel import SINGLE, TPGroup
 
 
 @dataclass(frozen=True)
@@ -134,23 +135,25 @@ class QuerySplit:
 
 @dataclass(frozen=True)
 class KVCache:
-    """One pool per layer: [num_token_slots, kv_heads, head_dim] for keys and for values."""
+    """One pool per layer: [num_token_slots, kv_heads, head_dim] for keys and for values; under
+    tensor parallelism, a rank's pool holds its own kv_heads / size heads."""
 
     k: list[Tensor]
     v: list[Tensor]
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device) -> KVCache:
-        shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+    def allocate(cls, cfg: ModelConfig, num_tokens: int, dtype, device, tp: TPGroup = SINGLE) -> KVCache:
+        shape = (num_tokens, tp.split(cfg.num_kv_heads, "num_kv_heads"), cfg.head_dim)
         return cls(
             k=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
             v=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
         )
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    def bytes_per_token(cfg: ModelConfig, dtype, tp: TPGroup = SINGLE) -> int:
+        """Bytes one token takes in one rank's pools."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return 2 * cfg.num_layers * tp.split(cfg.num_kv_heads, "num_kv_heads") * cfg.head_dim * itemsize
 
 
 class RMSNorm(nn.Module):
@@ -164,14 +167,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    """Grouped-query attention over this rank's heads (all of them with one rank): q|k|v column-
+    parallel by head, o_proj row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads = tp.split(cfg.num_heads, "num_heads")
+        self.num_kv_heads = tp.split(cfg.num_kv_heads, "num_kv_heads")
+        self.head_dim = cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv = MergedLinear(
-            cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device
+            cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device, tp
         )
-        self.o_proj = Linear(q, cfg.hidden_size, False, dtype, device)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, dtype, device, tp)
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor):
@@ -192,23 +200,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    """SiLU-gated MLP, the intermediate dim split across ranks (gate|up by rows, down by columns)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up = MergedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, False, dtype, device)
-        self.down = Linear(inter, cfg.hidden_size, False, dtype, device)
+        tp.split(inter, "intermediate_size")
+        self.gate_up = MergedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, False, dtype, device, tp)
+        self.down = RowParallelLinear(inter, cfg.hidden_size, False, dtype, device, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(silu_and_mul(self.gate_up(x)))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.attn = Attention(cfg, dtype, device)
+        self.attn = Attention(cfg, dtype, device, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.mlp = MLP(cfg, dtype, device, tp)
 
     def forward(self, x, residual, ctx, cos_sin, k_cache, v_cache):
         if residual is None:
@@ -221,20 +232,21 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token ids in, logits of the requested positions out."""
+    """Token ids in, logits of the requested positions out.
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    Built for one rank of a tensor-parallel group `tp` (a whole model when it has one rank): every
+    rank must run each forward with the same inputs, and all get the same logits."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
-        )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.cfg, self.tp = cfg, tp
+        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
-            else nn.Parameter(torch.empty_like(self.embed), requires_grad=False)
+            else VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
         )
         cos_sin = rope_cache(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
@@ -243,11 +255,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
-        x = F.embedding(input_ids, self.embed)  # [T, H]
+        x = self.embed(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
         x, _ = self.norm(x, residual)
         x = x.index_select(0, ctx.logits_idx)  # [S, H]
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()  # [S, V]
+        return head.logits(x)  # [S, V] float32

@@ -44,7 +44,7 @@ def _layer(hf: str, gguf: str, shape: tuple[str, ...], param: str, **kw: Any) ->
 LLAMA = CheckpointTable(
     dims=_dims,
     rows=(
-        TensorSpec("model.embed_tokens.weight", "token_embd.weight", ("vocab", "hidden"), "embed"),
+        TensorSpec("model.embed_tokens.weight", "token_embd.weight", ("vocab", "hidden"), "embed.weight"),
         _layer("self_attn.q_proj.weight", "attn_q.weight", ("q", "hidden"), "attn.qkv.weight", part="q",
                rope_heads="heads"),
         _layer("self_attn.k_proj.weight", "attn_k.weight", ("kv", "hidden"), "attn.qkv.weight", part="k",
@@ -65,7 +65,8 @@ LLAMA = CheckpointTable(
         _layer("post_attention_layernorm.weight", "ffn_norm.weight", ("hidden",), "post_norm.weight",
                norm=True),
         TensorSpec("model.norm.weight", "output_norm.weight", ("hidden",), "norm.weight", norm=True),
-        TensorSpec("lm_head.weight", "output.weight", ("vocab", "hidden"), "lm_head", when=_untied),
+        TensorSpec("lm_head.weight", "output.weight", ("vocab", "hidden"), "lm_head.weight",
+                   when=_untied),
     ),
 )
 # fmt: on

@@ -3,6 +3,11 @@
 with tied embeddings takes no lm_head. The model files hold only modules and forward passes; a
 module that rearranges its weights once they are all in (DeepSeek's MoE fusing its shared
 experts into the routed ones) does it in a `finish_loading()` method, which runs last.
+
+Tensor parallelism: every rank reads the same full checkpoint tensors and keeps its slice of
+those its module splits. A module's `tp_dims` (`layers/linear.py`, `layers/embedding.py`) names the
+split dim of each of its tensors; the model's `tp` gives the rank. Tensors of modules that split
+nothing are copied whole, replicated on every rank.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from lightllm_async.models.registry import checkpoint_tensors
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
     """Copy HF-named tensors into `model` (which has a `cfg: ModelConfig`). Every tensor the table
-    lists for that config must come exactly once, in its shape, and nothing else may come. Then
-    each module's `finish_loading()`, where it has one, runs once."""
+    lists for that config must come exactly once, in its full shape, and nothing else may come;
+    a rank of a tensor-parallel model (`model.tp`) keeps its shard of each tensor its module
+    splits. Then each module's `finish_loading()`, where it has one, runs once."""
     wanted = {t.hf: t for t in checkpoint_tensors(model.cfg)}
     for name, tensor in weights:
         spec = wanted.pop(name, None)
@@ -40,10 +46,17 @@ def _copy_into(model: nn.Module, spec: CheckpointTensor, tensor: Tensor) -> None
         raise ValueError(f"{spec.hf}: shape {tuple(tensor.shape)}, expected {spec.shape}")
     owner, _, attr = spec.param.rpartition(".")
     module = model.get_submodule(owner)
-    if spec.part is None:
-        getattr(module, attr).data.copy_(tensor)
-    else:
-        module.load_part(spec.part, attr, tensor)  # a MergedLinear: its rows for this part
+    dim = getattr(module, "tp_dims", {}).get(attr)
+    if dim is not None:
+        tensor = model.tp.shard(tensor, dim)
+    if spec.part is not None:
+        module.load_part(spec.part, attr, tensor)  # a MergedLinear or the experts: this part's rows
+        return
+    target = getattr(module, attr).data
+    if dim is not None and tensor.shape[dim] < target.shape[dim]:  # a rank's padding rows
+        target.narrow(dim, tensor.shape[dim], target.shape[dim] - tensor.shape[dim]).zero_()
+        target = target.narrow(dim, 0, tensor.shape[dim])
+    target.copy_(tensor)
 
 
 def random_weights(

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled, StepLogprobs, max_prefix_slots
 from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.layers.parallel import SINGLE, TPGroup
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, iter_weights, load_model_config
@@ -102,15 +103,19 @@ def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
     return prefill + sampler + graphs + mla
 
 
-def kv_cache_tokens(cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device) -> int:
+def kv_cache_tokens(
+    cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device, tp: TPGroup = SINGLE
+) -> int:
     """Token slots for the KV cache: set by the CLI, or what memory allows once the weights are in.
 
     On CUDA: the free memory above the (1 - gpu_memory_utilization) share of the card left to
     others, less the activation reserve. Never more than every running request at full length
-    can use, never less than one request at full length (the scheduler needs that much)."""
+    can use, never less than one request at full length (the scheduler needs that much). Under
+    tensor parallelism this is one rank's answer (its own pools, its own card's memory); the ranks
+    must agree on one number, the least of theirs."""
     if cfg.kv_cache_tokens > 0:
         return cfg.kv_cache_tokens
-    per_token = model_family(model_cfg)[1].bytes_per_token(model_cfg, dtype)
+    per_token = model_family(model_cfg)[1].bytes_per_token(model_cfg, dtype, tp)
     if device.type == "cpu":
         budget = 2 << 30  # 2 GiB of host memory by default
     else:
@@ -125,10 +130,18 @@ class ModelRunner:
 
     Built in steps, in this order because each depends on the one before: load the model; size
     the KV cache from the memory the weights left free; allocate the cache, then the persistent
-    step buffers; capture the decode graphs, which read the cache and those buffers."""
+    step buffers; capture the decode graphs, which read the cache and those buffers.
 
-    def __init__(self, cfg: EngineConfig, progress: Callable[[int, int], None] | None = None):
-        self.cfg = cfg
+    `tp`: this process is one rank of a tensor-parallel group; it holds its shard of the model
+    and of the KV cache, and every rank must run every step (`launch`) in lockstep."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        progress: Callable[[int, int], None] | None = None,
+        tp: TPGroup = SINGLE,
+    ):
+        self.cfg, self.tp = cfg, tp
         self.device = resolve_device(cfg.device)
         self.model_cfg = load_model_config(cfg.model_path)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg)
@@ -137,13 +150,16 @@ class ModelRunner:
         self.model = self._load_model(progress)
         if self.device.type == "cuda":  # the KV sizing reads the driver's free memory: hand back
             torch.cuda.empty_cache()  # what loading freed (copies, DeepSeek's fused shared MLPs)
-        self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device)
+        # every rank must hold the same slots (the scheduler's capacity): the least of theirs
+        self.num_kv_tokens = tp.agree_min(
+            kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device, tp), self.device
+        )
         self._allocate_kv_cache()
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
 
     def _load_model(self, progress) -> LlamaForCausalLM | DeepseekForCausalLM:
-        model = self.model_cls(self.model_cfg, self.dtype, self.device)
+        model = self.model_cls(self.model_cfg, self.dtype, self.device, tp=self.tp)
         if self.cfg.load_format == "random":
             load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
             return model.eval()
@@ -161,14 +177,16 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         cfg = self.cfg
         # One extra cache slot and one extra table row: the sink that CUDA-graph padding writes to.
-        self.kv = self.kv_cls.allocate(self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device)
+        self.kv = self.kv_cls.allocate(
+            self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device, tp=self.tp
+        )
         self.req_to_token = torch.zeros(
             (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
         )
         log.info(
             "KV cache: %d token slots (%.2f GiB)",
             self.num_kv_tokens,
-            self.num_kv_tokens * self.kv_cls.bytes_per_token(self.model_cfg, self.dtype) / 2**30,
+            self.num_kv_tokens * self.kv_cls.bytes_per_token(self.model_cfg, self.dtype, self.tp) / 2**30,
         )
 
     def _allocate_buffers(self) -> None:
@@ -227,7 +245,13 @@ class ModelRunner:
         else:
             logits = self.model(step.input_ids, step.ctx, self.kv)  # [S + E, V]: E prompt logprob rows
         tokens = sample(logits[: step.num_samples], step.sampling)  # [S]
-        logprobs = compute_logprobs(logits, tokens, step.logprobs) if step.logprobs else None
+        # Under tensor parallelism every rank samples from the same logits with the same generator;
+        # rank 0's tokens are broadcast anyway, so that no rank can ever feed the next step others.
+        self.tp.broadcast(tokens)
+        # log-probabilities are reported by rank 0 only
+        logprobs = (
+            compute_logprobs(logits, tokens, step.logprobs) if step.logprobs and self.tp.rank == 0 else None
+        )
         self._last_sampled = tokens
         sampling_slots = [it.slot for it in batch.items if it.samples]
         self._last_index = {slot: i for i, slot in enumerate(sampling_slots)}
