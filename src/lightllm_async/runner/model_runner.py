@@ -150,10 +150,9 @@ class ModelRunner:
         self.model = self._load_model(progress)
         if self.device.type == "cuda":  # the KV sizing reads the driver's free memory: hand back
             torch.cuda.empty_cache()  # what loading freed (copies, DeepSeek's fused shared MLPs)
-        # every rank must hold the same slots (the scheduler's capacity): the least of theirs
-        self.num_kv_tokens = tp.agree_min(
-            kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device, tp), self.device
-        )
+        self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device, tp)
+        if not cfg.kv_cache_tokens:  # sized from each card's memory: every rank takes the least
+            self.num_kv_tokens = tp.agree_min(self.num_kv_tokens, self.device)
         self._allocate_kv_cache()
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
