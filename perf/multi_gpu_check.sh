@@ -18,9 +18,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_tp_gpu.py >"$OUT/pytest_tp.log" 2>&1
-  echo "pytest tp gpu exit $?"; grep -E "passed|failed|Error|agree" "$OUT/pytest_tp.log" | tail -6
+  timeout 150 python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
+  echo "tp_gpu_check exit $?"; tail -14 "$OUT/tp_gpu_check.log"
+  timeout 360 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_data_parallel.py \
+    >"$OUT/pytest_tp.log" 2>&1
+  echo "pytest tp/dp gpu exit $?"; grep -E "passed|failed|Error|agree" "$OUT/pytest_tp.log" | tail -8
 fi
+[ "${ONLY_TESTS:-0}" = 1 ] && exit 0
 
 d=/tmp/l3
 mkdir -p $d
