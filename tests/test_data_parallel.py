@@ -477,7 +477,7 @@ def test_on_two_gpus_each_replica_takes_its_own_and_the_output_equals_one_replic
     try:
         total = torch.cuda.mem_get_info(1)[1]
         used = [free[k] - torch.cuda.mem_get_info(k)[0] for k in range(2)]
-        assert min(used) > 0.1 * total, used  # each replica's KV cache on its own GPU
+        assert min(used) > 1 << 30, (used, total)  # each replica's weights and KV cache on its own GPU
         together = concurrently(lambda p: stream_token_ids(srv, p, 32), prompts)
         assert min(_metric(srv, "lightllm_async:replica_generation_tokens_total").values()) > 0
     finally:

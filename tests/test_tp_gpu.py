@@ -57,17 +57,29 @@ def test_greedy_tp2_equals_tp1_float32_with_graphs(shape, tmp_path):
     assert _greedy(path, 2, "float32", prompts, 24) == _greedy(path, 1, "float32", prompts, 24)
 
 
-def test_greedy_tp2_agrees_with_tp1_bfloat16(tmp_path):
-    cfg = shape_config("llama3-8b", "bfloat16", num_layers=4)  # weights made on the GPU, same seed
-    write_config_files(cfg, str(tmp_path))
-    write_tokenizer(cfg, str(tmp_path))
-    prompts, path, rnd = _prompts(8), str(tmp_path), ("--load-format", "random")
-    a, b = _greedy(path, 2, "bfloat16", prompts, 32, *rnd), _greedy(path, 1, "bfloat16", prompts, 32, *rnd)
-    # tokens up to each sequence's first difference, over all tokens
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of tokens before each sequence's first difference."""
     same = sum(
         next((i for i, (x, y) in enumerate(zip(s, t, strict=True)) if x != y), len(s))
         for s, t in zip(a, b, strict=True)
     )
-    rate = same / sum(map(len, a))
-    print(f"bf16 TP=2 vs TP=1: tokens agree up to the first difference: {rate:.1%}")
-    assert rate >= 0.8
+    return same / sum(map(len, a))
+
+
+def test_greedy_tp2_bfloat16_is_as_close_to_float32_as_tp1_bfloat16(tmp_path):
+    """Random weights give nearly flat logits, where bf16 rounding alone flips greedy choices: the
+    measure is how far each bf16 run strays from the float32 answer, TP=2 against TP=1."""
+    cfg = shape_config("llama3-8b", "bfloat16", num_layers=4)  # weights made on the GPU, same seed
+    write_config_files(cfg, str(tmp_path))
+    write_tokenizer(cfg, str(tmp_path))
+    prompts, path, rnd = _prompts(8), str(tmp_path), ("--load-format", "random")
+    exact = _greedy(path, 1, "float32", prompts, 32, *rnd)
+    tp2, tp1 = (
+        _greedy(path, 2, "bfloat16", prompts, 32, *rnd),
+        _greedy(path, 1, "bfloat16", prompts, 32, *rnd),
+    )
+    r2, r1 = _agreement(tp2, exact), _agreement(tp1, exact)
+    print(
+        f"bf16 agreement with float32: TP=2 {r2:.1%}, TP=1 {r1:.1%}; TP=2 with TP=1 {_agreement(tp2, tp1):.1%}"
+    )
+    assert r2 >= r1 - 0.15
