@@ -80,6 +80,7 @@ def test_greedy_tp2_bfloat16_is_as_close_to_float32_as_tp1_bfloat16(tmp_path):
     )
     r2, r1 = _agreement(tp2, exact), _agreement(tp1, exact)
     print(
-        f"bf16 agreement with float32: TP=2 {r2:.1%}, TP=1 {r1:.1%}; TP=2 with TP=1 {_agreement(tp2, tp1):.1%}"
+        f"bf16 agreement with float32: TP=2 {r2:.1%}, TP=1 {r1:.1%}; "
+        f"TP=2 with TP=1 {_agreement(tp2, tp1):.1%}"
     )
     assert r2 >= r1 - 0.15
