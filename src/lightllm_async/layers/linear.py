@@ -109,5 +109,5 @@ class RowParallelLinear(Linear):
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight)
         if self.reduce:
-            self.tp.all_reduce(y)
+            y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -30,11 +30,18 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Any = None
+    # small all-reduces over symmetric memory (a one-shot kernel: each rank reads its peers'
+    # buffers over NVLink), far less latency than NCCL's for a decode step's activations
+    small: SymmetricAllReduce | None = None
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        """Sum `x` over the ranks, in place; every rank gets the same bits."""
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+        """The sum of `x` over the ranks (in place through NCCL; a new tensor through symmetric
+        memory): use the returned tensor. Every rank gets the same bits."""
+        if self.size == 1:
+            return x
+        if self.small is not None and self.small.fits(x):
+            return self.small(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: Tensor, dim: int = -1) -> Tensor:
@@ -78,3 +85,48 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
+
+
+class SymmetricAllReduce:
+    """One-shot all-reduce through torch's symmetric memory (torch.ops.symm_mem): the input is
+    copied into this rank's registered buffer, and each rank sums every rank's buffer in rank
+    order (the same bits everywhere). For tensors up to `max_bytes` of `dtype` on CUDA; CUDA-graph
+    capturable. Built collectively by every rank of `group` (`create`), or None where the torch
+    build or the machine lacks it."""
+
+    def __init__(self, buf: Tensor, group_name: str):
+        self.buf, self.group_name = buf, group_name
+
+    @classmethod
+    def create(cls, group, dtype: torch.dtype, device, max_bytes: int) -> SymmetricAllReduce | None:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            name = group.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):
+                symm_mem.enable_symm_mem_for_group(name)
+            buf = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
+            symm_mem.rendezvous(buf, name)
+            op = cls(buf, name)
+            probe = torch.full((8,), 1.0, dtype=dtype, device=device)
+            if not torch.equal(op(probe), torch.full_like(probe, float(dist.get_world_size(group)))):
+                raise RuntimeError("a probe all-reduce gave a wrong sum")
+            return op
+        except Exception as exc:  # noqa: BLE001 - NCCL does every all-reduce then
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "symmetric-memory all-reduce unavailable (%r): NCCL only", exc
+            )
+            return None
+
+    def fits(self, x: Tensor) -> bool:
+        return x.dtype == self.buf.dtype and x.is_contiguous() and x.numel() <= self.buf.numel() and x.is_cuda
+
+    def __call__(self, x: Tensor) -> Tensor:
+        flat = x.view(-1)
+        out = torch.empty_like(flat)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(
+            self.buf[: flat.numel()], flat, "sum", self.group_name, out
+        )
+        return out.view_as(x)

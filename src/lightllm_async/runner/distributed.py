@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 
 from lightllm_async.config import EngineConfig
-from lightllm_async.layers.parallel import SINGLE, TPGroup
+from lightllm_async.layers.parallel import SINGLE, SymmetricAllReduce, TPGroup
+from lightllm_async.models.loader import load_model_config
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +20,10 @@ INIT_TIMEOUT = datetime.timedelta(minutes=30)
 # The step-record broadcast across hosts waits as long as the server idles.
 PLAN_TIMEOUT = datetime.timedelta(days=365)
 _plan_group = None
+# All-reduces up to this size (a decode step's activations: batch 128 x hidden 8192 in bf16 is
+# 2 MiB) go through symmetric memory; larger ones (prefill) through NCCL. LLA_TP_ALLREDUCE=nccl
+# sends every one through NCCL.
+SYMMETRIC_MAX_BYTES = 4 << 20
 
 
 def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
@@ -33,7 +39,13 @@ def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
     if cfg.nnodes > 1:  # every rank creates it, in the same order
         global _plan_group
         _plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
-    return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
+    small = None
+    if device.type == "cuda" and cfg.nnodes == 1 and os.environ.get("LLA_TP_ALLREDUCE", "symm") == "symm":
+        from lightllm_async.runner.model_runner import resolve_dtype
+
+        dtype = resolve_dtype(cfg.dtype, device, load_model_config(cfg.model_path))
+        small = SymmetricAllReduce.create(dist.group.WORLD, dtype, device, SYMMETRIC_MAX_BYTES)
+    return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD, small=small)
 
 
 def plan_group():
