@@ -49,7 +49,10 @@ ITEM_FIELDS = 12
 # The msgpack of one request's SamplingParams, bounded: stop strings never cross the region (the
 # engine's params have none), 16 stop ids, 300 logit-bias pairs at <= 14 bytes, scalars.
 PARAMS_BYTES_BOUND = 8192
-SPIN_S = 0.002  # busy-wait this long for the next record before napping
+# A follower busy-waits this long for the next record before napping: longer than a step, so
+# that a busy server's next record is seen at once (a nap on the critical path delays every
+# rank: each collective waits for the last one to arrive). Rank 0 waits for acks this long too.
+SPIN_S = 0.05
 NAP_S = 0.0002  # then nap this long between looks, for a second; then LONG_NAP_S (an idle server)
 LONG_NAP_S = 0.002
 
