@@ -210,9 +210,10 @@ def run_follower(
         cfg = place_replica(cfg, replica, region.num_replicas if region is not None else 1)
         runner = _make_runner(cfg, show_progress=False)  # joins the group: a broadcast plan needs it
         if region is not None:
-            from lightllm_async.ipc.steps import StepReader
+            from lightllm_async.ipc.steps import CPU_SPIN_S, SPIN_S, StepReader
 
-            reader = StepReader(region.step_channel(replica), cfg.tp_rank)
+            spin = CPU_SPIN_S if cfg.device == "cpu" else SPIN_S
+            reader = StepReader(region.step_channel(replica), cfg.tp_rank, spin)
         else:
             from lightllm_async.engine.plan_broadcast import BroadcastReader
             from lightllm_async.runner.distributed import plan_group

@@ -51,8 +51,11 @@ ITEM_FIELDS = 12
 PARAMS_BYTES_BOUND = 8192
 # A follower busy-waits this long for the next record before napping: longer than a step, so
 # that a busy server's next record is seen at once (a nap on the critical path delays every
-# rank: each collective waits for the last one to arrive). Rank 0 waits for acks this long too.
+# rank: each collective waits for the last one to arrive); on a GPU host a core per rank is there
+# to spare. Rank 0 waits for acks this long too. On the CPU, where the ranks' compute threads need
+# every core, followers spin CPU_SPIN_S.
 SPIN_S = 0.05
+CPU_SPIN_S = 0.0005
 NAP_S = 0.0002  # then nap this long between looks, for a second; then LONG_NAP_S (an idle server)
 LONG_NAP_S = 0.002
 
@@ -231,25 +234,28 @@ class StepWriter:
 class StepReader:
     """Follower `rank`'s end: `next()` is the next batch (None: rank 0 stopped), or a timeout."""
 
-    def __init__(self, channel: StepChannel, rank: int):
+    def __init__(self, channel: StepChannel, rank: int, spin_s: float = SPIN_S):
         if not 1 <= rank <= channel.num_followers:
             raise ValueError(f"follower rank must be in [1, {channel.num_followers}], got {rank}")
         self.ch, self.rank = channel, rank
         self.seq = channel.acked(rank)
         self.known: dict[int, SamplingParams] = {}
+        self._last = 0.0  # when the last record came (an idle follower naps instead of spinning)
+        self.spin_ns = int(spin_s * 1e9)
 
     def next(self, timeout: float | None = None) -> Batch | None:
         """The next record's batch; TimeoutError if none comes within `timeout` seconds."""
         nxt = self.seq + 1
         if self.ch.published() < nxt:
-            atomics.spin_while_equal_u64(self.ch.buf, self.ch._seq_off, self.seq, int(SPIN_S * 1e9))
             start = time.monotonic()
+            if start - self._last < 1.0:  # busy: the next record is due within a step
+                atomics.spin_while_equal_u64(self.ch.buf, self.ch._seq_off, self.seq, self.spin_ns)
             while self.ch.published() < nxt:
                 waited = time.monotonic() - start
                 if timeout is not None and waited > timeout:
                     raise TimeoutError("no step record")
                 time.sleep(NAP_S if waited < 1.0 else LONG_NAP_S)
         batch = decode(self.ch.buf, self.ch._buffer_off(nxt), self.known)
-        self.seq = nxt
+        self.seq, self._last = nxt, time.monotonic()
         atomics.store_release_u64(self.ch.buf, self.ch._ack_off(self.rank), nxt)
         return batch
