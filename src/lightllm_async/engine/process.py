@@ -212,7 +212,7 @@ def run_follower(
         if region is not None:
             from lightllm_async.ipc.steps import CPU_SPIN_S, SPIN_S, StepReader
 
-            spin = CPU_SPIN_S if cfg.device == "cpu" else SPIN_S
+            spin = SPIN_S if cfg.device.startswith("cuda") else CPU_SPIN_S
             reader = StepReader(region.step_channel(replica), cfg.tp_rank, spin)
         else:
             from lightllm_async.engine.plan_broadcast import BroadcastReader
