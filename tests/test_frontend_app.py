@@ -857,8 +857,10 @@ def test_the_engine_logs_progress_while_busy_and_never_a_prompt(caplog):
     start = engine._logged[0]
     assert not engine.log_progress(start + LOG_INTERVAL_S + 1)  # idle: nothing to say
     engine._generated_tokens = 60
+    engine._times = [4, 0.004, 0.008, 0.012, 0.002]  # 4 steps: 1/2/3/0.5 ms each
     with caplog.at_level("INFO", logger="lightllm_async.engine.engine"):
         assert not engine.log_progress(start + LOG_INTERVAL_S + 2)  # too soon after the last
         assert engine.log_progress(start + 2 * LOG_INTERVAL_S + 3)
     (line,) = caplog.messages
     assert line.startswith("prompt 0.0 tok/s, generation ") and "running 0, waiting 0" in line
+    assert line.endswith("4 steps, ms/step schedule/launch/device wait/outbox 1.00/2.00/3.00/0.50")

@@ -58,6 +58,9 @@ class Engine:
         self._generated_tokens = 0
         self._logged = (time.monotonic(), 0, 0)  # when the last progress line went out, and the totals then
         self._logprob_slots: set[int] = set()  # requests whose log-probabilities use the ring
+        # where a step's wall time goes, since the last progress line: steps, then seconds in
+        # schedule (inbox included), launch, waiting for the device, update + outbox
+        self._times = [0, 0.0, 0.0, 0.0, 0.0]
 
     def run(self) -> None:
         """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
@@ -74,17 +77,23 @@ class Engine:
     def step(self) -> bool:
         """One iteration: admit what arrived, launch the next step, complete the one in flight.
         False when there was nothing to launch or complete (the caller may sleep)."""
+        t0 = time.perf_counter()
         self.drain_inbox()
         self._refresh_logprob_limits()
         batch = self.scheduler.schedule()
+        scheduled = time.perf_counter() - t0
         if self.scheduler.first_admitted:  # the end of their queue time
             for req in self.scheduler.first_admitted:
                 self.region.set_scheduled(req.slot)
             self.scheduler.first_admitted.clear()
         previous, self._inflight = self._inflight, None
         if batch is not None:
+            self._times[0] += 1
+            self._times[1] += scheduled  # only steps' scheduling: an idle loop's polls are not counted
             try:
+                t0 = time.perf_counter()
                 self._inflight = (batch, self.runner.launch(batch))
+                self._times[2] += time.perf_counter() - t0
             except Exception as exc:
                 self._step_failed(batch, exc, [previous[0]] if previous else [])
                 return True
@@ -99,12 +108,16 @@ class Engine:
 
     def complete(self, batch: Batch, handle: Any) -> None:
         """Read a launched step's tokens, apply them, publish."""
+        t0 = time.perf_counter()
         sampled = self.runner.collect(handle)
+        t1 = time.perf_counter()
+        self._times[3] += t1 - t0
         logprobs = self._live_logprobs(batch, sampled)  # before update retires finished requests
         applied, finished = self.scheduler.update(batch, sampled)
         self._failures = 0
         self.publish(applied, finished, logprobs)
         self.region.beat()
+        self._times[4] += time.perf_counter() - t1
 
     # -- log-probabilities ------------------------------------------------------------------
 
@@ -227,15 +240,20 @@ class Engine:
         if not s.has_work() and prompt == self._prompt_tokens and generated == self._generated_tokens:
             return False
         used = 1 - s.num_free_tokens / s.kv.capacity if s.kv.capacity else 0.0
+        steps, *secs = self._times
+        self._times = [0, 0.0, 0.0, 0.0, 0.0]
+        per_step = "/".join(f"{1e3 * x / max(steps, 1):.2f}" for x in secs)
         log.info(
             "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%% used, "
-            "%d preemptions",
+            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s",
             (self._prompt_tokens - prompt) / dt,
             (self._generated_tokens - generated) / dt,
             len(s.running),
             len(s.waiting),
             100 * used,
             s.num_preemptions,
+            steps,
+            per_step,
         )
         return True
 
