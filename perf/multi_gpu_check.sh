@@ -51,6 +51,9 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
     --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 1 --api native \
     --tokenizer $d --out "$OUT/b1_$mode.json" >"$OUT/b1_$mode.log" 2>&1
   echo "$mode batch 1 exit $?"
+  if [ "${QUICK:-0}" = 1 ]; then  # batch 1 only, and where its steps' time goes
+    kill -INT $srv; wait $srv; grep -E "ms/step" "$OUT/server_$mode.log" | tail -2 | cut -c1-400; continue
+  fi
   python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 200 \
     --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 0 --api native \
     --tokenizer $d --out "$OUT/b100_$mode.json" >"$OUT/b100_$mode.log" 2>&1
