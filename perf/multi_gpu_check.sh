@@ -47,7 +47,7 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
   LLA_TP_ALLREDUCE=$allreduce python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
     --max-num-batched-tokens 8192 $flags >"$OUT/server_$mode.log" 2>&1 &
   srv=$!
-  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 1 --num-requests 4 \
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 1 --num-requests ${B1_N:-4} \
     --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 1 --api native \
     --tokenizer $d --out "$OUT/b1_$mode.json" >"$OUT/b1_$mode.log" 2>&1
   echo "$mode batch 1 exit $?"
