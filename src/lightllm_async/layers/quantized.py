@@ -30,8 +30,9 @@ from lightllm_async.layers.linear import Linear, MergedLinear
 
 GROUP = 32
 # From this many rows, unpacking to bfloat16 and `F.linear` beats the int4 kernel: the kernel's
-# time grows ~45 us a row on SmolLM2's gate|up, the unpacking costs ~2 ms at any count (one core
-# of a 4th-gen Xeon, perf/cpu_linear_bench.py).
+# time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms at any
+# count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core of a
+# 4th-gen Xeon).
 UNPACK_ROWS = 64
 
 
@@ -138,7 +139,7 @@ class Int4Linear(nn.Module):
 
     def unpacked(self) -> Tensor:
         """The [out, in] weight the kernel multiplies by, `(code - 8) * scale + zero` in float32
-        as it computes it, rounded to bfloat16 once. In place where it can: 2 ms for 3072 x 576
+        as it computes it, rounded to bfloat16 once. In place where it can: 2-3 ms for 3072 x 576
         on one core, where out-of-place ops (or a bfloat16 addcmul) took 5-8 ms."""
         out_f, in_f = self.out_features, self.in_features
         codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=self.nibbles.device)
