@@ -9,12 +9,13 @@ is per call, best of --repeats passes. The lm_head is one copy (113 MB in fp32 i
 - int8 `_weight_int8pack_mm`: int8 weights, one scale per output row;
 - int4 `_weight_int4pack_mm_for_cpu`: int4 weights packed by `_convert_weight_to_int4pack_for_cpu`,
   a scale and a zero per group of 32 inputs (GGUF Q4_0/Q4_1 blocks map onto it);
-- int4 unpacked to bf16, then bf16 `F.linear`: the weight expanded on the fly, for many rows;
+- int4 unpacked to bf16, then bf16 `F.linear`: the weight expanded on the fly, for many rows
+  (the int4 rows use the server's own `Int4Linear`, its kernel call and its unpacking);
 - `fp32 act` rows: the int kernels given fp32 activations (measured once at M = 1: slow paths).
 
 GB/s is the weight bytes read per call over the time.
 
-    python perf/cpu_linear_bench.py [--threads 1] [--repeats 5] [--rows 1,8,512]
+    PYTHONPATH=src python perf/cpu_linear_bench.py [--threads 1] [--repeats 5] [--rows 1,8,512]
 """
 
 from __future__ import annotations
@@ -25,30 +26,24 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightllm_async.layers.quantized import GROUP, Int4Linear, Int4Weight
+
 # (name, out_features, in_features): SmolLM2-135M's merged qkv, o_proj, gate_up, down; lm_head
 SHAPES = [("qkv", 960, 576), ("o_proj", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)]
 HEAD = ("lm_head", 49152, 576)
-GROUP = 32
 
 
-def int4_weight(w: torch.Tensor):
-    """(nibbles [N, K/2] uint8, kernel-packed, bf16 scale+zero [K/G, N, 2], bf16 scale, bf16 min)."""
+def int4_layer(w: torch.Tensor) -> Int4Linear:
+    """`w` rounded to 4-bit groups (min/max per group, as Q4_1) in the server's Int4Linear."""
     out_f, in_f = w.shape
     g = w.view(out_f, in_f // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
     scale = (hi - lo).clamp_min(1e-8) / 15
-    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).view(out_f, in_f)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-    sz = torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().bfloat16()
-    nibbles = q[:, ::2] | (q[:, 1::2] << 4)
-    return nibbles, packed, sz, scale.bfloat16()[..., None], lo.bfloat16()[..., None]
-
-
-def unpack_linear(x, nibbles, scale, lo):
-    n, half = nibbles.shape
-    q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(n, scale.shape[1], GROUP).float()
-    w = torch.addcmul(lo.float(), q, scale.float()).view(n, 2 * half).bfloat16()
-    return F.linear(x, w)
+    codes = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    layer = Int4Linear(in_f, {"": out_f}, False, torch.bfloat16, "cpu")
+    layer.load_part(None, "weight", Int4Weight(codes.view(out_f, in_f), scale, lo))
+    layer.finish_loading()
+    return layer
 
 
 def candidates(out_f: int, in_f: int, rows: int):
@@ -58,7 +53,8 @@ def candidates(out_f: int, in_f: int, rows: int):
     scale8 = w.abs().amax(1) / 127
     w8 = (w / scale8[:, None]).round().clamp(-128, 127).to(torch.int8)
     s8_bf16 = scale8.bfloat16()
-    nib, packed, sz, s4, lo4 = int4_weight(w)
+    int4 = int4_layer(w)
+    packed, sz = int4.packed, int4.scale_zero
     bf16, fp32 = torch.bfloat16, torch.float32
     out = [
         ("fp32 F.linear", fp32, w.nbytes, lambda x: F.linear(x, w)),
@@ -70,7 +66,7 @@ def candidates(out_f: int, in_f: int, rows: int):
             packed.nbytes + sz.nbytes,
             lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz),
         ),
-        ("int4→bf16 F.linear", bf16, nib.nbytes + sz.nbytes, lambda x: unpack_linear(x, nib, s4, lo4)),
+        ("int4→bf16 F.linear", bf16, int4.nibbles.nbytes + sz.nbytes, lambda x: F.linear(x, int4.unpacked())),
     ]
     if rows == 1:
         out += [
