@@ -4,12 +4,12 @@ A 4-bit GGUF weight (Q4_0, Q4_1, Q4_K) is `w = scale * code + min` per group of 
 (`formats/gguf_int4.py`). `_weight_int4pack_mm_for_cpu` computes `w = (code - 8) * scale + zero`
 per group from its packed codes, so zero = min + 8 * scale. The codes are kept as they are;
 scale and zero are rounded to bfloat16, because the kernel takes them in its activation dtype and
-its float32 path is 10-30x slower than its bfloat16 one (perf/cpu_linear_bench.py). That
+its float32 path is 20-40x slower than its bfloat16 one (perf/cpu_linear_bench.py). That
 rounding (relative 2^-9) and the bfloat16 activations are all that differs from the float32
 dequantized weights.
 
-One row (decode) reads 4.5 bits a weight instead of 32, and the kernel runs 3-7x faster than a
-float32 GEMV. At many rows (prefill) it is slower than even float32, while bfloat16 `F.linear`
+One row (decode) reads 4.5 bits a weight instead of 32, and the kernel runs 2.6-7.5x as fast as
+a float32 GEMV. At many rows (prefill) it is slower than even float32, while bfloat16 `F.linear`
 runs 6-7x faster than float32: there the codes are unpacked to a bfloat16 matrix for the call and
 dropped after (the kernel's own scale and zero; the products rounded to bfloat16).
 

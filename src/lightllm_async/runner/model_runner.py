@@ -57,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_quantization(cfg: EngineConfig, device: torch.device) -> dict[str, str]:
     """The parameters to keep packed in 4 bits, `{param: GGUF type}`; empty: all dequantized.
 
-    torch's int4 weight-only kernel is a CPU one, and runs 3-7x faster than a float32 GEMV at
+    torch's int4 weight-only kernel is a CPU one, and runs 2.6-7.5x as fast as a float32 GEMV at
     decode (perf/cpu_linear_bench.py), so "auto" packs a GGUF's 4-bit weights on the CPU only."""
     if cfg.quantization == "none":
         return {}
