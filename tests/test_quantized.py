@@ -271,3 +271,21 @@ def test_packed_smollm2_log_probabilities_stay_near_the_reference(smollm2_pair):
     diff = np.concatenate(diffs)
     assert diff.max() < 1.0 and diff.mean() < 0.08
     assert min(agree) > 0.9
+
+
+def test_the_default_server_on_the_cpu_keeps_smollm2_packed_and_says_so():
+    """Through the CLI and the engine process: no flag gives the packed path, the load line
+    names it, and the answer is still right."""
+    from serverproc import ServerProcess
+
+    _smollm2_path()
+    srv = ServerProcess("--device", "cpu", "--max-model-len", "512", "--kv-cache-tokens", "2048")
+    try:
+        log = srv.text_log()
+        assert "dtype bfloat16, quantization int4: 120 linear layers keep their Q4_1 weights packed" in log
+        question = {"role": "user", "content": "What is the capital of France?"}
+        body = {"messages": [question], "max_tokens": 12, "temperature": 0}
+        status, _, answer = srv.request("POST", "/v1/chat/completions", body)
+        assert status == 200 and "Paris" in answer["choices"][0]["message"]["content"]
+    finally:
+        assert srv.stop() == 0
