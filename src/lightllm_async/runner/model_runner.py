@@ -199,7 +199,7 @@ class ModelRunner:
                 f"(groups of 32, bfloat16 scales), the rest is {dtype}"
             )
         else:
-            quant = "none (weights dequantized)"
+            quant = "none (float weights)"
         log.info(
             "model %s loaded in %.1f s on %s: dtype %s, quantization %s",
             os.path.basename(os.path.normpath(self.cfg.model_path)),
