@@ -1,13 +1,17 @@
 """The embedded default model on this computer's CPU, as a newcomer meets it (issue 12), against
 llama.cpp on the same GGUF file in the same run when `llama-cpp-python` is installed.
 
-For each `--dtype` the whole server is started (`lightllm-async --device cpu`) and measured over
-HTTP from a client on the same machine: time from the command to "ready", prefill of a ~1000-token
-prompt (the first streamed token of a max_tokens=1 request), single-stream decode (128 tokens,
-after the first), and the aggregate rate of 8 concurrent streams of 64 tokens. llama.cpp runs
-in-process with as many threads as there are cores: the same prompt's prefill, and 128 greedy tokens.
+For each configuration (`--quantization:--dtype`) the whole server is started (`lightllm-async
+--device cpu`) and measured over HTTP from a client on the same machine: time from the command
+to "ready", prefill of a ~1000-token prompt (the first streamed token of a max_tokens=1
+request), single-stream decode (128 tokens, after the first), and the aggregate rate of 8
+concurrent streams of 64 tokens. llama.cpp runs in-process with as many threads as there are
+cores: the same prompt's prefill, and 128 greedy tokens.
 
-    python perf/cpu_bench.py [--dtypes float32,bfloat16] [--threads N]
+    python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16] [--threads N]
+
+The default runs the default server (`auto`: the GGUF's 4-bit weights packed, bfloat16) beside
+the dequantized float32 reference and the dequantized bfloat16 one.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ PORT = 8413
 TEXT = "The keeper climbed the spiral stairs of the lighthouse every evening at dusk. "
 
 
-def start(dtype: str, threads: int) -> tuple[subprocess.Popen, float]:
+def start(quantization: str, dtype: str, threads: int) -> tuple[subprocess.Popen, float]:
     cmd = [sys.executable, "-m", "lightllm_async.server", "--device", "cpu", "--port", str(PORT)]
-    cmd += ["--dtype", dtype, "--max-model-len", "2048", "--kv-cache-tokens", "16384"]
+    cmd += ["--quantization", quantization, "--dtype", dtype]
+    cmd += ["--max-model-len", "2048", "--kv-cache-tokens", "16384"]
     cmd += ["--max-num-batched-tokens", "2048"] + (["--cpu-threads", str(threads)] if threads else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
+        if "loaded in" in line:  # the engine's load line: what the weights are held in
+            print(line.split("engine INFO ")[-1].strip())
         if "lightllm-async ready" in line:
             ready = time.perf_counter() - t0
             threading.Thread(target=proc.stdout.read, daemon=True).start()
@@ -58,8 +65,9 @@ def stream(prompt: str, tokens: int) -> tuple[float, float, int]:
     return first or 0.0, time.perf_counter() - t0, tokens
 
 
-def ours(dtype: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
-    proc, ready = start(dtype, threads)
+def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
+    quantization, dtype = config.split(":")
+    proc, ready = start(quantization, dtype, threads)
     try:
         stream("Hello", 4)  # warm-up
         prefill = min(stream(f"{i}. {prompt}", 1)[0] for i in range(2))  # new prompts: no cache hit
@@ -79,7 +87,7 @@ def ours(dtype: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
         proc.terminate()
         proc.wait(30)
     return {
-        "engine": f"lightllm-async {dtype}",
+        "engine": f"lightllm-async {quantization}, {dtype}",
         "ready_s": ready,
         "prefill_tok_s": prompt_tokens / prefill,
         "decode_tok_s": (n - 1) / (total - first),
@@ -114,7 +122,11 @@ def llama_cpp(threads: int, prompt: str) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument(
+        "--configs",
+        default="auto:auto,none:float32,none:bfloat16",
+        help="comma-separated --quantization:--dtype pairs, one server each",
+    )
     ap.add_argument("--threads", type=int, default=0, help="--cpu-threads (default: the server's)")
     args = ap.parse_args()
     from lightllm_async.tokenizer import load_tokenizer
@@ -124,7 +136,7 @@ def main() -> None:
     ids = tok.encode(prompt)
     prompt = tok.decode(ids[:1000])
     n = len(tok.encode(prompt))
-    rows = [ours(d, args.threads, prompt, n) for d in args.dtypes.split(",")]
+    rows = [ours(c, args.threads, prompt, n) for c in args.configs.split(",")]
     ref = llama_cpp(args.threads or len(os.sched_getaffinity(0)), prompt)
     rows += [ref] if ref else []
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]

@@ -85,6 +85,8 @@ def ours_over_http(n: int, repeats: int) -> float:
             "1024",
             "--kv-cache-tokens",
             "4096",
+            "--quantization",
+            "none",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -128,7 +130,12 @@ def main() -> None:
     prompt = load_tokenizer(path).encode(PROMPT)
     runner = ModelRunner(
         EngineConfig(
-            model_path=path, device="cpu", max_model_len=1024, kv_cache_tokens=4096, max_running_requests=1
+            model_path=path,
+            device="cpu",
+            quantization="none",  # the float32 reference HF is compared with
+            max_model_len=1024,
+            kv_cache_tokens=4096,
+            max_running_requests=1,
         )
     )
     hf = AutoModelForCausalLM.from_pretrained(

@@ -52,12 +52,15 @@ def hf_smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_server():
-    """One SmolLM2 server on the CPU for the end-to-end tests that don't stop it."""
+    """One SmolLM2 server on the CPU for the end-to-end tests that don't stop it, dequantized to
+    float32 (test_server.py compares it with HF transformers)."""
     from serverproc import ServerProcess
 
     srv = ServerProcess(
         "--device",
         "cpu",
+        "--quantization",
+        "none",
         "--max-model-len",
         "1024",
         "--kv-cache-tokens",

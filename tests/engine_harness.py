@@ -32,14 +32,15 @@ def model_runner(
     kv_cache_tokens: int = 4096,
     max_running_requests: int = 8,
 ):
-    """The real ModelRunner on a small model, float32 (what HF parity runs in; "auto" is bfloat16
-    on CUDA)."""
+    """The real ModelRunner on a small model, float32 with every weight dequantized (what HF parity
+    runs in; "auto" is bfloat16 on CUDA, and 4-bit GGUF weights stay packed on the CPU)."""
     from lightllm_async.runner.model_runner import ModelRunner
 
     return ModelRunner(
         EngineConfig(
-            model_path=path, device=device, dtype="float32", max_model_len=max_model_len,
-            kv_cache_tokens=kv_cache_tokens, max_running_requests=max_running_requests,
+            model_path=path, device=device, dtype="float32", quantization="none",
+            max_model_len=max_model_len, kv_cache_tokens=kv_cache_tokens,
+            max_running_requests=max_running_requests,
         )
     )  # fmt: skip
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from gguf_files import llama_cpp_permute, write_gguf
 from lightllm_async.formats.gguf_file import GGUFFile
 from lightllm_async.models import loader
 from lightllm_async.models.gguf_model import llama3_factors, unpermute_rows
@@ -130,93 +131,13 @@ def test_missing_tensor_is_reported(tmp_path, tiny_dir):
         count_weights(str(tmp_path))
 
 
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, copied as the reference."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 @pytest.mark.parametrize("n_head,head_dim,cols", [(1, 2, 1), (3, 10, 7), (5, 6, 0)])
 def test_unpermute_inverts_llama_cpp_permutation(n_head, head_dim, cols):
     shape = (n_head * head_dim, cols) if cols else (n_head * head_dim,)
     w = np.random.default_rng(cols).standard_normal(shape).astype(np.float32)
-    permuted = _llama_cpp_permute(w, n_head)
+    permuted = llama_cpp_permute(w, n_head)
     assert head_dim == 2 or not np.array_equal(permuted, w)
     np.testing.assert_array_equal(unpermute_rows(permuted, n_head), w)
-
-
-def _write_gguf(
-    src_dir: str,
-    path: str,
-    arch: str,
-    *,
-    rope_freqs: np.ndarray | None = None,
-    rope_scaling: tuple[str, float] | None = None,
-) -> None:
-    """A llama.cpp-style GGUF of a HF folder: GGUF names, q/k rows permuted for arch llama,
-    every tensor F32 (the folder's bf16 values convert exactly). rope_scaling: (type, factor)."""
-    gguf = pytest.importorskip("gguf")
-    cfg = load_model_config(src_dir)
-    w = gguf.GGUFWriter(path, arch)
-    if rope_scaling is not None:
-        kind, factor = rope_scaling
-        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
-        w.add_rope_scaling_factor(factor)
-        w.add_rope_scaling_orig_ctx_len(cfg.max_position_embeddings)
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    with open(os.path.join(src_dir, "tokenizer.json")) as f:
-        tok = json.load(f)
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in vocab])
-    w.add_token_types([3 if i < 3 else 1 for _, i in vocab])
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    reverse = {
-        v: k
-        for k, v in {
-            "token_embd": "model.embed_tokens",
-            "output_norm": "model.norm",
-            "output": "lm_head",
-        }.items()
-    }
-    parts = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    for name, t in iter_weights(src_dir):
-        a = t.numpy()
-        base, kind = name.rsplit(".", 1)
-        if base in reverse:
-            gname = f"{reverse[base]}.{kind}"
-        else:
-            _, _, layer, rest = base.split(".", 3)
-            gname = f"blk.{layer}.{parts[rest]}.{kind}"
-        if arch == "llama" and ".attn_q." in gname:
-            a = _llama_cpp_permute(a, cfg.num_heads)
-        elif arch == "llama" and ".attn_k." in gname:
-            a = _llama_cpp_permute(a, cfg.num_kv_heads)
-        w.add_tensor(gname, np.ascontiguousarray(a))
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def _tiny_qwen2_dir(path: str) -> str:
@@ -228,7 +149,7 @@ def _tiny_qwen2_dir(path: str) -> str:
 def test_synthetic_gguf_roundtrips_to_hf_names_and_values(tmp_path, tiny_dir, arch):
     src = tiny_dir if arch == "llama" else _tiny_qwen2_dir(str(tmp_path / "qwen2"))
     path = str(tmp_path / f"{arch}.gguf")
-    _write_gguf(src, path, arch)
+    write_gguf(src, path, arch)
     want, got = dict(iter_weights(src)), dict(iter_weights(path))
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -245,14 +166,14 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path, tiny_dir):
     factors = llama3_factors(scaling, cfg.head_dim, cfg.rope_theta)
     assert factors.max() > 1.0 and factors.min() == 1.0  # the table mixes all three regions
     path = str(tmp_path / "l3.gguf")
-    _write_gguf(tiny_dir, path, "llama", rope_freqs=factors)
+    write_gguf(tiny_dir, path, "llama", rope_freqs=factors)
     assert load_model_config(path).rope_scaling == scaling
     assert count_weights(path) == count_weights(tiny_dir)  # rope_freqs is config, not a weight
 
 
 def test_linear_rope_scaling_is_read_from_gguf_metadata(tmp_path, tiny_dir):
     path = str(tmp_path / "linear.gguf")
-    _write_gguf(tiny_dir, path, "llama", rope_scaling=("linear", 4.0))
+    write_gguf(tiny_dir, path, "llama", rope_scaling=("linear", 4.0))
     assert load_model_config(path).rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
@@ -260,7 +181,7 @@ def test_yarn_rope_scaling_is_refused_at_load(tmp_path, tiny_dir):
     """The rotary kernel has no yarn: the file is refused when its config is read, naming why,
     not when an engine process builds its rope cache."""
     path = str(tmp_path / "yarn.gguf")
-    _write_gguf(tiny_dir, path, "llama", rope_scaling=("yarn", 4.0))
+    write_gguf(tiny_dir, path, "llama", rope_scaling=("yarn", 4.0))
     with pytest.raises(ValueError, match="rope scaling 'yarn' is not supported; supported: default, linear"):
         load_model_config(path)
 

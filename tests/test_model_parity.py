@@ -28,6 +28,7 @@ def smollm2(hf_smollm2):
         EngineConfig(
             model_path=default_model_path(),
             device="cpu",
+            quantization="none",  # the float32 reference (auto keeps the GGUF's 4-bit weights packed)
             max_model_len=512,
             kv_cache_tokens=8192,
             max_running_requests=8,

@@ -301,6 +301,9 @@ class EngineConfig:
     model_path: str
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:N]"
     dtype: str = "auto"  # "auto", "float32", "bfloat16", "float16"
+    # "auto": a GGUF's 4-bit weights kept packed on the CPU, dequantized elsewhere; "none":
+    # every weight dequantized (the float reference); "int4": packed, or an error (runner/model_runner.py)
+    quantization: str = "auto"
     load_format: str = "auto"  # "auto": the checkpoint; "random": random weights of its shape
     max_model_len: int = 2048
     max_running_requests: int = 64

@@ -72,7 +72,21 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         help="data parallelism: engine replicas, each with its own model copy, KV cache and GPU, behind "
         "one HTTP frontend; a request goes to the replica with the fewest requests in flight",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="activations and float weights; auto: bfloat16 on CUDA, and on the CPU bfloat16 with "
+        "packed 4-bit weights, float32 without",
+    )
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int4"],
+        help="auto: a GGUF's 4-bit weights (Q4_0, Q4_1, Q4_K) stay packed on the CPU and run through "
+        "torch's int4 kernel, dequantized elsewhere; none: every weight dequantized (the float "
+        "reference); int4: packed, or an error where they cannot be",
+    )
     p.add_argument(
         "--load-format",
         default="auto",
@@ -204,6 +218,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         model_path=model,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         load_format=args.load_format,
         max_model_len=max_model_len,
         max_running_requests=args.max_running_requests,

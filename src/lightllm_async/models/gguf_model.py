@@ -21,6 +21,7 @@ import numpy as np
 
 from lightllm_async.config import ModelConfig
 from lightllm_async.formats.gguf_file import GGUFFile, GGUFTensorInfo
+from lightllm_async.formats.gguf_int4 import INT4_TYPES, Int4Groups, int4_groups
 from lightllm_async.models.checkpoint import CheckpointTensor
 from lightllm_async.models.registry import checkpoint_tensors
 
@@ -147,11 +148,33 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_arrays(gf: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """`(hf_name, float32 array)` one tensor at a time, dequantized and un-permuted."""
+def iter_gguf_arrays(
+    gf: GGUFFile, cfg: ModelConfig, keep_int4: bool = False
+) -> Iterator[tuple[str, np.ndarray | Int4Groups]]:
+    """`(hf_name, array)` one tensor at a time, un-permuted: a float32 array, or with `keep_int4`
+    the 4-bit matrices as their groups (`formats/gguf_int4.py`), which lose nothing."""
     permuted = gf.architecture in _PERMUTED_ARCHS
     for info, row in weight_plan(gf, cfg):
-        w = gf.dequantize(info)
-        if permuted and row.rope_heads is not None:
-            w = unpermute_rows(w, row.rope_heads)
+        if keep_int4 and _is_int4_matrix(info):
+            w = int4_groups(gf.raw(info), info.ggml_type)
+            if permuted and row.rope_heads is not None:
+                w = w.map_rows(lambda a, n=row.rope_heads: unpermute_rows(a, n))
+        else:
+            w = gf.dequantize(info)
+            if permuted and row.rope_heads is not None:
+                w = unpermute_rows(w, row.rope_heads)
         yield row.hf, w
+
+
+def int4_params(gf: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
+    """The model parameters whose every checkpoint tensor is a 4-bit matrix: `{param: type name}`
+    (e.g. "layers.0.attn.qkv.weight": "Q4_1"; mixed types are joined with "+")."""
+    types: dict[str, set[str | None]] = {}
+    for info, row in weight_plan(gf, cfg):
+        kind = INT4_TYPES[info.ggml_type] if _is_int4_matrix(info) else None
+        types.setdefault(row.param, set()).add(kind)
+    return {param: "+".join(sorted(t)) for param, t in types.items() if None not in t}
+
+
+def _is_int4_matrix(info: GGUFTensorInfo) -> bool:
+    return info.ggml_type in INT4_TYPES and len(info.shape) == 2

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from lightllm_async.config import ModelConfig
 from lightllm_async.formats.gguf_file import GGUFFile, is_gguf
-from lightllm_async.models.gguf_model import gguf_model_config, iter_gguf_arrays, weight_plan
+from lightllm_async.formats.gguf_int4 import Int4Groups
+from lightllm_async.models.gguf_model import gguf_model_config, int4_params, iter_gguf_arrays, weight_plan
 from lightllm_async.models.registry import checkpoint_tensors
 
 if TYPE_CHECKING:
     import torch
+
+    from lightllm_async.layers.quantized import Int4Weight
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -79,20 +82,37 @@ def count_weights(path: str) -> int:
     return len(_safetensors_plan(path))
 
 
-def iter_weights(path: str, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def int4_weights(path: str) -> dict[str, str]:
+    """The parameters whose checkpoint tensors are all 4-bit GGUF matrices (`{param: type}`),
+    which `iter_weights(path, keep_int4=True)` yields as `Int4Weight`s; none for a HF folder."""
+    if not is_gguf(path):
+        return {}
+    gf = GGUFFile(path)
+    return int4_params(gf, gguf_model_config(gf))
+
+
+def iter_weights(
+    path: str, dtype: torch.dtype | None = None, keep_int4: bool = False
+) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     """Yield `(hf_name, tensor)` one at a time, converted to `dtype` (None: float32).
 
     Names are the HF names of the family's checkpoint table (`models/registry.py`), whatever the
-    file's format. GGUF tensors are dequantized and their q/k rows un-permuted; only one tensor is
-    materialized at a time.
+    file's format. GGUF tensors are dequantized and their q/k rows un-permuted; with `keep_int4`
+    its 4-bit matrices come as `Int4Weight`s instead (their codes, scales and mins, exact). Only
+    one tensor is materialized at a time.
     """
     import torch
+
+    from lightllm_async.layers.quantized import Int4Weight
 
     dtype = dtype or torch.float32
     if is_gguf(path):
         gf = GGUFFile(path)
-        for name, array in iter_gguf_arrays(gf, gguf_model_config(gf)):
-            yield name, torch.from_numpy(array).to(dtype)
+        for name, array in iter_gguf_arrays(gf, gguf_model_config(gf), keep_int4):
+            if isinstance(array, Int4Groups):
+                yield name, Int4Weight(*(torch.from_numpy(a) for a in (array.codes, array.scale, array.min)))
+            else:
+                yield name, torch.from_numpy(array).to(dtype)
         return
     from safetensors import safe_open
 

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from lightllm_async.config import ModelConfig
+from lightllm_async.layers.quantized import Int4Linear, Int4Weight
 from lightllm_async.models.checkpoint import CheckpointTensor
 from lightllm_async.models.registry import checkpoint_tensors
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor | Int4Weight]]) -> None:
     """Copy HF-named tensors into `model` (which has a `cfg: ModelConfig`). Every tensor the table
     lists for that config must come exactly once, in its full shape, and nothing else may come;
     a rank of a tensor-parallel model (`model.tp`) keeps its shard of each tensor its module
@@ -46,6 +47,11 @@ def _copy_into(model: nn.Module, spec: CheckpointTensor, tensor: Tensor) -> None
         raise ValueError(f"{spec.hf}: shape {tuple(tensor.shape)}, expected {spec.shape}")
     owner, _, attr = spec.param.rpartition(".")
     module = model.get_submodule(owner)
+    if isinstance(module, Int4Linear):  # a 4-bit weight kept packed (layers/quantized.py)
+        module.load_part(spec.part, attr, tensor)
+        return
+    if isinstance(tensor, Int4Weight):  # a 4-bit tensor for a float parameter
+        tensor = tensor.dequantize()
     dim = getattr(module, "tp_dims", {}).get(attr)
     if dim is not None:
         tensor = model.tp.shard(tensor, dim)

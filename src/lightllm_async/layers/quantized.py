@@ -1,0 +1,171 @@
+"""Linear layers that keep 4-bit weights packed and multiply with torch's CPU weight-only kernel.
+
+A 4-bit GGUF weight (Q4_0, Q4_1, Q4_K) is `w = scale * code + min` per group of 32 inputs
+(`formats/gguf_int4.py`). `_weight_int4pack_mm_for_cpu` computes `w = (code - 8) * scale + zero`
+per group from its packed codes, so zero = min + 8 * scale. The codes are kept as they are;
+scale and zero are rounded to bfloat16, because the kernel takes them in its activation dtype and
+its float32 path is 20-40x slower than its bfloat16 one (perf/cpu_linear_bench.py). That
+rounding (relative 2^-9) and the bfloat16 activations are all that differs from the float32
+dequantized weights.
+
+One row (decode) reads 4.5 bits a weight instead of 32, and the kernel runs 2.6-7.5x as fast as
+a float32 GEMV. At many rows (prefill) it is slower than even float32, while bfloat16 `F.linear`
+runs 6-7x faster than float32: there the codes are unpacked to a bfloat16 matrix for the call and
+dropped after (the kernel's own scale and zero; the products rounded to bfloat16).
+
+Models are not changed: `swap_int4_linears` replaces their `Linear` modules after construction,
+and the weight loader (`models/weights.py`) hands these layers `Int4Weight`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightllm_async.layers.linear import Linear, MergedLinear
+
+GROUP = 32
+# From this many rows, unpacking to bfloat16 and `F.linear` beats the int4 kernel: the kernel's
+# time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms at any
+# count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core of a
+# 4th-gen Xeon).
+UNPACK_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A checkpoint's [out, in] weight in groups of GROUP inputs: `w = scale * codes + min`."""
+
+    codes: Tensor  # [out, in] uint8, 0..15
+    scale: Tensor  # [out, in / GROUP] float32
+    min: Tensor  # [out, in / GROUP] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> Tensor:
+        """float32 [out, in], rounded as the GGUF dequantizers do (a product, then a sum)."""
+        out_f, in_f = self.codes.shape
+        groups = self.codes.view(out_f, in_f // GROUP, GROUP).float()
+        return (groups * self.scale[..., None] + self.min[..., None]).view(out_f, in_f)
+
+    def to(self, device) -> Int4Weight:
+        return Int4Weight(self.codes.to(device), self.scale.to(device), self.min.to(device))
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b), W held as int4 codes with a bfloat16 scale and zero per group of 32.
+
+    Parts (q|k|v, gate|up) load into their rows as in `MergedLinear`; `finish_loading` packs the
+    codes for the kernel once all are in. Any activation dtype goes in and comes back out; the
+    matmul runs in bfloat16. The codes are held twice, 4 bits each: in the kernel's layout, and
+    as `nibbles` (code j in the low half of byte j, code j + in/2 in the high half) to unpack."""
+
+    def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype, device):
+        """`part_sizes`: the output rows of each part, in order ({"": out_features} for one)."""
+        super().__init__()
+        out_features = sum(part_sizes.values())
+        if not self.supports(out_features, in_features):
+            raise ValueError(f"the int4 kernel cannot run a [{out_features}, {in_features}] weight")
+        self.in_features, self.out_features = in_features, out_features
+        self.offsets: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, size in part_sizes.items():
+            self.offsets[name] = (start, start + size)
+            start += size
+        groups = in_features // GROUP
+        nibbles = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("nibbles", nibbles)
+        # float32 while loading; finish_loading turns them into the kernel's bfloat16 scale_zero
+        self.register_buffer("scale", torch.empty(out_features, groups, device=device))
+        self.register_buffer("min", torch.empty(out_features, groups, device=device))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    @staticmethod
+    def supports(out_features: int, in_features: int) -> bool:
+        """The kernel's shape limits: whole groups of inputs, outputs in blocks of 16."""
+        return in_features % GROUP == 0 and out_features % 16 == 0 and out_features > 0
+
+    @classmethod
+    def like(cls, linear: Linear) -> Int4Linear:
+        """An empty Int4Linear of `linear`'s shape, parts and bias."""
+        out_f, in_f = linear.weight.shape
+        parts = {"": out_f}
+        if isinstance(linear, MergedLinear):
+            parts = {name: hi - lo for name, (lo, hi) in linear.offsets.items()}
+        return cls(in_f, parts, linear.bias is not None, linear.weight.dtype, linear.weight.device)
+
+    def load_part(self, part: str | None, kind: str, tensor: Tensor | Int4Weight) -> None:
+        """Copy the rows of `part` (None: all rows): an Int4Weight for "weight", floats for "bias"."""
+        lo, hi = self.offsets[part] if part is not None else (0, self.out_features)
+        if tensor.shape[0] != hi - lo:
+            raise ValueError(f"{part}.{kind}: expected {hi - lo} rows, got {tuple(tensor.shape)}")
+        if kind == "bias":
+            self.bias.data[lo:hi].copy_(tensor)
+            return
+        if not isinstance(tensor, Int4Weight):
+            raise TypeError(f"{part}.{kind}: Int4Linear loads 4-bit groups, not {type(tensor).__name__}")
+        half = self.in_features // 2
+        codes = tensor.codes.to(self.nibbles.device)
+        self.nibbles[lo:hi] = codes[:, :half] | (codes[:, half:] << 4)
+        self.scale[lo:hi].copy_(tensor.scale)
+        self.min[lo:hi].copy_(tensor.min)
+
+    def finish_loading(self) -> None:
+        """Pack the codes in the kernel's layout; scale and zero [in / GROUP, out, 2] bfloat16."""
+        scale_zero = torch.stack([self.scale, self.min + 8 * self.scale], -1).transpose(0, 1)
+        del self.scale, self.min
+        self.register_buffer("scale_zero", scale_zero.contiguous().bfloat16())
+        codes = torch.cat([self.nibbles & 15, self.nibbles >> 4], dim=1)  # [out, in]
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x16 = x.to(torch.bfloat16).contiguous()  # [T, in]
+        if x.shape[0] < UNPACK_ROWS:
+            y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
+        else:
+            y = F.linear(x16, self.unpacked())
+        y = y.to(x.dtype)  # [T, out]
+        return y if self.bias is None else y + self.bias
+
+    def unpacked(self) -> Tensor:
+        """The [out, in] weight the kernel multiplies by, `(code - 8) * scale + zero` in float32
+        as it computes it, rounded to bfloat16 once. In place where it can: 2-3 ms for 3072 x 576
+        on one core, where out-of-place ops (or a bfloat16 addcmul) took 5-8 ms."""
+        out_f, in_f = self.out_features, self.in_features
+        codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=self.nibbles.device)
+        torch.bitwise_and(self.nibbles, 15, out=codes[:, : in_f // 2])
+        torch.bitwise_right_shift(self.nibbles, 4, out=codes[:, in_f // 2 :])
+        w = codes.view(torch.int8).sub_(8).view(out_f, -1, GROUP).float()  # [out, in / G, G]
+        scale, zero = self.scale_zero.transpose(0, 1).float().unbind(-1)  # [out, in / G] each
+        w.mul_(scale[..., None]).add_(zero[..., None])
+        return w.view(out_f, in_f).bfloat16()
+
+    def split(self, y: Tensor) -> list[Tensor]:
+        return list(y.split([hi - lo for lo, hi in self.offsets.values()], dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Replace the `Linear` modules named `names` that the kernel can run by empty Int4Linears
+    of the same shape, before the weights load; returns the names replaced."""
+    swapped = []
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, Linear) or not Int4Linear.supports(*module.weight.shape):
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, Int4Linear.like(module))
+        swapped.append(name)
+    return swapped
