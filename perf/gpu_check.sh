@@ -11,15 +11,7 @@
 #   device run (carry .whl):  bash perf/gpu_check.sh correctness|serve|decode
 set -u
 part=${1:-correctness}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-rm -rf /tmp/site /tmp/lla  # a warm machine keeps the last call's install: never run stale code
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/lla . >"$OUT/build.log" 2>&1 || {
-  tail -30 "$OUT/build.log"; exit 1; }
-export PYTHONPATH=/tmp/lla:/tmp/site NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source perf/device_setup.sh
 
 case "$part" in
 correctness)

@@ -9,15 +9,7 @@
 #      with 200 clients (the same load per GPU as one GPU's 100).
 # A short table is printed last (perf/multi_gpu_table.py). Full logs and JSON go to $OUT.
 set -u
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-rm -rf /tmp/site /tmp/lla
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/lla . >"$OUT/build.log" 2>&1 || {
-  tail -30 "$OUT/build.log"; exit 1; }
-export PYTHONPATH=/tmp/lla:/tmp/site NCCL_NVLS_ENABLE=0 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source perf/device_setup.sh
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if [ "${MODEL_CHECK:-1}" = 1 ]; then

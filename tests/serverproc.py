@@ -181,6 +181,25 @@ def check_disconnect_frees_slot_and_kv(srv: ServerProcess, body) -> None:
         region.close()
 
 
+def kill_mid_stream(srv: ServerProcess, pid: int, streams: int = 3, after: float = 0.5) -> tuple[float, list]:
+    """Start `streams` long completions, SIGKILL `pid` (an engine process) `after` seconds in, wait
+    for the streams to end: (seconds from the kill until the last ended, each stream's events)."""
+    results: list = []
+
+    def streamer():
+        results.append(srv.stream("/v1/completions", {"prompt": "x", "max_tokens": 3000, "stream": True}))
+
+    threads = [threading.Thread(target=streamer) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    time.sleep(after)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    for t in threads:
+        t.join(10)
+    return time.monotonic() - killed, results
+
+
 def _parse(raw: bytes):
     try:
         return json.loads(raw)

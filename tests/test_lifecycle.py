@@ -10,13 +10,11 @@ import json
 import os
 import signal
 import stat
-import threading
-import time
 
 import pytest
 
 from lightllm_async.ipc import Region
-from serverproc import ServerProcess, wait_until
+from serverproc import ServerProcess, kill_mid_stream, wait_until
 
 
 def children_of(pid: int) -> list[int]:
@@ -81,21 +79,8 @@ def test_after_kill_9_of_the_tree_the_next_start_cleans_the_stale_region():
 
 def test_engine_killed_mid_stream_errors_requests_and_server_exits_nonzero():
     srv = ServerProcess("--model", "dummy", "--dummy-step-time", "0.02")
-    engine = engine_pid(srv)
-    results: list = []
-
-    def streamer():
-        results.append(srv.stream("/v1/completions", {"prompt": "x", "max_tokens": 3000, "stream": True}))
-
-    threads = [threading.Thread(target=streamer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    os.kill(engine, signal.SIGKILL)
-    killed = time.monotonic()
-    for t in threads:
-        t.join(10)
-    assert time.monotonic() - killed < 3
+    seconds, results = kill_mid_stream(srv, engine_pid(srv))
+    assert seconds < 3
     for events in results:
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
     assert srv.proc.wait(10) != 0

@@ -8,15 +8,13 @@ every step, stop together, and the death of any rank ends the server like a sing
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import threading
-import time
 
 import pytest
 
-from serverproc import ServerProcess, wait_until
+from serverproc import ServerProcess, kill_mid_stream, wait_until
 from test_lifecycle import alive, children_of, engine_pid, region_files
 
 
@@ -73,20 +71,8 @@ def test_tp3_serves_as_tp1_and_every_rank_follows_then_stops_cleanly():
 def test_a_rank_killed_mid_stream_errors_requests_within_2s_and_the_server_exits_1(victim):
     srv = ServerProcess("--model", "dummy", "--tp", "2", "--dummy-step-time", "0.02")
     rank0, followers = engine_ranks(srv)
-    results: list = []
-
-    def streamer():
-        results.append(srv.stream("/v1/completions", {"prompt": "x", "max_tokens": 3000, "stream": True}))
-
-    threads = [threading.Thread(target=streamer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(0.5)
-    os.kill(followers[0] if victim == "follower" else rank0, signal.SIGKILL)
-    killed = time.monotonic()
-    for t in threads:
-        t.join(10)
-    assert time.monotonic() - killed < 2.5
+    seconds, results = kill_mid_stream(srv, followers[0] if victim == "follower" else rank0)
+    assert seconds < 2.5
     assert len(results) == 3
     for events in results:
         assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
