@@ -159,7 +159,7 @@ def quantized_tiny(request, tmp_path_factory) -> str:
 def test_the_loader_keeps_only_all_4bit_parameters_and_loses_nothing(quantized_tiny):
     packed = int4_weights(quantized_tiny)
     per_layer = {"attn.o_proj.weight": "Q4_1", "mlp.gate_up.weight": "Q4_1", "mlp.down.weight": "Q4_1"}
-    want = {f"layers.{i}.{p}": t for i in range(3) for p, t in per_layer.items()} | {"lm_head": "Q4_0"}
+    want = {f"layers.{i}.{p}": t for i in range(3) for p, t in per_layer.items()} | {"lm_head.weight": "Q4_0"}
     assert packed == want  # qkv is not: its v is Q8_0
     floats = dict(iter_weights(quantized_tiny))
     kept = dict(iter_weights(quantized_tiny, keep_int4=True))
@@ -239,7 +239,7 @@ def test_auto_packs_every_smollm2_linear_and_runs_bfloat16(smollm2_pair):
     packed, ref, _, _ = smollm2_pair
     layers = [m for m in packed.model.modules() if isinstance(m, Linear | Int4Linear)]
     assert len(layers) == 4 * 30 and all(isinstance(m, Int4Linear) for m in layers)
-    assert packed.dtype == torch.bfloat16 and packed.model.embed.dtype == torch.bfloat16
+    assert packed.dtype == torch.bfloat16 and packed.model.embed.weight.dtype == torch.bfloat16
     assert not any(isinstance(m, Int4Linear) for m in ref.model.modules())
 
 
