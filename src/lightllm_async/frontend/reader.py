@@ -380,4 +380,5 @@ class Reader:
             log.error("%s died with %d requests in flight", which, len(lost))
         for h in lost:
             self._forget(h)
+            h.replica = replica  # the one the error names
             h._fail()
