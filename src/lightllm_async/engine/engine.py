@@ -192,7 +192,9 @@ class Engine:
         self._prompt_tokens += len(view.prompt_ids)
         if view.params.wants_logprobs:
             self._logprob_slots.add(slot)
-        req = Request(slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals)
+        req = Request(
+            slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
+        )
         if self.pd is not None and KVManager.shares_prefix(req):  # else it runs here to the end
             req.handoff_to = self.region.handoff_target(slot)
         self.scheduler.add(req)

@@ -14,10 +14,10 @@ from lightllm_async.ipc.region import Region
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
+    HandoffView,
     Op,
     OutputView,
     RegionSpec,
-    HandoffView,
     RequestView,
     RingRecord,
     SlotState,

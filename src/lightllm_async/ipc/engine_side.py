@@ -147,9 +147,10 @@ class EngineRegion(RegionView):
         plen, *fields = REQUEST_FIELDS.unpack_from(self._mm, self._layout.slot_off(slot) + PROMPT_LEN)
         params = _params(tuple(fields), self._extras.read(self._mm, slot))
         s = self._slots[slot]
-        n = s.num_output
+        tokens = self._tokens[slot, : plen + s.num_output].tolist()
+        prompt, output = tokens[:plen], tokens[plen:]
         return HandoffView(
-            slot, gen, self._tokens[slot, :plen].tolist(), params, self._tokens[slot, plen : plen + n].tolist(),
+            slot, gen, prompt, params, output,
             int(s.handoff_from), int(s.handoff_seq), int(s.cached_tokens),
         )  # fmt: skip
 
