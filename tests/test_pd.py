@@ -44,7 +44,7 @@ def pd(request, tmp_path_factory):
     srv = _server(path)
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        yield srv, hf, load_tokenizer(path)
+        yield srv, hf, load_tokenizer(path), path
         assert srv.stop() == 0
     finally:
         if srv.proc.poll() is None:
@@ -68,7 +68,7 @@ def _metric(srv: ServerProcess, name: str) -> dict[str, float]:
 
 
 def test_greedy_through_prefill_then_decode_equals_hf_transformers(pd):
-    srv, hf, tok = pd
+    srv, hf, tok, _ = pd
     generated = "lightllm_async:replica_generation_tokens_total"
     before = _metric(srv, generated)
     rng = random.Random(5)
@@ -106,8 +106,64 @@ def test_concurrent_requests_each_equal_the_request_alone(pd):
     assert concurrently(text, bodies) == alone
 
 
+def test_sampled_requests_with_logprobs_penalties_and_choices_equal_the_unified_servers(pd):
+    """Seeded sampling is a function of (seed, position), so the decode engine continues exactly
+    where the unified engine would; log-probabilities flow through the slot's ring across the
+    handoff; a request with penalties runs whole on the prefill engine (they read every position
+    fed in its own row, which a received prefix never is)."""
+    srv, _, _, path = pd
+    base = {"prompt": "the brown fox and the latent query", "max_tokens": 12, "ignore_eos": True}
+    bodies = [
+        {**base, "temperature": 1.2, "top_p": 0.9, "seed": 77, "logprobs": 2},
+        {**base, "temperature": 0.8, "seed": 5, "n": 2},
+        {**base, "temperature": 0, "presence_penalty": 0.7, "frequency_penalty": 0.3},
+        {**base, "temperature": 0, "max_tokens": 1, "logprobs": 1},
+    ]
+    with_pd = [srv.request("POST", "/v1/completions", b)[2] for b in bodies]
+    one = ServerProcess(
+        "--model", path, "--device", "cpu", "--max-model-len", "512", "--max-running-requests", "8",
+        "--num-slots", "24", "--max-num-batched-tokens", "32", "--cpu-threads", "1",
+    )  # fmt: skip
+    try:
+        unified = [one.request("POST", "/v1/completions", b)[2] for b in bodies]
+    finally:
+        assert one.stop() == 0
+    for got, want in zip(with_pd, unified, strict=True):
+        assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+        for key in ("prompt_tokens", "completion_tokens"):  # cached tokens: each server's own history
+            assert got["usage"][key] == want["usage"][key]
+        for c, w in zip(got["choices"], want["choices"], strict=True):
+            if w["logprobs"] is not None:
+                assert c["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+                assert c["logprobs"]["token_logprobs"] == pytest.approx(
+                    w["logprobs"]["token_logprobs"], abs=1e-4
+                )
+
+
+def test_the_first_token_streams_from_the_prefill_engine_before_the_decode_engine_runs(pd):
+    srv, hf, tok, _ = pd
+    region = Region.attach(srv.region_name)
+    decode_pid = region.replica_pid(1)
+    region.close()
+    text = "the router and the expert"
+    want = hf_greedy(hf, tok.encode(text), 8)
+    os.kill(decode_pid, signal.SIGSTOP)  # the decode engine cannot run a step
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        body = {"inputs": text, "parameters": {"max_new_tokens": 8, "do_sample": False, "ignore_eos": True}}
+        conn.request("POST", "/generate_stream", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.readline()
+        assert first.startswith(b"data:") and json.loads(first[5:])["token"]["id"] == want[0]
+    finally:
+        os.kill(decode_pid, signal.SIGCONT)
+    rest = [json.loads(line[5:])["token"]["id"] for line in resp if line.startswith(b"data:")]
+    conn.close()
+    assert [want[0], *rest] == want
+
+
 def test_a_repeated_prompt_reports_the_prefill_engines_cached_tokens(pd):
-    srv, _, tok = pd
+    srv, _, tok, _ = pd
     body = {"prompt": " ".join(["brown fox"] * 20), "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     first = srv.request("POST", "/v1/completions", body)[2]
     again = srv.request("POST", "/v1/completions", body)[2]
