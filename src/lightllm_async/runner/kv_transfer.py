@@ -56,14 +56,17 @@ def bytes_per_token(pools: list[torch.Tensor]) -> int:
 class _PeerWorker:
     """Runs `job()`s for one peer, in the order queued, on a daemon thread."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device: torch.device):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._device = device
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     def put(self, job) -> None:
         self._jobs.put(job)
 
     def _run(self) -> None:
+        if self._device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self._device)
         while True:
             self._jobs.get()()
 
@@ -93,13 +96,21 @@ class _Ends:
 
     def _worker(self, peer: int) -> _PeerWorker:
         if peer not in self._workers:
-            self._workers[peer] = _PeerWorker(f"kv-{self._kind}-{peer}")
+            self._workers[peer] = _PeerWorker(f"kv-{self._kind}-{peer}", self.device)
         return self._workers[peer]
 
     def _queue(self, peer: int, t: Transfer, op) -> None:
+        # the buffers were written on the engine thread's stream: the worker's current stream is
+        # another (streams are per thread), so it waits for an event recorded there
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+
         def job() -> None:
             try:
-                _sync(self.device)
+                if ready is not None:
+                    ready.synchronize()
                 for i, b in enumerate(t.bufs):
                     op(b, peer, i)
                 _sync(self.device)
