@@ -239,3 +239,61 @@ def test_a_transfer_aborted_meanwhile_is_still_received_then_ends_and_frees_its_
     side.progress(eng, now=0)
     assert rx.stored and eng.ended == [(4, FinishReason.ABORT)] and eng.admitted == []
     assert s.num_free_tokens == s.kv.capacity
+
+
+def test_the_reader_relays_a_handoff_to_the_chosen_decode_replica_and_fails_what_a_dead_prefill_fed(
+    region, monkeypatch
+):
+    import asyncio
+
+    from lightllm_async.frontend import reader as reader_mod
+    from lightllm_async.frontend.reader import Reader
+
+    monkeypatch.setattr(reader_mod, "LIVENESS_INTERVAL_S", 0.02)
+    front, prefill, decode = region
+    alive = [True, True]
+
+    async def main() -> None:
+        reader = Reader(front, lambda: all(alive), lambda: alive, pd_prefill=1)
+        await reader.start()
+        try:
+            a, b = reader.submit([1, 2], GREEDY), reader.submit([3, 4], GREEDY)
+            assert (a.replica, a.source, a.decode) == (0, 0, 1) and front.owner(a.slot) == 0
+            assert decode.drain_ring() == []
+            for rec in prefill.drain_ring():
+                prefill.set_running(rec.slot)
+                assert prefill.handoff_target(rec.slot) == 1
+            prefill.append_tokens(a.slot, [9])
+            prefill.hand_off(a.slot, 0)  # a is handed off, b still computes its prompt
+            prefill.notify_frontend()
+            assert await asyncio.wait_for(a.wait(), 2) == [9]  # the first token, before any decode
+            assert decode.drain_ring() == [(a.slot, a.gen, Op.HANDOFF)]
+            assert a.replica == 1 and front.owner(a.slot) == 1 and front.owner(b.slot) == 0
+            assert reader._prefills.outstanding == [1] and reader._decodes.outstanding == [2]
+            alive[0] = False  # the prefill replica dies: b (on it) and a (its KV came from it) fail
+            await asyncio.sleep(0.2)
+            assert a.engine_dead and b.engine_dead and a.replica == 0
+            assert reader._prefills.outstanding == [0] and reader._decodes.outstanding == [0]
+        finally:
+            await reader.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_the_pd_flag_reaches_the_config_and_refuses_what_it_cannot_serve(tmp_path):
+    from lightllm_async.server import _engine_processes, build_parser, resolve_config
+    from lightllm_async.tools.make_random_model import make_random_model
+
+    path = make_random_model("tiny", str(tmp_path), "float32", seed=1)
+    cfg = resolve_config(build_parser().parse_args(["--model", path, "--pd", "prefill=2,decode=1"]))
+    assert (cfg.dp, cfg.pd_prefill) == (3, 2)
+    groups = _engine_processes(cfg, "/lla-x")
+    roles = [g[0]._args[0].pd_role for g in groups]
+    assert roles == ["prefill", "prefill", "decode"] and {g[0]._args[0].pd_world for g in groups} == {3}
+    assert len({g[0]._args[0].pd_init for g in groups}) == 1
+    for bad in (["--pd", "prefill=1"], ["--pd", "prefill=0,decode=1"], ["--pd", "prefill=1,decode=1,x=2"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--model", path, *bad])
+    for other in (["--dp", "2"], ["--tp", "2"]):
+        with pytest.raises(SystemExit):
+            resolve_config(build_parser().parse_args(["--model", path, "--pd", "prefill=1,decode=1", *other]))
