@@ -67,8 +67,8 @@ def test_the_decode_replica_may_end_a_slot_it_has_not_resumed(region):
     prefill.set_running(slot)
     prefill.append_tokens(slot, [8])
     prefill.hand_off(slot, 0)
-    assert front.abort(slot, gen)  # the flag only: no engine is listening for records now
-    assert prefill.drain_ring()[-1].op == Op.SUBMIT
+    assert front.abort(slot, gen)  # the flag, and a record for the owner (still the prefill replica)
+    assert [r.op for r in prefill.drain_ring()] == [Op.SUBMIT, Op.ABORT]
     assert decode.finish(slot, FinishReason.ERROR)
     assert front.free_slot(slot, gen)
 
@@ -297,3 +297,17 @@ def test_the_pd_flag_reaches_the_config_and_refuses_what_it_cannot_serve(tmp_pat
     for other in (["--dp", "2"], ["--tp", "2"]):
         with pytest.raises(SystemExit):
             resolve_config(build_parser().parse_args(["--model", path, "--pd", "prefill=1,decode=1", *other]))
+
+
+def test_an_abort_after_the_relay_reaches_the_decode_replica_even_before_it_resumes(region):
+    front, prefill, decode = region
+    slot, gen = front.start_request([5, 6], GREEDY, replica=0, handoff_to=1)
+    prefill.drain_ring()
+    prefill.set_running(slot)
+    prefill.append_tokens(slot, [8])
+    prefill.hand_off(slot, 0)
+    front.relay_handoff(slot, gen, 1)
+    assert not decode.is_aborted(slot)  # the decode replica looks, then may resume: the abort comes now
+    front.abort(slot, gen)  # in HANDOFF still, as the frontend saw it: a record tells the replica anyway
+    assert decode.drain_ring() == [(slot, gen, Op.HANDOFF), (slot, gen, Op.ABORT)]
+    assert prefill.drain_ring() == []

@@ -179,7 +179,9 @@ class FrontendRegion(RegionView):
         if atomics.load_acquire_u32(self._mm, off):
             return True
         atomics.store_release_u32(self._mm, off, 1)
-        if state in (SlotState.QUEUED, SlotState.RUNNING):
+        # HANDOFF too (--pd): the decode replica it was relayed to may resume it at any moment, having
+        # looked at the flag just before we set it; a replica that does not hold it ignores the record
+        if state in (SlotState.QUEUED, SlotState.RUNNING, SlotState.HANDOFF):
             self._push(slot, gen, Op.ABORT)
         return True
 
