@@ -236,6 +236,38 @@ def test_requests_aborted_at_every_stage_leak_nothing(pd):
         region.close()
 
 
+def test_two_prefill_and_two_decode_engines_serve_concurrent_requests_like_one_request_at_a_time(tiny_path):
+    """Four transfer pairs, each numbered and received in its own order: output equals each request
+    alone (and, per the tests above, HF's), and every engine takes a share."""
+    srv = ServerProcess(
+        "--model", tiny_path, "--device", "cpu", "--pd", "prefill=2,decode=2", "--max-model-len", "512",
+        "--max-running-requests", "8", "--num-slots", "48", "--max-num-batched-tokens", "32",
+        "--cpu-threads", "1",
+    )  # fmt: skip
+    try:
+        rng = random.Random(11)
+        bodies = [
+            {"prompt": " ".join(rng.choices(WORDS, k=rng.choice([2, 9, 40, 100]))),
+             "max_tokens": rng.randint(2, 30), "temperature": 0, "ignore_eos": True}
+            for _ in range(32)
+        ]  # fmt: skip
+
+        def text(body):
+            status, _, resp = srv.request("POST", "/v1/completions", body)
+            assert status == 200, resp
+            return resp["choices"][0]["text"]
+
+        alone = [text(b) for b in bodies[:8]]
+        assert concurrently(text, bodies)[:8] == alone
+        made = _metric(srv, "lightllm_async:replica_generation_tokens_total")
+        assert made["0"] + made["1"] == 40  # one token a request on the prefill engines
+        assert made["0"] and made["1"] and made["2"] and made["3"], made
+        assert sum(made.values()) == sum(b["max_tokens"] for b in [*bodies, *bodies[:8]])
+    finally:
+        assert srv.stop() == 0
+    assert _shm_files(srv) == []
+
+
 # ---------------------------------------------------------------- an engine dies
 
 
