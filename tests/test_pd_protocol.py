@@ -311,3 +311,26 @@ def test_an_abort_after_the_relay_reaches_the_decode_replica_even_before_it_resu
     front.abort(slot, gen)  # in HANDOFF still, as the frontend saw it: a record tells the replica anyway
     assert decode.drain_ring() == [(slot, gen, Op.HANDOFF), (slot, gen, Op.ABORT)]
     assert prefill.drain_ring() == []
+
+
+def test_a_prefill_replica_admits_no_new_prompt_while_its_kv_sends_are_backed_up():
+    from lightllm_async.engine.disagg import PrefillSide
+
+    class Sender:
+        busy, inflight_tokens = True, 0
+
+        def poll(self):
+            pass
+
+    class Engine:
+        scheduler = _sched()
+
+    sender, eng = Sender(), Engine()
+    side = PrefillSide(None, sender, max_inflight_tokens=100)
+    eng.scheduler.add(Request(slot=1, gen=0, prompt_ids=[1, 2], params=GREEDY, arrival=1, handoff_to=1))
+    sender.inflight_tokens = 101  # the decode replica stalls
+    side.progress(eng)
+    assert eng.scheduler.schedule() is None and eng.scheduler.waiting
+    sender.inflight_tokens = 100
+    side.progress(eng)
+    assert eng.scheduler.schedule() is not None

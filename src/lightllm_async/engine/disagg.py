@@ -37,6 +37,7 @@ TRANSFER_TIMEOUT_S = 30.0
 
 class Sender(Protocol):
     busy: bool
+    inflight_tokens: int
 
     def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> None: ...
 
@@ -52,11 +53,17 @@ class Receiver(Protocol):
 
 
 class PrefillSide:
-    """A prefill replica's half: hands finished prompts to their decode replicas."""
+    """A prefill replica's half: hands finished prompts to their decode replicas.
 
-    def __init__(self, region: EngineRegion, sender: Sender):
+    Back-pressure: the KV of a handed-off request waits in send buffers (outside the KV cache)
+    until its decode replica receives it. While more than `max_inflight_tokens` positions wait, the
+    replica admits no new prompt (those running finish and hand off), so a decode replica that
+    stalls cannot make the prefill replica's memory grow without bound."""
+
+    def __init__(self, region: EngineRegion, sender: Sender, max_inflight_tokens: int = 1 << 62):
         self.region = region
         self.sender = sender
+        self.max_inflight_tokens = max_inflight_tokens
         self._next_seq: dict[int, int] = {}  # by decode replica
         self.num_handed_off = 0
 
@@ -75,6 +82,7 @@ class PrefillSide:
 
     def progress(self, engine: Any) -> bool:
         self.sender.poll()
+        engine.scheduler.accepting = self.sender.inflight_tokens <= self.max_inflight_tokens
         return False
 
     @property

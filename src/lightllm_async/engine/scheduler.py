@@ -104,6 +104,8 @@ class Scheduler:
         # prompts that running requests are computing and have not cached yet: prompt key -> count
         self._prompts_in_prefill: dict[int, int] = {}
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
+        # False: admit nothing new for now (--pd: a prefill engine whose KV sends are backed up)
+        self.accepting = True
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ class Scheduler:
             items.append(self._take(req, n))
             budget -= n
         prefix_room = self.max_prefix_slots
-        while budget > 0 and self.waiting and not self.waiting[0].suspect:
+        while budget > 0 and self.waiting and not self.waiting[0].suspect and self.accepting:
             req = self.waiting[0]
             if self._room(req, budget) == 0 or not self._admit(req, prefix_room):
                 break

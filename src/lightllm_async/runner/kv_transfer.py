@@ -128,18 +128,22 @@ class KVSender(_Ends):
     def __init__(self, pools: list[torch.Tensor]):
         super().__init__(pools, "send")
         self._inflight: list[Transfer] = []
+        self.inflight_tokens = 0  # positions gathered and not sent yet (memory outside the KV cache)
 
     def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> None:
         idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
         t = Transfer([p.index_select(0, idx) for p in self.pools], threading.Event())  # [n, ...] each
         self._queue(dest, t, lambda b, peer, i: dist.send(b, dst=peer, tag=_tag(seq, i)))
         self._inflight.append(t)
+        self.inflight_tokens += len(kv_slots)
         self.bytes_moved += sum(b.numel() * b.element_size() for b in t.bufs)
 
     def poll(self) -> None:
         for t in self._inflight:
-            if t.done.is_set() and t.error is not None:
-                log.error("a KV send failed: %r", t.error)
+            if t.done.is_set():
+                self.inflight_tokens -= t.bufs[0].shape[0]
+                if t.error is not None:
+                    log.error("a KV send failed: %r", t.error)
         self._inflight = [t for t in self._inflight if not t.done.is_set()]
 
     @property
