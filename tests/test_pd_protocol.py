@@ -334,3 +334,28 @@ def test_a_prefill_replica_admits_no_new_prompt_while_its_kv_sends_are_backed_up
     sender.inflight_tokens = 100
     side.progress(eng)
     assert eng.scheduler.schedule() is not None
+
+
+def test_a_dead_decode_replica_fails_the_requests_still_computing_their_prompt_for_it(region, monkeypatch):
+    import asyncio
+
+    from lightllm_async.frontend import reader as reader_mod
+    from lightllm_async.frontend.reader import Reader
+
+    monkeypatch.setattr(reader_mod, "LIVENESS_INTERVAL_S", 0.02)
+    front, prefill, _ = region
+    alive = [True, True]
+
+    async def main() -> None:
+        reader = Reader(front, lambda: all(alive), lambda: alive, pd_prefill=1)
+        await reader.start()
+        try:
+            h = reader.submit([1, 2], GREEDY)
+            prefill.set_running(prefill.drain_ring()[0].slot)
+            alive[1] = False  # its KV would go nowhere: no point computing on
+            await asyncio.sleep(0.2)
+            assert h.engine_dead and h.replica == 1
+        finally:
+            await reader.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 10))

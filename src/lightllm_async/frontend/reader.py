@@ -373,8 +373,9 @@ class Reader:
         slots, which stay taken until the server stops); new requests are refused from now on."""
         self.dead = True
         self._dead_replicas.add(replica)
-        # --pd: a request also depends on the prefill replica that sends its KV
-        lost = [h for h in self._active.values() if replica in (h.replica, h.source)]
+        # --pd: a request depends on its prefill replica (which sends its KV) and its decode replica
+        # (which would receive it) alike, wherever it is now
+        lost = [h for h in self._active.values() if replica in (h.replica, h.source, h.decode)]
         if lost:
             which = f"engine replica {replica}" if self.num_replicas > 1 else "engine"
             log.error("%s died with %d requests in flight", which, len(lost))
