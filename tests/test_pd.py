@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine_harness import hf_greedy
-from lightllm_async.ipc import Region, total_stats
+from lightllm_async.ipc import Region, SlotState, total_stats
 from lightllm_async.ipc.shm import SHM_DIR
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.tools.make_random_model import make_random_model
@@ -318,8 +318,13 @@ def test_a_killed_engine_ends_the_requests_in_flight_within_2s_and_the_server_ex
         streams = [stream(20) for _ in range(3)]
         k = 1 if victim == "decode" else 0
         assert wait_until(lambda: region.replica_stats(1).num_running > 0, 30)  # decoding
+        if victim == "decode":  # stopped, it receives nothing: the next handoffs stay mid-transfer
+            os.kill(pids[1], signal.SIGSTOP)
         streams += [stream(100) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
         assert wait_until(lambda: region.replica_stats(0).num_running > 0, 30, interval=0.002)
+        if victim == "decode":
+            handed_off = lambda: any(region.control(i)[0] == SlotState.HANDOFF for i in range(24))  # noqa: E731
+            assert wait_until(handed_off, 30)
         region.close()
         os.kill(pids[k], signal.SIGKILL)
         killed = time.monotonic()
