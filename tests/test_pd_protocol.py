@@ -359,3 +359,18 @@ def test_a_dead_decode_replica_fails_the_requests_still_computing_their_prompt_f
             await reader.stop()
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_a_request_preempted_while_its_first_token_was_in_flight_is_handed_off_after_its_recomputation():
+    s = _sched(budget=64)
+    prompt = list(range(100, 110))
+    s.add(Request(slot=1, gen=0, prompt_ids=prompt, params=GREEDY, arrival=1, handoff_to=0))
+    batch = s.schedule()  # the whole prompt, its first token in flight
+    req = s.by_slot[1]
+    s._preempt(req)  # the cache ran dry meanwhile
+    applied, finished = s.update(batch, Sampled((50,)))
+    assert applied == [(1, 50)] and finished == [] and req in s.waiting  # not handed off without its KV
+    check_kv_ownership(s)
+    _, applied, finished = _step(s, 51)  # recomputes (the prompt from the cache) and samples again
+    assert applied == [(1, 51)] and len(finished) == 1
+    assert req.output_ids == [50, 51] and len(finished[0].handoff_kv) == len(prompt) + 1
