@@ -85,6 +85,8 @@ def test_greedy_through_prefill_then_decode_equals_hf_transformers(pd):
     made = {k: after[k] - before.get(k, 0) for k in after}
     # the prefill engine sampled each request's first token, the decode engine the others
     assert made == {"0": 3 * 3, "1": 3 * 3 * (NEW_TOKENS - 1)}, made
+    sent = _metric(srv, "lightllm_async:kv_transfer_sent_tokens_total")
+    assert sent and sent == _metric(srv, "lightllm_async:kv_transfer_received_tokens_total")
 
 
 def test_concurrent_requests_each_equal_the_request_alone(pd):

@@ -66,6 +66,7 @@ class PrefillSide:
         self.max_inflight_tokens = max_inflight_tokens
         self._next_seq: dict[int, int] = {}  # by decode replica
         self.num_handed_off = 0
+        self.sent_tokens = 0  # KV positions handed off
 
     def hand_off(self, f: Finished) -> None:
         """After the request's first token was published: send its KV, then give the slot up."""
@@ -76,6 +77,7 @@ class PrefillSide:
         self.region.set_cached_tokens(req.slot, req.cached_tokens or 0)
         self.region.hand_off(req.slot, seq)
         self.num_handed_off += 1
+        self.sent_tokens += len(f.handoff_kv)
 
     def arrived(self, slot: int, gen: int) -> None:
         log.error("prefill replica got a handoff of slot %d; ignored", slot)
@@ -116,6 +118,7 @@ class DecodeSide:
         self._next_seq: dict[int, int] = {}  # by source
         self._transfers: list[_Transfer] = []
         self._broken: set[int] = set()
+        self.received_tokens = 0  # KV positions received
 
     def arrived(self, slot: int, gen: int) -> None:
         view = self.region.read_handoff(slot, gen)
@@ -178,6 +181,7 @@ class DecodeSide:
             self.scheduler.tokens.free(t.kv_slots)
             engine.end_request(v.slot, FinishReason.ERROR)
             return
+        self.received_tokens += len(t.kv_slots)
         if self.region.is_aborted(v.slot):
             self.scheduler.tokens.free(t.kv_slots)
             engine.end_request(v.slot, FinishReason.ABORT)

@@ -283,5 +283,7 @@ class Engine:
                 generation_tokens_total=self._generated_tokens,
                 cached_tokens_total=s.prefix_hit_tokens,
                 prefix_queried_tokens_total=s.prefix_queried_tokens,
+                kv_sent_tokens_total=getattr(self.pd, "sent_tokens", 0),
+                kv_received_tokens_total=getattr(self.pd, "received_tokens", 0),
             )
         )

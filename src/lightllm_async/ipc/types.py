@@ -104,6 +104,8 @@ class EngineStats:
     generation_tokens_total: int = 0
     cached_tokens_total: int = 0  # prompt tokens found in the prefix cache at first admission
     prefix_queried_tokens_total: int = 0  # prompt tokens looked up there (none when it is off)
+    kv_sent_tokens_total: int = 0  # --pd, a prefill replica: positions of KV it handed off
+    kv_received_tokens_total: int = 0  # --pd, a decode replica: positions of KV it received
 
 
 ENGINE_STATS_FIELDS = len(fields(EngineStats))
