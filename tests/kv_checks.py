@@ -17,7 +17,8 @@ def check_kv_ownership(s: Scheduler) -> None:
     received KV (`held_node`) until its admission."""
     cache = s.kv.cache
     free = list(s.tokens._free)
-    private = [slot for r in s.running for slot in r.kv_slots[r.num_cached :]]
+    holders = s.running + s.handing_off  # --pd: a handed-off request keeps its KV until it is sent
+    private = [slot for r in holders for slot in r.kv_slots[r.num_cached :]]
     nodes = list(cache.nodes()) if isinstance(cache, RadixCache) else []
     held = [slot for n in nodes for slot in n.slots]
     owners = Counter(free) + Counter(private) + Counter(held)
@@ -30,9 +31,9 @@ def check_kv_ownership(s: Scheduler) -> None:
         assert all(r.num_cached == 0 for r in s.running)
         return
     refs: Counter = Counter()
-    for r in s.running:
+    for r in holders:
         assert r.kv_slots[: r.num_cached] == cache.path_slots(r.cache_node)
-    for r in s.running + list(s.waiting):
+    for r in holders + list(s.waiting):
         for node in (r.cache_node, r.held_node):
             while node is not None and node is not cache.root:
                 refs[id(node)] += 1

@@ -95,8 +95,11 @@ def test_the_prefill_scheduler_hands_off_after_the_first_token_with_every_comput
     assert applied == [(1, 77)] and len(finished) == 1
     f = finished[0]
     assert f.reason == FinishReason.NONE and len(f.handoff_kv) == 20 and f.request.output_ids == [77]
-    assert not s.has_work() and s.num_free_tokens == s.kv.capacity  # the prompt stays cached only
-    assert s.schedule() is None
+    assert not s.has_work() and s.schedule() is None and s.handing_off == [f.request]
+    assert f.handoff_kv == tuple(f.request.kv_slots[:20])  # held while the engine sends them
+    s.release_handoff(f.request)
+    check_kv_ownership(s)
+    assert s.num_free_tokens == s.kv.capacity  # the prompt stays cached only
 
 
 def test_overlapped_steps_never_feed_the_first_token_of_a_request_to_hand_off():
@@ -313,27 +316,53 @@ def test_an_abort_after_the_relay_reaches_the_decode_replica_even_before_it_resu
     assert prefill.drain_ring() == []
 
 
-def test_a_prefill_replica_admits_no_new_prompt_while_its_kv_sends_are_backed_up():
+def test_a_prefill_replica_keeps_a_handed_off_requests_kv_until_its_send_completed():
     from lightllm_async.engine.disagg import PrefillSide
 
     class Sender:
-        busy, inflight_tokens = True, 0
+        def __init__(self):
+            self.sent, self.finished = [], set()
 
-        def poll(self):
+        def send(self, dest, seq, kv_slots):
+            self.sent.append((dest, seq, kv_slots))
+            return seq
+
+        def done(self, t):
+            return t in self.finished
+
+        def failure(self, t):
+            return None
+
+    class FakePrefillRegion:
+        def set_cached_tokens(self, slot, n):
+            pass
+
+        def hand_off(self, slot, seq):
             pass
 
     class Engine:
-        scheduler = _sched()
+        scheduler = Scheduler(SchedulerConfig(4, 64, 32, 48, expected_output_tokens=2))  # peaks of 20
 
     sender, eng = Sender(), Engine()
-    side = PrefillSide(None, sender, max_inflight_tokens=100)
-    eng.scheduler.add(Request(slot=1, gen=0, prompt_ids=[1, 2], params=GREEDY, arrival=1, handoff_to=1))
-    sender.inflight_tokens = 101  # the decode replica stalls
+    s, side = eng.scheduler, PrefillSide(FakePrefillRegion(), sender)
+    for slot in (1, 2):
+        s.add(Request(slot=slot, gen=0, prompt_ids=list(range(slot, slot + 18)), params=GREEDY, arrival=slot,
+                      handoff_to=3))  # fmt: skip
+    _, _, finished = _step(s)
+    for f in finished:
+        side.hand_off(f)
+    assert [(d, q) for d, q, _ in sender.sent] == [(3, 0), (3, 1)] and side.busy
+    assert s.num_free_tokens == 48 - 36  # still theirs: being sent
+    s.add(Request(slot=4, gen=0, prompt_ids=list(range(50, 68)), params=GREEDY, arrival=4, handoff_to=3))
+    assert s.schedule() is None  # no room until a send completes: back-pressure, not more memory
+    sender.finished.add(0)
+    assert side.progress(eng) and side.busy
+    check_kv_ownership(s)
+    assert s.schedule() is not None  # the first request's KV went to the prefix cache: room again
+    sender.finished.add(1)
     side.progress(eng)
-    assert eng.scheduler.schedule() is None and eng.scheduler.waiting
-    sender.inflight_tokens = 100
-    side.progress(eng)
-    assert eng.scheduler.schedule() is not None
+    assert not side.busy and s.handing_off == []
+    check_kv_ownership(s)
 
 
 def test_a_dead_decode_replica_fails_the_requests_still_computing_their_prompt_for_it(region, monkeypatch):

@@ -7,7 +7,7 @@ The protocol, one writer per field (notes/CONTRACTS.md, "Prefill/decode disaggre
 2. P runs the prompt. When the step that finishes it samples the first token, P publishes the
    token (it streams at once), starts sending the KV of every computed position to D (transfer
    number `seq`, counted per (P, D)), records (P, seq) in the slot and moves it RUNNING ->
-   HANDOFF. P's scheduler has forgotten the request; its KV slots are free (the send copied them).
+   HANDOFF. P's scheduler keeps the request's KV slots until the send completed, then frees them.
 3. The frontend's reader sees HANDOFF and queues a HANDOFF record on D's ring; D owns the slot.
 4. D takes transfers from P strictly in seq order: it reserves KV for the positions, posts the
    receives, and once they complete copies them into the reserved slots, which join its prefix
@@ -36,12 +36,11 @@ TRANSFER_TIMEOUT_S = 30.0
 
 
 class Sender(Protocol):
-    busy: bool
-    inflight_tokens: int
+    def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> Any: ...
 
-    def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> None: ...
+    def done(self, transfer: Any) -> bool: ...
 
-    def poll(self) -> None: ...
+    def failure(self, transfer: Any) -> BaseException | None: ...
 
 
 class Receiver(Protocol):
@@ -55,41 +54,49 @@ class Receiver(Protocol):
 class PrefillSide:
     """A prefill replica's half: hands finished prompts to their decode replicas.
 
-    Back-pressure: the KV of a handed-off request waits in send buffers (outside the KV cache)
-    until its decode replica receives it. While more than `max_inflight_tokens` positions wait, the
-    replica admits no new prompt (those running finish and hand off), so a decode replica that
-    stalls cannot make the prefill replica's memory grow without bound."""
+    A handed-off request keeps its KV slots (`Scheduler.handing_off`) until its send completed:
+    nothing overwrites them meanwhile, and admission counts them used, so a decode replica that
+    stalls holds back this replica's admissions instead of growing its memory.
+    """
 
-    def __init__(self, region: EngineRegion, sender: Sender, max_inflight_tokens: int = 1 << 62):
+    def __init__(self, region: EngineRegion, sender: Sender):
         self.region = region
         self.sender = sender
-        self.max_inflight_tokens = max_inflight_tokens
         self._next_seq: dict[int, int] = {}  # by decode replica
-        self.num_handed_off = 0
+        self._sending: list[tuple[Any, Request]] = []
         self.sent_tokens = 0  # KV positions handed off
 
     def hand_off(self, f: Finished) -> None:
-        """After the request's first token was published: send its KV, then give the slot up."""
+        """After the request's first token was published: start sending its KV, give the slot up."""
         req, dest = f.request, f.request.handoff_to
         seq = self._next_seq.get(dest, 0)
         self._next_seq[dest] = seq + 1
-        self.sender.send(dest, seq, f.handoff_kv)
+        self._sending.append((self.sender.send(dest, seq, f.handoff_kv), req))
         self.region.set_cached_tokens(req.slot, req.cached_tokens or 0)
         self.region.hand_off(req.slot, seq)
-        self.num_handed_off += 1
         self.sent_tokens += len(f.handoff_kv)
 
     def arrived(self, slot: int, gen: int) -> None:
         log.error("prefill replica got a handoff of slot %d; ignored", slot)
 
     def progress(self, engine: Any) -> bool:
-        self.sender.poll()
-        engine.scheduler.accepting = self.sender.inflight_tokens <= self.max_inflight_tokens
-        return False
+        """Give the KV of requests whose send completed back to the scheduler (a failed send means a
+        dead decode replica: the server is stopping; the KV is given back all the same)."""
+        left, moved = [], False
+        for t, req in self._sending:
+            if not self.sender.done(t):
+                left.append((t, req))
+                continue
+            if (err := self.sender.failure(t)) is not None:
+                log.error("KV send of slot %d to replica %d failed: %r", req.slot, req.handoff_to, err)
+            engine.scheduler.release_handoff(req)
+            moved = True
+        self._sending = left
+        return moved
 
     @property
     def busy(self) -> bool:
-        return self.sender.busy
+        return bool(self._sending)
 
 
 @dataclass

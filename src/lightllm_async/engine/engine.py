@@ -79,6 +79,8 @@ class Engine:
         False when there was nothing to launch or complete (the caller may sleep)."""
         self.drain_inbox()
         moved = self.pd is not None and self.pd.progress(self)
+        if moved:  # KV came back or arrived: /metrics and the tests read it from the stats
+            self.publish_stats()
         self._refresh_logprob_limits()
         batch = self.scheduler.schedule()
         if self.scheduler.first_admitted:  # the end of their queue time

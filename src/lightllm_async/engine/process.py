@@ -180,9 +180,8 @@ def _pd_side(cfg: EngineConfig, region, scheduler, runner, replica: int):
     pools = runner.kv.layers()
     init_pd_group(cfg, replica, pools[0].device)
     log.info("%s replica: %d bytes of KV per token transferred", cfg.pd_role, bytes_per_token(pools))
-    if cfg.pd_role == "prefill":  # send buffers: at most an eighth of the cache, or one request
-        limit = max(cfg.max_model_len, scheduler.kv.capacity // 8)
-        return PrefillSide(region, KVSender(pools), max_inflight_tokens=limit)
+    if cfg.pd_role == "prefill":
+        return PrefillSide(region, KVSender(pools))
     return DecodeSide(region, scheduler, KVReceiver(pools))
 
 

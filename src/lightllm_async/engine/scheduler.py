@@ -70,8 +70,8 @@ class OutputLengths:
 @dataclass(frozen=True)
 class Finished:
     """A request that left: it ended for `reason`, or (--pd, reason NONE) it was handed off to a
-    decode replica with the KV slots of its computed positions in `handoff_kv`, still valid until
-    the next step is scheduled (the engine copies them out before)."""
+    decode replica with the KV slots of its computed positions in `handoff_kv`, which stay the
+    request's (in `Scheduler.handing_off`) until `release_handoff` once they were sent."""
 
     request: Request
     reason: FinishReason
@@ -104,8 +104,8 @@ class Scheduler:
         # prompts that running requests are computing and have not cached yet: prompt key -> count
         self._prompts_in_prefill: dict[int, int] = {}
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
-        # False: admit nothing new for now (--pd: a prefill engine whose KV sends are backed up)
-        self.accepting = True
+        # --pd, a prefill engine: requests handed off whose KV is still being sent (it stays theirs)
+        self.handing_off: list[Request] = []
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class Scheduler:
             items.append(self._take(req, n))
             budget -= n
         prefix_room = self.max_prefix_slots
-        while budget > 0 and self.waiting and not self.waiting[0].suspect and self.accepting:
+        while budget > 0 and self.waiting and not self.waiting[0].suspect:
             req = self.waiting[0]
             if self._room(req, budget) == 0 or not self._admit(req, prefix_room):
                 break
@@ -410,10 +410,26 @@ class Scheduler:
                 finished.append(Finished(req, reason))
                 self.output_lengths.observe(len(req.output_ids))
             elif req.handoff_to >= 0 and req.row >= 0 and req.num_computed_tokens == req.num_tokens - 1:
-                kv = tuple(req.kv_slots[: req.num_computed_tokens])
-                self._retire(req)
-                finished.append(Finished(req, FinishReason.NONE, kv))
+                self._hand_off(req)
+                finished.append(
+                    Finished(req, FinishReason.NONE, tuple(req.kv_slots[: req.num_computed_tokens]))
+                )
         return applied, finished
+
+    def _hand_off(self, req: Request) -> None:
+        """--pd: `req` leaves (its row too) but keeps its KV: locked cache path and private tail, so
+        that nothing overwrites the positions while they are sent, and admission counts them used."""
+        del self.by_slot[req.slot]
+        self.running.remove(req)
+        self._prompt_done(req)
+        self.rows.free(req.row)
+        req.row = -1
+        self.handing_off.append(req)
+
+    def release_handoff(self, req: Request) -> None:
+        """Its KV was sent: the computed positions go to the prefix cache, the rest to the pool."""
+        self.handing_off.remove(req)
+        self.kv.release(req)
 
     def _retire(self, req: Request) -> None:
         del self.by_slot[req.slot]

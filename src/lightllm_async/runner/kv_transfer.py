@@ -73,8 +73,8 @@ class _PeerWorker:
 
 @dataclass
 class Transfer:
-    """One transfer's buffers; `done` is set once its sends or receives returned (`error` says
-    whether they failed)."""
+    """One transfer's tensors (a sender's pools, a receiver's buffers), one op each; `done` is set
+    once they all returned (`error` says whether they failed)."""
 
     bufs: list[torch.Tensor]
     done: threading.Event
@@ -122,33 +122,29 @@ class _Ends:
 
 
 class KVSender(_Ends):
-    """The prefill engine's end. `send` gathers the positions at once, in the engine's thread (so
-    the caller may free the slots right after), and queues the sends; `poll` drops finished ones."""
+    """The prefill engine's end. `send` queues a transfer: the peer's worker gathers each pool's
+    rows of the positions and sends them, one pool at a time (one layer's buffer in memory, not
+    the request's whole KV). The caller keeps the slots unwritten until `done`."""
 
     def __init__(self, pools: list[torch.Tensor]):
         super().__init__(pools, "send")
-        self._inflight: list[Transfer] = []
-        self.inflight_tokens = 0  # positions gathered and not sent yet (memory outside the KV cache)
 
-    def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> None:
+    def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> Transfer:
         idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
-        t = Transfer([p.index_select(0, idx) for p in self.pools], threading.Event())  # [n, ...] each
-        self._queue(dest, t, lambda b, peer, i: dist.send(b, dst=peer, tag=_tag(seq, i)))
-        self._inflight.append(t)
-        self.inflight_tokens += len(kv_slots)
-        self.bytes_moved += sum(b.numel() * b.element_size() for b in t.bufs)
+        t = Transfer(self.pools, threading.Event())
+        self._queue(
+            dest, t, lambda pool, peer, i: dist.send(pool.index_select(0, idx), dst=peer, tag=_tag(seq, i))
+        )
+        self.bytes_moved += len(kv_slots) * bytes_per_token(self.pools)
+        return t
 
-    def poll(self) -> None:
-        for t in self._inflight:
-            if t.done.is_set():
-                self.inflight_tokens -= t.bufs[0].shape[0]
-                if t.error is not None:
-                    log.error("a KV send failed: %r", t.error)
-        self._inflight = [t for t in self._inflight if not t.done.is_set()]
+    @staticmethod
+    def done(t: Transfer) -> bool:
+        return t.done.is_set()
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._inflight)
+    @staticmethod
+    def failure(t: Transfer) -> BaseException | None:
+        return t.error
 
 
 class KVReceiver(_Ends):
