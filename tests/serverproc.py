@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -179,6 +180,24 @@ def check_disconnect_frees_slot_and_kv(srv: ServerProcess, body) -> None:
         assert wait_until(lambda: stats().kv_tokens_free == free_kv, 10)
     finally:
         region.close()
+
+
+def random_completions(words, n: int, seed: int, min_tokens: int = 1) -> list[dict]:
+    """`n` greedy /v1/completions bodies of 2, 9 or 40 random `words` and min_tokens..20 tokens."""
+    rng = random.Random(seed)
+    return [
+        {"prompt": " ".join(rng.choices(words, k=rng.choice([2, 9, 40]))),
+         "max_tokens": rng.randint(min_tokens, 20), "temperature": 0, "ignore_eos": True}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def completion_text(srv: ServerProcess, body) -> str:
+    """The text of a non-streamed /v1/completions, checked to hold max_tokens tokens."""
+    status, _, resp = srv.request("POST", "/v1/completions", body)
+    assert status == 200, resp
+    assert resp["usage"]["completion_tokens"] == body["max_tokens"]
+    return resp["choices"][0]["text"]
 
 
 def kill_mid_stream(srv: ServerProcess, pid: int, streams: int = 3, after: float = 0.5) -> tuple[float, list]:

@@ -24,7 +24,15 @@ from lightllm_async.ipc import Region, SlotState, total_stats
 from lightllm_async.ipc.shm import SHM_DIR
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.tools.make_random_model import make_random_model
-from serverproc import ServerProcess, concurrently, stream_text, stream_token_ids, wait_until
+from serverproc import (
+    ServerProcess,
+    completion_text,
+    concurrently,
+    random_completions,
+    stream_text,
+    stream_token_ids,
+    wait_until,
+)
 
 WORDS = ("the", "model", "token", "stream", "cache", "expert", "router", "latent", "query", "brown", "fox")
 NEW_TOKENS = 16
@@ -91,21 +99,9 @@ def test_greedy_through_prefill_then_decode_equals_hf_transformers(pd):
 
 def test_concurrent_requests_each_equal_the_request_alone(pd):
     srv, *_ = pd
-    rng = random.Random(8)
-    bodies = [
-        {"prompt": " ".join(rng.choices(WORDS, k=rng.choice([2, 9, 40]))), "max_tokens": rng.randint(1, 20),
-         "temperature": 0, "ignore_eos": True}
-        for _ in range(10)
-    ]  # fmt: skip
-
-    def text(body):
-        status, _, resp = srv.request("POST", "/v1/completions", body)
-        assert status == 200, resp
-        assert resp["usage"]["completion_tokens"] == body["max_tokens"]
-        return resp["choices"][0]["text"]
-
-    alone = [text(b) for b in bodies]
-    assert concurrently(text, bodies) == alone
+    bodies = random_completions(WORDS, 10, 8, 1)
+    alone = [completion_text(srv, b) for b in bodies]
+    assert concurrently(lambda b: completion_text(srv, b), bodies) == alone
 
 
 def test_sampled_requests_with_logprobs_penalties_and_choices_equal_the_unified_servers(pd):

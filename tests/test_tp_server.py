@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from engine_harness import hf_greedy
 from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.tools.make_random_model import make_random_model
-from serverproc import ServerProcess, concurrently, stream_token_ids
+from serverproc import ServerProcess, completion_text, concurrently, random_completions, stream_token_ids
 
 WORDS = ("the", "model", "token", "stream", "cache", "expert", "router", "latent", "query", "brown", "fox")
 NEW_TOKENS = 16
@@ -52,20 +52,9 @@ def test_greedy_at_tp2_equals_hf_transformers(tp2):
 
 def test_concurrent_requests_at_tp2_each_equal_the_request_alone(tp2):
     srv, *_ = tp2
-    rng = random.Random(8)
-    bodies = [
-        {"prompt": " ".join(rng.choices(WORDS, k=rng.choice([2, 9, 40]))), "max_tokens": rng.randint(3, 20),
-         "temperature": 0, "ignore_eos": True}
-        for _ in range(10)
-    ]  # fmt: skip
-
-    def text(body):
-        status, _, resp = srv.request("POST", "/v1/completions", body)
-        assert status == 200, resp
-        return resp["choices"][0]["text"]
-
-    alone = [text(b) for b in bodies]
-    assert concurrently(text, bodies) == alone
+    bodies = random_completions(WORDS, 10, 8, 3)
+    alone = [completion_text(srv, b) for b in bodies]
+    assert concurrently(lambda b: completion_text(srv, b), bodies) == alone
 
 
 def test_seeded_sampling_at_tp2_equals_tp1(tp2):
