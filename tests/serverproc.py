@@ -219,6 +219,33 @@ def kill_mid_stream(srv: ServerProcess, pid: int, streams: int = 3, after: float
     return time.monotonic() - killed, results
 
 
+class TimedStream(threading.Thread):
+    """A streamed completion, each `data:` payload with the time it arrived."""
+
+    def __init__(self, srv: ServerProcess, body: dict):
+        super().__init__(daemon=True)
+        self.srv, self.body, self.events = srv, body, []
+        self.start()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(self.body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:  # refused: sent after the death
+            self.events.append((time.monotonic(), resp.read().decode()))
+        for line in resp:
+            if line.startswith(b"data:"):
+                self.events.append((time.monotonic(), line[5:].strip().decode()))
+        conn.close()
+
+    @property
+    def error(self) -> str:
+        """The error message that ended the stream (a refusal's body, or the last event before [DONE])."""
+        if self.events[-1][1] != "[DONE]":
+            return json.loads(self.events[-1][1])["error"]["message"]
+        return json.loads(self.events[-2][1])["error"]["message"]
+
+
 def _parse(raw: bytes):
     try:
         return json.loads(raw)

@@ -10,8 +10,6 @@ replica that cannot start ends the start with exit 1.
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 import multiprocessing as mp
 import os
 import random
@@ -30,7 +28,7 @@ from lightllm_async.frontend.reader import EngineDead, Reader
 from lightllm_async.ipc import EngineState, EngineStats, Op, Region, RegionSpec, RingRecord
 from lightllm_async.ipc.shm import SHM_DIR
 from lightllm_async.types import FinishReason, SamplingParams
-from serverproc import ServerProcess, concurrently, stream_text, stream_token_ids, wait_until
+from serverproc import ServerProcess, TimedStream, concurrently, stream_text, stream_token_ids, wait_until
 from test_lifecycle import alive, children_of
 
 PARAMS = SamplingParams(max_new_tokens=4)
@@ -387,28 +385,6 @@ def test_two_replicas_serve_many_concurrent_requests_and_both_take_work():
     finally:
         assert srv.stop() == 0
     assert _region_files(srv) == []
-
-
-class TimedStream(threading.Thread):
-    """A streamed completion, each `data:` payload with the time it arrived."""
-
-    def __init__(self, srv: ServerProcess, body: dict):
-        super().__init__(daemon=True)
-        self.srv, self.body, self.events = srv, body, []
-        self.start()
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps(self.body), {"Content-Type": "application/json"})
-        for line in conn.getresponse():
-            if line.startswith(b"data:"):
-                self.events.append((time.monotonic(), line[5:].strip().decode()))
-        conn.close()
-
-    @property
-    def error(self) -> str:
-        assert self.events[-1][1] == "[DONE]", self.events[-3:]
-        return json.loads(self.events[-2][1])["error"]["message"]
 
 
 def test_a_killed_replica_fails_its_own_requests_at_once_then_the_server_exits_1_cleanly():

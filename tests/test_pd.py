@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
@@ -26,6 +25,7 @@ from lightllm_async.tokenizer import load_tokenizer
 from lightllm_async.tools.make_random_model import make_random_model
 from serverproc import (
     ServerProcess,
+    TimedStream,
     completion_text,
     concurrently,
     random_completions,
@@ -269,32 +269,6 @@ def test_two_prefill_and_two_decode_engines_serve_concurrent_requests_like_one_r
 # ---------------------------------------------------------------- an engine dies
 
 
-class TimedStream(threading.Thread):
-    """A streamed completion, each `data:` payload with the time it arrived."""
-
-    def __init__(self, srv: ServerProcess, body: dict):
-        super().__init__(daemon=True)
-        self.srv, self.body, self.events = srv, body, []
-        self.start()
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.srv.port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps(self.body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:  # refused: sent after the death
-            self.events.append((time.monotonic(), resp.read().decode()))
-        for line in resp:
-            if line.startswith(b"data:"):
-                self.events.append((time.monotonic(), line[5:].strip().decode()))
-        conn.close()
-
-    @property
-    def error(self) -> str:
-        if self.events[-1][1] != "[DONE]":
-            return json.loads(self.events[-1][1])["error"]["message"]
-        return json.loads(self.events[-2][1])["error"]["message"]
-
-
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     return make_random_model("tiny", str(tmp_path_factory.mktemp("tiny-kill")), "float32", seed=4)
@@ -331,7 +305,7 @@ def test_a_killed_engine_ends_the_requests_in_flight_within_2s_and_the_server_ex
         delays = [s.events[-1][0] - killed for s in streams]
         assert all(d < 2.0 for d in delays), delays
         errors = [s.error for s in streams]
-        assert all(f"replica {k}" in e or "stopping" in e for e in errors), errors
+        assert all(f"replica {k}" in e or "stopping" in e for e in errors), "\n".join(errors)
         assert srv.proc.wait(15) == 1
         # (a prefill engine killed while tqdm's multiprocessing lock exists leaves the resource
         # tracker a semaphore to clean up, which it does and says so after this line)
