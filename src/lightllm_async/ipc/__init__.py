@@ -14,7 +14,6 @@ from lightllm_async.ipc.region import Region
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
-    HandoffView,
     Op,
     OutputView,
     RegionSpec,
@@ -33,7 +32,6 @@ __all__ = [
     "OutputView",
     "Region",
     "RegionSpec",
-    "HandoffView",
     "RequestView",
     "RingRecord",
     "SlotState",
