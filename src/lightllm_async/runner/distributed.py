@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -11,7 +12,6 @@ import torch.distributed as dist
 
 from lightllm_async.config import EngineConfig
 from lightllm_async.layers.parallel import SINGLE, SymmetricAllReduce, TPGroup
-from lightllm_async.models.loader import load_model_config
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,20 @@ def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
     if cfg.nnodes > 1:  # every rank creates it, in the same order
         global _plan_group
         _plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
-    small = None
-    if device.type == "cuda" and cfg.nnodes == 1 and os.environ.get("LLA_TP_ALLREDUCE", "symm") == "symm":
-        from lightllm_async.runner.model_runner import resolve_dtype
+    return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
 
-        dtype = resolve_dtype(cfg.dtype, device, load_model_config(cfg.model_path))
-        small = SymmetricAllReduce.create(dist.group.WORLD, dtype, device, SYMMETRIC_MAX_BYTES)
-    return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD, small=small)
+
+def with_small_all_reduce(tp: TPGroup, dtype: torch.dtype, device: torch.device, nnodes: int) -> TPGroup:
+    """`tp` with the symmetric-memory all-reduce for activations of `dtype`, where it applies
+    (several ranks of one host on CUDA, not turned off by LLA_TP_ALLREDUCE=nccl). Every rank calls
+    it at the same point: building the buffer is collective."""
+    if tp.size == 1 or device.type != "cuda" or nnodes > 1:
+        return tp
+    if os.environ.get("LLA_TP_ALLREDUCE", "symm") != "symm":
+        return tp
+    return dataclasses.replace(
+        tp, small=SymmetricAllReduce.create(tp.group, dtype, device, SYMMETRIC_MAX_BYTES)
+    )
 
 
 def plan_group():

@@ -21,6 +21,7 @@ from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.cuda_graph import DecodeGraphs
+from lightllm_async.runner.distributed import with_small_all_reduce
 from lightllm_async.runner.inputs import InputBuffers
 from lightllm_async.runner.logprobs import compute_logprobs
 from lightllm_async.runner.sampler import sample
@@ -174,6 +175,7 @@ class ModelRunner:
         self.model_cfg = load_model_config(cfg.model_path)
         self.int4 = resolve_quantization(cfg, self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg, packed=bool(self.int4))
+        self.tp = tp = with_small_all_reduce(tp, self.dtype, self.device, cfg.nnodes)
         self.model_cls, self.kv_cls = model_family(self.model_cfg)
         torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
