@@ -82,15 +82,15 @@ def encode(batch: Batch, announced: dict[int, SamplingParams], buf, off: int, ca
     the params object followers last received for it) is updated with what this record carries."""
     items = batch.items
     n = len(items)
-    rows = np.empty((n, ITEM_FIELDS), dtype=np.int64)
+    rows: list[tuple[int, ...]] = []
     tokens: list[int] = []
     kv: list[int] = []
     prefix: list[int] = []
     new_params = []
-    for i, it in enumerate(items):
-        rows[i] = (
-            it.slot, it.gen, it.epoch, it.row, it.start, len(it.token_ids), len(it.new_kv_slots),
-            len(it.prefix_kv_slots), it.samples, it.num_output, it.prompt_len, it.next_token,
+    for it in items:
+        rows.append(
+            (it.slot, it.gen, it.epoch, it.row, it.start, len(it.token_ids), len(it.new_kv_slots),
+             len(it.prefix_kv_slots), it.samples, it.num_output, it.prompt_len, it.next_token)
         )  # fmt: skip
         tokens.extend(it.token_ids)
         kv.extend(it.new_kv_slots)
@@ -100,7 +100,7 @@ def encode(batch: Batch, announced: dict[int, SamplingParams], buf, off: int, ca
             new_params.append((it.slot, it.gen, it.params))
     params = _params_encoder.encode(new_params) if new_params else b""
     arrays = (
-        rows.reshape(-1),
+        np.asarray(rows, np.int64).reshape(-1),
         np.asarray(tokens, np.int64),
         np.asarray(kv, np.int64),
         np.asarray(prefix, np.int64),
