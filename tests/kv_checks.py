@@ -12,10 +12,13 @@ def check_kv_ownership(s: Scheduler) -> None:
     """Every KV slot is exactly one of: free in the pool, a running request's private tail, held
     by the prefix cache. A running request's cached head is the path it locked; every node's
     reference count is the number of running requests whose path passes through it; the
-    evictable count is the tokens of unreferenced nodes. Waiting requests hold nothing."""
+    evictable count is the tokens of unreferenced nodes. Waiting requests hold nothing, but for a
+    request handed over by a prefill engine (--pd), which holds a lock on the path of its
+    received KV (`held_node`) until its admission."""
     cache = s.kv.cache
     free = list(s.tokens._free)
-    private = [slot for r in s.running for slot in r.kv_slots[r.num_cached :]]
+    holders = s.running + s.handing_off  # --pd: a handed-off request keeps its KV until it is sent
+    private = [slot for r in holders for slot in r.kv_slots[r.num_cached :]]
     nodes = list(cache.nodes()) if isinstance(cache, RadixCache) else []
     held = [slot for n in nodes for slot in n.slots]
     owners = Counter(free) + Counter(private) + Counter(held)
@@ -28,12 +31,13 @@ def check_kv_ownership(s: Scheduler) -> None:
         assert all(r.num_cached == 0 for r in s.running)
         return
     refs: Counter = Counter()
-    for r in s.running:
+    for r in holders:
         assert r.kv_slots[: r.num_cached] == cache.path_slots(r.cache_node)
-        node = r.cache_node
-        while node is not cache.root:
-            refs[id(node)] += 1
-            node = node.parent
+    for r in holders + list(s.waiting):
+        for node in (r.cache_node, r.held_node):
+            while node is not None and node is not cache.root:
+                refs[id(node)] += 1
+                node = node.parent
     for n in nodes:
         assert n.refs >= 0 and n.refs == refs[id(n)], (n.refs, refs[id(n)])
         assert len(n.key) == len(n.slots) > 0

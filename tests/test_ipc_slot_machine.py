@@ -23,7 +23,7 @@ from lightllm_async.ipc import Op, Region, RegionSpec, SlotState, engine_side
 from lightllm_async.types import FinishReason, SamplingParams
 
 NUM_SLOTS, ARENA = 3, 8
-FREE, WRITING, QUEUED, RUNNING, FINISHED = SlotState
+FREE, WRITING, QUEUED, RUNNING, FINISHED, _HANDOFF = SlotState  # HANDOFF: test_pd
 
 
 @dataclass

@@ -323,6 +323,11 @@ class EngineConfig:
     tp_rank: int = 0
     dist_init: str = ""
     nnodes: int = 1  # hosts the ranks span: above 1, step records are broadcast (engine/plan_broadcast.py)
+    # Prefill/decode disaggregation (--pd; engine/disagg.py): this replica's role ("prefill",
+    # "decode"; "" without --pd), and the group of every prefill and decode engine (rank = replica)
+    pd_role: str = ""
+    pd_init: str = ""
+    pd_world: int = 0
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
@@ -355,6 +360,8 @@ class ServerConfig:
     served_model_name: str = "default"
     instance_id: str = field(default_factory=lambda: f"{os.getpid()}")
     dp: int = 1  # data-parallel engine replicas behind the one frontend (--dp)
+    # --pd prefill=N,decode=M: replicas 0..N-1 prefill, N..N+M-1 decode (then dp = N + M); 0: off
+    pd_prefill: int = 0
     log_level: str = "info"
     # The HTTP edge (frontend/edge.py, frontend/http_server.py)
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones; "*": any

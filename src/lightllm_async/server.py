@@ -73,6 +73,16 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "one HTTP frontend; a request goes to the replica with the fewest requests in flight",
     )
     p.add_argument(
+        "--pd",
+        type=_pd_split,
+        default=None,
+        metavar="prefill=N,decode=M",
+        help="prefill/decode disaggregation: N prefill engines run prompts and sample the first "
+        "token, then move the request's KV (layer by layer, torch.distributed send/recv: NCCL, gloo "
+        "on the CPU) to one of M decode engines, which generate the rest; each engine on its own "
+        "GPU (in order). Not with --dp, --tp or --nnodes",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -182,6 +192,18 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     return p
 
 
+def _pd_split(text: str) -> tuple[int, int]:
+    """`prefill=N,decode=M` -> (N, M)."""
+    try:
+        parts = dict(kv.split("=", 1) for kv in text.split(","))
+        n, m = int(parts.pop("prefill")), int(parts.pop("decode"))
+    except (KeyError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"expected prefill=N,decode=M, got {text!r}") from exc
+    if parts or n < 1 or m < 1:
+        raise argparse.ArgumentTypeError(f"expected prefill=N,decode=M with N, M >= 1, got {text!r}")
+    return n, m
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
@@ -214,6 +236,15 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
     if args.nnodes > 1 and args.dp > 1:
         raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
+    pd_prefill, dp = 0, args.dp
+    if args.pd is not None:
+        if args.dp > 1 or args.tp > 1 or args.nnodes > 1:
+            raise SystemExit("--pd is not supported with --dp, --tp or --nnodes yet")
+        if model == "dummy":
+            raise SystemExit("--pd needs a model (the dummy one has no KV cache to move)")
+        pd_prefill, dp = args.pd[0], sum(args.pd)
+        if dp > MAX_REPLICAS:
+            raise SystemExit(f"--pd: at most {MAX_REPLICAS} engines in all")
     engine = EngineConfig(
         model_path=model,
         device=args.device,
@@ -237,7 +268,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(
         engine=engine,
-        dp=args.dp,
+        dp=dp,
+        pd_prefill=pd_prefill,
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name or name,
@@ -286,16 +318,22 @@ def _engine_processes(cfg: ServerConfig, region_name: str | None) -> list[list[B
     eng, spawn = cfg.engine, mp.get_context("spawn")
     local = eng.tp_size // eng.nnodes
     groups = []
+    pd_init = f"tcp://127.0.0.1:{_free_port()}" if cfg.pd_prefill else ""
     for k in range(cfg.dp):
         dist_init = ""
         if eng.tp_size > 1:
             dist_init = f"tcp://{cfg.master_addr}:{cfg.master_port or _free_port()}"
+        role = ("prefill" if k < cfg.pd_prefill else "decode") if cfg.pd_prefill else ""
         group = []
         for rank in range(cfg.node_rank * local, (cfg.node_rank + 1) * local):
             name = "lightllm-engine" if cfg.dp == 1 else f"lightllm-engine-{k}"
+            name = f"lightllm-{role}-{k}" if role else name
             name += f"-rank{rank}" if eng.tp_size > 1 else ""
             target = _engine_entry if rank == 0 else _follower_entry
-            args = (eng.replace(tp_rank=rank, dist_init=dist_init), region_name, cfg.log_level, k)
+            rank_cfg = eng.replace(tp_rank=rank, dist_init=dist_init)
+            if role:
+                rank_cfg = rank_cfg.replace(pd_role=role, pd_init=pd_init, pd_world=cfg.dp)
+            args = (rank_cfg, region_name, cfg.log_level, k)
             group.append(spawn.Process(target=target, args=args, name=name, daemon=True))
         groups.append(group)
     return groups
@@ -346,6 +384,7 @@ def serve(cfg: ServerConfig) -> int:
             edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
             api_key=cfg.api_key,
             replicas_alive=lambda: [all(p.is_alive() for p in group) for group in groups],
+            pd_prefill=cfg.pd_prefill,
         )
         exit_code = _serve_http(cfg, ctx, groups)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began

@@ -14,6 +14,7 @@ import time
 from typing import Any, Protocol
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled, logprob_rows
+from lightllm_async.engine.kv_manager import KVManager
 from lightllm_async.engine.request import Request
 from lightllm_async.engine.scheduler import Finished, Scheduler
 from lightllm_async.ipc import EngineRegion, EngineStats, Op
@@ -45,10 +46,11 @@ class Engine:
     its view of the region. `step()` does one iteration; `run()` loops until `stop` is set or the
     parent process is gone."""
 
-    def __init__(self, region: EngineRegion, scheduler: Scheduler, runner: Runner):
+    def __init__(self, region: EngineRegion, scheduler: Scheduler, runner: Runner, pd: Any = None):
         self.region = region
         self.scheduler = scheduler
         self.runner = runner
+        self.pd = pd  # --pd: this replica's half of the handoff (engine/disagg.py), or None
         self.stop = threading.Event()
         self.parent_pid = os.getppid()
         self._inflight: tuple[Batch, Any] | None = None
@@ -71,7 +73,8 @@ class Engine:
             if os.getppid() != self.parent_pid:
                 log.warning("the server process is gone; engine exits")
                 return
-            self.region.wait_engine(timeout=0.005 if self.scheduler.has_work() else IDLE_WAIT_S)
+            busy = self.scheduler.has_work() or (self.pd is not None and self.pd.busy)
+            self.region.wait_engine(timeout=0.005 if busy else IDLE_WAIT_S)
             self.region.beat()  # an idle engine is alive too: the server's watchdog reads this
 
     def step(self) -> bool:
@@ -79,6 +82,9 @@ class Engine:
         False when there was nothing to launch or complete (the caller may sleep)."""
         t0 = time.perf_counter()
         self.drain_inbox()
+        moved = self.pd is not None and self.pd.progress(self)
+        if moved:  # KV came back or arrived: /metrics and the tests read it from the stats
+            self.publish_stats()
         self._refresh_logprob_limits()
         batch = self.scheduler.schedule()
         scheduled = time.perf_counter() - t0
@@ -104,7 +110,7 @@ class Engine:
                 launched = [self._inflight[0]] if self._inflight else []
                 self._inflight = None
                 self._step_failed(previous[0], exc, launched)
-        return batch is not None or previous is not None
+        return batch is not None or previous is not None or moved
 
     def complete(self, batch: Batch, handle: Any) -> None:
         """Read a launched step's tokens, apply them, publish."""
@@ -178,6 +184,8 @@ class Engine:
                 self._admit(rec.slot, rec.gen)
             elif rec.op == Op.ABORT and self.scheduler.abort(rec.slot) is not None:
                 self._end(rec.slot, FinishReason.ABORT)
+            elif rec.op == Op.HANDOFF and self.pd is not None:
+                self.pd.arrived(rec.slot, rec.gen)
         if records:
             self.publish_stats()
 
@@ -199,11 +207,32 @@ class Engine:
         self._prompt_tokens += len(view.prompt_ids)
         if view.params.wants_logprobs:
             self._logprob_slots.add(slot)
-        self.scheduler.add(
-            Request(
-                slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
-            )
+        req = Request(
+            slot=slot, gen=gen, prompt_ids=view.prompt_ids, params=view.params, arrival=self._arrivals
         )
+        if self.pd is not None and KVManager.shares_prefix(req):  # else it runs here to the end
+            req.handoff_to = self.region.handoff_target(slot)
+        self.scheduler.add(req)
+
+    # -- --pd: requests handed over by a prefill replica (engine/disagg.py) -------------------
+
+    def next_arrival(self) -> int:
+        self._arrivals += 1
+        return self._arrivals
+
+    def admit_transferred(self, req: Request, kv_slots: list[int]) -> None:
+        """A handed-off request whose KV arrived in `kv_slots`: it runs here from now on."""
+        self.region.resume(req.slot)
+        if self.region.is_aborted(req.slot):
+            self.scheduler.tokens.free(kv_slots)
+            self._end(req.slot, FinishReason.ABORT)
+            return
+        if req.params.wants_logprobs:
+            self._logprob_slots.add(req.slot)
+        self.scheduler.add_transferred(req, kv_slots)
+
+    def end_request(self, slot: int, reason: FinishReason) -> None:
+        self._end(slot, reason)
 
     def _end(self, slot: int, reason: FinishReason) -> None:
         self.region.finish(slot, reason)
@@ -222,6 +251,9 @@ class Engine:
             slots, tokens = zip(*applied, strict=True)
             self.region.append_step(slots, tokens)
         for f in finished:
+            if f.handoff_kv:
+                self.pd.hand_off(f)
+                continue
             self.region.set_cached_tokens(f.request.slot, f.request.cached_tokens or 0)
             self.region.finish(f.request.slot, f.reason)
         self._generated_tokens += len(applied)
@@ -271,5 +303,7 @@ class Engine:
                 generation_tokens_total=self._generated_tokens,
                 cached_tokens_total=s.prefix_hit_tokens,
                 prefix_queried_tokens_total=s.prefix_queried_tokens,
+                kv_sent_tokens_total=getattr(self.pd, "sent_tokens", 0),
+                kv_received_tokens_total=getattr(self.pd, "received_tokens", 0),
             )
         )

@@ -124,6 +124,8 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
     region = Region.attach(region_name, replica)
     region.set_engine_state(EngineState.STARTING)  # makes our pid visible while loading
     name = "engine" if region.num_replicas == 1 else f"engine {replica}"
+    if cfg.pd_role:
+        name = f"{cfg.pd_role} engine {replica}"
     leader = None
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
@@ -145,10 +147,11 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
                 max_num_batched_tokens=cfg.max_num_batched_tokens,
                 max_model_len=cfg.max_model_len,
                 kv_cache_tokens=runner.num_kv_tokens,
-                enable_prefix_cache=not cfg.disable_prefix_cache,
+                # a decode replica admits what it receives as a cached prefix
+                enable_prefix_cache=not cfg.disable_prefix_cache or cfg.pd_role == "decode",
             )
         )
-        engine = Engine(region, scheduler, runner)
+        engine = Engine(region, scheduler, runner, _pd_side(cfg, region, scheduler, runner, replica))
         # The server stops us with SIGTERM: finish the step in hand, then leave the loop.
         signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         engine.publish_stats()
@@ -164,6 +167,22 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         sys.exit(1)
     finally:
         region.close()
+
+
+def _pd_side(cfg: EngineConfig, region, scheduler, runner, replica: int):
+    """--pd: this replica's half of the handoff, after joining the group of every prefill and
+    decode engine (None without --pd)."""
+    if not cfg.pd_role:
+        return None
+    from lightllm_async.engine.disagg import DecodeSide, PrefillSide
+    from lightllm_async.runner.kv_transfer import KVReceiver, KVSender, bytes_per_token, init_pd_group
+
+    pools = runner.kv.layers()
+    init_pd_group(cfg, replica, pools[0].device)
+    log.info("%s replica: %d bytes of KV per token transferred", cfg.pd_role, bytes_per_token(pools))
+    if cfg.pd_role == "prefill":
+        return PrefillSide(region, KVSender(pools))
+    return DecodeSide(region, scheduler, KVReceiver(pools))
 
 
 def _step_writer(cfg: EngineConfig, region, replica: int):

@@ -48,6 +48,11 @@ class Request:
     # Positions below this may get log-probabilities now (the region's ring has room up to it; the
     # engine refreshes it each step): a request that would pass it waits. None: no limit.
     logprob_limit: int | None = None
+    # --pd (engine/disagg.py). On a prefill replica: the decode replica to hand the request to once
+    # its prompt is computed and its first token sampled (-1: it runs here to the end). On a decode
+    # replica: the prefix-cache node of the received KV, locked until the request is admitted.
+    handoff_to: int = -1
+    held_node: object = None
 
     @property
     def num_tokens(self) -> int:

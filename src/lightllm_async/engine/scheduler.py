@@ -69,8 +69,13 @@ class OutputLengths:
 
 @dataclass(frozen=True)
 class Finished:
+    """A request that left: it ended for `reason`, or (--pd, reason NONE) it was handed off to a
+    decode replica with the KV slots of its computed positions in `handoff_kv`, which stay the
+    request's (in `Scheduler.handing_off`) until `release_handoff` once they were sent."""
+
     request: Request
     reason: FinishReason
+    handoff_kv: tuple[int, ...] = ()
 
 
 class Scheduler:
@@ -99,6 +104,8 @@ class Scheduler:
         # prompts that running requests are computing and have not cached yet: prompt key -> count
         self._prompts_in_prefill: dict[int, int] = {}
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
+        # --pd, a prefill engine: requests handed off whose KV is still being sent (it stays theirs)
+        self.handing_off: list[Request] = []
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -107,6 +114,24 @@ class Scheduler:
         if self.kv.cache.enabled and KVManager.shares_prefix(req):
             req.prompt_key = hash(tuple(req.prompt_ids))
         self.waiting.append(req)
+
+    def add_transferred(self, req: Request, kv_slots: list[int]) -> None:
+        """--pd, a decode replica: `req` arrives with the KV of its positions [0, num_tokens - 1)
+        already in `kv_slots` (taken from the pool by `kv.allocate`). They join the prefix cache,
+        locked for `req` until its admission, which then finds them all as a cached prefix: the
+        same path as a prefix-cache hit, and the last known token is computed as usual."""
+        n = len(kv_slots)
+        held, node = self.kv.cache.insert(req.token_ids(0, n), kv_slots)
+        self.tokens.free(kv_slots[:held])  # the tree had those positions already
+        if node is not None:
+            self.kv.cache.lock(node)
+        req.held_node = node
+        self.add(req)
+
+    def _unhold(self, req: Request) -> None:
+        if req.held_node is not None:
+            self.kv.cache.unlock(req.held_node)
+            req.held_node = None
 
     def abort(self, slot: int) -> Request | None:
         """Drop a request wherever it is; returns it, or None if it is not here."""
@@ -195,6 +220,7 @@ class Scheduler:
         req.row = self.rows.allocate()
         self.running.append(req)
         hit = self.kv.acquire_prefix(req)
+        self._unhold(req)
         if req.prompt_key is not None and hit < len(req.prompt_ids) - 1:  # others may wait for it
             self._prompts_in_prefill[req.prompt_key] = self._prompts_in_prefill.get(req.prompt_key, 0) + 1
             req.computing_prompt = True
@@ -215,6 +241,8 @@ class Scheduler:
         if req.num_pending == 0:
             return False
         outputs = len(req.output_ids) + req.num_pending
+        if req.handoff_to >= 0:  # its first token is its last here
+            return True
         return (
             outputs >= req.params.max_new_tokens or req.num_tokens + req.num_pending >= self.cfg.max_model_len
         )
@@ -381,10 +409,31 @@ class Scheduler:
                 self._retire(req)
                 finished.append(Finished(req, reason))
                 self.output_lengths.observe(len(req.output_ids))
+            elif req.handoff_to >= 0 and req.row >= 0 and req.num_computed_tokens == req.num_tokens - 1:
+                self._hand_off(req)
+                finished.append(
+                    Finished(req, FinishReason.NONE, tuple(req.kv_slots[: req.num_computed_tokens]))
+                )
         return applied, finished
+
+    def _hand_off(self, req: Request) -> None:
+        """--pd: `req` leaves (its row too) but keeps its KV: locked cache path and private tail, so
+        that nothing overwrites the positions while they are sent, and admission counts them used."""
+        del self.by_slot[req.slot]
+        self.running.remove(req)
+        self._prompt_done(req)
+        self.rows.free(req.row)
+        req.row = -1
+        self.handing_off.append(req)
+
+    def release_handoff(self, req: Request) -> None:
+        """Its KV was sent: the computed positions go to the prefix cache, the rest to the pool."""
+        self.handing_off.remove(req)
+        self.kv.release(req)
 
     def _retire(self, req: Request) -> None:
         del self.by_slot[req.slot]
+        self._unhold(req)
         if req in self.running:
             self.running.remove(req)
             self._release(req)

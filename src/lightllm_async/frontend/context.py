@@ -31,4 +31,5 @@ class FrontendContext:
     engine_alive: Callable[[], bool]
     edge: EdgePolicy = EdgePolicy()
     replicas_alive: Callable[[], Sequence[bool]] | None = None
+    pd_prefill: int = 0  # --pd: replicas [0, pd_prefill) prefill, the rest decode (reader.py); 0: off
     api_key: str | None = field(default=None, repr=False)  # never in a repr, so never in a log

@@ -70,6 +70,14 @@ class EngineCollector(Collector):
                 s.prefix_queried_tokens_total,
             ),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", s.cached_tokens_total),
+            "kv_transfer_sent_tokens": (
+                "Token positions of KV the prefill engines handed off (--pd).",
+                s.kv_sent_tokens_total,
+            ),
+            "kv_transfer_received_tokens": (
+                "Token positions of KV the decode engines received (--pd).",
+                s.kv_received_tokens_total,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}{name}", doc, value=value)

@@ -35,8 +35,10 @@ from .balance import LeastOutstanding
 log = logging.getLogger(__name__)
 
 LIVENESS_INTERVAL_S = 0.1  # engine_alive() checks; the server gives in-flight requests 1 s
-_RUNNING, _FINISHED = int(SlotState.RUNNING), int(SlotState.FINISHED)
-assert _FINISHED == _RUNNING + 1 and all(s < _RUNNING for s in SlotState if s not in (_RUNNING, _FINISHED))
+_RUNNING, _FINISHED, _HANDOFF = int(SlotState.RUNNING), int(SlotState.FINISHED), int(SlotState.HANDOFF)
+# RUNNING, FINISHED and HANDOFF (--pd) are the states where the output count means something
+assert _FINISHED == _RUNNING + 1 and _HANDOFF == _FINISHED + 1
+assert all(s < _RUNNING for s in SlotState if s not in (_RUNNING, _FINISHED, _HANDOFF))
 _FEW = 8  # up to this many active requests, a wake-up reads them one by one
 
 
@@ -61,6 +63,8 @@ class RequestHandle:
         "slot",
         "gen",
         "replica",
+        "source",
+        "decode",
         "_tokens",
         "finish_reason",
         "cached_tokens",
@@ -78,6 +82,9 @@ class RequestHandle:
         self.slot = slot
         self.gen = gen
         self.replica = replica  # the engine replica that runs it
+        # --pd: the prefill replica that computes its prompt and the decode replica it goes to
+        # (-1: none); `replica` is the first until the handoff is relayed, then the second
+        self.source = self.decode = -1
         self._tokens: list[int] = []  # copied but not yet taken by the handler
         # log-probabilities: top tokens per position, and the next position to copy (-1: none)
         self.logprob_k = logprob_k
@@ -149,12 +156,20 @@ class Reader:
         region: FrontendRegion,
         engine_alive: Callable[[], bool],
         replicas_alive: Callable[[], Sequence[bool]] | None = None,
+        pd_prefill: int = 0,
     ):
         self._region = region
         self._replicas_alive = replicas_alive or (lambda: (engine_alive(),))
         self.num_replicas = region.num_replicas
         # one replica: every request goes to it, with no bookkeeping on the way
         self._chooser = LeastOutstanding(self.num_replicas) if self.num_replicas > 1 else None
+        # --pd: replicas [0, pd_prefill) prefill, the rest decode; each kind has its chooser
+        self._pd = pd_prefill
+        self._handing: dict[int, RequestHandle] = {}  # by slot: on their prefill replica still
+        if pd_prefill:
+            self._chooser = None
+            self._prefills = LeastOutstanding(pd_prefill)
+            self._decodes = LeastOutstanding(self.num_replicas - pd_prefill)
         self._dead_replicas: set[int] = set()
         n = region.spec.num_slots
         self._active: dict[int, RequestHandle] = {}
@@ -208,7 +223,10 @@ class Reader:
             raise EngineDead
         chooser = self._chooser
         replica = 0 if chooser is None else chooser.pick()
-        got = self._region.start_request(prompt_ids, params, replica)
+        decode = -1
+        if self._pd:
+            replica, decode = self._prefills.pick(), self._pd + self._decodes.pick()
+        got = self._region.start_request(prompt_ids, params, replica, decode)
         if got is None:
             return None
         slot, gen = got
@@ -221,6 +239,11 @@ class Reader:
             self._logprob_handles[slot] = handle
         else:
             handle = RequestHandle(slot, gen, replica=replica)
+        if self._pd:
+            handle.source, handle.decode = replica, decode
+            self._prefills.started(replica)
+            self._decodes.started(decode - self._pd)
+            self._handing[slot] = handle
         self._num_read[slot] = 0
         self._active[slot] = self._by_slot[slot] = handle  # before any wake-up: we are on the loop
         self._mask[slot] = True
@@ -247,19 +270,21 @@ class Reader:
 
     def _on_wake(self) -> None:
         """Copy what every active slot published since the last wake-up; end the finished ones."""
+        if self._handing:
+            self._relay_handoffs()
         self._on_wake_tokens()
         # Log-probabilities published without a token (a prompt's): copied now, so that the
         # engine, which may run only so far ahead of this reader, goes on.
         for h in list(self._logprob_handles.values()):
             state, _, _ = self._region.poll_output(h.slot)
-            if state in (_RUNNING, _FINISHED):  # the slot's logprob_end is this request's
+            if state >= _RUNNING:  # the slot's logprob_end is this request's
                 self._take_logprobs(h)
 
     def _on_wake_tokens(self) -> None:
         if len(self._active) <= _FEW:  # numpy's per-call cost outweighs its loop here
             for h in list(self._active.values()):
                 state, _, n = self._region.poll_output(h.slot)
-                if state == _FINISHED or (state == _RUNNING and n != self._num_read[h.slot]):
+                if state == _FINISHED or (state >= _RUNNING and n != self._num_read[h.slot]):
                     self._take(h, n, state == _FINISHED)
             return
         if self._slots is None:
@@ -274,6 +299,15 @@ class Reader:
             slots[news].tolist(), counts[news].tolist(), finished[news].tolist(), strict=True
         ):
             self._take(by_slot[slot], n, done)
+
+    def _relay_handoffs(self) -> None:
+        """--pd: requests whose prefill replica handed them off go to their decode replica's ring."""
+        for h in list(self._handing.values()):
+            state, _, _ = self._region.poll_output(h.slot)
+            if state == _HANDOFF and self._region.relay_handoff(h.slot, h.gen, h.decode):
+                del self._handing[h.slot]
+                self._prefills.finished(h.source)
+                h.replica = h.decode
 
     def _take(self, h: RequestHandle, n: int, done: bool) -> None:
         """Deliver tokens up to count `n` (read with acquire); end the request if it finished."""
@@ -306,6 +340,10 @@ class Reader:
         self._slots = None
         if self._chooser is not None:
             self._chooser.finished(h.replica)
+        elif self._pd:
+            if self._handing.pop(h.slot, None) is not None:
+                self._prefills.finished(h.source)
+            self._decodes.finished(h.decode - self._pd)
 
     def _end(self, h: RequestHandle) -> None:
         self._forget(h)
@@ -335,10 +373,13 @@ class Reader:
         slots, which stay taken until the server stops); new requests are refused from now on."""
         self.dead = True
         self._dead_replicas.add(replica)
-        lost = [h for h in self._active.values() if h.replica == replica]
+        # --pd: a request depends on its prefill replica (which sends its KV) and its decode replica
+        # (which would receive it) alike, wherever it is now
+        lost = [h for h in self._active.values() if replica in (h.replica, h.source, h.decode)]
         if lost:
             which = f"engine replica {replica}" if self.num_replicas > 1 else "engine"
             log.error("%s died with %d requests in flight", which, len(lost))
         for h in lost:
             self._forget(h)
+            h.replica = replica  # the one the error names
             h._fail()

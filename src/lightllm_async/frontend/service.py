@@ -46,7 +46,7 @@ class Service:
     def __init__(self, ctx: FrontendContext):
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
-        self.reader = Reader(ctx.region, ctx.engine_alive, ctx.replicas_alive)
+        self.reader = Reader(ctx.region, ctx.engine_alive, ctx.replicas_alive, ctx.pd_prefill)
         # The region's per-slot arena holds prompt + output, so it bounds the context too.
         self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
         self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot

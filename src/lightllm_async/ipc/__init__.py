@@ -14,6 +14,7 @@ from lightllm_async.ipc.region import Region
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
+    HandoffView,
     Op,
     OutputView,
     RegionSpec,
@@ -32,6 +33,7 @@ __all__ = [
     "OutputView",
     "Region",
     "RegionSpec",
+    "HandoffView",
     "RequestView",
     "RingRecord",
     "SlotState",

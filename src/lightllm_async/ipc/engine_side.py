@@ -40,6 +40,7 @@ from lightllm_async.ipc.steps import StepChannel
 from lightllm_async.ipc.types import (
     EngineState,
     EngineStats,
+    HandoffView,
     RequestView,
     RingRecord,
     SlotState,
@@ -120,6 +121,44 @@ class EngineRegion(RegionView):
         params = _params(tuple(fields), self._extras.read(self._mm, slot))
         prompt = self._tokens[slot, :plen].tolist()
         return RequestView(slot, gen, prompt, params, float(self._submit_times[slot]))
+
+    def handoff_target(self, slot: int) -> int:
+        """--pd: the decode replica the frontend chose for the request in this slot (-1: none);
+        a frontend field published by submit's CAS."""
+        return int(self._slots[self._check(slot)].handoff_to)
+
+    def hand_off(self, slot: int, seq: int) -> bool:
+        """--pd, the prefill replica, after publishing the first token: record itself and the
+        transfer number, then RUNNING -> HANDOFF (the CAS publishes them). The slot's engine
+        fields pass to the decode replica the frontend relays it to. False if not RUNNING."""
+        state, gen = self.control(slot)
+        if state != SlotState.RUNNING:
+            return False
+        s = self._slots[slot]
+        s.handoff_from, s.handoff_seq = self.replica, seq
+        return self._move(slot, gen, SlotState.RUNNING, SlotState.HANDOFF)
+
+    def read_handoff(self, slot: int, gen: int) -> HandoffView | None:
+        """--pd, the decode replica: the handed-off request in (slot, gen), with its output so
+        far and where its KV comes from; None if stale or not in HANDOFF."""
+        state, cur = self.control(slot)
+        if cur != gen or state != SlotState.HANDOFF:
+            return None
+        plen, *fields = REQUEST_FIELDS.unpack_from(self._mm, self._layout.slot_off(slot) + PROMPT_LEN)
+        params = _params(tuple(fields), self._extras.read(self._mm, slot))
+        s = self._slots[slot]
+        tokens = self._tokens[slot, : plen + s.num_output].tolist()
+        prompt, output = tokens[:plen], tokens[plen:]
+        return HandoffView(
+            slot, gen, prompt, params, output,
+            int(s.handoff_from), int(s.handoff_seq), int(s.cached_tokens),
+        )  # fmt: skip
+
+    def resume(self, slot: int) -> bool:
+        """--pd, the decode replica: HANDOFF -> RUNNING, keeping the engine fields (the first
+        tokens, times, cached_tokens) the prefill replica wrote. False if not in HANDOFF."""
+        state, gen = self.control(slot)
+        return state == SlotState.HANDOFF and self._move(slot, gen, SlotState.HANDOFF, SlotState.RUNNING)
 
     def set_running(self, slot: int) -> bool:
         """QUEUED -> RUNNING, resetting the engine section first (the CAS publishes the reset, so
@@ -235,12 +274,13 @@ class EngineRegion(RegionView):
         self._slots[self._check(slot)].cached_tokens = n
 
     def finish(self, slot: int, reason: FinishReason) -> bool:
-        """RUNNING (or QUEUED, for a request rejected before it ran) -> FINISHED. The CAS publishes
-        finish_reason, finish_time and the final count. False if the slot is in neither state."""
+        """RUNNING (or QUEUED, for a request rejected before it ran; or HANDOFF, for a handed-off
+        request the decode replica ends before resuming it) -> FINISHED. The CAS publishes
+        finish_reason, finish_time and the final count. False if the slot is in none of them."""
         state, gen = self.control(slot)
         if state == SlotState.QUEUED:
             self._reset_engine_fields(slot)
-        elif state != SlotState.RUNNING:
+        elif state not in (SlotState.RUNNING, SlotState.HANDOFF):
             return False
         s = self._slots[slot]
         s.finish_reason = int(reason)

@@ -99,15 +99,17 @@ class FrontendRegion(RegionView):
         self._queue(slot, gen, replica)
 
     def start_request(
-        self, prompt_ids: Sequence[int], params: SamplingParams, replica: int = 0
+        self, prompt_ids: Sequence[int], params: SamplingParams, replica: int = 0, handoff_to: int = -1
     ) -> tuple[int, int] | None:
         """alloc_slot, write_request and submit (to `replica`) in one call: (slot, gen), or None
-        if no slot is free. On an error the slot is freed again (the engine never saw it)."""
+        if no slot is free. On an error the slot is freed again (the engine never saw it).
+        `handoff_to` (--pd): the decode replica the prefill replica `replica` hands the request to."""
         ref = self.alloc_slot()
         if ref is None:
             return None
         try:
             self._write(ref[0], prompt_ids, params)
+            self._slots[ref[0]].handoff_to = handoff_to
             self._queue(*ref, replica)
         except BaseException:
             self.free_slot(*ref)
@@ -128,6 +130,7 @@ class FrontendRegion(RegionView):
             p.seed is not None, *stops, *_NO_STOPS[len(stops):],
         )  # fmt: skip
         atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
+        self._slots[slot].handoff_to = -1
         self._tokens[slot, :n] = prompt_ids
         self._extras.write(
             self._mm, slot, p.min_tokens, p.top_logprobs, p.prompt_logprobs, p.logit_bias,
@@ -145,6 +148,18 @@ class FrontendRegion(RegionView):
             # the engine never saw it: it is still ours to take back
             self._move(slot, gen, SlotState.QUEUED, SlotState.WRITING)
             raise RuntimeError("submit ring full")
+
+    def relay_handoff(self, slot: int, gen: int, replica: int) -> bool:
+        """--pd: (slot, gen) is in HANDOFF (its prefill replica computed the prompt): a HANDOFF
+        record on decode replica `replica`'s ring, which owns the slot from now on (an abort goes
+        there). False, with nothing done, if the reference is stale or the slot not in HANDOFF."""
+        state, cur = self.control(slot)
+        if (state, cur) != (SlotState.HANDOFF, gen):
+            return False
+        self._owners[slot] = replica
+        if not self._push(slot, gen, Op.HANDOFF):
+            raise RuntimeError("submit ring full")
+        return True
 
     def owner(self, slot: int) -> int:
         """The replica that slot was last queued on (0 for a slot never queued)."""
@@ -164,7 +179,9 @@ class FrontendRegion(RegionView):
         if atomics.load_acquire_u32(self._mm, off):
             return True
         atomics.store_release_u32(self._mm, off, 1)
-        if state in (SlotState.QUEUED, SlotState.RUNNING):
+        # HANDOFF too (--pd): the decode replica it was relayed to may resume it at any moment, having
+        # looked at the flag just before we set it; a replica that does not hold it ignores the record
+        if state in (SlotState.QUEUED, SlotState.RUNNING, SlotState.HANDOFF):
             self._push(slot, gen, Op.ABORT)
         return True
 
@@ -174,7 +191,7 @@ class FrontendRegion(RegionView):
         state, _ = self.control(slot)
         s = self._slots[slot]
         plen = s.prompt_len
-        if state not in (SlotState.RUNNING, SlotState.FINISHED):
+        if state not in (SlotState.RUNNING, SlotState.FINISHED, SlotState.HANDOFF):
             return OutputView([], 0, False, FinishReason.NONE, 0, None, plen, s.submit_time)
         n = atomics.load_acquire_u32(self._mm, self._field_off(slot, NUM_OUTPUT))
         start = min(max(start, 0), n)

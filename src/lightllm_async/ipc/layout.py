@@ -165,18 +165,23 @@ class Slot(ctypes.Structure):
         ("submit_time", ctypes.c_double),
         # frontend: release-stored 0 -> 1 by abort(), reset while WRITING
         ("abort", ctypes.c_uint32),
-        ("_pad1", ctypes.c_uint8 * 36),
+        # frontend, written in WRITING (--pd): the decode replica a prefill replica hands off to (-1: none)
+        ("handoff_to", ctypes.c_int32),
+        ("_pad1", ctypes.c_uint8 * 32),
         # engine: reset before QUEUED -> RUNNING; num_output is release-stored after the tokens,
         # logprobs, first_token_time and cached_tokens it publishes; finish_reason and finish_time
         # are published by the -> FINISHED CAS
         ("num_output", ctypes.c_uint32),
         ("finish_reason", ctypes.c_uint32),
         ("cached_tokens", ctypes.c_uint32),
-        ("_pad2", ctypes.c_uint32),
+        # --pd, the prefill replica: itself and its per-decode-replica transfer number, published by
+        # the RUNNING -> HANDOFF CAS
+        ("handoff_from", ctypes.c_uint32),
         ("first_token_time", ctypes.c_double),
         ("finish_time", ctypes.c_double),
         ("scheduled_time", ctypes.c_double),  # first admission to the running batch (monotonic)
-        ("_pad3", ctypes.c_uint8 * 24),
+        ("handoff_seq", ctypes.c_uint64),
+        ("_pad3", ctypes.c_uint8 * 16),
     ]
 
 

@@ -16,6 +16,7 @@ class Op(IntEnum):
 
     SUBMIT = 1
     ABORT = 2
+    HANDOFF = 3  # --pd: a prefill replica handed (slot, gen) over; its KV is on its way (engine/disagg.py)
 
 
 class SlotState(IntEnum):
@@ -28,6 +29,9 @@ class SlotState(IntEnum):
     QUEUED = 2
     RUNNING = 3
     FINISHED = 4
+    # --pd: a prefill replica computed the prompt and published the first token; RUNNING -> HANDOFF
+    # by it, then HANDOFF -> RUNNING (or -> FINISHED) by the decode replica the frontend relays it to
+    HANDOFF = 5
 
 
 MAX_REPLICAS = 64  # engine replicas (--dp) of one region
@@ -100,6 +104,8 @@ class EngineStats:
     generation_tokens_total: int = 0
     cached_tokens_total: int = 0  # prompt tokens found in the prefix cache at first admission
     prefix_queried_tokens_total: int = 0  # prompt tokens looked up there (none when it is off)
+    kv_sent_tokens_total: int = 0  # --pd, a prefill replica: positions of KV it handed off
+    kv_received_tokens_total: int = 0  # --pd, a decode replica: positions of KV it received
 
 
 ENGINE_STATS_FIELDS = len(fields(EngineStats))
@@ -130,6 +136,26 @@ class RequestView:
     prompt_ids: list[int]
     params: SamplingParams
     submit_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffView:
+    """--pd: a request a prefill replica handed off, as its decode replica reads it: the output
+    so far (the first token), and the transfer that brings the KV of every position but the last
+    known one (`source` replica's transfer number `seq` to this replica)."""
+
+    slot: int
+    gen: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int]
+    source: int
+    seq: int
+    cached_tokens: int
+
+    @property
+    def num_kv(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids) - 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,10 @@ class MLAKVCache:
         shape = (num_tokens, cls.width(cfg))
         return cls(kv=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
 
+    def layers(self) -> list[Tensor]:
+        """Every pool, in layer order: what moves a request's KV (runner/kv_transfer.py)."""
+        return list(self.kv)
+
     @classmethod
     def bytes_per_token(cls, cfg: ModelConfig, dtype, tp: TPGroup = SINGLE) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

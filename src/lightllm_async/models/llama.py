@@ -149,6 +149,10 @@ class KVCache:
             v=[torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
         )
 
+    def layers(self) -> list[Tensor]:
+        """Every pool, in layer order (k then v): what moves a request's KV (runner/kv_transfer.py)."""
+        return [t for kv in zip(self.k, self.v, strict=True) for t in kv]
+
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype, tp: TPGroup = SINGLE) -> int:
         """Bytes one token takes in one rank's pools."""

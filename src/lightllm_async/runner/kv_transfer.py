@@ -1,0 +1,174 @@
+"""A request's KV between a prefill and a decode engine (--pd), over torch.distributed point to
+point: NCCL on CUDA, gloo on the CPU. Every prefill and decode engine joins one group (rank =
+its replica index) at start; a transfer is one send per KV pool (layer by layer, as the cache
+classes' `layers()` list them) of the request's positions, gathered into contiguous buffers.
+
+Matching: NCCL has no tags, so a transfer is matched by order: a prefill engine sends its
+transfers to one decode engine in the order of their numbers (`seq`, per pair), and the decode
+engine receives from one prefill engine in the same order (engine/disagg.py holds back a
+transfer that arrives before its predecessor). Under gloo the tag says the same again.
+
+Threads: the blocking send/recv of one (prefill, decode) pair run on one worker thread per peer,
+in order; the engine's loop only queues work and polls a flag (gloo's works report completion
+only through a blocking wait). One thread per peer, not one per engine: with blocking sends, one
+thread serving several peers could wait on a peer that waits on another, in a cycle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lightllm_async.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+# a transfer's receive has its own deadline (engine/disagg.py); the group's must not come first
+GROUP_TIMEOUT = datetime.timedelta(days=365)
+INIT_TIMEOUT = datetime.timedelta(minutes=30)
+_MAX_POOLS = 1 << 12  # pools per transfer, for the gloo tag
+
+
+def init_pd_group(cfg: EngineConfig, rank: int, device: torch.device) -> None:
+    """Join the group of every prefill and decode engine (blocks until all have joined)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=cfg.pd_init, rank=rank, world_size=cfg.pd_world, timeout=INIT_TIMEOUT
+    )
+    log.info("PD group: rank %d of %d joined (%s)", rank, cfg.pd_world, backend)
+
+
+def _tag(seq: int, pool: int) -> int:
+    return (seq % (1 << 18)) * _MAX_POOLS + pool
+
+
+def bytes_per_token(pools: list[torch.Tensor]) -> int:
+    """What one position of a transfer moves."""
+    return sum(t[0].numel() * t.element_size() for t in pools)
+
+
+class _PeerWorker:
+    """Runs `job()`s for one peer, in the order queued, on a daemon thread."""
+
+    def __init__(self, name: str, device: torch.device):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._device = device
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def put(self, job) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        if self._device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self._device)
+        while True:
+            self._jobs.get()()
+
+
+@dataclass
+class Transfer:
+    """One transfer's tensors (a sender's pools, a receiver's buffers), one op each; `done` is set
+    once they all returned (`error` says whether they failed)."""
+
+    bufs: list[torch.Tensor]
+    done: threading.Event
+    error: BaseException | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class _Ends:
+    def __init__(self, pools: list[torch.Tensor], kind: str):
+        self.pools = pools
+        self.device = pools[0].device
+        self._kind = kind
+        self._workers: dict[int, _PeerWorker] = {}
+        self.bytes_moved = 0
+
+    def _worker(self, peer: int) -> _PeerWorker:
+        if peer not in self._workers:
+            self._workers[peer] = _PeerWorker(f"kv-{self._kind}-{peer}", self.device)
+        return self._workers[peer]
+
+    def _queue(self, peer: int, t: Transfer, op) -> None:
+        # the buffers were written on the engine thread's stream: the worker's current stream is
+        # another (streams are per thread), so it waits for an event recorded there
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+
+        def job() -> None:
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                for i, b in enumerate(t.bufs):
+                    op(b, peer, i)
+                _sync(self.device)
+            except BaseException as exc:  # noqa: BLE001 - the peer died: the engine reports it
+                t.error = exc
+            t.done.set()
+
+        self._worker(peer).put(job)
+
+
+class KVSender(_Ends):
+    """The prefill engine's end. `send` queues a transfer: the peer's worker gathers each pool's
+    rows of the positions and sends them, one pool at a time (one layer's buffer in memory, not
+    the request's whole KV). The caller keeps the slots unwritten until `done`."""
+
+    def __init__(self, pools: list[torch.Tensor]):
+        super().__init__(pools, "send")
+
+    def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> Transfer:
+        idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
+        t = Transfer(self.pools, threading.Event())
+        self._queue(
+            dest, t, lambda pool, peer, i: dist.send(pool.index_select(0, idx), dst=peer, tag=_tag(seq, i))
+        )
+        self.bytes_moved += len(kv_slots) * bytes_per_token(self.pools)
+        return t
+
+    @staticmethod
+    def done(t: Transfer) -> bool:
+        return t.done.is_set()
+
+    @staticmethod
+    def failure(t: Transfer) -> BaseException | None:
+        return t.error
+
+
+class KVReceiver(_Ends):
+    """The decode engine's end: `start` queues the receives of a transfer into fresh buffers,
+    `done` polls it, `store` copies a received transfer into the cache's slots."""
+
+    def __init__(self, pools: list[torch.Tensor]):
+        super().__init__(pools, "recv")
+
+    def start(self, source: int, seq: int, n: int) -> Transfer:
+        bufs = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.pools]
+        t = Transfer(bufs, threading.Event())
+        self._queue(source, t, lambda b, peer, i: dist.recv(b, src=peer, tag=_tag(seq, i)))
+        return t
+
+    @staticmethod
+    def done(t: Transfer) -> bool:
+        return t.done.is_set()
+
+    def store(self, t: Transfer, kv_slots: list[int]) -> None:
+        """Raises what the transfer failed with (a peer's death)."""
+        if t.error is not None:
+            raise t.error
+        idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
+        for p, b in zip(self.pools, t.bufs, strict=True):
+            p.index_copy_(0, idx, b)
+        self.bytes_moved += sum(b.numel() * b.element_size() for b in t.bufs)
