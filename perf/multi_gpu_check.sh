@@ -16,7 +16,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout 150 python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
     echo "tp_gpu_check exit $?"; tail -14 "$OUT/tp_gpu_check.log"
   fi
-  timeout 360 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/test_tp_gpu.py tests/test_data_parallel.py \
+  timeout 360 python3 -m pytest -q -s -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_tp_gpu.py tests/test_data_parallel.py} \
     >"$OUT/pytest_tp.log" 2>&1
   echo "pytest tp/dp gpu exit $?"; grep -E "passed|failed|Error|agree" "$OUT/pytest_tp.log" | tail -8
 fi
@@ -35,6 +35,7 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
     tp2) flags="--tp 2" ;;
     tp2nccl) flags="--tp 2"; allreduce=nccl ;;
     dp2) flags="--dp 2" ;;
+    pd) flags="--pd prefill=1,decode=1" ;;
   esac
   LLA_TP_ALLREDUCE=$allreduce python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
     --max-num-batched-tokens 8192 $flags >"$OUT/server_$mode.log" 2>&1 &
@@ -53,13 +54,14 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
   python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 400 --input-len 1024 \
     --warmup 100 --api native --tokenizer $d --out "$OUT/ref_$mode.json" >"$OUT/ref_$mode.log" 2>&1
   echo "$mode reference workload exit $?"
-  if [ $mode = dp2 ]; then  # the same load per GPU as one GPU's 100 clients
+  if [ $mode = dp2 ] || { [ $mode = tp1 ] && [ "${TP1_200:-0}" = 1 ]; }; then  # DP: the same load per GPU as one GPU's 100 clients
     python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 200 --num-requests 800 --input-len 1024 \
       --warmup 200 --api native --tokenizer $d --out "$OUT/ref200_$mode.json" >"$OUT/ref200_$mode.log" 2>&1
     echo "$mode reference workload, 200 clients, exit $?"
   fi
   kill -INT $srv; wait $srv
   echo "$mode server exit $?"; grep -E "Traceback|Error|symmetric" "$OUT/server_$mode.log" | head -4
+  [ $mode = pd ] && grep -E "KV (send|recv)" "$OUT/server_$mode.log" | tail -2 | sed 's/.*; KV/KV/' 
 done
 python3 perf/multi_gpu_table.py --out-dir "$OUT" --model $d
 if [ -n "${PREFIX:-}" ]; then  # issue 10's shared-prefix workload on GPU 0: with and without the cache

@@ -46,6 +46,27 @@ def measure_bandwidth() -> float:
     return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
+def measure_peer_bandwidth() -> float:
+    """GPU 0 -> GPU 1 copy rate (bytes per second; NVLink where the host has it): what a KV
+    transfer of --pd could reach at most."""
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
+    y = torch.empty_like(x, device="cuda:1")
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize("cuda:0")
+    torch.cuda.synchronize("cuda:1")
+    return x.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
 def load(path: str) -> dict | None:
     try:
         with open(path) as f:
@@ -63,13 +84,20 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_model_config(args.model)
     if args.bandwidth:
+        import torch
+
         bw = measure_bandwidth()
+        peer = measure_peer_bandwidth() if torch.cuda.device_count() > 1 else 0.0
         with open(args.out, "w") as f:
-            json.dump({"copy_bytes_per_s": bw, "weight_bytes": weight_bytes(cfg)}, f)
-        print(f"copy bandwidth {bw / 1e9:.0f} GB/s, weights {weight_bytes(cfg) / 1e9:.2f} GB")
+            json.dump({"copy_bytes_per_s": bw, "peer_bytes_per_s": peer, "weight_bytes": weight_bytes(cfg)}, f)
+        print(
+            f"copy bandwidth {bw / 1e9:.0f} GB/s, GPU0->GPU1 {peer / 1e9:.0f} GB/s, "
+            f"weights {weight_bytes(cfg) / 1e9:.2f} GB"
+        )
         return
     with open(os.path.join(args.out_dir, "bandwidth.json")) as f:
-        bw = json.load(f)["copy_bytes_per_s"]
+        measured = json.load(f)
+    bw, peer = measured["copy_bytes_per_s"], measured.get("peer_bytes_per_s", 0.0)
     w, kv = weight_bytes(cfg), kv_bytes_per_token(cfg)
     print(
         f"\ncopy bandwidth {bw / 1e9:.0f} GB/s per GPU; weights {w / 1e9:.2f} GB; "
@@ -81,11 +109,12 @@ def main() -> None:
     )
     base = {}
     rows = (("tp1", "tp1", 1, 1, "ref"), ("tp2", "tp2", 2, 2, "ref"), ("tp2nccl", "tp2nccl", 2, 2, "ref"),
-            ("dp2", "dp2", 1, 2, "ref"), ("dp2@200", "dp2", 1, 2, "ref200"))  # fmt: skip
+            ("dp2", "dp2", 1, 2, "ref"), ("dp2@200", "dp2", 1, 2, "ref200"), ("pd", "pd", 1, 1, "ref"),
+            ("tp1@200", "tp1", 1, 1, "ref200"))  # fmt: skip
     for mode, files, shards, gpus, ref_name in rows:
         b1, b100 = (load(os.path.join(args.out_dir, f"{k}_{files}.json")) for k in ("b1", "b100"))
         ref = load(os.path.join(args.out_dir, f"{ref_name}_{files}.json"))
-        if mode == "dp2@200":
+        if mode.endswith("@200"):
             b1 = b100 = None
         if b1 is None and b100 is None and ref is None:
             continue
@@ -111,12 +140,27 @@ def main() -> None:
         print(f"TP=2 batch-1 step / TP=1: {base['tp2'][0] / base['tp1'][0]:.2f} (goal <= 0.65)")
     if "tp2nccl" in base and "tp1" in base and base["tp2nccl"][0] and base["tp1"][0]:
         print(f"  (all-reduces through NCCL only: {base['tp2nccl'][0] / base['tp1'][0]:.2f})")
-    for mode, what in (("dp2", "100 clients"), ("dp2@200", "200 clients, the same load per GPU")):
-        if "tp1" in base and mode in base and base["tp1"][1] and base[mode][1]:
+    for mode, what, one in (
+        ("dp2", "100 clients", "tp1"),
+        ("dp2@200", "200 clients, the same load per GPU", "tp1"),
+        ("dp2@200", "200 clients on both", "tp1@200"),
+    ):
+        if one in base and mode in base and base[one][1] and base[mode][1]:
             print(
-                f"DP=2 ({what}) reference-workload output throughput / one GPU at 100 clients: "
-                f"{base[mode][1] / base['tp1'][1]:.2f}x (goal >= 1.9)"
+                f"DP=2 ({what}) reference-workload output throughput / one GPU ({one}): "
+                f"{base[mode][1] / base[one][1]:.2f}x (goal >= 1.9)"
             )
+    pd, dp = (load(os.path.join(args.out_dir, f"ref_{m}.json")) for m in ("pd", "dp2"))
+    if pd and dp:
+        print("\nreference workload (100 clients, 1024 in, N(128,128) out) on 2 GPUs:")
+        print(f"{'':<22}{'TTFT p50':>9}{'TTFT p99':>9}{'TPOT p50':>9}{'TPOT p99':>9}{'out tok/s':>10}{'QPS':>6}")
+        for name, s in (("PD prefill=1,decode=1", pd), ("--dp 2", dp)):
+            print(
+                f"{name:<22}{s['ttft_ms']['p50']:>9.0f}{s['ttft_ms']['p99']:>9.0f}{s['tpot_ms']['p50']:>9.1f}"
+                f"{s['tpot_ms']['p99']:>9.1f}{s['output_tokens_per_s']:>10.0f}{s['qps']:>6.2f}"
+            )
+        if peer:
+            print(f"GPU0->GPU1 copy rate measured: {peer / 1e9:.0f} GB/s (KV transfer rates: the server log)")
 
 
 if __name__ == "__main__":

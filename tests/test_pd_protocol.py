@@ -270,6 +270,10 @@ def test_the_reader_relays_a_handoff_to_the_chosen_decode_replica_and_fails_what
             prefill.hand_off(a.slot, 0)  # a is handed off, b still computes its prompt
             prefill.notify_frontend()
             assert await asyncio.wait_for(a.wait(), 2) == [9]  # the first token, before any decode
+            for _ in range(200):  # the relay and the token may come in different wake-ups
+                if a.replica == 1:
+                    break
+                await asyncio.sleep(0.01)
             assert decode.drain_ring() == [(a.slot, a.gen, Op.HANDOFF)]
             assert a.replica == 1 and front.owner(a.slot) == 1 and front.owner(b.slot) == 0
             assert reader._prefills.outstanding == [1] and reader._decodes.outstanding == [2]

@@ -79,6 +79,9 @@ class PrefillSide:
     def arrived(self, slot: int, gen: int) -> None:
         log.error("prefill replica got a handoff of slot %d; ignored", slot)
 
+    def summary(self) -> str:
+        return getattr(self.sender, "summary", str)()
+
     def progress(self, engine: Any) -> bool:
         """Give the KV of requests whose send completed back to the scheduler (a failed send means a
         dead decode replica: the server is stopping; the KV is given back all the same)."""
@@ -137,6 +140,9 @@ class DecodeSide:
     @property
     def busy(self) -> bool:
         return bool(self._transfers) or any(self._queued.values())
+
+    def summary(self) -> str:
+        return getattr(self.receiver, "summary", str)()
 
     @property
     def reserved_tokens(self) -> int:

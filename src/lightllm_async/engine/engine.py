@@ -277,7 +277,7 @@ class Engine:
         per_step = "/".join(f"{1e3 * x / max(steps, 1):.2f}" for x in secs)
         log.info(
             "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%% used, "
-            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s",
+            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s%s",
             (self._prompt_tokens - prompt) / dt,
             (self._generated_tokens - generated) / dt,
             len(s.running),
@@ -286,6 +286,7 @@ class Engine:
             s.num_preemptions,
             steps,
             per_step,
+            self.pd.summary() if self.pd is not None else "",
         )
         return True
 

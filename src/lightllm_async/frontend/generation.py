@@ -126,6 +126,12 @@ class Generation:
                 raise engine_dead_error(h.replica if self._reader.num_replicas > 1 else None)
             done = h.finish_reason
             if done == FinishReason.ERROR:
+                if h.source >= 0 and h.replica != h.source:  # --pd: it failed after the handoff
+                    raise ApiError(
+                        500,
+                        f"The decode engine (replica {h.replica}) could not receive this request's KV "
+                        f"from prefill engine replica {h.source}: the transfer failed or timed out.",
+                    )
                 raise ApiError(500, "The engine failed while processing this request.")
             if self._logprobs is not None:
                 self._absorb(h.take_logprobs())

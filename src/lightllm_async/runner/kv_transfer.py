@@ -20,6 +20,7 @@ import datetime
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,20 @@ class _Ends:
         self._kind = kind
         self._workers: dict[int, _PeerWorker] = {}
         self.bytes_moved = 0
+        # transfers completed and the seconds their workers spent in them (first op to the end of
+        # the last, the peer's wait included): bytes_moved / busy_s is the rate they achieved
+        self.transfers = 0
+        self.busy_s = 0.0
+
+    def summary(self) -> str:
+        """For the engine's progress line."""
+        if not self.transfers:
+            return ""
+        rate = self.bytes_moved / self.busy_s / 1e9 if self.busy_s else 0.0
+        return (
+            f"; KV {self._kind} {self.transfers} transfers, {self.bytes_moved / 1e6:.1f} MB, "
+            f"{1e3 * self.busy_s / self.transfers:.2f} ms each, {rate:.1f} GB/s while busy"
+        )
 
     def _worker(self, peer: int) -> _PeerWorker:
         if peer not in self._workers:
@@ -111,9 +126,12 @@ class _Ends:
             try:
                 if ready is not None:
                     ready.synchronize()
+                t0 = time.perf_counter()
                 for i, b in enumerate(t.bufs):
                     op(b, peer, i)
                 _sync(self.device)
+                self.busy_s += time.perf_counter() - t0
+                self.transfers += 1
             except BaseException as exc:  # noqa: BLE001 - the peer died: the engine reports it
                 t.error = exc
             t.done.set()
@@ -158,6 +176,7 @@ class KVReceiver(_Ends):
         bufs = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.pools]
         t = Transfer(bufs, threading.Event())
         self._queue(source, t, lambda b, peer, i: dist.recv(b, src=peer, tag=_tag(seq, i)))
+        self.bytes_moved += sum(b.numel() * b.element_size() for b in bufs)
         return t
 
     @staticmethod
@@ -171,4 +190,3 @@ class KVReceiver(_Ends):
         idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
         for p, b in zip(self.pools, t.bufs, strict=True):
             p.index_copy_(0, idx, b)
-        self.bytes_moved += sum(b.numel() * b.element_size() for b in t.bufs)
