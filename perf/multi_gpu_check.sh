@@ -18,7 +18,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
   timeout 360 python3 -m pytest -q -s -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/test_tp_gpu.py tests/test_data_parallel.py} \
     >"$OUT/pytest_tp.log" 2>&1
-  echo "pytest tp/dp gpu exit $?"; grep -E "passed|failed|Error|agree" "$OUT/pytest_tp.log" | tail -8
+  echo "pytest tp/dp gpu exit $?"; grep -E "passed|failed|Error|agree|Traceback|CUDA|NCCL" "$OUT/pytest_tp.log" | tail -${TEST_LINES:-8}
 fi
 [ "${ONLY_TESTS:-0}" = 1 ] && exit 0
 

@@ -48,6 +48,9 @@ def _greedy(path: str, pd: bool, dtype: str, prompts: list[str], n: int, *extra:
         assert "captured" in log
         if pd:
             assert "KV per token transferred" in log
+    except BaseException:
+        print(srv.text_log()[-6000:])  # the device run keeps only this output
+        raise
     finally:
         assert srv.stop() == 0
     return alone

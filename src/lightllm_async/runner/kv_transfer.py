@@ -55,7 +55,10 @@ def bytes_per_token(pools: list[torch.Tensor]) -> int:
 
 
 class _PeerWorker:
-    """Runs `job()`s for one peer, in the order queued, on a daemon thread."""
+    """Runs `job()`s for one peer, in the order queued, on a daemon thread; on CUDA, on a stream of
+    its own. Not the engine's: the legacy default stream (every thread's current stream unless
+    set) would order each gather, send and receive behind the engine's queued steps and those
+    behind them (measured on 2 H200s: 27 ms per 95 MB transfer, 3.5 GB/s)."""
 
     def __init__(self, name: str, device: torch.device):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -66,10 +69,13 @@ class _PeerWorker:
         self._jobs.put(job)
 
     def _run(self) -> None:
-        if self._device.type == "cuda":  # the current device is per thread
-            torch.cuda.set_device(self._device)
-        while True:
-            self._jobs.get()()
+        if self._device.type != "cuda":
+            while True:
+                self._jobs.get()()
+        torch.cuda.set_device(self._device)  # the current device is per thread
+        with torch.cuda.stream(torch.cuda.Stream(self._device)):
+            while True:
+                self._jobs.get()()
 
 
 @dataclass
@@ -80,6 +86,24 @@ class Transfer:
     bufs: list[torch.Tensor]
     done: threading.Event
     error: BaseException | None = None
+
+
+GROUP_BYTES = 64 << 20  # one NCCL group of sends (and the gathered copies it holds) at most this
+
+
+def _groups(pools: list[torch.Tensor], rows: int) -> list[list[int]]:
+    """Consecutive pool indexes in groups whose `rows` rows stay under GROUP_BYTES (one pool at
+    least per group)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, p in enumerate(pools):
+        b = rows * p[0].numel() * p.element_size()
+        if groups[-1] and size + b > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    return groups
 
 
 def _sync(device: torch.device) -> None:
@@ -114,9 +138,12 @@ class _Ends:
             self._workers[peer] = _PeerWorker(f"kv-{self._kind}-{peer}", self.device)
         return self._workers[peer]
 
-    def _queue(self, peer: int, t: Transfer, op) -> None:
+    def _queue(self, peer: int, t: Transfer, op, batch_op=None, rows: int = 0) -> None:
+        """`op(buf, peer, i)` for each of the transfer's buffers in order (gloo), or, on CUDA,
+        `batch_op(bufs, peer)` for groups of them up to GROUP_BYTES: one NCCL launch per group
+        instead of one per layer."""
         # the buffers were written on the engine thread's stream: the worker's current stream is
-        # another (streams are per thread), so it waits for an event recorded there
+        # another, so it waits for an event recorded there
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -127,8 +154,12 @@ class _Ends:
                 if ready is not None:
                     ready.synchronize()
                 t0 = time.perf_counter()
-                for i, b in enumerate(t.bufs):
-                    op(b, peer, i)
+                if batch_op is None:
+                    for i, b in enumerate(t.bufs):
+                        op(b, peer, i)
+                else:
+                    for group in _groups(self.pools, rows):
+                        batch_op(group, peer)
                 _sync(self.device)
                 self.busy_s += time.perf_counter() - t0
                 self.transfers += 1
@@ -141,8 +172,9 @@ class _Ends:
 
 class KVSender(_Ends):
     """The prefill engine's end. `send` queues a transfer: the peer's worker gathers each pool's
-    rows of the positions and sends them, one pool at a time (one layer's buffer in memory, not
-    the request's whole KV). The caller keeps the slots unwritten until `done`."""
+    rows of the positions and sends them; under gloo one pool at a time, on CUDA in NCCL groups of
+    up to GROUP_BYTES (the gathered copies of one group in memory, never the request's whole KV
+    beyond that). The caller keeps the slots unwritten until `done`."""
 
     def __init__(self, pools: list[torch.Tensor]):
         super().__init__(pools, "send")
@@ -150,8 +182,19 @@ class KVSender(_Ends):
     def send(self, dest: int, seq: int, kv_slots: tuple[int, ...]) -> Transfer:
         idx = torch.tensor(kv_slots, dtype=torch.long, device=self.device)
         t = Transfer(self.pools, threading.Event())
+        pools = self.pools
+
+        def batch(group: list[int], peer: int) -> None:
+            ops = [dist.P2POp(dist.isend, pools[i].index_select(0, idx), peer) for i in group]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+
         self._queue(
-            dest, t, lambda pool, peer, i: dist.send(pool.index_select(0, idx), dst=peer, tag=_tag(seq, i))
+            dest,
+            t,
+            lambda pool, peer, i: dist.send(pool.index_select(0, idx), dst=peer, tag=_tag(seq, i)),
+            batch if self.device.type == "cuda" else None,
+            len(kv_slots),
         )
         self.bytes_moved += len(kv_slots) * bytes_per_token(self.pools)
         return t
@@ -175,7 +218,18 @@ class KVReceiver(_Ends):
     def start(self, source: int, seq: int, n: int) -> Transfer:
         bufs = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.pools]
         t = Transfer(bufs, threading.Event())
-        self._queue(source, t, lambda b, peer, i: dist.recv(b, src=peer, tag=_tag(seq, i)))
+
+        def batch(group: list[int], peer: int) -> None:
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, bufs[i], peer) for i in group]):
+                w.wait()
+
+        self._queue(
+            source,
+            t,
+            lambda b, peer, i: dist.recv(b, src=peer, tag=_tag(seq, i)),
+            batch if self.device.type == "cuda" else None,
+            n,
+        )
         self.bytes_moved += sum(b.numel() * b.element_size() for b in bufs)
         return t
 
