@@ -27,7 +27,14 @@ class SimulatedRanks:
 
     def peers(self, rank: int) -> Peers:
         return Peers(
-            self.buf_ptrs, self.pad_ptrs, self.parities[rank], rank, self.world, MAX_ROWS, ROW_STRIDE, SIG_BASE
+            self.buf_ptrs,
+            self.pad_ptrs,
+            self.parities[rank],
+            rank,
+            self.world,
+            MAX_ROWS,
+            ROW_STRIDE,
+            SIG_BASE,
         )
 
     def stage(self, rank: int, partials: list[torch.Tensor]) -> None:
@@ -99,4 +106,6 @@ def test_two_simulated_ranks_agree_bitwise_with_each_other_and_the_reference(int
             assert not ranks.pads[rank].any(), "took every signal sent to it"
         (out0, res0), (out1, res1) = results
         assert torch.equal(out0, out1) and torch.equal(res0, res1), "the ranks compute the same bits"
-        check_against_reference(out0, res0, *allreduce_add_rms_norm_ref(partials, residual, weight, 1e-5), dtype)
+        check_against_reference(
+            out0, res0, *allreduce_add_rms_norm_ref(partials, residual, weight, 1e-5), dtype
+        )
