@@ -8,6 +8,7 @@ import torch
 from lightllm_async.kernels import rms_norm_ref
 from lightllm_async.kernels.allreduce_norm import Peers, allreduce_add_rms_norm, allreduce_add_rms_norm_ref
 from lightllm_async.kernels.testing import TOLERANCE, rel_err
+from lightllm_async.layers.parallel import SINGLE, TPGroup
 
 MAX_ROWS, ROW_STRIDE, SIG_BASE = 40, 200, 3  # irregular on purpose
 
@@ -109,3 +110,55 @@ def test_two_simulated_ranks_agree_bitwise_with_each_other_and_the_reference(int
         check_against_reference(
             out0, res0, *allreduce_add_rms_norm_ref(partials, residual, weight, 1e-5), dtype
         )
+
+
+class DoublingAllReduce:
+    """A stand-in for the small all-reduce over two ranks that hold the same tensor: 2x."""
+
+    def fits(self, x):
+        return True
+
+    def __call__(self, x):
+        return x * 2
+
+
+class DoublingFused:
+    """A stand-in for the fused kernel over two ranks that hold the same x, for up to 4 rows."""
+
+    def __init__(self):
+        self.rows = []
+
+    def fits(self, x, residual=None):
+        return x.shape[0] <= 4
+
+    def __call__(self, x, residual, weight, eps):
+        self.rows.append(x.shape[0])
+        return allreduce_add_rms_norm_ref([x, x], residual, weight, eps)
+
+
+def test_all_reduce_norm_with_one_rank_is_rms_norm():
+    x, residual, weight = torch.randn(5, 33), torch.randn(5, 33), torch.randn(33)
+    out, res = SINGLE.all_reduce_norm(x, residual, weight, 1e-5)
+    ref_out, ref_res = rms_norm_ref(x, weight, 1e-5, residual)
+    assert torch.equal(out, ref_out) and torch.equal(res, ref_res)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_all_reduce_norm_without_the_fused_kernel_reduces_then_normalizes(with_residual):
+    x, weight = torch.randn(5, 33), torch.randn(33)
+    residual = torch.randn(5, 33) if with_residual else None
+    tp = TPGroup(rank=0, size=2, small=DoublingAllReduce())
+    out, res = tp.all_reduce_norm(x, residual, weight, 1e-5)
+    ref_out, ref_res = allreduce_add_rms_norm_ref([x, x], residual, weight, 1e-5)
+    assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
+
+
+def test_all_reduce_norm_takes_the_fused_kernel_only_where_it_fits():
+    x, residual, weight = torch.randn(5, 33), torch.randn(5, 33), torch.randn(33)
+    fused = DoublingFused()
+    tp = TPGroup(rank=0, size=2, small=DoublingAllReduce(), fused=fused)
+    for rows in (4, 5):  # 5 rows do not fit: the all-reduce, then the norm
+        out, res = tp.all_reduce_norm(x[:rows], residual[:rows], weight, 1e-5)
+        ref_out, ref_res = allreduce_add_rms_norm_ref([x[:rows]] * 2, residual[:rows], weight, 1e-5)
+        assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
+    assert fused.rows == [4]
