@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightllm_async.kernels import rms_norm
+from lightllm_async.kernels.allreduce_norm import Peers, allreduce_add_rms_norm
+from lightllm_async.kernels.backend import HAS_TRITON
+
 # all_gather_single is the name from torch 2.13 on; earlier versions have only the older one
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -33,6 +37,9 @@ class TPGroup:
     # small all-reduces over symmetric memory (a one-shot kernel: each rank reads its peers'
     # buffers over NVLink), far less latency than NCCL's for a decode step's activations
     small: SymmetricAllReduce | None = None
+    # the same exchange fused with the residual add and RMSNorm that follow every row-parallel
+    # output (`all_reduce_norm`), for up to a decode batch of rows
+    fused: FusedAllReduceNorm | None = None
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """The sum of `x` over the ranks (in place through NCCL; a new tensor through symmetric
@@ -43,6 +50,19 @@ class TPGroup:
             return self.small(x)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_norm(
+        self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """rms_norm(sum of `x` over the ranks + residual) and that sum + residual, the next
+        residual (the sum alone when `residual` is None): one fused kernel where it applies,
+        else `all_reduce` then `rms_norm`. Every rank gets the same bits."""
+        if self.size > 1 and self.fused is not None and self.fused.fits(x, residual):
+            return self.fused(x, residual, weight, eps)
+        x = self.all_reduce(x)
+        if residual is None:
+            return rms_norm(x, weight, eps), x
+        return rms_norm(x, weight, eps, residual)
 
     def all_gather(self, x: Tensor, dim: int = -1) -> Tensor:
         """The ranks' shards concatenated along `dim`, rank 0 first."""
@@ -130,3 +150,85 @@ class SymmetricAllReduce:
             self.buf[: flat.numel()], flat, "sum", self.group_name, out
         )
         return out.view_as(x)
+
+
+class FusedAllReduceNorm:
+    """All-reduce + residual add + RMSNorm in one Triton kernel over symmetric memory
+    (`kernels/allreduce_norm.py`): for up to `max_rows` rows of at most `hidden` elements of
+    `dtype` on CUDA; CUDA-graph capturable. Built collectively by every rank of `group`
+    (`create`), or None where the torch build, Triton or the machine lacks it. Every rank must
+    make the same calls in the same order (the kernel's buffer halves alternate per row slot)."""
+
+    def __init__(self, peers: Peers, dtype: torch.dtype, keep: Tensor):
+        self.peers, self.dtype = peers, dtype
+        self._keep = keep  # the symmetric buffer the peers' addresses point into
+
+    @classmethod
+    def create(
+        cls, group, dtype: torch.dtype, device, hidden: int, max_rows: int
+    ) -> FusedAllReduceNorm | None:
+        ok, op = False, None
+        try:
+            op = cls._build(group, dtype, device, hidden, max_rows) if HAS_TRITON else None
+            ok = op is not None and op._probe(dist.get_world_size(group))
+        except Exception as exc:  # noqa: BLE001 - all_reduce then rms_norm does it then
+            import logging
+
+            logging.getLogger(__name__).warning("fused all-reduce + RMSNorm unavailable (%r)", exc)
+        agreed = torch.tensor([int(ok)], device=device)  # every rank uses it, or none does
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+        return op if agreed.item() else None
+
+    @classmethod
+    def _build(cls, group, dtype, device, hidden: int, max_rows: int) -> FusedAllReduceNorm:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        name, world, rank = group.group_name, dist.get_world_size(group), dist.get_rank(group)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(name)
+        buf = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+        handle = symm_mem.rendezvous(buf, name)
+        # get_buffer may count from the start of the pooled allocation the buffer lies in (torch
+        # 2.13's implicit pool) or from the buffer itself: the offset is the same on every rank
+        offset = buf.data_ptr() - handle.get_buffer(rank, (1,), dtype).data_ptr()
+        buffers = [handle.get_buffer(p, (1,), dtype).data_ptr() + offset for p in range(world)]
+        pads = [handle.get_signal_pad(p) for p in range(world)]
+        # the pad may be shared with torch's own kernels on the same allocation, which use its
+        # first words: the flags take the last max_rows * world words, at most half of them
+        words = pads[rank].numel() * pads[rank].element_size() // 4
+        rows = min(max_rows, words // (2 * world))
+        peers = Peers(
+            buffers=torch.tensor(buffers, dtype=torch.int64, device=device),
+            signal_pads=torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=device),
+            parity=torch.zeros(rows, dtype=torch.int32, device=device),
+            rank=rank,
+            world=world,
+            max_rows=rows,
+            row_stride=hidden,
+            sig_base=words - rows * world,
+        )
+        return cls(peers, dtype, buf)
+
+    def _probe(self, world: int) -> bool:
+        x = torch.full(
+            (3, self.peers.row_stride), 1.0 + self.peers.rank, dtype=self.dtype, device=self._keep.device
+        )
+        weight = torch.ones(x.shape[-1], dtype=self.dtype, device=x.device)
+        _, total = self(x, torch.zeros_like(x), weight, 1e-6)
+        return torch.equal(total, torch.full_like(x, world * (world + 1) / 2))
+
+    def fits(self, x: Tensor, residual: Tensor | None = None) -> bool:
+        n = x.shape[-1]
+        return (
+            x.is_cuda
+            and x.dtype == self.dtype
+            and x.stride(-1) == 1
+            and 0 < x.numel() // n <= self.peers.max_rows
+            and n <= self.peers.row_stride
+            and (residual is None or residual.dtype == self.dtype)
+        )
+
+    def __call__(
+        self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        return allreduce_add_rms_norm(x.contiguous(), residual, weight, eps, self.peers)

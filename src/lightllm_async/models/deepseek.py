@@ -141,7 +141,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(
             self.rank, heads * (self.nope + self.v_dim), False, dtype, device, tp
         )
-        self.o_proj = RowParallelLinear(heads * self.v_dim, h, False, dtype, device, tp)
+        # unreduced: the norm that follows reduces it (`RMSNorm.reduce_add`)
+        self.o_proj = RowParallelLinear(heads * self.v_dim, h, False, dtype, device, tp, reduce=False)
         self.scale = cfg.mla_softmax_scale
         self.rope_interleave = cfg.rope_interleave
         # kv_b_proj's two halves for the absorbed decode, each laid out as its bmm reads it
@@ -295,7 +296,8 @@ class MoE(nn.Module):
 
     Under tensor parallelism the router is the same on every rank (so is its input, so every rank
     picks the same experts); the experts' intermediate dims are split, and the routed and shared
-    partial sums are added before the one reduction over the ranks."""
+    partial sums are added, and the output is this rank's partial sum: the norm that follows
+    reduces it over the ranks (`RMSNorm.reduce_add`)."""
 
     def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
@@ -337,18 +339,21 @@ class MoE(nn.Module):
         out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
         if self.shared is not None:
             out = out + self.shared(x)
-        return self.tp.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
+    """As Llama's: x in and out are partial sums over the ranks (the whole embedding at first)."""
+
     def __init__(self, cfg: ModelConfig, index: int, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
+        self.tp = tp
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.attn = MLAttention(cfg, dtype, device, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         dense = index < cfg.first_k_dense_replace
         self.mlp = (
-            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp)
+            MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
             else MoE(cfg, fuse_shared, dtype, device, tp)
         )
@@ -357,9 +362,9 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual, h = x, self.input_norm(x)
         else:
-            h, residual = self.input_norm(x, residual)
+            h, residual = self.input_norm.reduce_add(x, residual, self.tp)
         h = self.attn(h, ctx, cos_sin, kv_cache)
-        h, residual = self.post_norm(h, residual)
+        h, residual = self.post_norm.reduce_add(h, residual, self.tp)
         return self.mlp(h), residual
 
 
@@ -403,7 +408,7 @@ class DeepseekForCausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.kv[i])
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm.reduce_add(x, residual, self.tp)  # x: the last MLP's partial sum
         x = x.index_select(0, ctx.logits_idx)
         head = self.embed if self.lm_head is None else self.lm_head
         return head.logits(x)  # [S, V] float32

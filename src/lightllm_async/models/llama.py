@@ -169,10 +169,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None):
         return rms_norm(x, self.weight, self.eps, residual)
 
+    def reduce_add(self, x: Tensor, residual: Tensor, tp: TPGroup) -> tuple[Tensor, Tensor]:
+        """forward(sum of `x` over the ranks of `tp`, residual): `x` is a row-parallel layer's
+        unreduced output, and the all-reduce, the add and the norm run as one fused kernel where
+        `tp` has one (`TPGroup.all_reduce_norm`)."""
+        if tp.size == 1:
+            return self(x, residual)
+        return tp.all_reduce_norm(x, residual, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     """Grouped-query attention over this rank's heads (all of them with one rank): q|k|v column-
-    parallel by head, o_proj row-parallel."""
+    parallel by head, o_proj row-parallel and unreduced: the output is this rank's partial sum,
+    reduced by the norm that follows (`RMSNorm.reduce_add`)."""
 
     def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
@@ -183,7 +192,7 @@ class Attention(nn.Module):
         self.qkv = MergedLinear(
             cfg.hidden_size, {"q": q, "k": kv, "v": kv}, cfg.attention_bias, dtype, device, tp
         )
-        self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, dtype, device, tp)
+        self.o_proj = RowParallelLinear(q, cfg.hidden_size, False, dtype, device, tp, reduce=False)
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, k_cache: Tensor, v_cache: Tensor):
@@ -204,22 +213,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SiLU-gated MLP, the intermediate dim split across ranks (gate|up by rows, down by columns)."""
+    """SiLU-gated MLP, the intermediate dim split across ranks (gate|up by rows, down by columns);
+    its output is this rank's partial sum, as the attention's."""
 
     def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
         inter = cfg.intermediate_size
         tp.split(inter, "intermediate_size")
         self.gate_up = MergedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, False, dtype, device, tp)
-        self.down = RowParallelLinear(inter, cfg.hidden_size, False, dtype, device, tp)
+        self.down = RowParallelLinear(inter, cfg.hidden_size, False, dtype, device, tp, reduce=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(silu_and_mul(self.gate_up(x)))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):
+    """x in is the previous layer's MLP output, a partial sum over the ranks (the embedding, whole,
+    in the first layer, where residual is None); x out is this layer's, a partial sum too."""
+
     def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
         super().__init__()
+        self.tp = tp
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.attn = Attention(cfg, dtype, device, tp)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
@@ -229,9 +243,9 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual, h = x, self.input_norm(x)
         else:
-            h, residual = self.input_norm(x, residual)  # norm(x + residual), x + residual
+            h, residual = self.input_norm.reduce_add(x, residual, self.tp)  # norm(x + residual), x + residual
         h = self.attn(h, ctx, cos_sin, k_cache, v_cache)
-        h, residual = self.post_norm(h, residual)
+        h, residual = self.post_norm.reduce_add(h, residual, self.tp)
         return self.mlp(h), residual
 
 
@@ -263,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm.reduce_add(x, residual, self.tp)  # x: the last MLP's partial sum
         x = x.index_select(0, ctx.logits_idx)  # [S, H]
         head = self.embed if self.lm_head is None else self.lm_head
         return head.logits(x)  # [S, V] float32

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lightllm_async.config import EngineConfig
-from lightllm_async.layers.parallel import SINGLE, SymmetricAllReduce, TPGroup
+from lightllm_async.layers.parallel import SINGLE, FusedAllReduceNorm, SymmetricAllReduce, TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,9 @@ _plan_group = None
 # 2 MiB) go through symmetric memory; larger ones (prefill) through NCCL. LLA_TP_ALLREDUCE=nccl
 # sends every one through NCCL.
 SYMMETRIC_MAX_BYTES = 4 << 20
+# All-reduces followed by the residual add and RMSNorm (every row-parallel output of a layer) of
+# up to this many rows run as one fused kernel; LLA_TP_ALLREDUCE=symm keeps them apart.
+FUSED_NORM_MAX_ROWS = 512
 
 
 def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
@@ -42,17 +45,23 @@ def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
     return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
 
 
-def with_small_all_reduce(tp: TPGroup, dtype: torch.dtype, device: torch.device, nnodes: int) -> TPGroup:
-    """`tp` with the symmetric-memory all-reduce for activations of `dtype`, where it applies
-    (several ranks of one host on CUDA, not turned off by LLA_TP_ALLREDUCE=nccl). Every rank calls
-    it at the same point: building the buffer is collective."""
+def with_small_all_reduce(
+    tp: TPGroup, dtype: torch.dtype, device: torch.device, nnodes: int, hidden: int
+) -> TPGroup:
+    """`tp` with the symmetric-memory all-reduce for activations of `dtype`, and the fused
+    all-reduce + RMSNorm for rows of `hidden`, where they apply (several ranks of one host on
+    CUDA; LLA_TP_ALLREDUCE=fused, the default, =symm for the all-reduce alone, =nccl for
+    neither). Every rank calls it at the same point: building the buffers is collective."""
     if tp.size == 1 or device.type != "cuda" or nnodes > 1:
         return tp
-    if os.environ.get("LLA_TP_ALLREDUCE", "symm") != "symm":
+    mode = os.environ.get("LLA_TP_ALLREDUCE", "fused")
+    if mode not in ("symm", "fused"):
         return tp
-    return dataclasses.replace(
-        tp, small=SymmetricAllReduce.create(tp.group, dtype, device, SYMMETRIC_MAX_BYTES)
-    )
+    small = SymmetricAllReduce.create(tp.group, dtype, device, SYMMETRIC_MAX_BYTES)
+    fused = None
+    if mode == "fused":
+        fused = FusedAllReduceNorm.create(tp.group, dtype, device, hidden, FUSED_NORM_MAX_ROWS)
+    return dataclasses.replace(tp, small=small, fused=fused)
 
 
 def plan_group():

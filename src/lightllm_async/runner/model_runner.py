@@ -175,7 +175,9 @@ class ModelRunner:
         self.model_cfg = load_model_config(cfg.model_path)
         self.int4 = resolve_quantization(cfg, self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device, self.model_cfg, packed=bool(self.int4))
-        self.tp = tp = with_small_all_reduce(tp, self.dtype, self.device, cfg.nnodes)
+        self.tp = tp = with_small_all_reduce(
+            tp, self.dtype, self.device, cfg.nnodes, self.model_cfg.hidden_size
+        )
         self.model_cls, self.kv_cls = model_family(self.model_cfg)
         torch.manual_seed(cfg.seed)  # the engine generator: unseeded requests sample from it
         self.model = self._load_model(progress)
