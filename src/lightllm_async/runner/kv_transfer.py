@@ -39,8 +39,17 @@ _MAX_POOLS = 1 << 12  # pools per transfer, for the gloo tag
 def init_pd_group(cfg: EngineConfig, rank: int, device: torch.device) -> None:
     """Join the group of every prefill and decode engine (blocks until all have joined)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    options = None
+    if backend == "nccl":  # transfers run beside the engines' steps: their kernels come first
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = True
     dist.init_process_group(
-        backend, init_method=cfg.pd_init, rank=rank, world_size=cfg.pd_world, timeout=INIT_TIMEOUT
+        backend,
+        init_method=cfg.pd_init,
+        rank=rank,
+        world_size=cfg.pd_world,
+        timeout=INIT_TIMEOUT,
+        pg_options=options,
     )
     log.info("PD group: rank %d of %d joined (%s)", rank, cfg.pd_world, backend)
 
@@ -73,7 +82,8 @@ class _PeerWorker:
             while True:
                 self._jobs.get()()
         torch.cuda.set_device(self._device)  # the current device is per thread
-        with torch.cuda.stream(torch.cuda.Stream(self._device)):
+        # high priority: a gather's blocks go before the engine's step kernels as SMs free up
+        with torch.cuda.stream(torch.cuda.Stream(self._device, priority=-1)):
             while True:
                 self._jobs.get()()
 
