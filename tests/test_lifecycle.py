@@ -94,3 +94,28 @@ def test_engine_failure_inside_forward_is_reported_and_server_exits_nonzero():
     assert srv.proc.wait(10) != 0
     assert "injected device failure" in srv.text_log()
     assert region_files(srv) == []
+
+
+def test_a_taken_port_stops_the_server_at_once_with_a_clear_error_and_no_engine():
+    """The port is bound before anything loads: a second server on it fails in seconds, not after
+    loading a model (and no socket the engines open meanwhile can take the port from it)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "lightllm_async.server", "--model", "dummy", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stdout + out.stderr
+    assert "engine" not in (out.stdout + out.stderr).replace("no engine", "")
+    assert time.monotonic() - start < 30

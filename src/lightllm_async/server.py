@@ -364,6 +364,13 @@ def serve(cfg: ServerConfig) -> int:
     eng = cfg.engine
     if cfg.node_rank > 0:
         return serve_node(cfg)
+    # The port first: taken, we stop before loading anything; held, no socket the engines open
+    # meanwhile (a rendezvous store, NCCL's bootstrap, their client ends) can land on it.
+    try:
+        listener = _listen_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+        return 1
     region = Region.create(cfg.instance_id, region_spec(cfg))  # the frontend's view; engines attach theirs
     groups = _engine_processes(cfg, region.name)
     procs = [p for group in groups for p in group]
@@ -386,12 +393,13 @@ def serve(cfg: ServerConfig) -> int:
             replicas_alive=lambda: [all(p.is_alive() for p in group) for group in groups],
             pd_prefill=cfg.pd_prefill,
         )
-        exit_code = _serve_http(cfg, ctx, groups)
+        exit_code = _serve_http(cfg, ctx, groups, listener)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
         systemd.notify("STOPPING=1")
         exit_code = 0
     finally:
         _stop_engines(groups)
+        listener.close()
         region.close()
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
@@ -431,7 +439,21 @@ def serve_node(cfg: ServerConfig) -> int:
         _stop_engines(groups)
 
 
-def _serve_http(cfg: ServerConfig, ctx, groups: list[list[BaseProcess]]) -> int:
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) as uvicorn binds it (SO_REUSEADDR; IPv6 for an IPv6
+    address), not yet listening: nothing is accepted before the engines are ready."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _serve_http(cfg: ServerConfig, ctx, groups: list[list[BaseProcess]], sock: socket.socket) -> int:
     """Run uvicorn until a signal and the drain after it (0) or an engine's death (1)."""
     from lightllm_async.frontend.app import create_app
     from lightllm_async.frontend.http_server import ClientLimits, build_server
@@ -444,7 +466,7 @@ def _serve_http(cfg: ServerConfig, ctx, groups: list[list[BaseProcess]]) -> int:
     died = threading.Event()
     threading.Thread(target=_watch, args=(server, groups, died), daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit:  # uvicorn could not listen, or the app failed to start
         return 1
     return 1 if died.is_set() or not server.started else 0

@@ -25,8 +25,12 @@ _plan_group = None
 # sends every one through NCCL.
 SYMMETRIC_MAX_BYTES = 4 << 20
 # All-reduces followed by the residual add and RMSNorm (every row-parallel output of a layer) of
-# up to this many rows run as one fused kernel; LLA_TP_ALLREDUCE=symm keeps them apart.
-FUSED_NORM_MAX_ROWS = 512
+# up to this many rows run as one fused kernel (one program and one cross-GPU handshake per row;
+# LLA_TP_ALLREDUCE=symm keeps them apart). On 2
+# H200s (2026-11-30, perf/allreduce_norm_gpu_check.py, bf16, hidden 4096, in a CUDA graph) it took
+# 6.96 us at 1 row against 8.38 for one-shot + rms_norm, but 27.2 against 15.3 at 100 rows: the
+# two cross near 10 rows.
+FUSED_NORM_MAX_ROWS = 8
 
 
 def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
