@@ -36,7 +36,7 @@ def _greedy(path: str, pd: bool, dtype: str, prompts: list[str], n: int, *extra:
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}
     srv = ServerProcess(
         "--model", path, *extra, *(("--pd", "prefill=1,decode=1") if pd else ()), "--dtype", dtype,
-        "--max-model-len", "1024", "--max-running-requests", "16", "--max-num-batched-tokens", "256",
+        "--max-model-len", "512", "--max-running-requests", "16", "--max-num-batched-tokens", "256",
         "--kv-cache-tokens", "16384", env=env, ready_timeout=300,
     )  # fmt: skip
     try:
