@@ -139,8 +139,7 @@ class DecodeSet:
             return None
         if kv.num_free < n:
             raise NoRoom
-        slots = kv.allocate(n)
-        slots.reverse()  # the order n one-slot allocations would have given
+        slots = kv.allocate_each(n)
         picked = rows.tolist()
         _append_each(map(self.kv_lists.__getitem__, picked), slots)
         start = self.nsched[rows]
