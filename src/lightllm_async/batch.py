@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from lightllm_async.types import SamplingParams
@@ -127,28 +129,26 @@ class DecodeRun:
         return len(self.params)
 
     def item(self, i: int) -> ScheduledReq:
-        return _decode_item(
-            int(self.slot[i]), int(self.gen[i]), int(self.epoch[i]), int(self.row[i]), int(self.start[i]),
-            int(self.token[i]), int(self.kv_slot[i]), self.params[i], int(self.num_output[i]),
-            int(self.prompt_len[i]),
-        )  # fmt: skip
+        return self.items(slice(i, i + 1))[0]
 
-    def items(self) -> list[ScheduledReq]:
-        head = (self.slot, self.gen, self.epoch, self.row, self.start, self.token, self.kv_slot)
-        tail = (self.num_output, self.prompt_len)
-        return list(map(_decode_item, *map(_ints, head), self.params, *map(_ints, tail)))
+    def items(self, rows: slice = slice(None)) -> list[ScheduledReq]:
+        """The rows as `ScheduledReq`s, built at C speed (zip, repeat, tuple.__new__)."""
+        slot, gen, epoch, row, start, token, kv_slot, num_output, prompt_len = (
+            _ints(c[rows])
+            for c in (
+                self.slot, self.gen, self.epoch, self.row, self.start, self.token, self.kv_slot,
+                self.num_output, self.prompt_len,
+            )
+        )  # fmt: skip
+        fields = zip(
+            slot, gen, epoch, row, start, zip(token), zip(kv_slot), repeat(True), self.params[rows],
+            num_output, repeat(()), prompt_len, repeat(PENDING_TOKEN),
+        )  # fmt: skip
+        return list(map(partial(tuple.__new__, ScheduledReq), fields))
 
 
 def _ints(column) -> list[int]:
     return column.tolist() if hasattr(column, "tolist") else list(column)  # numpy's, or a sequence
-
-
-def _decode_item(
-    slot, gen, epoch, row, start, token, kv_slot, params, num_output, prompt_len
-) -> ScheduledReq:
-    return ScheduledReq(
-        slot, gen, epoch, row, start, (token,), (kv_slot,), True, params, num_output, (), prompt_len
-    )
 
 
 class Items(Sequence):
