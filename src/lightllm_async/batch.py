@@ -210,6 +210,27 @@ class Batch:
         return all(len(it.token_ids) == 1 and it.samples for it in self.parts()[1])
 
 
+def sampled_rows(batch: Batch) -> tuple[list[SamplingParams], list[int], list[tuple[int, int, int]]]:
+    """For each item that samples, in batch order: its params, its earlier output tokens, and its
+    (row, prompt length, tokens known after the step). A decode run's are read as columns."""
+    run, rest = batch.parts()
+    sampled = [it for it in rest if it.samples]
+    params = [it.params for it in sampled]
+    num_outputs = [it.num_output for it in sampled]
+    contexts = [(it.row, it.prompt_len, it.start + len(it.token_ids)) for it in sampled]
+    if run is None:
+        return params, num_outputs, contexts
+    head = zip(_ints(run.row), _ints(run.prompt_len), _ints(run.start + 1), strict=True)
+    return [*run.params, *params], [*_ints(run.num_output), *num_outputs], [*head, *contexts]
+
+
+def sampling_slots(batch: Batch) -> list[int]:
+    """The slot of each item that samples, in batch order."""
+    run, rest = batch.parts()
+    head = _ints(run.slot) if run is not None else []
+    return [*head, *(it.slot for it in rest if it.samples)]
+
+
 def logprob_top_k(batch: Batch) -> int:
     """The most top tokens any item of the step reports beside its own (the step's k)."""
     return max((it.params.top_logprobs for it in batch.parts()[1] if it.params.wants_logprobs), default=0)
