@@ -107,10 +107,18 @@ class Lockstep:
             members = [r.slot for r in a.running[: len(a.decode)]]
             assert members == [int(a.decode.slot[r]) for r in a.decode.rows]
             assert all(r.decode_set is a.decode for r in a.running[: len(a.decode)])
+            # admission's reservation for the members, from the columns, as _peak computes it
+            saved = a.output_lengths.expected
+            for expected in (1, 3, saved, 10**6):
+                a.output_lengths._expected = expected
+                want = sum(max(a._peak(r) - len(r.kv_slots), 0) for r in a.running[: len(a.decode)])
+                assert a.decode.reserved(expected) == want
+            a.output_lengths._expected = saved
 
 
 def random_params(rng: random.Random, prompt: list[int], max_len: int) -> SamplingParams:
-    max_new = rng.randint(1, max_len - len(prompt))
+    # now and then more than the context holds: the max_model_len limit ends it
+    max_new = rng.randint(1, max_len - len(prompt) if rng.random() < 0.8 else 2 * max_len)
     kind = rng.random()
     stop_ids = tuple(rng.sample(range(3, 3 + VOCAB), rng.choice([0, 1, 1, 3])))
     return SamplingParams(

@@ -117,6 +117,15 @@ class DecodeSet:
         r = req.row
         self.nout[r], self.last[r] = len(req.output_ids), req.output_ids[-1]
 
+    def reserved(self, expected: int) -> int:
+        """KV slots the members are expected to take beyond what they hold: the sum of
+        Scheduler._peak(req) - len(req.kv_slots), at least 0 each, for an expected output length."""
+        rows = self.rows
+        nout = self.nout[rows]
+        more = np.maximum(np.minimum(self.max_new[rows] - nout, expected), 1)
+        peak = np.minimum(self.prompt_len[rows] + nout + more, self.max_model_len)
+        return int(np.maximum(peak - self.nsched[rows], 0).sum())
+
     # -- a step ---------------------------------------------------------------------------------
 
     def schedule(self, budget: int, kv: KVManager) -> DecodeRun | None:

@@ -350,7 +350,9 @@ class Scheduler:
         """Room for `req`'s peak beside the peaks the running requests are expected to reach; a
         hit of `hit` cached tokens, `pinned` of them now evictable, needs that many fewer slots
         but takes those from the free capacity."""
-        reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
+        members = len(self.decode) if self.decode is not None else 0
+        reserved = self.decode.reserved(self.output_lengths.expected) if members else 0
+        reserved += sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running[members:])
         return self.kv.num_free - pinned - reserved >= self._peak(req) - hit
 
     # -- failure isolation --------------------------------------------------------------------
