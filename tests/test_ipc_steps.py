@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, ScheduledReq
+from lightllm_async.batch import PENDING_TOKEN, Batch, DecodeRun, Items, ScheduledReq
 from lightllm_async.ipc import Region, RegionSpec, steps
 from lightllm_async.ipc.steps import StepReader, StepWriter, decode, encode, record_bytes
 from lightllm_async.types import SamplingParams
@@ -165,3 +165,28 @@ def test_channels_of_two_groups_are_apart_and_bad_ranks_are_refused(region):
     with pytest.raises(ValueError):
         eng.step_channel(2)
     eng.close()
+
+
+def test_a_decode_run_is_written_as_the_record_of_its_items():
+    """Rank 0 writes a decode run from its columns; followers must read the very record the
+    run's items would make, parameters announced once per request as before."""
+    np = pytest.importorskip("numpy")
+    cols = {
+        "slot": [4, 0, 9], "gen": [1, 0, 7], "epoch": [0, 2, 0], "row": [3, 1, 0], "start": [17, 5, 260],
+        "token": [PENDING_TOKEN, 8, 12], "kv_slot": [900, 901, 77], "num_output": [3, 0, 250],
+        "prompt_len": [14, 5, 11],
+    }  # fmt: skip
+    run = DecodeRun(
+        **{k: np.array(v, np.int64) for k, v in cols.items()}, params=(PARAMS[0], PARAMS[1], PARAMS[0])
+    )
+    rest = (ScheduledReq(6, 2, 0, 2, 0, (5, 6, 7), (30, 31, 32), False, PARAMS[2], 0, (1, 2), 9, 8),)
+    with_run = Batch(Items(run, rest), 11, decode=run)
+    plain = Batch((*run.items(), *rest), 11)
+    bufs, announced, known = [bytearray(record_bytes(8, 64, 64)) for _ in range(2)], [{}, {}], {}
+    for _ in range(2):  # the second time no parameters travel
+        pairs = zip((with_run, plain), announced, bufs, strict=True)
+        sizes = [encode(b, a, buf, 0, len(buf)) for b, a, buf in pairs]
+        assert sizes[0] == sizes[1] and bufs[0][: sizes[0]] == bufs[1][: sizes[1]]
+        assert announced[0] == announced[1]
+        assert with_run.items._all is None
+        assert decode(bufs[0], 0, known).items == plain.items

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, ScheduledReq
+from lightllm_async.batch import PENDING_TOKEN, Batch, DecodeRun, Items, ScheduledReq, sampling_slots
 from lightllm_async.config import EngineConfig
 from lightllm_async.runner.cuda_graph import graph_buckets
-from lightllm_async.runner.inputs import InputBuffers
+from lightllm_async.runner.inputs import InputBuffers, flatten
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.runner.staging import Staging
 from lightllm_async.tools.make_random_model import shape_config, write_model
@@ -220,3 +220,36 @@ def test_padded_graph_inputs_give_the_eager_logits_and_touch_only_the_sink(tiny_
         same = (before == after) | (before.isnan() & after.isnan())  # the cache starts as torch.empty
         diff = (~same).flatten(1).any(-1).nonzero().flatten().tolist()
         assert set(diff) <= changed and runner.num_kv_tokens in diff  # the sink, and the new tokens
+
+
+def test_a_decode_run_loads_exactly_as_the_same_items_one_by_one():
+    """The runner reads a decode run's columns (flatten, sampling rows) instead of building its
+    ScheduledReqs: the uploaded step must be the one the items would give."""
+    np = pytest.importorskip("numpy")
+    seeded, greedy = SamplingParams(temperature=0.7, seed=5, min_tokens=4, stop_ids=(9,)), SamplingParams()
+    penalized = SamplingParams(temperature=0.7, presence_penalty=0.5, repetition_penalty=1.2)
+    cols = {  # 3 rows; rows 0 and 2 feed the previous step's sample
+        "slot": [7, 3, 11], "gen": [0, 2, 1], "epoch": [0, 0, 1], "row": [2, 0, 1], "start": [5, 9, 3],
+        "token": [PENDING_TOKEN, 123, PENDING_TOKEN], "kv_slot": [40, 41, 42], "num_output": [1, 6, 0],
+        "prompt_len": [4, 3, 3],
+    }  # fmt: skip
+    run = DecodeRun(**{k: np.array(v, np.int64) for k, v in cols.items()}, params=(seeded, greedy, penalized))
+    prefill = item(slot=5, row=3, start=0, tokens=[1, 2, 3], kv=[50, 51, 52], params=greedy)
+    with_run = Batch(items=Items(run, (prefill,)), step=1, decode=run)
+    plain = Batch(items=(*run.items(), prefill), step=1)
+    assert plain.items[0] == item(7, 2, 5, [PENDING_TOKEN], [40], params=seeded, num_output=1)._replace(
+        prompt_len=4
+    )
+    last_sampled, last_index = torch.tensor([500, 600, 700]), {7: 2, 3: 0, 11: 1}
+    assert flatten(with_run, last_index) == flatten(plain, last_index)
+    a, b = (buffers(max_tokens=16, max_batch=8).load(x, last_sampled, last_index) for x in (with_run, plain))
+    assert with_run.items._all is None  # the runner read the run as columns
+    assert tuple(with_run.items) == plain.items
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.num_samples == b.num_samples == 4
+    for name in ("positions", "kv_slots", "req_idx", "q_start", "seq_lens", "logits_idx"):
+        assert getattr(a.ctx, name).tolist() == getattr(b.ctx, name).tolist(), name
+    assert a.sampling.max_seq_len == b.sampling.max_seq_len == 4  # row 2: 3 + 1 known after the step
+    fields = ("temperature", "seeded_rows", "position", "ban_rows", "ban_ids", "greedy", "pen_rows")
+    for f in (*fields, "pen_table_rows", "prompt_len", "seq_len", "presence", "repetition"):
+        assert getattr(a.sampling, f).tolist() == getattr(b.sampling, f).tolist(), f
+    assert sampling_slots(with_run) == sampling_slots(plain) == [7, 3, 11, 5]

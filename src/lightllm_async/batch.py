@@ -6,7 +6,10 @@ importing each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Any, NamedTuple
 
 from lightllm_async.types import SamplingParams
@@ -79,7 +82,8 @@ def logprob_rows(batch: Batch) -> list[LogprobRow]:
     once per batch (the runner and the engine both ask), and cheaply when no item wants any."""
     rows = batch.__dict__.get("_logprob_rows")
     if rows is None:
-        if any(it.params.logprobs or it.params.prompt_logprobs for it in batch.items):
+        # a decode run holds no request with log-probabilities (the steady set's rule)
+        if any(it.params.logprobs or it.params.prompt_logprobs for it in batch.parts()[1]):
             rows = _logprob_rows(batch)
         else:
             rows = []
@@ -103,26 +107,133 @@ def _logprob_rows(batch: Batch) -> list[LogprobRow]:
     return rows
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeRun:
+    """Requests that each decode one token and sample, as columns ([k] arrays, numpy's from the
+    scheduler's steady decode set): what k `ScheduledReq`s would say, without building them. The
+    fields not here are fixed: token_ids (token,), new_kv_slots (kv_slot,), samples, no prefix,
+    next_token PENDING_TOKEN."""
+
+    slot: Any
+    gen: Any
+    epoch: Any
+    row: Any
+    start: Any  # the position computed: the request's scheduled positions before this step
+    token: Any  # its token id, PENDING_TOKEN when the previous step samples it
+    kv_slot: Any
+    num_output: Any
+    prompt_len: Any
+    params: tuple[SamplingParams, ...]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def item(self, i: int) -> ScheduledReq:
+        return self.items(slice(i, i + 1))[0]
+
+    def items(self, rows: slice = slice(None)) -> list[ScheduledReq]:
+        """The rows as `ScheduledReq`s, built at C speed (zip, repeat, tuple.__new__)."""
+        slot, gen, epoch, row, start, token, kv_slot, num_output, prompt_len = (
+            _ints(c[rows])
+            for c in (
+                self.slot, self.gen, self.epoch, self.row, self.start, self.token, self.kv_slot,
+                self.num_output, self.prompt_len,
+            )
+        )  # fmt: skip
+        fields = zip(
+            slot, gen, epoch, row, start, zip(token), zip(kv_slot), repeat(True), self.params[rows],
+            num_output, repeat(()), prompt_len, repeat(PENDING_TOKEN),
+        )  # fmt: skip
+        return list(map(partial(tuple.__new__, ScheduledReq), fields))
+
+
+def _ints(column) -> list[int]:
+    return column.tolist() if hasattr(column, "tolist") else list(column)  # numpy's, or a sequence
+
+
+class Items(Sequence):
+    """A batch's items when a `DecodeRun` leads them: the run's rows, then `rest`. The run's
+    `ScheduledReq`s are built on first use (once), so that a consumer reading the run's columns
+    (the scheduler's update) never pays for them."""
+
+    __slots__ = ("run", "rest", "_all")
+
+    def __init__(self, run: DecodeRun, rest: tuple[ScheduledReq, ...]):
+        self.run, self.rest, self._all = run, rest, None
+
+    def _items(self) -> tuple[ScheduledReq, ...]:
+        if self._all is None:
+            self._all = (*self.run.items(), *self.rest)
+        return self._all
+
+    def __len__(self) -> int:
+        return len(self.run) + len(self.rest)
+
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return repr(self._items())
+
+
 @dataclass(frozen=True)
 class Batch:
-    """What the scheduler hands the runner for one step."""
+    """What the scheduler hands the runner for one step. `items` is every request's share, in
+    step order (samples come back in it). With `decode` (the scheduler's steady decode set),
+    `items` is an `Items` and its first len(decode) entries are that run's rows: a consumer may
+    read them as columns (`parts()`), or as `ScheduledReq`s like any others."""
 
-    items: tuple[ScheduledReq, ...]
+    items: Sequence[ScheduledReq]
     step: int
+    decode: DecodeRun | None = None
+
+    def parts(self) -> tuple[DecodeRun | None, Sequence[ScheduledReq]]:
+        """(the decode run or None, the items after it)."""
+        if self.decode is None:
+            return None, self.items
+        return self.decode, self.items.rest
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(it.token_ids) for it in self.items)
+        run, rest = self.parts()
+        return (len(run) if run is not None else 0) + sum(len(it.token_ids) for it in rest)
 
     @property
     def decode_only(self) -> bool:
         """Every request advances by one token: the CUDA-graph path."""
-        return all(len(it.token_ids) == 1 and it.samples for it in self.items)
+        return all(len(it.token_ids) == 1 and it.samples for it in self.parts()[1])
+
+
+def sampled_rows(batch: Batch) -> tuple[list[SamplingParams], list[int], list[tuple[int, int, int]]]:
+    """For each item that samples, in batch order: its params, its earlier output tokens, and its
+    (row, prompt length, tokens known after the step). A decode run's are read as columns."""
+    run, rest = batch.parts()
+    sampled = [it for it in rest if it.samples]
+    params = [it.params for it in sampled]
+    num_outputs = [it.num_output for it in sampled]
+    contexts = [(it.row, it.prompt_len, it.start + len(it.token_ids)) for it in sampled]
+    if run is None:
+        return params, num_outputs, contexts
+    head = zip(_ints(run.row), _ints(run.prompt_len), _ints(run.start + 1), strict=True)
+    return [*run.params, *params], [*_ints(run.num_output), *num_outputs], [*head, *contexts]
+
+
+def sampling_slots(batch: Batch) -> list[int]:
+    """The slot of each item that samples, in batch order."""
+    run, rest = batch.parts()
+    head = _ints(run.slot) if run is not None else []
+    return [*head, *(it.slot for it in rest if it.samples)]
 
 
 def logprob_top_k(batch: Batch) -> int:
     """The most top tokens any item of the step reports beside its own (the step's k)."""
-    return max((it.params.top_logprobs for it in batch.items if it.params.wants_logprobs), default=0)
+    return max((it.params.top_logprobs for it in batch.parts()[1] if it.params.wants_logprobs), default=0)
 
 
 @dataclass(frozen=True)

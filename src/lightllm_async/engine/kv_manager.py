@@ -38,6 +38,21 @@ class KVManager:
             self.cache.evict(short)
         return self.tokens.allocate(n)
 
+    def allocate_each(self, n: int) -> list[int]:
+        """n slots in the order n calls of allocate(1) would give them (the same slots too, the
+        same cached prefixes evicted): one for each of n requests at once. MemoryError beyond
+        `num_free`."""
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} KV token slots, {self.num_free} free")
+        slots = self.tokens.allocate(min(n, self.tokens.num_free))
+        slots.reverse()  # allocate(1) pops the end of the free stack
+        while len(slots) < n:  # allocate(1) on an empty pool evicts one leaf, then pops
+            self.cache.evict(1)
+            more = self.tokens.allocate(min(n - len(slots), self.tokens.num_free))
+            more.reverse()
+            slots += more
+        return slots
+
     # -- a request's prefix ---------------------------------------------------------------------
 
     @staticmethod

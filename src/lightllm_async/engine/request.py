@@ -28,7 +28,6 @@ class Request:
     params: SamplingParams  # max_new_tokens resolved
     arrival: int
     output_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
     row: int = -1  # row in the request-to-token table while running
     kv_slots: list[int] = field(default_factory=list)  # KV cache rows, one per scheduled position
     # The prefix cache's share (engine/kv_manager.py): kv_slots[:num_cached] are the cache's, on the
@@ -43,7 +42,6 @@ class Request:
     prompt_key: int | None = None
     computing_prompt: bool = False
     num_preemptions: int = 0
-    num_pending: int = 0  # tokens sampled by a step in flight, not yet appended to output_ids
     suspect: bool = False  # was in a step that failed: runs alone until one of its steps succeeds
     # Positions below this may get log-probabilities now (the region's ring has room up to it; the
     # engine refreshes it each step): a request that would pass it waits. None: no limit.
@@ -53,6 +51,38 @@ class Request:
     # replica: the prefix-cache node of the received KV, locked until the request is admitted.
     handoff_to: int = -1
     held_node: object = None
+    # While the request is in the scheduler's steady decode set (engine/decode_set.py), that set's
+    # arrays hold its two step counters (the properties below read them there); else these do.
+    decode_set: object = field(default=None, repr=False)
+    _computed: int = field(default=0, repr=False)
+    _pending: int = field(default=0, repr=False)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        d = self.decode_set
+        return self._computed if d is None else int(d.computed[self.row])
+
+    @num_computed_tokens.setter
+    def num_computed_tokens(self, value: int) -> None:
+        d = self.decode_set
+        if d is None:
+            self._computed = value
+        else:
+            d.computed[self.row] = value
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens sampled by a step in flight, not yet appended to output_ids."""
+        d = self.decode_set
+        return self._pending if d is None else int(d.pending[self.row])
+
+    @num_pending.setter
+    def num_pending(self, value: int) -> None:
+        d = self.decode_set
+        if d is None:
+            self._pending = value
+        else:
+            d.pending[self.row] = value
 
     @property
     def num_tokens(self) -> int:

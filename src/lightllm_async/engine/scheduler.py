@@ -8,6 +8,10 @@ proves wrong and the cache runs dry, the newest request is preempted and recompu
 With the prefix cache (engine/radix_cache.py), an admitted request reuses the KV of its longest
 cached prefix and starts computing after it; cached slots that no running request uses count as
 free capacity, evicted when the pool runs short and before anything is preempted.
+
+Requests that decode one token a step join the steady decode set (engine/decode_set.py), whose
+numpy columns schedule and update all of them at once; without numpy every request goes one by
+one, with the same outcome.
 """
 
 from __future__ import annotations
@@ -16,11 +20,26 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, Sampled, ScheduledReq, max_prefix_slots
+from lightllm_async.batch import (
+    PENDING_TOKEN,
+    Batch,
+    DecodeRun,
+    Items,
+    Sampled,
+    ScheduledReq,
+    max_prefix_slots,
+)
 from lightllm_async.engine.kv_manager import KVManager
 from lightllm_async.engine.kv_pool import RowPool
 from lightllm_async.engine.request import Request
 from lightllm_async.types import PROMPT_LOGPROB_TOKENS_PER_STEP, FinishReason
+
+try:
+    import numpy as np
+
+    from lightllm_async.engine.decode_set import DecodeSet, NoRoom
+except ImportError:  # no numpy: the scheduler still runs, one request at a time
+    DecodeSet = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,9 @@ class SchedulerConfig:
     # Prompt positions with log-probabilities (echo) computed in one step: each needs a row of
     # logits ([n, vocab] float32), which a whole prefill chunk of them would make too large.
     max_prompt_logprob_tokens: int = PROMPT_LOGPROB_TOKENS_PER_STEP
+    # Keep steadily decoding requests as arrays (engine/decode_set.py). Off: one request at a
+    # time throughout, the reference the set is tested against.
+    decode_set: bool = True
 
 
 class OutputLengths:
@@ -106,6 +128,8 @@ class Scheduler:
         self._logprob_budget = cfg.max_prompt_logprob_tokens  # what is left of it in this step
         # --pd, a prefill engine: requests handed off whose KV is still being sent (it stays theirs)
         self.handing_off: list[Request] = []
+        use_set = cfg.decode_set and DecodeSet is not None
+        self.decode = DecodeSet(cfg.max_running_requests, cfg.max_model_len) if use_set else None
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -160,7 +184,11 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         self._logprob_budget = self.cfg.max_prompt_logprob_tokens
         items: list[ScheduledReq] = []
-        for req in list(self.running):
+        run = self._schedule_steady(budget)
+        if run is not None:
+            budget -= len(run)
+        members = len(self.decode) if self.decode is not None else 0
+        for req in self.running[members:]:  # a copy: preemption changes the list
             if budget == 0:
                 break
             if req.row < 0 or self._will_finish_by_length(req):
@@ -179,7 +207,26 @@ class Scheduler:
             n = self._room(req, budget)
             items.append(self._take(req, n))
             budget -= n
-        return self._batch(items)
+        return self._batch(items, run)
+
+    def _schedule_steady(self, budget: int) -> DecodeRun | None:
+        """The steady decode set's tokens, ahead of the other items: first the running requests
+        after the set's last member that have become steady join it (in order: the set is the
+        head of `running`). When the pool cannot hold its tokens the set is dissolved for this
+        step and everyone goes one by one, preempting as needed."""
+        d = self.decode
+        if d is None:
+            return None
+        running = self.running
+        while len(d) < len(running) and d.steady(running[len(d)]):
+            d.join(running[len(d)])
+        if budget == 0 or not len(d):
+            return None
+        try:
+            return d.schedule(budget, self.kv)
+        except NoRoom:
+            d.leave_all()
+            return None
 
     def _room(self, req: Request, budget: int) -> int:
         """Tokens to schedule for `req` now: what it has left, within the step's budget, and
@@ -196,7 +243,10 @@ class Scheduler:
         """The request's next chunk computes prompt positions' log-probabilities (a logits row each)."""
         return req.params.prompt_logprobs and req.num_scheduled_tokens < len(req.prompt_ids)
 
-    def _batch(self, items: list[ScheduledReq]) -> Batch | None:
+    def _batch(self, items: list[ScheduledReq], run: DecodeRun | None = None) -> Batch | None:
+        if run is not None:
+            self.num_steps += 1
+            return Batch(items=Items(run, tuple(items)), step=self.num_steps, decode=run)
         if not items:
             return None
         self.num_steps += 1
@@ -290,6 +340,8 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
+        if req.decode_set is not None:
+            self.decode.leave(req)
         self.running.remove(req)
         self._release(req)
         req.num_preemptions += 1
@@ -326,7 +378,9 @@ class Scheduler:
         """Room for `req`'s peak beside the peaks the running requests are expected to reach; a
         hit of `hit` cached tokens, `pinned` of them now evictable, needs that many fewer slots
         but takes those from the free capacity."""
-        reserved = sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running)
+        members = len(self.decode) if self.decode is not None else 0
+        reserved = self.decode.reserved(self.output_lengths.expected) if members else 0
+        reserved += sum(max(self._peak(r) - len(r.kv_slots), 0) for r in self.running[members:])
         return self.kv.num_free - pinned - reserved >= self._peak(req) - hit
 
     # -- failure isolation --------------------------------------------------------------------
@@ -387,38 +441,79 @@ class Scheduler:
         requests that ended (or were aborted) while the step was in flight are dropped."""
         applied: list[tuple[int, int]] = []
         finished: list[Finished] = []
-        tokens = iter(sampled.token_ids)
-        for item in batch.items:
-            token = next(tokens) if item.samples else None
-            req = self.by_slot.get(item.slot)
-            if req is None or req.gen != item.gen:
-                continue
-            if item.epoch == req.num_preemptions:
-                req.num_computed_tokens += len(item.token_ids)
-                if not req.prompt_cached and req.num_computed_tokens >= len(req.prompt_ids):
-                    self.kv.cache_prompt(req)
-                    self._prompt_done(req)
-            if token is None:
-                continue
-            req.suspect = False  # it sampled: whatever failed was not this request
-            req.num_pending -= 1
-            req.output_ids.append(token)
-            applied.append((req.slot, token))
-            reason = self._stop_reason(req, token)
-            if reason is not FinishReason.NONE:
-                self._retire(req)
-                finished.append(Finished(req, reason))
-                self.output_lengths.observe(len(req.output_ids))
-            elif req.handoff_to >= 0 and req.row >= 0 and req.num_computed_tokens == req.num_tokens - 1:
-                self._hand_off(req)
-                finished.append(
-                    Finished(req, FinishReason.NONE, tuple(req.kv_slots[: req.num_computed_tokens]))
-                )
+        run, rest = batch.parts()
+        tokens = sampled.token_ids
+        if run is not None:  # every row of a decode run samples: the first len(run) tokens
+            self._update_run(run, tokens[: len(run)], applied, finished)
+            tokens = tokens[len(run) :]
+        tokens = iter(tokens)
+        for item in rest:
+            self._apply(item, next(tokens) if item.samples else None, applied, finished)
         return applied, finished
+
+    def _apply(self, item: ScheduledReq, token: int | None, applied: list, finished: list) -> None:
+        """One item of a finished step, one request at a time."""
+        req = self.by_slot.get(item.slot)
+        if req is None or req.gen != item.gen:
+            return
+        if item.epoch == req.num_preemptions:
+            req.num_computed_tokens += len(item.token_ids)
+            if not req.prompt_cached and req.num_computed_tokens >= len(req.prompt_ids):
+                self.kv.cache_prompt(req)
+                self._prompt_done(req)
+        if token is None:
+            return
+        req.suspect = False  # it sampled: whatever failed was not this request
+        req.num_pending -= 1
+        req.output_ids.append(token)
+        if req.decode_set is not None:  # an item from before it joined the set
+            self.decode.synced(req)
+        applied.append((req.slot, token))
+        reason = self._stop_reason(req, token)
+        if reason is not FinishReason.NONE:
+            self._finish(req, reason, finished)
+        elif req.handoff_to >= 0 and req.row >= 0 and req.num_computed_tokens == req.num_tokens - 1:
+            self._hand_off(req)
+            finished.append(Finished(req, FinishReason.NONE, tuple(req.kv_slots[: req.num_computed_tokens])))
+
+    def _finish(self, req: Request, reason: FinishReason, finished: list) -> None:
+        self._retire(req)
+        finished.append(Finished(req, reason))
+        self.output_lengths.observe(len(req.output_ids))
+
+    def _update_run(self, run: DecodeRun, tokens, applied: list, finished: list) -> None:
+        """A decode run's tokens, applied to the members it was scheduled for in a few array
+        operations; the rows that stop, and those whose request left the set since (finished,
+        aborted, preempted: their tokens apply as any item's), then go one at a time in batch
+        order, as they would have without the set."""
+        tok = np.asarray(tokens, np.int64)
+        current = self.decode.current(run)
+        if current.all():
+            rows, tok_now, slots = run.row, tok, run.slot
+        else:
+            rows, tok_now, slots = run.row[current], tok[current], run.slot[current]
+        stop, length = self.decode.apply(rows, tok_now)
+        applied.extend(zip(slots.tolist(), tok_now.tolist(), strict=True))
+        ends = stop | length
+        if current.all() and not ends.any():
+            return
+        index = np.flatnonzero(current)
+        late = {int(i): None for i in np.flatnonzero(~current)}
+        for j in np.flatnonzero(ends).tolist():
+            late[int(index[j])] = FinishReason.STOP if stop[j] else FinishReason.LENGTH
+        by_row = self.decode.reqs
+        for i in sorted(late):
+            reason = late[i]
+            if reason is None:
+                self._apply(run.item(i), int(tok[i]), applied, finished)
+            else:
+                self._finish(by_row[int(run.row[i])], reason, finished)
 
     def _hand_off(self, req: Request) -> None:
         """--pd: `req` leaves (its row too) but keeps its KV: locked cache path and private tail, so
         that nothing overwrites the positions while they are sent, and admission counts them used."""
+        if req.decode_set is not None:  # never a member (DecodeSet.steady), but should it be
+            self.decode.leave(req)
         del self.by_slot[req.slot]
         self.running.remove(req)
         self._prompt_done(req)
@@ -432,6 +527,8 @@ class Scheduler:
         self.kv.release(req)
 
     def _retire(self, req: Request) -> None:
+        if req.decode_set is not None:
+            self.decode.leave(req)
         del self.by_slot[req.slot]
         self._unhold(req)
         if req in self.running:

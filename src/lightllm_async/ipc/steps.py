@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 
-from lightllm_async.batch import Batch, ScheduledReq
+from lightllm_async.batch import PENDING_TOKEN, Batch, ScheduledReq
 from lightllm_async.ipc import atomics
 from lightllm_async.types import SamplingParams
 
@@ -79,15 +79,21 @@ def _align(x: int, a: int = CACHE_LINE) -> int:
 
 def encode(batch: Batch, announced: dict[int, SamplingParams], buf, off: int, cap: int) -> int:
     """Write `batch` as a record at buf[off:off + cap]; the bytes written. `announced` (slot ->
-    the params object followers last received for it) is updated with what this record carries."""
-    items = batch.items
-    n = len(items)
+    the params object followers last received for it) is updated with what this record carries.
+    A decode run's rows are written from its columns (the record is the same as for its items)."""
+    run, rest = batch.parts()
+    n = len(batch.items)
     rows: list[tuple[int, ...]] = []
     tokens: list[int] = []
     kv: list[int] = []
     prefix: list[int] = []
     new_params = []
-    for it in items:
+    if run is not None:
+        for slot, gen, params in zip(run.slot.tolist(), run.gen.tolist(), run.params, strict=True):
+            if announced.get(slot) is not params:
+                announced[slot] = params
+                new_params.append((slot, gen, params))
+    for it in rest:
         rows.append(
             (it.slot, it.gen, it.epoch, it.row, it.start, len(it.token_ids), len(it.new_kv_slots),
              len(it.prefix_kv_slots), it.samples, it.num_output, it.prompt_len, it.next_token)
@@ -105,10 +111,18 @@ def encode(batch: Batch, announced: dict[int, SamplingParams], buf, off: int, ca
         np.asarray(kv, np.int64),
         np.asarray(prefix, np.int64),
     )
+    if run is not None:
+        arrays = (
+            np.concatenate((_run_rows(run).reshape(-1), arrays[0])),
+            np.concatenate((np.asarray(run.token, np.int64), arrays[1])),
+            np.concatenate((np.asarray(run.kv_slot, np.int64), arrays[2])),
+            arrays[3],
+        )
     size = _HEADER_BYTES + sum(a.nbytes for a in arrays) + len(params)
     if size > cap:
         raise ValueError(f"step {batch.step}: its record needs {size} bytes, the channel holds {cap}")
-    _HEADER.pack_into(buf, off, batch.step, KIND_STEP, n, len(tokens), len(kv), len(prefix), len(params))
+    n_tok, n_kv, n_pre = (a.size for a in arrays[1:])
+    _HEADER.pack_into(buf, off, batch.step, KIND_STEP, n, n_tok, n_kv, n_pre, len(params))
     pos = off + _HEADER_BYTES
     view = memoryview(buf)
     for a in arrays:
@@ -116,6 +130,17 @@ def encode(batch: Batch, announced: dict[int, SamplingParams], buf, off: int, ca
         pos += a.nbytes
     view[pos : pos + len(params)] = params
     return size
+
+
+def _run_rows(run) -> np.ndarray:
+    """[k, ITEM_FIELDS] the rows a decode run's items would write."""
+    k = len(run)
+    one, zero = np.ones(k, np.int64), np.zeros(k, np.int64)
+    fields = (
+        run.slot, run.gen, run.epoch, run.row, run.start, one, one, zero, one, run.num_output,
+        run.prompt_len, np.full(k, PENDING_TOKEN, np.int64),
+    )  # fmt: skip
+    return np.stack([np.asarray(f, np.int64) for f in fields], axis=1)
 
 
 def encode_stop(buf, off: int) -> int:

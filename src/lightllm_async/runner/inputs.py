@@ -1,6 +1,7 @@
 """A step's inputs: flattened on the host, then uploaded once into buffers that every path reads.
 
-`flatten` (pure Python) turns a `Batch` into flat index lists. `InputBuffers` owns the
+`flatten` turns a `Batch` into flat index lists (a decode run's columns at once, other items one
+by one). `InputBuffers` owns the
 maximum-size device buffers for them and for the sampling metadata: a step writes its lists into a
 host mirror and uploads them with one copy; the eager forward reads slices of those buffers, and
 each CUDA graph was captured reading the very same slices, so a replay needs no copy of its own.
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import PENDING_TOKEN, Batch, logprob_rows, logprob_top_k
+from lightllm_async.batch import PENDING_TOKEN, Batch, DecodeRun, logprob_rows, logprob_top_k, sampled_rows
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.runner.logprobs import LogprobPlan, plan_lists
 from lightllm_async.runner.sampler import SAMPLING_FIELDS, SamplingMetadata
@@ -56,7 +57,10 @@ class FlatInputs:
 def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
     """`last_index` maps a slot to its sample's index in the previous launch."""
     f = FlatInputs()
-    for it in batch.items:
+    run, rest = batch.parts()
+    if run is not None:
+        _flatten_run(f, run, last_index)
+    for it in rest:
         n = len(it.token_ids)
         for j, tok in enumerate(it.token_ids):
             if tok == PENDING_TOKEN:
@@ -76,6 +80,22 @@ def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
             f.prefix_pos.extend(range(it.start))
             f.prefix_slots.extend(it.prefix_kv_slots)
     return f
+
+
+def _flatten_run(f: FlatInputs, run: DecodeRun, last_index: dict[int, int]) -> None:
+    """An empty `f` takes a decode run: one token per row, each sampled."""
+    k = len(run)
+    f.ids = run.token.tolist()
+    pending = (run.token == PENDING_TOKEN).nonzero()[0]
+    f.pending_pos = pending.tolist()
+    f.pending_src = list(map(last_index.__getitem__, run.slot[pending].tolist()))
+    f.positions = run.start.tolist()
+    f.kv_slots = run.kv_slot.tolist()
+    f.token_rows = run.row.tolist()
+    f.rows = list(f.token_rows)
+    f.q_start = list(range(k + 1))
+    f.seq_lens = (run.start + 1).tolist()
+    f.logits_idx = list(range(k))
 
 
 @dataclass(frozen=True)
@@ -185,13 +205,9 @@ class InputBuffers:
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
         logprobs = self._plan_logprobs(batch, flat)  # appends its rows to flat.logits_idx
-        sampled = [it for it in batch.items if it.samples]
+        params, num_outputs, contexts = sampled_rows(batch)
         sampling = SamplingMetadata.build(
-            [it.params for it in sampled],
-            [it.num_output for it in sampled],
-            put=self.staging.put,
-            contexts=[(it.row, it.prompt_len, it.start + len(it.token_ids)) for it in sampled],
-            vocab=self.vocab_size,
+            params, num_outputs, put=self.staging.put, contexts=contexts, vocab=self.vocab_size
         )
         ids, pending_pos, pending_src = self._write(flat)
         prefix = self._write_prefix(flat)
@@ -206,7 +222,7 @@ class InputBuffers:
         self.req_to_token[rows, positions] = view("kv_slots", t).to(torch.int32)
         self.token_table[rows, positions] = ids[:t].to(torch.int32)
         sampling = sampling.with_history(self.token_table)
-        num_samples = sum(it.samples for it in batch.items)
+        num_samples = len(params)
         ctx = self.context(
             len(flat.ids),
             len(flat.rows),

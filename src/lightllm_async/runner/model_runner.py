@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightllm_async.batch import Batch, DeviceFailure, Sampled, StepLogprobs, max_prefix_slots
+from lightllm_async.batch import (
+    Batch,
+    DeviceFailure,
+    Sampled,
+    StepLogprobs,
+    max_prefix_slots,
+    sampling_slots,
+)
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 from lightllm_async.layers.quantized import swap_int4_linears
@@ -310,8 +317,8 @@ class ModelRunner:
             compute_logprobs(logits, tokens, step.logprobs) if step.logprobs and self.tp.rank == 0 else None
         )
         self._last_sampled = tokens
-        sampling_slots = [it.slot for it in batch.items if it.samples]
-        self._last_index = {slot: i for i, slot in enumerate(sampling_slots)}
+        slots = sampling_slots(batch)
+        self._last_index = dict(zip(slots, range(len(slots)), strict=True))
         if self.device.type != "cuda":
             return StepHandle(tokens, None, logprobs)
         self._flip ^= 1
