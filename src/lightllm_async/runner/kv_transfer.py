@@ -98,22 +98,37 @@ class Transfer:
     error: BaseException | None = None
 
 
-GROUP_BYTES = 64 << 20  # one NCCL group of sends (and the gathered copies it holds) at most this
+GROUP_BYTES = 64 << 20  # one NCCL message (and the gathered copy it is sent from) at most this
 
 
 def _groups(pools: list[torch.Tensor], rows: int) -> list[list[int]]:
-    """Consecutive pool indexes in groups whose `rows` rows stay under GROUP_BYTES (one pool at
-    least per group)."""
+    """Consecutive pool indexes in groups of one dtype whose `rows` rows stay under GROUP_BYTES
+    (one pool at least per group): each group travels as one contiguous message, the pools' rows
+    one after the other. Both ends compute the same groups from the same pools and row count."""
     groups: list[list[int]] = [[]]
     size = 0
     for i, p in enumerate(pools):
         b = rows * p[0].numel() * p.element_size()
-        if groups[-1] and size + b > GROUP_BYTES:
+        if groups[-1] and (size + b > GROUP_BYTES or p.dtype != pools[groups[-1][0]].dtype):
             groups.append([])
             size = 0
         groups[-1].append(i)
         size += b
     return groups
+
+
+def _flat_views(
+    pools: list[torch.Tensor], group: list[int], rows: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A group's message buffer and, inside it, one [rows, ...] view per pool of the group."""
+    first = pools[group[0]]
+    flat = torch.empty(sum(rows * pools[i][0].numel() for i in group), dtype=first.dtype, device=first.device)
+    views, off = [], 0
+    for i in group:
+        n = rows * pools[i][0].numel()
+        views.append(flat[off : off + n].view(rows, *pools[i].shape[1:]))
+        off += n
+    return flat, views
 
 
 def _sync(device: torch.device) -> None:
@@ -150,7 +165,7 @@ class _Ends:
 
     def _queue(self, peer: int, t: Transfer, op, batch_op=None, rows: int = 0) -> None:
         """`op(buf, peer, i)` for each of the transfer's buffers in order (gloo), or, on CUDA,
-        `batch_op(bufs, peer)` for groups of them up to GROUP_BYTES: one NCCL launch per group
+        `batch_op(k, group, peer)` for each group `k` of `_groups`: one NCCL message per group
         instead of one per layer."""
         # the buffers were written on the engine thread's stream: the worker's current stream is
         # another, so it waits for an event recorded there
@@ -168,8 +183,8 @@ class _Ends:
                     for i, b in enumerate(t.bufs):
                         op(b, peer, i)
                 else:
-                    for group in _groups(self.pools, rows):
-                        batch_op(group, peer)
+                    for k, group in enumerate(_groups(self.pools, rows)):
+                        batch_op(k, group, peer)
                 _sync(self.device)
                 self.busy_s += time.perf_counter() - t0
                 self.transfers += 1
@@ -182,9 +197,10 @@ class _Ends:
 
 class KVSender(_Ends):
     """The prefill engine's end. `send` queues a transfer: the peer's worker gathers each pool's
-    rows of the positions and sends them; under gloo one pool at a time, on CUDA in NCCL groups of
-    up to GROUP_BYTES (the gathered copies of one group in memory, never the request's whole KV
-    beyond that). The caller keeps the slots unwritten until `done`."""
+    rows of the positions and sends them; under gloo one pool at a time, on CUDA gathered into one
+    contiguous message per group of pools of up to GROUP_BYTES (one group's copy in memory at a
+    time, never the request's whole KV beyond that). The caller keeps the slots unwritten until
+    `done`."""
 
     def __init__(self, pools: list[torch.Tensor]):
         super().__init__(pools, "send")
@@ -194,10 +210,11 @@ class KVSender(_Ends):
         t = Transfer(self.pools, threading.Event())
         pools = self.pools
 
-        def batch(group: list[int], peer: int) -> None:
-            ops = [dist.P2POp(dist.isend, pools[i].index_select(0, idx), peer) for i in group]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
+        def batch(k: int, group: list[int], peer: int) -> None:
+            flat, views = _flat_views(pools, group, len(kv_slots))
+            for i, view in zip(group, views, strict=True):
+                torch.index_select(pools[i], 0, idx, out=view)
+            dist.send(flat, dst=peer)
 
         self._queue(
             dest,
@@ -226,12 +243,19 @@ class KVReceiver(_Ends):
         super().__init__(pools, "recv")
 
     def start(self, source: int, seq: int, n: int) -> Transfer:
-        bufs = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.pools]
+        flats: list[torch.Tensor] = []
+        if self.device.type == "cuda":  # one message per group: the pools' buffers are views into it
+            bufs: list[torch.Tensor] = []
+            for group in _groups(self.pools, n):
+                flat, views = _flat_views(self.pools, group, n)
+                flats.append(flat)
+                bufs += views
+        else:
+            bufs = [torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in self.pools]
         t = Transfer(bufs, threading.Event())
 
-        def batch(group: list[int], peer: int) -> None:
-            for w in dist.batch_isend_irecv([dist.P2POp(dist.irecv, bufs[i], peer) for i in group]):
-                w.wait()
+        def batch(k: int, group: list[int], peer: int) -> None:
+            dist.recv(flats[k], src=peer)
 
         self._queue(
             source,
