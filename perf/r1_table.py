@@ -6,16 +6,9 @@ the two runs; it is arithmetic on measured numbers, not a run of the full model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-
-def summary(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)["summary"]
-    except (OSError, KeyError, ValueError):
-        return None
+from multi_gpu_table import load as summary  # the serve_bench JSON's summary, or None
 
 
 def main() -> None:
@@ -29,8 +22,9 @@ def main() -> None:
           f"{'TTFT p99':>9}{'QPS':>7}{'out tok/s':>10}")  # fmt: skip
     for k in ks:
         n = 3 + k
-        b1, ref = summary(os.path.join(args.out_dir, f"r1_b1_{n}.json")), summary(
-            os.path.join(args.out_dir, f"r1_ref_{n}.json")
+        b1, ref = (
+            summary(os.path.join(args.out_dir, f"r1_b1_{n}.json")),
+            summary(os.path.join(args.out_dir, f"r1_ref_{n}.json")),
         )
         if not b1 or not ref:
             print(f"{n:<8}{k:>4}  (missing)")

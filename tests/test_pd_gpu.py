@@ -11,25 +11,12 @@ import os
 import random
 
 import pytest
-import torch
 
-from lightllm_async.tools.make_random_model import (
-    make_random_model,
-    shape_config,
-    write_config_files,
-    write_tokenizer,
-)
+from lightllm_async.tools.make_random_model import make_random_model
 from serverproc import ServerProcess, concurrently, stream_token_ids
+from test_tp_gpu import WORDS, _agreement, llama3_layers, two_gpus  # noqa: F401 - the fixture applies here too
 
 pytestmark = pytest.mark.gpu
-
-WORDS = ("the", "model", "token", "stream", "cache", "expert", "router", "latent", "query", "brown", "fox")
-
-
-@pytest.fixture(autouse=True)
-def two_gpus():
-    if torch.cuda.device_count() < 2 or os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("needs two CUDA devices")
 
 
 def _greedy(path: str, pd: bool, dtype: str, prompts: list[str], n: int, *extra: str) -> list[list[int]]:
@@ -73,15 +60,9 @@ def test_pd_bfloat16_llama3_layer_shape_equals_the_unified_server(tmp_path):
     unified engine would have in its cache, so greedy tokens agree exactly here too (a different
     batch shape could still flip a near-tie in principle; random weights' flat logits make that
     the thing to watch: the share of agreeing tokens is printed)."""
-    cfg = shape_config("llama3-8b", "bfloat16", num_layers=4)
-    write_config_files(cfg, str(tmp_path))
-    write_tokenizer(cfg, str(tmp_path))
-    prompts, path, rnd = _prompts(8), str(tmp_path), ("--load-format", "random")
+    prompts, path, rnd = _prompts(8), llama3_layers(tmp_path), ("--load-format", "random")
     pd = _greedy(path, True, "bfloat16", prompts, 32, *rnd)
     one = _greedy(path, False, "bfloat16", prompts, 32, *rnd)
-    same = sum(
-        next((i for i, (x, y) in enumerate(zip(s, t, strict=True)) if x != y), len(s))
-        for s, t in zip(pd, one, strict=True)
-    ) / sum(map(len, one))
+    same = _agreement(pd, one)
     print(f"PD bf16 agreement with the unified server: {same:.3f}")
     assert same >= 0.9

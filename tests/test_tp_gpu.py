@@ -66,13 +66,19 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / sum(map(len, a))
 
 
+def llama3_layers(tmp_path, num_layers: int = 4) -> str:
+    """A Llama-3-8B-shaped folder of `num_layers` layers without weights: the server makes them on
+    the GPU (`--load-format random`, the same seed every time)."""
+    cfg = shape_config("llama3-8b", "bfloat16", num_layers=num_layers)
+    write_config_files(cfg, str(tmp_path))
+    write_tokenizer(cfg, str(tmp_path))
+    return str(tmp_path)
+
+
 def test_greedy_tp2_bfloat16_is_as_close_to_float32_as_tp1_bfloat16(tmp_path):
     """Random weights give nearly flat logits, where bf16 rounding alone flips greedy choices: the
     measure is how far each bf16 run strays from the float32 answer, TP=2 against TP=1."""
-    cfg = shape_config("llama3-8b", "bfloat16", num_layers=4)  # weights made on the GPU, same seed
-    write_config_files(cfg, str(tmp_path))
-    write_tokenizer(cfg, str(tmp_path))
-    prompts, path, rnd = _prompts(8), str(tmp_path), ("--load-format", "random")
+    prompts, path, rnd = _prompts(8), llama3_layers(tmp_path), ("--load-format", "random")
     exact = _greedy(path, 1, "float32", prompts, 32, *rnd)
     tp2, tp1 = (
         _greedy(path, 2, "bfloat16", prompts, 32, *rnd),
