@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, tl, triton, use_cpu_path, use_triton
 
 
 def rms_norm_ref(
@@ -19,6 +19,18 @@ def rms_norm_ref(
     xf = x.float()
     var = xf.pow(2).mean(-1, keepdim=True)
     out = (xf * torch.rsqrt(var + eps) * weight.float()).to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def rms_norm_cpu(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The CPU path: the add in x's dtype (the reference's rounding), then torch's rms_norm,
+    which normalizes in float32 and rounds before the weight multiplies, as HF's Llama does
+    (the reference rounds once, after). float32 gives the reference's values bit for bit."""
+    if residual is not None:
+        x = residual = x + residual
+    out = torch.nn.functional.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
     return out if residual is None else (out, residual)
 
 
@@ -61,7 +73,8 @@ def rms_norm(
     """out = x / rms(x) * weight over the last dim; with `residual`, x + residual is normalized and
     returned too as the new residual: (out, residual_out)."""
     if not use_triton(x):
-        return rms_norm_ref(x, weight, eps, residual)
+        fallback = rms_norm_cpu if use_cpu_path(x) else rms_norm_ref
+        return fallback(x, weight, eps, residual)
     n = x.shape[-1]
     assert weight.shape == (n,), f"weight {tuple(weight.shape)} for rows of {n}"
     x2 = x.reshape(-1, n)
