@@ -44,10 +44,11 @@ def decode_attention_cpu(
     scale: float,
 ) -> Tensor:
     """The CPU path: per request, its rows gathered with index_select (advanced indexing is ~4x
-    slower at these sizes) and torch's SDPA in the cache's dtype (its CPU kernel accumulates in
-    float32). GQA without repeating the keys: the group's query heads are the query rows of
-    their kv head, [1, Hk, group, D] against [1, Hk, S, D]; one query token sees every key, so
-    there is no mask. 8-15x fewer microseconds than the reference at SmolLM2's shapes."""
+    slower at these sizes) and torch's SDPA in float32, as the reference computes (SDPA in
+    bfloat16 rounds the probabilities before they weight v, which flipped a near-tie greedy
+    token of the parity prompts). GQA without repeating the keys: the group's query heads are
+    the query rows of their kv head, [1, Hk, group, D] against [1, Hk, S, D]; one query token
+    sees every key, so there is no mask. ~10x fewer microseconds than the reference here."""
     batch, hq, dim = q.shape
     hk = k_cache.shape[1]
     out = torch.zeros_like(q)
@@ -57,10 +58,9 @@ def decode_attention_cpu(
         rows = req_to_token[row, :seq_len]  # int32: index_select takes it as it is
         k = k_cache.index_select(0, rows).transpose(0, 1)[None]  # [1, Hk, S, D]
         v = v_cache.index_select(0, rows).transpose(0, 1)[None]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q[b].view(1, hk, hq // hk, dim), k, v, scale=scale
-        )  # [1, Hk, group, D]
-        out[b] = o.view(hq, dim)
+        qb = q[b].view(1, hk, hq // hk, dim).float()
+        o = torch.nn.functional.scaled_dot_product_attention(qb, k.float(), v.float(), scale=scale)
+        out[b] = o.view(hq, dim)  # [1, Hk, group, D] -> [Hq, D], rounded to q's dtype once
     return out
 
 

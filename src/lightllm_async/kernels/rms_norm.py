@@ -25,13 +25,12 @@ def rms_norm_ref(
 def rms_norm_cpu(
     x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The CPU path: the add in x's dtype (the reference's rounding), then torch's rms_norm,
-    which normalizes in float32 and rounds before the weight multiplies, as HF's Llama does
-    (the reference rounds once, after). float32 gives the reference's values bit for bit."""
+    """The CPU path: the add in x's dtype, then torch's rms_norm in float32, rounded once: the
+    reference's arithmetic in fewer ops (float32: its values bit for bit)."""
     if residual is not None:
         x = residual = x + residual
-    out = torch.nn.functional.rms_norm(x, x.shape[-1:], weight.to(x.dtype), eps)
-    return out if residual is None else (out, residual)
+    out = torch.nn.functional.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
+    return out.to(x.dtype) if residual is None else (out.to(x.dtype), residual)
 
 
 @jit

@@ -261,5 +261,5 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
         x, _ = self.norm(x, residual)
         x = x.index_select(0, ctx.logits_idx)  # [S, H]
-        head = self.embed if self.lm_head is None else self.lm_head
+        head = self.embed if self.lm_head is None else self.lm_head  # anything with `logits`
         return head.logits(x)  # [S, V] float32

@@ -15,7 +15,7 @@ from torch import Tensor
 from lightllm_async.batch import Batch, DeviceFailure, Sampled, StepLogprobs, max_prefix_slots
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.layers.parallel import SINGLE, TPGroup
-from lightllm_async.layers.quantized import swap_int4_linears
+from lightllm_async.layers.quantized import Int8Head, pack_int8_head, swap_int4_linears
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
@@ -193,7 +193,7 @@ class ModelRunner:
         model = self.model_cls(self.model_cfg, self.dtype, self.device, tp=self.tp)
         if self.cfg.load_format == "random":
             load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
-            self._log_load(start, [])
+            self._log_load(start, [], model)
             return model.eval()
         swapped = swap_int4_linears(model, [p.rpartition(".")[0] for p in self.int4 if "." in p])
         total = count_weights(self.cfg.model_path)
@@ -206,17 +206,22 @@ class ModelRunner:
                     progress(i, total)
 
         load_weights(model, counted())
-        self._log_load(start, swapped)
+        if swapped and self.dtype == torch.bfloat16:
+            # the packed path's activations are bfloat16: the int8 kernel's fast path
+            pack_int8_head(model)
+        self._log_load(start, swapped, model)
         return model.eval()
 
-    def _log_load(self, start: float, swapped: list[str]) -> None:
+    def _log_load(self, start: float, swapped: list[str], model) -> None:
         """The load line: what the weights are held in and what the step computes in."""
         dtype = str(self.dtype).removeprefix("torch.")
         if swapped:
             types = sorted({self.int4[f"{name}.weight"] for name in swapped})
+            int8_head = isinstance(getattr(model, "lm_head", None), Int8Head)
+            head = ", lm_head int8 (a scale per row)" if int8_head else ""
             quant = (
                 f"int4: {len(swapped)} linear layers keep their {'/'.join(types)} weights packed "
-                f"(groups of 32, bfloat16 scales), the rest is {dtype}"
+                f"(groups of 32, bfloat16 scales){head}, the rest is {dtype}"
             )
         else:
             quant = "none (float weights)"
