@@ -69,9 +69,11 @@ def rotary_emb_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> 
 
 
 def rotary_emb_cpu(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
-    """The CPU path: the reference's float32 arithmetic written into one float32 buffer per
-    tensor with `out=` and in-place ops (x's own dtype promoted, no float copy of x), rounded
-    once at the end: 6 ops a tensor where the reference dispatches 12."""
+    """The CPU path: the reference's float32 arithmetic, bit for bit, with one gather of the
+    rows for q and k and no float copy of x (its dtype is promoted by the products): 8 ops a
+    tensor where the reference dispatches 12. (Not `out=` into halves of one buffer: a graph
+    break under torch.compile. Nor addcmul: its rounding differs, and on a bfloat16 model that
+    flipped a near-tie first token of SmolLM2's France prompt, whose logits step by 0.125.)"""
     cs = cos_sin.index_select(0, positions)[:, None, :]  # [T, 1, D] float32
     half = cs.shape[-1] // 2
     cos, sin = cs[..., :half], cs[..., half:]
@@ -79,12 +81,8 @@ def rotary_emb_cpu(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> 
 
 
 def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    o1, o2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=o1).sub_(x2 * sin)
-    torch.mul(x2, cos, out=o2).add_(x1 * sin)
-    return out.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # x's dtype, promoted to float32 by the products (exactly)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @jit

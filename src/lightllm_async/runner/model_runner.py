@@ -20,6 +20,7 @@ from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
+from lightllm_async.runner.cpu_step import CpuDecode
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.distributed import with_small_all_reduce
 from lightllm_async.runner.inputs import InputBuffers
@@ -187,6 +188,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
+        self.cpu_decode = self._cpu_decode()
 
     def _load_model(self, progress) -> LlamaForCausalLM | DeepseekForCausalLM:
         start = time.perf_counter()
@@ -284,6 +286,14 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
+    def _cpu_decode(self) -> CpuDecode | None:
+        """The CPU's decode steps (Llama family, one rank): batched attention, compiled on request."""
+        if self.device.type != "cpu" or self.model_cls is not LlamaForCausalLM or self.tp.size > 1:
+            return None
+        cpu = CpuDecode(self.model, self.kv, self.cfg.cpu_compile)
+        cpu.warm_up(self.inputs, self.cfg.max_running_requests)
+        return cpu
+
     def execute(self, batch: Batch) -> Sampled:
         """Run one step and wait for its tokens."""
         return self.collect(self.launch(batch))
@@ -302,6 +312,8 @@ class ModelRunner:
         step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
+        elif self.cpu_decode is not None and batch.decode_only:
+            logits = self.cpu_decode.forward(step.input_ids, step.ctx)  # [S + E, V]
         else:
             logits = self.model(step.input_ids, step.ctx, self.kv)  # [S + E, V]: E prompt logprob rows
         tokens = sample(logits[: step.num_samples], step.sampling)  # [S]
