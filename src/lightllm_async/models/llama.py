@@ -65,15 +65,16 @@ class ForwardContext:
     decode_rows: Tensor | None = None
     decode_mask: Tensor | None = None
 
-    def with_decode_rows(self) -> ForwardContext:
+    def with_decode_rows(self, always_mask: bool = False) -> ForwardContext:
         """This decode-only context with `decode_rows` and `decode_mask` (see there), built from
         the host lengths: what the CPU's batched decode attention reads (also under torch.compile,
-        which a per-request loop over host values would break into pieces)."""
+        which a per-request loop over host values would break into pieces). `always_mask`: a
+        mask even where no row is padding (one compiled graph for both cases)."""
         if not self.decode_only or self.host_seq_lens is None or not all(self.host_seq_lens):
             raise ValueError("decode rows need a decode-only step whose host lengths are known and > 0")
         width = max(self.host_seq_lens)
         table = self.req_to_token.index_select(0, self.req_idx)[:, :width]  # [B, L] int32
-        if all(n == width for n in self.host_seq_lens):
+        if not always_mask and all(n == width for n in self.host_seq_lens):
             return dataclasses.replace(self, decode_rows=table.long(), decode_mask=None)
         own = torch.arange(width, device=table.device)[None, :] < self.seq_lens[:, None]  # [B, L]
         rows = torch.where(own, table, table[:, :1]).long()

@@ -4,10 +4,10 @@ the layers of the step compiled by torch.compile (inductor's C++ backend) into o
 Eager, a 30-layer decode step is ~700 Python-dispatched ops; the compiled step fuses the norms,
 rope, the SiLU gate and the dtype conversions around the weight-only matmuls into a few C++
 loops and runs the whole stack with one call. Shapes are dynamic (batch and context length vary
-per step), so a handful of graphs serve every step: batch 1 and larger batches, with and without
-padding among the contexts (torch specializes sizes 0 and 1 and the None mask). They are
-compiled at start, on padding rows, before the engine reports ready; inductor's on-disk cache
-makes a later start quicker. The LM head stays eager (its kernel choice depends on the rows).
+per step), so two graphs serve every step: batch 1 and larger batches (torch specializes sizes
+0 and 1), each with a mask over the padded contexts. They are compiled at start, on padding
+rows, before the engine reports ready; inductor's on-disk cache makes a later start quicker.
+The LM head stays eager (its kernel choice depends on the rows).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalL
 from lightllm_async.runner.inputs import InputBuffers
 
 log = logging.getLogger(__name__)
+
+_WARM_LEN = 7  # the context length of the compiling steps
 
 
 def _guard_options() -> dict:
@@ -43,22 +45,26 @@ class CpuDecode:
     def forward(self, input_ids: Tensor, ctx: ForwardContext) -> Tensor:
         """Logits [S, V] float32 of a decode-only step."""
         with torch.inference_mode():
-            x = self.hidden(input_ids, ctx.with_decode_rows(), self.kv)  # [S, H]
+            # a tensor of its own: a step's ids are a view whose base differs from the warm-up's,
+            # and dynamo guards on the base (a recompile at the first real step)
+            ids = input_ids.clone() if self.compiled else input_ids
+            x = self.hidden(ids, ctx.with_decode_rows(always_mask=self.compiled), self.kv)  # [S, H]
             return self.model.head_logits(x)
 
     def warm_up(self, inputs: InputBuffers, max_batch: int) -> None:
-        """Compile the graphs a server meets (batch 1; batch 2 with unequal contexts and equal
-        ones), on padding rows that read and write only the sink slot of the KV cache."""
+        """Compile the two graphs a server meets, batch 1 and larger batches, on padding rows
+        that read and write only the sink slot of the KV cache. The sizes here are none of 0, 1
+        or each other's (torch specializes a graph on those), so that one graph serves every
+        context length and every batch above 1."""
         if not self.compiled:
             return
         start = time.perf_counter()
-        for batch in sorted({1, min(2, max_batch)}):
+        inputs.req_to_token[inputs.sink_row, :_WARM_LEN] = inputs.sink_slot
+        for batch in sorted({1, min(3, max_batch)}):
             inputs.load_padding(batch)
-            for lens in {(1,) * batch, (1,) * (batch - 1) + (2,)}:
-                ctx = inputs.context(batch, batch, batch, decode_only=True, host_seq_lens=lens)
-                if max(lens) > 1:  # the second position of the padding row: the sink slot again
-                    inputs.req_to_token[inputs.sink_row, 1] = inputs.sink_slot
-                self.forward(inputs.input_ids[:batch], ctx)
+            lens = (_WARM_LEN,) + (_WARM_LEN - 2,) * (batch - 1)
+            ctx = inputs.context(batch, batch, batch, decode_only=True, host_seq_lens=lens)
+            self.forward(inputs.input_ids[:batch], ctx)
         log.info(
             "compiled the CPU decode step (torch.compile, inductor) in %.1f s", time.perf_counter() - start
         )
