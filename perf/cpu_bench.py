@@ -8,7 +8,7 @@ request), single-stream decode (128 tokens, after the first), and the aggregate 
 concurrent streams of 64 tokens. llama.cpp runs in-process with as many threads as there are
 cores: the same prompt's prefill, and 128 greedy tokens.
 
-    python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16] [--threads N]
+    python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16,auto:auto:compile] [--threads N]
 
 The default runs the default server (`auto`: the GGUF's 4-bit weights packed, bfloat16) beside
 the dequantized float32 reference and the dequantized bfloat16 one.
@@ -32,9 +32,9 @@ PORT = 8413
 TEXT = "The keeper climbed the spiral stairs of the lighthouse every evening at dusk. "
 
 
-def start(quantization: str, dtype: str, threads: int) -> tuple[subprocess.Popen, float]:
+def start(quantization: str, dtype: str, threads: int, flags: list[str]) -> tuple[subprocess.Popen, float]:
     cmd = [sys.executable, "-m", "lightllm_async.server", "--device", "cpu", "--port", str(PORT)]
-    cmd += ["--quantization", quantization, "--dtype", dtype]
+    cmd += ["--quantization", quantization, "--dtype", dtype, *flags]
     cmd += ["--max-model-len", "2048", "--kv-cache-tokens", "16384"]
     cmd += ["--max-num-batched-tokens", "2048"] + (["--cpu-threads", str(threads)] if threads else [])
     t0 = time.perf_counter()
@@ -66,8 +66,9 @@ def stream(prompt: str, tokens: int) -> tuple[float, float, int]:
 
 
 def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
-    quantization, dtype = config.split(":")
-    proc, ready = start(quantization, dtype, threads)
+    quantization, dtype, *extra = config.split(":")  # "compile": --cpu-compile
+    flags = ["--cpu-compile"] if "compile" in extra else []
+    proc, ready = start(quantization, dtype, threads, flags)
     try:
         stream("Hello", 4)  # warm-up
         prefill = min(stream(f"{i}. {prompt}", 1)[0] for i in range(2))  # new prompts: no cache hit
@@ -87,7 +88,7 @@ def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
         proc.terminate()
         proc.wait(30)
     return {
-        "engine": f"lightllm-async {quantization}, {dtype}",
+        "engine": f"lightllm-async {quantization}, {dtype}" + (", compile" if flags else ""),
         "ready_s": ready,
         "prefill_tok_s": prompt_tokens / prefill,
         "decode_tok_s": (n - 1) / (total - first),
@@ -125,7 +126,8 @@ def main() -> None:
     ap.add_argument(
         "--configs",
         default="auto:auto,none:float32,none:bfloat16",
-        help="comma-separated --quantization:--dtype pairs, one server each",
+        help="comma-separated --quantization:--dtype pairs, one server each; append :compile for "
+        "--cpu-compile (e.g. auto:auto:compile)",
     )
     ap.add_argument("--threads", type=int, default=0, help="--cpu-threads (default: the server's)")
     args = ap.parse_args()

@@ -317,6 +317,7 @@ class EngineConfig:
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
     cpu_threads: int = 0  # the engine's torch intra-op threads (0: the cores left after the frontend)
+    cpu_compile: bool = False  # CPU decode steps by torch.compile, compiled before ready (runner/cpu_step.py)
     # Tensor parallelism: this process is rank `tp_rank` of `tp_size` (its replica's group), which
     # meet at `dist_init` (a torch.distributed init_method URL)
     tp_size: int = 1

@@ -152,6 +152,12 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         help="the engine's compute threads on the CPU (default: the cores this process may use, less "
         "one for the HTTP frontend, at least 1); idle threads sleep rather than spin",
     )
+    p.add_argument(
+        "--cpu-compile",
+        action="store_true",
+        help="on the CPU, compile the decode step with torch.compile (faster steps; the first start "
+        "takes minutes before ready, later ones less from inductor's cache)",
+    )
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
     p.add_argument(
         "--allowed-hosts",
@@ -262,6 +268,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed,
         fail_after_steps=args.fail_after_steps,
         cpu_threads=args.cpu_threads,
+        cpu_compile=args.cpu_compile,
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
         nnodes=args.nnodes,

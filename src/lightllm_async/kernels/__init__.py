@@ -2,7 +2,7 @@
 kernel and a launcher `<op>()` that routes through `backend.use_triton`."""
 
 from .backend import use_triton
-from .decode_attention import decode_attention, decode_attention_ref
+from .decode_attention import decode_attention, decode_attention_ref, decode_attention_rows
 from .fused_moe import MoeConfig, fused_moe, fused_moe_ref
 from .mla_decode_attention import mla_decode_attention, mla_decode_attention_ref
 from .mla_store_kv import mla_store_kv, mla_store_kv_ref
@@ -18,6 +18,7 @@ __all__ = [
     "MoeConfig",
     "decode_attention",
     "decode_attention_ref",
+    "decode_attention_rows",
     "fused_moe",
     "fused_moe_ref",
     "mla_decode_attention",

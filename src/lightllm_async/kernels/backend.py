@@ -46,7 +46,7 @@ except ImportError:  # the kernel files still import: `@jit` and `tl.constexpr` 
 # whether triton was imported in interpreter mode, so that kernels can run on CPU tensors
 INTERPRETED = HAS_TRITON and type(tl.sum).__name__ == "InterpretedFunction"
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "jit", "tl", "triton", "use_triton"]
+__all__ = ["HAS_TRITON", "INTERPRETED", "jit", "tl", "triton", "use_cpu_path", "use_triton"]
 
 
 def use_triton(t: Tensor) -> bool:
@@ -59,3 +59,10 @@ def use_triton(t: Tensor) -> bool:
     if t.is_cuda:
         return True
     return mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and INTERPRETED
+
+
+def use_cpu_path(t: Tensor) -> bool:
+    """Whether an op that does not launch Triton should take its CPU path (fewer, fused torch
+    ops in the tensor's own dtype) rather than its reference: for CPU tensors, unless
+    LLA_KERNELS=ref asks for the references. Call it only where `use_triton(t)` is False."""
+    return t.device.type == "cpu" and os.environ.get("LLA_KERNELS", "") != "ref"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, tl, triton, use_cpu_path, use_triton
 
 
 def rms_norm_ref(
@@ -20,6 +20,17 @@ def rms_norm_ref(
     var = xf.pow(2).mean(-1, keepdim=True)
     out = (xf * torch.rsqrt(var + eps) * weight.float()).to(x.dtype)
     return out if residual is None else (out, residual)
+
+
+def rms_norm_cpu(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The CPU path: the add in x's dtype, then torch's rms_norm in float32, rounded once: the
+    reference's arithmetic in fewer ops (float32: its values bit for bit)."""
+    if residual is not None:
+        x = residual = x + residual
+    out = torch.nn.functional.rms_norm(x.float(), x.shape[-1:], weight.float(), eps)
+    return out.to(x.dtype) if residual is None else (out.to(x.dtype), residual)
 
 
 @jit
@@ -61,7 +72,8 @@ def rms_norm(
     """out = x / rms(x) * weight over the last dim; with `residual`, x + residual is normalized and
     returned too as the new residual: (out, residual_out)."""
     if not use_triton(x):
-        return rms_norm_ref(x, weight, eps, residual)
+        fallback = rms_norm_cpu if use_cpu_path(x) else rms_norm_ref
+        return fallback(x, weight, eps, residual)
     n = x.shape[-1]
     assert weight.shape == (n,), f"weight {tuple(weight.shape)} for rows of {n}"
     x2 = x.reshape(-1, n)

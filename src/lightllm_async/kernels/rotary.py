@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, tl, triton, use_cpu_path, use_triton
 
 
 def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None) -> Tensor:
@@ -66,6 +66,23 @@ def rotary_emb_ref(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> 
     cos, sin = cos_sin[positions].float().chunk(2, dim=-1)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+def rotary_emb_cpu(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The CPU path: the reference's float32 arithmetic, bit for bit, with one gather of the
+    rows for q and k and no float copy of x (its dtype is promoted by the products): 8 ops a
+    tensor where the reference dispatches 12. (Not `out=` into halves of one buffer: a graph
+    break under torch.compile. Nor addcmul: its rounding differs, and on a bfloat16 model that
+    flipped a near-tie first token of SmolLM2's France prompt, whose logits step by 0.125.)"""
+    cs = cos_sin.index_select(0, positions)[:, None, :]  # [T, 1, D] float32
+    half = cs.shape[-1] // 2
+    cos, sin = cs[..., :half], cs[..., half:]
+    return _rotate_cpu(q, cos, sin), _rotate_cpu(k, cos, sin)
+
+
+def _rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # x's dtype, promoted to float32 by the products (exactly)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @jit
@@ -135,7 +152,8 @@ def _rotary_kernel(
 def rotary_emb(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64) into new tensors."""
     if not use_triton(q):
-        return rotary_emb_ref(q, k, positions, cos_sin)
+        fallback = rotary_emb_cpu if use_cpu_path(q) else rotary_emb_ref
+        return fallback(q, k, positions, cos_sin)
     num_tokens, hq, dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, f"q {q.shape}, k {k.shape}"
     assert positions.shape == (num_tokens,) and cos_sin.shape[1] == dim

@@ -169,3 +169,47 @@ def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
         setattr(model.get_submodule(parent), attr, Int4Linear.like(module))
         swapped.append(name)
     return swapped
+
+
+# Below this many rows the int8 kernel beats bfloat16 `F.linear` on SmolLM2's 49152 x 576 head
+# (2.9 against 8.4 ms at one row, one core); its time grows ~2 ms a row, F.linear's hardly, and
+# the two cross between 6 and 8 rows (perf/RESULTS.md, 2026-11-30).
+INT8_HEAD_ROWS = 6
+
+
+class Int8Head(nn.Module):
+    """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row
+    (`_weight_int8pack_mm`, bfloat16 activations), for decode-sized row counts; from
+    INT8_HEAD_ROWS rows the float weight it was made from (kept, not copied: a tied head shares
+    it with the embedding lookup) and `F.linear`.
+
+    Per-row scales re-round a GGUF Q8_0 matrix (one scale per 32 values): a row's step is its
+    largest |w| / 127, so each weight moves by up to half of that (tests/test_quantized.py
+    states the logit tolerance). One rank only: the head is not split for tensor parallelism."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = weight  # [V, H] the float head, a plain attribute: not a second parameter
+        scale = (weight.abs().amax(dim=1).float() / 127).clamp_min(1e-12).bfloat16()  # [V]
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        for lo in range(0, weight.shape[0], 2048):  # in slices that stay in cache: ~2x faster at load
+            w = weight[lo : lo + 2048].float().div_(scale[lo : lo + 2048].float()[:, None])
+            codes[lo : lo + 2048] = w.round_().clamp_(-127, 127)
+        self.register_buffer("codes", codes)  # [V, H] int8
+        self.register_buffer("scale", scale)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[S, H] -> float32 [S, V]."""
+        if x.shape[0] >= INT8_HEAD_ROWS:
+            return F.linear(x.to(self.weight.dtype), self.weight).float()
+        x16 = x.to(torch.bfloat16).contiguous()
+        return torch.ops.aten._weight_int8pack_mm(x16, self.codes, self.scale).float()
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.codes.shape)}, int8 with a scale per row below {INT8_HEAD_ROWS} rows"
+
+
+def pack_int8_head(model: nn.Module) -> None:
+    """Give `model` (with `embed` and `lm_head`, None when tied) an Int8Head made from its head."""
+    head = model.embed if model.lm_head is None else model.lm_head
+    model.lm_head = Int8Head(head.weight)

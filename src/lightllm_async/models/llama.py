@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightllm_async.config import ModelConfig
 from lightllm_async.kernels import (
     decode_attention,
+    decode_attention_rows,
     prefill_attention,
     rms_norm,
     rope_cache,
@@ -58,6 +59,26 @@ class ForwardContext:
     host_seq_lens: tuple[int, ...] | None = None
     # new tokens of each request as the host knows them; None in decode-only steps (all 1) and CUDA graphs
     host_q_lens: tuple[int, ...] | None = None
+    # decode-only CPU steps (`with_decode_rows`): each request's context rows [B, L] int64, L the
+    # longest, padded with its first row; the mask [B, 1, 1, L] True where a row is its own, or
+    # None when every context has L rows. Attention then runs one batched op with no host values.
+    decode_rows: Tensor | None = None
+    decode_mask: Tensor | None = None
+
+    def with_decode_rows(self, always_mask: bool = False) -> ForwardContext:
+        """This decode-only context with `decode_rows` and `decode_mask` (see there), built from
+        the host lengths: what the CPU's batched decode attention reads (also under torch.compile,
+        which a per-request loop over host values would break into pieces). `always_mask`: a
+        mask even where no row is padding (one compiled graph for both cases)."""
+        if not self.decode_only or self.host_seq_lens is None or not all(self.host_seq_lens):
+            raise ValueError("decode rows need a decode-only step whose host lengths are known and > 0")
+        width = max(self.host_seq_lens)
+        table = self.req_to_token.index_select(0, self.req_idx)[:, :width]  # [B, L] int32
+        if not always_mask and all(n == width for n in self.host_seq_lens):
+            return dataclasses.replace(self, decode_rows=table.long(), decode_mask=None)
+        own = torch.arange(width, device=table.device)[None, :] < self.seq_lens[:, None]  # [B, L]
+        rows = torch.where(own, table, table[:, :1]).long()
+        return dataclasses.replace(self, decode_rows=rows, decode_mask=own[:, None, None, :])
 
     @cached_property  # once per step, whichever layer asks first (the instance has a __dict__)
     def packed(self) -> PackedContexts:
@@ -203,7 +224,9 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary_emb(q, k, ctx.positions, cos_sin)
         store_kv(k_cache, v_cache, k, v, ctx.kv_slots)
-        if ctx.decode_only:
+        if ctx.decode_rows is not None:
+            o = decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
+        elif ctx.decode_only:
             o = decode_attention(q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
         else:
             o = prefill_attention(
@@ -273,11 +296,18 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
+        return self.head_logits(self.hidden(input_ids, ctx, kv))  # [S, V] float32
+
+    def hidden(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
+        """The final hidden states [S, H] of the tokens that need logits (`ctx.logits_idx`)."""
         x = self.embed(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
         x, _ = self.norm.reduce_add(x, residual, self.tp)  # x: the last MLP's partial sum
-        x = x.index_select(0, ctx.logits_idx)  # [S, H]
-        head = self.embed if self.lm_head is None else self.lm_head
-        return head.logits(x)  # [S, V] float32
+        return x.index_select(0, ctx.logits_idx)  # [S, H]
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """[S, H] -> float32 [S, V]."""
+        head = self.embed if self.lm_head is None else self.lm_head  # anything with `logits`
+        return head.logits(x)

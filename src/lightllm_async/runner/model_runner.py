@@ -22,11 +22,12 @@ from lightllm_async.batch import (
 )
 from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.layers.parallel import SINGLE, TPGroup
-from lightllm_async.layers.quantized import swap_int4_linears
+from lightllm_async.layers.quantized import Int8Head, pack_int8_head, swap_int4_linears
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
+from lightllm_async.runner.cpu_step import CpuDecode
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.distributed import with_small_all_reduce
 from lightllm_async.runner.inputs import InputBuffers
@@ -196,13 +197,14 @@ class ModelRunner:
         self._allocate_kv_cache()
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
+        self.cpu_decode = self._cpu_decode()
 
     def _load_model(self, progress) -> LlamaForCausalLM | DeepseekForCausalLM:
         start = time.perf_counter()
         model = self.model_cls(self.model_cfg, self.dtype, self.device, tp=self.tp)
         if self.cfg.load_format == "random":
             load_weights(model, random_weights(self.model_cfg, self.cfg.seed, self.dtype, self.device))
-            self._log_load(start, [])
+            self._log_load(start, [], model)
             return model.eval()
         swapped = swap_int4_linears(model, [p.rpartition(".")[0] for p in self.int4 if "." in p])
         total = count_weights(self.cfg.model_path)
@@ -215,17 +217,22 @@ class ModelRunner:
                     progress(i, total)
 
         load_weights(model, counted())
-        self._log_load(start, swapped)
+        if swapped and self.dtype == torch.bfloat16:
+            # the packed path's activations are bfloat16: the int8 kernel's fast path
+            pack_int8_head(model)
+        self._log_load(start, swapped, model)
         return model.eval()
 
-    def _log_load(self, start: float, swapped: list[str]) -> None:
+    def _log_load(self, start: float, swapped: list[str], model) -> None:
         """The load line: what the weights are held in and what the step computes in."""
         dtype = str(self.dtype).removeprefix("torch.")
         if swapped:
             types = sorted({self.int4[f"{name}.weight"] for name in swapped})
+            int8_head = isinstance(getattr(model, "lm_head", None), Int8Head)
+            head = ", lm_head int8 (a scale per row)" if int8_head else ""
             quant = (
                 f"int4: {len(swapped)} linear layers keep their {'/'.join(types)} weights packed "
-                f"(groups of 32, bfloat16 scales), the rest is {dtype}"
+                f"(groups of 32, bfloat16 scales){head}, the rest is {dtype}"
             )
         else:
             quant = "none (float weights)"
@@ -288,6 +295,14 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
+    def _cpu_decode(self) -> CpuDecode | None:
+        """The CPU's decode steps (Llama family, one rank): batched attention, compiled on request."""
+        if self.device.type != "cpu" or self.model_cls is not LlamaForCausalLM or self.tp.size > 1:
+            return None
+        cpu = CpuDecode(self.model, self.kv, self.cfg.cpu_compile)
+        cpu.warm_up(self.inputs, self.cfg.max_running_requests)
+        return cpu
+
     def execute(self, batch: Batch) -> Sampled:
         """Run one step and wait for its tokens."""
         return self.collect(self.launch(batch))
@@ -306,6 +321,8 @@ class ModelRunner:
         step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
+        elif self.cpu_decode is not None and batch.decode_only:
+            logits = self.cpu_decode.forward(step.input_ids, step.ctx)  # [S + E, V]
         else:
             logits = self.model(step.input_ids, step.ctx, self.kv)  # [S + E, V]: E prompt logprob rows
         tokens = sample(logits[: step.num_samples], step.sampling)  # [S]

@@ -1,0 +1,90 @@
+"""Where a CPU decode step of the embedded SmolLM2 goes: the in-process runner (no server), one
+request decoding after a short prompt; mean ms per step over --steps, then torch.profiler's table
+of ops (self CPU time) over a few of those steps.
+
+    PYTHONPATH=src python perf/cpu_step_profile.py [--quantization auto] [--dtype auto]
+        [--batch 1] [--steps 64] [--threads 1] [--rows 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lightllm_async.config import EngineConfig
+from lightllm_async.engine.request import Request
+from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
+from lightllm_async.models.loader import default_model_path
+from lightllm_async.runner.model_runner import ModelRunner
+from lightllm_async.tokenizer import load_tokenizer
+from lightllm_async.types import SamplingParams
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def decoding(runner: ModelRunner, prompt: list[int], batch: int, n: int) -> Scheduler:
+    """A scheduler whose `batch` requests have been prefilled and are decoding (n tokens each)."""
+    sched = Scheduler(
+        SchedulerConfig(
+            max_running_requests=batch,
+            max_num_batched_tokens=2048,
+            max_model_len=runner.cfg.max_model_len,
+            kv_cache_tokens=runner.num_kv_tokens,
+        )
+    )
+    for slot in range(batch):
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        sched.add(Request(slot=slot, gen=0, prompt_ids=prompt, arrival=0, params=params))
+    b = sched.schedule()  # the prefill
+    sched.update(b, runner.execute(b))
+    return sched
+
+
+def step(runner: ModelRunner, sched: Scheduler) -> None:
+    b = sched.schedule()
+    sched.update(b, runner.execute(b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--cpu-compile", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = default_model_path()
+    extra = {"cpu_compile": True} if args.cpu_compile else {}
+    cfg = EngineConfig(
+        model_path=path, device="cpu", quantization=args.quantization, dtype=args.dtype,
+        max_model_len=1024, kv_cache_tokens=8192, max_running_requests=max(args.batch, 1), **extra,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    runner = ModelRunner(cfg)
+    print(f"runner built in {time.perf_counter() - t0:.2f} s")
+    prompt = load_tokenizer(path).encode(PROMPT)
+    sched = decoding(runner, prompt, args.batch, args.steps + 40)
+    for _ in range(8):  # warm-up (and compile, if any)
+        step(runner, sched)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(runner, sched)
+    ms = (time.perf_counter() - t0) * 1000 / args.steps
+    print(
+        f"decode step: {ms:.2f} ms at batch {args.batch} ({1000 * args.batch / ms:.1f} tok/s), "
+        f"{torch.get_num_threads()} threads"
+    )
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(16):
+            step(runner, sched)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
