@@ -11,6 +11,7 @@ With size 1 (`SINGLE`) nothing here communicates or copies: the collectives retu
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,15 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
+def _enable_symm_mem(symm_mem, group_name: str) -> None:
+    """Older torch needs symmetric memory enabled per group; torch 2.11 keeps the call but warns
+    that it is no longer needed (once per buffer, on every rank's log)."""
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            symm_mem.enable_symm_mem_for_group(group_name)
+
+
 class SymmetricAllReduce:
     """One-shot all-reduce through torch's symmetric memory (torch.ops.symm_mem): the input is
     copied into this rank's registered buffer, and each rank sums every rank's buffer in rank
@@ -123,8 +133,7 @@ class SymmetricAllReduce:
             import torch.distributed._symmetric_memory as symm_mem
 
             name = group.group_name
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):
-                symm_mem.enable_symm_mem_for_group(name)
+            _enable_symm_mem(symm_mem, name)
             buf = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)
             symm_mem.rendezvous(buf, name)
             op = cls(buf, name)
@@ -184,8 +193,7 @@ class FusedAllReduceNorm:
         import torch.distributed._symmetric_memory as symm_mem
 
         name, world, rank = group.group_name, dist.get_world_size(group), dist.get_rank(group)
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(name)
+        _enable_symm_mem(symm_mem, name)
         buf = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
         handle = symm_mem.rendezvous(buf, name)
         # get_buffer may count from the start of the pooled allocation the buffer lies in (torch
