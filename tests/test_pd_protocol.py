@@ -427,3 +427,122 @@ def test_nccl_messages_group_pools_of_one_dtype_under_the_cap_and_views_cover_th
         assert [v.shape for v in views] == [(9, *pools[i].shape[1:]) for i in g]
         assert all(v.data_ptr() == flat.data_ptr() + sum(w.numel() for w in views[:k]) * flat.element_size()
                    for k, v in enumerate(views))  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("LLA_STRESS_SEEDS", "3"))))
+def test_every_stream_gets_each_token_once_through_handoffs_at_random_moments(seed):
+    """The reader against a prefill and a decode engine running on their own threads with random
+    pauses: many requests at once (the reader's numpy path), each handed off after its first token
+    at a random moment, the decode engine appending one or several tokens per step and finishing
+    some by a stop token, some by length. Every handle must receive exactly its tokens, in order,
+    once, and end with its finish reason (a token repeated or lost across RUNNING -> HANDOFF ->
+    RUNNING -> FINISHED would show here)."""
+    import asyncio
+    import random
+    import threading
+    import time
+
+    from lightllm_async.frontend.reader import Reader
+
+    rng = random.Random(seed)
+    n_req = 40
+    front = Region.create(f"pds{os.getpid()}-{uuid.uuid4().hex[:8]}", RegionSpec(24, 96, num_replicas=2))
+    prefill, decode = Region.attach(front.name, 0), Region.attach(front.name, 1)
+    want: dict[tuple[int, int], list[int]] = {}  # (slot, gen) -> the tokens the engines make
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def tokens_for(slot: int, gen: int) -> list[int]:
+        with lock:
+            if (slot, gen) not in want:
+                r = random.Random(slot * 1000 + gen)
+                want[(slot, gen)] = [r.randrange(1, 500) for _ in range(r.randint(1, 12))]
+            return want[(slot, gen)]
+
+    def prefill_engine() -> None:
+        seq = 0
+        while not stop.is_set():
+            for rec in prefill.drain_ring():
+                if rec.op != Op.SUBMIT or not prefill.set_running(rec.slot):
+                    continue
+                time.sleep(rng.random() * 0.002)
+                toks = tokens_for(rec.slot, rec.gen)
+                prefill.append_tokens(rec.slot, toks[:1])
+                if len(toks) == 1:
+                    prefill.finish(rec.slot, FinishReason.LENGTH)
+                else:
+                    prefill.notify_frontend()
+                    time.sleep(rng.random() * 0.002)  # the token is visible before the handoff
+                    prefill.hand_off(rec.slot, seq)
+                    seq += 1
+                prefill.notify_frontend()
+            time.sleep(0.0005)
+
+    def decode_engine() -> None:
+        running: dict[int, tuple[int, list[int], int]] = {}  # slot -> (gen, tokens, sent)
+        while not stop.is_set() or running:
+            for rec in decode.drain_ring():
+                if rec.op == Op.HANDOFF and (view := decode.read_handoff(rec.slot, rec.gen)) is not None:
+                    assert view.output_ids == tokens_for(rec.slot, rec.gen)[:1]
+                    assert decode.resume(rec.slot)
+                    running[rec.slot] = (rec.gen, tokens_for(rec.slot, rec.gen), 1)
+            for slot, (gen, toks, sent) in list(running.items()):
+                k = min(len(toks), sent + rng.randint(1, 3))
+                if k > sent:
+                    if k - sent == 1 or rng.random() < 0.5:
+                        for t in toks[sent:k]:
+                            decode.append_step([slot], [t])
+                    else:
+                        decode.append_tokens(slot, toks[sent:k])
+                if k == len(toks):
+                    decode.finish(slot, FinishReason.STOP if len(toks) % 2 else FinishReason.LENGTH)
+                    del running[slot]
+                else:
+                    running[slot] = (gen, toks, k)
+            decode.notify_frontend()
+            time.sleep(rng.random() * 0.001)
+            if stop.is_set() and not running:
+                break
+
+    async def client(reader: Reader, i: int) -> None:
+        await asyncio.sleep(rng.random() * 0.05)
+        while (h := reader.submit([1 + i, 2], GREEDY)) is None:
+            await asyncio.sleep(0.002)  # every slot taken: wait for one
+        key, got = (h.slot, h.gen), []
+        while True:  # h.wait() awaited directly: through wait_for, a finish may land in between
+            got += await h.wait()
+            if h.finish_reason is not None or h.engine_dead:
+                break
+        assert not h.engine_dead
+        toks = tokens_for(*key)
+        assert got == toks, (key, got, toks)
+        assert h.finish_reason == (
+            FinishReason.LENGTH
+            if len(toks) == 1
+            else FinishReason.STOP
+            if len(toks) % 2
+            else FinishReason.LENGTH
+        )
+
+    async def main() -> None:
+        reader = Reader(front, lambda: True, lambda: [True, True], pd_prefill=1)
+        await reader.start()
+        try:
+            await asyncio.gather(*(client(reader, i) for i in range(n_req)))
+            assert reader.num_active == 0
+        finally:
+            await reader.stop()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (prefill_engine, decode_engine)]
+    for t in threads:
+        t.start()
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        prefill.close()
+        decode.close()
+        front.close()
+        front.unlink()
