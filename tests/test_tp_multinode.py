@@ -55,7 +55,8 @@ def test_two_nodes_greedy_equals_hf_and_node0s_stop_ends_node1(model):
         for text in ("the", "a stream of tokens " * 6):
             assert stream_token_ids(node0, text, 12) == hf_greedy(hf, tok.encode(text), 12)
         assert node0.stop() == 0
-        assert node1.wait(20) == 0
+        code = node1.wait(20)
+        assert code == 0, node1.stdout.read().decode(errors="replace")[-4000:]
     finally:
         node1.kill()
         if node0.proc.poll() is None:

@@ -242,6 +242,12 @@ def run_follower(
         signal.signal(signal.SIGTERM, lambda *_: follower.stop.set())
         follower.run()
         log.info("rank %d stops after %d steps", cfg.tp_rank, follower.steps)
+        if region is None:
+            # Across hosts rank 0 said stop and may be gone already, with the rendezvous store it
+            # hosted: nothing is left to do, and interpreter teardown (process-group destructors)
+            # must not turn a clean stop into a failed exit on a peer that vanished.
+            logging.shutdown()
+            os._exit(0)
     except BaseException:  # noqa: BLE001 - whatever killed us, logged; the server notices the exit
         log.error("engine rank %d failed:\n%s", cfg.tp_rank, traceback.format_exc())
         sys.exit(1)
