@@ -252,14 +252,19 @@ def main() -> None:
                 rows.append(measure(runner, b, args.context, bw, profile, overlap))
         if args.mixed and args.device == "cuda" and not disable:
             mb, mp = (int(x) for x in args.mixed.split(","))
-            mixed = mixed_profile(runner, mb, args.context, mp)
-            graph_info["mixed"] = mixed
-            print(
-                f"\nmixed step: {mb} decodes + one {mp}-token prefill: {mixed['step_ms']:.2f} ms "
-                f"({mixed['profiled_step_ms']:.2f} ms profiled), GPU kernels {mixed['kernel_ms']:.2f} ms"
-            )
-            for name, ms, count in mixed["top_kernels_ms_per_step"]:
-                print(f"  {ms:8.3f} ms {count:5d}x  {name}")
+            pieces = runner.piecewise
+            # the same steps with the piecewise graphs (if captured), then run eagerly
+            for label in ("piecewise graphs", "eager") if pieces is not None else ("eager",):
+                runner.piecewise = pieces if label != "eager" else None
+                mixed = mixed_profile(runner, mb, args.context, mp)
+                graph_info["mixed" if label == "eager" else "mixed_piecewise"] = mixed
+                print(
+                    f"\nmixed step ({label}): {mb} decodes + one {mp}-token prefill: {mixed['step_ms']:.2f} ms "
+                    f"({mixed['profiled_step_ms']:.2f} ms profiled), GPU kernels {mixed['kernel_ms']:.2f} ms"
+                )
+                for name, ms, count in mixed["top_kernels_ms_per_step"]:
+                    print(f"  {ms:8.3f} ms {count:5d}x  {name}")
+            runner.piecewise = pieces
         del runner
         if args.device == "cuda":
             torch.cuda.empty_cache()

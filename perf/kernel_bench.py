@@ -35,6 +35,7 @@ class Case:
     ref: Callable[[], object] | None
     nbytes: int  # bytes the op must move at the least
     flops: int = 0  # for compute-bound ops
+    args: tuple = ()  # the kernel's arguments, where a caller times variants of it
 
 
 def bench_ms(fn: Callable[[], object], graph: bool = False) -> float:
@@ -100,7 +101,7 @@ def prefill_case(batch: int, new: int, prefix: int, hq: int, hk: int, dim: int) 
     nbytes = kc.nbytes + vc.nbytes + 2 * q.nbytes
     return Case(
         "prefill_attention", f"B={batch} new={new} prefix={prefix} H={hq}/{hk} D={dim}",
-        lambda: K.prefill_attention(*args), lambda: K.prefill_attention_ref(*args), nbytes, flops,
+        lambda: K.prefill_attention(*args), lambda: K.prefill_attention_ref(*args), nbytes, flops, args,
     )  # fmt: skip
 
 

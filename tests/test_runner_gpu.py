@@ -141,3 +141,38 @@ def test_penalties_bias_and_logprobs_the_same_with_graphs_on_and_off_and_equal_t
             ref = torch.log_softmax(hf(torch.tensor([seq], device="cuda")).logits[0].float(), -1).cpu()
         want = [ref[q - 1, seq[q]].item() for q in range(first, len(seq))]
         assert torch.allclose(torch.as_tensor(chosen), torch.tensor(want), atol=2e-3)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "deepseek-v2-tiny", "deepseek-v3-tiny"])
+@pytest.mark.parametrize("buckets", [None, [8, 24, 40, 64]])
+def test_piecewise_graphs_give_the_eager_tokens(shape, buckets, tmp_path):
+    """Steps with prefill chunks (chunked prompts beside decodes, 64-token budget) replayed from
+    piecewise graphs, at the default buckets (one, 64) and at irregular ones (padding in most
+    steps): the tokens of the eager runner, under overlapped launch/collect."""
+    from lightllm_async.runner.piecewise import PiecewiseGraphs
+    from lightllm_async.tools.make_random_model import shape_config, write_model
+
+    path = write_model(shape_config(shape, "float32"), str(tmp_path), seed=3)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (70, 5, 33, 12, 1, 50, 9, 27, 3)]
+    params = [SamplingParams(max_new_tokens=4 + 3 * (i % 4), temperature=0.0) for i in range(len(prompts))]
+    outs = []
+    for eager in (False, True):
+        cfg = EngineConfig(
+            model_path=path, device="cuda", dtype="float32", max_model_len=128, kv_cache_tokens=1024,
+            max_running_requests=5, max_num_batched_tokens=64, disable_cuda_graph=eager,
+            disable_piecewise_graph=buckets is not None,
+        )  # fmt: skip
+        runner = ModelRunner(cfg)
+        if not eager and buckets is not None:
+            runner.piecewise = PiecewiseGraphs(runner.model, runner.kv, runner.inputs, 64, runner.graphs.pool, buckets)
+            runner.piecewise.capture()
+        assert (runner.piecewise is None) == eager
+        if not eager:
+            replays = []
+            replay = runner.piecewise.replay
+            runner.piecewise.replay = lambda b, ctx: replays.append(b) or replay(b, ctx)
+        outs.append(overlapped_generate(runner, prompts, params))
+        if not eager:
+            assert len(replays) > 3
+    assert outs[0] == outs[1]

@@ -312,6 +312,8 @@ class EngineConfig:
     kv_cache_tokens: int = 0  # 0: derive from memory
     gpu_memory_utilization: float = 0.85
     disable_cuda_graph: bool = False
+    # steps with prefill chunks run eagerly instead of replaying piecewise graphs (runner/piecewise.py)
+    disable_piecewise_graph: bool = False
     disable_prefix_cache: bool = False
     seed: int = 0
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)

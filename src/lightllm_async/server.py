@@ -121,6 +121,11 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument(
+        "--disable-piecewise-cuda-graph",
+        action="store_true",
+        help="run steps with prefill chunks eagerly (CUDA graphs cover only decode-only steps)",
+    )
+    p.add_argument(
         "--disable-prefix-cache", action="store_true", help="compute every prompt in full (no prefix cache)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -264,6 +269,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_piecewise_graph=args.disable_piecewise_cuda_graph,
         disable_prefix_cache=args.disable_prefix_cache,
         seed=args.seed,
         fail_after_steps=args.fail_after_steps,

@@ -186,6 +186,7 @@ def prefill_attention(
     q_start: Tensor,
     seq_lens: Tensor,
     scale: float,
+    blocks: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
     """Causal attention of the new tokens of B requests, packed in q [T, Hq, D], over k_cache
     [S, Hk, D] and v_cache [S, Hk, Dv]: out [T, Hq, Dv] (Dv may differ from D).
@@ -194,7 +195,8 @@ def prefill_attention(
     in all, cached prefix included; its new token i sits at position
     seq_lens[b] - (q_start[b+1] - q_start[b]) + i and attends to cache positions 0..that position,
     found through req_to_token[req_idx[b]]. The new tokens' k and v must be stored first, and
-    q_start[B] must be T.
+    q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
+    chosen ones (perf/prefill_attention_bench.py sweeps them).
     """
     if not use_triton(q):
         fallback = prefill_attention_cpu if q.device.type == "cpu" else prefill_attention_ref
@@ -207,7 +209,7 @@ def prefill_attention(
     out = torch.empty((num_tokens, hq, dim_v), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _blocks(q, batch)
+    block_m, block_n, num_warps, num_stages = blocks or _blocks(q, batch)
     _prefill_kernel[(num_tokens // block_m + batch, hq)](
         q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),

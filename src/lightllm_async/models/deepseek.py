@@ -180,19 +180,23 @@ class MLAttention(nn.Module):
         # rotary_emb reads the strided slices and writes new contiguous tensors
         q_pe, k_pe = rotary_emb(q_pe, k_pe.view(t, 1, self.rope), ctx.positions, cos_sin)
         mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
-        if ctx.decode_only:
-            o = self._decode(q_nope, q_pe, ctx, kv_cache)
-        elif ctx.host_q_lens is None or 1 not in ctx.host_q_lens:
-            o = self._prefill(torch.cat([q_nope, q_pe], dim=-1), ctx, kv_cache)
-        else:  # mixed: decodes absorbed over the latent, prefill chunks over their decompressed context
-            split = ctx.by_query_len
-            o = q_nope.new_empty(t, self.n, self.v_dim)
-            dec = split.single_tokens
-            o[dec] = self._decode(q_nope[dec], q_pe[dec], split.single, kv_cache)
-            pre = split.multi_tokens
-            if pre.numel():
-                o[pre] = self._prefill(torch.cat([q_nope[pre], q_pe[pre]], dim=-1), split.multi, kv_cache)
+        o = ctx.attend(self._attend, (q_nope, q_pe), (self.n, self.v_dim), kv_cache)
         return self.o_proj(o.reshape(t, self.n * self.v_dim))
+
+    def _attend(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
+        if ctx.decode_only:
+            return self._decode(q_nope, q_pe, ctx, kv_cache)
+        if ctx.host_q_lens is None or 1 not in ctx.host_q_lens:
+            return self._prefill(torch.cat([q_nope, q_pe], dim=-1), ctx, kv_cache)
+        # mixed: decodes absorbed over the latent, prefill chunks over their decompressed context
+        split = ctx.by_query_len
+        o = q_nope.new_empty(q_nope.shape[0], self.n, self.v_dim)
+        dec = split.single_tokens
+        o[dec] = self._decode(q_nope[dec], q_pe[dec], split.single, kv_cache)
+        pre = split.multi_tokens
+        if split.multi.host_q_lens:
+            o[pre] = self._prefill(torch.cat([q_nope[pre], q_pe[pre]], dim=-1), split.multi, kv_cache)
+        return o
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, n, R], strided
@@ -404,11 +408,19 @@ class DeepseekForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:
+        x = self.hidden_states(input_ids, ctx, kv).index_select(0, ctx.logits_idx)
+        return self.head_logits(x)  # [S, V] float32
+
+    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext, kv: MLAKVCache) -> Tensor:
+        """The final (normed) hidden states of every token, [T, H], as Llama's."""
         x = self.embed(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.kv[i])
         x, _ = self.norm.reduce_add(x, residual, self.tp)  # x: the last MLP's partial sum
-        x = x.index_select(0, ctx.logits_idx)
+        return x
+
+    def head_logits(self, x: Tensor) -> Tensor:
+        """[S, H] -> float32 [S, V]."""
         head = self.embed if self.lm_head is None else self.lm_head
-        return head.logits(x)  # [S, V] float32
+        return head.logits(x)

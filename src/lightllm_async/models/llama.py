@@ -9,6 +9,7 @@ allocated empty; `models/weights.py` fills them from a checkpoint by the family'
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -64,6 +65,18 @@ class ForwardContext:
     # None when every context has L rows. Attention then runs one batched op with no host values.
     decode_rows: Tensor | None = None
     decode_mask: Tensor | None = None
+    # Where attention leaves a forward captured in pieces (runner/piecewise.py): called instead of
+    # the attention with (fn, inputs, out_tail, args); None: attention runs in line (`attend`).
+    cut: Callable[..., Tensor] | None = None
+
+    def attend(self, fn: Callable[..., Tensor], inputs: tuple[Tensor, ...], out_tail: tuple[int, ...], *args):
+        """`fn(*inputs, self, *args)`: a layer's attention, the one part of a forward whose work
+        depends on the step's host lengths. `inputs` are [T, ...] tensors; the result is [T,
+        *out_tail] of inputs[0]'s dtype. Under a piecewise capture (`cut`), the call is where one
+        CUDA graph ends and the next begins, and `fn` runs eagerly between their replays."""
+        if self.cut is None:
+            return fn(*inputs, self, *args)
+        return self.cut(fn, inputs, out_tail, args)
 
     def with_decode_rows(self, always_mask: bool = False) -> ForwardContext:
         """This decode-only context with `decode_rows` and `decode_mask` (see there), built from
@@ -108,6 +121,8 @@ class ForwardContext:
         single = [b for b, n in enumerate(q_lens) if n == 1]
         multi = [b for b, n in enumerate(q_lens) if n != 1]
         device = self.q_start.device
+        if single == list(range(len(single))):  # the scheduler's order: the decode run first
+            return self._split_in_order(len(single), sum(q_lens[b] for b in multi))
         q_len = (self.q_start[1:] - self.q_start[:-1]).long()  # [B]
         order = torch.argsort((q_len != 1).to(torch.int8), stable=True)  # single requests first
         reqs_single, reqs_multi = order[: len(single)], order[len(single) :]
@@ -142,15 +157,41 @@ class ForwardContext:
         )
 
 
+    def _split_in_order(self, num_single: int, num_multi_tokens: int) -> QuerySplit:
+        """`by_query_len` where the one-token requests come first: each part is a slice."""
+        q_lens, seq_lens = self.host_q_lens, self.host_seq_lens
+        singles, multis = slice(0, num_single), slice(num_single, len(q_lens))
+
+        def part(reqs: slice, q_start: Tensor) -> ForwardContext:
+            return dataclasses.replace(
+                self,
+                req_idx=self.req_idx[reqs],
+                q_start=q_start,
+                seq_lens=self.seq_lens[reqs],
+                decode_only=all(n == 1 for n in q_lens[reqs]),
+                host_seq_lens=seq_lens[reqs],
+                host_q_lens=q_lens[reqs],
+            )
+
+        return QuerySplit(
+            singles,
+            part(singles, self.q_start[: num_single + 1]),
+            slice(num_single, num_single + num_multi_tokens),
+            part(multis, self.q_start[num_single:] - num_single),
+        )
+
+
 @dataclass(frozen=True)
 class QuerySplit:
     """A step's requests in two parts: one new token each, and more (see `by_query_len`). The
     parts' contexts keep the step's positions, kv_slots and logits_idx (they index its tokens);
     their req_idx, q_start, seq_lens and host lengths are the part's own."""
 
-    single_tokens: Tensor  # [Bs] int64, the step's token index of each one-token request
+    # [Bs] int64, the step's token index of each one-token request (a slice where they lead)
+    single_tokens: Tensor | slice
     single: ForwardContext
-    multi_tokens: Tensor  # [Tm] int64, the step's token indices of the other requests, in order
+    # [Tm] int64, the step's token indices of the other requests, in order (or a slice)
+    multi_tokens: Tensor | slice
     multi: ForwardContext
 
 
@@ -224,15 +265,31 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary_emb(q, k, ctx.positions, cos_sin)
         store_kv(k_cache, v_cache, k, v, ctx.kv_slots)
+        o = ctx.attend(self._attend, (q,), q.shape[1:], k_cache, v_cache)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, ctx: ForwardContext, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         if ctx.decode_rows is not None:
-            o = decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
-        elif ctx.decode_only:
-            o = decode_attention(q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
-        else:
-            o = prefill_attention(
+            return decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
+        if ctx.decode_only:
+            return decode_attention(q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
+        q_lens = ctx.host_q_lens
+        if q_lens is None or 1 not in q_lens or all(n == 1 for n in q_lens):
+            return prefill_attention(
                 q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.q_start, ctx.seq_lens, self.scale
             )
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        # Mixed: the decodes through the decode kernel, which reads each context once for a
+        # group of query heads and splits long ones; in the prefill kernel each would take a
+        # block of query rows alone (an H200 spent 17 of a 44 ms step on 100 decodes that way).
+        split = ctx.by_query_len
+        o = torch.empty_like(q)
+        dec, pre, c = split.single_tokens, split.multi_tokens, split.single
+        o[dec] = decode_attention(q[dec], k_cache, v_cache, c.req_to_token, c.req_idx, c.seq_lens, self.scale)
+        c = split.multi
+        o[pre] = prefill_attention(
+            q[pre], k_cache, v_cache, c.req_to_token, c.req_idx, c.q_start, c.seq_lens, self.scale
+        )
+        return o
 
 
 class MLP(nn.Module):
@@ -300,12 +357,16 @@ class LlamaForCausalLM(nn.Module):
 
     def hidden(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
         """The final hidden states [S, H] of the tokens that need logits (`ctx.logits_idx`)."""
+        return self.hidden_states(input_ids, ctx, kv).index_select(0, ctx.logits_idx)  # [S, H]
+
+    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext, kv: KVCache) -> Tensor:
+        """The final (normed) hidden states of every token, [T, H]: what a piecewise capture records."""
         x = self.embed(input_ids)  # [T, H]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, ctx, self.cos_sin, kv.k[i], kv.v[i])
         x, _ = self.norm.reduce_add(x, residual, self.tp)  # x: the last MLP's partial sum
-        return x.index_select(0, ctx.logits_idx)  # [S, H]
+        return x
 
     def head_logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V]."""

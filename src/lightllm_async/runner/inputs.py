@@ -53,6 +53,15 @@ class FlatInputs:
             self.q_start.append(self.q_start[-1] + 1)
             self.seq_lens.append(1)
 
+    def pad_tokens_to(self, n: int, sink_slot: int) -> None:
+        """Append padding tokens up to n (a piecewise graph's bucket) that belong to no request:
+        the captured parts of the forward run them, writing their k/v into the sink slot; the
+        attention and the head, which run on the real tokens only, never see them."""
+        extra = n - len(self.ids)
+        self.ids.extend([0] * extra)
+        self.positions.extend([0] * extra)
+        self.kv_slots.extend([sink_slot] * extra)
+
 
 def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
     """`last_index` maps a slot to its sample's index in the previous launch."""
@@ -197,13 +206,22 @@ class InputBuffers:
         )
 
     def load(
-        self, batch: Batch, last_sampled: Tensor, last_index: dict[int, int], pad_to: int = 0
+        self,
+        batch: Batch,
+        last_sampled: Tensor,
+        last_index: dict[int, int],
+        pad_to: int = 0,
+        pad_tokens_to: int = 0,
     ) -> StepInputs:
         """Upload a batch; `last_sampled` [S'] and `last_index` (slot -> row) are the previous
-        launch's samples, which fill its PENDING_TOKEN inputs."""
+        launch's samples, which fill its PENDING_TOKEN inputs. `pad_to`: padding requests up to
+        that many (a decode graph's bucket); `pad_tokens_to`: padding tokens of no request up to
+        that many (a piecewise graph's bucket), which the returned step leaves out: its
+        `input_ids` and context are the real tokens'."""
         flat = flatten(batch, last_index)
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
+        flat.pad_tokens_to(pad_tokens_to, self.sink_slot)
         logprobs = self._plan_logprobs(batch, flat)  # appends its rows to flat.logits_idx
         params, num_outputs, contexts = sampled_rows(batch)
         sampling = SamplingMetadata.build(
@@ -223,8 +241,9 @@ class InputBuffers:
         self.token_table[rows, positions] = ids[:t].to(torch.int32)
         sampling = sampling.with_history(self.token_table)
         num_samples = len(params)
+        num_tokens = num_real_tokens if pad_tokens_to else len(flat.ids)
         ctx = self.context(
-            len(flat.ids),
+            num_tokens,
             len(flat.rows),
             len(flat.logits_idx),
             batch.decode_only,
@@ -233,7 +252,7 @@ class InputBuffers:
             None if batch.decode_only else tuple(b - a for a, b in itertools.pairwise(flat.q_start)),
         )
         return StepInputs(
-            input_ids=ids,
+            input_ids=ids[:num_tokens],
             ctx=ctx,
             sampling=sampling,
             num_samples=num_samples,
@@ -258,6 +277,30 @@ class InputBuffers:
         flat.pad_to(num_rows, self.sink_slot, self.sink_row)
         self._write(flat)
         self.staging.upload()
+
+    def load_prefill_padding(self, num_tokens: int) -> ForwardContext:
+        """A step of num_tokens padding tokens: what a piecewise capture warms up on. As many as the
+        request buffers allow form prefill chunks of requests on the sink row (every position of
+        which maps to the sink slot), at most a request-table row each, so that the attention runs
+        on them; the rest are padding of no request. Returns the chunks' context."""
+        width, max_reqs = self.req_to_token.shape[1], self.staging.capacity("req_idx")
+        self.req_to_token[self.sink_row] = self.sink_slot
+        flat = FlatInputs()
+        for start in range(0, min(num_tokens, width * max_reqs), width):
+            n = min(width, num_tokens - start)
+            flat.ids.extend([0] * n)
+            flat.positions.extend(range(n))
+            flat.kv_slots.extend([self.sink_slot] * n)
+            flat.rows.append(self.sink_row)
+            flat.q_start.append(flat.q_start[-1] + n)
+            flat.seq_lens.append(n)
+            flat.logits_idx.append(flat.q_start[-1] - 1)
+        real = len(flat.ids)
+        flat.pad_tokens_to(num_tokens, self.sink_slot)
+        self._write(flat)
+        self.staging.upload()
+        q_lens = tuple(b - a for a, b in itertools.pairwise(flat.q_start))
+        return self.context(real, len(flat.rows), len(flat.rows), False, tuple(flat.seq_lens), q_lens)
 
     def _write(self, flat: FlatInputs) -> tuple[Tensor, Tensor, Tensor]:
         put = self.staging.put

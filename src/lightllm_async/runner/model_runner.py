@@ -32,6 +32,7 @@ from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.distributed import with_small_all_reduce
 from lightllm_async.runner.inputs import InputBuffers
 from lightllm_async.runner.logprobs import compute_logprobs
+from lightllm_async.runner.piecewise import PiecewiseGraphs
 from lightllm_async.runner.sampler import sample
 from lightllm_async.types import MAX_TOP_LOGPROBS, PROMPT_LOGPROB_TOKENS_PER_STEP
 
@@ -197,6 +198,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self._allocate_buffers()
         self.graphs = self._capture_graphs()
+        self.piecewise = self._capture_piecewise()
         self.cpu_decode = self._cpu_decode()
 
     def _load_model(self, progress) -> LlamaForCausalLM | DeepseekForCausalLM:
@@ -295,6 +297,16 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
+    def _capture_piecewise(self) -> PiecewiseGraphs | None:
+        """Graphs for steps with prefill chunks, in the decode graphs' pool (runner/piecewise.py)."""
+        if self.graphs is None or self.cfg.disable_piecewise_graph:
+            return None
+        max_tokens = self.inputs.staging.capacity("positions")
+        graphs = PiecewiseGraphs(self.model, self.kv, self.inputs, max_tokens, self.graphs.pool)
+        graphs.capture()
+        torch.cuda.empty_cache()  # the warm-up steps' eager blocks
+        return graphs
+
     def _cpu_decode(self) -> CpuDecode | None:
         """The CPU's decode steps (Llama family, one rank): batched attention, compiled on request."""
         if self.device.type != "cpu" or self.model_cls is not LlamaForCausalLM or self.tp.size > 1:
@@ -318,9 +330,17 @@ class ModelRunner:
 
     def _launch(self, batch: Batch) -> StepHandle:
         bucket = self.graphs.bucket_for(batch) if self.graphs is not None else None
-        step = self.inputs.load(batch, self._last_sampled, self._last_index, pad_to=bucket or 0)
+        pieces = None
+        if bucket is None and self.piecewise is not None and not batch.decode_only:
+            pieces = self.piecewise.bucket_for(batch.num_tokens)
+        step = self.inputs.load(
+            batch, self._last_sampled, self._last_index, pad_to=bucket or 0, pad_tokens_to=pieces or 0
+        )
         if bucket is not None:
             logits = self.graphs.replay(bucket)[: step.num_samples]  # [B, V]: padding rows dropped
+        elif pieces is not None:
+            x = self.piecewise.replay(pieces, step.ctx).index_select(0, step.ctx.logits_idx)
+            logits = self.model.head_logits(x)  # [S + E, V]
         elif self.cpu_decode is not None and batch.decode_only:
             logits = self.cpu_decode.forward(step.input_ids, step.ctx)  # [S + E, V]
         else:

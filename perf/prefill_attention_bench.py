@@ -1,0 +1,72 @@
+"""Prefill attention at 4k causal against the card's bf16 matmul rate and SDPA, one process (issue 10).
+
+    python perf/prefill_attention_bench.py [--sweep]
+
+Llama-3-8B heads (32 q / 8 kv, dim 128), bf16, one request of 4096 new tokens (and four of 1024
+after a 3072-token prefix). TFLOP/s counts the causal pairs only (4 * pairs * H * D). The matmul
+rate is an 8192^3 bf16 torch.mm in the same run; SDPA is torch's scaled_dot_product_attention
+(causal, flash backend where available) on contiguous [1, H, T, D] tensors, GQA heads expanded,
+so it reads no request table. `--sweep`: also every (BLOCK_M, BLOCK_N, warps, stages) below, to
+choose the kernel's blocks from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_bench import DEV, DTYPE, bench_ms, prefill_case, rand  # noqa: E402
+
+from lightllm_async import kernels as K  # noqa: E402
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a, b = rand(n, n), rand(n, n)
+    return 2 * n**3 / bench_ms(lambda: a @ b) / 1e9
+
+
+def sdpa_ms(t: int, hq: int, dim: int) -> float:
+    q, k, v = (rand(1, hq, t, dim) for _ in range(3))
+    return bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    mm = matmul_tflops()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul {mm:.0f} TFLOP/s")
+    rows = []
+    for batch, new, prefix in ((1, 4096, 0), (4, 1024, 3072)):
+        case = prefill_case(batch, new, prefix, 32, 8, 128)
+        tflops = lambda ms: case.flops / ms / 1e9  # noqa: E731
+        ms = bench_ms(case.kernel)
+        rows.append((case.shape, "kernel (chosen blocks)", ms, tflops(ms)))
+        if batch == 1:
+            s = sdpa_ms(new, 32, 128)
+            rows.append((case.shape, "SDPA (dense, causal)", s, tflops(s)))
+        if args.sweep:
+            q, kc, vc, r2t, req_idx, q_start, seq_lens, scale = case.args
+            for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+                try:
+                    ms = bench_ms(lambda: K.prefill_attention(
+                        q, kc, vc, r2t, req_idx, q_start, seq_lens, scale, blocks=(bm, bn, w, st)))  # fmt: skip
+                except Exception as exc:  # out of shared memory for that tile: not a candidate
+                    print(f"  {bm}x{bn} w{w} s{st}: {type(exc).__name__}")
+                    continue
+                rows.append((case.shape, f"  blocks {bm}x{bn} warps {w} stages {st}", ms, tflops(ms)))
+        torch.cuda.empty_cache()
+    print(f"\n{'shape':<36} {'variant':<34} {'ms':>8} {'TFLOP/s':>8} {'of mm':>6}")
+    for shape, name, ms, tf in rows:
+        print(f"{shape:<36} {name:<34} {ms:8.3f} {tf:8.0f} {tf / mm:6.0%}")
+
+
+if __name__ == "__main__":
+    main()
