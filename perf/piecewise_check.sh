@@ -27,7 +27,7 @@ serve-ds)
   mkdir -p $d
   python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
 write_tokenizer as t; m = s('deepseek-v2-lite', 'bfloat16'); c(m, '$d'); t(m, '$d')"
-  for mode in piecewise eager; do
+  for mode in ${MODES:-piecewise eager}; do
     flags=(); [ $mode = eager ] && flags=(--disable-piecewise-cuda-graph)
     python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
       --max-num-batched-tokens ${CHUNK:-8192} "${flags[@]}" >"$OUT/ds_server_$mode.log" 2>&1 &
