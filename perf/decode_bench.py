@@ -259,8 +259,9 @@ def main() -> None:
                 mixed = mixed_profile(runner, mb, args.context, mp)
                 graph_info["mixed" if label == "eager" else "mixed_piecewise"] = mixed
                 print(
-                    f"\nmixed step ({label}): {mb} decodes + one {mp}-token prefill: {mixed['step_ms']:.2f} ms "
-                    f"({mixed['profiled_step_ms']:.2f} ms profiled), GPU kernels {mixed['kernel_ms']:.2f} ms"
+                    f"\nmixed step ({label}): {mb} decodes + one {mp}-token prefill: "
+                    f"{mixed['step_ms']:.2f} ms ({mixed['profiled_step_ms']:.2f} ms profiled), "
+                    f"GPU kernels {mixed['kernel_ms']:.2f} ms"
                 )
                 for name, ms, count in mixed["top_kernels_ms_per_step"]:
                     print(f"  {ms:8.3f} ms {count:5d}x  {name}")

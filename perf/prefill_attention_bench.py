@@ -13,6 +13,7 @@ choose the kernel's blocks from.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import DEV, DTYPE, bench_ms, prefill_case, rand  # noqa: E402
+from kernel_bench import bench_ms, prefill_case, rand  # noqa: E402
 
 from lightllm_async import kernels as K  # noqa: E402
 
@@ -46,22 +47,20 @@ def main() -> None:
     rows = []
     for batch, new, prefix in ((1, 4096, 0), (4, 1024, 3072)):
         case = prefill_case(batch, new, prefix, 32, 8, 128)
-        tflops = lambda ms: case.flops / ms / 1e9  # noqa: E731
         ms = bench_ms(case.kernel)
-        rows.append((case.shape, "kernel (chosen blocks)", ms, tflops(ms)))
+        rows.append((case.shape, "kernel (chosen blocks)", ms, case.flops / ms / 1e9))
         if batch == 1:
             s = sdpa_ms(new, 32, 128)
-            rows.append((case.shape, "SDPA (dense, causal)", s, tflops(s)))
+            rows.append((case.shape, "SDPA (dense, causal)", s, case.flops / s / 1e9))
         if args.sweep:
-            q, kc, vc, r2t, req_idx, q_start, seq_lens, scale = case.args
-            for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+            for blocks in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
                 try:
-                    ms = bench_ms(lambda: K.prefill_attention(
-                        q, kc, vc, r2t, req_idx, q_start, seq_lens, scale, blocks=(bm, bn, w, st)))  # fmt: skip
+                    ms = bench_ms(functools.partial(K.prefill_attention, *case.args, blocks=blocks))
                 except Exception as exc:  # out of shared memory for that tile: not a candidate
-                    print(f"  {bm}x{bn} w{w} s{st}: {type(exc).__name__}")
+                    print(f"  {blocks}: {type(exc).__name__}")
                     continue
-                rows.append((case.shape, f"  blocks {bm}x{bn} warps {w} stages {st}", ms, tflops(ms)))
+                name = "  blocks {}x{} warps {} stages {}".format(*blocks)
+                rows.append((case.shape, name, ms, case.flops / ms / 1e9))
         torch.cuda.empty_cache()
     print(f"\n{'shape':<36} {'variant':<34} {'ms':>8} {'TFLOP/s':>8} {'of mm':>6}")
     for shape, name, ms, tf in rows:

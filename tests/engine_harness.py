@@ -269,6 +269,34 @@ def generate(
         h.close()
 
 
+def overlapped_generate(runner, prompts, params, seen: list[Batch] | None = None) -> list[list[int]]:
+    """The runner alone with a scheduler, in the engine loop's order (launch step N+1, then
+    collect step N); `seen` receives every step's batch."""
+    from lightllm_async.engine.request import Request
+
+    cfg = runner.cfg
+    sched = Scheduler(
+        SchedulerConfig(
+            cfg.max_running_requests, cfg.max_num_batched_tokens, cfg.max_model_len, runner.num_kv_tokens
+        )
+    )
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        sched.add(Request(slot=i, gen=0, prompt_ids=list(prompt), params=p, arrival=i))
+    outputs: dict[int, list[int]] = {}
+    inflight = None
+    while True:
+        batch = sched.schedule()
+        if batch is not None and seen is not None:
+            seen.append(batch)
+        launched = None if batch is None else (batch, runner.launch(batch))
+        if inflight is not None:
+            for f in sched.update(inflight[0], runner.collect(inflight[1]))[1]:
+                outputs[f.request.slot] = f.request.output_ids
+        inflight = launched
+        if inflight is None and not sched.has_work():
+            return [outputs[i] for i in range(len(prompts))]
+
+
 def generate_with_logprobs(runner, max_model_len: int, requests, chunk: int = 64) -> list:
     """Requests run together by the real engine: per request (output, first logprob position,
     chosen [m], top ids [m, k], top logprobs [m, k]) as the region's ring holds them, or None

@@ -230,7 +230,10 @@ def test_long_prompts_are_tokenized_off_the_event_loop(tokenizer):
     async def go():
         async with Harness(Recording(tokenizer)) as h:
             threads.clear()
-            for text in (short, long):  # the long one is too long for this model's context: a 400 after encoding
+            for text in (
+                short,
+                long,
+            ):  # the long one is too long for this model's context: a 400 after encoding
                 r = await post(h, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 1}})
                 assert r.status == 200 or b"maximum context length" in r.body, r.body[:200]
         assert threads == [(len(short), True), (len(long), False)]

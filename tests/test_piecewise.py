@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_harness import overlapped_generate
 from lightllm_async.batch import Batch
 from lightllm_async.config import EngineConfig
 from lightllm_async.engine.request import Request
@@ -23,7 +24,9 @@ BUCKETS = [8, 24, 40, 64]  # irregular, so that most steps carry padding tokens
 
 @pytest.fixture(scope="module", params=["tiny", "deepseek-v2-tiny", "deepseek-v3-tiny"])
 def model_dir(request, tmp_path_factory):
-    return write_model(shape_config(request.param, "float32"), str(tmp_path_factory.mktemp(request.param)), seed=3)
+    return write_model(
+        shape_config(request.param, "float32"), str(tmp_path_factory.mktemp(request.param)), seed=3
+    )
 
 
 def _runner(path: str) -> ModelRunner:
@@ -39,29 +42,6 @@ def _runner(path: str) -> ModelRunner:
     return ModelRunner(cfg)
 
 
-def _generate(runner: ModelRunner, prompts, params, seen: list[Batch]) -> list[list[int]]:
-    """The engine loop's order (launch N+1, collect N); records every step's batch."""
-    cfg = runner.cfg
-    sched = Scheduler(
-        SchedulerConfig(cfg.max_running_requests, cfg.max_num_batched_tokens, cfg.max_model_len, runner.num_kv_tokens)
-    )
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        sched.add(Request(slot=i, gen=0, prompt_ids=list(prompt), params=p, arrival=i))
-    outputs: dict[int, list[int]] = {}
-    inflight = None
-    while True:
-        batch = sched.schedule()
-        if batch is not None:
-            seen.append(batch)
-        launched = None if batch is None else (batch, runner.launch(batch))
-        if inflight is not None:
-            for f in sched.update(inflight[0], runner.collect(inflight[1]))[1]:
-                outputs[f.request.slot] = f.request.output_ids
-        inflight = launched
-        if inflight is None and not sched.has_work():
-            return [outputs[i] for i in range(len(prompts))]
-
-
 def test_token_buckets():
     assert token_buckets(8192) == [*range(128, 2048, 128), *range(2048, 4096, 256), *range(4096, 8193, 512)]
     assert token_buckets(100) == [100]
@@ -74,14 +54,16 @@ def test_padded_steps_give_the_plain_steps_tokens(model_dir):
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (70, 5, 33, 12, 1, 50, 9, 27, 3)]
     params = [SamplingParams(max_new_tokens=4 + 3 * (i % 4), temperature=0.0) for i in range(len(prompts))]
     plain_runner = _runner(model_dir)
-    plain = _generate(plain_runner, prompts, params, [])
+    plain = overlapped_generate(plain_runner, prompts, params, [])
     runner = _runner(model_dir)
     runner.piecewise = PiecewiseEager(runner.model, runner.kv, runner.inputs, 64, buckets=BUCKETS)
     calls = []
     replay = runner.piecewise.replay
-    runner.piecewise.replay = lambda bucket, ctx: calls.append((bucket, ctx.positions.shape[0])) or replay(bucket, ctx)
+    runner.piecewise.replay = lambda bucket, ctx: (
+        calls.append((bucket, ctx.positions.shape[0])) or replay(bucket, ctx)
+    )
     batches: list[Batch] = []
-    padded = _generate(runner, prompts, params, batches)
+    padded = overlapped_generate(runner, prompts, params, batches)
     assert padded == plain
     mixed = [b for b in batches if not b.decode_only]
     assert len(calls) == len(mixed) > 3
@@ -94,7 +76,11 @@ def test_padded_step_logits_match_and_padding_touches_only_the_sink(model_dir):
     the sink slot only, so the real requests' cache rows are the plain step's."""
     plain, padded = _runner(model_dir), _runner(model_dir)
     padded.piecewise = PiecewiseEager(padded.model, padded.kv, padded.inputs, 64, buckets=BUCKETS)
-    cache = {"k": lambda r: r.kv.k, "v": lambda r: r.kv.v} if hasattr(plain.kv, "k") else {"kv": lambda r: r.kv.kv}
+    cache = (
+        {"k": lambda r: r.kv.k, "v": lambda r: r.kv.v}
+        if hasattr(plain.kv, "k")
+        else {"kv": lambda r: r.kv.kv}
+    )
     for get in cache.values():  # the pools start empty (whatever memory held): zero both
         for pool in (*get(plain), *get(padded)):
             pool.zero_()
@@ -104,13 +90,31 @@ def test_padded_step_logits_match_and_padding_touches_only_the_sink(model_dir):
     for runner in (plain, padded):
         sched = Scheduler(SchedulerConfig(5, 64, 128, runner.num_kv_tokens))
         for i, p in enumerate(prompts[:3]):
-            sched.add(Request(slot=i, gen=0, prompt_ids=p, params=SamplingParams(max_new_tokens=3, temperature=0.0), arrival=i))
+            sched.add(
+                Request(
+                    slot=i,
+                    gen=0,
+                    prompt_ids=p,
+                    params=SamplingParams(max_new_tokens=3, temperature=0.0),
+                    arrival=i,
+                )
+            )
         batch = sched.schedule()
         sched.update(batch, runner.execute(batch))
-        sched.add(Request(slot=3, gen=0, prompt_ids=prompts[3], params=SamplingParams(max_new_tokens=2, temperature=0.0), arrival=3))
+        sched.add(
+            Request(
+                slot=3,
+                gen=0,
+                prompt_ids=prompts[3],
+                params=SamplingParams(max_new_tokens=2, temperature=0.0),
+                arrival=3,
+            )
+        )
         batch = sched.schedule()  # three decodes and a new 4-token prompt
         assert not batch.decode_only and batch.num_tokens == 3 + 4
-        step = runner.inputs.load(batch, runner._last_sampled, runner._last_index, pad_tokens_to=24 if runner is padded else 0)
+        step = runner.inputs.load(
+            batch, runner._last_sampled, runner._last_index, pad_tokens_to=24 if runner is padded else 0
+        )
         if runner is padded:
             x = runner.piecewise.replay(24, step.ctx)
             logits.append(runner.model.head_logits(x.index_select(0, step.ctx.logits_idx)))

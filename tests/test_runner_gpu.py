@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_harness import overlapped_generate
 from lightllm_async.config import EngineConfig
-from lightllm_async.engine.request import Request
-from lightllm_async.engine.scheduler import Scheduler, SchedulerConfig
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.runner.sampler import SamplingMetadata, sample, seeded_uniform
 from lightllm_async.types import SamplingParams
@@ -24,29 +23,6 @@ def model_dir(tmp_path_factory):
     from lightllm_async.tools.make_random_model import shape_config, write_model
 
     return write_model(shape_config("tiny", "float32"), str(tmp_path_factory.mktemp("tiny")), seed=5)
-
-
-def overlapped_generate(runner: ModelRunner, prompts, params) -> list[list[int]]:
-    """The engine loop's order: launch step N+1, then collect step N."""
-    cfg = runner.cfg
-    sched = Scheduler(
-        SchedulerConfig(
-            cfg.max_running_requests, cfg.max_num_batched_tokens, cfg.max_model_len, runner.num_kv_tokens
-        )
-    )
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        sched.add(Request(slot=i, gen=0, prompt_ids=list(prompt), params=p, arrival=i))
-    outputs: dict[int, list[int]] = {}
-    inflight = None
-    while True:
-        batch = sched.schedule()
-        launched = None if batch is None else (batch, runner.launch(batch))
-        if inflight is not None:
-            for f in sched.update(inflight[0], runner.collect(inflight[1]))[1]:
-                outputs[f.request.slot] = f.request.output_ids
-        inflight = launched
-        if inflight is None and not sched.has_work():
-            return [outputs[i] for i in range(len(prompts))]
 
 
 def test_graphs_on_and_off_give_the_same_tokens_under_overlap(model_dir):
@@ -165,14 +141,19 @@ def test_piecewise_graphs_give_the_eager_tokens(shape, buckets, tmp_path):
         )  # fmt: skip
         runner = ModelRunner(cfg)
         if not eager and buckets is not None:
-            runner.piecewise = PiecewiseGraphs(runner.model, runner.kv, runner.inputs, 64, runner.graphs.pool, buckets)
+            runner.piecewise = PiecewiseGraphs(
+                runner.model, runner.kv, runner.inputs, 64, runner.graphs.pool, buckets
+            )
             runner.piecewise.capture()
         assert (runner.piecewise is None) == eager
+        replays: list[int] = []
         if not eager:
-            replays = []
-            replay = runner.piecewise.replay
-            runner.piecewise.replay = lambda b, ctx: replays.append(b) or replay(b, ctx)
+
+            def counted(bucket, ctx, replay=runner.piecewise.replay, replays=replays):
+                replays.append(bucket)
+                return replay(bucket, ctx)
+
+            runner.piecewise.replay = counted
         outs.append(overlapped_generate(runner, prompts, params))
-        if not eager:
-            assert len(replays) > 3
+        assert eager or len(replays) > 3
     assert outs[0] == outs[1]

@@ -19,7 +19,9 @@ from .protocol import ApiError, engine_dead_error
 from .reader import EngineDead, Reader
 from .sampling import api_names
 
-ENCODE_INLINE_CHARS = 1024  # longer prompts (~1 ms of encoding and up) are tokenized in a thread, without the GIL
+ENCODE_INLINE_CHARS = (
+    1024  # longer prompts (~1 ms of encoding and up) are tokenized in a thread, without the GIL
+)
 DECODE_INLINE_TOKENS = 8192  # the same for /detokenize
 RETRY_AFTER = ((b"retry-after", b"1"),)
 CLOSE = ((b"connection", b"close"),)

@@ -156,7 +156,6 @@ class ForwardContext:
             part(reqs_multi, multi, q_start_multi),
         )
 
-
     def _split_in_order(self, num_single: int, num_multi_tokens: int) -> QuerySplit:
         """`by_query_len` where the one-token requests come first: each part is a slice."""
         q_lens, seq_lens = self.host_q_lens, self.host_seq_lens
@@ -272,7 +271,9 @@ class Attention(nn.Module):
         if ctx.decode_rows is not None:
             return decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
         if ctx.decode_only:
-            return decode_attention(q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
+            return decode_attention(
+                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
+            )
         q_lens = ctx.host_q_lens
         if q_lens is None or 1 not in q_lens or all(n == 1 for n in q_lens):
             return prefill_attention(

@@ -111,8 +111,12 @@ def _static_cut(bufs: StaticBuffers, fn, inputs, out_tail, args) -> Cut:
     return Cut(fn, args, tuple(static), out)
 
 
-def run_padded(forward: Callable[[ForwardContext], Tensor], bufs: StaticBuffers, padded: ForwardContext,
-               real: ForwardContext) -> Tensor:
+def run_padded(
+    forward: Callable[[ForwardContext], Tensor],
+    bufs: StaticBuffers,
+    padded: ForwardContext,
+    real: ForwardContext,
+) -> Tensor:
     """`forward(ctx)` over a padded step with its attention cut as a replay cuts it: the
     forward's own parts read `padded` (all tokens), the attention `real` (the real tokens)."""
     return forward(dataclasses.replace(padded, cut=EagerPieces(bufs, real)))
@@ -179,7 +183,9 @@ class PiecewiseEager:
         """`ctx` with the positions and cache slots of all `bucket` tokens, padding included:
         what the captured parts read."""
         view = self.inputs.staging.view
-        return dataclasses.replace(ctx, positions=view("positions", bucket), kv_slots=view("kv_slots", bucket))
+        return dataclasses.replace(
+            ctx, positions=view("positions", bucket), kv_slots=view("kv_slots", bucket)
+        )
 
     @torch.inference_mode()
     def replay(self, bucket: int, ctx: ForwardContext) -> Tensor:
