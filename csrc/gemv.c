@@ -1,0 +1,540 @@
+/*
+ * lightllm_async._gemv: matrix-vector products for a few rows (CPU decode), llama.cpp-style.
+ *
+ * The activation rows are quantized to int8 per block of 32 inputs (dx = max|x| / 127, xq =
+ * round-half-even(x / dx), and the float sum of the block xs); the weights stay int4 or int8 and
+ * the dot products of a block are integer (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw, or plain C).
+ *
+ *   int4_mm(x, x_bf16, M, K, w, sm, N, y)   y[M, N] float32 = x[M, K] W^T,
+ *       W[n, k] = scale[n, g] * code[n, k] + min[n, g], g = k / 32, code 0..15
+ *   int8_mm(x, x_bf16, M, K, w, rs, N, y)   y[M, N] float32 = x[M, K] W^T, W[n, k] = rs[n] * code[n, k]
+ *   level() -> int     the instruction set in use: 3 AVX-512 VNNI, 2 AVX2, 0 plain C
+ *   set_level(n) -> int  use at most level n (tests run every path); returns the level now in use
+ *
+ * Every argument is an int: x, w, sm, rs and y are addresses (torch's data_ptr()); x is float32, or
+ * bfloat16 when x_bf16; K is a multiple of 32. The GIL is released while a product runs.
+ *
+ * Weight layouts (built once at load by kernels/cpu_gemv.py), in tiles of 16 output rows (N is
+ * padded to a multiple of 16 in the packed arrays; only N columns of y are written):
+ *
+ *   int4 w   uint8 [N/16, K/32, 4 pairs, 16 rows, 4]: byte (p, r, j) of group g holds code
+ *            8p + j of row r in its low nibble and code 8p + 4 + j in its high nibble, so one
+ *            64-byte load gives two 4-input chunks of 16 rows, each as vpdpbusd takes it.
+ *   int4 sm  fp16 [N/16, K/32, 2, 16]: the scales, then the mins, of the tile's 16 rows.
+ *   int8 w   int8 [N/16, K/32, 8 chunks, 16 rows, 4]: inputs 4c..4c+3 of group g, row by row.
+ *   int8 rs  float32 [N/16 * 16]: the scale of each row.
+ *
+ * Error: each activation moves by at most dx / 2 = max|x_block| / 254, so an output moves by at
+ * most sum over blocks of (dx_block / 2) * sum |W[n, k]| over the block; the integer sums are exact.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define GEMV_X86 1
+#include <immintrin.h>
+#endif
+
+#define TILE 16
+#define UNROLL _Pragma("GCC unroll 8") /* small constant loops: keep their arrays in registers */
+#define GROUP 32
+#define MB_MAX 4 /* rows of x per pass over a tile: its weights stay in L1 between passes */
+
+static int detected_level = 0, active_level = 0;
+
+/* ---- activation quantization (plain C; the AVX-512 one below gives the same bytes) ------------- */
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+    if (exp == 0x1F) {
+        u = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal: normalize */
+        exp = 113;
+        while (!(man & 0x400)) {
+            man <<= 1;
+            exp--;
+        }
+        u = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void quantize_row_c(const void *x, int bf16, int K, int8_t *xq, float *dx, float *xs) {
+    float v[GROUP];
+    for (int g = 0; g < K / GROUP; g++) {
+        float amax = 0.0f, sum = 0.0f;
+        for (int i = 0; i < GROUP; i++) {
+            int k = g * GROUP + i;
+            v[i] = bf16 ? bf16_to_float(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            amax = fmaxf(amax, fabsf(v[i]));
+            sum += v[i];
+        }
+        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < GROUP; i++)
+            xq[g * GROUP + i] = (int8_t)nearbyintf(v[i] * inv);
+        dx[g] = d;
+        xs[g] = sum;
+    }
+}
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ---- plain C kernels ------------------------------------------------------------------------ */
+
+static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int8_t *xq, const float *dx,
+                         const float *xs, int M, int K, int N, int t0, int t1, float *y) {
+    int G = K / GROUP;
+    for (int t = t0; t < t1; t++) {
+        for (int m = 0; m < M; m++) {
+            float acc[TILE] = {0};
+            const uint8_t *wt = w + (size_t)t * G * 256;
+            const uint16_t *st = sm + (size_t)t * G * 32;
+            for (int g = 0; g < G; g++, wt += 256, st += 32) {
+                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                for (int r = 0; r < TILE; r++) {
+                    int32_t s = 0;
+                    for (int p = 0; p < 4; p++)
+                        for (int j = 0; j < 4; j++) {
+                            uint8_t b = wt[p * 64 + r * 4 + j];
+                            s += (b & 15) * xg[8 * p + j] + (b >> 4) * xg[8 * p + 4 + j];
+                        }
+                    acc[r] += (float)s * (half_to_float(st[r]) * dx[m * G + g]) +
+                              half_to_float(st[16 + r]) * xs[m * G + g];
+                }
+            }
+            for (int r = 0; r < TILE && t * TILE + r < N; r++)
+                y[(size_t)m * N + t * TILE + r] = acc[r];
+        }
+    }
+}
+
+static void int8_tiles_c(const int8_t *w, const float *rs, const int8_t *xq, const float *dx, int M,
+                         int K, int N, int t0, int t1, float *y) {
+    int G = K / GROUP;
+    for (int t = t0; t < t1; t++) {
+        for (int m = 0; m < M; m++) {
+            float acc[TILE] = {0};
+            const int8_t *wt = w + (size_t)t * G * 512;
+            for (int g = 0; g < G; g++, wt += 512) {
+                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                for (int r = 0; r < TILE; r++) {
+                    int32_t s = 0;
+                    for (int c = 0; c < 8; c++)
+                        for (int j = 0; j < 4; j++)
+                            s += wt[c * 64 + r * 4 + j] * xg[4 * c + j];
+                    acc[r] += (float)s * dx[m * G + g];
+                }
+            }
+            for (int r = 0; r < TILE && t * TILE + r < N; r++)
+                y[(size_t)m * N + t * TILE + r] = acc[r] * rs[t * TILE + r];
+        }
+    }
+}
+
+#ifdef GEMV_X86
+/* ---- AVX2 ----------------------------------------------------------------------------------- */
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+static inline TARGET_AVX2 void store_tile_avx2(float *y, int n0, int N, __m256 lo, __m256 hi) {
+    if (n0 + TILE <= N) {
+        _mm256_storeu_ps(y + n0, lo);
+        _mm256_storeu_ps(y + n0 + 8, hi);
+        return;
+    }
+    float tmp[TILE];
+    _mm256_storeu_ps(tmp, lo);
+    _mm256_storeu_ps(tmp + 8, hi);
+    memcpy(y + n0, tmp, sizeof(float) * (N - n0));
+}
+
+static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
+                                        const float *dx, const float *xs, int M, int K, int N, int t0,
+                                        int t1, float *y) {
+    int G = K / GROUP;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int t = t0; t < t1; t++) {
+        for (int m = 0; m < M; m++) {
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            const uint8_t *wt = w + (size_t)t * G * 256;
+            const uint16_t *st = sm + (size_t)t * G * 32;
+            for (int g = 0; g < G; g++, wt += 256, st += 32) {
+                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                float d = dx[m * G + g], s = xs[m * G + g];
+                UNROLL
+                for (int h = 0; h < 2; h++) { /* rows 0-7, then 8-15 */
+                    __m256i p16 = _mm256_setzero_si256(); /* at most 8 * 2 * 15 * 127: no overflow */
+                    UNROLL
+                    for (int p = 0; p < 4; p++) {
+                        __m256i b = _mm256_loadu_si256((const __m256i *)(wt + 64 * p + 32 * h));
+                        __m256i x0 = _mm256_set1_epi32(load_i32(xg + 8 * p));
+                        __m256i x1 = _mm256_set1_epi32(load_i32(xg + 8 * p + 4));
+                        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(b, low), x0));
+                        p16 = _mm256_add_epi16(
+                            p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), x1));
+                    }
+                    __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                    __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + 8 * h)));
+                    __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + 16 + 8 * h)));
+                    acc[h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(sc, _mm256_set1_ps(d)), acc[h]);
+                    acc[h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s), acc[h]);
+                }
+            }
+            store_tile_avx2(y + (size_t)m * N, t * TILE, N, acc[0], acc[1]);
+        }
+    }
+}
+
+static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const int8_t *xq,
+                                        const float *dx, int M, int K, int N, int t0, int t1, float *y) {
+    int G = K / GROUP;
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = t0; t < t1; t++) {
+        for (int m = 0; m < M; m++) {
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+            const int8_t *wt = w + (size_t)t * G * 512;
+            for (int g = 0; g < G; g++, wt += 512) {
+                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                __m256 d = _mm256_set1_ps(dx[m * G + g]);
+                UNROLL
+                for (int h = 0; h < 2; h++) {
+                    __m256i s32 = _mm256_setzero_si256();
+                    UNROLL
+                    for (int c = 0; c < 8; c++) {
+                        __m256i b = _mm256_loadu_si256((const __m256i *)(wt + 64 * c + 32 * h));
+                        __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xg + 4 * c)), b);
+                        /* |w| * x sign(w): each pair at most 2 * 127 * 127 < 2^15 */
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(b), x), ones));
+                    }
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[h]);
+                }
+            }
+            const float *r = rs + t * TILE;
+            store_tile_avx2(y + (size_t)m * N, t * TILE, N, _mm256_mul_ps(acc[0], _mm256_loadu_ps(r)),
+                            _mm256_mul_ps(acc[1], _mm256_loadu_ps(r + 8)));
+        }
+    }
+}
+
+/* ---- AVX-512 VNNI ----------------------------------------------------------------------------- */
+#define TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int8_t *xq, float *dx,
+                                        float *xs) {
+    for (int g = 0; g < K / GROUP; g++) {
+        __m512 v0, v1;
+        if (bf16) {
+            const uint16_t *p = (const uint16_t *)x + g * GROUP;
+            v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+            v1 = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + 16))), 16));
+        } else {
+            v0 = _mm512_loadu_ps((const float *)x + g * GROUP);
+            v1 = _mm512_loadu_ps((const float *)x + g * GROUP + 16);
+        }
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512 iv = _mm512_set1_ps(inv);
+        /* cvtps_epi32 rounds half to even, as nearbyintf in the default rounding mode */
+        __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)));
+        __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)));
+        _mm_storeu_si128((__m128i *)(xq + g * GROUP), q0);
+        _mm_storeu_si128((__m128i *)(xq + g * GROUP + 16), q1);
+        dx[g] = amax / 127.0f;
+        /* the plain C sum's order: one value after another */
+        float tmp[GROUP], sum = 0.0f;
+        _mm512_storeu_ps(tmp, v0);
+        _mm512_storeu_ps(tmp + 16, v1);
+        for (int i = 0; i < GROUP; i++)
+            sum += tmp[i];
+        xs[g] = sum;
+    }
+}
+
+static inline TARGET_512 void store_tile_512(float *y, int n0, int N, __m512 v) {
+    if (n0 + TILE <= N)
+        _mm512_storeu_ps(y + n0, v);
+    else
+        _mm512_mask_storeu_ps(y + n0, (__mmask16)((1u << (N - n0)) - 1), v);
+}
+
+/* MB rows of x against one tile; MB is a constant at each call, so the loops over it unroll */
+static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
+    const int MB, const uint8_t *wt, const uint16_t *st, const int8_t *xq, const float *dx, const float *xs,
+    int K, int N, int n0, float *y) {
+    int G = K / GROUP;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[MB_MAX];
+    UNROLL
+    for (int m = 0; m < MB; m++)
+        acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++, wt += 256, st += 32) {
+        __m512i wv[8];
+        UNROLL
+        for (int p = 0; p < 4; p++) {
+            __m512i b = _mm512_loadu_si512((const void *)(wt + 64 * p));
+            wv[2 * p] = _mm512_and_si512(b, low);
+            wv[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        }
+        __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)st));
+        __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + 16)));
+        UNROLL
+        for (int m = 0; m < MB; m++) {
+            const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+            UNROLL
+            for (int c = 0; c < 8; c += 2) { /* two chains: vpdpbusd's latency */
+                a0 = _mm512_dpbusd_epi32(a0, wv[c], _mm512_set1_epi32(load_i32(xg + 4 * c)));
+                a1 = _mm512_dpbusd_epi32(a1, wv[c + 1], _mm512_set1_epi32(load_i32(xg + 4 * c + 4)));
+            }
+            __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+            acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * G + g])), acc[m]);
+            acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * G + g]), acc[m]);
+        }
+    }
+    UNROLL
+    for (int m = 0; m < MB; m++)
+        store_tile_512(y + (size_t)m * N, n0, N, acc[m]);
+}
+
+static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
+                                      const float *dx, const float *xs, int M, int K, int N, int t0, int t1,
+                                      float *y) {
+    int G = K / GROUP;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *wt = w + (size_t)t * G * 256;
+        const uint16_t *st = sm + (size_t)t * G * 32;
+        for (int m = 0; m < M; m += MB_MAX) {
+            const int8_t *xm = xq + (size_t)m * K;
+            float *ym = y + (size_t)m * N;
+            switch (M - m < MB_MAX ? M - m : MB_MAX) {
+            case 1: int4_tile_512(1, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
+            case 2: int4_tile_512(2, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
+            case 3: int4_tile_512(3, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
+            default: int4_tile_512(4, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
+    const int MB, const int8_t *wt, const float *rs, const int8_t *xq, const float *dx, int K, int N, int n0,
+    float *y) {
+    int G = K / GROUP;
+    __m512 acc[MB_MAX];
+    UNROLL
+    for (int m = 0; m < MB; m++)
+        acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++, wt += 512) {
+        __m512i s[MB_MAX];
+        UNROLL
+        for (int m = 0; m < MB; m++)
+            s[m] = _mm512_setzero_si512();
+        UNROLL
+        for (int c = 0; c < 8; c++) {
+            /* vpdpbusd multiplies unsigned by signed bytes: |w| by x with w's sign */
+            __m512i b = _mm512_loadu_si512((const void *)(wt + 64 * c));
+            __m512i a = _mm512_abs_epi8(b);
+            __mmask64 neg = _mm512_movepi8_mask(b);
+            UNROLL
+            for (int m = 0; m < MB; m++) {
+                __m512i x = _mm512_set1_epi32(load_i32(xq + (size_t)m * K + g * GROUP + 4 * c));
+                x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                s[m] = _mm512_dpbusd_epi32(s[m], a, x);
+            }
+        }
+        UNROLL
+        for (int m = 0; m < MB; m++)
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m]), _mm512_set1_ps(dx[m * G + g]), acc[m]);
+    }
+    __m512 r = _mm512_loadu_ps(rs + n0);
+    UNROLL
+    for (int m = 0; m < MB; m++)
+        store_tile_512(y + (size_t)m * N, n0, N, _mm512_mul_ps(acc[m], r));
+}
+
+static TARGET_512 void int8_tiles_512(const int8_t *w, const float *rs, const int8_t *xq, const float *dx,
+                                      int M, int K, int N, int t0, int t1, float *y) {
+    int G = K / GROUP;
+    for (int t = t0; t < t1; t++) {
+        const int8_t *wt = w + (size_t)t * G * 512;
+        for (int m = 0; m < M; m += MB_MAX) {
+            const int8_t *xm = xq + (size_t)m * K;
+            float *ym = y + (size_t)m * N;
+            switch (M - m < MB_MAX ? M - m : MB_MAX) {
+            case 1: int8_tile_512(1, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
+            case 2: int8_tile_512(2, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
+            case 3: int8_tile_512(3, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
+            default: int8_tile_512(4, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
+            }
+        }
+    }
+}
+#endif /* GEMV_X86 */
+
+/* ---- dispatch and the Python module -------------------------------------------------------------- */
+
+static void detect(void) {
+#ifdef GEMV_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        detected_level = 3;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        detected_level = 2; /* every AVX2 CPU has F16C */
+#endif
+    active_level = detected_level;
+}
+
+/* The quantized rows: xq [M, K], then dx and xs [M, K / 32]; NULL when out of memory. */
+static int8_t *quantize(const void *x, int bf16, int M, int K, float **dx, float **xs) {
+    int G = K / GROUP;
+    size_t qbytes = ((size_t)M * K + 63) & ~(size_t)63;
+    int8_t *buf = malloc(qbytes + 2 * sizeof(float) * (size_t)M * G);
+    if (buf == NULL)
+        return NULL;
+    *dx = (float *)(buf + qbytes);
+    *xs = *dx + (size_t)M * G;
+    size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    for (int m = 0; m < M; m++) {
+        const void *xm = (const char *)x + m * row_bytes;
+#ifdef GEMV_X86
+        if (active_level >= 3) {
+            quantize_row_512(xm, bf16, K, buf + (size_t)m * K, *dx + m * G, *xs + m * G);
+            continue;
+        }
+#endif
+        quantize_row_c(xm, bf16, K, buf + (size_t)m * K, *dx + m * G, *xs + m * G);
+    }
+    return buf;
+}
+
+/* Eight ints: x, x_bf16, M, K, w, scales, N, y. */
+static int parse(PyObject *const *args, Py_ssize_t nargs, void **p) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "expected 8 int arguments: x, x_bf16, M, K, w, scales, N, y");
+        return -1;
+    }
+    for (int i = 0; i < 8; i++) {
+        p[i] = PyLong_AsVoidPtr(args[i]);
+        if (p[i] == NULL && PyErr_Occurred())
+            return -1;
+    }
+    intptr_t M = (intptr_t)p[2], K = (intptr_t)p[3], N = (intptr_t)p[6];
+    if (M < 0 || K <= 0 || K % GROUP || N < 0 || K > (1 << 24) || N > (1 << 28)) {
+        PyErr_SetString(PyExc_ValueError, "bad shape: need M >= 0, N >= 0, K > 0 a multiple of 32");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *p[8];
+    if (parse(args, nargs, p) < 0)
+        return NULL;
+    int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
+    int tiles = (N + TILE - 1) / TILE;
+    float *dx, *xs;
+    int8_t *xq = NULL;
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    xq = quantize(p[0], bf16, M, K, &dx, &xs);
+    if (xq != NULL) {
+#ifdef GEMV_X86
+        if (active_level >= 3)
+            int4_tiles_512(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+        else if (active_level >= 2)
+            int4_tiles_avx2(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+        else
+#endif
+            int4_tiles_c(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+    }
+    free(xq);
+    Py_END_ALLOW_THREADS
+    if (xq == NULL)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *int8_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *p[8];
+    if (parse(args, nargs, p) < 0)
+        return NULL;
+    int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
+    int tiles = (N + TILE - 1) / TILE;
+    float *dx, *xs;
+    int8_t *xq = NULL;
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    xq = quantize(p[0], bf16, M, K, &dx, &xs);
+    if (xq != NULL) {
+#ifdef GEMV_X86
+        if (active_level >= 3)
+            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+        else if (active_level >= 2)
+            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+        else
+#endif
+            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+    }
+    free(xq);
+    Py_END_ALLOW_THREADS
+    if (xq == NULL)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *level(PyObject *self, PyObject *unused) { return PyLong_FromLong(active_level); }
+
+static PyObject *set_level(PyObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    active_level = n < detected_level ? (int)n : detected_level;
+    if (active_level < 0)
+        active_level = 0;
+    return PyLong_FromLong(active_level);
+}
+
+#define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, doc}
+
+static PyMethodDef methods[] = {
+    FAST(int4_mm, "int4_mm(x, x_bf16, M, K, w, sm, N, y) -> None"),
+    FAST(int8_mm, "int8_mm(x, x_bf16, M, K, w, rs, N, y) -> None"),
+    {"level", level, METH_NOARGS, "level() -> 3 (AVX-512 VNNI), 2 (AVX2) or 0 (plain C)"},
+    {"set_level", set_level, METH_O, "set_level(n) -> the level now in use (at most the CPU's)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_gemv", "int4 / int8 weight products for a few rows, int8 activations",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__gemv(void) {
+    detect();
+    return PyModule_Create(&module);
+}

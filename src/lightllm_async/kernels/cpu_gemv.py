@@ -1,0 +1,136 @@
+"""Int4 and int8 weight products for a few rows on the CPU (decode), with int8 activations.
+
+The C kernels (`csrc/gemv.c`, the `_gemv` extension) quantize each activation row to int8 per
+block of 32 inputs, `x ~ dx * xq` with dx = max|x_block| / 127, and sum integer products with the
+weights' codes (AVX-512 VNNI, AVX2 or plain C), as llama.cpp does. The weights are packed once at
+load in tiles of 16 output rows (`pack_int4`, `pack_int8`; the layouts are in csrc/gemv.c).
+
+Error against the float weights: each activation moves by at most dx / 2, so an output by at most
+`sum over blocks of dx / 2 * sum |W[n, k]|` over the block (`int8_activation_bound`); the integer
+sums are exact and the float sums are float32. Int4 scales and mins are held as float16: exact for
+Q4_0 and Q4_1 (the file's own float16s), rounded by up to 2^-11 relative for Q4_K.
+
+Under torch.compile the products are custom ops (`torch.ops.lightllm.int4_mm`, `int8_mm`) with
+fake implementations, so inductor calls them without a graph break; eager calls the extension
+directly (a custom op's Python dispatch costs more than a small product here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from lightllm_async import _gemv as native
+except ImportError:  # not built: the callers keep torch's kernels
+    native = None
+
+GROUP = 32
+TILE = 16
+
+
+def available() -> bool:
+    """The extension is built and the CPU has at least the plain C path (always, when built)."""
+    return native is not None
+
+
+# -- references -------------------------------------------------------------------------------
+
+
+def int4_mm_ref(x: Tensor, codes: Tensor, scale: Tensor, min: Tensor) -> Tensor:
+    """float64 [M, N] = x [M, K] W^T, W = scale * codes + min per group of 32 (the float weights)."""
+    n, k = codes.shape
+    w = codes.view(n, k // GROUP, GROUP).double() * scale.double()[..., None] + min.double()[..., None]
+    return x.double() @ w.view(n, k).T
+
+
+def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """What the kernels multiply by: (xq int8 [M, K], dx float32 [M, K / 32]), x ~ xq * dx."""
+    m, k = x.shape
+    v = x.float().view(m, k // GROUP, GROUP)
+    amax = v.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq = torch.round(v * inv[..., None]).to(torch.int8)  # round half to even, as the kernels
+    return xq.view(m, k), amax / 127
+
+
+def int8_activation_bound(x: Tensor, w: Tensor) -> Tensor:
+    """The largest |change| of x W^T [M, N] when each activation moves by half its block's step."""
+    m, k = x.shape
+    half_step = (x.float().view(m, k // GROUP, GROUP).abs().amax(-1) / 254).double()  # [M, K / 32]
+    abs_sums = w.double().abs().view(w.shape[0], k // GROUP, GROUP).sum(-1)  # [N, K / 32]
+    return half_step @ abs_sums.T
+
+
+# -- packing, once at load --------------------------------------------------------------------
+
+
+def _pad_rows(t: Tensor) -> Tensor:
+    pad = -t.shape[0] % TILE
+    return t if pad == 0 else torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+
+
+def pack_int4(codes: Tensor, scale: Tensor, min: Tensor) -> tuple[Tensor, Tensor]:
+    """codes uint8 [N, K] (0..15), scale and min [N, K / 32] -> (w uint8 [N/16, K/32, 4, 16, 4],
+    sm float16 [N/16, K/32, 2, 16]), N padded to whole tiles."""
+    n, k = codes.shape
+    c = _pad_rows(codes.to(torch.uint8)).view(-1, TILE, k // GROUP, 4, 2, 4)  # [T, r, g, p, half, j]
+    nib = c[..., 0, :] | (c[..., 1, :] << 4)  # [T, r, g, p, j]
+    w = nib.permute(0, 2, 3, 1, 4).contiguous()  # [T, g, p, r, j]
+    sm = torch.stack([_pad_rows(scale.float()), _pad_rows(min.float())], -1).half()  # [N, G, 2]
+    sm = sm.view(-1, TILE, k // GROUP, 2).permute(0, 2, 3, 1).contiguous()  # [T, g, 2, r]
+    return w, sm
+
+
+def pack_int8(codes: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """codes int8 [N, K], row_scale [N] -> (w int8 [N/16, K/32, 8, 16, 4], float32 [N/16 * 16])."""
+    n, k = codes.shape
+    c = _pad_rows(codes.to(torch.int8)).view(-1, TILE, k // GROUP, 8, 4)  # [T, r, g, c, j]
+    return c.permute(0, 2, 3, 1, 4).contiguous(), _pad_rows(row_scale.float().contiguous())
+
+
+# -- the products ----------------------------------------------------------------------------
+
+
+def _call(fn, x: Tensor, w: Tensor, scales: Tensor, n: int) -> Tensor:
+    x = x.contiguous()
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    bf16 = int(x.dtype == torch.bfloat16)
+    fn(x.data_ptr(), bf16, x.shape[0], x.shape[1], w.data_ptr(), scales.data_ptr(), n, y.data_ptr())
+    return y
+
+
+@torch.library.custom_op("lightllm::int4_mm", mutates_args=())
+def _int4_mm_op(x: Tensor, w: Tensor, sm: Tensor, n: int) -> Tensor:
+    return _call(native.int4_mm, x, w, sm, n)
+
+
+@_int4_mm_op.register_fake
+def _(x: Tensor, w: Tensor, sm: Tensor, n: int) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+@torch.library.custom_op("lightllm::int8_mm", mutates_args=())
+def _int8_mm_op(x: Tensor, w: Tensor, rs: Tensor, n: int) -> Tensor:
+    return _call(native.int8_mm, x, w, rs, n)
+
+
+@_int8_mm_op.register_fake
+def _(x: Tensor, w: Tensor, rs: Tensor, n: int) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
+
+def int4_mm(x: Tensor, w: Tensor, sm: Tensor, n: int) -> Tensor:
+    """float32 [M, n] = x [M, K] W^T for `pack_int4`'s (w, sm); x float32 or bfloat16."""
+    if torch.compiler.is_compiling():
+        return _int4_mm_op(x, w, sm, n)
+    return _call(native.int4_mm, x, w, sm, n)
+
+
+def int8_mm(x: Tensor, w: Tensor, rs: Tensor, n: int) -> Tensor:
+    """float32 [M, n] = x [M, K] W^T for `pack_int8`'s (w, rs); x float32 or bfloat16."""
+    if torch.compiler.is_compiling():
+        return _int8_mm_op(x, w, rs, n)
+    return _call(native.int8_mm, x, w, rs, n)
