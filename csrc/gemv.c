@@ -1,9 +1,13 @@
 /*
- * lightllm_async._gemv: matrix-vector products for a few rows (CPU decode), llama.cpp-style.
+ * lightllm_async._gemv: matrix-vector products for a few rows (CPU decode) on packed int4 / int8
+ * weights, with integer dot products as llama.cpp does them.
  *
- * The activation rows are quantized to int8 per block of 32 inputs (dx = max|x| / 127, xq =
- * round-half-even(x / dx), and the float sum of the block xs); the weights stay int4 or int8 and
- * the dot products of a block are integer (AVX-512 VNNI vpdpbusd, AVX2 vpmaddubsw, or plain C).
+ * The activation rows are quantized to int16 per block of 32 inputs: dx = max|x| / 32767, xq =
+ * round-half-even(x / dx), plus the float sum of the block xs (for int4's mins). The products of a
+ * block are integer (AVX-512 VNNI vpdpwssd, AVX2 vpmaddwd, or plain C); each block's sum is scaled
+ * in float32. (int8 activations, as llama.cpp's Q8 blocks, were tried first: twice the products per
+ * instruction, but they moved SmolLM2's greedy answers off the float32 reference's; int16 ones
+ * move an activation by at most max|x_block| / 65534, below bfloat16's rounding.)
  *
  *   int4_mm(x, x_bf16, M, K, w, sm, N, y)   y[M, N] float32 = x[M, K] W^T,
  *       W[n, k] = scale[n, g] * code[n, k] + min[n, g], g = k / 32, code 0..15
@@ -18,14 +22,18 @@
  * padded to a multiple of 16 in the packed arrays; only N columns of y are written):
  *
  *   int4 w   uint8 [N/16, K/32, 4 pairs, 16 rows, 4]: byte (p, r, j) of group g holds code
- *            8p + j of row r in its low nibble and code 8p + 4 + j in its high nibble, so one
- *            64-byte load gives two 4-input chunks of 16 rows, each as vpdpbusd takes it.
+ *            8p + j of row r in its low nibble and code 8p + 4 + j in its high nibble: one 64-byte
+ *            load holds 8 inputs of 16 rows, one 32-bit lane a row.
  *   int4 sm  fp16 [N/16, K/32, 2, 16]: the scales, then the mins, of the tile's 16 rows.
  *   int8 w   int8 [N/16, K/32, 8 chunks, 16 rows, 4]: inputs 4c..4c+3 of group g, row by row.
  *   int8 rs  float32 [N/16 * 16]: the scale of each row.
  *
- * Error: each activation moves by at most dx / 2 = max|x_block| / 254, so an output moves by at
- * most sum over blocks of (dx_block / 2) * sum |W[n, k]| over the block; the integer sums are exact.
+ * A 32-bit lane of 4 codes, read as two 16-bit words, splits into the pairs (input 0, input 2) and
+ * (1, 3) with shifts and masks; so the int16 activations of a group are stored in the order
+ * x0 x2 x1 x3, x4 x6 x5 x7, ... and each pair is one 32-bit broadcast for vpdpwssd.
+ *
+ * Error: each activation moves by at most dx / 2, so an output by at most the sum over blocks of
+ * dx / 2 * sum |W[n, k]| over the block; the integer sums are exact, the rest is float32.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,7 +54,10 @@
 
 static int detected_level = 0, active_level = 0;
 
-/* ---- activation quantization (plain C; the AVX-512 one below gives the same bytes) ------------- */
+/* ---- activation quantization (plain C; the AVX-512 one below gives the same numbers) ---------- */
+
+#define QMAX 32767.0f
+static const int PAIR[4] = {0, 2, 1, 3}; /* input j of a 4-input chunk sits at 4c + PAIR[j] */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -76,7 +87,7 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-static void quantize_row_c(const void *x, int bf16, int K, int8_t *xq, float *dx, float *xs) {
+static void quantize_row_c(const void *x, int bf16, int K, int16_t *xq, float *dx, float *xs) {
     float v[GROUP];
     for (int g = 0; g < K / GROUP; g++) {
         float amax = 0.0f, sum = 0.0f;
@@ -86,15 +97,15 @@ static void quantize_row_c(const void *x, int bf16, int K, int8_t *xq, float *dx
             amax = fmaxf(amax, fabsf(v[i]));
             sum += v[i];
         }
-        float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        float inv = amax > 0.0f ? QMAX / amax : 0.0f;
         for (int i = 0; i < GROUP; i++)
-            xq[g * GROUP + i] = (int8_t)nearbyintf(v[i] * inv);
-        dx[g] = d;
+            xq[g * GROUP + (i & ~3) + PAIR[i & 3]] = (int16_t)nearbyintf(v[i] * inv);
+        dx[g] = amax / QMAX;
         xs[g] = sum;
     }
 }
 
-static inline int32_t load_i32(const int8_t *p) {
+static inline int32_t load_i32(const int16_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
@@ -102,7 +113,7 @@ static inline int32_t load_i32(const int8_t *p) {
 
 /* ---- plain C kernels ------------------------------------------------------------------------ */
 
-static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int8_t *xq, const float *dx,
+static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int16_t *xq, const float *dx,
                          const float *xs, int M, int K, int N, int t0, int t1, float *y) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
@@ -111,13 +122,13 @@ static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
             const uint8_t *wt = w + (size_t)t * G * 256;
             const uint16_t *st = sm + (size_t)t * G * 32;
             for (int g = 0; g < G; g++, wt += 256, st += 32) {
-                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 for (int r = 0; r < TILE; r++) {
                     int32_t s = 0;
                     for (int p = 0; p < 4; p++)
                         for (int j = 0; j < 4; j++) {
                             uint8_t b = wt[p * 64 + r * 4 + j];
-                            s += (b & 15) * xg[8 * p + j] + (b >> 4) * xg[8 * p + 4 + j];
+                            s += (b & 15) * xg[8 * p + PAIR[j]] + (b >> 4) * xg[8 * p + 4 + PAIR[j]];
                         }
                     acc[r] += (float)s * (half_to_float(st[r]) * dx[m * G + g]) +
                               half_to_float(st[16 + r]) * xs[m * G + g];
@@ -129,7 +140,7 @@ static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
     }
 }
 
-static void int8_tiles_c(const int8_t *w, const float *rs, const int8_t *xq, const float *dx, int M,
+static void int8_tiles_c(const int8_t *w, const float *rs, const int16_t *xq, const float *dx, int M,
                          int K, int N, int t0, int t1, float *y) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
@@ -137,12 +148,12 @@ static void int8_tiles_c(const int8_t *w, const float *rs, const int8_t *xq, con
             float acc[TILE] = {0};
             const int8_t *wt = w + (size_t)t * G * 512;
             for (int g = 0; g < G; g++, wt += 512) {
-                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 for (int r = 0; r < TILE; r++) {
                     int32_t s = 0;
                     for (int c = 0; c < 8; c++)
                         for (int j = 0; j < 4; j++)
-                            s += wt[c * 64 + r * 4 + j] * xg[4 * c + j];
+                            s += wt[c * 64 + r * 4 + j] * xg[4 * c + PAIR[j]];
                     acc[r] += (float)s * dx[m * G + g];
                 }
             }
@@ -168,32 +179,34 @@ static inline TARGET_AVX2 void store_tile_avx2(float *y, int n0, int N, __m256 l
     memcpy(y + n0, tmp, sizeof(float) * (N - n0));
 }
 
-static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
+static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, const int16_t *xq,
                                         const float *dx, const float *xs, int M, int K, int N, int t0,
                                         int t1, float *y) {
     int G = K / GROUP;
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi16(0x000F);
     for (int t = t0; t < t1; t++) {
         for (int m = 0; m < M; m++) {
             __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             const uint8_t *wt = w + (size_t)t * G * 256;
             const uint16_t *st = sm + (size_t)t * G * 32;
             for (int g = 0; g < G; g++, wt += 256, st += 32) {
-                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 float d = dx[m * G + g], s = xs[m * G + g];
                 UNROLL
                 for (int h = 0; h < 2; h++) { /* rows 0-7, then 8-15 */
-                    __m256i p16 = _mm256_setzero_si256(); /* at most 8 * 2 * 15 * 127: no overflow */
+                    __m256i s32 = _mm256_setzero_si256();
                     UNROLL
                     for (int p = 0; p < 4; p++) {
                         __m256i b = _mm256_loadu_si256((const __m256i *)(wt + 64 * p + 32 * h));
-                        __m256i x0 = _mm256_set1_epi32(load_i32(xg + 8 * p));
-                        __m256i x1 = _mm256_set1_epi32(load_i32(xg + 8 * p + 4));
-                        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(_mm256_and_si256(b, low), x0));
-                        p16 = _mm256_add_epi16(
-                            p16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low), x1));
+                        const int16_t *x8 = xg + 8 * p; /* inputs 8p..8p+7 as pairs (0,2) (1,3) (4,6) (5,7) */
+                        __m256i q0 = _mm256_and_si256(b, low), q1 = _mm256_and_si256(_mm256_srli_epi16(b, 8), low);
+                        __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(b, 4), low), q3 = _mm256_srli_epi16(b, 12);
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q0, _mm256_set1_epi32(load_i32(x8))));
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q1, _mm256_set1_epi32(load_i32(x8 + 2))));
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q2, _mm256_set1_epi32(load_i32(x8 + 4))));
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q3, _mm256_set1_epi32(load_i32(x8 + 6))));
                     }
-                    __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                    __m256 sum = _mm256_cvtepi32_ps(s32);
                     __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + 8 * h)));
                     __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(st + 16 + 8 * h)));
                     acc[h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(sc, _mm256_set1_ps(d)), acc[h]);
@@ -205,16 +218,15 @@ static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, co
     }
 }
 
-static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const int8_t *xq,
+static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const int16_t *xq,
                                         const float *dx, int M, int K, int N, int t0, int t1, float *y) {
     int G = K / GROUP;
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int t = t0; t < t1; t++) {
         for (int m = 0; m < M; m++) {
             __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             const int8_t *wt = w + (size_t)t * G * 512;
             for (int g = 0; g < G; g++, wt += 512) {
-                const int8_t *xg = xq + (size_t)m * K + g * GROUP;
+                const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 __m256 d = _mm256_set1_ps(dx[m * G + g]);
                 UNROLL
                 for (int h = 0; h < 2; h++) {
@@ -222,9 +234,9 @@ static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const 
                     UNROLL
                     for (int c = 0; c < 8; c++) {
                         __m256i b = _mm256_loadu_si256((const __m256i *)(wt + 64 * c + 32 * h));
-                        __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xg + 4 * c)), b);
-                        /* |w| * x sign(w): each pair at most 2 * 127 * 127 < 2^15 */
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(b), x), ones));
+                        __m256i q0 = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), q1 = _mm256_srai_epi16(b, 8);
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q0, _mm256_set1_epi32(load_i32(xg + 4 * c))));
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(q1, _mm256_set1_epi32(load_i32(xg + 4 * c + 2))));
                     }
                     acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), d, acc[h]);
                 }
@@ -239,8 +251,9 @@ static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const 
 /* ---- AVX-512 VNNI ----------------------------------------------------------------------------- */
 #define TARGET_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int8_t *xq, float *dx,
+static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int16_t *xq, float *dx,
                                         float *xs) {
+    const __m512i pair = _mm512_setr_epi32(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
     for (int g = 0; g < K / GROUP; g++) {
         __m512 v0, v1;
         if (bf16) {
@@ -253,16 +266,15 @@ static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int8_t *
             v1 = _mm512_loadu_ps((const float *)x + g * GROUP + 16);
         }
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        float inv = amax > 0.0f ? QMAX / amax : 0.0f;
         __m512 iv = _mm512_set1_ps(inv);
         /* cvtps_epi32 rounds half to even, as nearbyintf in the default rounding mode */
-        __m128i q0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)));
-        __m128i q1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)));
-        _mm_storeu_si128((__m128i *)(xq + g * GROUP), q0);
-        _mm_storeu_si128((__m128i *)(xq + g * GROUP + 16), q1);
-        dx[g] = amax / 127.0f;
-        /* the plain C sum's order: one value after another */
-        float tmp[GROUP], sum = 0.0f;
+        __m512i q0 = _mm512_permutexvar_epi32(pair, _mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)));
+        __m512i q1 = _mm512_permutexvar_epi32(pair, _mm512_cvtps_epi32(_mm512_mul_ps(v1, iv)));
+        _mm256_storeu_si256((__m256i *)(xq + g * GROUP), _mm512_cvtepi32_epi16(q0));
+        _mm256_storeu_si256((__m256i *)(xq + g * GROUP + 16), _mm512_cvtepi32_epi16(q1));
+        dx[g] = amax / QMAX;
+        float tmp[GROUP], sum = 0.0f; /* the plain C sum's order: one value after another */
         _mm512_storeu_ps(tmp, v0);
         _mm512_storeu_ps(tmp + 16, v1);
         for (int i = 0; i < GROUP; i++)
@@ -278,36 +290,41 @@ static inline TARGET_512 void store_tile_512(float *y, int n0, int N, __m512 v) 
         _mm512_mask_storeu_ps(y + n0, (__mmask16)((1u << (N - n0)) - 1), v);
 }
 
-/* MB rows of x against one tile; MB is a constant at each call, so the loops over it unroll */
+/* MB rows of x against one tile; MB is a constant at each call, so the loops over it unroll and
+   the accumulators stay in registers (two chains a row: vpdpwssd's latency) */
 static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
-    const int MB, const uint8_t *wt, const uint16_t *st, const int8_t *xq, const float *dx, const float *xs,
+    const int MB, const uint8_t *wt, const uint16_t *st, const int16_t *xq, const float *dx, const float *xs,
     int K, int N, int n0, float *y) {
     int G = K / GROUP;
-    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_set1_epi16(0x000F);
     __m512 acc[MB_MAX];
     UNROLL
     for (int m = 0; m < MB; m++)
         acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++, wt += 256, st += 32) {
-        __m512i wv[8];
+        __m512i a0[MB_MAX], a1[MB_MAX];
+        UNROLL
+        for (int m = 0; m < MB; m++)
+            a0[m] = a1[m] = _mm512_setzero_si512();
         UNROLL
         for (int p = 0; p < 4; p++) {
             __m512i b = _mm512_loadu_si512((const void *)(wt + 64 * p));
-            wv[2 * p] = _mm512_and_si512(b, low);
-            wv[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            __m512i q0 = _mm512_and_si512(b, low), q1 = _mm512_and_si512(_mm512_srli_epi16(b, 8), low);
+            __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(b, 4), low), q3 = _mm512_srli_epi16(b, 12);
+            UNROLL
+            for (int m = 0; m < MB; m++) {
+                const int16_t *x8 = xq + (size_t)m * K + g * GROUP + 8 * p;
+                a0[m] = _mm512_dpwssd_epi32(a0[m], q0, _mm512_set1_epi32(load_i32(x8)));
+                a1[m] = _mm512_dpwssd_epi32(a1[m], q1, _mm512_set1_epi32(load_i32(x8 + 2)));
+                a0[m] = _mm512_dpwssd_epi32(a0[m], q2, _mm512_set1_epi32(load_i32(x8 + 4)));
+                a1[m] = _mm512_dpwssd_epi32(a1[m], q3, _mm512_set1_epi32(load_i32(x8 + 6)));
+            }
         }
         __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)st));
         __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(st + 16)));
         UNROLL
         for (int m = 0; m < MB; m++) {
-            const int8_t *xg = xq + (size_t)m * K + g * GROUP;
-            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-            UNROLL
-            for (int c = 0; c < 8; c += 2) { /* two chains: vpdpbusd's latency */
-                a0 = _mm512_dpbusd_epi32(a0, wv[c], _mm512_set1_epi32(load_i32(xg + 4 * c)));
-                a1 = _mm512_dpbusd_epi32(a1, wv[c + 1], _mm512_set1_epi32(load_i32(xg + 4 * c + 4)));
-            }
-            __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
+            __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m]));
             acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * G + g])), acc[m]);
             acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * G + g]), acc[m]);
         }
@@ -317,7 +334,7 @@ static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
         store_tile_512(y + (size_t)m * N, n0, N, acc[m]);
 }
 
-static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, const int8_t *xq,
+static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, const int16_t *xq,
                                       const float *dx, const float *xs, int M, int K, int N, int t0, int t1,
                                       float *y) {
     int G = K / GROUP;
@@ -325,7 +342,7 @@ static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, cons
         const uint8_t *wt = w + (size_t)t * G * 256;
         const uint16_t *st = sm + (size_t)t * G * 32;
         for (int m = 0; m < M; m += MB_MAX) {
-            const int8_t *xm = xq + (size_t)m * K;
+            const int16_t *xm = xq + (size_t)m * K;
             float *ym = y + (size_t)m * N;
             switch (M - m < MB_MAX ? M - m : MB_MAX) {
             case 1: int4_tile_512(1, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
@@ -338,7 +355,7 @@ static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, cons
 }
 
 static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
-    const int MB, const int8_t *wt, const float *rs, const int8_t *xq, const float *dx, int K, int N, int n0,
+    const int MB, const int8_t *wt, const float *rs, const int16_t *xq, const float *dx, int K, int N, int n0,
     float *y) {
     int G = K / GROUP;
     __m512 acc[MB_MAX];
@@ -346,26 +363,26 @@ static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
     for (int m = 0; m < MB; m++)
         acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++, wt += 512) {
-        __m512i s[MB_MAX];
+        __m512i a0[MB_MAX], a1[MB_MAX];
         UNROLL
         for (int m = 0; m < MB; m++)
-            s[m] = _mm512_setzero_si512();
+            a0[m] = a1[m] = _mm512_setzero_si512();
         UNROLL
         for (int c = 0; c < 8; c++) {
-            /* vpdpbusd multiplies unsigned by signed bytes: |w| by x with w's sign */
             __m512i b = _mm512_loadu_si512((const void *)(wt + 64 * c));
-            __m512i a = _mm512_abs_epi8(b);
-            __mmask64 neg = _mm512_movepi8_mask(b);
+            __m512i q0 = _mm512_srai_epi16(_mm512_slli_epi16(b, 8), 8), q1 = _mm512_srai_epi16(b, 8);
             UNROLL
             for (int m = 0; m < MB; m++) {
-                __m512i x = _mm512_set1_epi32(load_i32(xq + (size_t)m * K + g * GROUP + 4 * c));
-                x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-                s[m] = _mm512_dpbusd_epi32(s[m], a, x);
+                const int16_t *x4 = xq + (size_t)m * K + g * GROUP + 4 * c;
+                a0[m] = _mm512_dpwssd_epi32(a0[m], q0, _mm512_set1_epi32(load_i32(x4)));
+                a1[m] = _mm512_dpwssd_epi32(a1[m], q1, _mm512_set1_epi32(load_i32(x4 + 2)));
             }
         }
         UNROLL
-        for (int m = 0; m < MB; m++)
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[m]), _mm512_set1_ps(dx[m * G + g]), acc[m]);
+        for (int m = 0; m < MB; m++) {
+            __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m]));
+            acc[m] = _mm512_fmadd_ps(s, _mm512_set1_ps(dx[m * G + g]), acc[m]);
+        }
     }
     __m512 r = _mm512_loadu_ps(rs + n0);
     UNROLL
@@ -373,13 +390,13 @@ static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
         store_tile_512(y + (size_t)m * N, n0, N, _mm512_mul_ps(acc[m], r));
 }
 
-static TARGET_512 void int8_tiles_512(const int8_t *w, const float *rs, const int8_t *xq, const float *dx,
+static TARGET_512 void int8_tiles_512(const int8_t *w, const float *rs, const int16_t *xq, const float *dx,
                                       int M, int K, int N, int t0, int t1, float *y) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         const int8_t *wt = w + (size_t)t * G * 512;
         for (int m = 0; m < M; m += MB_MAX) {
-            const int8_t *xm = xq + (size_t)m * K;
+            const int16_t *xm = xq + (size_t)m * K;
             float *ym = y + (size_t)m * N;
             switch (M - m < MB_MAX ? M - m : MB_MAX) {
             case 1: int8_tile_512(1, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
@@ -407,14 +424,14 @@ static void detect(void) {
     active_level = detected_level;
 }
 
-/* The quantized rows: xq [M, K], then dx and xs [M, K / 32]; NULL when out of memory. */
-static int8_t *quantize(const void *x, int bf16, int M, int K, float **dx, float **xs) {
+/* The quantized rows: xq int16 [M, K] (pairs in vpdpwssd's order), then dx and xs [M, K / 32]; NULL when out of memory. */
+static int16_t *quantize(const void *x, int bf16, int M, int K, float **dx, float **xs) {
     int G = K / GROUP;
-    size_t qbytes = ((size_t)M * K + 63) & ~(size_t)63;
-    int8_t *buf = malloc(qbytes + 2 * sizeof(float) * (size_t)M * G);
+    size_t qbytes = ((size_t)M * K * 2 + 63) & ~(size_t)63;
+    int16_t *buf = malloc(qbytes + 2 * sizeof(float) * (size_t)M * G);
     if (buf == NULL)
         return NULL;
-    *dx = (float *)(buf + qbytes);
+    *dx = (float *)((char *)buf + qbytes);
     *xs = *dx + (size_t)M * G;
     size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
     for (int m = 0; m < M; m++) {
@@ -456,7 +473,7 @@ static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
     int tiles = (N + TILE - 1) / TILE;
     float *dx, *xs;
-    int8_t *xq = NULL;
+    int16_t *xq = NULL;
     if (M == 0 || N == 0)
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
@@ -485,7 +502,7 @@ static PyObject *int8_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
     int tiles = (N + TILE - 1) / TILE;
     float *dx, *xs;
-    int8_t *xq = NULL;
+    int16_t *xq = NULL;
     if (M == 0 || N == 0)
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS

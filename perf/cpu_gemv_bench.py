@@ -33,6 +33,10 @@ SHAPES = [
 ]
 
 
+def torch_int4(x, w):
+    return torch._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1])
+
+
 def int4_methods(k: int, n: int, copies: int) -> dict:
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scale, mn = torch.rand(n, k // 32) * 0.01, -torch.rand(n, k // 32) * 0.08
@@ -44,8 +48,8 @@ def int4_methods(k: int, n: int, copies: int) -> dict:
     w16 = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     return {
         "ours int4": (int4_bytes, ours, lambda x, w: cpu_gemv.int4_mm(x, w[0], w[1], n)),
-        "torch int4pack": (int4_bytes, theirs, lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1])),
-        "bf16 F.linear": (n * k * 2, w16, lambda x, w: F.linear(x, w)),
+        "torch int4pack": (int4_bytes, theirs, torch_int4),
+        "bf16 F.linear": (n * k * 2, w16, F.linear),
     }  # fmt: skip
 
 
@@ -58,8 +62,8 @@ def int8_methods(k: int, n: int, copies: int) -> dict:
     w16 = [torch.randn(n, k).bfloat16() for _ in range(copies)]
     return {
         "ours int8": (int8_bytes, ours, lambda x, w: cpu_gemv.int8_mm(x, w[0], w[1], n)),
-        "torch int8pack": (int8_bytes, theirs, lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1])),
-        "bf16 F.linear": (n * k * 2, w16, lambda x, w: F.linear(x, w)),
+        "torch int8pack": (int8_bytes, theirs, lambda x, w: torch._weight_int8pack_mm(x, *w)),
+        "bf16 F.linear": (n * k * 2, w16, F.linear),
     }  # fmt: skip
 
 
@@ -91,7 +95,7 @@ def main() -> None:
             x = torch.randn(m, k).bfloat16()
             calls = max(3, int(3e5 / (n * k / 1000)))  # ~0.1-0.3 s a method
             times: dict[str, list[float]] = {key: [] for key in methods}
-            for key, (_, w, fn) in methods.items():
+            for _, w, fn in methods.values():
                 time_us(fn, x, w, 3)
             for _ in range(args.rounds):
                 for key, (_, w, fn) in methods.items():

@@ -55,7 +55,8 @@ def candidates(out_f: int, in_f: int, rows: int):
     s8_bf16 = scale8.bfloat16()
     int4 = int4_layer(w)
     sz = int4.scale_zero  # torch's packing (Int4Linear holds `_gemv`'s instead where it is built)
-    packed = torch._convert_weight_to_int4pack_for_cpu(torch.cat([int4.nibbles & 15, int4.nibbles >> 4], 1).int(), 1)
+    codes = torch.cat([int4.nibbles & 15, int4.nibbles >> 4], 1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
     bf16, fp32 = torch.bfloat16, torch.float32
     out = [
         ("fp32 F.linear", fp32, w.nbytes, lambda x: F.linear(x, w)),

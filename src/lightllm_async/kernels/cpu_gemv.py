@@ -1,13 +1,15 @@
-"""Int4 and int8 weight products for a few rows on the CPU (decode), with int8 activations.
+"""Int4 and int8 weight products for a few rows on the CPU (decode), with integer dot products.
 
-The C kernels (`csrc/gemv.c`, the `_gemv` extension) quantize each activation row to int8 per
-block of 32 inputs, `x ~ dx * xq` with dx = max|x_block| / 127, and sum integer products with the
-weights' codes (AVX-512 VNNI, AVX2 or plain C), as llama.cpp does. The weights are packed once at
-load in tiles of 16 output rows (`pack_int4`, `pack_int8`; the layouts are in csrc/gemv.c).
+The C kernels (`csrc/gemv.c`, the `_gemv` extension) quantize each activation row to int16 per
+block of 32 inputs, `x ~ dx * xq` with dx = max|x_block| / 32767, and sum integer products with
+the weights' codes (AVX-512 VNNI vpdpwssd, AVX2 or plain C), as llama.cpp does with int8 blocks.
+(int8 activations halve the instructions but moved SmolLM2's greedy answers off the float32
+reference; perf/RESULTS.md.) The weights are packed once at load in tiles of 16 output rows
+(`pack_int4`, `pack_int8`; the layouts are in csrc/gemv.c).
 
 Error against the float weights: each activation moves by at most dx / 2, so an output by at most
-`sum over blocks of dx / 2 * sum |W[n, k]|` over the block (`int8_activation_bound`); the integer
-sums are exact and the float sums are float32. Int4 scales and mins are held as float16: exact for
+`sum over blocks of dx / 2 * sum |W[n, k]|` over the block (`activation_bound`); the integer
+sums are exact and the float sums float32. Int4 scales and mins are held as float16: exact for
 Q4_0 and Q4_1 (the file's own float16s), rounded by up to 2^-11 relative for Q4_K.
 
 Under torch.compile the products are custom ops (`torch.ops.lightllm.int4_mm`, `int8_mm`) with
@@ -27,6 +29,7 @@ except ImportError:  # not built: the callers keep torch's kernels
 
 GROUP = 32
 TILE = 16
+QMAX = 32767  # the activations' int16 range
 
 
 def available() -> bool:
@@ -45,19 +48,19 @@ def int4_mm_ref(x: Tensor, codes: Tensor, scale: Tensor, min: Tensor) -> Tensor:
 
 
 def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
-    """What the kernels multiply by: (xq int8 [M, K], dx float32 [M, K / 32]), x ~ xq * dx."""
+    """What the kernels multiply by (in input order): (xq int16 [M, K], dx float32 [M, K / 32])."""
     m, k = x.shape
     v = x.float().view(m, k // GROUP, GROUP)
     amax = v.abs().amax(-1)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    xq = torch.round(v * inv[..., None]).to(torch.int8)  # round half to even, as the kernels
-    return xq.view(m, k), amax / 127
+    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    xq = torch.round(v * inv[..., None]).to(torch.int16)  # round half to even, as the kernels
+    return xq.view(m, k), amax / QMAX
 
 
-def int8_activation_bound(x: Tensor, w: Tensor) -> Tensor:
+def activation_bound(x: Tensor, w: Tensor) -> Tensor:
     """The largest |change| of x W^T [M, N] when each activation moves by half its block's step."""
     m, k = x.shape
-    half_step = (x.float().view(m, k // GROUP, GROUP).abs().amax(-1) / 254).double()  # [M, K / 32]
+    half_step = (x.float().view(m, k // GROUP, GROUP).abs().amax(-1) / (2 * QMAX)).double()  # [M, K / 32]
     abs_sums = w.double().abs().view(w.shape[0], k // GROUP, GROUP).sum(-1)  # [N, K / 32]
     return half_step @ abs_sums.T
 

@@ -14,9 +14,9 @@ runs 6-7x faster than float32: there the codes are unpacked to a bfloat16 matrix
 dropped after (the kernel's own scale and zero; the products rounded to bfloat16).
 
 Below UNPACK_ROWS rows, when the `_gemv` extension is built (`kernels/cpu_gemv.py`), a C kernel
-replaces torch's: the activations are quantized to int8 per group of 32 and the products are
-integer (AVX-512 VNNI), 3-5x as fast as `_weight_int4pack_mm_for_cpu` at 1-8 rows; scale and min
-are float16 there (exact for Q4_0 and Q4_1). Without it, torch's kernel as above.
+replaces torch's: the activations are quantized to int16 per group of 32 and the products are
+integer (AVX-512 VNNI), 2-3x as fast as `_weight_int4pack_mm_for_cpu` at 1-8 rows; scale and min
+are float16 there (exact for Q4_0 and Q4_1), the outputs float32. Without it, torch's kernel.
 
 Models are not changed: `swap_int4_linears` replaces their `Linear` modules after construction,
 and the weight loader (`models/weights.py`) hands these layers `Int4Weight`s.
@@ -40,8 +40,6 @@ GROUP = 32
 # count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core of a
 # 4th-gen Xeon).
 UNPACK_ROWS = 64
-# Below this many rows `_gemv`'s kernel runs (when built), from it torch's.
-GEMV_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class Int4Linear(nn.Module):
 
     Parts (q|k|v, gate|up) load into their rows as in `MergedLinear`; `finish_loading` packs the
     codes for the kernel once all are in. Any activation dtype goes in and comes back out; the
-    matmul runs in bfloat16 (int8 activations, float32 sums in `_gemv`). The codes are held
+    matmul runs in bfloat16 (int16 activations, float32 sums in `_gemv`). The codes are held
     twice, 4 bits each: in the small-row kernel's layout, and as `nibbles` (code j in the low
     half of byte j, code j + in/2 in the high half) to unpack."""
 
@@ -142,19 +140,18 @@ class Int4Linear(nn.Module):
             w, sm = cpu_gemv.pack_int4(codes, self.scale, self.min)
             self.register_buffer("gemv_w", w)
             self.register_buffer("gemv_sm", sm)
-        if not self.gemv or GEMV_ROWS < UNPACK_ROWS:
+        else:
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         del self.scale, self.min
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] < GEMV_ROWS and self.gemv:
+        if x.shape[0] >= UNPACK_ROWS:
+            y = F.linear(x.to(torch.bfloat16), self.unpacked())
+        elif self.gemv:
             y = cpu_gemv.int4_mm(x, self.gemv_w, self.gemv_sm, self.out_features)  # float32
         else:
             x16 = x.to(torch.bfloat16).contiguous()  # [T, in]
-            if x.shape[0] < UNPACK_ROWS:
-                y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
-            else:
-                y = F.linear(x16, self.unpacked())
+            y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
         y = y.to(x.dtype)  # [T, out]
         return y if self.bias is None else y + self.bias
 
@@ -200,8 +197,9 @@ INT8_HEAD_ROWS = 16 if cpu_gemv.available() else 6
 
 
 class Int8Head(nn.Module):
-    """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row
-    (`_weight_int8pack_mm`, bfloat16 activations), for decode-sized row counts; from
+    """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row, for
+    decode-sized row counts (`_gemv`'s kernel with int16 activations and float32 logits where
+    it is built, else `_weight_int8pack_mm` with bfloat16 activations and logits); from
     INT8_HEAD_ROWS rows the float weight it was made from (kept, not copied: a tied head shares
     it with the embedding lookup) and `F.linear`.
 
@@ -218,7 +216,7 @@ class Int8Head(nn.Module):
             w = weight[lo : lo + 2048].float().div_(scale[lo : lo + 2048].float()[:, None])
             codes[lo : lo + 2048] = w.round_().clamp_(-127, 127)
         self.gemv = cpu_gemv.available() and weight.device.type == "cpu" and weight.shape[1] % GROUP == 0
-        if self.gemv:  # `_gemv`'s layout (int8 activations per group of 32) instead of torch's
+        if self.gemv:  # `_gemv`'s layout (int16 activations per group of 32) instead of torch's
             w, row_scale = cpu_gemv.pack_int8(codes, scale)
             self.register_buffer("gemv_w", w)
             self.register_buffer("gemv_scale", row_scale)
@@ -237,11 +235,12 @@ class Int8Head(nn.Module):
 
     def dequantized(self) -> Tensor:
         """float32 [V, H]: the int8 weights times their row scales."""
-        codes = self.codes if not self.gemv else self.gemv_w.permute(0, 3, 1, 2, 4)
-        return codes.reshape(-1, self.weight.shape[1])[: self.weight.shape[0]].float() * self.scale.float()[:, None]
+        codes = self.codes if not self.gemv else self.gemv_w.permute(0, 3, 1, 2, 4)  # [V, H] (padded)
+        codes = codes.reshape(-1, self.weight.shape[1])[: self.weight.shape[0]]
+        return codes.float() * self.scale.float()[:, None]
 
     def extra_repr(self) -> str:
-        kernel = "_gemv, int8 activations" if self.gemv else "torch's kernel"
+        kernel = "_gemv, int16 activations" if self.gemv else "torch's kernel"
         return f"{tuple(self.weight.shape)}, int8 with a scale per row below {INT8_HEAD_ROWS} rows ({kernel})"
 
 
