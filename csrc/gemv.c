@@ -32,6 +32,9 @@
  * (1, 3) with shifts and masks; so the int16 activations of a group are stored in the order
  * x0 x2 x1 x3, x4 x6 x5 x7, ... and each pair is one 32-bit broadcast for vpdpwssd.
  *
+ * The weights of a decode step (~90 MB for SmolLM2-135M) come from memory, not cache: the loops
+ * prefetch PF_GROUPS groups ahead (prefetches do not fault past the end), ~1.5x on this machine.
+ *
  * Error: each activation moves by at most dx / 2, so an output by at most the sum over blocks of
  * dx / 2 * sum |W[n, k]| over the block; the integer sums are exact, the rest is float32.
  */
@@ -50,6 +53,9 @@
 #define TILE 16
 #define UNROLL _Pragma("GCC unroll 8") /* small constant loops: keep their arrays in registers */
 #define GROUP 32
+#ifndef PF_GROUPS
+#define PF_GROUPS 16 /* prefetch distance in groups: 4 KB of int4 weights, 8 KB of int8 ones */
+#endif
 #define MB_MAX 4 /* rows of x per pass over a tile: its weights stay in L1 between passes */
 
 static int detected_level = 0, active_level = 0;
@@ -193,6 +199,10 @@ static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, co
                 const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 float d = dx[m * G + g], s = xs[m * G + g];
                 UNROLL
+                for (int p = 0; p < 4; p++)
+                    _mm_prefetch((const char *)(wt + PF_GROUPS * 256 + 64 * p), _MM_HINT_T0);
+                _mm_prefetch((const char *)(st + PF_GROUPS * 32), _MM_HINT_T0);
+                UNROLL
                 for (int h = 0; h < 2; h++) { /* rows 0-7, then 8-15 */
                     __m256i s32 = _mm256_setzero_si256();
                     UNROLL
@@ -228,6 +238,9 @@ static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const 
             for (int g = 0; g < G; g++, wt += 512) {
                 const int16_t *xg = xq + (size_t)m * K + g * GROUP;
                 __m256 d = _mm256_set1_ps(dx[m * G + g]);
+                UNROLL
+                for (int c = 0; c < 8; c++)
+                    _mm_prefetch((const char *)(wt + PF_GROUPS * 512 + 64 * c), _MM_HINT_T0);
                 UNROLL
                 for (int h = 0; h < 2; h++) {
                     __m256i s32 = _mm256_setzero_si256();
@@ -304,6 +317,10 @@ static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
     for (int g = 0; g < G; g++, wt += 256, st += 32) {
         __m512i a0[MB_MAX], a1[MB_MAX];
         UNROLL
+        for (int p = 0; p < 4; p++) /* the weights stream from memory: ask for them ahead */
+            _mm_prefetch((const char *)(wt + PF_GROUPS * 256 + 64 * p), _MM_HINT_T0);
+        _mm_prefetch((const char *)(st + PF_GROUPS * 32), _MM_HINT_T0);
+        UNROLL
         for (int m = 0; m < MB; m++)
             a0[m] = a1[m] = _mm512_setzero_si512();
         UNROLL
@@ -364,6 +381,9 @@ static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
         acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++, wt += 512) {
         __m512i a0[MB_MAX], a1[MB_MAX];
+        UNROLL
+        for (int c = 0; c < 8; c++)
+            _mm_prefetch((const char *)(wt + PF_GROUPS * 512 + 64 * c), _MM_HINT_T0);
         UNROLL
         for (int m = 0; m < MB; m++)
             a0[m] = a1[m] = _mm512_setzero_si512();

@@ -100,8 +100,12 @@ def _call(fn, x: Tensor, w: Tensor, scales: Tensor, n: int) -> Tensor:
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    bf16 = int(x.dtype == torch.bfloat16)
-    fn(x.data_ptr(), bf16, x.shape[0], x.shape[1], w.data_ptr(), scales.data_ptr(), n, y.data_ptr())
+    args = (x.data_ptr(), int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1])
+    if torch.autograd._profiler_enabled():  # a row in torch.profiler's tables (perf/cpu_step_profile.py)
+        with torch.profiler.record_function(f"_gemv.{fn.__name__}"):
+            fn(*args, w.data_ptr(), scales.data_ptr(), n, y.data_ptr())
+    else:
+        fn(*args, w.data_ptr(), scales.data_ptr(), n, y.data_ptr())
     return y
 
 
