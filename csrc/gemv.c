@@ -9,14 +9,15 @@
  * instruction, but they moved SmolLM2's greedy answers off the float32 reference's; int16 ones
  * move an activation by at most max|x_block| / 65534, below bfloat16's rounding.)
  *
- *   int4_mm(x, x_bf16, M, K, w, sm, N, y)   y[M, N] float32 = x[M, K] W^T,
+ *   int4_mm(x, dtypes, M, K, w, sm, N, y)   y[M, N] = x[M, K] W^T,
  *       W[n, k] = scale[n, g] * code[n, k] + min[n, g], g = k / 32, code 0..15
- *   int8_mm(x, x_bf16, M, K, w, rs, N, y)   y[M, N] float32 = x[M, K] W^T, W[n, k] = rs[n] * code[n, k]
+ *   int8_mm(x, dtypes, M, K, w, rs, N, y)   y[M, N] = x[M, K] W^T, W[n, k] = rs[n] * code[n, k]
  *   level() -> int     the instruction set in use: 3 AVX-512 VNNI, 2 AVX2, 0 plain C
  *   set_level(n) -> int  use at most level n (tests run every path); returns the level now in use
  *
- * Every argument is an int: x, w, sm, rs and y are addresses (torch's data_ptr()); x is float32, or
- * bfloat16 when x_bf16; K is a multiple of 32. The GIL is released while a product runs.
+ * Every argument is an int: x, w, sm, rs and y are addresses (torch's data_ptr()); dtypes bit 0: x
+ * is bfloat16 (else float32), bit 1: y is (rounded to nearest even; else float32); K is a multiple
+ * of 32. The GIL is released while a product runs.
  *
  * Weight layouts (built once at load by kernels/cpu_gemv.py), in tiles of 16 output rows (N is
  * padded to a multiple of 16 in the packed arrays; only N columns of y are written):
@@ -117,10 +118,29 @@ static inline int32_t load_i32(const int16_t *p) {
     return v;
 }
 
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even (no NaN here) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* count outputs from `at` (an element index of y): float32, or bfloat16 when ybf */
+static inline void store_vals(void *y, int ybf, size_t at, const float *vals, int count) {
+    if (!ybf) {
+        memcpy((float *)y + at, vals, sizeof(float) * count);
+        return;
+    }
+    for (int i = 0; i < count; i++)
+        ((uint16_t *)y)[at + i] = float_to_bf16(vals[i]);
+}
+
+static inline int tile_count(int t, int N) { return N - t * TILE < TILE ? N - t * TILE : TILE; }
+
 /* ---- plain C kernels ------------------------------------------------------------------------ */
 
 static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int16_t *xq, const float *dx,
-                         const float *xs, int M, int K, int N, int t0, int t1, float *y) {
+                         const float *xs, int M, int K, int N, int t0, int t1, void *y, int ybf) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         for (int m = 0; m < M; m++) {
@@ -140,14 +160,13 @@ static void int4_tiles_c(const uint8_t *w, const uint16_t *sm, const int16_t *xq
                               half_to_float(st[16 + r]) * xs[m * G + g];
                 }
             }
-            for (int r = 0; r < TILE && t * TILE + r < N; r++)
-                y[(size_t)m * N + t * TILE + r] = acc[r];
+            store_vals(y, ybf, (size_t)m * N + t * TILE, acc, tile_count(t, N));
         }
     }
 }
 
 static void int8_tiles_c(const int8_t *w, const float *rs, const int16_t *xq, const float *dx, int M,
-                         int K, int N, int t0, int t1, float *y) {
+                         int K, int N, int t0, int t1, void *y, int ybf) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         for (int m = 0; m < M; m++) {
@@ -163,8 +182,9 @@ static void int8_tiles_c(const int8_t *w, const float *rs, const int16_t *xq, co
                     acc[r] += (float)s * dx[m * G + g];
                 }
             }
-            for (int r = 0; r < TILE && t * TILE + r < N; r++)
-                y[(size_t)m * N + t * TILE + r] = acc[r] * rs[t * TILE + r];
+            for (int r = 0; r < TILE; r++)
+                acc[r] *= rs[t * TILE + r];
+            store_vals(y, ybf, (size_t)m * N + t * TILE, acc, tile_count(t, N));
         }
     }
 }
@@ -173,21 +193,21 @@ static void int8_tiles_c(const int8_t *w, const float *rs, const int16_t *xq, co
 /* ---- AVX2 ----------------------------------------------------------------------------------- */
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-static inline TARGET_AVX2 void store_tile_avx2(float *y, int n0, int N, __m256 lo, __m256 hi) {
-    if (n0 + TILE <= N) {
-        _mm256_storeu_ps(y + n0, lo);
-        _mm256_storeu_ps(y + n0 + 8, hi);
+static inline TARGET_AVX2 void store_tile_avx2(void *y, int ybf, size_t at, int count, __m256 lo, __m256 hi) {
+    if (!ybf && count == TILE) {
+        _mm256_storeu_ps((float *)y + at, lo);
+        _mm256_storeu_ps((float *)y + at + 8, hi);
         return;
     }
     float tmp[TILE];
     _mm256_storeu_ps(tmp, lo);
     _mm256_storeu_ps(tmp + 8, hi);
-    memcpy(y + n0, tmp, sizeof(float) * (N - n0));
+    store_vals(y, ybf, at, tmp, count);
 }
 
 static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, const int16_t *xq,
                                         const float *dx, const float *xs, int M, int K, int N, int t0,
-                                        int t1, float *y) {
+                                        int t1, void *y, int ybf) {
     int G = K / GROUP;
     const __m256i low = _mm256_set1_epi16(0x000F);
     for (int t = t0; t < t1; t++) {
@@ -223,13 +243,14 @@ static TARGET_AVX2 void int4_tiles_avx2(const uint8_t *w, const uint16_t *sm, co
                     acc[h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(s), acc[h]);
                 }
             }
-            store_tile_avx2(y + (size_t)m * N, t * TILE, N, acc[0], acc[1]);
+            store_tile_avx2(y, ybf, (size_t)m * N + t * TILE, tile_count(t, N), acc[0], acc[1]);
         }
     }
 }
 
 static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const int16_t *xq,
-                                        const float *dx, int M, int K, int N, int t0, int t1, float *y) {
+                                        const float *dx, int M, int K, int N, int t0, int t1, void *y,
+                                        int ybf) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         for (int m = 0; m < M; m++) {
@@ -255,7 +276,7 @@ static TARGET_AVX2 void int8_tiles_avx2(const int8_t *w, const float *rs, const 
                 }
             }
             const float *r = rs + t * TILE;
-            store_tile_avx2(y + (size_t)m * N, t * TILE, N, _mm256_mul_ps(acc[0], _mm256_loadu_ps(r)),
+            store_tile_avx2(y, ybf, (size_t)m * N + t * TILE, tile_count(t, N), _mm256_mul_ps(acc[0], _mm256_loadu_ps(r)),
                             _mm256_mul_ps(acc[1], _mm256_loadu_ps(r + 8)));
         }
     }
@@ -296,18 +317,23 @@ static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int16_t 
     }
 }
 
-static inline TARGET_512 void store_tile_512(float *y, int n0, int N, __m512 v) {
-    if (n0 + TILE <= N)
-        _mm512_storeu_ps(y + n0, v);
-    else
-        _mm512_mask_storeu_ps(y + n0, (__mmask16)((1u << (N - n0)) - 1), v);
+static inline TARGET_512 void store_tile_512(void *y, int ybf, size_t at, int count, __m512 v) {
+    __mmask16 mask = (__mmask16)((1u << count) - 1);
+    if (!ybf) {
+        _mm512_mask_storeu_ps((float *)y + at, mask, v);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(v); /* to bfloat16, rounding to nearest even as float_to_bf16 */
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
 }
 
 /* MB rows of x against one tile; MB is a constant at each call, so the loops over it unroll and
    the accumulators stay in registers (two chains a row: vpdpwssd's latency) */
 static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
     const int MB, const uint8_t *wt, const uint16_t *st, const int16_t *xq, const float *dx, const float *xs,
-    int K, int N, int n0, float *y) {
+    int K, int N, int t, void *y, int ybf) {
     int G = K / GROUP;
     const __m512i low = _mm512_set1_epi16(0x000F);
     __m512 acc[MB_MAX];
@@ -348,32 +374,32 @@ static inline __attribute__((always_inline)) TARGET_512 void int4_tile_512(
     }
     UNROLL
     for (int m = 0; m < MB; m++)
-        store_tile_512(y + (size_t)m * N, n0, N, acc[m]);
+        store_tile_512(y, ybf, (size_t)m * N + t * TILE, tile_count(t, N), acc[m]);
 }
 
 static TARGET_512 void int4_tiles_512(const uint8_t *w, const uint16_t *sm, const int16_t *xq,
                                       const float *dx, const float *xs, int M, int K, int N, int t0, int t1,
-                                      float *y) {
+                                      void *y, int ybf) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         const uint8_t *wt = w + (size_t)t * G * 256;
         const uint16_t *st = sm + (size_t)t * G * 32;
         for (int m = 0; m < M; m += MB_MAX) {
             const int16_t *xm = xq + (size_t)m * K;
-            float *ym = y + (size_t)m * N;
+                        void *ym = ybf ? (void *)((uint16_t *)y + (size_t)m * N) : (void *)((float *)y + (size_t)m * N);
             switch (M - m < MB_MAX ? M - m : MB_MAX) {
-            case 1: int4_tile_512(1, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
-            case 2: int4_tile_512(2, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
-            case 3: int4_tile_512(3, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
-            default: int4_tile_512(4, wt, st, xm, dx + m * G, xs + m * G, K, N, t * TILE, ym); break;
+            case 1: int4_tile_512(1, wt, st, xm, dx + m * G, xs + m * G, K, N, t, ym, ybf); break;
+            case 2: int4_tile_512(2, wt, st, xm, dx + m * G, xs + m * G, K, N, t, ym, ybf); break;
+            case 3: int4_tile_512(3, wt, st, xm, dx + m * G, xs + m * G, K, N, t, ym, ybf); break;
+            default: int4_tile_512(4, wt, st, xm, dx + m * G, xs + m * G, K, N, t, ym, ybf); break;
             }
         }
     }
 }
 
 static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
-    const int MB, const int8_t *wt, const float *rs, const int16_t *xq, const float *dx, int K, int N, int n0,
-    float *y) {
+    const int MB, const int8_t *wt, const float *rs, const int16_t *xq, const float *dx, int K, int N, int t,
+    void *y, int ybf) {
     int G = K / GROUP;
     __m512 acc[MB_MAX];
     UNROLL
@@ -404,25 +430,25 @@ static inline __attribute__((always_inline)) TARGET_512 void int8_tile_512(
             acc[m] = _mm512_fmadd_ps(s, _mm512_set1_ps(dx[m * G + g]), acc[m]);
         }
     }
-    __m512 r = _mm512_loadu_ps(rs + n0);
+    __m512 r = _mm512_loadu_ps(rs + t * TILE);
     UNROLL
     for (int m = 0; m < MB; m++)
-        store_tile_512(y + (size_t)m * N, n0, N, _mm512_mul_ps(acc[m], r));
+        store_tile_512(y, ybf, (size_t)m * N + t * TILE, tile_count(t, N), _mm512_mul_ps(acc[m], r));
 }
 
 static TARGET_512 void int8_tiles_512(const int8_t *w, const float *rs, const int16_t *xq, const float *dx,
-                                      int M, int K, int N, int t0, int t1, float *y) {
+                                      int M, int K, int N, int t0, int t1, void *y, int ybf) {
     int G = K / GROUP;
     for (int t = t0; t < t1; t++) {
         const int8_t *wt = w + (size_t)t * G * 512;
         for (int m = 0; m < M; m += MB_MAX) {
             const int16_t *xm = xq + (size_t)m * K;
-            float *ym = y + (size_t)m * N;
+            void *ym = ybf ? (void *)((uint16_t *)y + (size_t)m * N) : (void *)((float *)y + (size_t)m * N);
             switch (M - m < MB_MAX ? M - m : MB_MAX) {
-            case 1: int8_tile_512(1, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
-            case 2: int8_tile_512(2, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
-            case 3: int8_tile_512(3, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
-            default: int8_tile_512(4, wt, rs, xm, dx + m * G, K, N, t * TILE, ym); break;
+            case 1: int8_tile_512(1, wt, rs, xm, dx + m * G, K, N, t, ym, ybf); break;
+            case 2: int8_tile_512(2, wt, rs, xm, dx + m * G, K, N, t, ym, ybf); break;
+            case 3: int8_tile_512(3, wt, rs, xm, dx + m * G, K, N, t, ym, ybf); break;
+            default: int8_tile_512(4, wt, rs, xm, dx + m * G, K, N, t, ym, ybf); break;
             }
         }
     }
@@ -467,10 +493,10 @@ static int16_t *quantize(const void *x, int bf16, int M, int K, float **dx, floa
     return buf;
 }
 
-/* Eight ints: x, x_bf16, M, K, w, scales, N, y. */
+/* Eight ints: x, dtypes, M, K, w, scales, N, y. */
 static int parse(PyObject *const *args, Py_ssize_t nargs, void **p) {
     if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "expected 8 int arguments: x, x_bf16, M, K, w, scales, N, y");
+        PyErr_SetString(PyExc_TypeError, "expected 8 int arguments: x, dtypes, M, K, w, scales, N, y");
         return -1;
     }
     for (int i = 0; i < 8; i++) {
@@ -490,7 +516,8 @@ static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     void *p[8];
     if (parse(args, nargs, p) < 0)
         return NULL;
-    int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
+    int bf16 = (intptr_t)p[1] & 1, ybf = ((intptr_t)p[1] >> 1) & 1;
+    int M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
     int tiles = (N + TILE - 1) / TILE;
     float *dx, *xs;
     int16_t *xq = NULL;
@@ -501,12 +528,12 @@ static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (xq != NULL) {
 #ifdef GEMV_X86
         if (active_level >= 3)
-            int4_tiles_512(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+            int4_tiles_512(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
         else if (active_level >= 2)
-            int4_tiles_avx2(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+            int4_tiles_avx2(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
         else
 #endif
-            int4_tiles_c(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7]);
+            int4_tiles_c(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
     }
     free(xq);
     Py_END_ALLOW_THREADS
@@ -519,7 +546,8 @@ static PyObject *int8_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     void *p[8];
     if (parse(args, nargs, p) < 0)
         return NULL;
-    int bf16 = p[1] != NULL, M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
+    int bf16 = (intptr_t)p[1] & 1, ybf = ((intptr_t)p[1] >> 1) & 1;
+    int M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
     int tiles = (N + TILE - 1) / TILE;
     float *dx, *xs;
     int16_t *xq = NULL;
@@ -530,12 +558,12 @@ static PyObject *int8_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (xq != NULL) {
 #ifdef GEMV_X86
         if (active_level >= 3)
-            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
         else if (active_level >= 2)
-            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
         else
 #endif
-            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7]);
+            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
     }
     free(xq);
     Py_END_ALLOW_THREADS
@@ -559,8 +587,8 @@ static PyObject *set_level(PyObject *self, PyObject *arg) {
 #define FAST(name, doc) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, doc}
 
 static PyMethodDef methods[] = {
-    FAST(int4_mm, "int4_mm(x, x_bf16, M, K, w, sm, N, y) -> None"),
-    FAST(int8_mm, "int8_mm(x, x_bf16, M, K, w, rs, N, y) -> None"),
+    FAST(int4_mm, "int4_mm(x, dtypes, M, K, w, sm, N, y) -> None"),
+    FAST(int8_mm, "int8_mm(x, dtypes, M, K, w, rs, N, y) -> None"),
     {"level", level, METH_NOARGS, "level() -> 3 (AVX-512 VNNI), 2 (AVX2) or 0 (plain C)"},
     {"set_level", set_level, METH_O, "set_level(n) -> the level now in use (at most the CPU's)"},
     {NULL, NULL, 0, NULL},

@@ -73,6 +73,20 @@ def test_int8_products_stay_within_the_int16_activation_bound(level, m, k, n):
     assert within_bound(y, ref, x.float(), w, w) <= 1.0
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (3, 96, 17), (6, 64, 41)])
+def test_bfloat16_outputs_are_the_float32_ones_rounded_to_nearest_even(level, m, k, n):
+    gen = torch.Generator().manual_seed(n)
+    codes, scale, mn = random_int4(n, k, gen)
+    w, sm = cpu_gemv.pack_int4(codes, scale, mn)
+    w8, rs = cpu_gemv.pack_int8(
+        torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen), torch.rand(n)
+    )
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    for fn, weights in ((cpu_gemv.int4_mm, (w, sm)), (cpu_gemv.int8_mm, (w8, rs))):
+        y32, y16 = (fn(x, *weights, n, dtype) for dtype in (torch.float32, torch.bfloat16))
+        assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.bfloat16())
+
+
 def test_every_instruction_set_gives_the_same_sums():
     """The same int16 activations and integer sums on every path: outputs agree to float32
     rounding (the paths only order the float additions differently)."""

@@ -148,7 +148,7 @@ class Int4Linear(nn.Module):
         if x.shape[0] >= UNPACK_ROWS:
             y = F.linear(x.to(torch.bfloat16), self.unpacked())
         elif self.gemv:
-            y = cpu_gemv.int4_mm(x, self.gemv_w, self.gemv_sm, self.out_features)  # float32
+            y = cpu_gemv.int4_mm(x, self.gemv_w, self.gemv_sm, self.out_features, _out_dtype(x))
         else:
             x16 = x.to(torch.bfloat16).contiguous()  # [T, in]
             y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
@@ -173,6 +173,11 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """What `_gemv` writes for x: its dtype where it can (no conversion after), else float32."""
+    return x.dtype if x.dtype == torch.bfloat16 else torch.float32
 
 
 def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
