@@ -34,8 +34,14 @@ QMAX = 32767  # the activations' int16 range
 
 
 def available() -> bool:
-    """The extension is built and the CPU has at least the plain C path (always, when built)."""
+    """The extension is built (it runs on any CPU: plain C where no vector path fits)."""
     return native is not None
+
+
+def describe() -> str:
+    """For the load line: which kernel runs the small products."""
+    isa = {3: "AVX-512 VNNI", 2: "AVX2"}.get(native.level(), "plain C") if native else None
+    return f"_gemv ({isa}, int16 activations)" if isa else "torch's kernels"
 
 
 # -- references -------------------------------------------------------------------------------
