@@ -35,10 +35,10 @@ from lightllm_async.kernels import cpu_gemv
 from lightllm_async.layers.linear import Linear, MergedLinear
 
 GROUP = 32
-# From this many rows, unpacking to bfloat16 and `F.linear` beats the int4 kernel: the kernel's
-# time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms at any
-# count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core of a
-# 4th-gen Xeon).
+# From this many rows, unpacking to bfloat16 and `F.linear` beats torch's int4 kernel: the
+# kernel's time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms
+# at any count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core
+# of a 4th-gen Xeon). `_gemv` grows ~35 us a row there: about even with unpacking at 64.
 UNPACK_ROWS = 64
 
 
@@ -197,7 +197,7 @@ def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
 # Below this many rows torch's int8 kernel beats bfloat16 `F.linear` on SmolLM2's 49152 x 576
 # head (2.9 against 8.4 ms at one row, one core); its time grows ~2 ms a row, F.linear's hardly,
 # and the two cross between 6 and 8 rows (perf/RESULTS.md, 2026-11-30). `_gemv`'s int8 kernel
-# grows ~0.5 ms a row from ~2 ms and crosses F.linear between 16 and 24 rows.
+# takes ~2 ms at 1-2 rows, ~4 at 8, 10-12 at 12-16, and crosses F.linear between 16 and 24 rows.
 INT8_HEAD_ROWS = 16 if cpu_gemv.available() else 6
 
 
