@@ -37,7 +37,7 @@ def main() -> None:
         row = len(p) + n - first  # the logprob row that predicts new token n
         gap = top_lp[row][0] - top_lp[row][1]
         print(
-            f"prompt {i}: equal for {n}; reference top two there {list(top_ids[row])}, "
+            f"prompt {i}: equal for {n}; reference top two there {[int(t) for t in top_ids[row]]}, "
             f"log-prob gap {gap:.3f}; packed chose {g[n]}, reference {e[n]}"
         )
     print("counts:", ", ".join(map(str, counts)))
