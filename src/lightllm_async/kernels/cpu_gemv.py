@@ -84,9 +84,12 @@ def pack_int4(codes: Tensor, scale: Tensor, min: Tensor) -> tuple[Tensor, Tensor
     """codes uint8 [N, K] (0..15), scale and min [N, K / 32] -> (w uint8 [N/16, K/32, 4, 16, 4],
     sm float16 [N/16, K/32, 2, 16]), N padded to whole tiles."""
     n, k = codes.shape
-    c = _pad_rows(codes.to(torch.uint8)).view(-1, TILE, k // GROUP, 4, 2, 4)  # [T, r, g, p, half, j]
-    nib = c[..., 0, :] | (c[..., 1, :] << 4)  # [T, r, g, p, j]
-    w = nib.permute(0, 2, 3, 1, 4).contiguous()  # [T, g, p, r, j]
+    # four codes (j) as one int32, so that the shift and the transpose move 4 bytes at a time
+    # (~4x faster at load): codes are at most 15, so `<< 4` stays inside each byte
+    c = _pad_rows(codes.to(torch.uint8).contiguous()).view(torch.int32)
+    c = c.view(-1, TILE, k // GROUP, 4, 2)  # [T, r, g, p, half] of 4 codes each
+    nib = c[..., 0] | (c[..., 1] << 4)  # [T, r, g, p]
+    w = nib.permute(0, 2, 3, 1).contiguous().view(torch.uint8).view(-1, k // GROUP, 4, TILE, 4)
     sm = torch.stack([_pad_rows(scale.float()), _pad_rows(min.float())], -1).half()  # [N, G, 2]
     sm = sm.view(-1, TILE, k // GROUP, 2).permute(0, 2, 3, 1).contiguous()  # [T, g, 2, r]
     return w, sm
@@ -95,8 +98,9 @@ def pack_int4(codes: Tensor, scale: Tensor, min: Tensor) -> tuple[Tensor, Tensor
 def pack_int8(codes: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor]:
     """codes int8 [N, K], row_scale [N] -> (w int8 [N/16, K/32, 8, 16, 4], float32 [N/16 * 16])."""
     n, k = codes.shape
-    c = _pad_rows(codes.to(torch.int8)).view(-1, TILE, k // GROUP, 8, 4)  # [T, r, g, c, j]
-    return c.permute(0, 2, 3, 1, 4).contiguous(), _pad_rows(row_scale.float().contiguous())
+    c = _pad_rows(codes.to(torch.int8).contiguous()).view(torch.int32).view(-1, TILE, k // GROUP, 8)
+    w = c.permute(0, 2, 3, 1).contiguous().view(torch.int8).view(-1, k // GROUP, 8, TILE, 4)
+    return w, _pad_rows(row_scale.float().contiguous())
 
 
 # -- the products ----------------------------------------------------------------------------
