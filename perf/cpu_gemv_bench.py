@@ -8,7 +8,7 @@ round; GB/s counts each method's own weight bytes (int4: codes and two 16-bit nu
 next of N copies of the weights, so that they come from L3/DRAM as in a whole decode step rather
 than from L2 (SmolLM2's packed weights are ~88 MB a token).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python perf/cpu_gemv_bench.py [--rows 1 2 4 8] [--copies 1]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python perf/cpu_gemv_bench.py [--rows 1 2 4 8] [--copies 1] [--level 2]
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--shapes", nargs="*", help="names' prefixes to keep (qkv, o, gate_up, down, head)")
+    ap.add_argument("--level", type=int, default=3, help="at most: 3 AVX-512 VNNI, 2 AVX2, 0 plain C")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    cpu_gemv.native.set_level(args.level)
     print(f"_gemv level {cpu_gemv.native.level()} (3 AVX-512 VNNI, 2 AVX2, 0 C); {args.copies} copies")
     print("| shape | M | method | µs | GB/s | × torch's quantized |")
     print("|---|---|---|---|---|---|")
