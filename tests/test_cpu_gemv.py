@@ -130,3 +130,28 @@ def test_the_products_compile_into_one_graph_with_inductor():
     x = torch.randn(3, 64, generator=gen)
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x), step(x), rtol=1e-4, atol=1e-4)
+
+
+def test_without_the_extension_the_layers_keep_torchs_kernels(monkeypatch):
+    """A machine where `_gemv` is not built: Int4Linear packs for torch's int4 kernel, the head
+    for torch's int8 one (handing over to F.linear from 6 rows), with the same results."""
+    from lightllm_async.layers.quantized import Int4Linear, Int4Weight, Int8Head
+
+    gen = torch.Generator().manual_seed(11)
+    codes, scale, mn = random_int4(48, 96, gen)
+    x = torch.randn(3, 96, generator=gen).bfloat16()
+    head_weight = torch.randn(40, 96, generator=gen).bfloat16()
+    ref = cpu_gemv.int4_mm_ref(x.float(), codes, scale, mn)
+    for built in (True, False):
+        if not built:
+            monkeypatch.setattr(cpu_gemv, "native", None)
+        layer = Int4Linear(96, {"": 48}, False, torch.bfloat16, "cpu")
+        layer.load_part(None, "weight", Int4Weight(codes, scale, mn))
+        layer.finish_loading()
+        head = Int8Head(head_weight)
+        assert layer.gemv == head.gemv == built and hasattr(layer, "packed") != built
+        assert head.rows == (16 if built else 6)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and float((y.double() - ref).abs().max() / ref.abs().max()) < 0.02
+        logits = head.logits(x)
+        torch.testing.assert_close(logits, x.float() @ head.dequantized().T, rtol=0.02, atol=0.05)

@@ -151,6 +151,7 @@ def test_int8_head_follows_the_float_head_and_hands_many_rows_to_it(rows):
     y = head.logits(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 1000)
     ref = F.linear(x.double(), weight.double())
+    assert head.rows == INT8_HEAD_ROWS
     if rows >= INT8_HEAD_ROWS:
         assert torch.equal(y, F.linear(x, weight).float())
     assert relative_error(y, ref) < TOLERANCE

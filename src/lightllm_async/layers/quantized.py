@@ -16,7 +16,8 @@ dropped after (the kernel's own scale and zero; the products rounded to bfloat16
 Below UNPACK_ROWS rows, when the `_gemv` extension is built (`kernels/cpu_gemv.py`), a C kernel
 replaces torch's: the activations are quantized to int16 per group of 32 and the products are
 integer (AVX-512 VNNI), 2-3x as fast as `_weight_int4pack_mm_for_cpu` at 1-8 rows; scale and min
-are float16 there (exact for Q4_0 and Q4_1), the outputs float32. Without it, torch's kernel.
+are float16 there (exact for Q4_0 and Q4_1), the float32 sums rounded once to the activations'
+dtype. Without it, torch's kernel.
 
 Models are not changed: `swap_int4_linears` replaces their `Linear` modules after construction,
 and the weight loader (`models/weights.py`) hands these layers `Int4Weight`s.
@@ -198,15 +199,16 @@ def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
 # head (2.9 against 8.4 ms at one row, one core); its time grows ~2 ms a row, F.linear's hardly,
 # and the two cross between 6 and 8 rows (perf/RESULTS.md, 2026-11-30). `_gemv`'s int8 kernel
 # takes ~2 ms at 1-2 rows, ~4 at 8, 10-12 at 12-16, and crosses F.linear between 16 and 24 rows.
-INT8_HEAD_ROWS = 16 if cpu_gemv.available() else 6
+INT8PACK_HEAD_ROWS, GEMV_HEAD_ROWS = 6, 16
+INT8_HEAD_ROWS = GEMV_HEAD_ROWS if cpu_gemv.available() else INT8PACK_HEAD_ROWS  # a CPU head's
 
 
 class Int8Head(nn.Module):
     """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row, for
     decode-sized row counts (`_gemv`'s kernel with int16 activations and float32 logits where
-    it is built, else `_weight_int8pack_mm` with bfloat16 activations and logits); from
-    INT8_HEAD_ROWS rows the float weight it was made from (kept, not copied: a tied head shares
-    it with the embedding lookup) and `F.linear`.
+    it is built, else `_weight_int8pack_mm` with bfloat16 activations and logits); from `rows`
+    rows (16 with `_gemv`, 6 with torch's) the float weight it was made from (kept, not copied: a
+    tied head shares it with the embedding lookup) and `F.linear`.
 
     Per-row scales re-round a GGUF Q8_0 matrix (one scale per 32 values): a row's step is its
     largest |w| / 127, so each weight moves by up to half of that (tests/test_quantized.py
@@ -221,6 +223,7 @@ class Int8Head(nn.Module):
             w = weight[lo : lo + 2048].float().div_(scale[lo : lo + 2048].float()[:, None])
             codes[lo : lo + 2048] = w.round_().clamp_(-127, 127)
         self.gemv = cpu_gemv.available() and weight.device.type == "cpu" and weight.shape[1] % GROUP == 0
+        self.rows = GEMV_HEAD_ROWS if self.gemv else INT8PACK_HEAD_ROWS  # from here F.linear
         if self.gemv:  # `_gemv`'s layout (int16 activations per group of 32) instead of torch's
             w, row_scale = cpu_gemv.pack_int8(codes, scale)
             self.register_buffer("gemv_w", w)
@@ -231,7 +234,7 @@ class Int8Head(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V]."""
-        if x.shape[0] >= INT8_HEAD_ROWS:
+        if x.shape[0] >= self.rows:
             return F.linear(x.to(self.weight.dtype), self.weight).float()
         if self.gemv:
             return cpu_gemv.int8_mm(x, self.gemv_w, self.gemv_scale, self.weight.shape[0])
@@ -246,7 +249,7 @@ class Int8Head(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = "_gemv, int16 activations" if self.gemv else "torch's kernel"
-        return f"{tuple(self.weight.shape)}, int8 with a scale per row below {INT8_HEAD_ROWS} rows ({kernel})"
+        return f"{tuple(self.weight.shape)}, int8 with a scale per row below {self.rows} rows ({kernel})"
 
 
 def pack_int8_head(model: nn.Module) -> None:
