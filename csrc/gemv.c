@@ -64,6 +64,7 @@ static int detected_level = 0, active_level = 0;
 /* ---- activation quantization (plain C; the AVX-512 one below gives the same numbers) ---------- */
 
 #define QMAX 32767.0f
+#define AMAX_MIN 1e-30f /* a block below this is zeros: QMAX / amax must stay finite */
 static const int PAIR[4] = {0, 2, 1, 3}; /* input j of a 4-input chunk sits at 4c + PAIR[j] */
 
 static inline float bf16_to_float(uint16_t h) {
@@ -104,7 +105,7 @@ static void quantize_row_c(const void *x, int bf16, int K, int16_t *xq, float *d
             amax = fmaxf(amax, fabsf(v[i]));
             sum += v[i];
         }
-        float inv = amax > 0.0f ? QMAX / amax : 0.0f;
+        float inv = amax > AMAX_MIN ? QMAX / amax : 0.0f;
         for (int i = 0; i < GROUP; i++)
             xq[g * GROUP + (i & ~3) + PAIR[i & 3]] = (int16_t)nearbyintf(v[i] * inv);
         dx[g] = amax / QMAX;
@@ -300,7 +301,7 @@ static TARGET_512 void quantize_row_512(const void *x, int bf16, int K, int16_t 
             v1 = _mm512_loadu_ps((const float *)x + g * GROUP + 16);
         }
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        float inv = amax > 0.0f ? QMAX / amax : 0.0f;
+        float inv = amax > AMAX_MIN ? QMAX / amax : 0.0f;
         __m512 iv = _mm512_set1_ps(inv);
         /* cvtps_epi32 rounds half to even, as nearbyintf in the default rounding mode */
         __m512i q0 = _mm512_permutexvar_epi32(pair, _mm512_cvtps_epi32(_mm512_mul_ps(v0, iv)));

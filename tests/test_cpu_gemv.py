@@ -106,11 +106,17 @@ def test_every_instruction_set_gives_the_same_sums():
         torch.testing.assert_close(y, outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_a_batch_of_zero_rows_and_a_zero_row_give_zeros():
+def test_no_rows_zero_rows_and_tiny_blocks(level):
+    """No rows: an empty result; a zero row: zeros; a block of values ~1e-38 (where 32767 / max
+    would overflow) counts as zeros instead of poisoning the row with inf or NaN."""
     codes, scale, mn = random_int4(16, 64, torch.Generator().manual_seed(1))
     w, sm = cpu_gemv.pack_int4(codes, scale, mn)
     assert cpu_gemv.int4_mm(torch.zeros(0, 64), w, sm, 16).shape == (0, 16)
     assert torch.equal(cpu_gemv.int4_mm(torch.zeros(1, 64), w, sm, 16), torch.zeros(1, 16))
+    x = torch.full((1, 64), 1e-38)
+    x[0, :32] = torch.randn(32)
+    ref = cpu_gemv.int4_mm_ref(x, codes, scale, mn)
+    torch.testing.assert_close(cpu_gemv.int4_mm(x, w, sm, 16).double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_the_products_compile_into_one_graph_with_inductor():

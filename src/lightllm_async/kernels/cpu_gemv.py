@@ -59,7 +59,7 @@ def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     v = x.float().view(m, k // GROUP, GROUP)
     amax = v.abs().amax(-1)
-    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 1e-30, QMAX / amax, torch.zeros_like(amax))  # tinier blocks: zeros
     xq = torch.round(v * inv[..., None]).to(torch.int16)  # round half to even, as the kernels
     return xq.view(m, k), amax / QMAX
 
