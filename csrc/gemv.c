@@ -7,7 +7,7 @@
  * block are integer (AVX-512 VNNI vpdpwssd, AVX2 vpmaddwd, or plain C); each block's sum is scaled
  * in float32. (int8 activations, as llama.cpp's Q8 blocks, were tried first: twice the products per
  * instruction, but they moved SmolLM2's greedy answers off the float32 reference's; int16 ones
- * move an activation by at most max|x_block| / 65534, below bfloat16's rounding.)
+ * move an activation by at most max|x_block| / 65534, where bfloat16 moves it by up to |x| / 512.)
  *
  *   int4_mm(x, dtypes, M, K, w, sm, N, y)   y[M, N] = x[M, K] W^T,
  *       W[n, k] = scale[n, g] * code[n, k] + min[n, g], g = k / 32, code 0..15
