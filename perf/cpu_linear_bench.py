@@ -54,7 +54,9 @@ def candidates(out_f: int, in_f: int, rows: int):
     w8 = (w / scale8[:, None]).round().clamp(-128, 127).to(torch.int8)
     s8_bf16 = scale8.bfloat16()
     int4 = int4_layer(w)
-    packed, sz = int4.packed, int4.scale_zero
+    sz = int4.scale_zero  # torch's packing (Int4Linear holds `_gemv`'s instead where it is built)
+    codes = torch.cat([int4.nibbles & 15, int4.nibbles >> 4], 1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
     bf16, fp32 = torch.bfloat16, torch.float32
     out = [
         ("fp32 F.linear", fp32, w.nbytes, lambda x: F.linear(x, w)),

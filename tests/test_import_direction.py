@@ -48,6 +48,7 @@ PARTS = {
     "types": "base",
     "batch": "base",
     "_atomics": "base",
+    "_gemv": "kernels",  # the compiled half of kernels/cpu_gemv.py
     "__init__": "base",
 }
 TORCH_FREE = [

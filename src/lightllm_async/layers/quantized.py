@@ -13,6 +13,12 @@ a float32 GEMV. At many rows (prefill) it is slower than even float32, while bfl
 runs 6-7x faster than float32: there the codes are unpacked to a bfloat16 matrix for the call and
 dropped after (the kernel's own scale and zero; the products rounded to bfloat16).
 
+Below UNPACK_ROWS rows, when the `_gemv` extension is built (`kernels/cpu_gemv.py`), a C kernel
+replaces torch's: the activations are quantized to int16 per group of 32 and the products are
+integer (AVX-512 VNNI), 2-3x as fast as `_weight_int4pack_mm_for_cpu` at 1-8 rows; scale and min
+are float16 there (exact for Q4_0 and Q4_1), the float32 sums rounded once to the activations'
+dtype. Without it, torch's kernel.
+
 Models are not changed: `swap_int4_linears` replaces their `Linear` modules after construction,
 and the weight loader (`models/weights.py`) hands these layers `Int4Weight`s.
 """
@@ -26,13 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightllm_async.kernels import cpu_gemv
 from lightllm_async.layers.linear import Linear, MergedLinear
 
 GROUP = 32
-# From this many rows, unpacking to bfloat16 and `F.linear` beats the int4 kernel: the kernel's
-# time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms at any
-# count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core of a
-# 4th-gen Xeon).
+# From this many rows, unpacking to bfloat16 and `F.linear` beats torch's int4 kernel: the
+# kernel's time grows ~60 us a row on SmolLM2's gate|up (3072 x 576), the unpacking costs ~3 ms
+# at any count; at each of SmolLM2's four shapes the two cross between 48 and 64 rows (one core
+# of a 4th-gen Xeon). `_gemv` grows ~35 us a row there: about even with unpacking at 64.
 UNPACK_ROWS = 64
 
 
@@ -63,8 +70,9 @@ class Int4Linear(nn.Module):
 
     Parts (q|k|v, gate|up) load into their rows as in `MergedLinear`; `finish_loading` packs the
     codes for the kernel once all are in. Any activation dtype goes in and comes back out; the
-    matmul runs in bfloat16. The codes are held twice, 4 bits each: in the kernel's layout, and
-    as `nibbles` (code j in the low half of byte j, code j + in/2 in the high half) to unpack."""
+    matmul runs in bfloat16 (int16 activations, float32 sums in `_gemv`). The codes are held
+    twice, 4 bits each: in the small-row kernel's layout, and as `nibbles` (code j in the low
+    half of byte j, code j + in/2 in the high half) to unpack."""
 
     def __init__(self, in_features: int, part_sizes: dict[str, int], bias: bool, dtype, device):
         """`part_sizes`: the output rows of each part, in order ({"": out_features} for one)."""
@@ -73,6 +81,7 @@ class Int4Linear(nn.Module):
         if not self.supports(out_features, in_features):
             raise ValueError(f"the int4 kernel cannot run a [{out_features}, {in_features}] weight")
         self.in_features, self.out_features = in_features, out_features
+        self.gemv = False  # finish_loading: whether `_gemv` runs the small row counts
         self.offsets: dict[str, tuple[int, int]] = {}
         start = 0
         for name, size in part_sizes.items():
@@ -121,19 +130,29 @@ class Int4Linear(nn.Module):
         self.min[lo:hi].copy_(tensor.min)
 
     def finish_loading(self) -> None:
-        """Pack the codes in the kernel's layout; scale and zero [in / GROUP, out, 2] bfloat16."""
+        """Pack the codes in a small-row kernel's layout: `_gemv`'s (`gemv_w`, `gemv_sm`) where
+        it is built on a CPU, else torch's (`packed`); scale and zero [in / GROUP, out, 2] bfloat16
+        for unpacking."""
         scale_zero = torch.stack([self.scale, self.min + 8 * self.scale], -1).transpose(0, 1)
-        del self.scale, self.min
         self.register_buffer("scale_zero", scale_zero.contiguous().bfloat16())
         codes = torch.cat([self.nibbles & 15, self.nibbles >> 4], dim=1)  # [out, in]
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        self.gemv = cpu_gemv.available() and codes.device.type == "cpu"
+        if self.gemv:
+            w, sm = cpu_gemv.pack_int4(codes, self.scale, self.min)
+            self.register_buffer("gemv_w", w)
+            self.register_buffer("gemv_sm", sm)
+        else:
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
+        del self.scale, self.min
 
     def forward(self, x: Tensor) -> Tensor:
-        x16 = x.to(torch.bfloat16).contiguous()  # [T, in]
-        if x.shape[0] < UNPACK_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
+        if x.shape[0] >= UNPACK_ROWS:
+            y = F.linear(x.to(torch.bfloat16), self.unpacked())
+        elif self.gemv:
+            y = cpu_gemv.int4_mm(x, self.gemv_w, self.gemv_sm, self.out_features, _out_dtype(x))
         else:
-            y = F.linear(x16, self.unpacked())
+            x16 = x.to(torch.bfloat16).contiguous()  # [T, in]
+            y = torch._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP, self.scale_zero)
         y = y.to(x.dtype)  # [T, out]
         return y if self.bias is None else y + self.bias
 
@@ -157,6 +176,11 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
 
 
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """What `_gemv` writes for x: its dtype where it can (no conversion after), else float32."""
+    return x.dtype if x.dtype == torch.bfloat16 else torch.float32
+
+
 def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
     """Replace the `Linear` modules named `names` that the kernel can run by empty Int4Linears
     of the same shape, before the weights load; returns the names replaced."""
@@ -171,17 +195,20 @@ def swap_int4_linears(model: nn.Module, names: Iterable[str]) -> list[str]:
     return swapped
 
 
-# Below this many rows the int8 kernel beats bfloat16 `F.linear` on SmolLM2's 49152 x 576 head
-# (2.9 against 8.4 ms at one row, one core); its time grows ~2 ms a row, F.linear's hardly, and
-# the two cross between 6 and 8 rows (perf/RESULTS.md, 2026-11-30).
-INT8_HEAD_ROWS = 6
+# Below this many rows torch's int8 kernel beats bfloat16 `F.linear` on SmolLM2's 49152 x 576
+# head (2.9 against 8.4 ms at one row, one core); its time grows ~2 ms a row, F.linear's hardly,
+# and the two cross between 6 and 8 rows (perf/RESULTS.md, 2026-11-30). `_gemv`'s int8 kernel
+# takes ~2 ms at 1-2 rows, ~4 at 8, 10-12 at 12-16, and crosses F.linear between 16 and 24 rows.
+INT8PACK_HEAD_ROWS, GEMV_HEAD_ROWS = 6, 16
+INT8_HEAD_ROWS = GEMV_HEAD_ROWS if cpu_gemv.available() else INT8PACK_HEAD_ROWS  # a CPU head's
 
 
 class Int8Head(nn.Module):
-    """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row
-    (`_weight_int8pack_mm`, bfloat16 activations), for decode-sized row counts; from
-    INT8_HEAD_ROWS rows the float weight it was made from (kept, not copied: a tied head shares
-    it with the embedding lookup) and `F.linear`.
+    """The LM head `x W^T` with W [V, H] held as int8 with one bfloat16 scale per row, for
+    decode-sized row counts (`_gemv`'s kernel with int16 activations and float32 logits where
+    it is built, else `_weight_int8pack_mm` with bfloat16 activations and logits); from `rows`
+    rows (16 with `_gemv`, 6 with torch's) the float weight it was made from (kept, not copied: a
+    tied head shares it with the embedding lookup) and `F.linear`.
 
     Per-row scales re-round a GGUF Q8_0 matrix (one scale per 32 values): a row's step is its
     largest |w| / 127, so each weight moves by up to half of that (tests/test_quantized.py
@@ -195,18 +222,34 @@ class Int8Head(nn.Module):
         for lo in range(0, weight.shape[0], 2048):  # in slices that stay in cache: ~2x faster at load
             w = weight[lo : lo + 2048].float().div_(scale[lo : lo + 2048].float()[:, None])
             codes[lo : lo + 2048] = w.round_().clamp_(-127, 127)
-        self.register_buffer("codes", codes)  # [V, H] int8
+        self.gemv = cpu_gemv.available() and weight.device.type == "cpu" and weight.shape[1] % GROUP == 0
+        self.rows = GEMV_HEAD_ROWS if self.gemv else INT8PACK_HEAD_ROWS  # from here F.linear
+        if self.gemv:  # `_gemv`'s layout (int16 activations per group of 32) instead of torch's
+            w, row_scale = cpu_gemv.pack_int8(codes, scale)
+            self.register_buffer("gemv_w", w)
+            self.register_buffer("gemv_scale", row_scale)
+        else:
+            self.register_buffer("codes", codes)  # [V, H] int8
         self.register_buffer("scale", scale)
 
     def logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V]."""
-        if x.shape[0] >= INT8_HEAD_ROWS:
+        if x.shape[0] >= self.rows:
             return F.linear(x.to(self.weight.dtype), self.weight).float()
+        if self.gemv:
+            return cpu_gemv.int8_mm(x, self.gemv_w, self.gemv_scale, self.weight.shape[0])
         x16 = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x16, self.codes, self.scale).float()
 
+    def dequantized(self) -> Tensor:
+        """float32 [V, H]: the int8 weights times their row scales."""
+        codes = self.codes if not self.gemv else self.gemv_w.permute(0, 3, 1, 2, 4)  # [V, H] (padded)
+        codes = codes.reshape(-1, self.weight.shape[1])[: self.weight.shape[0]]
+        return codes.float() * self.scale.float()[:, None]
+
     def extra_repr(self) -> str:
-        return f"{tuple(self.codes.shape)}, int8 with a scale per row below {INT8_HEAD_ROWS} rows"
+        kernel = "_gemv, int16 activations" if self.gemv else "torch's kernel"
+        return f"{tuple(self.weight.shape)}, int8 with a scale per row below {self.rows} rows ({kernel})"
 
 
 def pack_int8_head(model: nn.Module) -> None:

@@ -21,6 +21,7 @@ from lightllm_async.batch import (
     sampling_slots,
 )
 from lightllm_async.config import EngineConfig, ModelConfig
+from lightllm_async.kernels import cpu_gemv
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 from lightllm_async.layers.quantized import Int8Head, pack_int8_head, swap_int4_linears
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
@@ -232,9 +233,12 @@ class ModelRunner:
             types = sorted({self.int4[f"{name}.weight"] for name in swapped})
             int8_head = isinstance(getattr(model, "lm_head", None), Int8Head)
             head = ", lm_head int8 (a scale per row)" if int8_head else ""
+            scales = "bfloat16 scales"
+            if model.get_submodule(swapped[0]).gemv:
+                scales = f"float16 scales; below 64 rows {cpu_gemv.describe()}"
             quant = (
                 f"int4: {len(swapped)} linear layers keep their {'/'.join(types)} weights packed "
-                f"(groups of 32, bfloat16 scales){head}, the rest is {dtype}"
+                f"(groups of 32, {scales}){head}, the rest is {dtype}"
             )
         else:
             quant = "none (float weights)"
