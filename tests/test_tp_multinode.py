@@ -1,16 +1,20 @@
 """Two "nodes" on one host (separate process trees, CPU, gloo): node 0 serves HTTP with TP rank 0,
 node 1 runs rank 1 only, step records broadcast between them. Greedy output equals HF
-transformers'; node 1's death ends node 0 like a local rank's; node 0's stop ends node 1 cleanly."""
+transformers'; node 1's death ends node 0 like a local rank's, mid-stream or idle; node 0's stop
+ends node 1 cleanly."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,9 +85,47 @@ def test_node1_killed_mid_stream_ends_node0_with_errors(model):
             t.join(30)
         for events in results:
             assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
-        assert node0.proc.wait(20) == 1
+        assert _exit_code(node0, 20) == 1, node0.text_log()[-6000:]
         assert region_files(node0) == []
     finally:
         node1.kill()
         if node0.proc.poll() is None:
             node0.kill_tree()
+
+
+def test_node1_killed_while_idle_ends_node0(model):
+    """An idle rank 0 runs no collective, so only its keepalives can notice the peer host gone."""
+    node0, node1 = _nodes(model)
+    try:
+        assert node0.request("GET", "/health")[0] == 200
+        node1.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        assert _exit_code(node0, 20) == 1, node0.text_log()[-6000:]
+        assert time.monotonic() - t0 < 10, node0.text_log()[-6000:]
+        assert region_files(node0) == []
+    finally:
+        node1.kill()
+        if node0.proc.poll() is None:
+            node0.kill_tree()
+
+
+def _exit_code(node0: ServerProcess, timeout: float) -> int:
+    """Node 0's exit code; a failure that shows its log and where its processes wait (py-spy)
+    when it is still running after `timeout` seconds."""
+    try:
+        return node0.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"node 0 runs on after {timeout} s:\n{node0.text_log()[-6000:]}\n{_stacks(node0.proc.pid)}"
+        )
+
+
+def _stacks(pid: int) -> str:
+    if shutil.which("py-spy") is None:
+        return "(no py-spy: no stacks)"
+    children = glob.glob(f"/proc/{pid}/task/*/children")
+    pids = [pid, *(int(c) for path in children for c in Path(path).read_text().split())]
+    dumps = [
+        subprocess.run(["py-spy", "dump", "--pid", str(p)], capture_output=True, text=True) for p in pids
+    ]
+    return "\n".join(d.stdout + d.stderr for d in dumps)

@@ -51,6 +51,8 @@ class Engine:
         self.scheduler = scheduler
         self.runner = runner
         self.pd = pd  # --pd: this replica's half of the handoff (engine/disagg.py), or None
+        # upkeep of a runner while nothing is in flight (tensor_parallel.LeaderRunner: keepalives)
+        self._runner_idle = getattr(runner, "idle", None)
         self.stop = threading.Event()
         self.parent_pid = os.getppid()
         self._inflight: tuple[Batch, Any] | None = None
@@ -73,6 +75,8 @@ class Engine:
             if os.getppid() != self.parent_pid:
                 log.warning("the server process is gone; engine exits")
                 return
+            if self._runner_idle is not None:
+                self._runner_idle()
             busy = self.scheduler.has_work() or (self.pd is not None and self.pd.busy)
             self.region.wait_engine(timeout=0.005 if busy else IDLE_WAIT_S)
             self.region.beat()  # an idle engine is alive too: the server's watchdog reads this

@@ -36,11 +36,18 @@ class LeaderRunner:
         return self.runner.num_kv_tokens
 
     def launch(self, batch: Batch) -> Any:
-        self.writer.publish(batch)
+        # A record that did not reach every follower (across hosts: a peer died inside the
+        # broadcast) leaves the ranks out of step as surely as a failed forward does.
+        self._fatal(self.writer.publish, batch)
         return self._fatal(self.runner.launch, batch)
 
     def collect(self, handle: Any) -> Sampled:
         return self._fatal(self.runner.collect, handle)
+
+    def idle(self) -> None:
+        """The engine has nothing in flight: across hosts, a keepalive to the followers (a peer
+        host's death is noticed only by a collective that touches it)."""
+        self.writer.idle()
 
     def stop_followers(self) -> None:
         self.writer.stop()

@@ -240,6 +240,9 @@ class StepWriter:
         encode_stop(self.ch.buf, self._claim())
         self._release()
 
+    def idle(self) -> None:
+        """Nothing to tell followers on this host: the server watches their processes."""
+
     def _claim(self) -> int:
         """The buffer of the next record, once every follower is done with its last occupant."""
         nxt = self.seq + 1
