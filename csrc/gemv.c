@@ -513,7 +513,9 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, void **p) {
     return 0;
 }
 
-static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* y = x W^T for int4 (`int8` 0: w, sm = float16 scale|min pairs) or int8 weights (`int8` 1: w,
+   rs = a scale per row): quantize x's rows, then the tiles at the active instruction level. */
+static PyObject *weight_mm(PyObject *const *args, Py_ssize_t nargs, int int8) {
     void *p[8];
     if (parse(args, nargs, p) < 0)
         return NULL;
@@ -526,7 +528,16 @@ static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     xq = quantize(p[0], bf16, M, K, &dx, &xs);
-    if (xq != NULL) {
+    if (xq != NULL && int8) {
+#ifdef GEMV_X86
+        if (active_level >= 3)
+            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
+        else if (active_level >= 2)
+            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
+        else
+#endif
+            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
+    } else if (xq != NULL) {
 #ifdef GEMV_X86
         if (active_level >= 3)
             int4_tiles_512(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
@@ -543,34 +554,12 @@ static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+static PyObject *int4_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return weight_mm(args, nargs, 0);
+}
+
 static PyObject *int8_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *p[8];
-    if (parse(args, nargs, p) < 0)
-        return NULL;
-    int bf16 = (intptr_t)p[1] & 1, ybf = ((intptr_t)p[1] >> 1) & 1;
-    int M = (int)(intptr_t)p[2], K = (int)(intptr_t)p[3], N = (int)(intptr_t)p[6];
-    int tiles = (N + TILE - 1) / TILE;
-    float *dx, *xs;
-    int16_t *xq = NULL;
-    if (M == 0 || N == 0)
-        Py_RETURN_NONE;
-    Py_BEGIN_ALLOW_THREADS
-    xq = quantize(p[0], bf16, M, K, &dx, &xs);
-    if (xq != NULL) {
-#ifdef GEMV_X86
-        if (active_level >= 3)
-            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-        else if (active_level >= 2)
-            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-        else
-#endif
-            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-    }
-    free(xq);
-    Py_END_ALLOW_THREADS
-    if (xq == NULL)
-        return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return weight_mm(args, nargs, 1);
 }
 
 static PyObject *level(PyObject *self, PyObject *unused) { return PyLong_FromLong(active_level); }
