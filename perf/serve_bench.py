@@ -322,6 +322,18 @@ async def run_phase(cfg: BenchConfig, workload: Workload, clients: int) -> tuple
     return sorted(records, key=lambda r: r.index), time.perf_counter() - t0
 
 
+LAG_TICK_S = 0.005
+
+
+async def loop_lag(lags: list[float]) -> None:
+    """How late this process's event loop wakes a 5 ms timer, until cancelled: a busy client loop
+    reads response events late, and every TTFT and TPOT it reports is late by as much."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(LAG_TICK_S)
+        lags.append(time.perf_counter() - start - LAG_TICK_S)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -371,6 +383,14 @@ def print_table(cfg: BenchConfig, s: dict) -> None:
     print(row("TTFT", s["ttft_ms"], "ms"))
     print(row("TPOT", s["tpot_ms"], "ms"))
     print(row("E2E", s["e2e_s"], "s"))
+    if "client_loop_lag_ms" in s:
+        print(
+            row(
+                "loop lag",
+                s["client_loop_lag_ms"],
+                "ms (this client's event loop: what TTFT and TPOT may be late by)",
+            )
+        )
     if s["requests_ok"] and s["chunks_per_token"] < 0.95:
         print(
             f"  note: {s['chunks_per_token']:.2f} events per token: tokens that decode to no text arrive "
@@ -432,7 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def bench(cfg: BenchConfig) -> tuple[list[Record], float]:
+async def bench(cfg: BenchConfig, lags: list[float]) -> tuple[list[Record], float]:
+    """The warm-up phase, then the measured one; `lags` gets the client loop's lag during the latter."""
     to_text = text_prompts(cfg) if cfg.api == "native" else None
     if cfg.warmup:
         workload = Workload(cfg, cfg.seed + 1, cfg.warmup, to_text=to_text)
@@ -441,7 +462,12 @@ async def bench(cfg: BenchConfig) -> tuple[list[Record], float]:
             print(f"warmup: {len(failed)} of {len(warm)} failed: {failed[0].error}", file=sys.stderr)
     deadline = time.perf_counter() + cfg.duration if cfg.duration else None
     count = None if cfg.duration else cfg.num_requests
-    return await run_phase(cfg, Workload(cfg, cfg.seed, count, deadline, to_text), cfg.clients)
+    workload = Workload(cfg, cfg.seed, count, deadline, to_text)
+    watch = asyncio.create_task(loop_lag(lags))
+    try:
+        return await run_phase(cfg, workload, cfg.clients)
+    finally:
+        watch.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in fields})
     cfg = dataclasses.replace(cfg, model=served_model(cfg.url, args.wait_ready))
-    records, duration = asyncio.run(bench(cfg))
+    lags: list[float] = []
+    records, duration = asyncio.run(bench(cfg, lags))
     summary = summarize(records, duration)
+    summary["client_loop_lag_ms"] = stats(lags, 1e3)
     if args.out:
         recs = [{**dataclasses.asdict(r), "output_tokens": r.output_tokens, "tpot": r.tpot} for r in records]
         with open(args.out, "w") as f:
