@@ -6,6 +6,10 @@
 #                                          at the DeepSeek-V2-Lite and Llama-3-8B shapes
 #   PART=serve-ds bash perf/piecewise_check.sh   DeepSeek-V2-Lite shape served (100 clients, 1024 in,
 #                                          N(128,128) out), piecewise graphs on and off, 1 client, HF generate
+#   PART=shared bash perf/piecewise_check.sh     Llama-3-8B shape: the shared-prefix runs (cache and
+#                                          --disable-prefix-cache), then the decode-heavy run (256 clients,
+#                                          128 in, 1024 out): the native-API figures to re-take with the
+#                                          fixed benchmark client (its "loop lag" row shows it is not the bound)
 set -u
 source perf/device_setup.sh
 case "${PART:-check}" in
@@ -47,5 +51,21 @@ write_tokenizer as t; m = s('deepseek-v2-lite', 'bfloat16'); c(m, '$d'); t(m, '$
   python3 perf/hf_baseline.py --model $d --random-weights --batch 100 --input-len 1024 --output-len 128 \
     --repeats 1 --dtype bfloat16 --out "$OUT/ds_hf.json" >"$OUT/ds_hf.log" 2>&1
   echo "hf_baseline exit $?"; tail -4 "$OUT/ds_hf.log"
+  ;;
+shared)
+  d=/tmp/l3
+  mkdir -p $d
+  python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
+write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
+  BENCH_ARGS="--id-low 3 --id-high 500 --tokenizer $d" timeout 300 bash perf/prefix_bench.sh 2000 100 128 100 300 \
+    -- --model $d --load-format random --max-running-requests 128 2>&1 | grep -E "==|QPS|tokens/s|TTFT|TPOT|loop lag"
+  python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 256 \
+    >"$OUT/srv256.log" 2>&1 &
+  srv=$!
+  timeout 240 python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 256 \
+    --num-requests 512 --warmup 256 --input-len 128 --output-mean 1024 --output-std 0 --output-min 1024 \
+    --output-max 1024 --api native --tokenizer $d --out "$OUT/serve256.json" >"$OUT/serve256.log" 2>&1
+  echo "== decode-heavy: serve_bench exit $?"; tail -8 "$OUT/serve256.log"
+  kill -INT $srv; wait $srv
   ;;
 esac
