@@ -103,12 +103,21 @@ def stream_token_ids(srv: ServerProcess, prompt: str, n: int) -> list[int]:
         "/generate_stream",
         {"inputs": prompt, "parameters": {"max_new_tokens": n, "do_sample": False, "ignore_eos": True}},
     )
-    ids, count = [], 0
+    return token_ids_by_count([json.loads(e) for e in events])
+
+
+def token_ids_by_count(events: list[dict], count: int = 0) -> list[int]:
+    """The new token ids of /generate_stream events (after `count` tokens already read): a finish
+    seen after the last token's event comes as one more event, finished, repeating that token with
+    its count unchanged, so tokens are counted by count_output_tokens, not by events."""
+    ids = []
     for e in events:
-        tok = json.loads(e)["token"]
-        if tok["count_output_tokens"] > count:  # a finish without a new token repeats the last one
+        tok = e["token"]
+        if tok["count_output_tokens"] > count:
             ids.append(tok["id"])
             count = tok["count_output_tokens"]
+        else:
+            assert e["finished"] and tok["count_output_tokens"] == count, e
     return ids
 
 

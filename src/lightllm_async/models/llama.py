@@ -9,7 +9,7 @@ allocated empty; `models/weights.py` fills them from a checkpoint by the family'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -137,46 +137,36 @@ class ForwardContext:
         )
         q_start_multi = torch.cat([len_multi.new_zeros(1), len_multi.cumsum(0)]).to(torch.int32)
 
-        def part(reqs: Tensor, rows: list[int], q_start: Tensor) -> ForwardContext:
-            return dataclasses.replace(
-                self,
-                req_idx=self.req_idx[reqs],
-                q_start=q_start,
-                seq_lens=self.seq_lens[reqs],
-                decode_only=all(q_lens[b] == 1 for b in rows),
-                host_seq_lens=tuple(self.host_seq_lens[b] for b in rows),
-                host_q_lens=tuple(q_lens[b] for b in rows),
-            )
-
         q_start_single = torch.arange(len(single) + 1, dtype=torch.int32, device=device)
         return QuerySplit(
             self.q_start[reqs_single].long(),
-            part(reqs_single, single, q_start_single),
+            self._part(reqs_single, single, q_start_single),
             tokens_multi,
-            part(reqs_multi, multi, q_start_multi),
+            self._part(reqs_multi, multi, q_start_multi),
         )
 
     def _split_in_order(self, num_single: int, num_multi_tokens: int) -> QuerySplit:
         """`by_query_len` where the one-token requests come first: each part is a slice."""
-        q_lens, seq_lens = self.host_q_lens, self.host_seq_lens
-        singles, multis = slice(0, num_single), slice(num_single, len(q_lens))
-
-        def part(reqs: slice, q_start: Tensor) -> ForwardContext:
-            return dataclasses.replace(
-                self,
-                req_idx=self.req_idx[reqs],
-                q_start=q_start,
-                seq_lens=self.seq_lens[reqs],
-                decode_only=all(n == 1 for n in q_lens[reqs]),
-                host_seq_lens=seq_lens[reqs],
-                host_q_lens=q_lens[reqs],
-            )
-
+        num_reqs = len(self.host_q_lens)
+        singles, multis = slice(0, num_single), slice(num_single, num_reqs)
         return QuerySplit(
             singles,
-            part(singles, self.q_start[: num_single + 1]),
+            self._part(singles, range(num_single), self.q_start[: num_single + 1]),
             slice(num_single, num_single + num_multi_tokens),
-            part(multis, self.q_start[num_single:] - num_single),
+            self._part(multis, range(num_single, num_reqs), self.q_start[num_single:] - num_single),
+        )
+
+    def _part(self, reqs: Tensor | slice, rows: Sequence[int], q_start: Tensor) -> ForwardContext:
+        """The context of some of this step's requests: `rows` on the host, `reqs` on the device."""
+        q_lens = self.host_q_lens
+        return dataclasses.replace(
+            self,
+            req_idx=self.req_idx[reqs],
+            q_start=q_start,
+            seq_lens=self.seq_lens[reqs],
+            decode_only=all(q_lens[b] == 1 for b in rows),
+            host_seq_lens=tuple(self.host_seq_lens[b] for b in rows),
+            host_q_lens=tuple(q_lens[b] for b in rows),
         )
 
 

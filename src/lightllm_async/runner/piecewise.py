@@ -126,8 +126,8 @@ class _Capture:
     """The cut during a capture: the input copies end the graph being captured, the next one
     begins; the attention itself is not run (its static output is what the next graph reads)."""
 
-    def __init__(self, bufs: StaticBuffers, pool, stream: torch.cuda.Stream):
-        self.bufs, self.pool, self.stream = bufs, pool, stream
+    def __init__(self, bufs: StaticBuffers, pool):
+        self.bufs, self.pool = bufs, pool
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.cuts: list[Cut] = []
 
@@ -191,11 +191,9 @@ class PiecewiseEager:
     def replay(self, bucket: int, ctx: ForwardContext) -> Tensor:
         """The final hidden states [T, H] of a step that `InputBuffers.load(..., pad_tokens_to=
         bucket)` has just uploaded; `ctx` is its (real tokens') context."""
-        t = ctx.positions.shape[0]
-        padded = self.padded(ctx, bucket)
-        x = run_padded(lambda c: self._forward(bucket, c), self.bufs, padded, ctx)
-        self.hidden[:bucket].copy_(x)
-        return self.hidden[:t]
+        x = run_padded(lambda c: self._forward(bucket, c), self.bufs, self.padded(ctx, bucket), ctx)
+        self.hidden[:bucket].copy_(x)  # where a replay leaves it, padding rows included
+        return self.hidden[: ctx.positions.shape[0]]
 
 
 class PiecewiseGraphs(PiecewiseEager):
@@ -218,7 +216,7 @@ class PiecewiseGraphs(PiecewiseEager):
                 real = self.inputs.load_prefill_padding(t)  # padding chunks: the attention runs on them
                 padded = self.padded(real, t)
                 run_padded(lambda c, t=t: self._forward(t, c), self.bufs, padded, real)  # compiles, warms up
-                rec = _Capture(self.bufs, self.pool, stream)
+                rec = _Capture(self.bufs, self.pool)
                 rec.begin()
                 self.hidden[:t].copy_(self._forward(t, dataclasses.replace(padded, cut=rec)))
                 rec.end()
