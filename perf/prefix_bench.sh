@@ -12,13 +12,14 @@ shared=${1:-2000}; unique=${2:-100}; out=${3:-128}; clients=${4:-100}; requests=
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do shift; done
 [ $# -gt 0 ] && shift
 port=${PORT:-8431}
-for mode in cache no-cache; do
+logs=${LOG_DIR:-/tmp}  # MODES="cache" runs one half; LOG_DIR keeps the logs (a device call: $OUT)
+for mode in ${MODES:-cache no-cache}; do
   flags=(); [ $mode = no-cache ] && flags=(--disable-prefix-cache)
-  python3 -m lightllm_async.server --port $port "$@" "${flags[@]}" >"/tmp/prefix_server_$mode.log" 2>&1 &
+  python3 -m lightllm_async.server --port $port "$@" "${flags[@]}" >"$logs/prefix_server_$mode.log" 2>&1 &
   srv=$!
   python3 perf/serve_bench.py --url http://127.0.0.1:$port --wait-ready 600 --clients $clients \
     --num-requests $requests --warmup $clients --shared-prefix $shared --input-len $unique \
-    --output-mean $out --output-std 0 --output-min $out --output-max $out --api native ${BENCH_ARGS:-} >"/tmp/prefix_bench_$mode.log" 2>&1
-  echo "== $mode (serve_bench exit $?)"; tail -8 "/tmp/prefix_bench_$mode.log"
+    --output-mean $out --output-std 0 --output-min $out --output-max $out --api native --out "$logs/prefix_$mode.json" ${BENCH_ARGS:-} >"$logs/prefix_bench_$mode.log" 2>&1
+  echo "== $mode (serve_bench exit $?)"; tail -8 "$logs/prefix_bench_$mode.log"
   kill -INT $srv; wait $srv
 done

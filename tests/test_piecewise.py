@@ -148,3 +148,19 @@ def test_capture_padding_fills_the_request_buffers_then_pads(model_dir):
     x = eager.replay(64, real)
     assert x.shape[0] == 32 and torch.isfinite(eager.hidden).all()
     assert all(pool[: runner.num_kv_tokens].abs().sum() == 0 for pool in pools)
+
+
+def test_capture_warms_up_a_mixed_step_too(model_dir):
+    """The capture's extra warm-up: single-token requests first (a mixed step's decodes, through
+    the decode path), then one chunk; with three request buffers the chunk takes what is left."""
+    cfg = EngineConfig(
+        model_path=model_dir, device="cpu", dtype="float32", max_model_len=16, kv_cache_tokens=64,
+        max_running_requests=3, max_num_batched_tokens=64,
+    )  # fmt: skip
+    runner = ModelRunner(cfg)
+    real = runner.inputs.load_prefill_padding(12, singles=2)
+    assert real.host_q_lens == (1, 1, 10) and real.positions.shape[0] == 12
+    assert real.by_query_len.single.host_q_lens == (1, 1)
+    eager = PiecewiseEager(runner.model, runner.kv, runner.inputs, 16, buckets=[16])
+    x = eager.replay(16, runner.inputs.load_prefill_padding(16, singles=3))
+    assert x.shape[0] == 16 and torch.isfinite(x).all()

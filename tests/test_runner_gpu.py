@@ -157,3 +157,32 @@ def test_piecewise_graphs_give_the_eager_tokens(shape, buckets, tmp_path):
         outs.append(overlapped_generate(runner, prompts, params))
         assert eager or len(replays) > 3
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "deepseek-v2-tiny"])
+def test_serving_compiles_no_triton_kernel_after_capture(shape, tmp_path):
+    """Once the runner has captured its graphs, the steps of a served mix (chunked prompts beside
+    decodes, one to five requests a step, the decodes' arrays sliced off the chunks') launch only
+    kernels already compiled: a compile in mid-serving stalls every stream for 0.1-1 s."""
+    from lightllm_async.kernels.backend import on_compile
+    from lightllm_async.tools.make_random_model import shape_config, write_model
+
+    path = write_model(shape_config(shape, "bfloat16"), str(tmp_path), seed=3)
+    cfg = EngineConfig(
+        model_path=path, device="cuda", dtype="bfloat16", max_model_len=256, kv_cache_tokens=2048,
+        max_running_requests=5, max_num_batched_tokens=128,
+    )  # fmt: skip
+    runner = ModelRunner(cfg)
+    assert runner.piecewise is not None
+    g = torch.Generator().manual_seed(11)
+    lengths = (170, 5, 33, 12, 1, 50, 9, 27, 3, 140, 16, 64)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    params = [SamplingParams(max_new_tokens=3 + 4 * (i % 3), temperature=0.0) for i in range(len(prompts))]
+    compiled: list[str] = []
+    if not on_compile(compiled.append):
+        pytest.skip("this Triton has no compile hook")
+    try:
+        overlapped_generate(runner, prompts, params)
+    finally:
+        on_compile(None)
+    assert compiled == []

@@ -156,7 +156,15 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         engine.publish_stats()
         region.set_engine_state(EngineState.READY)
-        engine.run()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+            from lightllm_async.kernels.backend import log_compiles
+
+            log_compiles(log)
+        profile_path = os.environ.get("LIGHTLLM_ASYNC_PROFILE")  # a diagnosis aid: perf/README
+        if profile_path:
+            _run_profiled(engine, f"{profile_path}.{replica}")
+        else:
+            engine.run()
         if leader is not None:
             leader.stop_followers()
     except BaseException as exc:  # noqa: BLE001 - report whatever killed us, then die
@@ -167,6 +175,19 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         sys.exit(1)
     finally:
         region.close()
+
+
+def _run_profiled(engine, path: str) -> None:
+    """Run the step loop under cProfile and write its stats to `path` (pstats format) when it ends:
+    where a step's host time goes, in the server as it is driven (LIGHTLLM_ASYNC_PROFILE=prefix)."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(engine.run)
+    finally:
+        profiler.dump_stats(path)
+        log.info("profile of the step loop written to %s", path)
 
 
 def _pd_side(cfg: EngineConfig, region, scheduler, runner, replica: int):

@@ -7,9 +7,12 @@ oracle the model is tested against. `LLA_KERNELS=ref` forces the references ever
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import sys
 from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +35,16 @@ try:
     import triton
     import triton.language as tl
 
-    jit = triton.jit
     HAS_TRITON = True
+
+    def jit(fn=None, **kwargs):
+        """`triton.jit`, keeping `do_not_specialize_on_alignment` only where this Triton has it
+        (from 3.2; without it a kernel still runs, it may compile once more per alignment)."""
+        if "do_not_specialize_on_alignment" in kwargs and not _ALIGNMENT_KNOB:
+            kwargs.pop("do_not_specialize_on_alignment")
+        return triton.jit(fn, **kwargs) if fn is not None else triton.jit(**kwargs)
+
+    _ALIGNMENT_KNOB = "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
 except ImportError:  # the kernel files still import: `@jit` and `tl.constexpr` need names only
     triton = None
     tl = SimpleNamespace(constexpr=Any)
@@ -46,7 +57,39 @@ except ImportError:  # the kernel files still import: `@jit` and `tl.constexpr` 
 # whether triton was imported in interpreter mode, so that kernels can run on CPU tensors
 INTERPRETED = HAS_TRITON and type(tl.sum).__name__ == "InterpretedFunction"
 
-__all__ = ["HAS_TRITON", "INTERPRETED", "jit", "tl", "triton", "use_cpu_path", "use_triton"]
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRETED",
+    "jit",
+    "log_compiles",
+    "on_compile",
+    "tl",
+    "triton",
+    "use_cpu_path",
+    "use_triton",
+]
+
+
+def log_compiles(log: logging.Logger) -> bool:
+    """From now on, log each Triton kernel this process compiles, with the argument types it was
+    specialized for: after start-up every compile is a stall of 0.1-1 s in the middle of serving
+    (an integer argument that became 1 or a multiple of 16, a new block size), so a steady server
+    should log none. False where this Triton has no compile hook."""
+    return on_compile(lambda text: log.warning("compiled a Triton kernel while serving: %s", text[:600]))
+
+
+def on_compile(callback: Callable[[str], None] | None) -> bool:
+    """Call `callback` with the kernel's name, launch options and argument types each time this
+    process compiles a Triton kernel (None: stop). False where this Triton has no compile hook."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        return False
+
+    def hook(*, repr: str, **_: Any) -> None:  # noqa: A002 - Triton's keyword
+        callback(repr)
+
+    knobs.runtime.jit_post_compile_hook = None if callback is None else hook
+    return True
 
 
 def use_triton(t: Tensor) -> bool:

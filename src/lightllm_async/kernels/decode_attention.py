@@ -85,7 +85,7 @@ def decode_attention_rows(
     return o.reshape(batch, hq, dim).to(q.dtype)
 
 
-@jit
+@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])  # may be slices (prefill_attention.py)
 def _decode_split_kernel(
     Q,  # [B, Hq, D] one query token per request
     K_CACHE,  # [S, Hk, D] key cache, one row per token

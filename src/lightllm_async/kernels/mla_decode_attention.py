@@ -40,7 +40,7 @@ def mla_decode_attention_ref(
     return out
 
 
-@jit
+@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])  # may be slices (prefill_attention.py)
 def _mla_decode_split_kernel(
     Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
     Q_PE,  # [B, H, P] rope queries

@@ -80,7 +80,10 @@ def prefill_attention_cpu(
     return out
 
 
-@jit
+# Run between piecewise graphs on each step's own requests: nothing that changes from step to step
+# may choose a specialization (a compile in mid-serving), neither the request count (1, a multiple
+# of 16) nor the alignment of the per-request arrays (a mixed step passes them sliced after its decodes).
+@jit(do_not_specialize=["num_reqs"], do_not_specialize_on_alignment=["REQ_IDX", "Q_START", "SEQ_LENS"])
 def _prefill_kernel(
     Q,  # [T, Hq, D] the new tokens' queries, packed request after request
     K_CACHE,  # [S, Hk, D] key cache, the new tokens' keys stored already

@@ -278,16 +278,18 @@ class InputBuffers:
         self._write(flat)
         self.staging.upload()
 
-    def load_prefill_padding(self, num_tokens: int) -> ForwardContext:
+    def load_prefill_padding(self, num_tokens: int, singles: int = 0) -> ForwardContext:
         """A step of num_tokens padding tokens: what a piecewise capture warms up on. As many as the
         request buffers allow form prefill chunks of requests on the sink row (every position of
         which maps to the sink slot), at most a request-table row each, so that the attention runs
-        on them; the rest are padding of no request. Returns the chunks' context."""
+        on them; the rest are padding of no request. The first `singles` requests take one token
+        each (a mixed step's decodes). Returns the chunks' context."""
         width, max_reqs = self.req_to_token.shape[1], self.staging.capacity("req_idx")
         self.req_to_token[self.sink_row] = self.sink_slot
         flat = FlatInputs()
-        for start in range(0, min(num_tokens, width * max_reqs), width):
-            n = min(width, num_tokens - start)
+        starts = [*range(min(singles, num_tokens)), *range(singles, num_tokens, width)][:max_reqs]
+        for start, end in zip(starts, [*starts[1:], num_tokens], strict=True):
+            n = min(width, end - start)
             flat.ids.extend([0] * n)
             flat.positions.extend(range(n))
             flat.kv_slots.extend([self.sink_slot] * n)

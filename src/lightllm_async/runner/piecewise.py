@@ -212,6 +212,12 @@ class PiecewiseGraphs(PiecewiseEager):
         stream.wait_stream(torch.cuda.current_stream())
         num_pieces = 0
         with torch.cuda.stream(stream):
+            # The attention between the pieces runs eagerly on each step's own requests: compile
+            # now what a mixed step launches there (decodes through the decode kernel, a short chunk
+            # through the prefill kernel's small blocks), not in the middle of serving.
+            t = self.buckets[0]
+            real = self.inputs.load_prefill_padding(t, singles=min(3, t - 1))
+            run_padded(lambda c: self._forward(t, c), self.bufs, self.padded(real, t), real)
             for t in reversed(self.buckets):
                 real = self.inputs.load_prefill_padding(t)  # padding chunks: the attention runs on them
                 padded = self.padded(real, t)
