@@ -11,8 +11,8 @@ import inspect
 import logging
 import os
 import sys
-from types import SimpleNamespace
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
