@@ -6,8 +6,9 @@ Llama-3-8B heads (32 q / 8 kv, dim 128), bf16, one request of 4096 new tokens (a
 after a 3072-token prefix). TFLOP/s counts the causal pairs only (4 * pairs * H * D). The matmul
 rate is an 8192^3 bf16 torch.mm in the same run; SDPA is torch's scaled_dot_product_attention
 (causal, flash backend where available) on contiguous [1, H, T, D] tensors, GQA heads expanded,
-so it reads no request table. `--sweep`: also every (BLOCK_M, BLOCK_N, warps, stages) below, to
-choose the kernel's blocks from.
+so it reads no request table. "new k/v contiguous": the new tokens' k/v read from the step's own
+[T, Hk, D] tensors rather than gathered from the cache (the model passes them). `--sweep`: also
+every (BLOCK_M, BLOCK_N, warps, stages) below for that variant, to choose the kernel's blocks from.
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ def main() -> None:
         case = prefill_case(batch, new, prefix, 32, 8, 128)
         ms = bench_ms(case.kernel)
         rows.append((case.shape, "kernel (chosen blocks)", ms, case.flops / ms / 1e9))
+        q, kc, vc = case.args[:3]
+        new_kv = {
+            "k_new": rand(q.shape[0], kc.shape[1], kc.shape[2]),
+            "v_new": rand(q.shape[0], *vc.shape[1:]),
+        }
+        ms = bench_ms(functools.partial(K.prefill_attention, *case.args, **new_kv))
+        rows.append((case.shape, "kernel, new k/v contiguous", ms, case.flops / ms / 1e9))
         if batch == 1:
             s = sdpa_ms(new, 32, 128)
             rows.append((case.shape, "SDPA (dense, causal)", s, case.flops / s / 1e9))
         if args.sweep:
             for blocks in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
                 try:
-                    ms = bench_ms(functools.partial(K.prefill_attention, *case.args, blocks=blocks))
+                    ms = bench_ms(functools.partial(K.prefill_attention, *case.args, blocks=blocks, **new_kv))
                 except Exception as exc:  # out of shared memory for that tile: not a candidate
                     print(f"  {blocks}: {type(exc).__name__}")
                     continue
-                name = "  blocks {}x{} warps {} stages {}".format(*blocks)
+                name = "  new k/v, blocks {}x{} warps {} stages {}".format(*blocks)
                 rows.append((case.shape, name, ms, case.flops / ms / 1e9))
         torch.cuda.empty_cache()
     print(f"\n{'shape':<36} {'variant':<34} {'ms':>8} {'TFLOP/s':>8} {'of mm':>6}")

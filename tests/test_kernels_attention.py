@@ -61,7 +61,9 @@ def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
     return out
 
 
-def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None):
+def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False):
+    """new_kv: the new tokens' k/v passed apart (v a strided view, as a fused projection leaves
+    it), and their cache rows then overwritten with NaN: the kernel must read them apart."""
     hq, hk = heads
     seq_lens = [new + prefix for new, prefix in new_and_prefix]
     k_cache, v_cache, req_to_token, req_idx, lens = make_cache(
@@ -71,9 +73,20 @@ def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None):
     q_start = new.cumsum(0).to(torch.int32)
     q = torch.randn(int(q_start[-1]), hq, head_dim, dtype=dtype, device=device)
     args = (q, k_cache, v_cache, req_to_token, req_idx, q_start, lens, head_dim**-0.5)
-    with nan_filled_allocations():
-        out = prefill_attention(*args)
     ref = prefill_attention_ref(*args)
+    extra = {}
+    if new_kv:
+        rows = torch.cat(
+            [
+                req_to_token[req_idx[b], n - m : n].long()
+                for b, (m, n) in enumerate(zip(new[1:], seq_lens, strict=True))
+            ]
+        )
+        kv = torch.cat([k_cache[rows], v_cache[rows]], dim=-1)  # [T, Hk, D + Dv]
+        extra = {"k_new": kv[..., :head_dim].contiguous(), "v_new": kv[..., head_dim:]}
+        k_cache[rows], v_cache[rows] = float("nan"), float("nan")
+    with nan_filled_allocations():
+        out = prefill_attention(*args, **extra)
     assert out.shape == (q.shape[0], hq, v_dim or head_dim) and not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
@@ -120,8 +133,9 @@ def test_decode_attention_gives_zeros_for_an_empty_context(interpreter):
         [(1, 3)] * 9 + [(40, 0)],  # many short requests ahead of one long one
     ],
 )
-def test_prefill_attention_matches_reference_in_interpreter(interpreter, new_and_prefix, head_dim):
-    check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu")
+@pytest.mark.parametrize("new_kv", [False, True], ids=["cache", "new-kv"])
+def test_prefill_attention_matches_reference_in_interpreter(interpreter, new_and_prefix, head_dim, new_kv):
+    check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu", new_kv=new_kv)
 
 
 def test_prefill_attention_handles_mha_and_wide_gqa(interpreter):
@@ -220,6 +234,7 @@ def test_decode_attention_matches_reference_on_gpu(gpu):
 def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
     new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
     check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda")
+    check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda", new_kv=True)
 
 
 @pytest.mark.gpu

@@ -50,9 +50,26 @@ def attend_block(
     MASKED: tl.constexpr,  # apply `limit`; False only where every query sees the whole block
     PRECISION: tl.constexpr,  # tl.dot input precision
 ):  # fmt: skip
-    # -- this block's keys and scores --
     mask_n = offs_n < end
     rows = tl.load(REQ_ROW + offs_n, mask=mask_n, other=0).to(tl.int64)
+    return attend_rows(
+        q, m_i, l_i, acc, rows, mask_n, offs_n, limit, K_HEAD, V_HEAD, stride_k_s, stride_v_s, offs_d,
+        mask_d, offs_dv, mask_dv, qk_scale, MASKED=MASKED, PRECISION=PRECISION,
+    )  # fmt: skip
+
+
+@jit
+def attend_rows(
+    q, m_i, l_i, acc,  # as attend_block's
+    rows,  # [BLOCK_N] int64 rows of K_HEAD / V_HEAD holding this block's keys and values
+    mask_n,  # [BLOCK_N] which of them to load (the others score as 0 unless MASKED excludes them)
+    offs_n, limit, K_HEAD, V_HEAD, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """attend_block's body, for keys and values found by row: through the request's cache rows
+    (attend_block), or at contiguous rows (a step's new tokens, prefill_attention's NEW_KV)."""
+    # -- this block's keys and scores --
     k_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K_HEAD + rows[:, None] * stride_k_s + offs_d[None, :], mask=k_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]

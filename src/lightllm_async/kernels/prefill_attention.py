@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .attention_block import attend_block, attend_init, attend_ref, attend_result
+from .attention_block import attend_block, attend_init, attend_ref, attend_result, attend_rows
 from .backend import jit, tl, triton, use_triton
 
 
@@ -93,11 +93,15 @@ def _prefill_kernel(
     Q_START,  # [B + 1] first row in Q of each request, then T
     SEQ_LENS,  # [B] total tokens of each request, cached prefix included
     OUT,  # [T, Hq, Dv] attention output
+    K_NEW,  # [T, Hk, D] with NEW_KV: the new tokens' keys, row by row as Q (else unused)
+    V_NEW,  # [T, Hk, Dv] with NEW_KV: their values
     stride_q_t, stride_q_h,  # Q strides; the head dim is contiguous
     stride_k_s, stride_k_h,  # K_CACHE strides
     stride_v_s, stride_v_h,  # V_CACHE strides
     stride_r2t,  # REQ_TO_TOKEN row stride
     stride_o_t, stride_o_h,  # OUT strides
+    stride_kn_t, stride_kn_h,  # K_NEW strides
+    stride_vn_t, stride_vn_h,  # V_NEW strides
     num_reqs,  # B
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     GROUP: tl.constexpr,  # query heads per kv head
@@ -108,6 +112,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     BLOCK_DV: tl.constexpr,  # >= V_DIM, a power of two
+    NEW_KV: tl.constexpr,  # the new tokens' k/v from K_NEW/V_NEW (contiguous), the prefix's from the cache
 ):  # fmt: skip
     # one program: BLOCK_M queries of one request and one query head. Request b owns programs
     # q_start[b] // BLOCK_M + b onwards, which leaves it at least cdiv(n_b, BLOCK_M) of them and
@@ -150,20 +155,55 @@ def _prefill_kernel(
     m_i, l_i, acc = attend_init(BLOCK_M, BLOCK_DV)
     req_row = REQ_TO_TOKEN + req * stride_r2t
     k_head, v_head = K_CACHE + kv_head * stride_k_h, V_CACHE + kv_head * stride_v_h
-    seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
-    for n in range(0, seen_by_all, BLOCK_N):
-        m_i, l_i, acc = attend_block(
-            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), seen_by_all, seen_by_all, req_row, k_head,
-            v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
-            PRECISION=PRECISION,
-        )  # fmt: skip
-    last = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
-    for n in range(seen_by_all, last, BLOCK_N):
-        m_i, l_i, acc = attend_block(
-            q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), last, pos_m[:, None] + 1, req_row, k_head,
-            v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=True,
-            PRECISION=PRECISION,
-        )  # fmt: skip
+    if NEW_KV:
+        # the cached prefix through the cache (whole blocks, then its last partial one), then the
+        # new tokens at their rows of K_NEW/V_NEW: whole blocks before this block's first query,
+        # the causal mask on the rest
+        prefix = seq_len - num_new
+        whole = prefix // BLOCK_N * BLOCK_N
+        for n in range(0, whole, BLOCK_N):
+            m_i, l_i, acc = attend_block(
+                q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), whole, whole, req_row, k_head, v_head,
+                stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
+                PRECISION=PRECISION,
+            )  # fmt: skip
+        if whole < prefix:
+            m_i, l_i, acc = attend_block(
+                q, m_i, l_i, acc, whole + tl.arange(0, BLOCK_N), prefix, prefix, req_row, k_head, v_head,
+                stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=True,
+                PRECISION=PRECISION,
+            )  # fmt: skip
+        kn_head, vn_head = K_NEW + kv_head * stride_kn_h, V_NEW + kv_head * stride_vn_h
+        first = m_block * BLOCK_M  # new tokens before it: seen by every query of the block
+        for j in range(0, first, BLOCK_N):
+            offs_j = j + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = attend_rows(
+                q, m_i, l_i, acc, (q_beg + offs_j).to(tl.int64), offs_j < first, offs_j, first, kn_head,
+                vn_head, stride_kn_t, stride_vn_t, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
+                PRECISION=PRECISION,
+            )  # fmt: skip
+        for j in range(first, tl.minimum(num_new, first + BLOCK_M), BLOCK_N):
+            offs_j = j + tl.arange(0, BLOCK_N)
+            m_i, l_i, acc = attend_rows(
+                q, m_i, l_i, acc, (q_beg + offs_j).to(tl.int64), offs_j < num_new, offs_j,
+                offs_m[:, None] + 1, kn_head, vn_head, stride_kn_t, stride_vn_t, offs_d, mask_d, offs_dv,
+                mask_dv, qk_scale, MASKED=True, PRECISION=PRECISION,
+            )  # fmt: skip
+    else:
+        seen_by_all = (seq_len - num_new + m_block * BLOCK_M) // BLOCK_N * BLOCK_N
+        for n in range(0, seen_by_all, BLOCK_N):
+            m_i, l_i, acc = attend_block(
+                q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), seen_by_all, seen_by_all, req_row, k_head,
+                v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
+                PRECISION=PRECISION,
+            )  # fmt: skip
+        last = tl.minimum(seq_len, seq_len - num_new + (m_block + 1) * BLOCK_M)
+        for n in range(seen_by_all, last, BLOCK_N):
+            m_i, l_i, acc = attend_block(
+                q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), last, pos_m[:, None] + 1, req_row, k_head,
+                v_head, stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=True,
+                PRECISION=PRECISION,
+            )  # fmt: skip
 
     # -- normalize and store; rows past the request's queries are not stored --
     out, _ = attend_result(m_i, l_i, acc)
@@ -190,6 +230,8 @@ def prefill_attention(
     seq_lens: Tensor,
     scale: float,
     blocks: tuple[int, int, int, int] | None = None,
+    k_new: Tensor | None = None,
+    v_new: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of the new tokens of B requests, packed in q [T, Hq, D], over k_cache
     [S, Hk, D] and v_cache [S, Hk, Dv]: out [T, Hq, Dv] (Dv may differ from D).
@@ -200,6 +242,10 @@ def prefill_attention(
     found through req_to_token[req_idx[b]]. The new tokens' k and v must be stored first, and
     q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
     chosen ones (perf/prefill_attention_bench.py sweeps them).
+
+    `k_new` [T, Hk, D] and `v_new` [T, Hk, Dv]: the new tokens' k and v (also stored in the cache),
+    row by row as q; given, the kernel reads them there, contiguous, rather than gathering them
+    through req_to_token, and the cache only for each request's cached prefix.
     """
     if not use_triton(q):
         fallback = prefill_attention_cpu if q.device.type == "cpu" else prefill_attention_ref
@@ -209,18 +255,29 @@ def prefill_attention(
     assert k_cache.shape[2] == dim and v_cache.shape[:2] == k_cache.shape[:2] and hq % hk == 0
     assert q_start.shape == (batch + 1,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    new_kv = k_new is not None
+    if new_kv:
+        assert (
+            v_new is not None
+            and k_new.shape == (num_tokens, hk, dim)
+            and v_new.shape == (num_tokens, hk, dim_v)
+        )
+        assert k_new.stride(2) == 1 and v_new.stride(2) == 1
+    else:
+        k_new = v_new = k_cache  # unused
     out = torch.empty((num_tokens, hq, dim_v), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
     block_m, block_n, num_warps, num_stages = blocks or _blocks(q, batch)
     _prefill_kernel[(num_tokens // block_m + batch, hq)](
-        q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out,
+        q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out, k_new, v_new,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         batch, scale * math.log2(math.e),
         GROUP=hq // hk, HEAD_DIM=dim, V_DIM=dim_v, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_DV=triton.next_power_of_2(dim_v),
+        BLOCK_DV=triton.next_power_of_2(dim_v), NEW_KV=new_kv,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -254,10 +254,14 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rotary_emb(q, k, ctx.positions, cos_sin)
         store_kv(k_cache, v_cache, k, v, ctx.kv_slots)
-        o = ctx.attend(self._attend, (q,), q.shape[1:], k_cache, v_cache)
+        # k and v go along (stored already) for prefill: the kernel reads the new tokens' there,
+        # contiguous, rather than gathering them back from the cache
+        o = ctx.attend(self._attend, (q, k, v), q.shape[1:], k_cache, v_cache)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
-    def _attend(self, q: Tensor, ctx: ForwardContext, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
         if ctx.decode_rows is not None:
             return decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
         if ctx.decode_only:
@@ -267,8 +271,9 @@ class Attention(nn.Module):
         q_lens = ctx.host_q_lens
         if q_lens is None or 1 not in q_lens or all(n == 1 for n in q_lens):
             return prefill_attention(
-                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.q_start, ctx.seq_lens, self.scale
-            )
+                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.q_start, ctx.seq_lens, self.scale,
+                k_new=k, v_new=v,
+            )  # fmt: skip
         # Mixed: the decodes through the decode kernel, which reads each context once for a
         # group of query heads and splits long ones; in the prefill kernel each would take a
         # block of query rows alone (an H200 spent 17 of a 44 ms step on 100 decodes that way).
@@ -278,8 +283,9 @@ class Attention(nn.Module):
         o[dec] = decode_attention(q[dec], k_cache, v_cache, c.req_to_token, c.req_idx, c.seq_lens, self.scale)
         c = split.multi
         o[pre] = prefill_attention(
-            q[pre], k_cache, v_cache, c.req_to_token, c.req_idx, c.q_start, c.seq_lens, self.scale
-        )
+            q[pre], k_cache, v_cache, c.req_to_token, c.req_idx, c.q_start, c.seq_lens, self.scale,
+            k_new=k[pre], v_new=v[pre],
+        )  # fmt: skip
         return o
 
 
