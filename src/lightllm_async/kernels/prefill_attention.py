@@ -211,12 +211,17 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
-def _blocks(q: Tensor, batch: int) -> tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages, from shapes known on the host (measured on H100)."""
+def _blocks(q: Tensor, batch: int, new_kv: bool = False) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages, from shapes known on the host (measured on H100;
+    with new_kv on an H200, perf/prefill_attention_bench.py --sweep, 2026-11-30: 128x128 with 8
+    warps 0.389 ms at 4k causal and 0.640 ms for 4 x 1024 after 3072 cached, against 0.615 and
+    1.003 ms with the gathering kernel's 128x64 and 4 warps)."""
     if not q.is_cuda:
         return 16, 16, 4, 1  # the interpreter: small blocks so that small tests cross block edges
     if q.shape[-1] <= 64 or q.shape[0] < 128 * batch:
         return 64, 64, 4, 3  # small heads, or few new tokens per request (chunked prefill)
+    if new_kv and q.shape[-1] <= 128:
+        return 128, 128, 8, 3
     return 128, 64, 4, 3
 
 
@@ -268,7 +273,7 @@ def prefill_attention(
     out = torch.empty((num_tokens, hq, dim_v), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    block_m, block_n, num_warps, num_stages = blocks or _blocks(q, batch)
+    block_m, block_n, num_warps, num_stages = blocks or _blocks(q, batch, new_kv)
     _prefill_kernel[(num_tokens // block_m + batch, hq)](
         q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out, k_new, v_new,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
