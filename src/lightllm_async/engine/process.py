@@ -160,7 +160,7 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
             from lightllm_async.kernels.backend import log_compiles
 
             log_compiles(log)
-        profile_path = os.environ.get("LIGHTLLM_ASYNC_PROFILE")  # a diagnosis aid: perf/README
+        profile_path = os.environ.get("LIGHTLLM_ASYNC_PROFILE")  # a diagnosis aid (README)
         if profile_path:
             _run_profiled(engine, f"{profile_path}.{replica}")
         else:
