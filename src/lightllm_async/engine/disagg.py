@@ -59,9 +59,10 @@ class PrefillSide:
     stalls holds back this replica's admissions instead of growing its memory.
     """
 
-    def __init__(self, region: EngineRegion, sender: Sender):
+    def __init__(self, region: EngineRegion, sender: Sender, rank: int | None = None):
         self.region = region
         self.sender = sender
+        self.rank = rank  # in the group (None: the replica index, as under --pd on one host)
         self._next_seq: dict[int, int] = {}  # by decode replica
         self._sending: list[tuple[Any, Request]] = []
         self.sent_tokens = 0  # KV positions handed off
@@ -73,7 +74,7 @@ class PrefillSide:
         self._next_seq[dest] = seq + 1
         self._sending.append((self.sender.send(dest, seq, f.handoff_kv), req))
         self.region.set_cached_tokens(req.slot, req.cached_tokens or 0)
-        self.region.hand_off(req.slot, seq)
+        self.region.hand_off(req.slot, seq, self.rank)
         self.sent_tokens += len(f.handoff_kv)
 
     def arrived(self, slot: int, gen: int) -> None:

@@ -123,6 +123,8 @@ class Generation:
             if h.disconnected:
                 raise ClientDisconnected
             if h.engine_dead and h.finish_reason is None:
+                if h.error is not None:  # --role router: which server failed, and how
+                    raise ApiError(503, h.error)
                 raise engine_dead_error(h.replica if self._reader.num_replicas > 1 else None)
             done = h.finish_reason
             if done == FinishReason.ERROR:
