@@ -242,6 +242,34 @@ def test_clients_leaving_at_every_stage_leak_nothing_and_hold_back_no_later_tran
     assert _metric(p, "kv_transfer_sent_tokens_total") == _metric(d, "kv_transfer_received_tokens_total")
 
 
+def test_a_router_killed_mid_flight_leaves_no_request_nor_transfer_behind(role):
+    """The role servers see the router go: the prefill server drops what it computes and gives
+    the decode server whatever its engine handed off; nothing stays taken, no transfer of the
+    pair is left unannounced (the next requests through another router are served)."""
+    router, p, d, _ = role
+    second = ServerProcess(*router.proc.args[5:])  # the same flags, on a port of its own
+    sent = _metric(p, "kv_transfer_sent_tokens_total")
+    rng = random.Random(5)
+    bodies = [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 120))), "max_tokens": 20,
+               "ignore_eos": True, "stream": True} for _ in range(12)]  # fmt: skip
+    streams = [TimedStream(second, b) for b in bodies]
+    assert wait_until(lambda: _metric(p, "kv_transfer_sent_tokens_total") > sent, 10, interval=0.002)
+    time.sleep(0.05)
+    second.kill_tree()
+    for s in streams:
+        s.join(5)
+    assert wait_until(lambda: _idle(p) and _idle(d), 15)
+    assert wait_until(
+        lambda: (
+            _metric(p, "kv_transfer_sent_tokens_total") == _metric(d, "kv_transfer_received_tokens_total")
+        ),
+        5,
+    )
+    body = {"prompt": "the model", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    got = concurrently(lambda b: router.request("POST", "/v1/completions", b, timeout=20)[2], [body] * 4)
+    assert [g["usage"]["completion_tokens"] for g in got] == [5] * 4
+
+
 def test_internal_endpoints_need_the_secret_and_a_role_server(role):
     router, p, d, unified = role
     call = {"prompt_ids": [1, 2], "params": {}, "decode_rank": 1, "decode_url": d.url, "id": "x"}
@@ -259,9 +287,40 @@ def tiny_path(tmp_path_factory):
     return make_random_model("tiny", str(tmp_path_factory.mktemp("tiny-kill")), "float32", seed=4)
 
 
-@pytest.mark.parametrize("victim", ["decode", "prefill"])
-def test_a_killed_server_ends_the_routers_requests_within_2s_and_503_until_the_pair_is_back(
-    tiny_path, victim
+def _kill_mid_stream(router, p, d, victim: str) -> None:
+    """Streams in every stage (decoding on d, prompts on p), then SIGKILL the victim's process
+    tree: every stream ends with an error naming a server within 2 s, the router refuses new
+    requests with 503, the survivor exits 1 (its engine saw its peer go) leaving no shared memory."""
+    rng = random.Random(victim)
+
+    def stream(n_words: int) -> TimedStream:
+        prompt = " ".join(rng.choices(WORDS, k=n_words))  # distinct: no prompt waits for another's
+        return TimedStream(router, {"prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True})
+
+    streams = [stream(20) for _ in range(3)]
+    assert wait_until(lambda: _metric(d, "num_requests_running") > 0, 30)  # decoding
+    streams += [stream(100) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
+    assert wait_until(lambda: _metric(p, "num_requests_running") > 0, 30, interval=0.002)
+    dead, survivor = (d, p) if victim == "decode" else (p, d)
+    dead.kill_tree()
+    killed = time.monotonic()
+    for s in streams:
+        s.join(15)
+    delays = [s.events[-1][0] - killed for s in streams]
+    assert all(dl < 2.0 for dl in delays), delays
+    errors = [s.error for s in streams]
+    assert all("server" in e for e in errors), "\n".join(errors)
+    assert any(f"{victim} server" in e for e in errors), "\n".join(errors)
+    status, _, out = router.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 503 and "server" in out["error"]["message"], out
+    assert survivor.proc.wait(15) == 1
+    assert "stopped (exit 1)" in survivor.text_log()
+    assert _shm_files(survivor) == []
+    assert router.request("GET", "/health")[0] == 503
+
+
+def test_a_killed_decode_then_prefill_server_ends_the_routers_requests_within_2s_and_503_until_back(
+    tiny_path,
 ):
     ports = (free_port(), free_port())
     # small chunks: prompts take many steps, so requests sit in every stage when the kill comes
@@ -270,41 +329,16 @@ def test_a_killed_server_ends_the_routers_requests_within_2s_and_503_until_the_p
     servers = [router, p, d]
     try:
         assert wait_until(lambda: router.request("GET", "/health")[0] == 200, 10)
-        rng = random.Random(victim)
-
-        def stream(n_words: int) -> TimedStream:
-            prompt = " ".join(rng.choices(WORDS, k=n_words))
-            return TimedStream(
-                router, {"prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True}
-            )
-
-        streams = [stream(20) for _ in range(3)]
-        assert wait_until(lambda: _metric(d, "num_requests_running") > 0, 30)  # decoding
-        streams += [stream(100) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
-        assert wait_until(lambda: _metric(p, "num_requests_running") > 0, 30, interval=0.002)
-        dead, survivor = (d, p) if victim == "decode" else (p, d)
-        dead.kill_tree()
-        killed = time.monotonic()
-        for s in streams:
-            s.join(15)
-        delays = [s.events[-1][0] - killed for s in streams]
-        assert all(dl < 2.0 for dl in delays), delays
-        errors = [s.error for s in streams]
-        assert all("server" in e for e in errors), "\n".join(errors)
-        assert any(f"{victim} server" in e for e in errors), "\n".join(errors)
-        status, _, out = router.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
-        assert status == 503, out
-        assert survivor.proc.wait(15) == 1  # its engine saw its peer go, and stopped for a supervisor
-        assert "stopped (exit 1)" in survivor.text_log()
-        assert _shm_files(survivor) == []
-        assert router.request("GET", "/health")[0] == 503
-        # both back (a killed server's region is removed by the next start on the host)
+        _kill_mid_stream(router, p, d, "decode")
+        # both back: the router serves again (the killed server's region is removed by the next
+        # start on the host: a SIGKILLed process cannot unlink it)
         p, d = _pair(tiny_path, ports, chunk=8)
         servers += [p, d]
-        assert _shm_files(dead) == []
+        assert _shm_files(servers[2]) == []
         assert wait_until(lambda: router.request("GET", "/health")[0] == 200, 10)
         body = {"prompt": "the model", "max_tokens": 5, "ignore_eos": True}
         status, _, out = router.request("POST", "/v1/completions", body)
         assert status == 200 and out["usage"]["completion_tokens"] == 5, out
+        _kill_mid_stream(router, p, d, "prefill")
     finally:
         _stop_all(*servers)

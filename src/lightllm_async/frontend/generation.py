@@ -128,6 +128,8 @@ class Generation:
                 raise engine_dead_error(h.replica if self._reader.num_replicas > 1 else None)
             done = h.finish_reason
             if done == FinishReason.ERROR:
+                if h.error is not None:  # --role router: which server failed it
+                    raise ApiError(500, h.error)
                 if h.source >= 0 and h.replica != h.source:  # --pd: it failed after the handoff
                     raise ApiError(
                         500,

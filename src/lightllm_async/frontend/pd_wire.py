@@ -4,14 +4,15 @@ detokenizes and formats the API's responses itself, as a one-host frontend does,
 servers' internal endpoints carry only what the region would.
 
     router -> prefill server   POST /internal/pd/prefill  PrefillCall -> a stream of Events
-    router -> decode server    POST /internal/pd/decode   DecodeCall  -> a stream of Events
+    prefill -> decode server   POST /internal/pd/decode   DecodeCall (the handoff, before its event)
+    router -> decode server    POST /internal/pd/attach   AbortCall (by id) -> a stream of Events
     router -> prefill server   POST /internal/pd/abort    AbortCall (the client of call `id` left)
     router -> either           GET  /internal/pd/info     -> RoleInfo (200 while its engine runs)
 
 A stream is `json\\n\\n` events: `tokens` and `logprobs` as they come, then one last event that
 is a `finish`, a `handoff` (the prefill engine handed the request to the decode engine the call
-named: what the decode server needs in order to take it over), or an `error`. A stream that ends
-without one means the server died.
+named, and the prefill server gave it to the decode server, where it waits for the router to
+attach by the call's id), or an `error`. A stream that ends without one means the server died.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from lightllm_async.types import SamplingParams
 INFO_PATH = "/internal/pd/info"
 PREFILL_PATH = "/internal/pd/prefill"
 ABORT_PATH = "/internal/pd/abort"
+ATTACH_PATH = "/internal/pd/attach"
 DECODE_PATH = "/internal/pd/decode"
 SECRET_HEADER = "x-lla-pd-secret"
 
 
 class PrefillCall(msgspec.Struct, forbid_unknown_fields=True):
-    """Run the prompt; hand the request to group rank `decode_rank` (whose server is at
-    `decode_url`, told of the handoff by this server if the caller left before it came)."""
+    """Run the prompt; hand the request to group rank `decode_rank`, whose server (at
+    `decode_url`) this server then gives the request to, under the call's `id`."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -39,12 +41,15 @@ class PrefillCall(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class AbortCall(msgspec.Struct, forbid_unknown_fields=True):
+    """Names a call by its id: to abort (prefill server) or to attach to (decode server)."""
+
     id: str
 
 
 class DecodeCall(msgspec.Struct, forbid_unknown_fields=True):
-    """Take over the request prefill engine `source` handed off as its transfer `seq`; `abort`:
-    only to receive its KV (the transfers of a pair go in order) and drop it."""
+    """Take over the request prefill engine `source` handed off as its transfer `seq`, until the
+    router attaches by `id`; `abort`: only to receive its KV (the transfers of a pair go in order)
+    and drop it."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -52,6 +57,7 @@ class DecodeCall(msgspec.Struct, forbid_unknown_fields=True):
     source: int
     seq: int
     cached_tokens: int
+    id: str
     abort: bool = False
 
 

@@ -10,14 +10,15 @@ that takes it over, into the same RequestHandle a region's reader would fill. Pe
 2. POST /internal/pd/prefill to P naming D's group rank: P's engine runs the prompt, samples the
    first token (streamed at once), sends the KV to D's engine over torch.distributed and the
    stream ends with a `handoff` event (or a `finish`: the request ended on P);
-3. POST /internal/pd/decode to D with the handoff: D's engine receives the KV in its transfer
-   order and generates the rest, streamed on.
+   (P gives the request to D itself first: see frontend/pd_internal.py);
+3. POST /internal/pd/attach to D: D's engine receives the KV in its transfer order and
+   generates the rest, streamed on.
 
-A client that leaves closes the connection of the phase it is in, and that server aborts the
-request; a handoff in hand is always delivered first (its transfer would hold back the pair's
-later ones), with `abort` when the client is gone. A server that dies ends its requests with
-an error at once (its connection breaks); new requests get 503 while no prefill or no decode
-server answers its health check (polled every POLL_S), and are served again once one does.
+A client that leaves: on P, an abort call (P gives D a request its engine handed off all the
+same, to drop); on D, the connection closes and D aborts the request. A server that dies ends
+its requests with an error at once (its connection breaks); new requests get 503 while no
+prefill or no decode server answers its health check (polled every POLL_S), and are served again
+once one does.
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ import msgspec
 from lightllm_async.types import FinishReason, SamplingParams
 
 from . import upstream
-from .pd_internal import RESUME_WAIT_S, secret_headers
+from .pd_internal import secret_headers
 from .pd_wire import (
     ABORT_PATH,
-    DECODE_PATH,
+    ATTACH_PATH,
     EVENT_DECODER,
     INFO_PATH,
     PREFILL_PATH,
     AbortCall,
-    DecodeCall,
     Event,
     Handoff,
     PrefillCall,
@@ -163,10 +163,9 @@ class RemoteReader:
 
     def abort(self, h: RequestHandle) -> None:
         """The client left. On the decode server: close the connection (it aborts the request).
-        On the prefill server: an abort call, while its stream is read on to its end: a
-        handoff that comes all the same is delivered to the decode server, with `abort` (its
-        engine must hear of every transfer sent to it); closing the stream instead could lose
-        a handoff already on its way."""
+        On the prefill server: an abort call, its stream read on to its end (a handoff that
+        comes all the same is attached to and closed, which aborts it on D at once rather than
+        when nobody attached in time)."""
         h._abandon()
         phase, task = self._phases.get(h.slot), self._tasks.get(h.slot)
         if phase == "decode":
@@ -196,7 +195,7 @@ class RemoteReader:
             p.outstanding -= 1
             server = d
             if handoff is not None:
-                await self._decode(h, prompt, params, handoff, d)
+                await self._decode(h, d)
         except upstream.UpstreamError as e:
             _fail(h, f"The {server.role} server {server.url} failed during this request: {e}. Retry shortly.")
         except asyncio.CancelledError:
@@ -224,18 +223,14 @@ class RemoteReader:
         finally:
             resp.close()
 
-    async def _decode(
-        self, h: RequestHandle, prompt: list[int], params: SamplingParams, ho: Handoff, d: RoleServer
-    ) -> None:
-        """Deliver the handoff to D, then stream D's tokens. Not cancelled until D has the
-        request: D's engine must hear of every transfer sent to it."""
-        self._phases[h.slot] = "resuming"
-        h.replica = d.rank
-        call = DecodeCall(prompt, params, ho.output_ids, ho.source, ho.seq, ho.cached_tokens, h.abandoned)
-        resp = await upstream.Response.open(
-            d.url, "POST", DECODE_PATH, ENCODER.encode(call), self._headers, RESUME_WAIT_S + CONNECT_TIMEOUT_S
-        )
+    async def _decode(self, h: RequestHandle, d: RoleServer) -> None:
+        """Stream D's tokens of the request P gave it."""
         self._phases[h.slot] = "decode"
+        h.replica = d.rank
+        body = ENCODER.encode(AbortCall(_call_id(h)))
+        resp = await upstream.Response.open(
+            d.url, "POST", ATTACH_PATH, body, self._headers, CONNECT_TIMEOUT_S
+        )
         try:
             if h.abandoned or await _refused(h, resp, d):
                 return
@@ -257,6 +252,13 @@ def _apply(h: RequestHandle, ev: Event, server: RoleServer) -> bool:
         _fail(h, f"The {server.role} server {server.url} failed this request: {ev.error}")
         return True
     if ev.finish >= 0:
+        if ev.finish == FinishReason.ERROR:
+            h.error = f"The {server.role} server {server.url} failed this request" + (
+                f": it could not receive its KV from the prefill server (group rank {h.source}); the "
+                "transfer failed or timed out."
+                if server.role == "decode"
+                else "."
+            )
         h.queue_time = ev.queue_time
         h._finish(FinishReason(ev.finish), ev.cached_tokens)
         return True
