@@ -14,6 +14,9 @@ The protocol, one writer per field (notes/CONTRACTS.md, "Prefill/decode disaggre
    cache; the request then resumes (HANDOFF -> RUNNING) and is admitted as a full prefix hit.
    A transfer not complete after TRANSFER_TIMEOUT_S ends its request with an error, releases the
    reservation, and marks P broken (later transfers from P are refused: their order is lost).
+Across servers (--role), P and D are the engines of two servers: P's frontend frees the slot at
+HANDOFF and the request reaches D's frontend over HTTP (frontend/pd_internal.py), which queues a
+slot that D's engine takes over (QUEUED -> HANDOFF, EngineRegion.take_over); from there on, as here.
 An abort at any point is the slot's flag: P drops the request while it computes the prompt; D
 still receives a transfer that was started (the order needs it), then ends the request.
 """
