@@ -58,8 +58,8 @@ def _pair(path: str, ports: tuple[int, int], chunk: int = 32) -> list[ServerProc
 
 def _router(path: str, ports: tuple[int, int]) -> ServerProcess:
     return ServerProcess(
-        "--role", "router", "--model", path, "--prefill", f"http://127.0.0.1:{ports[0]}",
-        "--decode", f"http://127.0.0.1:{ports[1]}", "--pd-secret", SECRET,
+        "--role", "router", "--model", path, "--max-model-len", "512", "--pd-secret", SECRET,
+        "--prefill", f"http://127.0.0.1:{ports[0]}", "--decode", f"http://127.0.0.1:{ports[1]}",
     )  # fmt: skip
 
 
@@ -293,13 +293,13 @@ def _kill_mid_stream(router, p, d, victim: str) -> None:
     requests with 503, the survivor exits 1 (its engine saw its peer go) leaving no shared memory."""
     rng = random.Random(victim)
 
-    def stream(n_words: int) -> TimedStream:
+    def stream(n_words: int, n: int) -> TimedStream:
         prompt = " ".join(rng.choices(WORDS, k=n_words))  # distinct: no prompt waits for another's
-        return TimedStream(router, {"prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True})
+        return TimedStream(router, {"prompt": prompt, "max_tokens": n, "ignore_eos": True, "stream": True})
 
-    streams = [stream(20) for _ in range(3)]
+    streams = [stream(20, 400) for _ in range(3)]
     assert wait_until(lambda: _metric(d, "num_requests_running") > 0, 30)  # decoding
-    streams += [stream(100) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
+    streams += [stream(100, 150) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
     assert wait_until(lambda: _metric(p, "num_requests_running") > 0, 30, interval=0.002)
     dead, survivor = (d, p) if victim == "decode" else (p, d)
     dead.kill_tree()

@@ -492,7 +492,7 @@ def serve_router(cfg: ServerConfig) -> int:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
         return 1
     try:
-        remote = RemoteReader(cfg.router_prefill, cfg.router_decode, cfg.pd_secret)
+        remote = RemoteReader(cfg.router_prefill, cfg.router_decode, cfg.engine.max_model_len, cfg.pd_secret)
         ctx = FrontendContext(
             region=None,
             tokenizer=load_tokenizer(cfg.engine.model_path),

@@ -67,7 +67,8 @@ def secret_headers(secret: str | None) -> tuple[tuple[str, str], ...]:
 async def info(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
     check_secret(svc, scope)
     ctx, alive = svc.ctx, svc.engine_alive()
-    await resp.json(RoleInfo(ctx.pd_role, ctx.pd_rank, ctx.pd_world, alive), 200 if alive else 503)
+    body = RoleInfo(ctx.pd_role, ctx.pd_rank, ctx.pd_world, alive, svc.max_model_len, svc.max_choices)
+    await resp.json(body, 200 if alive else 503)
 
 
 async def prefill(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:

@@ -90,6 +90,8 @@ class RoleInfo(msgspec.Struct):
     rank: int
     world: int
     alive: bool
+    max_model_len: int  # the router refuses a server whose context is not its own
+    num_slots: int  # the router keeps at most this many of its requests on the server
 
 
 EVENT_DECODER = msgspec.json.Decoder(Event)

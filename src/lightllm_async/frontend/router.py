@@ -68,13 +68,17 @@ class RoleServer:
     rank: int = -1  # its engine's rank in the PD group (from its info)
     alive: bool = False
     outstanding: int = 0  # requests of this router in its phase
+    slots: int = 0  # its request slots (from its info): at most this many outstanding
 
 
 class RemoteReader:
     """The router's reader: the interface of frontend/reader.Reader (submit, abort, start, stop,
     dead, num_replicas, num_active), over HTTP to the role servers."""
 
-    def __init__(self, prefills: Sequence[str], decodes: Sequence[str], secret: str | None = None):
+    def __init__(
+        self, prefills: Sequence[str], decodes: Sequence[str], max_model_len: int, secret: str | None = None
+    ):
+        self.max_model_len = max_model_len  # every role server's must be the same
         self.servers = [RoleServer(u, "prefill") for u in prefills] + [
             RoleServer(u, "decode") for u in decodes
         ]
@@ -109,7 +113,7 @@ class RemoteReader:
 
     def has_pair(self) -> bool:
         """Whether a live prefill and a live decode server answer."""
-        return self._pick("prefill") is not None and self._pick("decode") is not None
+        return all(any(s.alive for s in self.servers if s.role == r) for r in ("prefill", "decode"))
 
     async def _poll(self) -> None:
         while True:
@@ -130,8 +134,10 @@ class RemoteReader:
                 why = f"status {status}: {body[:200]!r}"
             elif info.role != s.role:
                 why = f"it is a {info.role} server, not a {s.role} server"
+            elif info.max_model_len != self.max_model_len:  # a request that fits P must fit D
+                why = f"its --max-model-len is {info.max_model_len}, this router's {self.max_model_len}"
             else:
-                s.rank, alive = info.rank, info.alive
+                s.rank, alive, s.slots = info.rank, info.alive, info.num_slots
                 why = "" if alive else "its engine is not running"
         except (upstream.UpstreamError, msgspec.MsgspecError) as e:
             why = str(e)
@@ -143,17 +149,22 @@ class RemoteReader:
         s.alive = alive
 
     def _pick(self, role: str) -> RoleServer | None:
-        live = [s for s in self.servers if s.role == role and s.alive]
+        """The live server of `role` with the fewest requests in flight and a slot free."""
+        live = [s for s in self.servers if s.role == role and s.alive and s.outstanding < s.slots]
         return min(live, key=lambda s: s.outstanding, default=None)
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle:
-        """Start a request on the least loaded live pair; EngineDead when there is none."""
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle | None:
+        """Start a request on the least loaded live pair with room; None when every live one is
+        full (a decode server out of slots could not take a handoff over), EngineDead when no
+        prefill or no decode server is up."""
+        for role in ("prefill", "decode"):
+            if not any(s.alive for s in self.servers if s.role == role):
+                raise EngineDead(f"No {role} server is up; this router cannot serve requests until one is.")
         p, d = self._pick("prefill"), self._pick("decode")
         if p is None or d is None:
-            missing = "prefill" if p is None else "decode"
-            raise EngineDead(f"No {missing} server is up; this router cannot serve requests until one is.")
+            return None
         first = params.first_logprob_position(len(prompt_ids)) if params.wants_logprobs else -1
         h = RequestHandle(next(self._ids), 0, params.top_logprobs, first, replica=p.rank)
         h.gen = self._run_id  # type: ignore[assignment] - no slot generation here: the call ids' prefix
