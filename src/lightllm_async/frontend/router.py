@@ -167,10 +167,13 @@ class RemoteReader:
             return None
         first = params.first_logprob_position(len(prompt_ids)) if params.wants_logprobs else -1
         h = RequestHandle(next(self._ids), 0, params.top_logprobs, first, replica=p.rank)
-        h.gen = self._run_id  # type: ignore[assignment] - no slot generation here: the call ids' prefix
         h.source, h.decode = p.rank, d.rank
         self._tasks[h.slot] = asyncio.create_task(self._run(h, list(prompt_ids), params, p, d))
         return h
+
+    def _call_id(self, h: RequestHandle) -> str:
+        """The request's name on the role servers (`slot` is a request number here)."""
+        return f"{self._run_id}-{h.slot}"
 
     def abort(self, h: RequestHandle) -> None:
         """The client left. On the decode server: close the connection (it aborts the request).
@@ -183,7 +186,7 @@ class RemoteReader:
             task.cancel()
         elif phase == "prefill":
             p = self._prefill_of[h.slot]
-            body = ENCODER.encode(AbortCall(_call_id(h)))
+            body = ENCODER.encode(AbortCall(self._call_id(h)))
             asyncio.create_task(self._abort_call(p, body))
 
     async def _abort_call(self, p: RoleServer, body: bytes) -> None:
@@ -201,7 +204,7 @@ class RemoteReader:
         self._prefill_of[h.slot] = p
         try:
             self._phases[h.slot] = "prefill"
-            call = PrefillCall(prompt, params, d.rank, d.url, _call_id(h))
+            call = PrefillCall(prompt, params, d.rank, d.url, self._call_id(h))
             handoff = await self._prefill(h, call, p)
             p.outstanding -= 1
             server = d
@@ -238,7 +241,7 @@ class RemoteReader:
         """Stream D's tokens of the request P gave it."""
         self._phases[h.slot] = "decode"
         h.replica = d.rank
-        body = ENCODER.encode(AbortCall(_call_id(h)))
+        body = ENCODER.encode(AbortCall(self._call_id(h)))
         resp = await upstream.Response.open(
             d.url, "POST", ATTACH_PATH, body, self._headers, CONNECT_TIMEOUT_S
         )
@@ -287,10 +290,6 @@ async def _refused(h: RequestHandle, resp: upstream.Response, server: RoleServer
         message = body[:200].decode(errors="replace")
     _fail(h, f"The {server.role} server {server.url} refused this request ({resp.status}): {message}")
     return True
-
-
-def _call_id(h: RequestHandle) -> str:
-    return f"{h.gen}-{h.slot}"
 
 
 def _fail(h: RequestHandle, message: str) -> None:
