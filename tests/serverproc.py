@@ -26,8 +26,10 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m lightllm_async.server ...` in its own process group, with its log captured."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0):
-        self.port = free_port()
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 180.0, port: int = 0
+    ):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lightllm_async.server", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(

@@ -342,7 +342,7 @@ def test_a_prefill_replica_keeps_a_handed_off_requests_kv_until_its_send_complet
         def set_cached_tokens(self, slot, n):
             pass
 
-        def hand_off(self, slot, seq):
+        def hand_off(self, slot, seq, source=None):
             pass
 
     class Engine:

@@ -331,6 +331,9 @@ class EngineConfig:
     pd_role: str = ""
     pd_init: str = ""
     pd_world: int = 0
+    # --role prefill|decode: this engine's rank in that group, whose other members are engines of
+    # other servers (watched by heartbeats: runner/kv_transfer.watch_peers); -1: the replica index
+    pd_rank: int = -1
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
@@ -377,3 +380,8 @@ class ServerConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port (one host only)
+    # --role prefill|decode|router ("": none); the secret of the internal endpoints; a router's servers
+    role: str = ""
+    pd_secret: str | None = field(default=None, repr=False)
+    router_prefill: tuple[str, ...] = ()
+    router_decode: tuple[str, ...] = ()

@@ -83,6 +83,29 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "GPU (in order). Not with --dp, --tp or --nnodes",
     )
     p.add_argument(
+        "--role",
+        choices=["prefill", "decode", "router"],
+        default=None,
+        help="prefill/decode disaggregation across servers (hosts): a prefill or decode server (one "
+        "engine, rank --pd-rank of the --pd-world engines of every prefill and decode server, which "
+        "meet at --master-addr:--master-port and move KV as --pd does), or the router (the HTTP "
+        "frontend that pairs them: --prefill, --decode; it loads only the tokenizer)",
+    )
+    p.add_argument("--pd-rank", type=int, default=-1, help="--role prefill|decode: this engine's rank")
+    p.add_argument("--pd-world", type=int, default=0, help="--role prefill|decode: prefill + decode servers")
+    p.add_argument(
+        "--prefill", type=_names, default=(), help="--role router: the prefill servers' URLs, comma-separated"
+    )
+    p.add_argument(
+        "--decode", type=_names, default=(), help="--role router: the decode servers' URLs, comma-separated"
+    )
+    p.add_argument(
+        "--pd-secret",
+        default=None,
+        help="--role: a secret the router sends and the role servers require on their internal "
+        "endpoints (default: $LLA_PD_SECRET; prefer it: the command line is visible to all users)",
+    )
+    p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -248,6 +271,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     if args.nnodes > 1 and args.dp > 1:
         raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
     pd_prefill, dp = 0, args.dp
+    role_fields = _role_fields(args, model)
     if args.pd is not None:
         if args.dp > 1 or args.tp > 1 or args.nnodes > 1:
             raise SystemExit("--pd is not supported with --dp, --tp or --nnodes yet")
@@ -278,6 +302,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
         nnodes=args.nnodes,
+        **role_fields,
     )
     return ServerConfig(
         engine=engine,
@@ -296,6 +321,34 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        role=args.role or "",
+        pd_secret=args.pd_secret or os.environ.get("LLA_PD_SECRET") or None,
+        router_prefill=args.prefill,
+        router_decode=args.decode,
+    )
+
+
+def _role_fields(args: argparse.Namespace, model: str) -> dict:
+    """--role prefill|decode: the engine's place in the PD group; checks every --role's flags."""
+    if args.role is None:
+        return {}
+    if args.pd is not None or args.dp > 1 or args.tp > 1 or args.nnodes > 1:
+        raise SystemExit("--role is not supported with --pd, --dp, --tp or --nnodes")
+    if args.role == "router":
+        if not args.prefill or not args.decode:
+            raise SystemExit("--role router needs --prefill URL[,URL...] and --decode URL[,URL...]")
+        return {}
+    if model == "dummy":
+        raise SystemExit("--role prefill|decode needs a model (the dummy one has no KV cache to move)")
+    if args.pd_world < 2 or not 0 <= args.pd_rank < args.pd_world:
+        raise SystemExit("--role prefill|decode needs --pd-world N >= 2 and --pd-rank in [0, N)")
+    if not 0 < args.master_port < 65536:
+        raise SystemExit("--role prefill|decode needs --master-port (and --master-addr): rank 0's rendezvous")
+    return dict(
+        pd_role=args.role,
+        pd_init=f"tcp://{args.master_addr}:{args.master_port}",
+        pd_world=args.pd_world,
+        pd_rank=args.pd_rank,
     )
 
 
@@ -377,6 +430,8 @@ def serve(cfg: ServerConfig) -> int:
     eng = cfg.engine
     if cfg.node_rank > 0:
         return serve_node(cfg)
+    if cfg.role == "router":
+        return serve_router(cfg)
     # The port first: taken, we stop before loading anything; held, no socket the engines open
     # meanwhile (a rendezvous store, NCCL's bootstrap, their client ends) can land on it.
     try:
@@ -405,6 +460,10 @@ def serve(cfg: ServerConfig) -> int:
             api_key=cfg.api_key,
             replicas_alive=lambda: [all(p.is_alive() for p in group) for group in groups],
             pd_prefill=cfg.pd_prefill,
+            pd_role=cfg.role,
+            pd_rank=eng.pd_rank,
+            pd_world=eng.pd_world,
+            pd_secret=cfg.pd_secret,
         )
         exit_code = _serve_http(cfg, ctx, groups, listener)
     except KeyboardInterrupt:  # SIGINT or SIGTERM before HTTP serving began
@@ -417,6 +476,42 @@ def serve(cfg: ServerConfig) -> int:
         region.unlink()
         log.info("stopped (exit %d)", exit_code)
     return exit_code
+
+
+def serve_router(cfg: ServerConfig) -> int:
+    """--role router: HTTP only, over the prefill and decode servers (frontend/router.py). Exit 0
+    after SIGINT/SIGTERM; the role servers' deaths do not stop it (it answers 503 meanwhile)."""
+    from lightllm_async.frontend.app import FrontendContext
+    from lightllm_async.frontend.edge import EdgePolicy
+    from lightllm_async.frontend.router import RemoteReader
+    from lightllm_async.tokenizer import load_tokenizer
+
+    try:
+        listener = _listen_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
+        return 1
+    try:
+        remote = RemoteReader(cfg.router_prefill, cfg.router_decode, cfg.engine.max_model_len, cfg.pd_secret)
+        ctx = FrontendContext(
+            region=None,
+            tokenizer=load_tokenizer(cfg.engine.model_path),
+            served_model_name=cfg.served_model_name,
+            max_model_len=cfg.engine.max_model_len,
+            engine_alive=remote.has_pair,
+            edge=EdgePolicy.for_bind(cfg.host, cfg.allowed_hosts, cfg.allowed_origins),
+            api_key=cfg.api_key,
+            pd_role="router",
+            pd_secret=cfg.pd_secret,
+            remote=remote,
+            max_choices=cfg.engine.num_slots,
+        )
+        log.info("router: prefill servers %s, decode servers %s", cfg.router_prefill, cfg.router_decode)
+        return _serve_http(cfg, ctx, [], listener)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        listener.close()
 
 
 def _all_alive(procs: list[BaseProcess]) -> Callable[[], bool]:
@@ -513,7 +608,7 @@ def _systemd_hooks(cfg: ServerConfig, region: FrontendRegion):
         systemd.notify("STOPPING=1\nSTATUS=draining requests in flight")
 
     interval = systemd.watchdog_interval()
-    if interval is None:
+    if interval is None or region is None:  # a router has no engine heartbeats to watch
         return Hooks(serving=serving, draining=draining)
     # An idle engine beats every IDLE_WAIT_S, a busy one every step: a few idle beats missed is a wedge.
     watchdog = systemd.Watchdog(interval, region.heartbeats, stale_after=max(interval, 4 * IDLE_WAIT_S))

@@ -14,6 +14,9 @@ The protocol, one writer per field (notes/CONTRACTS.md, "Prefill/decode disaggre
    cache; the request then resumes (HANDOFF -> RUNNING) and is admitted as a full prefix hit.
    A transfer not complete after TRANSFER_TIMEOUT_S ends its request with an error, releases the
    reservation, and marks P broken (later transfers from P are refused: their order is lost).
+Across servers (--role), P and D are the engines of two servers: P's frontend frees the slot at
+HANDOFF and the request reaches D's frontend over HTTP (frontend/pd_internal.py), which queues a
+slot that D's engine takes over (QUEUED -> HANDOFF, EngineRegion.take_over); from there on, as here.
 An abort at any point is the slot's flag: P drops the request while it computes the prompt; D
 still receives a transfer that was started (the order needs it), then ends the request.
 """
@@ -59,9 +62,10 @@ class PrefillSide:
     stalls holds back this replica's admissions instead of growing its memory.
     """
 
-    def __init__(self, region: EngineRegion, sender: Sender):
+    def __init__(self, region: EngineRegion, sender: Sender, rank: int | None = None):
         self.region = region
         self.sender = sender
+        self.rank = rank  # in the group (None: the replica index, as under --pd on one host)
         self._next_seq: dict[int, int] = {}  # by decode replica
         self._sending: list[tuple[Any, Request]] = []
         self.sent_tokens = 0  # KV positions handed off
@@ -73,7 +77,7 @@ class PrefillSide:
         self._next_seq[dest] = seq + 1
         self._sending.append((self.sender.send(dest, seq, f.handoff_kv), req))
         self.region.set_cached_tokens(req.slot, req.cached_tokens or 0)
-        self.region.hand_off(req.slot, seq)
+        self.region.hand_off(req.slot, seq, self.rank)
         self.sent_tokens += len(f.handoff_kv)
 
     def arrived(self, slot: int, gen: int) -> None:

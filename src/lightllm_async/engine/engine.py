@@ -194,6 +194,10 @@ class Engine:
             self.publish_stats()
 
     def _admit(self, slot: int, gen: int) -> None:
+        if self.pd is not None and self.region.resumed_from(slot) >= 0:  # --role decode
+            if self.region.take_over(slot, gen):
+                self.pd.arrived(slot, gen)
+            return
         try:
             view = self.region.read_request(slot, gen)
         except InvalidParam as exc:  # a slot no validated frontend wrote: that request alone fails

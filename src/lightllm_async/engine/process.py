@@ -196,13 +196,22 @@ def _pd_side(cfg: EngineConfig, region, scheduler, runner, replica: int):
     if not cfg.pd_role:
         return None
     from lightllm_async.engine.disagg import DecodeSide, PrefillSide
-    from lightllm_async.runner.kv_transfer import KVReceiver, KVSender, bytes_per_token, init_pd_group
+    from lightllm_async.runner.kv_transfer import (
+        KVReceiver,
+        KVSender,
+        bytes_per_token,
+        init_pd_group,
+        watch_peers,
+    )
 
     pools = runner.kv.layers()
-    init_pd_group(cfg, replica, pools[0].device)
+    rank = replica if cfg.pd_rank < 0 else cfg.pd_rank
+    init_pd_group(cfg, rank, pools[0].device)
     log.info("%s replica: %d bytes of KV per token transferred", cfg.pd_role, bytes_per_token(pools))
+    if cfg.pd_rank >= 0:  # --role: the peers are other servers, which nobody here watches
+        watch_peers(cfg, rank)
     if cfg.pd_role == "prefill":
-        return PrefillSide(region, KVSender(pools))
+        return PrefillSide(region, KVSender(pools), rank)
     return DecodeSide(region, scheduler, KVReceiver(pools))
 
 

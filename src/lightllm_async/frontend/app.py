@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 
-from . import native_api, openai_api, openapi, tokenize_api
+from . import native_api, openai_api, openapi, pd_internal, tokenize_api
 from .asgi import ClientDisconnected, Receive, Responder, Scope, Send
 from .auth import OPEN_PATHS, ApiKey
 from .context import FrontendContext
@@ -74,6 +74,8 @@ class App:
         self._started = False
         self.draining = False
         self.in_flight = 0  # requests admitted and not yet answered
+        # --role prefill|decode: the router's internal endpoints (they check --pd-secret, not the key)
+        self._internal = pd_internal.ROUTES if ctx.pd_role in ("prefill", "decode") else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -119,9 +121,10 @@ class App:
                 return
             if self.draining:
                 raise shutting_down_error()
-            if self.api_key is not None and path not in OPEN_PATHS:
+            internal = self._internal.get(path)
+            if self.api_key is not None and path not in OPEN_PATHS and internal is None:
                 self.api_key.check(scope["headers"])
-            methods = _ROUTES.get(path)
+            methods = _ROUTES.get(path, internal)
             if methods is None:
                 raise ApiError(404, f"Invalid URL ({method} {path}).")
             handler = methods.get(method)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .edge import EdgePolicy
 
@@ -24,7 +24,7 @@ class FrontendContext:
     ten times a second. Both must be cheap and must not block (Process.is_alive is fine).
     """
 
-    region: FrontendRegion
+    region: FrontendRegion | None  # None: --role router (`remote` reads instead)
     tokenizer: Tokenizer
     served_model_name: str
     max_model_len: int
@@ -33,3 +33,11 @@ class FrontendContext:
     replicas_alive: Callable[[], Sequence[bool]] | None = None
     pd_prefill: int = 0  # --pd: replicas [0, pd_prefill) prefill, the rest decode (reader.py); 0: off
     api_key: str | None = field(default=None, repr=False)  # never in a repr, so never in a log
+    # --role: "prefill" | "decode" (this server's engine is rank `pd_rank` of `pd_world` in the PD
+    # group; it serves the internal endpoints, frontend/pd_internal.py) or "router"; "" otherwise
+    pd_role: str = ""
+    pd_rank: int = -1
+    pd_world: int = 0
+    pd_secret: str | None = field(default=None, repr=False)  # required by the internal endpoints
+    remote: Any = None  # --role router: its RemoteReader (frontend/router.py)
+    max_choices: int = 256  # without a region: the most choices (`n`) a request may ask for

@@ -123,9 +123,13 @@ class Generation:
             if h.disconnected:
                 raise ClientDisconnected
             if h.engine_dead and h.finish_reason is None:
+                if h.error is not None:  # --role router: which server failed, and how
+                    raise ApiError(503, h.error)
                 raise engine_dead_error(h.replica if self._reader.num_replicas > 1 else None)
             done = h.finish_reason
             if done == FinishReason.ERROR:
+                if h.error is not None:  # --role router: which server failed it
+                    raise ApiError(500, h.error)
                 if h.source >= 0 and h.replica != h.source:  # --pd: it failed after the handoff
                     raise ApiError(
                         500,

@@ -109,7 +109,8 @@ class Metrics:
 
     def __init__(self, service):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EngineCollector(service))
+        if service.ctx.region is not None:  # --role router: the role servers have the engines' own
+            self.registry.register(EngineCollector(service))
         r = self.registry
         self.http_requests = Counter(
             f"{PREFIX}http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r

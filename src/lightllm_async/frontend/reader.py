@@ -65,11 +65,13 @@ class RequestHandle:
         "replica",
         "source",
         "decode",
+        "handoff",
         "_tokens",
         "finish_reason",
         "cached_tokens",
         "queue_time",
         "engine_dead",
+        "error",
         "disconnected",
         "abandoned",
         "_event",
@@ -85,6 +87,9 @@ class RequestHandle:
         # --pd: the prefill replica that computes its prompt and the decode replica it goes to
         # (-1: none); `replica` is the first until the handoff is relayed, then the second
         self.source = self.decode = -1
+        # --role prefill: (source rank, transfer number, cached_tokens, output ids) once the engine
+        # handed it off to another server's decode engine (it then finishes with FinishReason.NONE)
+        self.handoff: tuple[int, int, int, list[int]] | None = None
         self._tokens: list[int] = []  # copied but not yet taken by the handler
         # log-probabilities: top tokens per position, and the next position to copy (-1: none)
         self.logprob_k = logprob_k
@@ -94,6 +99,7 @@ class RequestHandle:
         self.cached_tokens = 0
         self.queue_time: float | None = None  # submit to first admission, once finished
         self.engine_dead = False
+        self.error: str | None = None  # with engine_dead, what the client is told (else a default)
         self.disconnected = False  # set by the handler's disconnect watcher
         self.abandoned = False  # the handler stopped reading; drop tokens, free on finish
         self._event = asyncio.Event()
@@ -216,34 +222,73 @@ class Reader:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle | None:
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, handoff_to: int = -1
+    ) -> RequestHandle | None:
         """Start a request on the least loaded replica; None when every slot is taken. Raises
-        EngineDead once any replica died (the server is stopping)."""
+        EngineDead once any replica died (the server is stopping). `handoff_to` (--role prefill):
+        the group rank of another server's decode engine that the engine hands it off to; the
+        handle then finishes with FinishReason.NONE and `handoff` set once it did."""
         if self.dead:
             raise EngineDead
         chooser = self._chooser
         replica = 0 if chooser is None else chooser.pick()
-        decode = -1
+        decode = handoff_to
         if self._pd:
             replica, decode = self._prefills.pick(), self._pd + self._decodes.pick()
         got = self._region.start_request(prompt_ids, params, replica, decode)
         if got is None:
             return None
-        slot, gen = got
-        if chooser is not None:
-            chooser.started(replica)
-        if params.wants_logprobs:
-            handle = RequestHandle(
-                slot, gen, params.top_logprobs, params.first_logprob_position(len(prompt_ids)), replica
-            )
-            self._logprob_handles[slot] = handle
-        else:
-            handle = RequestHandle(slot, gen, replica=replica)
+        handle = self._follow(*got, prompt_ids, params, replica)
         if self._pd:
             handle.source, handle.decode = replica, decode
             self._prefills.started(replica)
             self._decodes.started(decode - self._pd)
-            self._handing[slot] = handle
+        if decode >= 0:
+            self._handing[handle.slot] = handle
+        return handle
+
+    def resume(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        output_ids: Sequence[int],
+        source: int,
+        seq: int,
+        cached_tokens: int,
+    ) -> RequestHandle | None:
+        """--role decode: take over a request another server's prefill engine (group rank
+        `source`) handed off as its transfer `seq`; the handle delivers the tokens after
+        `output_ids`. None when every slot is taken; ValueError when it cannot fit a slot."""
+        if self.dead:
+            raise EngineDead
+        got = self._region.start_resumed(prompt_ids, params, output_ids, source, seq, cached_tokens)
+        if got is None:
+            return None
+        handle = self._follow(*got, prompt_ids, params, 0, len(prompt_ids) + len(output_ids))
+        self._num_read[handle.slot] = len(output_ids)
+        return handle
+
+    def _follow(
+        self,
+        slot: int,
+        gen: int,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        replica: int,
+        first_logprob: int = -1,
+    ) -> RequestHandle:
+        """A handle for a slot just queued, read from the next wake-up on."""
+        chooser = self._chooser
+        if chooser is not None:
+            chooser.started(replica)
+        if params.wants_logprobs:
+            if first_logprob < 0:
+                first_logprob = params.first_logprob_position(len(prompt_ids))
+            handle = RequestHandle(slot, gen, params.top_logprobs, first_logprob, replica)
+            self._logprob_handles[slot] = handle
+        else:
+            handle = RequestHandle(slot, gen, replica=replica)
         self._num_read[slot] = 0
         self._active[slot] = self._by_slot[slot] = handle  # before any wake-up: we are on the loop
         self._mask[slot] = True
@@ -301,10 +346,20 @@ class Reader:
             self._take(by_slot[slot], n, done)
 
     def _relay_handoffs(self) -> None:
-        """--pd: requests whose prefill replica handed them off go to their decode replica's ring."""
+        """--pd: requests whose prefill replica handed them off go to their decode replica's ring.
+        --role prefill: they end here (their slot freed), with `handoff` saying where their KV
+        went, after every token published before the handoff was delivered."""
         for h in list(self._handing.values()):
-            state, _, _ = self._region.poll_output(h.slot)
-            if state == _HANDOFF and self._region.relay_handoff(h.slot, h.gen, h.decode):
+            state, _, n = self._region.poll_output(h.slot)
+            if state != _HANDOFF:
+                continue
+            if not self._pd:
+                self._take(h, n, False)
+                h.handoff = (*self._region.read_handed_off(h.slot), self._region.read_tokens(h.slot, 0, n))
+                self._forget(h)
+                self._region.release_handoff(h.slot, h.gen)
+                h._finish(FinishReason.NONE, h.handoff[2])
+            elif self._region.relay_handoff(h.slot, h.gen, h.decode):
                 del self._handing[h.slot]
                 self._prefills.finished(h.source)
                 h.replica = h.decode
@@ -344,6 +399,8 @@ class Reader:
             if self._handing.pop(h.slot, None) is not None:
                 self._prefills.finished(h.source)
             self._decodes.finished(h.decode - self._pd)
+        else:
+            self._handing.pop(h.slot, None)
 
     def _end(self, h: RequestHandle) -> None:
         self._forget(h)

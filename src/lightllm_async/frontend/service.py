@@ -48,10 +48,15 @@ class Service:
     def __init__(self, ctx: FrontendContext):
         self.ctx = ctx
         self.tokenizer = ctx.tokenizer
-        self.reader = Reader(ctx.region, ctx.engine_alive, ctx.replicas_alive, ctx.pd_prefill)
-        # The region's per-slot arena holds prompt + output, so it bounds the context too.
-        self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
-        self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot
+        if ctx.region is None:  # --role router: the role servers' slots bound these
+            self.reader = ctx.remote
+            self.max_model_len, self.max_choices = ctx.max_model_len, ctx.max_choices
+        else:
+            self.reader = Reader(ctx.region, ctx.engine_alive, ctx.replicas_alive, ctx.pd_prefill)
+            # The region's per-slot arena holds prompt + output, so it bounds the context too.
+            self.max_model_len = min(ctx.max_model_len, ctx.region.spec.max_tokens_per_slot)
+            self.max_choices = ctx.region.spec.num_slots  # each choice of `n` takes a slot
+        self.pd_calls: dict[str, Any] = {}  # --role prefill: the router's calls in flight, by id
         self.model_name = ctx.served_model_name
         self.created = int(time.time())
         # A text of more UTF-8 bytes than this cannot fit the context, whatever its tokens.
@@ -113,12 +118,12 @@ class Service:
         params = self._with_eos(params)
         if self._stopping is not None:
             raise self._stopping
-        if not self.engine_alive():
+        if self.ctx.region is not None and not self.engine_alive():  # a router's submit says why
             raise engine_dead_error()
         try:
             handle = self.reader.submit(prompt_ids, params)
-        except EngineDead:
-            raise engine_dead_error() from None
+        except EngineDead as e:
+            raise (ApiError(503, str(e)) if e.args else engine_dead_error()) from None
         if handle is None:
             raise ApiError(
                 503,

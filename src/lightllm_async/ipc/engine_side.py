@@ -127,16 +127,38 @@ class EngineRegion(RegionView):
         a frontend field published by submit's CAS."""
         return int(self._slots[self._check(slot)].handoff_to)
 
-    def hand_off(self, slot: int, seq: int) -> bool:
-        """--pd, the prefill replica, after publishing the first token: record itself and the
-        transfer number, then RUNNING -> HANDOFF (the CAS publishes them). The slot's engine
-        fields pass to the decode replica the frontend relays it to. False if not RUNNING."""
+    def hand_off(self, slot: int, seq: int, source: int | None = None) -> bool:
+        """--pd, the prefill replica, after publishing the first token: record itself (`source`,
+        its group rank; default its replica index) and the transfer number, then RUNNING ->
+        HANDOFF (the CAS publishes them). The slot's engine fields pass to the decode replica the
+        frontend relays it to. False if not RUNNING."""
         state, gen = self.control(slot)
         if state != SlotState.RUNNING:
             return False
         s = self._slots[slot]
-        s.handoff_from, s.handoff_seq = self.replica, seq
+        s.handoff_from, s.handoff_seq = self.replica if source is None else source, seq
         return self._move(slot, gen, SlotState.RUNNING, SlotState.HANDOFF)
+
+    def resumed_from(self, slot: int) -> int:
+        """--role decode: the group rank of the prefill engine that handed off the request queued
+        in this slot (-1: an ordinary request); a frontend field published by submit's CAS."""
+        return int(self._slots[self._check(slot)].resume_from)
+
+    def take_over(self, slot: int, gen: int) -> bool:
+        """--role decode: QUEUED -> HANDOFF for a request another server's prefill engine handed
+        off (`resumed_from` >= 0), with the engine fields set as that engine would have left them:
+        the output count the frontend wrote, the source, the transfer number and cached_tokens.
+        From then on the slot goes as an in-host handoff (read_handoff, resume). False if stale
+        or not QUEUED."""
+        state, cur = self.control(slot)
+        if (state, cur) != (SlotState.QUEUED, gen):
+            return False
+        self._reset_engine_fields(slot)
+        s = self._slots[slot]
+        s.handoff_from, s.handoff_seq = s.resume_from, s.resume_seq
+        s.cached_tokens, s.num_output = s.resume_cached, s.resume_outputs
+        s.first_token_time = time.monotonic()
+        return self._move(slot, gen, SlotState.QUEUED, SlotState.HANDOFF)
 
     def read_handoff(self, slot: int, gen: int) -> HandoffView | None:
         """--pd, the decode replica: the handed-off request in (slot, gen), with its output so

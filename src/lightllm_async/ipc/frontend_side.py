@@ -116,6 +116,57 @@ class FrontendRegion(RegionView):
             raise
         return ref
 
+    def start_resumed(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        output_ids: Sequence[int],
+        source: int,
+        seq: int,
+        cached_tokens: int,
+        replica: int = 0,
+    ) -> tuple[int, int] | None:
+        """--role decode: a request that prefill engine `source` (a group rank, on another server)
+        computed and handed off as its transfer `seq` to this server's engine, which takes it over
+        as if a local prefill replica had: (slot, gen), or None if no slot is free. `output_ids`
+        (at least one) are the tokens made so far; the engine goes on after them. ValueError if
+        they and the prompt leave no room for another token."""
+        n, k, room = len(prompt_ids), len(output_ids), self._layout.spec.max_tokens_per_slot
+        if k < 1 or n + k >= room:
+            raise ValueError(f"{n} prompt and {k} output tokens leave no room in a slot of {room}")
+        ref = self.alloc_slot()
+        if ref is None:
+            return None
+        slot = ref[0]
+        try:
+            self._write(slot, prompt_ids, params)
+            self._tokens[slot, n : n + k] = output_ids
+            self._extras.table[slot].lp_read = n + k  # the engine reports positions after these
+            s = self._slots[slot]
+            s.resume_from, s.resume_outputs, s.resume_cached, s.resume_seq = source, k, cached_tokens, seq
+            self._queue(*ref, replica)
+        except BaseException:
+            self.free_slot(*ref)
+            raise
+        return ref
+
+    def release_handoff(self, slot: int, gen: int) -> bool:
+        """--role prefill: the engine handed (slot, gen) off to a decode engine of another server
+        (the frontend passed on what that one needs): HANDOFF -> FREE, as free_slot does from
+        FINISHED. False for a stale reference or a slot not in HANDOFF."""
+        state, cur = self.control(slot)
+        if (state, cur) != (SlotState.HANDOFF, gen) or not self._move(
+            slot, gen, SlotState.HANDOFF, SlotState.FREE, new_gen=gen + 1
+        ):
+            return False
+        atomics.slot_stack_push(self._mm, self._layout.stack_off, slot)
+        return True
+
+    def read_handed_off(self, slot: int) -> tuple[int, int, int]:
+        """(source, seq, cached_tokens) of a slot seen in HANDOFF by an acquire load."""
+        s = self._slots[slot]
+        return int(s.handoff_from), int(s.handoff_seq), int(s.cached_tokens)
+
     def _write(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         n, room = len(prompt_ids), self._layout.spec.max_tokens_per_slot
         if not 0 < n < room:
@@ -130,7 +181,7 @@ class FrontendRegion(RegionView):
             p.seed is not None, *stops, *_NO_STOPS[len(stops):],
         )  # fmt: skip
         atomics.store_release_u32(self._mm, off + ABORT, 0)  # ours while WRITING; submit publishes
-        self._slots[slot].handoff_to = -1
+        self._slots[slot].handoff_to = self._slots[slot].resume_from = -1
         self._tokens[slot, :n] = prompt_ids
         self._extras.write(
             self._mm, slot, p.min_tokens, p.top_logprobs, p.prompt_logprobs, p.logit_bias,

@@ -167,7 +167,16 @@ class Slot(ctypes.Structure):
         ("abort", ctypes.c_uint32),
         # frontend, written in WRITING (--pd): the decode replica a prefill replica hands off to (-1: none)
         ("handoff_to", ctypes.c_int32),
-        ("_pad1", ctypes.c_uint8 * 32),
+        # frontend, written in WRITING (--role decode): a request another server's prefill engine
+        # handed off, submitted here to take over: that engine's group rank (-1: an ordinary
+        # request), its transfer number, its cached_tokens, and how many output tokens it made
+        # (written after the prompt in the token arena, also in WRITING)
+        ("resume_from", ctypes.c_int32),
+        ("resume_outputs", ctypes.c_uint32),
+        ("resume_cached", ctypes.c_uint32),
+        ("_pad0", ctypes.c_uint32),
+        ("resume_seq", ctypes.c_uint64),
+        ("_pad1", ctypes.c_uint8 * 8),
         # engine: reset before QUEUED -> RUNNING; num_output is release-stored after the tokens,
         # logprobs, first_token_time and cached_tokens it publishes; finish_reason and finish_time
         # are published by the -> FINISHED CAS
