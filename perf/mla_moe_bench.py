@@ -46,7 +46,7 @@ from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on t
 
 from lightllm_async import kernels as K  # noqa: E402
 from lightllm_async.kernels.testing import rel_err  # noqa: E402
-from lightllm_async.models.deepseek import MoE  # noqa: E402
+from lightllm_async.models.deepseek import ALWAYS, MoE  # noqa: E402
 from lightllm_async.tools.make_random_model import shape_config  # noqa: E402
 
 mla_module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
@@ -287,7 +287,7 @@ def moe_layers(shape: str) -> tuple[MoE, MoE]:
     """models/deepseek.py's MoE layer at a shape, with random weights, twice: the shared experts
     as a separate MLP, and the same weights with them fused into the routed experts."""
     cfg = shape_config(MOE_MODELS[shape], "bfloat16")
-    separate, fused = MoE(cfg, False, DTYPE, DEV), MoE(cfg, True, DTYPE, DEV)
+    separate, fused = MoE(cfg, 0, DTYPE, DEV), MoE(cfg, ALWAYS, DTYPE, DEV)
     for name, p in separate.named_parameters():
         p.normal_(std=p.shape[-1] ** -0.5)
         fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s

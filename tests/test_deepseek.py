@@ -3,8 +3,10 @@ on tiny random models, fp32 on the CPU (every kernel op through its PyTorch refe
 
 Variants: V2 without q_lora_rank, YaRN scaling, greedy routing; V2 with group_limited_greedy;
 V3 with q_lora_rank and noaux_tc (bias-corrected sigmoid, grouped), normalized and scaled weights.
-The logits are checked with the shared experts as a separate MLP (the CPU default) and fused into
-fused_moe's experts (the CUDA default).
+The logits are checked with the model as built by default (every decode fusion on; the shared
+experts fused into fused_moe's experts in steps of at most FUSED_SHARED_MAX_TOKENS tokens, as an MLP
+through views of the same rows above), with the shared experts always a separate MLP and always
+fused, and with every fusion off (the layer as before them).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.kernels import use_triton
 from lightllm_async.kernels.testing import rel_err
 from lightllm_async.models.deepseek import (
-    MLP,
+    ALWAYS,
+    FUSED_SHARED_MAX_TOKENS,
     DeepseekForCausalLM,
+    Experts,
+    Fusions,
     MLAKVCache,
     MLAttention,
     MoE,
@@ -91,19 +96,35 @@ def model(request, tmp_path_factory):
     return cfg, path, _runner(path), hf.eval(), info
 
 
+NO_FUSIONS = Fusions(in_proj=False, kv_store=False, shared=False, w_uv_out=False)
+KINDS = {  # model arguments of each way to build the same checkpoint
+    "shared-mlp": {"fuse_shared_experts": False},
+    "shared-fused": {"fuse_shared_experts": True},
+    "unfused": {"fusions": NO_FUSIONS},
+}
+
+
 @pytest.fixture(scope="module")
-def fused_model(model) -> DeepseekForCausalLM:
-    """The same checkpoint with the shared experts fused into fused_moe's experts."""
-    cfg, path, *_ = model
-    fused = DeepseekForCausalLM(cfg, torch.float32, torch.device("cpu"), fuse_shared_experts=True)
-    load_weights(fused, iter_weights(path))
-    return fused.eval()
+def built(model) -> dict[str, DeepseekForCausalLM]:
+    """The runner's model (built by default) and the same checkpoint built each way of KINDS."""
+    cfg, path, runner, *_ = model
+    nets = {"default": runner.model}
+    for kind, extra in KINDS.items():
+        net = DeepseekForCausalLM(cfg, torch.float32, torch.device("cpu"), **extra)
+        load_weights(net, iter_weights(path))
+        nets[kind] = net.eval()
+    return nets
 
 
-def _forward_model(model, fused_model, fused: bool) -> DeepseekForCausalLM:
-    _, _, runner, _, _ = model
-    assert isinstance(runner.model.layers[-1].mlp.shared, MLP)  # unfused by default
-    return fused_model if fused else runner.model
+def test_default_fuses_the_shared_experts_at_small_steps_only(model, built):
+    cfg, *_ = model
+    default = built["default"].layers[-1].mlp
+    assert default.shared is None and default.fused_max_tokens == FUSED_SHARED_MAX_TOKENS
+    assert default.experts.w13.shape[0] == cfg.n_routed_experts + cfg.n_shared_experts
+    assert built["shared-fused"].layers[-1].mlp.fused_max_tokens == ALWAYS
+    assert built["shared-mlp"].layers[-1].mlp.shared is not None
+    assert built["unfused"].layers[-1].mlp.shared is not None
+    assert built["default"].layers[0].attn.w_in is not None and built["unfused"].layers[0].attn.w_in is None
 
 
 def test_checkpoint_names_are_the_hf_ones(model):
@@ -154,10 +175,10 @@ def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContex
     )
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
-def test_logits_close_to_hf_prefill_and_absorbed_decode(model, fused_model, fused):
+@pytest.mark.parametrize("kind", ["default", *KINDS])
+def test_logits_close_to_hf_prefill_and_absorbed_decode(model, built, kind):
     cfg, _, _, hf, _ = model
-    net = _forward_model(model, fused_model, fused)
+    net = built[kind]
     ids = torch.randint(3, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids[None]).logits[0].float()  # [41, V]
@@ -228,12 +249,13 @@ def test_mixed_step_runs_decodes_absorbed_and_chunks_decompressed(model, monkeyp
     assert set(seen) == {("prefill", None)}
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
-def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, fused_model, interpreter, fused):
-    """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
-    kernel over the decompressed cache (q.k and v head dims apart), fused MoE, rope, rms norm."""
+@pytest.mark.parametrize("kind", ["default", *KINDS])
+def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, built, interpreter, kind):
+    """Every op through its Triton kernel (interpreted on the CPU): MLA store (fused with the
+    latent's norm and the rope, or not) and decode, the prefill kernel over the decompressed cache
+    (q.k and v head dims apart), fused MoE, rope, rms norm."""
     cfg, _, _, hf, _ = model
-    net = _forward_model(model, fused_model, fused)
+    net = built[kind]
     assert use_triton(torch.empty(1))
     ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -245,9 +267,11 @@ def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, fused_mod
     torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
 
 
-def _moe_pair(cfg: ModelConfig) -> tuple[MoE, MoE]:
-    """An MoE layer with its shared experts as a separate MLP and the same one fused, as loaded."""
-    unfused, fused = MoE(cfg, False, torch.float32, "cpu"), MoE(cfg, True, torch.float32, "cpu")
+def _moe_pair(cfg: ModelConfig, fused_max_tokens: int) -> tuple[MoE, MoE]:
+    """An MoE layer with its shared experts as a separate MLP and the same one fused up to
+    `fused_max_tokens`, as loaded."""
+    unfused = MoE(cfg, 0, torch.float32, "cpu")
+    fused = MoE(cfg, fused_max_tokens, torch.float32, "cpu")
     for name, p in unfused.named_parameters():
         p.normal_(std=cfg.hidden_size**-0.5)
         fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s
@@ -257,20 +281,30 @@ def _moe_pair(cfg: ModelConfig) -> tuple[MoE, MoE]:
 
 @pytest.mark.parametrize("kernels", ["ref", "interpreter"])
 @pytest.mark.parametrize("shape", ["deepseek-v2-tiny", "deepseek-v3-tiny"])
-def test_fused_shared_experts_give_the_separate_mlp_output(shape, kernels, request):
+@pytest.mark.parametrize("fused_max_tokens", [ALWAYS, 7])
+def test_fused_shared_experts_give_the_separate_mlp_output(
+    shape, kernels, fused_max_tokens, request, monkeypatch
+):
     """Irregular sizes and three shared experts (V2 greedy, unscaled; V3 noaux_tc, whose routed
-    scaling factor 2.5 must not reach the shared part)."""
+    scaling factor 2.5 must not reach the shared part). Fused up to 7 tokens: 1 and 7 run one
+    fused_moe pass, 8 and 33 the routed rows and the shared experts through views of theirs."""
     if kernels == "interpreter":
         request.getfixturevalue("interpreter")
     cfg = dataclasses.replace(
         shape_config(shape, "float32"), hidden_size=40, moe_intermediate_size=24, n_shared_experts=3
     )
     torch.manual_seed(3)
-    unfused, fused = _moe_pair(cfg)
+    unfused, fused = _moe_pair(cfg, fused_max_tokens)
     assert fused.shared is None and fused.experts.w13.shape == (cfg.n_routed_experts + 3, 48, 40)
-    for tokens in (1, 7, 33):
+    views = []  # the token counts that took the shared experts as an MLP through views
+    add_shared = Experts.add_shared
+    monkeypatch.setattr(
+        Experts, "add_shared", lambda self, out, x: views.append(len(x)) or add_shared(self, out, x)
+    )
+    for tokens in (1, 7, 8, 33):
         x = torch.randn(tokens, cfg.hidden_size)
         assert rel_err(fused(x), unfused(x)) < 1e-5
+    assert views == ([] if fused_max_tokens == ALWAYS else [8, 33])
 
 
 def test_kv_pool_holds_latent_plus_rope_key_per_token_and_layer(model):
