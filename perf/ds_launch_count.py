@@ -13,7 +13,7 @@ call can launch more than one kernel (split-K), and an op may copy a non-contigu
 where the CPU does not.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python perf/ds_launch_count.py --batches 1,64
-    LLA_DEEPSEEK_FUSE=none ... : the unfused layer, as before issue 9's launch work
+    LLA_DEEPSEEK_FUSE=none ... : the layer without its fusions (models/deepseek.Fusions), as before
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from lightllm_async.kernels.backend import INTERPRETED, triton  # noqa: E402
-from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache  # noqa: E402
+from lightllm_async.models.deepseek import (  # noqa: E402
+    DeepseekForCausalLM,
+    Fusions,
+    MLAKVCache,
+    shared_fused_max_tokens,
+)
 from lightllm_async.models.llama import ForwardContext  # noqa: E402
 from lightllm_async.models.weights import load_weights, random_weights  # noqa: E402
 from lightllm_async.tools.make_random_model import shape_config  # noqa: E402
@@ -143,17 +148,24 @@ def main() -> None:
     cfg = small_v2_lite(args.full, num_layers=2)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model = DeepseekForCausalLM(cfg, dtype, torch.device("cpu"))
+    fusions = Fusions.from_env()
+    # the choices the model makes on CUDA: the shared experts fused at small steps; the router's
+    # one GEMM has no CPU kernel (torch.mm with out_dtype), so it is counted as the CPU runs it and
+    # taken off the MoE layer's count in the CUDA column
+    fused_max = shared_fused_max_tokens(cfg, "cuda") if fusions.shared else 0
+    router_gemm = fusions.router and dtype in (torch.bfloat16, torch.float16)
+    model = DeepseekForCausalLM(cfg, dtype, torch.device("cpu"), fused_max, fusions=fusions)
     load_weights(model, random_weights(cfg, seed=0, dtype=dtype))
-    fuse = os.environ.get("LLA_DEEPSEEK_FUSE", "(default)")
-    print(f"LLA_DEEPSEEK_FUSE={fuse}; launches per layer of a decode step")
-    print(f"{'batch':>6} {'dense layer':>12} {'MoE layer':>10} {'27-layer step':>14}")
+    fuse = os.environ.get("LLA_DEEPSEEK_FUSE", "all")
+    print(f"LLA_DEEPSEEK_FUSE={fuse}; launches per layer of a decode step (27 layers: 1 dense + 26 MoE)")
+    cols = ["batch", "dense layer", "MoE layer (CPU)", "MoE layer (CUDA)", "step (CUDA)"]
+    print("".join(f"{c:>18}" for c in cols))
     for batch in (int(b) for b in args.batches.split(",")):
         counts = count_step(model, batch, args.context)
         dense, moe = (sum(counts[k].values()) for k in ("dense", "moe"))
-        other = sum(counts["other"].values())
-        step = dense + 26 * moe + other
-        print(f"{batch:>6} {dense:>12} {moe:>10} {step:>14}")
+        moe_cuda = moe - router_gemm
+        step = dense + 26 * moe_cuda + sum(counts["other"].values())
+        print("".join(f"{v:>18}" for v in (batch, dense, moe, moe_cuda, step)))
         if args.verbose:
             for kind in ("dense", "moe", "other"):
                 print(f"  {kind}: " + ", ".join(f"{n} x{c}" for n, c in counts[kind].items()))

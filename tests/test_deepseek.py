@@ -3,10 +3,11 @@ on tiny random models, fp32 on the CPU (every kernel op through its PyTorch refe
 
 Variants: V2 without q_lora_rank, YaRN scaling, greedy routing; V2 with group_limited_greedy;
 V3 with q_lora_rank and noaux_tc (bias-corrected sigmoid, grouped), normalized and scaled weights.
-The logits are checked with the model as built by default (every decode fusion on; the shared
-experts fused into fused_moe's experts in steps of at most FUSED_SHARED_MAX_TOKENS tokens, as an MLP
-through views of the same rows above), with the shared experts always a separate MLP and always
-fused, and with every fusion off (the layer as before them).
+The logits are checked with the model as built by default on the CPU (every decode fusion on but
+the CUDA-only router GEMM; the shared experts a separate MLP), with the shared experts always fused
+into fused_moe's experts, fused in steps of at most FUSED_SHARED_MAX_TOKENS tokens (the CUDA
+default at these sizes; an MLP through views of the same rows above), and with every fusion off
+(the layer as before them).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from lightllm_async.models.deepseek import (
     MLAttention,
     MoE,
     mla_rope_cache,
+    shared_fused_max_tokens,
 )
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.models.loader import iter_weights, load_model_config
-from lightllm_async.models.weights import load_weights
+from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_model
 
@@ -96,11 +98,10 @@ def model(request, tmp_path_factory):
     return cfg, path, _runner(path), hf.eval(), info
 
 
-NO_FUSIONS = Fusions(in_proj=False, kv_store=False, shared=False, w_uv_out=False)
 KINDS = {  # model arguments of each way to build the same checkpoint
-    "shared-mlp": {"fuse_shared_experts": False},
     "shared-fused": {"fuse_shared_experts": True},
-    "unfused": {"fusions": NO_FUSIONS},
+    "shared-fused-small-steps": {"fuse_shared_experts": FUSED_SHARED_MAX_TOKENS},
+    "unfused": {"fusions": Fusions.off()},
 }
 
 
@@ -116,14 +117,17 @@ def built(model) -> dict[str, DeepseekForCausalLM]:
     return nets
 
 
-def test_default_fuses_the_shared_experts_at_small_steps_only(model, built):
+def test_shared_experts_are_fused_at_small_steps_on_cuda_only(model, built):
     cfg, *_ = model
-    default = built["default"].layers[-1].mlp
-    assert default.shared is None and default.fused_max_tokens == FUSED_SHARED_MAX_TOKENS
-    assert default.experts.w13.shape[0] == cfg.n_routed_experts + cfg.n_shared_experts
+    assert shared_fused_max_tokens(cfg, "cuda") == FUSED_SHARED_MAX_TOKENS  # experts < V2-Lite's
+    assert shared_fused_max_tokens(cfg, "cpu") == 0
+    big = dataclasses.replace(cfg, hidden_size=7168, moe_intermediate_size=2048)  # V3's: lost at every M
+    assert shared_fused_max_tokens(big, "cuda") == 0
+    assert built["default"].layers[-1].mlp.shared is not None  # on the CPU: a separate MLP
+    small = built["shared-fused-small-steps"].layers[-1].mlp
+    assert small.shared is None and small.fused_max_tokens == FUSED_SHARED_MAX_TOKENS
+    assert small.experts.w13.shape[0] == cfg.n_routed_experts + cfg.n_shared_experts
     assert built["shared-fused"].layers[-1].mlp.fused_max_tokens == ALWAYS
-    assert built["shared-mlp"].layers[-1].mlp.shared is not None
-    assert built["unfused"].layers[-1].mlp.shared is not None
     assert built["default"].layers[0].attn.w_in is not None and built["unfused"].layers[0].attn.w_in is None
 
 
@@ -423,6 +427,58 @@ def test_cuda_mla_prefill_layer_makes_no_host_sync(gpu):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, first)
+
+
+def _rows_ctx(parts: list[tuple[int, int]], row: int, device: str) -> ForwardContext:
+    """A step of requests (cached tokens, new tokens), request b's cache rows at b * row + p."""
+    positions = [p for cached, new in parts for p in range(cached, cached + new)]
+    q_lens = [new for _, new in parts]
+    decode_only = all(n == 1 for n in q_lens)
+
+    def t(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return ForwardContext(
+        positions=t(positions),
+        kv_slots=t([b * row + p for b, (c, n) in enumerate(parts) for p in range(c, c + n)]),
+        req_to_token=t([[b * row + p for p in range(row)] for b in range(len(parts))], torch.int32),
+        req_idx=t(range(len(parts)), torch.int32),
+        q_start=t([0, *itertools.accumulate(q_lens)], torch.int32),
+        seq_lens=t([c + n for c, n in parts], torch.int32),
+        logits_idx=t(range(len(positions))),
+        decode_only=decode_only,
+        host_seq_lens=tuple(c + n for c, n in parts),
+        host_q_lens=None if decode_only else tuple(q_lens),
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_fused_decode_layer_equals_unfused_at_v2_lite_shape(gpu):
+    """Every decode fusion (merged projection, mla_kv_store, W_UV into o_proj's input, the
+    router's one GEMM, the shared experts fused up to 8 tokens and through views above) against
+    the layer without them, bfloat16 at DeepSeek-V2-Lite's shape (2 layers: dense, MoE), same
+    weights and cache: decode steps of 1, 8, 9 and 64 requests, and a prefill step; the logits
+    and the cache rows the step wrote agree to bf16 rounding."""
+    cfg = dataclasses.replace(shape_config("deepseek-v2-lite", "bfloat16"), num_layers=2)
+    nets = []
+    for fusions in (Fusions(), Fusions.off()):
+        net = DeepseekForCausalLM(cfg, torch.bfloat16, torch.device("cuda"), fusions=fusions)
+        load_weights(net, random_weights(cfg, seed=4, dtype=torch.bfloat16, device="cuda"))
+        nets.append(net.eval())
+    assert nets[0].layers[1].mlp.gate.weight.dtype == torch.bfloat16  # the one-GEMM router
+    row, g = 128, torch.Generator(device="cuda").manual_seed(0)
+    for parts in ([(90, 1)], [(70, 1)] * 8, [(33, 1)] * 9, [(100, 1)] * 64, [(0, 37), (20, 50)]):
+        kv = MLAKVCache.allocate(cfg, len(parts) * row, torch.bfloat16, "cuda")
+        for pool in kv.kv:
+            pool.normal_(generator=g)
+        kvs = [kv, MLAKVCache([pool.clone() for pool in kv.kv])]
+        ids = torch.randint(3, cfg.vocab_size, (sum(n for _, n in parts),), device="cuda", generator=g)
+        ctx = _rows_ctx(parts, row, "cuda")
+        fused, unfused = (net(ids, ctx, kv) for net, kv in zip(nets, kvs, strict=True))
+        assert rel_err(fused, unfused) < 3e-2, parts
+        assert (fused.argmax(-1) == unfused.argmax(-1)).float().mean() > 0.9, parts
+        for a, b in zip(kvs[0].kv, kvs[1].kv, strict=True):
+            assert rel_err(a[ctx.kv_slots], b[ctx.kv_slots]) < 1e-2, parts
 
 
 def test_kv_sizing_reserves_the_mla_prefill_decompression():

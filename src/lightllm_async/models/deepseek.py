@@ -89,6 +89,12 @@ class Fusions:
     kv_store: bool = True  # kv_a norm, rope of k_pe and q_pe, cache store: one kernel (mla_kv_store)
     shared: bool = True  # shared experts inside fused_moe at small M where measured to pay
     w_uv_out: bool = True  # W_UV's bmm writes o_proj's [B, n * v] input itself (no copy)
+    router: bool = True  # the router's float32 logits from one GEMM of bf16 x (CUDA; `Router`)
+
+    @classmethod
+    def off(cls) -> Fusions:
+        """Every fusion off: the layer as before them."""
+        return cls(**{f.name: False for f in fields(cls)})
 
     @classmethod
     def from_env(cls) -> Fusions:
@@ -109,11 +115,14 @@ FUSED_SHARED_MAX_TOKENS = 8
 V2_LITE_EXPERT = 2048 * 1408  # hidden x moe_intermediate_size of V2-Lite, where it was measured
 
 
-def shared_fused_max_tokens(cfg: ModelConfig) -> int:
+def shared_fused_max_tokens(cfg: ModelConfig, device) -> int:
     """Up to how many tokens a step runs the shared experts inside fused_moe by default:
-    FUSED_SHARED_MAX_TOKENS where the experts are no larger than V2-Lite's, else 0 (never)."""
+    FUSED_SHARED_MAX_TOKENS on CUDA where the experts are no larger than V2-Lite's, else 0 (never).
+    Not on the CPU: its fused_moe (the reference) loops over the chosen experts, so each shared
+    expert there costs more ops than the dense MLP of all of them."""
     small = cfg.hidden_size * cfg.moe_intermediate_size <= V2_LITE_EXPERT
-    return FUSED_SHARED_MAX_TOKENS if cfg.n_shared_experts and small else 0
+    cuda = torch.device(device).type == "cuda"
+    return FUSED_SHARED_MAX_TOKENS if cfg.n_shared_experts and small and cuda else 0
 
 
 def _share_rows(*linears: Linear) -> Tensor:
@@ -318,21 +327,34 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """The gate, kept in float32 whatever the model's dtype: the router logits are computed in
-    float32 (as transformers does), and a weight stored so is converted once, when it is loaded
+    """The gate. The router logits are computed in float32, as transformers does. With
+    `one_gemm` on CUDA in a 16-bit model dtype, the weight is kept in that dtype (the loader gives
+    it so: nothing is lost) and the logits come from one GEMM with float32 output (the products of
+    16-bit values are exact in float32, and cuBLAS sums in float32): one launch instead of a cast
+    of x then a float32 GEMM. Otherwise the weight is kept in float32, converted once when loaded
     (`copy_` casts), not at every step."""
 
-    def __init__(self, cfg: ModelConfig, device):
+    def __init__(self, cfg: ModelConfig, device, dtype=torch.float32, one_gemm: bool = False):
         super().__init__()
         e = cfg.n_routed_experts
+        one_gemm = (
+            one_gemm and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        )
         self.weight = nn.Parameter(
-            torch.empty(e, cfg.hidden_size, dtype=torch.float32, device=device), requires_grad=False
+            torch.empty(e, cfg.hidden_size, dtype=dtype if one_gemm else torch.float32, device=device),
+            requires_grad=False,
         )
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(e, dtype=torch.float32, device=device), requires_grad=False)
             if cfg.topk_method == "noaux_tc"
             else None
         )
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[T, H] -> [T, E] float32."""
+        if self.weight.dtype == torch.float32:
+            return F.linear(x.float(), self.weight)
+        return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
 
 
 class Experts(nn.Module):
@@ -401,10 +423,18 @@ class MoE(nn.Module):
     partial sums are added, and the output is this rank's partial sum: the norm that follows
     reduces it over the ranks (`RMSNorm.reduce_add`)."""
 
-    def __init__(self, cfg: ModelConfig, fused_max_tokens: int, dtype, device, tp: TPGroup = SINGLE):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        fused_max_tokens: int,
+        dtype,
+        device,
+        tp: TPGroup = SINGLE,
+        router_one_gemm: bool = False,
+    ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
-        self.gate = Router(cfg, device)
+        self.gate = Router(cfg, device, dtype, router_one_gemm)
         self.num_fused = cfg.n_shared_experts if fused_max_tokens > 0 else 0
         self.fused_max_tokens = fused_max_tokens
         self.experts = Experts(cfg, self.num_fused, dtype, device, tp)
@@ -427,7 +457,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
         fused = self.num_fused if x.shape[0] <= self.fused_max_tokens else 0  # shared experts fused
-        logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32, as the reference
+        logits = self.gate.logits(x)  # [T, E] float32, as the reference
         # [T, k + fused]: the routed experts, then the fused shared ones (weight 1, unscaled)
         weights, ids = select_experts(
             logits,
@@ -466,7 +496,7 @@ class DecoderLayer(nn.Module):
         self.mlp = (
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
-            else MoE(cfg, fused_max_tokens, dtype, device, tp)
+            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router)
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
@@ -483,8 +513,9 @@ class DeepseekForCausalLM(nn.Module):
     """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM).
 
     `fuse_shared_experts`: run the shared experts inside the routed experts' fused_moe pass
-    (`MoE`): True in every step, False never; None (default) in steps of at most
-    `shared_fused_max_tokens(cfg)` tokens (with `fusions.shared`): on an H200 (perf/RESULTS.md,
+    (`MoE`): True in every step, False (or 0) never, an int N in steps of at most N tokens; None
+    (default) in steps of at most `shared_fused_max_tokens(cfg, device)` tokens (with
+    `fusions.shared`; else never): on an H200 (perf/RESULTS.md,
     `perf/mla_moe_bench.py --only moe`) fusing gained 4-6% of the MoE layer's time at V2-Lite's
     shape with M <= 8 tokens and lost 3-11% everywhere else (V3's shape at every M, V2-Lite's from
     M = 64): the shared experts' rows then outnumber any routed expert's, and the routed experts'
@@ -498,7 +529,7 @@ class DeepseekForCausalLM(nn.Module):
         cfg: ModelConfig,
         dtype: torch.dtype,
         device: torch.device,
-        fuse_shared_experts: bool | None = None,
+        fuse_shared_experts: bool | int | None = None,
         tp: TPGroup = SINGLE,
         fusions: Fusions | None = None,
     ):
@@ -506,9 +537,9 @@ class DeepseekForCausalLM(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.fusions = fusions = fusions if fusions is not None else Fusions.from_env()
         if fuse_shared_experts is None:
-            fused_max = shared_fused_max_tokens(cfg) if fusions.shared else 0
+            fused_max = shared_fused_max_tokens(cfg, device) if fusions.shared else 0
         else:
-            fused_max = ALWAYS if fuse_shared_experts else 0
+            fused_max = ALWAYS if fuse_shared_experts is True else int(fuse_shared_experts)
         self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, fusions, fused_max, dtype, device, tp) for i in range(cfg.num_layers)
