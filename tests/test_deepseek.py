@@ -481,6 +481,33 @@ def test_cuda_fused_decode_layer_equals_unfused_at_v2_lite_shape(gpu):
             assert rel_err(a[ctx.kv_slots], b[ctx.kv_slots]) < 1e-2, parts
 
 
+@pytest.mark.gpu
+def test_cuda_fused_decode_step_replays_in_a_cuda_graph(gpu):
+    """The fused decode layer (the router's float32-output GEMM, W_UV's bmm into a strided out,
+    mla_kv_store, the shared experts fused at 1 token and through views at 9) captured in a CUDA
+    graph and replayed gives the eager step's logits and cache rows, bf16 at V2-Lite's shape (to
+    bf16 rounding: cuBLAS may choose other algorithms in a capture)."""
+    cfg = dataclasses.replace(shape_config("deepseek-v2-lite", "bfloat16"), num_layers=2)
+    net = DeepseekForCausalLM(cfg, torch.bfloat16, torch.device("cuda"))
+    load_weights(net, random_weights(cfg, seed=5, dtype=torch.bfloat16, device="cuda"))
+    row, g = 128, torch.Generator(device="cuda").manual_seed(1)
+    for parts in ([(90, 1)], [(33, 1)] * 9):
+        kv = MLAKVCache.allocate(cfg, len(parts) * row, torch.bfloat16, "cuda")
+        for pool in kv.kv:
+            pool.normal_(generator=g)
+        captured = MLAKVCache([pool.clone() for pool in kv.kv])
+        ids = torch.randint(3, cfg.vocab_size, (len(parts),), device="cuda", generator=g)
+        ctx = dataclasses.replace(_rows_ctx(parts, row, "cuda"), host_seq_lens=None)  # as in a graph
+        eager = net(ids, ctx, kv)  # also compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = net(ids, ctx, captured)
+        graph.replay()
+        assert rel_err(out, eager) < 1e-2
+        for a, b in zip(kv.kv, captured.kv, strict=True):
+            assert rel_err(a[ctx.kv_slots], b[ctx.kv_slots]) < 1e-2
+
+
 def test_kv_sizing_reserves_the_mla_prefill_decompression():
     """The KV cache is sized after the activation reserve: for MLA that must hold the per-head k
     and k_nope|v of a whole chunked prompt's context, which grows with max_model_len."""
