@@ -7,6 +7,12 @@ Also reports the CUDA graphs captured and their memory, and the GPU idle share o
 measured with the torch profiler (the CPU overhead the graphs do not hide).
 
     python perf/decode_bench.py --shape llama3-8b --batches 1,100 --context 1024 --out decode.json
+
+DeepSeek: `--compare-fusions` builds the model twice in the same run, with the decode layer's
+launch-saving fusions (`models/deepseek.Fusions`, the default) and without them
+(LLA_DEEPSEEK_FUSE=none, the layer as before), and prints the step time of each and their ratio:
+
+    python perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 --compare-fusions
 """
 
 from __future__ import annotations
@@ -217,6 +223,11 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=128)
     ap.add_argument("--no-graph-baseline", action="store_true", help="also time without CUDA graphs")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    ap.add_argument(
+        "--compare-fusions",
+        action="store_true",
+        help="DeepSeek: time the decode fusions on (LLA_DEEPSEEK_FUSE=all) and off (none), same run",
+    )
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--mixed",
@@ -228,7 +239,10 @@ def main() -> None:
     write_config_files(shape_config(args.shape, args.dtype), folder)
     bw = copy_bandwidth(args.device, (2 << 30) if args.device == "cuda" else (64 << 20))
     rows, graph_info = [], {}
-    for disable in [False, True] if args.no_graph_baseline else [False]:
+    fusions = ["all", "none"] if args.compare_fusions else [os.environ.get("LLA_DEEPSEEK_FUSE", "all")]
+    runs = [(d, f) for f in fusions for d in ([False, True] if args.no_graph_baseline else [False])]
+    for disable, fuse in runs:
+        os.environ["LLA_DEEPSEEK_FUSE"] = fuse  # read when the runner builds a DeepSeek model
         cfg = EngineConfig(
             model_path=folder,
             device=args.device,
@@ -249,7 +263,7 @@ def main() -> None:
         for b in (int(x) for x in args.batches.split(",")):
             profile = 20 if args.device == "cuda" and not disable else 0
             for overlap in (True, False):
-                rows.append(measure(runner, b, args.context, bw, profile, overlap))
+                rows.append({**measure(runner, b, args.context, bw, profile, overlap), "fusions": fuse})
         if args.mixed and args.device == "cuda" and not disable:
             mb, mp = (int(x) for x in args.mixed.split(","))
             pieces = runner.piecewise
@@ -283,7 +297,7 @@ def main() -> None:
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s")
     print(f"graphs {graph_info}")
-    cols = ["batch", "graphs", "overlap", "step ms", "roof ms", "x roof", "tok/s", "GPU busy"]
+    cols = ["batch", "graphs", "overlap", "step ms", "roof ms", "x roof", "tok/s", "GPU busy", "fusions"]
     print("".join(f"{c:>9}" for c in cols))
     for r in rows:
         busy = f"{r['gpu_busy']:.1%}" if "gpu_busy" in r else "-"
@@ -296,8 +310,24 @@ def main() -> None:
             f"{r['ratio']:.2f}",
             f"{r['tokens_per_s']:.0f}",
             busy,
+            r["fusions"],
         ]
         print("".join(f"{str(v):>9}" for v in vals))
+    if args.compare_fusions:
+        print_fusion_ratios(rows)
+
+
+def print_fusion_ratios(rows: list[dict]) -> None:
+    """Step time with the fusions over without, per batch (graphs and overlap as measured)."""
+    by = {(r["batch"], r["graphs"], r["overlap"], r["fusions"]): r["step_ms"] for r in rows}
+    print("\nfusions on / off (step ms):")
+    for (batch, graphs, overlap, fuse), on in by.items():
+        off = by.get((batch, graphs, overlap, "none"))
+        if fuse == "all" and off:
+            print(
+                f"  batch {batch:>4} graphs {graphs!s:>5} overlap {overlap!s:>5}: "
+                f"{on:.3f} / {off:.3f} ms = {on / off:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ as a share of a bf16 8192^3 matmul, at the V2-Lite and V3 shapes for each token 
 (default 1,8,32,64,128,256,1024,8192). Goals (issue 9): MLA >= 80% of copy at batch 64/128, contexts
 1k-8k, 16 and 128 heads; MoE >= 70% of the bandwidth roofline for M = 1-256 and >= 50% of the
 matmul rate at M = 8192. The MoE half then times the whole MoE layer of models/deepseek.py at the
-same shapes and Ms both ways: the shared experts (2 in V2-Lite, 1 in V3) fused into fused_moe's
-pass, and fused_moe over the routed experts plus the separate shared MLP.
+same shapes and Ms three ways: the shared experts (2 in V2-Lite, 1 in V3) fused into fused_moe's
+pass, fused_moe over the routed experts plus the separate shared MLP, and the layer as the model
+builds it by default on CUDA (fused up to `shared_fused_max_tokens` tokens, above that the shared
+experts as an MLP through views of the fused weights; the router's one GEMM).
 
 --sweep also times the launch alternatives of each case and prints the best; with --out FILE, the
 best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
@@ -46,7 +48,7 @@ from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on t
 
 from lightllm_async import kernels as K  # noqa: E402
 from lightllm_async.kernels.testing import rel_err  # noqa: E402
-from lightllm_async.models.deepseek import MoE  # noqa: E402
+from lightllm_async.models.deepseek import ALWAYS, MoE, shared_fused_max_tokens  # noqa: E402
 from lightllm_async.tools.make_random_model import shape_config  # noqa: E402
 
 mla_module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
@@ -283,28 +285,36 @@ def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) ->
     return config
 
 
-def moe_layers(shape: str) -> tuple[MoE, MoE]:
-    """models/deepseek.py's MoE layer at a shape, with random weights, twice: the shared experts
-    as a separate MLP, and the same weights with them fused into the routed experts."""
+def moe_layers(shape: str) -> tuple[MoE, MoE, MoE]:
+    """models/deepseek.py's MoE layer at a shape, with random weights, three times: the shared
+    experts as a separate MLP (as before the decode fusions), the same weights with them fused
+    into the routed experts at every M, and the layer as the model builds it on CUDA (fused up to
+    `shared_fused_max_tokens`, an MLP through views of the same rows above; the router's one GEMM)."""
     cfg = shape_config(MOE_MODELS[shape], "bfloat16")
-    separate, fused = MoE(cfg, False, DTYPE, DEV), MoE(cfg, True, DTYPE, DEV)
+    separate, fused = MoE(cfg, 0, DTYPE, DEV), MoE(cfg, ALWAYS, DTYPE, DEV)
+    default = MoE(cfg, shared_fused_max_tokens(cfg, DEV), DTYPE, DEV, router_one_gemm=True)
     for name, p in separate.named_parameters():
         p.normal_(std=p.shape[-1] ** -0.5)
-        fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s
+        for layer in (fused, default):  # experts: the first E of E + s; the router cast by copy_
+            layer.get_parameter(name).data[: p.shape[0]].copy_(p)
     fused.finish_loading()
-    return separate, fused
+    default.finish_loading()
+    return separate, fused, default
 
 
-def shared_rows(shape: str, separate: MoE, fused: MoE, token_counts: list[int]) -> None:
+def shared_rows(shape: str, separate: MoE, fused: MoE, default: MoE, token_counts: list[int]) -> None:
     hidden, shared = separate.cfg.hidden_size, separate.cfg.n_shared_experts
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEV)
         separate_ms = bench_ms(lambda x=x: separate(x), graph=True)
         fused_ms = bench_ms(lambda x=x: fused(x), graph=True)
-        err = rel_err(fused(x), separate(x))
+        default_ms = bench_ms(lambda x=x: default(x), graph=True)
+        err, default_err = rel_err(fused(x), separate(x)), rel_err(default(x), separate(x))
         print(
             f"moe layer {shape} M={tokens:<5} {shared} shared: separate MLP {separate_ms:8.4f} ms   "
-            f"fused {fused_ms:8.4f} ms   {separate_ms / fused_ms:5.2f}x   rel err {err:.1e}",
+            f"fused {fused_ms:8.4f} ms   {separate_ms / fused_ms:5.2f}x   rel err {err:.1e}   "
+            f"default (fused <= {default.fused_max_tokens}) {default_ms:8.4f} ms   "
+            f"{separate_ms / default_ms:5.2f}x   rel err {default_err:.1e}",
             flush=True,
         )
 

@@ -3,8 +3,11 @@ on tiny random models, fp32 on the CPU (every kernel op through its PyTorch refe
 
 Variants: V2 without q_lora_rank, YaRN scaling, greedy routing; V2 with group_limited_greedy;
 V3 with q_lora_rank and noaux_tc (bias-corrected sigmoid, grouped), normalized and scaled weights.
-The logits are checked with the shared experts as a separate MLP (the CPU default) and fused into
-fused_moe's experts (the CUDA default).
+The logits are checked with the model as built by default on the CPU (every decode fusion on but
+the CUDA-only router GEMM; the shared experts a separate MLP), with the shared experts always fused
+into fused_moe's experts, fused in steps of at most FUSED_SHARED_MAX_TOKENS tokens (the CUDA
+default at these sizes; an MLP through views of the same rows above), and with every fusion off
+(the layer as before them).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ from lightllm_async.config import EngineConfig, ModelConfig
 from lightllm_async.kernels import use_triton
 from lightllm_async.kernels.testing import rel_err
 from lightllm_async.models.deepseek import (
-    MLP,
+    ALWAYS,
+    FUSED_SHARED_MAX_TOKENS,
     DeepseekForCausalLM,
+    Experts,
+    Fusions,
     MLAKVCache,
     MLAttention,
     MoE,
     mla_rope_cache,
+    shared_fused_max_tokens,
 )
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.models.loader import iter_weights, load_model_config
-from lightllm_async.models.weights import load_weights
+from lightllm_async.models.weights import load_weights, random_weights
 from lightllm_async.runner.model_runner import ModelRunner
 from lightllm_async.tools.make_random_model import shape_config, write_model
 
@@ -91,19 +98,37 @@ def model(request, tmp_path_factory):
     return cfg, path, _runner(path), hf.eval(), info
 
 
+KINDS = {  # model arguments of each way to build the same checkpoint
+    "shared-fused": {"fuse_shared_experts": True},
+    "shared-fused-small-steps": {"fuse_shared_experts": FUSED_SHARED_MAX_TOKENS},
+    "unfused": {"fusions": Fusions.off()},
+}
+
+
 @pytest.fixture(scope="module")
-def fused_model(model) -> DeepseekForCausalLM:
-    """The same checkpoint with the shared experts fused into fused_moe's experts."""
-    cfg, path, *_ = model
-    fused = DeepseekForCausalLM(cfg, torch.float32, torch.device("cpu"), fuse_shared_experts=True)
-    load_weights(fused, iter_weights(path))
-    return fused.eval()
+def built(model) -> dict[str, DeepseekForCausalLM]:
+    """The runner's model (built by default) and the same checkpoint built each way of KINDS."""
+    cfg, path, runner, *_ = model
+    nets = {"default": runner.model}
+    for kind, extra in KINDS.items():
+        net = DeepseekForCausalLM(cfg, torch.float32, torch.device("cpu"), **extra)
+        load_weights(net, iter_weights(path))
+        nets[kind] = net.eval()
+    return nets
 
 
-def _forward_model(model, fused_model, fused: bool) -> DeepseekForCausalLM:
-    _, _, runner, _, _ = model
-    assert isinstance(runner.model.layers[-1].mlp.shared, MLP)  # unfused by default
-    return fused_model if fused else runner.model
+def test_shared_experts_are_fused_at_small_steps_on_cuda_only(model, built):
+    cfg, *_ = model
+    assert shared_fused_max_tokens(cfg, "cuda") == FUSED_SHARED_MAX_TOKENS  # experts < V2-Lite's
+    assert shared_fused_max_tokens(cfg, "cpu") == 0
+    big = dataclasses.replace(cfg, hidden_size=7168, moe_intermediate_size=2048)  # V3's: lost at every M
+    assert shared_fused_max_tokens(big, "cuda") == 0
+    assert built["default"].layers[-1].mlp.shared is not None  # on the CPU: a separate MLP
+    small = built["shared-fused-small-steps"].layers[-1].mlp
+    assert small.shared is None and small.fused_max_tokens == FUSED_SHARED_MAX_TOKENS
+    assert small.experts.w13.shape[0] == cfg.n_routed_experts + cfg.n_shared_experts
+    assert built["shared-fused"].layers[-1].mlp.fused_max_tokens == ALWAYS
+    assert built["default"].layers[0].attn.w_in is not None and built["unfused"].layers[0].attn.w_in is None
 
 
 def test_checkpoint_names_are_the_hf_ones(model):
@@ -154,10 +179,10 @@ def _ctx(positions: list[int], row_len: int, decode_only: bool) -> ForwardContex
     )
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
-def test_logits_close_to_hf_prefill_and_absorbed_decode(model, fused_model, fused):
+@pytest.mark.parametrize("kind", ["default", *KINDS])
+def test_logits_close_to_hf_prefill_and_absorbed_decode(model, built, kind):
     cfg, _, _, hf, _ = model
-    net = _forward_model(model, fused_model, fused)
+    net = built[kind]
     ids = torch.randint(3, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(ids[None]).logits[0].float()  # [41, V]
@@ -228,12 +253,13 @@ def test_mixed_step_runs_decodes_absorbed_and_chunks_decompressed(model, monkeyp
     assert set(seen) == {("prefill", None)}
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["shared-mlp", "shared-fused"])
-def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, fused_model, interpreter, fused):
-    """Every op through its Triton kernel (interpreted on the CPU): MLA store/decode, the prefill
-    kernel over the decompressed cache (q.k and v head dims apart), fused MoE, rope, rms norm."""
+@pytest.mark.parametrize("kind", ["default", *KINDS])
+def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, built, interpreter, kind):
+    """Every op through its Triton kernel (interpreted on the CPU): MLA store (fused with the
+    latent's norm and the rope, or not) and decode, the prefill kernel over the decompressed cache
+    (q.k and v head dims apart), fused MoE, rope, rms norm."""
     cfg, _, _, hf, _ = model
-    net = _forward_model(model, fused_model, fused)
+    net = built[kind]
     assert use_triton(torch.empty(1))
     ids = torch.randint(3, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -245,9 +271,11 @@ def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, fused_mod
     torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
 
 
-def _moe_pair(cfg: ModelConfig) -> tuple[MoE, MoE]:
-    """An MoE layer with its shared experts as a separate MLP and the same one fused, as loaded."""
-    unfused, fused = MoE(cfg, False, torch.float32, "cpu"), MoE(cfg, True, torch.float32, "cpu")
+def _moe_pair(cfg: ModelConfig, fused_max_tokens: int) -> tuple[MoE, MoE]:
+    """An MoE layer with its shared experts as a separate MLP and the same one fused up to
+    `fused_max_tokens`, as loaded."""
+    unfused = MoE(cfg, 0, torch.float32, "cpu")
+    fused = MoE(cfg, fused_max_tokens, torch.float32, "cpu")
     for name, p in unfused.named_parameters():
         p.normal_(std=cfg.hidden_size**-0.5)
         fused.get_parameter(name).data[: p.shape[0]].copy_(p)  # experts: the first E of E + s
@@ -257,20 +285,30 @@ def _moe_pair(cfg: ModelConfig) -> tuple[MoE, MoE]:
 
 @pytest.mark.parametrize("kernels", ["ref", "interpreter"])
 @pytest.mark.parametrize("shape", ["deepseek-v2-tiny", "deepseek-v3-tiny"])
-def test_fused_shared_experts_give_the_separate_mlp_output(shape, kernels, request):
+@pytest.mark.parametrize("fused_max_tokens", [ALWAYS, 7])
+def test_fused_shared_experts_give_the_separate_mlp_output(
+    shape, kernels, fused_max_tokens, request, monkeypatch
+):
     """Irregular sizes and three shared experts (V2 greedy, unscaled; V3 noaux_tc, whose routed
-    scaling factor 2.5 must not reach the shared part)."""
+    scaling factor 2.5 must not reach the shared part). Fused up to 7 tokens: 1 and 7 run one
+    fused_moe pass, 8 and 33 the routed rows and the shared experts through views of theirs."""
     if kernels == "interpreter":
         request.getfixturevalue("interpreter")
     cfg = dataclasses.replace(
         shape_config(shape, "float32"), hidden_size=40, moe_intermediate_size=24, n_shared_experts=3
     )
     torch.manual_seed(3)
-    unfused, fused = _moe_pair(cfg)
+    unfused, fused = _moe_pair(cfg, fused_max_tokens)
     assert fused.shared is None and fused.experts.w13.shape == (cfg.n_routed_experts + 3, 48, 40)
-    for tokens in (1, 7, 33):
+    views = []  # the token counts that took the shared experts as an MLP through views
+    add_shared = Experts.add_shared
+    monkeypatch.setattr(
+        Experts, "add_shared", lambda self, out, x: views.append(len(x)) or add_shared(self, out, x)
+    )
+    for tokens in (1, 7, 8, 33):
         x = torch.randn(tokens, cfg.hidden_size)
         assert rel_err(fused(x), unfused(x)) < 1e-5
+    assert views == ([] if fused_max_tokens == ALWAYS else [8, 33])
 
 
 def test_kv_pool_holds_latent_plus_rope_key_per_token_and_layer(model):
@@ -389,6 +427,85 @@ def test_cuda_mla_prefill_layer_makes_no_host_sync(gpu):
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, first)
+
+
+def _rows_ctx(parts: list[tuple[int, int]], row: int, device: str) -> ForwardContext:
+    """A step of requests (cached tokens, new tokens), request b's cache rows at b * row + p."""
+    positions = [p for cached, new in parts for p in range(cached, cached + new)]
+    q_lens = [new for _, new in parts]
+    decode_only = all(n == 1 for n in q_lens)
+
+    def t(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return ForwardContext(
+        positions=t(positions),
+        kv_slots=t([b * row + p for b, (c, n) in enumerate(parts) for p in range(c, c + n)]),
+        req_to_token=t([[b * row + p for p in range(row)] for b in range(len(parts))], torch.int32),
+        req_idx=t(range(len(parts)), torch.int32),
+        q_start=t([0, *itertools.accumulate(q_lens)], torch.int32),
+        seq_lens=t([c + n for c, n in parts], torch.int32),
+        logits_idx=t(range(len(positions))),
+        decode_only=decode_only,
+        host_seq_lens=tuple(c + n for c, n in parts),
+        host_q_lens=None if decode_only else tuple(q_lens),
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_fused_decode_layer_equals_unfused_at_v2_lite_shape(gpu):
+    """Every decode fusion (merged projection, mla_kv_store, W_UV into o_proj's input, the
+    router's one GEMM, the shared experts fused up to 8 tokens and through views above) against
+    the layer without them, bfloat16 at DeepSeek-V2-Lite's shape (2 layers: dense, MoE), same
+    weights and cache: decode steps of 1, 8, 9 and 64 requests, and a prefill step; the logits
+    and the cache rows the step wrote agree to bf16 rounding."""
+    cfg = dataclasses.replace(shape_config("deepseek-v2-lite", "bfloat16"), num_layers=2)
+    nets = []
+    for fusions in (Fusions(), Fusions.off()):
+        net = DeepseekForCausalLM(cfg, torch.bfloat16, torch.device("cuda"), fusions=fusions)
+        load_weights(net, random_weights(cfg, seed=4, dtype=torch.bfloat16, device="cuda"))
+        nets.append(net.eval())
+    assert nets[0].layers[1].mlp.gate.weight.dtype == torch.bfloat16  # the one-GEMM router
+    row, g = 128, torch.Generator(device="cuda").manual_seed(0)
+    for parts in ([(90, 1)], [(70, 1)] * 8, [(33, 1)] * 9, [(100, 1)] * 64, [(0, 37), (20, 50)]):
+        kv = MLAKVCache.allocate(cfg, len(parts) * row, torch.bfloat16, "cuda")
+        for pool in kv.kv:
+            pool.normal_(generator=g)
+        kvs = [kv, MLAKVCache([pool.clone() for pool in kv.kv])]
+        ids = torch.randint(3, cfg.vocab_size, (sum(n for _, n in parts),), device="cuda", generator=g)
+        ctx = _rows_ctx(parts, row, "cuda")
+        fused, unfused = (net(ids, ctx, kv) for net, kv in zip(nets, kvs, strict=True))
+        assert rel_err(fused, unfused) < 3e-2, parts
+        assert (fused.argmax(-1) == unfused.argmax(-1)).float().mean() > 0.9, parts
+        for a, b in zip(kvs[0].kv, kvs[1].kv, strict=True):
+            assert rel_err(a[ctx.kv_slots], b[ctx.kv_slots]) < 1e-2, parts
+
+
+@pytest.mark.gpu
+def test_cuda_fused_decode_step_replays_in_a_cuda_graph(gpu):
+    """The fused decode layer (the router's float32-output GEMM, W_UV's bmm into a strided out,
+    mla_kv_store, the shared experts fused at 1 token and through views at 9) captured in a CUDA
+    graph and replayed gives the eager step's logits and cache rows, bf16 at V2-Lite's shape (to
+    bf16 rounding: cuBLAS may choose other algorithms in a capture)."""
+    cfg = dataclasses.replace(shape_config("deepseek-v2-lite", "bfloat16"), num_layers=2)
+    net = DeepseekForCausalLM(cfg, torch.bfloat16, torch.device("cuda"))
+    load_weights(net, random_weights(cfg, seed=5, dtype=torch.bfloat16, device="cuda"))
+    row, g = 128, torch.Generator(device="cuda").manual_seed(1)
+    for parts in ([(90, 1)], [(33, 1)] * 9):
+        kv = MLAKVCache.allocate(cfg, len(parts) * row, torch.bfloat16, "cuda")
+        for pool in kv.kv:
+            pool.normal_(generator=g)
+        captured = MLAKVCache([pool.clone() for pool in kv.kv])
+        ids = torch.randint(3, cfg.vocab_size, (len(parts),), device="cuda", generator=g)
+        ctx = dataclasses.replace(_rows_ctx(parts, row, "cuda"), host_seq_lens=None)  # as in a graph
+        eager = net(ids, ctx, kv)  # also compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = net(ids, ctx, captured)
+        graph.replay()
+        assert rel_err(out, eager) < 1e-2
+        for a, b in zip(kv.kv, captured.kv, strict=True):
+            assert rel_err(a[ctx.kv_slots], b[ctx.kv_slots]) < 1e-2
 
 
 def test_kv_sizing_reserves_the_mla_prefill_decompression():

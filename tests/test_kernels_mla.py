@@ -11,9 +11,12 @@ import torch
 from lightllm_async.kernels import (
     mla_decode_attention,
     mla_decode_attention_ref,
+    mla_kv_store,
+    mla_kv_store_ref,
     mla_store_kv,
     mla_store_kv_ref,
 )
+from lightllm_async.kernels.rotary import rope_cache
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
 
@@ -129,6 +132,52 @@ def test_mla_store_then_decode_reads_the_stored_token(interpreter):
     q_nope, q_pe = torch.randn(2, heads, rank), torch.randn(2, heads, rope)
     args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 0.2)
     assert rel_err(mla_decode_attention(*args), mla_decode_attention_ref(*args)) < 1e-4
+
+
+def check_mla_kv_store(num_tokens, heads, rank, rope, dtype, device):
+    """The fused norm + rope + store against its reference: strided inputs (slices of one
+    projection's output, as the model gives them), scattered slots, positions past a short table's
+    start; exactly the slots' rows written, the rest untouched."""
+    rows = 3 * num_tokens + 5
+    cos_sin = rope_cache(rope, 4096, 10000.0, None, device)
+    kv_cache = torch.full((rows, rank + rope), float("nan"), dtype=dtype, device=device)
+    ref_cache = kv_cache.clone()
+    # q | kv_a of one merged projection, 3 spare columns: both strided
+    q_width = heads * (rope + 5)
+    proj = torch.randn(num_tokens, q_width + rank + rope + 3, dtype=dtype, device=device)
+    q_pe = proj[:, :q_width].view(num_tokens, heads, rope + 5)[:, :, 5:]
+    kv_a = proj[:, q_width : q_width + rank + rope]
+    weight = 1 + 0.1 * torch.randn(rank, dtype=dtype, device=device)
+    positions = torch.randint(0, 4096, (num_tokens,), device=device)
+    slots = torch.randperm(rows, device=device)[:num_tokens]
+    args = (weight, 1e-6, positions, cos_sin)
+    with nan_filled_allocations():
+        q_out = mla_kv_store(q_pe, kv_a, *args, kv_cache, slots)
+    q_ref = mla_kv_store_ref(q_pe, kv_a, *args, ref_cache, slots)
+    assert q_out.shape == q_pe.shape and q_out.dtype == dtype
+    assert rel_err(q_out, q_ref) < TOLERANCE[dtype]
+    assert rel_err(kv_cache[slots], ref_cache[slots]) < TOLERANCE[dtype]
+    untouched = torch.ones(rows, dtype=torch.bool, device=device)
+    untouched[slots] = False
+    assert kv_cache[untouched].isnan().all()
+    assert not kv_cache[slots].isnan().any()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 33])
+@pytest.mark.parametrize("heads, rank, rope", [(3, 32, 16), (16, 48, 8), (5, 40, 12)])
+def test_mla_kv_store_matches_reference_in_interpreter(interpreter, num_tokens, heads, rank, rope):
+    check_mla_kv_store(num_tokens, heads, rank, rope, torch.float32, "cpu")
+
+
+def test_mla_kv_store_bfloat16_in_interpreter(interpreter):
+    check_mla_kv_store(9, 4, 64, 16, torch.bfloat16, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128, 8, 1])  # V2-Lite, V3 (one GPU), V2-Lite at TP 2 and 16
+def test_mla_kv_store_matches_reference_on_gpu(gpu, heads):
+    for tokens in (1, 64, 4099):
+        check_mla_kv_store(tokens, heads, 512, 64, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu

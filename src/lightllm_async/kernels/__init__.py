@@ -5,6 +5,7 @@ from .backend import use_triton
 from .decode_attention import decode_attention, decode_attention_ref, decode_attention_rows
 from .fused_moe import MoeConfig, fused_moe, fused_moe_ref
 from .mla_decode_attention import mla_decode_attention, mla_decode_attention_ref
+from .mla_kv_store import mla_kv_store, mla_kv_store_ref
 from .mla_store_kv import mla_store_kv, mla_store_kv_ref
 from .moe_align import moe_align_block_size, moe_align_block_size_ref
 from .moe_routing import select_experts, select_experts_ref
@@ -23,6 +24,8 @@ __all__ = [
     "fused_moe_ref",
     "mla_decode_attention",
     "mla_decode_attention_ref",
+    "mla_kv_store",
+    "mla_kv_store_ref",
     "mla_store_kv",
     "mla_store_kv_ref",
     "moe_align_block_size",

@@ -23,7 +23,9 @@ mscale^2.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -34,6 +36,7 @@ from lightllm_async.config import ModelConfig, rope_type
 from lightllm_async.kernels import (
     fused_moe,
     mla_decode_attention,
+    mla_kv_store,
     mla_store_kv,
     prefill_attention,
     rope_cache,
@@ -72,6 +75,68 @@ class MLAKVCache:
     def bytes_per_token(cls, cfg: ModelConfig, dtype, tp: TPGroup = SINGLE) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return cfg.num_layers * cls.width(cfg) * itemsize
+
+
+@dataclass(frozen=True)
+class Fusions:
+    """The decode layer's launch-saving fusions, all on by default: at batch 1 the layer's time is
+    the fixed cost of its ~25 launches, not its bytes (perf/RESULTS.md, DeepSeek-V2-Lite's decode
+    step at 2.8x its roofline). `from_env` reads LLA_DEEPSEEK_FUSE: "all" (default), "none" (the
+    layer as before them), or the names to keep on, comma-separated; perf/decode_bench.py
+    --compare-fusions times both ways in one process."""
+
+    in_proj: bool = True  # q_proj (q_a_proj with q_lora) and kv_a_proj_with_mqa: one GEMM of x
+    kv_store: bool = True  # kv_a norm, rope of k_pe and q_pe, cache store: one kernel (mla_kv_store)
+    shared: bool = True  # shared experts inside fused_moe at small M where measured to pay
+    w_uv_out: bool = True  # W_UV's bmm writes o_proj's [B, n * v] input itself (no copy)
+    router: bool = True  # the router's float32 logits from one GEMM of bf16 x (CUDA; `Router`)
+
+    @classmethod
+    def off(cls) -> Fusions:
+        """Every fusion off: the layer as before them."""
+        return cls(**{f.name: False for f in fields(cls)})
+
+    @classmethod
+    def from_env(cls) -> Fusions:
+        value = os.environ.get("LLA_DEEPSEEK_FUSE", "all")
+        names = {f.name for f in fields(cls)}
+        chosen = names if value == "all" else set() if value == "none" else set(value.split(","))
+        if chosen - names:
+            raise ValueError(f"LLA_DEEPSEEK_FUSE={value!r}: not all, none, or some of {sorted(names)}")
+        return cls(**{name: name in chosen for name in names})
+
+
+ALWAYS = sys.maxsize  # fused_max_tokens: the shared experts always inside fused_moe
+# Shared experts inside the routed experts' fused_moe pass up to this many tokens (a host decision
+# per step, so one per captured CUDA graph): on an H200 (perf/RESULTS.md, 2026-11-29, CUDA-graph
+# replays of the MoE layer) that gained 4-6% at V2-Lite's shape with M <= 8 (and 4 of the layer's
+# launches) and lost 3-11% from M = 64, and lost at V3's shape at every M.
+FUSED_SHARED_MAX_TOKENS = 8
+V2_LITE_EXPERT = 2048 * 1408  # hidden x moe_intermediate_size of V2-Lite, where it was measured
+
+
+def shared_fused_max_tokens(cfg: ModelConfig, device) -> int:
+    """Up to how many tokens a step runs the shared experts inside fused_moe by default:
+    FUSED_SHARED_MAX_TOKENS on CUDA where the experts are no larger than V2-Lite's, else 0 (never).
+    Not on the CPU: its fused_moe (the reference) loops over the chosen experts, so each shared
+    expert there costs more ops than the dense MLP of all of them."""
+    small = cfg.hidden_size * cfg.moe_intermediate_size <= V2_LITE_EXPERT
+    cuda = torch.device(device).type == "cuda"
+    return FUSED_SHARED_MAX_TOKENS if cfg.n_shared_experts and small and cuda else 0
+
+
+def _share_rows(*linears: Linear) -> Tensor:
+    """One [sum of out, in] matrix whose row blocks the linears' weights become views of (so that
+    the loader fills it through them, and nothing is held twice): one GEMM for several projections
+    of the same input."""
+    first = linears[0].weight
+    merged = first.new_empty(sum(lin.weight.shape[0] for lin in linears), first.shape[1])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(merged[start : start + rows], requires_grad=False)
+        start += rows
+    return merged
 
 
 def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -120,8 +185,9 @@ class MLAttention(nn.Module):
     and kv_b_proj column-parallel by head, o_proj row-parallel; the latent (kv_a_proj_with_mqa,
     its norm, the cache) is the same on every rank."""
 
-    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup = SINGLE, fusions: Fusions = Fusions()):
         super().__init__()
+        self.fusions = fusions
         self.n = tp.split(cfg.num_heads, "num_heads")  # this rank's heads
         self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.v_dim, self.rank = cfg.v_head_dim, cfg.kv_lora_rank
@@ -138,6 +204,12 @@ class MLAttention(nn.Module):
         self.q_lora = cfg.q_lora_rank is not None
         self.kv_a_proj_with_mqa = Linear(h, self.rank + self.rope, False, dtype, device)
         self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps, dtype, device)
+        # q_proj's (q_a_proj's) rows and kv_a_proj_with_mqa's, one matrix: both read x. Under tensor
+        # parallelism q_proj holds this rank's heads and kv_a all its rows: the same on every rank.
+        q_in = self.q_a_proj if self.q_lora else self.q_proj
+        self.q_in_rows = q_in.weight.shape[0]
+        w_in = _share_rows(q_in, self.kv_a_proj_with_mqa) if fusions.in_proj else None
+        self.register_buffer("w_in", w_in, persistent=False)  # [q rows + R + P, H] or None
         self.kv_b_proj = ColumnParallelLinear(
             self.rank, heads * (self.nope + self.v_dim), False, dtype, device, tp
         )
@@ -172,16 +244,32 @@ class MLAttention(nn.Module):
 
     def forward(self, x: Tensor, ctx: ForwardContext, cos_sin: Tensor, kv_cache: Tensor) -> Tensor:
         t = x.shape[0]
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q = q.view(t, self.n, self.qk_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)  # [T, R], read in place from the strided slice
-        # rotary_emb reads the strided slices and writes new contiguous tensors
-        q_pe, k_pe = rotary_emb(q_pe, k_pe.view(t, 1, self.rope), ctx.positions, cos_sin)
-        mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
+        q, kv_a = self._project(x)
+        q_nope, q_pe = q.view(t, self.n, self.qk_dim).split([self.nope, self.rope], dim=-1)
+        if self.fusions.kv_store:
+            norm = self.kv_a_layernorm
+            q_pe = mla_kv_store(
+                q_pe, kv_a, norm.weight, norm.eps, ctx.positions, cos_sin, kv_cache, ctx.kv_slots
+            )
+        else:
+            c_kv, k_pe = kv_a.split([self.rank, self.rope], dim=-1)
+            c_kv = self.kv_a_layernorm(c_kv)  # [T, R], read in place from the strided slice
+            # rotary_emb reads the strided slices and writes new contiguous tensors
+            q_pe, k_pe = rotary_emb(q_pe, k_pe.view(t, 1, self.rope), ctx.positions, cos_sin)
+            mla_store_kv(kv_cache, c_kv, k_pe.view(t, self.rope), ctx.kv_slots)
         o = ctx.attend(self._attend, (q_nope, q_pe), (self.n, self.v_dim), kv_cache)
         return self.o_proj(o.reshape(t, self.n * self.v_dim))
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(q [T, n * qk], kv_a [T, R + P]) of the normed input; slices of one GEMM's output
+        (strided rows) with the merged projection."""
+        if self.w_in is not None:
+            q, kv_a = F.linear(x, self.w_in).split([self.q_in_rows, self.rank + self.rope], dim=-1)
+        else:
+            q, kv_a = (self.q_a_proj if self.q_lora else self.q_proj)(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q, kv_a
 
     def _attend(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         if ctx.decode_only:
@@ -203,7 +291,13 @@ class MLAttention(nn.Module):
         o = mla_decode_attention(
             q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
         )  # [B, n, R]: attention-weighted latents
-        return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v]
+        if not self.fusions.w_uv_out:
+            return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v], strided
+        # written as o_proj reads it: [B, n, v] contiguous, through a [n, B, v] view (cuBLAS's
+        # strided batch), where a transposed result would cost a copy in forward's reshape
+        out = o.new_empty(o.shape[0], self.n, self.v_dim)
+        torch.bmm(o.transpose(0, 1), self.w_uv, out=out.transpose(0, 1))
+        return out
 
     def _prefill(self, q: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         # The cached rows of every request of the step (packed once per step, for all layers),
@@ -233,21 +327,34 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """The gate, kept in float32 whatever the model's dtype: the router logits are computed in
-    float32 (as transformers does), and a weight stored so is converted once, when it is loaded
+    """The gate. The router logits are computed in float32, as transformers does. With
+    `one_gemm` on CUDA in a 16-bit model dtype, the weight is kept in that dtype (the loader gives
+    it so: nothing is lost) and the logits come from one GEMM with float32 output (the products of
+    16-bit values are exact in float32, and cuBLAS sums in float32): one launch instead of a cast
+    of x then a float32 GEMM. Otherwise the weight is kept in float32, converted once when loaded
     (`copy_` casts), not at every step."""
 
-    def __init__(self, cfg: ModelConfig, device):
+    def __init__(self, cfg: ModelConfig, device, dtype=torch.float32, one_gemm: bool = False):
         super().__init__()
         e = cfg.n_routed_experts
+        one_gemm = (
+            one_gemm and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        )
         self.weight = nn.Parameter(
-            torch.empty(e, cfg.hidden_size, dtype=torch.float32, device=device), requires_grad=False
+            torch.empty(e, cfg.hidden_size, dtype=dtype if one_gemm else torch.float32, device=device),
+            requires_grad=False,
         )
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(e, dtype=torch.float32, device=device), requires_grad=False)
             if cfg.topk_method == "noaux_tc"
             else None
         )
+
+    def logits(self, x: Tensor) -> Tensor:
+        """[T, H] -> [T, E] float32."""
+        if self.weight.dtype == torch.float32:
+            return F.linear(x.float(), self.weight)
+        return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
 
 
 class Experts(nn.Module):
@@ -292,22 +399,44 @@ class Experts(nn.Module):
         self.w13.data[e:].view(s, 2, i, h).copy_(gate_up.transpose(0, 1))
         self.w2.data[e:].copy_(mlp.down.weight.data.view(h, s, i).transpose(0, 1))
 
+    def add_shared(self, out: Tensor, x: Tensor) -> Tensor:
+        """out += the shared experts' MLP of x, through views of their rows [E, E + s) of w13 and
+        w2 (no copy of the weights): one GEMM of x by every shared gate/up row, one SiLU-and-mul,
+        then the s down products summed into `out` (addbmm: s GEMMs accumulating in place)."""
+        e, i = self.num_routed, self.inter
+        s, h = self.w13.shape[0] - e, self.w13.shape[2]
+        gate_up = F.linear(x, self.w13[e:].view(s * 2 * i, h))  # [T, s * 2I]: expert j's gate, up
+        act = silu_and_mul(gate_up.view(-1, 2 * i)).view(-1, s, i)  # [T, s, I]
+        return out.addbmm_(act.transpose(0, 1), self.w2[e:].transpose(1, 2))  # [s, T, I] @ [s, I, H]
+
 
 class MoE(nn.Module):
-    """Routed experts plus shared experts. With `fuse_shared`, the shared experts become experts
-    E..E+s-1 of the routed ones (`finish_loading`, once the weights are in), chosen by every token
-    with weight 1: one fused_moe pass instead of fused_moe and a separate dense MLP.
+    """Routed experts plus shared experts. With `fused_max_tokens` > 0, the shared experts become
+    experts E..E+s-1 of the routed ones (`finish_loading`, once the weights are in): a step of at
+    most that many tokens chooses them for every token with weight 1, one fused_moe pass instead
+    of fused_moe and a separate dense MLP; a larger step runs fused_moe over the first E experts
+    and the shared ones as a dense MLP through views of the same rows (`Experts.add_shared`).
+    With 0 they stay a separate MLP (`shared`).
 
     Under tensor parallelism the router is the same on every rank (so is its input, so every rank
     picks the same experts); the experts' intermediate dims are split, and the routed and shared
     partial sums are added, and the output is this rank's partial sum: the norm that follows
     reduces it over the ranks (`RMSNorm.reduce_add`)."""
 
-    def __init__(self, cfg: ModelConfig, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        fused_max_tokens: int,
+        dtype,
+        device,
+        tp: TPGroup = SINGLE,
+        router_one_gemm: bool = False,
+    ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
-        self.gate = Router(cfg, device)
-        self.num_fused = cfg.n_shared_experts if fuse_shared else 0
+        self.gate = Router(cfg, device, dtype, router_one_gemm)
+        self.num_fused = cfg.n_shared_experts if fused_max_tokens > 0 else 0
+        self.fused_max_tokens = fused_max_tokens
         self.experts = Experts(cfg, self.num_fused, dtype, device, tp)
         inter = cfg.moe_intermediate_size * cfg.n_shared_experts
         self.shared = (
@@ -327,8 +456,9 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.weight)  # [T, E] float32, as the reference
-        # [T, k + s]: the routed experts, then the fused shared ones (weight 1, unscaled)
+        fused = self.num_fused if x.shape[0] <= self.fused_max_tokens else 0  # shared experts fused
+        logits = self.gate.logits(x)  # [T, E] float32, as the reference
+        # [T, k + fused]: the routed experts, then the fused shared ones (weight 1, unscaled)
         weights, ids = select_experts(
             logits,
             cfg.num_experts_per_tok,
@@ -338,9 +468,14 @@ class MoE(nn.Module):
             self.norm_topk_prob,
             self.scaling,
             self.gate.e_score_correction_bias,
-            num_shared=self.num_fused,
+            num_shared=fused,
         )
-        out = fused_moe(x, self.experts.w13, self.experts.w2, weights, ids)
+        experts = self.experts
+        if fused or not self.num_fused:
+            out = fused_moe(x, experts.w13, experts.w2, weights, ids)
+        else:  # the routed experts' rows only, then the shared ones as an MLP
+            e = experts.num_routed
+            out = experts.add_shared(fused_moe(x, experts.w13[:e], experts.w2[:e], weights, ids), x)
         if self.shared is not None:
             out = out + self.shared(x)
         return out
@@ -349,17 +484,19 @@ class MoE(nn.Module):
 class DecoderLayer(nn.Module):
     """As Llama's: x in and out are partial sums over the ranks (the whole embedding at first)."""
 
-    def __init__(self, cfg: ModelConfig, index: int, fuse_shared: bool, dtype, device, tp: TPGroup = SINGLE):
+    def __init__(
+        self, cfg: ModelConfig, index: int, fusions: Fusions, fused_max_tokens: int, dtype, device, tp=SINGLE
+    ):
         super().__init__()
         self.tp = tp
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.attn = MLAttention(cfg, dtype, device, tp)
+        self.attn = MLAttention(cfg, dtype, device, tp, fusions)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         dense = index < cfg.first_k_dense_replace
         self.mlp = (
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
-            else MoE(cfg, fuse_shared, dtype, device, tp)
+            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router)
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
@@ -376,11 +513,15 @@ class DeepseekForCausalLM(nn.Module):
     """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM).
 
     `fuse_shared_experts`: run the shared experts inside the routed experts' fused_moe pass
-    (`MoE`). Off by default: on an H200 (perf/RESULTS.md, `perf/mla_moe_bench.py --only moe`) it
-    gained 4-6% of the MoE layer's time at V2-Lite's shape with M <= 8 tokens and lost 3-11%
-    everywhere else (V3's shape at every M, V2-Lite's from M = 64): the shared experts' rows then
-    outnumber any routed expert's, and the routed experts' tiles do not suit them.
+    (`MoE`): True in every step, False (or 0) never, an int N in steps of at most N tokens; None
+    (default) in steps of at most `shared_fused_max_tokens(cfg, device)` tokens (with
+    `fusions.shared`; else never): on an H200 (perf/RESULTS.md,
+    `perf/mla_moe_bench.py --only moe`) fusing gained 4-6% of the MoE layer's time at V2-Lite's
+    shape with M <= 8 tokens and lost 3-11% everywhere else (V3's shape at every M, V2-Lite's from
+    M = 64): the shared experts' rows then outnumber any routed expert's, and the routed experts'
+    tiles do not suit them.
 
+    `fusions`: the decode layer's launch-saving fusions (`Fusions`); None reads LLA_DEEPSEEK_FUSE.
     `tp`: built for one rank of a tensor-parallel group, as `LlamaForCausalLM`."""
 
     def __init__(
@@ -388,15 +529,20 @@ class DeepseekForCausalLM(nn.Module):
         cfg: ModelConfig,
         dtype: torch.dtype,
         device: torch.device,
-        fuse_shared_experts: bool = False,
+        fuse_shared_experts: bool | int | None = None,
         tp: TPGroup = SINGLE,
+        fusions: Fusions | None = None,
     ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
-        fuse = fuse_shared_experts
+        self.fusions = fusions = fusions if fusions is not None else Fusions.from_env()
+        if fuse_shared_experts is None:
+            fused_max = shared_fused_max_tokens(cfg, device) if fusions.shared else 0
+        else:
+            fused_max = ALWAYS if fuse_shared_experts is True else int(fuse_shared_experts)
         self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, fuse, dtype, device, tp) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, fusions, fused_max, dtype, device, tp) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.lm_head = (
