@@ -96,8 +96,11 @@ def step_times(runner: ModelRunner, sched: Scheduler, steps: int, overlap: bool 
     return times
 
 
-def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int, overlap: bool) -> float:
-    """Union of GPU kernel intervals over wall time, across `steps` steady decode steps."""
+def gpu_busy_share(
+    runner: ModelRunner, sched: Scheduler, steps: int, overlap: bool, top: dict | None = None
+) -> float:
+    """Union of GPU kernel intervals over wall time, across `steps` steady decode steps; `top`
+    receives each kernel name's (µs per step, launches per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync("cuda")
@@ -111,6 +114,11 @@ def gpu_busy_share(runner: ModelRunner, sched: Scheduler, steps: int, overlap: b
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     )
+    if top is not None:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                us, n = top.get(e.name[:70], (0.0, 0))
+                top[e.name[:70]] = (us + (e.time_range.end - e.time_range.start) / steps, n + 1 / steps)
     busy, cur_s, cur_e = 0.0, None, None
     for s, e in spans:
         if cur_e is None or s > cur_e:
@@ -161,7 +169,9 @@ def measure(
         "overlap": overlap,
     }
     if profile_steps:
-        row["gpu_busy"] = gpu_busy_share(runner, sched, profile_steps, overlap)
+        top: dict = {}
+        row["gpu_busy"] = gpu_busy_share(runner, sched, profile_steps, overlap, top)
+        row["kernels_us_per_step"] = sorted(((us, n, k) for k, (us, n) in top.items()), reverse=True)
     for r in list(sched.running):
         sched.abort(r.slot)
     return row
@@ -228,6 +238,7 @@ def main() -> None:
         action="store_true",
         help="DeepSeek: time the decode fusions on (LLA_DEEPSEEK_FUSE=all) and off (none), same run",
     )
+    ap.add_argument("--top-kernels", type=int, default=0, help="print the first row's N costliest kernels")
     ap.add_argument("--out", default="")
     ap.add_argument(
         "--mixed",
@@ -315,6 +326,15 @@ def main() -> None:
         print("".join(f"{str(v):>9}" for v in vals))
     if args.compare_fusions:
         print_fusion_ratios(rows)
+    for r in rows[: 1 if args.top_kernels else 0]:
+        kernels = r.get("kernels_us_per_step", [])
+        total = sum(us for us, _, _ in kernels)
+        print(
+            f"\nkernels of the batch-{r['batch']} step ({r['fusions']}): {total:.0f} µs, "
+            f"{sum(n for _, n, _ in kernels):.0f} launches a step; top {args.top_kernels}:"
+        )
+        for us, n, name in kernels[: args.top_kernels]:
+            print(f"  {us:8.1f} µs  {n:5.0f}x  {name}")
 
 
 def print_fusion_ratios(rows: list[dict]) -> None:
