@@ -5,6 +5,7 @@ ends node 1 cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -104,6 +105,45 @@ def test_node1_killed_while_idle_ends_node0(model):
         assert time.monotonic() - t0 < 10, node0.text_log()[-6000:]
         assert region_files(node0) == []
     finally:
+        node1.kill()
+        if node0.proc.poll() is None:
+            node0.kill_tree()
+
+
+def test_node1_frozen_mid_stream_ends_node0_with_errors(model):
+    """A host that vanishes closes no socket (power, network): every process of node 1 stopped.
+    The ranks' heartbeats in the rendezvous store notice it, where the step broadcast and the
+    all-reduces would wait on forever: node 0's streams end with an error and it exits 1."""
+    node0, node1 = _nodes(model)
+    results: list = []
+
+    def streamer():
+        results.append(node0.stream("/v1/completions", {"prompt": "x", "max_tokens": 400, "stream": True,
+                                                        "ignore_eos": True}))  # fmt: skip
+
+    tree = [node1.pid]
+    try:
+        threads = [threading.Thread(target=streamer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        tree += [int(c) for path in glob.glob(f"/proc/{node1.pid}/task/*/children")
+                 for c in Path(path).read_text().split()]  # fmt: skip
+        for pid in tree:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(30)
+        for events in results:
+            assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+        assert _exit_code(node0, 30) == 1, node0.text_log()[-6000:]
+        assert time.monotonic() - t0 < 15, node0.text_log()[-6000:]
+        assert "TP group rank 1 stopped beating" in node0.text_log()
+        assert region_files(node0) == []
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         node1.kill()
         if node0.proc.poll() is None:
             node0.kill_tree()

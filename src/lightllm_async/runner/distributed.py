@@ -6,6 +6,9 @@ import dataclasses
 import datetime
 import logging
 import os
+import threading
+import time
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,11 @@ INIT_TIMEOUT = datetime.timedelta(minutes=30)
 # The step-record broadcast across hosts waits as long as the server idles.
 PLAN_TIMEOUT = datetime.timedelta(days=365)
 _plan_group = None
+# Ranks on several hosts beat in the rendezvous store this often; one whose beat stops for
+# HEARTBEAT_TIMEOUT_S (a host that vanished without closing its sockets: power, network) ends
+# the others, which no collective would: the plan broadcast waits PLAN_TIMEOUT, NCCL longer.
+HEARTBEAT_S = 0.2
+HEARTBEAT_TIMEOUT_S = 5.0
 # All-reduces up to this size (a decode step's activations: batch 128 x hidden 8192 in bf16 is
 # 2 MiB) go through symmetric memory; larger ones (prefill) through NCCL. LLA_TP_ALLREDUCE=nccl
 # sends every one through NCCL.
@@ -46,6 +54,7 @@ def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
     if cfg.nnodes > 1:  # every rank creates it, in the same order
         global _plan_group
         _plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+        watch_group(cfg.dist_init, cfg.tp_rank, cfg.tp_size, "TP")
     return TPGroup(rank=cfg.tp_rank, size=cfg.tp_size, group=dist.group.WORLD)
 
 
@@ -76,3 +85,38 @@ def plan_group():
 def leave() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def watch_group(
+    init_url: str, rank: int, world: int, name: str, timeout_s: float = HEARTBEAT_TIMEOUT_S
+) -> None:
+    """Start this rank's heartbeat thread in the group whose rendezvous store is at `init_url`
+    (tcp://host:port, hosted by rank 0): it beats a counter every HEARTBEAT_S and watches the
+    other ranks'; when one stops moving for `timeout_s`, or the store does not answer for that
+    long (rank 0's host is gone), it logs why and ends the process with exit 1 at once (a
+    collective of this rank may be blocked on the peer), for the server and its supervisor."""
+    parts = urlsplit(init_url)
+    store = dist.TCPStore(
+        parts.hostname, parts.port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    args = (store, rank, world, name, timeout_s)
+    threading.Thread(target=_watch, args=args, name=f"{name.lower()}-peers", daemon=True).start()
+
+
+def _watch(store, rank: int, world: int, name: str, timeout_s: float) -> None:
+    seen: dict[int, tuple[int, float]] = {}  # peer: (its count, when it last moved)
+    try:
+        while True:
+            store.add(f"{name}/beat/{rank}", 1)
+            now = time.monotonic()
+            for peer in (p for p in range(world) if p != rank):
+                count = store.add(f"{name}/beat/{peer}", 0)
+                if peer not in seen or seen[peer][0] != count:
+                    seen[peer] = (count, now)
+                elif now - seen[peer][1] > timeout_s:
+                    raise RuntimeError(f"{name} group rank {peer} stopped beating for {timeout_s:g} s")
+            time.sleep(HEARTBEAT_S)
+    except Exception as exc:  # noqa: BLE001 - the store (rank 0) is gone, or a peer is
+        log.error("a %s peer is gone (%s); exiting so the server stops for its supervisor", name, exc)
+        logging.shutdown()
+        os._exit(1)

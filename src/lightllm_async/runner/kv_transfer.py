@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
 from lightllm_async.config import EngineConfig
+from lightllm_async.runner.distributed import watch_group
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +55,15 @@ def init_pd_group(cfg: EngineConfig, rank: int, device: torch.device) -> None:
     log.info("PD group: rank %d of %d joined (%s)", rank, cfg.pd_world, backend)
 
 
-PEER_BEAT_S = 0.2  # --role: each engine's heartbeat in the group's store
 PEER_TIMEOUT_S = 3.0  # a peer whose beat has not moved this long is gone
 
 
 def watch_peers(cfg: EngineConfig, rank: int) -> None:
     """--role: the group's engines are in other servers, which nobody here watches; a dead one
     leaves the group short (torch.distributed's world is fixed) and its transfers hanging. Each
-    engine beats a counter in the group's store (the TCPStore of rank 0's rendezvous) and watches
-    the others'; when one stops moving for PEER_TIMEOUT_S, or the store is gone (rank 0 died), the
-    engine exits 1, so its server stops for its supervisor; all restarted, the group forms again."""
-    parts = urlsplit(cfg.pd_init)
-    store = dist.TCPStore(
-        parts.hostname, parts.port, is_master=False, timeout=datetime.timedelta(seconds=PEER_TIMEOUT_S)
-    )
-    args = (store, rank, cfg.pd_world)
-    threading.Thread(target=_watch_peers, args=args, name="pd-peers", daemon=True).start()
-
-
-def _watch_peers(store, rank: int, world: int) -> None:
-    seen: dict[int, tuple[int, float]] = {}  # peer: (its count, when it last moved)
-    try:
-        while True:
-            store.add(f"pd/beat/{rank}", 1)
-            now = time.monotonic()
-            for peer in (p for p in range(world) if p != rank):
-                count = store.add(f"pd/beat/{peer}", 0)
-                if peer not in seen or seen[peer][0] != count:
-                    seen[peer] = (count, now)
-                elif now - seen[peer][1] > PEER_TIMEOUT_S:
-                    raise RuntimeError(f"PD group rank {peer} stopped beating for {PEER_TIMEOUT_S:g} s")
-            time.sleep(PEER_BEAT_S)
-    except Exception as exc:  # noqa: BLE001 - the store (rank 0) is gone, or a peer is
-        log.error("a PD peer died (%s); exiting so the server stops for its supervisor", exc)
-        logging.shutdown()
-        os._exit(1)
+    engine beats in the group's store and exits 1 when a peer stops (`distributed.watch_group`),
+    so its server stops for its supervisor; all restarted, the group forms again."""
+    watch_group(cfg.pd_init, rank, cfg.pd_world, "PD", PEER_TIMEOUT_S)
 
 
 def _tag(seq: int, pool: int) -> int:
