@@ -193,6 +193,26 @@ def check_disconnect_frees_slot_and_kv(srv: ServerProcess, body) -> None:
         region.close()
 
 
+def leave_streams_early(port: int, words: list[str], n: int = 12, seed: int = 3) -> None:
+    """`n` clients that start a streamed completion (1-120 random words, 200 tokens) and leave
+    at different moments: after 0-3 event lines and a pause of 0-40 ms, closing the socket."""
+    rng = random.Random(seed)
+
+    def leave_early(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"prompt": " ".join(rng.choices(words, k=rng.randint(1, 120))), "max_tokens": 200,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        for _ in range(i % 4):
+            resp.readline()
+        time.sleep(0.01 * (i % 5))
+        conn.sock.close()
+        conn.close()
+
+    concurrently(leave_early, list(range(n)))
+
+
 def random_completions(words, n: int, seed: int, min_tokens: int = 1) -> list[dict]:
     """`n` greedy /v1/completions bodies of 2, 9 or 40 random `words` and min_tokens..20 tokens."""
     rng = random.Random(seed)

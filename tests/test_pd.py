@@ -28,6 +28,7 @@ from serverproc import (
     TimedStream,
     completion_text,
     concurrently,
+    leave_streams_early,
     random_completions,
     stream_text,
     stream_token_ids,
@@ -215,21 +216,7 @@ def test_requests_aborted_at_every_stage_leak_nothing(pd):
         assert wait_until(lambda: _stats(region).num_running == 0, 30)
         free_slots = region.num_free_slots()
         free_kv = [region.replica_stats(k).kv_tokens_free for k in range(2)]
-        rng = random.Random(3)
-
-        def leave_early(i: int) -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
-            body = {"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 120))), "max_tokens": 200,
-                    "ignore_eos": True, "stream": True}  # fmt: skip
-            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            for _ in range(i % 4):
-                resp.readline()
-            time.sleep(0.01 * (i % 5))
-            conn.sock.close()
-            conn.close()
-
-        concurrently(leave_early, list(range(12)))
+        leave_streams_early(srv.port, WORDS)
         assert wait_until(lambda: region.num_free_slots() == free_slots, 15)
         assert wait_until(lambda: [region.replica_stats(k).kv_tokens_free for k in range(2)] == free_kv, 15)
         body = {"prompt": "the model", "max_tokens": 3, "ignore_eos": True}

@@ -9,7 +9,6 @@ with no shared memory left, and the restarted pair serves again. Llama (GQA) and
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
@@ -25,6 +24,7 @@ from serverproc import (
     TimedStream,
     concurrently,
     free_port,
+    leave_streams_early,
     token_ids_by_count,
     wait_until,
 )
@@ -212,21 +212,7 @@ def test_clients_leaving_at_every_stage_leak_nothing_and_hold_back_no_later_tran
     router, p, d, _ = role
     assert wait_until(lambda: _idle(p) and _idle(d), 30)
     kv = [_metric(s, "kv_cache_tokens_free") for s in (p, d)]
-    rng = random.Random(3)
-
-    def leave_early(i: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=60)
-        body = {"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 120))), "max_tokens": 200,
-                "ignore_eos": True, "stream": True}  # fmt: skip
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        for _ in range(i % 4):
-            resp.readline()
-        time.sleep(0.01 * (i % 5))
-        conn.sock.close()
-        conn.close()
-
-    concurrently(leave_early, list(range(12)))
+    leave_streams_early(router.port, WORDS)
     assert wait_until(lambda: _idle(p) and _idle(d), 15)
     assert wait_until(lambda: [_metric(s, "kv_cache_tokens_free") for s in (p, d)] == kv, 15)
     body = {"prompt": "the model", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
