@@ -3,7 +3,12 @@ request decoding after a short prompt; mean ms per step over --steps, then torch
 of ops (self CPU time) over a few of those steps.
 
     PYTHONPATH=src python perf/cpu_step_profile.py [--quantization auto] [--dtype auto]
-        [--batch 1] [--steps 64] [--threads 1] [--rows 25]
+        [--batch 1] [--steps 64] [--threads 1] [--rows 25] [--cpu-step auto|c|torch] [--cpu-compile]
+        [--no-profile]
+
+`--cpu-step c` (the default `auto` where the model is int4-packed) runs the C decode step
+(csrc/decode_step.c) with --threads threads; `torch` the eager torch step (`--cpu-compile`: compiled).
+CPU time is reported for the calling thread and for the whole process (the C step's workers).
 """
 
 from __future__ import annotations
@@ -57,10 +62,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--cpu-compile", action="store_true")
+    ap.add_argument("--cpu-step", default="auto", choices=("auto", "c", "torch"))
+    ap.add_argument("--no-profile", action="store_true", help="skip torch.profiler's table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = default_model_path()
     extra = {"cpu_compile": True} if args.cpu_compile else {}
+    extra["cpu_step"] = args.cpu_step
     cfg = EngineConfig(
         model_path=path, device="cpu", quantization=args.quantization, dtype=args.dtype,
         max_model_len=1024, kv_cache_tokens=8192, max_running_requests=max(args.batch, 1), **extra,
@@ -72,15 +80,20 @@ def main() -> None:
     sched = decoding(runner, prompt, args.batch, args.steps + 40)
     for _ in range(8):  # warm-up (and compile, if any)
         step(runner, sched)
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in range(args.steps):
         step(runner, sched)
     ms = (time.perf_counter() - t0) * 1000 / args.steps
     cpu_ms = (time.thread_time() - c0) * 1000 / args.steps  # this thread's CPU time: less moved by load
+    proc_ms = (time.process_time() - p0) * 1000 / args.steps  # every thread's (the C step's workers)
+    kind = type(runner.cpu_decode).__name__ + (" compiled" if runner.cpu_decode.compiled else "")
     print(
-        f"decode step: {ms:.2f} ms at batch {args.batch} ({1000 * args.batch / ms:.1f} tok/s), "
-        f"{torch.get_num_threads()} threads; {cpu_ms:.2f} ms CPU time of this thread"
+        f"decode step ({kind}): {ms:.2f} ms at batch {args.batch} ({1000 * args.batch / ms:.1f} tok/s), "
+        f"{torch.get_num_threads()} threads; CPU time {cpu_ms:.2f} ms this thread, "
+        f"{proc_ms:.2f} ms the process"
     )
+    if args.no_profile:
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(16):
             step(runner, sched)
