@@ -24,11 +24,15 @@
  * by the order of float32 sums (norms, softmax), which moves a bfloat16 value by one step at a
  * near-tie now and then.
  *
- * Threads: `threads - 1` workers share every product's output tiles and the attention's (row, kv
- * head) units with the calling thread, claimed in chunks from an atomic counter, so a thread that
- * the OS deschedules leaves its remaining chunks to the others. Between phases the threads meet at
- * a barrier that spins for at most spin_us microseconds and then sleeps on a condition variable:
- * on a busy machine a waiting thread gives its core back instead of holding it (OpenMP's spinning
+ * Threads: `threads - 1` workers share the work with the calling thread. A step is a sequence of
+ * phases (per layer: q|k|v tiles, attention units of one row and kv head, o tiles, gate|up tiles,
+ * down tiles; then the head's tiles); each thread claims chunks of the open phase's units from an
+ * atomic counter, and whichever finishes the phase's last unit runs the short serial part between
+ * phases (residual, norm, SiLU*mul, the activations' quantization) and opens the next one. Nobody
+ * waits for a thread that holds no unit: a worker the OS has descheduled, or one still asleep,
+ * is simply not missed, and the calling thread runs the step alone if it must. A thread with
+ * nothing to claim spins at most spin_us microseconds for the next phase, then sleeps on a
+ * condition variable, so on a busy machine it gives its core back (OpenMP's spinning barriers
  * made the engine 20-80x slower there, issue 12).
  */
 #define _GNU_SOURCE
@@ -48,18 +52,19 @@
 
 #define MAX_GROUP 16  /* query heads per kv head */
 #define MAX_DIM 256   /* head dim */
-#define PHASES 5      /* barriers a layer: after q|k|v, attention, o, gate|up, down */
 #define CHUNKS 8      /* chunks a thread of each product's tiles: balance against claims */
 
-/* ---- barrier: spin briefly, then sleep ----------------------------------------------------- */
+/* ---- the phase board: which phase is open, its next unit, its finished units ------------------- */
 
 typedef struct {
-    atomic_int count, sleepers;
-    atomic_uint gen;
-    int n, spin_us;
+    _Alignas(64) atomic_uint seq;  /* the open phase's number, counting on across steps */
+    _Alignas(64) atomic_ullong claim; /* (seq << 32) | the open phase's next unclaimed unit */
+    _Alignas(64) atomic_int done;  /* units of the open phase finished */
+    atomic_int sleepers;
+    int spin_us;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-} Barrier;
+} Board;
 
 static inline void cpu_relax(void) {
 #ifdef STEP_X86
@@ -73,24 +78,13 @@ static double now_us(void) {
     return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
 }
 
-/* The last of n to arrive opens the next generation and wakes the sleepers; the others spin up to
-   spin_us, then sleep. (A sleeper registers before it reads gen, the opener writes gen before it
-   reads the sleepers, both sequentially consistent: one of them sees the other.) */
-static void barrier_wait(Barrier *b) {
-    unsigned gen = atomic_load(&b->gen);
-    if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
-        atomic_store(&b->count, 0);
-        atomic_store(&b->gen, gen + 1);
-        if (atomic_load(&b->sleepers) > 0) {
-            pthread_mutex_lock(&b->mu);
-            pthread_cond_broadcast(&b->cv);
-            pthread_mutex_unlock(&b->mu);
-        }
-        return;
-    }
+/* Wait until the open phase is no longer `seq`: spin up to spin_us, then sleep. (A sleeper
+   registers before it reads seq, an opener writes seq before it reads the sleepers, both
+   sequentially consistent: one of them sees the other, so no wake-up is lost.) */
+static void wait_past(Board *b, unsigned seq) {
     double until = -1.0;
     for (int i = 1;; i++) {
-        if (atomic_load_explicit(&b->gen, memory_order_acquire) != gen)
+        if (atomic_load_explicit(&b->seq, memory_order_acquire) != seq)
             return;
         cpu_relax();
         if ((i & 31) == 0) {
@@ -103,10 +97,35 @@ static void barrier_wait(Barrier *b) {
     }
     pthread_mutex_lock(&b->mu);
     atomic_fetch_add(&b->sleepers, 1);
-    while (atomic_load(&b->gen) == gen)
+    while (atomic_load(&b->seq) == seq)
         pthread_cond_wait(&b->cv, &b->mu);
     atomic_fetch_sub(&b->sleepers, 1);
     pthread_mutex_unlock(&b->mu);
+}
+
+/* Open phase number `seq` (after everything its units read is written) and wake the sleepers. */
+static void open_seq(Board *b, unsigned seq) {
+    atomic_store_explicit(&b->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&b->claim, (unsigned long long)seq << 32, memory_order_release);
+    atomic_store(&b->seq, seq);
+    if (atomic_load(&b->sleepers) > 0) {
+        pthread_mutex_lock(&b->mu);
+        pthread_cond_broadcast(&b->cv);
+        pthread_mutex_unlock(&b->mu);
+    }
+}
+
+/* The first of up to `chunk` units of phase `seq` for this thread, or -1: none left, or the phase
+   is no longer open (a thread that read `seq` before it closed claims nothing). */
+static int claim_units(Board *b, unsigned seq, int units, int chunk) {
+    unsigned long long v = atomic_load_explicit(&b->claim, memory_order_acquire);
+    for (;;) {
+        if ((unsigned)(v >> 32) != seq || (int)(uint32_t)v >= units)
+            return -1;
+        if (atomic_compare_exchange_weak_explicit(&b->claim, &v, v + (unsigned)chunk, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return (int)(uint32_t)v;
+    }
 }
 
 /* ---- the model ------------------------------------------------------------------------------ */
@@ -118,13 +137,12 @@ typedef struct {
     void *k_cache, *v_cache; /* [slots, Hk, D], the model's dtype */
 } Layer;
 
-typedef struct { /* one thread's own: what every thread computes alike, and its attention scratch */
-    float *res, *h, *act; /* residual and normed rows [B, H], SiLU*mul [B, I] */
-    int16_t *xq;          /* quantized activations [B, Kmax] */
-    float *dx, *xs;       /* [B, Kmax / 32] */
-    float *scores;        /* [group, cap_len] */
+typedef struct { /* one thread's attention scratch */
+    float *scores; /* [group, cap_len] */
     int cap_len;
 } Scratch;
+
+enum { QKV, ATTN, O, GATE_UP, DOWN, PER_LAYER }; /* the phases of a layer; then the head's */
 
 typedef struct Model {
     int L, H, Hq, Hk, D, I, V, stride, bf16, nthreads, kmax, nqkv;
@@ -134,18 +152,23 @@ typedef struct Model {
     const int8_t *head_w;
     const float *head_rs, *cos_sin;
     int cap_B;
-    float *qkv, *att, *o, *gu, *down; /* shared outputs [B, N] */
-    Scratch *scratch;
-    atomic_int *counters; /* one a phase of the step: the next unclaimed tile / unit */
-    /* the step's arguments */
+    float *res, *h, *act;              /* residual, normed rows [B, H], SiLU*mul [B, I] */
+    int16_t *xq;                       /* the next product's quantized activations [B, Kmax] */
+    float *dx, *xs;                    /* [B, Kmax / 32] */
+    float *qkv, *att, *o, *gu, *down;  /* outputs [B, N] */
+    Scratch *scratch;                  /* one a thread */
+    /* the step: its arguments, its first phase's number, its phases */
     int B;
     const int64_t *ids, *pos, *slots;
     const int32_t *req_to_token, *req_idx, *seq_lens;
     float *hidden, *logits;
+    atomic_uint base;
+    atomic_int phases;
     /* workers */
+    Board board;
     pthread_t *threads;
-    Barrier bar;
-    int quit, started;
+    atomic_int quit;
+    int started;
 } Model;
 
 static inline float bf16_f(uint16_t h) {
@@ -205,33 +228,15 @@ static void add_residual(const Model *m, float *res, const float *y, int n) {
     round_to_dtype(m, res, n);
 }
 
-static int chunk_of(const Model *m, int units) {
-    if (m->nthreads == 1)
-        return units;
-    int c = units / (m->nthreads * CHUNKS);
-    return c > 0 ? c : 1;
+/* tiles [t0, t1) of y [B, N] = x W^T (x quantized in m->xq), rounded to the dtype */
+static void int4_tiles(Model *m, const uint8_t *w, const uint16_t *sm, int K, int N, float *y, int t0, int t1) {
+    gemv_int4_tiles(w, sm, m->xq, m->dx, m->xs, m->B, K, N, t0, t1, y, 0);
+    int c0 = t0 * GEMV_TILE, c1 = t1 * GEMV_TILE < N ? t1 * GEMV_TILE : N;
+    for (int b = 0; b < m->B; b++)
+        round_to_dtype(m, y + (size_t)b * N + c0, c1 - c0);
 }
 
-static inline int claim(Model *m, int phase, int chunk) {
-    return atomic_fetch_add_explicit(&m->counters[phase], chunk, memory_order_relaxed);
-}
-
-/* This thread's share of y [B, N] = x W^T (x already quantized in s), rounded to the dtype. */
-static void par_int4(Model *m, int phase, Scratch *s, const uint8_t *w, const uint16_t *sm, int K,
-                     int N, float *y) {
-    int tiles = (N + GEMV_TILE - 1) / GEMV_TILE, chunk = chunk_of(m, tiles);
-    for (int t0; (t0 = claim(m, phase, chunk)) < tiles;) {
-        int t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
-        gemv_int4_tiles(w, sm, s->xq, s->dx, s->xs, m->B, K, N, t0, t1, y, 0);
-        int c0 = t0 * GEMV_TILE, c1 = t1 * GEMV_TILE < N ? t1 * GEMV_TILE : N;
-        for (int b = 0; b < m->B; b++)
-            round_to_dtype(m, y + (size_t)b * N + c0, c1 - c0);
-    }
-}
-
-static void quantize_rows(const Model *m, Scratch *s, const float *x, int K) {
-    gemv_quantize(x, 0, m->B, K, s->xq, s->dx, s->xs);
-}
+static void quantize_rows(Model *m, const float *x, int K) { gemv_quantize(x, 0, m->B, K, m->xq, m->dx, m->xs); }
 
 /* ---- attention: one row's kv head over its context ------------------------------------------ */
 
@@ -432,124 +437,156 @@ static void attend_unit(Model *m, Scratch *s, const Layer *ly, int b, int g) {
     round_to_dtype(m, out, G * D);
 }
 
-/* ---- the step, as each thread runs it --------------------------------------------------------- */
+/* ---- the step: phases, their units, and what runs between them --------------------------------- */
 
-static void sync_threads(Model *m) {
-    if (m->nthreads > 1)
-        barrier_wait(&m->bar);
+static inline int tiles_of(int n) { return (n + GEMV_TILE - 1) / GEMV_TILE; }
+
+/* Phase k of the step (layer k / PER_LAYER, or the head at L * PER_LAYER): its units, and how
+   many a claim takes (a thread's share in CHUNKS pieces, for balance against the claims' cost). */
+static int units_of(const Model *m, int k, int *chunk) {
+    int n;
+    switch (k >= m->L * PER_LAYER ? -1 : k % PER_LAYER) {
+    case QKV: n = tiles_of(m->nqkv); break;
+    case ATTN: *chunk = 1; return m->B * m->Hk;
+    case O: n = tiles_of(m->H); break;
+    case GATE_UP: n = tiles_of(2 * m->I); break;
+    case DOWN: n = tiles_of(m->H); break;
+    default: n = tiles_of(m->V); break;
+    }
+    int c = n / (m->nthreads * CHUNKS);
+    *chunk = m->nthreads == 1 ? n : c > 0 ? c : 1;
+    return n;
 }
 
-static void run_step(Model *m, int tid) {
-    Scratch *s = &m->scratch[tid];
-    int B = m->B, H = m->H, I = m->I, QD = m->Hq * m->D;
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < H; i++)
-            s->res[(size_t)b * H + i] = load_dt(m, m->embed, (size_t)m->ids[b] * H + i);
-    for (int l = 0; l < m->L; l++) {
-        const Layer *ly = &m->layers[l];
-        int ph = l * PHASES;
-        if (l > 0)
-            add_residual(m, s->res, m->down, B * H);
-        rms_norm(m, s->res, ly->in_norm, s->h, B);
-        quantize_rows(m, s, s->h, H);
-        par_int4(m, ph, s, ly->qkv_w, ly->qkv_sm, H, m->nqkv, m->qkv);
-        sync_threads(m);
-        int units = B * m->Hk;
-        for (int u; (u = claim(m, ph + 1, 1)) < units;)
-            attend_unit(m, s, ly, u / m->Hk, u % m->Hk);
-        sync_threads(m);
-        quantize_rows(m, s, m->att, QD);
-        par_int4(m, ph + 2, s, ly->o_w, ly->o_sm, QD, H, m->o);
-        sync_threads(m);
-        add_residual(m, s->res, m->o, B * H);
-        rms_norm(m, s->res, ly->post_norm, s->h, B);
-        quantize_rows(m, s, s->h, H);
-        par_int4(m, ph + 3, s, ly->gu_w, ly->gu_sm, H, 2 * I, m->gu);
-        sync_threads(m);
+static void run_units(Model *m, int tid, int k, int u0, int u1) {
+    if (k >= m->L * PER_LAYER) {
+        gemv_int8_tiles(m->head_w, m->head_rs, m->xq, m->dx, m->B, m->H, m->V, u0, u1, m->logits, 0);
+        return;
+    }
+    const Layer *ly = &m->layers[k / PER_LAYER];
+    switch (k % PER_LAYER) {
+    case QKV: int4_tiles(m, ly->qkv_w, ly->qkv_sm, m->H, m->nqkv, m->qkv, u0, u1); break;
+    case ATTN:
+        for (int u = u0; u < u1; u++)
+            attend_unit(m, &m->scratch[tid], ly, u / m->Hk, u % m->Hk);
+        break;
+    case O: int4_tiles(m, ly->o_w, ly->o_sm, m->Hq * m->D, m->H, m->o, u0, u1); break;
+    case GATE_UP: int4_tiles(m, ly->gu_w, ly->gu_sm, m->H, 2 * m->I, m->gu, u0, u1); break;
+    case DOWN: int4_tiles(m, ly->down_w, ly->down_sm, m->I, m->H, m->down, u0, u1); break;
+    }
+}
+
+/* The serial part after phase k (k = -1: the step's start) and before k + 1: what the next
+   phase's units read. Run by the thread that finished phase k's last unit. */
+static void between(Model *m, int k) {
+    int B = m->B, H = m->H, I = m->I;
+    int l = k < 0 ? -1 : k / PER_LAYER, kind = k < 0 ? DOWN : k % PER_LAYER;
+    if (k >= m->L * PER_LAYER)
+        return; /* the head: done */
+    switch (kind) {
+    case ATTN: quantize_rows(m, m->att, m->Hq * m->D); break;
+    case O:
+        add_residual(m, m->res, m->o, B * H);
+        rms_norm(m, m->res, m->layers[l].post_norm, m->h, B);
+        quantize_rows(m, m->h, H);
+        break;
+    case GATE_UP:
         for (int b = 0; b < B; b++) { /* silu(gate) * up in float32, rounded once */
             const float *gate = m->gu + (size_t)b * 2 * I, *up = gate + I;
-            float *a = s->act + (size_t)b * I;
+            float *a = m->act + (size_t)b * I;
             for (int i = 0; i < I; i++)
                 a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         }
-        round_to_dtype(m, s->act, B * I);
-        quantize_rows(m, s, s->act, I);
-        par_int4(m, ph + 4, s, ly->down_w, ly->down_sm, I, H, m->down);
-        sync_threads(m);
+        round_to_dtype(m, m->act, B * I);
+        quantize_rows(m, m->act, I);
+        break;
+    case DOWN: /* the end of layer l (or the embedding, l = -1): the next layer's input, or the last norm */
+        if (l < 0)
+            for (int b = 0; b < B; b++)
+                for (int i = 0; i < H; i++)
+                    m->res[(size_t)b * H + i] = load_dt(m, m->embed, (size_t)m->ids[b] * H + i);
+        else
+            add_residual(m, m->res, m->down, B * H);
+        if (l + 1 < m->L) {
+            rms_norm(m, m->res, m->layers[l + 1].in_norm, m->h, B);
+        } else {
+            rms_norm(m, m->res, m->final_norm, m->h, B);
+            if (m->hidden != NULL)
+                memcpy(m->hidden, m->h, sizeof(float) * B * H);
+        }
+        if (l + 1 < m->L || m->phases > m->L * PER_LAYER)
+            quantize_rows(m, m->h, H);
+        break;
     }
-    add_residual(m, s->res, m->down, B * H);
-    rms_norm(m, s->res, m->final_norm, s->h, B);
-    if (tid == 0 && m->hidden != NULL)
-        memcpy(m->hidden, s->h, sizeof(float) * B * H);
-    if (m->head_w != NULL && m->logits != NULL) {
-        quantize_rows(m, s, s->h, H);
-        int tiles = (m->V + GEMV_TILE - 1) / GEMV_TILE, chunk = chunk_of(m, tiles);
-        for (int t0; (t0 = claim(m, m->L * PHASES, chunk)) < tiles;) {
-            int t1 = t0 + chunk < tiles ? t0 + chunk : tiles;
-            gemv_int8_tiles(m->head_w, m->head_rs, s->xq, s->dx, m->B, H, m->V, t0, t1, m->logits, 0);
+}
+
+/* Take part in the steps: claim and run the open phase's units; whoever finishes a phase runs
+   what comes between and opens the next. The calling thread (main) returns at its step's end. */
+static void take_part(Model *m, int tid, int main) {
+    Board *bd = &m->board;
+    for (;;) {
+        unsigned seq = atomic_load_explicit(&bd->seq, memory_order_acquire);
+        int k = (int)(seq - atomic_load_explicit(&m->base, memory_order_relaxed));
+        int phases = atomic_load_explicit(&m->phases, memory_order_relaxed);
+        if (main && k == phases)
+            return;
+        if (atomic_load_explicit(&m->quit, memory_order_relaxed))
+            return;
+        int chunk = 1, units = k >= 0 && k < phases ? units_of(m, k, &chunk) : 0;
+        int u0 = units > 0 ? claim_units(bd, seq, units, chunk) : -1;
+        if (u0 < 0) { /* nothing to claim: wait for the next phase (or step) */
+            wait_past(bd, seq);
+            continue;
+        }
+        int u1 = u0 + chunk < units ? u0 + chunk : units;
+        run_units(m, tid, k, u0, u1);
+        if (atomic_fetch_add_explicit(&bd->done, u1 - u0, memory_order_acq_rel) + (u1 - u0) == units) {
+            between(m, k);
+            open_seq(bd, seq + 1);
         }
     }
-    sync_threads(m);
 }
 
 static void *worker(void *arg) {
     Model *m = ((Model **)arg)[0];
     int tid = (int)(intptr_t)((void **)arg)[1];
     free(arg);
-    for (;;) {
-        barrier_wait(&m->bar); /* the start of a step, or the end */
-        if (m->quit)
-            return NULL;
-        run_step(m, tid);
-    }
+    take_part(m, tid, 0);
+    return NULL;
 }
 
 /* ---- memory ------------------------------------------------------------------------------------ */
 
 static void free_buffers(Model *m) {
-    free(m->qkv);
-    free(m->att);
-    free(m->o);
-    free(m->gu);
-    free(m->down);
-    m->qkv = m->att = m->o = m->gu = m->down = NULL;
-    for (int i = 0; i < m->nthreads && m->scratch; i++) {
-        Scratch *s = &m->scratch[i];
-        free(s->res);
-        free(s->h);
-        free(s->act);
-        free(s->xq);
-        free(s->dx);
-        free(s->xs);
-        s->res = s->h = s->act = s->dx = s->xs = NULL;
-        s->xq = NULL;
+    float **f[] = {&m->res, &m->h, &m->act, &m->dx, &m->xs, &m->qkv, &m->att, &m->o, &m->gu, &m->down};
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        free(*f[i]);
+        *f[i] = NULL;
     }
+    free(m->xq);
+    m->xq = NULL;
     m->cap_B = 0;
 }
 
-/* Room for B rows and contexts of n tokens; 0, or -1 when out of memory. */
+/* Room for B rows and contexts of n tokens (while no worker runs); 0, or -1 when out of memory. */
 static int reserve(Model *m, int B, int n) {
     int G = m->Hq / m->Hk;
     if (B > m->cap_B) {
         free_buffers(m);
         size_t f = sizeof(float) * B;
+        m->res = malloc(f * m->H);
+        m->h = malloc(f * m->H);
+        m->act = malloc(f * m->I);
+        m->xq = malloc(sizeof(int16_t) * B * m->kmax);
+        m->dx = malloc(f * (m->kmax / GEMV_GROUP));
+        m->xs = malloc(f * (m->kmax / GEMV_GROUP));
         m->qkv = malloc(f * m->nqkv);
         m->att = malloc(f * m->Hq * m->D);
         m->o = malloc(f * m->H);
         m->gu = malloc(f * 2 * m->I);
         m->down = malloc(f * m->H);
-        int fail = !m->qkv || !m->att || !m->o || !m->gu || !m->down;
-        for (int i = 0; i < m->nthreads; i++) {
-            Scratch *s = &m->scratch[i];
-            s->res = malloc(f * m->H);
-            s->h = malloc(f * m->H);
-            s->act = malloc(f * m->I);
-            s->xq = malloc(sizeof(int16_t) * B * m->kmax);
-            s->dx = malloc(f * (m->kmax / GEMV_GROUP));
-            s->xs = malloc(f * (m->kmax / GEMV_GROUP));
-            fail |= !s->res || !s->h || !s->act || !s->xq || !s->dx || !s->xs;
-        }
-        if (fail) {
+        if (!m->res || !m->h || !m->act || !m->xq || !m->dx || !m->xs || !m->qkv || !m->att || !m->o || !m->gu ||
+            !m->down) {
             free_buffers(m);
             return -1;
         }
@@ -573,19 +610,18 @@ static void model_free(PyObject *capsule) {
     if (m == NULL)
         return;
     if (m->started > 0) {
-        m->quit = 1;
-        barrier_wait(&m->bar);
+        atomic_store(&m->quit, 1);
+        open_seq(&m->board, atomic_load(&m->board.seq) + 1); /* wake them: they see quit */
         for (int i = 0; i < m->started; i++)
             pthread_join(m->threads[i], NULL);
     }
     free_buffers(m);
     for (int i = 0; i < m->nthreads; i++)
         free(m->scratch[i].scores);
-    pthread_mutex_destroy(&m->bar.mu);
-    pthread_cond_destroy(&m->bar.cv);
+    pthread_mutex_destroy(&m->board.mu);
+    pthread_cond_destroy(&m->board.cv);
     free(m->scratch);
     free(m->threads);
-    free(m->counters);
     free(m->layers);
     free(m);
 }
@@ -660,19 +696,16 @@ PyObject *decode_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
     m->cos_sin = (const float *)(intptr_t)p[4];
     m->layers = calloc(L, sizeof(Layer));
     m->scratch = calloc(m->nthreads, sizeof(Scratch));
-    m->counters = calloc(L * PHASES + 1, sizeof(atomic_int));
     m->threads = calloc(m->nthreads, sizeof(pthread_t));
-    m->bar.n = m->nthreads;
-    m->bar.spin_us = (int)d[10];
-    pthread_mutex_init(&m->bar.mu, NULL);
-    pthread_cond_init(&m->bar.cv, NULL);
+    m->board.spin_us = (int)d[10];
+    pthread_mutex_init(&m->board.mu, NULL);
+    pthread_cond_init(&m->board.cv, NULL);
     PyObject *capsule = PyCapsule_New(m, "lightllm.decode_model", model_free);
-    if (capsule == NULL || !m->layers || !m->scratch || !m->counters || !m->threads) {
+    if (capsule == NULL || !m->layers || !m->scratch || !m->threads) {
         free(p);
         if (capsule == NULL) {
             free(m->layers);
             free(m->scratch);
-            free(m->counters);
             free(m->threads);
             free(m);
             return PyErr_NoMemory();
@@ -702,10 +735,7 @@ PyObject *decode_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
         }
         m->started++;
     }
-    if (m->started != m->nthreads - 1) { /* run with the threads that started */
-        m->nthreads = m->started + 1;
-        m->bar.n = m->nthreads; /* (no worker has reached the barrier with the old count: see below) */
-    }
+    m->nthreads = m->started + 1; /* the threads that started (all, unless the OS refused) */
     return capsule;
 }
 
@@ -751,11 +781,12 @@ PyObject *decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         m->seq_lens = seq_lens;
         m->hidden = p[7];
         m->logits = p[8];
-        for (int i = 0; i <= m->L * PHASES; i++)
-            atomic_store_explicit(&m->counters[i], 0, memory_order_relaxed);
-        if (m->nthreads > 1)
-            barrier_wait(&m->bar); /* the workers start (the barrier orders the writes above) */
-        run_step(m, 0);
+        atomic_store(&m->phases, m->L * PER_LAYER + (m->head_w != NULL && m->logits != NULL));
+        unsigned first = atomic_load(&m->board.seq) + 1;
+        atomic_store_explicit(&m->base, first, memory_order_relaxed); /* published by open_seq */
+        between(m, -1);
+        open_seq(&m->board, first);
+        take_part(m, 0, 1);
     }
     Py_END_ALLOW_THREADS
     if (err)

@@ -53,23 +53,29 @@ def eager_runner():
 
 @pytest.fixture(params=[3, 2, 0], ids=["avx512vnni", "avx2", "plain-c"])
 def level(request):
-    have = cpu_gemv.native.level()
-    if request.param > have:
-        pytest.skip(f"the CPU runs level {have} at most")
-    cpu_gemv.native.set_level(request.param)
-    yield request.param
-    cpu_gemv.native.set_level(have)
+    """An instruction-set level for the C step (skipped where the CPU has not got it)."""
+    if request.param > cpu_gemv.native.level():
+        pytest.skip(f"the CPU runs level {cpu_gemv.native.level()} at most")
+    return request.param
 
 
-def _compare(runner: ModelRunner, natives: list[NativeDecode], prompts: list[list[int]], steps: int):
+def _compare(
+    runner: ModelRunner, natives: list[NativeDecode], prompts: list[list[int]], steps: int, level=None
+):
     """Greedy generation by the eager step; each decode step's inputs also go through every C
-    step (after the eager one: each writes the same cache slots). -> per step [(eager, c, ...)]."""
+    step (after the eager one: each writes the same cache slots), at instruction-set `level`
+    (None: the CPU's; the eager step always runs at the CPU's). -> per step [(eager, c, ...)]."""
     eager = runner.cpu_decode
     seen = []
+    have = cpu_gemv.native.level()
 
     def both(ids, ctx):
         ref = CpuDecode.forward(eager, ids, ctx)
-        seen.append([ref] + [n.forward(ids, ctx) for n in natives])
+        cpu_gemv.native.set_level(have if level is None else level)
+        try:
+            seen.append([ref] + [n.forward(ids, ctx) for n in natives])
+        finally:
+            cpu_gemv.native.set_level(have)
         return ref
 
     eager.forward = both
@@ -98,8 +104,8 @@ def test_the_c_step_follows_the_eager_packed_step(eager_runner, level):
     g = torch.Generator().manual_seed(level)
     prompts = [torch.randint(3, 5000, (n,), generator=g).tolist() for n in (1, 17, 40)]
     steps = 3 if level == 0 else 6  # the plain C products are slow
-    seen = _compare(eager_runner, natives, prompts, steps)
-    seen += _compare(eager_runner, natives, prompts[1:2], steps)
+    seen = _compare(eager_runner, natives, prompts, steps, level)
+    seen += _compare(eager_runner, natives, prompts[1:2], steps, level)
     assert len(seen) == 2 * (steps - 1) and {s[0].shape[0] for s in seen} == {1, 3}
     for ref, got in seen:
         assert got.shape == ref.shape and got.dtype == torch.float32
