@@ -8,10 +8,12 @@ is copied per step), with the GIL released. Its arithmetic and bfloat16 rounding
 path's (see the C file), so its logits follow the eager packed step's up to the order of float32
 sums (tests/test_cpu_native.py states the tolerance).
 
-Threads: `threads - 1` C workers share each product's tiles with the engine thread; they wait
-between phases by spinning at most `spin_us` microseconds and then sleeping, so they give a busy
-core back. The count follows the engine's thread policy (`--cpu-threads`; the default on this
-2-core machine is 1: perf/RESULTS.md has 1 against 2, quiet and with a core busy).
+Threads: `threads - 1` C workers share each phase's units (output tiles, attention heads) with
+the engine thread; a thread with nothing to claim spins at most `spin_us` microseconds and then
+sleeps, so it gives a busy core back, and nobody waits for an idle or descheduled worker.
+`step_threads`: `--cpu-threads` where given, else the engine's torch threads and one more (the
+torch threads leave a core to the frontend; a C worker takes that core only while it is free:
+measured against one thread, quiet and with a core busy, in perf/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightllm_async.config import EngineConfig
 from lightllm_async.kernels import cpu_gemv
 from lightllm_async.layers.quantized import Int4Linear, Int8Head
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 
 SPIN_US = 30  # how long a waiting C worker spins before it sleeps: a phase's gap, not a step's
+
+
+def step_threads(cfg: EngineConfig) -> int:
+    """The C step's threads: `--cpu-threads`, else the engine's torch threads (the cores left after
+    the frontend, shared by `--dp` replicas: engine/process.py) and one more, the frontend's core."""
+    return cfg.cpu_threads if cfg.cpu_threads > 0 else torch.get_num_threads() + 1
 
 
 def unsupported(model: LlamaForCausalLM, kv: KVCache) -> str | None:

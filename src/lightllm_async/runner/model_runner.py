@@ -325,7 +325,7 @@ class ModelRunner:
         if step == "c" or (step == "auto" and not self.cfg.cpu_compile):
             why = cpu_native.unsupported(self.model, self.kv)
             if why is None:
-                threads = torch.get_num_threads()  # the engine's thread policy (engine/process.py)
+                threads = cpu_native.step_threads(self.cfg)
                 native = NativeDecode(self.model, self.kv, self.req_to_token.shape[1], threads)
                 log.info("CPU decode steps: one C call a step (csrc/decode_step.c), %d thread(s)", threads)
                 return native
