@@ -158,6 +158,8 @@ typedef struct Model {
     float *res, *h, *act;              /* residual, normed rows [B, H], SiLU*mul [B, I] */
     int16_t *xq;                       /* the next product's quantized activations [B, Kmax] */
     float *dx, *xs;                    /* [B, Kmax / 32] */
+    int16_t *aq;                       /* SiLU*mul quantized, by the gate|up units [B, I] */
+    float *adx, *axs;                  /* [B, I / 32] */
     float *qkv, *att, *o, *gu, *down;  /* outputs [B, N] */
     Scratch *scratch;                  /* one a thread */
     /* the step: its arguments, its first phase's number, its phases */
@@ -190,11 +192,39 @@ static inline uint16_t f_bf16(float f) { /* round to nearest even (no NaN here) 
 
 static inline float round_bf16(float f) { return bf16_f(f_bf16(f)); }
 
-/* x[n] rounded to the model's dtype (bfloat16 values kept as float32) */
+#ifdef STEP_X86
+/* x[i] (+ y[i]) rounded to bfloat16 as f_bf16 does, 16 at a time (exact: the same bits) */
+static __attribute__((target("avx512f"))) int add_round_512(float *x, const float *y, int n) {
+    const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), hi = _mm512_set1_epi32((int)0xFFFF0000);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (y != NULL)
+            v = _mm512_add_ps(v, _mm512_loadu_ps(y + i));
+        __m512i u = _mm512_castps_si512(v);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        _mm512_storeu_ps(x + i, _mm512_castsi512_ps(_mm512_and_si512(u, hi)));
+    }
+    return i;
+}
+#endif
+
+/* x[n] (+ y[n]) rounded to the model's dtype (bfloat16 values kept as float32) */
+static inline void add_round(const Model *m, float *x, const float *y, int n) {
+    int i = 0;
+#ifdef STEP_X86
+    if (m->bf16 && gemv_level() >= 3)
+        i = add_round_512(x, y, n);
+#endif
+    for (; i < n; i++) {
+        float v = y != NULL ? x[i] + y[i] : x[i];
+        x[i] = m->bf16 ? round_bf16(v) : v;
+    }
+}
+
 static inline void round_to_dtype(const Model *m, float *x, int n) {
     if (m->bf16)
-        for (int i = 0; i < n; i++)
-            x[i] = round_bf16(x[i]);
+        add_round(m, x, NULL, n);
 }
 
 /* element i of a row of the model's dtype */
@@ -225,15 +255,16 @@ static void rms_norm(const Model *m, const float *x, const void *w, float *out, 
 }
 
 /* res += y, rounded to the dtype (the eager path's `x + residual` in the model's dtype) */
-static void add_residual(const Model *m, float *res, const float *y, int n) {
-    for (int i = 0; i < n; i++)
-        res[i] += y[i];
-    round_to_dtype(m, res, n);
-}
+static void add_residual(const Model *m, float *res, const float *y, int n) { add_round(m, res, y, n); }
 
-/* tiles [t0, t1) of y [B, N] = x W^T (x quantized in m->xq), rounded to the dtype */
-static void int4_tiles(Model *m, const uint8_t *w, const uint16_t *sm, int K, int N, float *y, int t0, int t1) {
-    gemv_int4_tiles(w, sm, m->xq, m->dx, m->xs, m->B, K, N, t0, t1, y, 0);
+/* tiles [t0, t1) of y [B, N] = x W^T (x quantized in m->xq, or in m->aq when act: SiLU*mul's),
+   rounded to the dtype */
+static void int4_tiles(Model *m, const uint8_t *w, const uint16_t *sm, int K, int N, float *y, int t0, int t1,
+                       int act) {
+    if (act)
+        gemv_int4_tiles(w, sm, m->aq, m->adx, m->axs, m->B, K, N, t0, t1, y, 0);
+    else
+        gemv_int4_tiles(w, sm, m->xq, m->dx, m->xs, m->B, K, N, t0, t1, y, 0);
     int c0 = t0 * GEMV_TILE, c1 = t1 * GEMV_TILE < N ? t1 * GEMV_TILE : N;
     for (int b = 0; b < m->B; b++)
         round_to_dtype(m, y + (size_t)b * N + c0, c1 - c0);
@@ -532,13 +563,32 @@ static int units_of(const Model *m, int k, int *chunk) {
     case QKV: n = tiles_of(m->nqkv); break;
     case ATTN: *chunk = 1; return m->B * m->Hk;
     case O: n = tiles_of(m->H); break;
-    case GATE_UP: n = tiles_of(2 * m->I); break;
+    case GATE_UP: n = m->I / GEMV_GROUP; break; /* 32 columns of gate and of up each */
     case DOWN: n = tiles_of(m->H); break;
     default: n = tiles_of(m->V); break;
     }
     int c = n / (m->nthreads * CHUNKS);
     *chunk = m->nthreads == 1 ? n : c > 0 ? c : 1;
     return n;
+}
+
+/* Units u0..u1 of gate|up: columns [32u, 32u + 32) of gate and of up, then silu(gate) * up there
+   in float32, rounded once, and quantized (one block of 32 a row: the same numbers as quantizing
+   whole rows) for the down product. */
+static void gate_up_units(Model *m, const Layer *ly, int u0, int u1) {
+    int I = m->I, G = I / GEMV_GROUP, per = GEMV_GROUP / GEMV_TILE;
+    int4_tiles(m, ly->gu_w, ly->gu_sm, m->H, 2 * I, m->gu, per * u0, per * u1, 0);
+    int4_tiles(m, ly->gu_w, ly->gu_sm, m->H, 2 * I, m->gu, I / GEMV_TILE + per * u0, I / GEMV_TILE + per * u1, 0);
+    for (int b = 0; b < m->B; b++) {
+        const float *gate = m->gu + (size_t)b * 2 * I, *up = gate + I;
+        float *a = m->act + (size_t)b * I;
+        for (int i = u0 * GEMV_GROUP; i < u1 * GEMV_GROUP; i++)
+            a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        round_to_dtype(m, a + u0 * GEMV_GROUP, (u1 - u0) * GEMV_GROUP);
+        for (int u = u0; u < u1; u++)
+            gemv_quantize(a + u * GEMV_GROUP, 0, 1, GEMV_GROUP, m->aq + (size_t)b * I + u * GEMV_GROUP,
+                          m->adx + (size_t)b * G + u, m->axs + (size_t)b * G + u);
+    }
 }
 
 static void run_units(Model *m, int tid, int k, int u0, int u1) {
@@ -548,21 +598,21 @@ static void run_units(Model *m, int tid, int k, int u0, int u1) {
     }
     const Layer *ly = &m->layers[k / PER_LAYER];
     switch (k % PER_LAYER) {
-    case QKV: int4_tiles(m, ly->qkv_w, ly->qkv_sm, m->H, m->nqkv, m->qkv, u0, u1); break;
+    case QKV: int4_tiles(m, ly->qkv_w, ly->qkv_sm, m->H, m->nqkv, m->qkv, u0, u1, 0); break;
     case ATTN:
         for (int u = u0; u < u1; u++)
             attend_unit(m, &m->scratch[tid], ly, u / m->Hk, u % m->Hk);
         break;
-    case O: int4_tiles(m, ly->o_w, ly->o_sm, m->Hq * m->D, m->H, m->o, u0, u1); break;
-    case GATE_UP: int4_tiles(m, ly->gu_w, ly->gu_sm, m->H, 2 * m->I, m->gu, u0, u1); break;
-    case DOWN: int4_tiles(m, ly->down_w, ly->down_sm, m->I, m->H, m->down, u0, u1); break;
+    case O: int4_tiles(m, ly->o_w, ly->o_sm, m->Hq * m->D, m->H, m->o, u0, u1, 0); break;
+    case GATE_UP: gate_up_units(m, ly, u0, u1); break;
+    case DOWN: int4_tiles(m, ly->down_w, ly->down_sm, m->I, m->H, m->down, u0, u1, 1); break;
     }
 }
 
 /* The serial part after phase k (k = -1: the step's start) and before k + 1: what the next
    phase's units read. Run by the thread that finished phase k's last unit. */
 static void between(Model *m, int k) {
-    int B = m->B, H = m->H, I = m->I;
+    int B = m->B, H = m->H;
     int l = k < 0 ? -1 : k / PER_LAYER, kind = k < 0 ? DOWN : k % PER_LAYER;
     if (k >= m->L * PER_LAYER)
         return; /* the head: done */
@@ -572,16 +622,6 @@ static void between(Model *m, int k) {
         add_residual(m, m->res, m->o, B * H);
         rms_norm(m, m->res, m->layers[l].post_norm, m->h, B);
         quantize_rows(m, m->h, H);
-        break;
-    case GATE_UP:
-        for (int b = 0; b < B; b++) { /* silu(gate) * up in float32, rounded once */
-            const float *gate = m->gu + (size_t)b * 2 * I, *up = gate + I;
-            float *a = m->act + (size_t)b * I;
-            for (int i = 0; i < I; i++)
-                a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        }
-        round_to_dtype(m, m->act, B * I);
-        quantize_rows(m, m->act, I);
         break;
     case DOWN: /* the end of layer l (or the embedding, l = -1): the next layer's input, or the last norm */
         if (l < 0)
@@ -641,13 +681,14 @@ static void *worker(void *arg) {
 /* ---- memory ------------------------------------------------------------------------------------ */
 
 static void free_buffers(Model *m) {
-    float **f[] = {&m->res, &m->h, &m->act, &m->dx, &m->xs, &m->qkv, &m->att, &m->o, &m->gu, &m->down};
+    float **f[] = {&m->res, &m->h, &m->act, &m->dx, &m->xs, &m->adx, &m->axs, &m->qkv, &m->att, &m->o, &m->gu, &m->down};
     for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
         free(*f[i]);
         *f[i] = NULL;
     }
     free(m->xq);
-    m->xq = NULL;
+    free(m->aq);
+    m->xq = m->aq = NULL;
     m->cap_B = 0;
 }
 
@@ -663,13 +704,16 @@ static int reserve(Model *m, int B, int n) {
         m->xq = malloc(sizeof(int16_t) * B * m->kmax);
         m->dx = malloc(f * (m->kmax / GEMV_GROUP));
         m->xs = malloc(f * (m->kmax / GEMV_GROUP));
+        m->aq = malloc(sizeof(int16_t) * B * m->I);
+        m->adx = malloc(f * (m->I / GEMV_GROUP));
+        m->axs = malloc(f * (m->I / GEMV_GROUP));
         m->qkv = malloc(f * m->nqkv);
         m->att = malloc(f * m->Hq * m->D);
         m->o = malloc(f * m->H);
         m->gu = malloc(f * 2 * m->I);
         m->down = malloc(f * m->H);
-        if (!m->res || !m->h || !m->act || !m->xq || !m->dx || !m->xs || !m->qkv || !m->att || !m->o || !m->gu ||
-            !m->down) {
+        if (!m->res || !m->h || !m->act || !m->xq || !m->dx || !m->xs || !m->aq || !m->adx || !m->axs || !m->qkv ||
+            !m->att || !m->o || !m->gu || !m->down) {
             free_buffers(m);
             return -1;
         }
