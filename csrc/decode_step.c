@@ -435,6 +435,57 @@ static TARGET_512 void values_512(const Model *m, const float *p, int G, const v
     }
 }
 
+/* e^x, 16 lanes: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial, then 2^n by
+   vscalefps); within ~2 ulp of expf. The AVX-512 step's softmax and SiLU use it, the other levels
+   libm's expf: a bfloat16 rounding rarely sees the difference (tests/test_cpu_native.py). */
+static inline TARGET_512 __m512 exp_512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* p[0..n) = e^(p - max p) in place; returns their sum */
+static TARGET_512 float softmax_num_512(float *p, int n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 16 <= n; t += 16)
+        mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + t));
+    __mmask16 tail = (__mmask16)((1u << (n - t)) - 1);
+    mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, p + t));
+    __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        __m512 e = exp_512(_mm512_sub_ps(_mm512_loadu_ps(p + t), m));
+        _mm512_storeu_ps(p + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+        __m512 e = exp_512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p + t), m));
+        _mm512_mask_storeu_ps(p + t, tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* a[i] = silu(gate[i]) * up[i] for n a multiple of 16 */
+static TARGET_512 void silu_mul_512(float *a, const float *gate, const float *up, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __m512 g = _mm512_loadu_ps(gate + i);
+        __m512 e = exp_512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+    }
+}
+
 static inline TARGET_AVX2 __m256 load8_avx2(const Model *m, const void *p, size_t at) {
     if (m->bf16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -528,6 +579,12 @@ static void attend_unit(Model *m, Scratch *s, const Layer *ly, int b, int g) {
     float inv[MAX_GROUP];
     for (int h = 0; h < G; h++) {
         float *ph = p + (size_t)h * n, mx = ph[0], sum = 0.0f;
+#ifdef STEP_X86
+        if (level >= 3) {
+            inv[h] = 1.0f / softmax_num_512(ph, n);
+            continue;
+        }
+#endif
         for (int t = 1; t < n; t++)
             mx = ph[t] > mx ? ph[t] : mx;
         for (int t = 0; t < n; t++) {
@@ -582,7 +639,14 @@ static void gate_up_units(Model *m, const Layer *ly, int u0, int u1) {
     for (int b = 0; b < m->B; b++) {
         const float *gate = m->gu + (size_t)b * 2 * I, *up = gate + I;
         float *a = m->act + (size_t)b * I;
-        for (int i = u0 * GEMV_GROUP; i < u1 * GEMV_GROUP; i++)
+        int i0 = u0 * GEMV_GROUP, i1 = u1 * GEMV_GROUP;
+#ifdef STEP_X86
+        if (gemv_level() >= 3) {
+            silu_mul_512(a + i0, gate + i0, up + i0, i1 - i0);
+            i0 = i1;
+        }
+#endif
+        for (int i = i0; i < i1; i++)
             a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
         round_to_dtype(m, a + u0 * GEMV_GROUP, (u1 - u0) * GEMV_GROUP);
         for (int u = u0; u < u1; u++)
