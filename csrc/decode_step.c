@@ -21,14 +21,20 @@
  * 1) or float32. In bfloat16 the step rounds where the eager path (models/llama.py with the
  * kernels' CPU paths) rounds: every product's output, the residual sums, the norms, rope, SiLU*mul
  * and the attention output; the arithmetic between is float32, as there. So the two differ only
- * by the order of float32 sums (norms, softmax), which moves a bfloat16 value by one step at a
- * near-tie now and then.
+ * by the order of float32 sums (norms, softmax) and, at the AVX-512 level, a vector exp within ~2
+ * ulp of expf (softmax, SiLU), which moves a bfloat16 value by one step at a near-tie now and then.
+ *
+ * Error: the products are gemv.c's (int16 activations per block of 32: see its bound); the rest is
+ * float32 with those roundings. Rows are independent: a request's logits do not depend on the
+ * other rows of its step, nor on the number of threads (each tile and attention unit is computed
+ * whole by the thread that claims it).
  *
  * Threads: `threads - 1` workers share the work with the calling thread. A step is a sequence of
- * phases (per layer: q|k|v tiles, attention units of one row and kv head, o tiles, gate|up tiles,
- * down tiles; then the head's tiles); each thread claims chunks of the open phase's units from an
- * atomic counter, and whichever finishes the phase's last unit runs the short serial part between
- * phases (residual, norm, SiLU*mul, the activations' quantization) and opens the next one. Nobody
+ * phases (per layer: q|k|v tiles, attention units of one row and kv head, o tiles, gate|up units of
+ * 32 columns of gate and of up with their SiLU*mul and its quantization, down tiles; then the head's
+ * tiles); each thread claims chunks of the open phase's units from an atomic counter tagged with
+ * the phase's number, and whichever finishes the phase's last unit runs the short serial part
+ * between phases (residual, norm, the activations' quantization) and opens the next one. Nobody
  * waits for a thread that holds no unit: a worker the OS has descheduled, or one still asleep,
  * is simply not missed, and the calling thread runs the step alone if it must. A thread with
  * nothing to claim spins at most spin_us microseconds for the next phase, then sleeps on a
@@ -52,9 +58,6 @@
 
 #define MAX_GROUP 16  /* query heads per kv head */
 #define MAX_DIM 256   /* head dim */
-#ifndef ROW_AHEAD
-#define ROW_AHEAD 32 /* keys / values prefetched this many rows ahead */
-#endif
 #define CHUNKS 8      /* chunks a thread of each product's tiles: balance against claims */
 
 /* ---- the phase board: which phase is open, its next unit, its finished units ------------------- */
@@ -320,14 +323,6 @@ static inline TARGET_512 __m512 load16_512(const Model *m, const void *p, size_t
     return _mm512_loadu_ps((const float *)p + at);
 }
 
-/* ask for the cache lines of row `rows[t]`'s head ahead of use: the rows are gathered, which the
-   hardware prefetchers do not follow (~3x on SmolLM2's attention at batch 8) */
-static inline TARGET_512 void prefetch_row(const Model *m, const void *cache, size_t at) {
-    const char *p = (const char *)cache + at * (m->bf16 ? 2 : 4);
-    for (int off = 0; off < m->D * (m->bf16 ? 2 : 4); off += 64)
-        _mm_prefetch(p + off, _MM_HINT_T0);
-}
-
 /* lane i = the sum of v[i]'s lanes, for 16 vectors at once (a transposing tree: ~45 instructions
    where 16 separate reductions take ~130) */
 static inline TARGET_512 __m512 hsum16_512(const __m512 *v) {
@@ -353,8 +348,6 @@ static TARGET_512 void scores_512(const Model *m, const float *q, int G, const v
     int t = 0;
     for (; t + 16 <= n; t += 16) {
         __m512 k[16][MAX_DIM / 16];
-        for (int i = 0; i < 16 && t + ROW_AHEAD + i < n; i++)
-            prefetch_row(m, kc, (size_t)rows[t + ROW_AHEAD + i] * row + (size_t)head * D);
         for (int i = 0; i < 16; i++) {
             size_t at = (size_t)rows[t + i] * row + (size_t)head * D;
             for (int j = 0; j < J; j++)
@@ -392,8 +385,6 @@ static inline __attribute__((always_inline)) TARGET_512 void values_fixed_512(
             acc[h][j] = _mm512_setzero_ps();
     for (int t = 0; t < n; t++) {
         size_t at = (size_t)rows[t] * row + (size_t)head * m->D;
-        if (t + ROW_AHEAD < n)
-            prefetch_row(m, vc, (size_t)rows[t + ROW_AHEAD] * row + (size_t)head * m->D);
         __m512 v[4];
         for (int j = 0; j < J; j++)
             v[j] = load16_512(m, vc, at + 16 * j);
