@@ -26,7 +26,7 @@ from lightllm_async.kernels import cpu_gemv
 from lightllm_async.layers.quantized import Int4Linear, Int8Head
 from lightllm_async.models.llama import ForwardContext, KVCache, LlamaForCausalLM
 
-SPIN_US = 30  # how long a waiting C worker spins before it sleeps: a phase's gap, not a step's
+SPIN_US = 5  # how long a waiting C thread spins before it sleeps (perf/RESULTS.md: 5 against 10, 30, 200)
 
 
 def step_threads(cfg: EngineConfig) -> int:
