@@ -6,14 +6,15 @@
  *
  *   decode_model_new(dims, floats, ptrs) -> capsule
  *       dims   (layers, hidden, heads, kv_heads, head_dim, inter, vocab, req_stride, bf16,
- *               threads, spin_us)
+ *               threads, spin_us, positions in cos_sin, KV cache slots)
  *       floats (rms eps, attention scale)
  *       ptrs   embed [V, H], final norm [H], head w, head rs (0, 0: no head), cos_sin [P, D]
  *              float32, then 12 a layer: input norm, qkv w, qkv sm, o w, o sm, post norm, gate|up
  *              w, gate|up sm, down w, down sm, k cache, v cache
  *   decode_step(model, B, ids, positions, slots, req_to_token, req_idx, seq_lens, hidden, logits)
  *       B rows, one new token each: ids / positions / slots int64 [B]; req_to_token int32 [R,
- *       req_stride], req_idx / seq_lens int32 [B] (seq_lens counts the new token); writes the
+ *       req_stride], req_idx / seq_lens int32 [B] (seq_lens counts the new token; ids, positions,
+ *       slots and seq_lens are checked against the model's sizes: ValueError); writes the
  *       final normed hidden states float32 [B, H] to `hidden` and the head's float32 logits
  *       [B, V] to `logits` (either may be 0: not wanted).
  *
@@ -152,6 +153,7 @@ enum { QKV, ATTN, O, GATE_UP, DOWN, PER_LAYER }; /* the phases of a layer; then 
 
 typedef struct Model {
     int L, H, Hq, Hk, D, I, V, stride, bf16, nthreads, kmax, nqkv;
+    long long max_pos, num_slots; /* rows of cos_sin, of each KV cache pool */
     float eps, scale;
     Layer *layers;
     const void *embed, *final_norm;
@@ -798,7 +800,7 @@ static void model_free(PyObject *capsule) {
             pthread_join(m->threads[i], NULL);
     }
     free_buffers(m);
-    for (int i = 0; i < m->nthreads; i++)
+    for (int i = 0; i < m->nthreads && m->scratch != NULL; i++)
         free(m->scratch[i].scores);
     pthread_mutex_destroy(&m->board.mu);
     pthread_cond_destroy(&m->board.cv);
@@ -831,12 +833,12 @@ static int read_ints(PyObject *seq, long long *out, int n, const char *what) {
 }
 
 PyObject *decode_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long d[11];
+    long long d[13];
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "decode_model_new(dims, floats, ptrs)");
         return NULL;
     }
-    if (read_ints(args[0], d, 11, "dims") < 0)
+    if (read_ints(args[0], d, 13, "dims") < 0)
         return NULL;
     double f[2];
     for (int i = 0; i < 2; i++) {
@@ -869,6 +871,8 @@ PyObject *decode_model_new(PyObject *self, PyObject *const *args, Py_ssize_t nar
     *m = (Model){.L = L, .H = H, .Hq = Hq, .Hk = Hk, .D = D, .I = I, .V = (int)d[6], .stride = (int)d[7],
                  .bf16 = (int)d[8], .nthreads = (int)d[9], .eps = (float)eps, .scale = (float)scale};
     m->nqkv = (Hq + 2 * Hk) * D;
+    m->max_pos = d[11];
+    m->num_slots = d[12];
     m->kmax = H > Hq * D ? H : Hq * D;
     m->kmax = m->kmax > I ? m->kmax : I;
     m->embed = (void *)(intptr_t)p[0];
@@ -942,10 +946,16 @@ PyObject *decode_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     const int32_t *seq_lens = p[6];
+    const int64_t *ids = p[1], *pos = p[2], *slots = p[3];
     int longest = 1;
     for (int b = 0; b < B; b++) {
         if (seq_lens[b] < 1 || seq_lens[b] > m->stride) {
             PyErr_SetString(PyExc_ValueError, "decode_step: every context needs 1..req_stride tokens");
+            return NULL;
+        }
+        if (ids[b] < 0 || ids[b] >= m->V || pos[b] < 0 || pos[b] >= m->max_pos || slots[b] < 0 ||
+            slots[b] >= m->num_slots) {
+            PyErr_SetString(PyExc_ValueError, "decode_step: a token id, position or KV slot out of range");
             return NULL;
         }
         longest = seq_lens[b] > longest ? seq_lens[b] : longest;

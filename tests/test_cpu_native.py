@@ -160,3 +160,29 @@ def test_the_cli_passes_cpu_step_to_the_engine():
     assert engine().cpu_step == "auto"
     assert engine("--cpu-step", "torch").cpu_step == "torch"
     assert engine("--cpu-step", "c").cpu_step == "c"
+
+
+def test_the_c_step_refuses_out_of_range_inputs_instead_of_reading_past_its_arrays(eager_runner):
+    """A token id, position or KV slot outside the model's arrays, or a context longer than a
+    req_to_token row, is a ValueError before anything runs (the engine isolates the request)."""
+    stride = eager_runner.req_to_token.shape[1]
+    native = NativeDecode(eager_runner.model, eager_runner.kv, stride, 2)
+    vocab, slots = eager_runner.model_cfg.vocab_size, eager_runner.kv.k[0].shape[0]
+    max_pos = eager_runner.model.cos_sin.shape[0]
+    req_to_token = torch.zeros(2, stride, dtype=torch.int32)
+    logits = torch.empty(1, vocab)
+
+    sink = eager_runner.num_kv_tokens  # the slot no request owns: the k/v written there are no one's
+
+    def step(ids=0, pos=0, slot=sink, seq_len=1):
+        ints = [torch.tensor([v]) for v in (ids, pos, slot)]
+        idx, lens = torch.tensor([0], dtype=torch.int32), torch.tensor([seq_len], dtype=torch.int32)
+        cpu_gemv.native.decode_step(
+            native._handle, 1, *(t.data_ptr() for t in ints), req_to_token.data_ptr(),
+            idx.data_ptr(), lens.data_ptr(), 0, logits.data_ptr(),
+        )  # fmt: skip
+
+    step()  # in range: runs
+    for bad in ({"ids": vocab}, {"ids": -1}, {"pos": max_pos}, {"slot": slots}, {"seq_len": stride + 1}):
+        with pytest.raises(ValueError):
+            step(**bad)

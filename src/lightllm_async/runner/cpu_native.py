@@ -89,6 +89,7 @@ class NativeDecode:
         dims = (
             cfg.num_layers, cfg.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
             cfg.intermediate_size, cfg.vocab_size, req_stride, bf16, threads, spin_us,
+            model.cos_sin.shape[0], kv.k[0].shape[0],
         )  # fmt: skip
         self._kv = kv  # the addresses above must stay valid: hold what they point into
         floats = (float(cfg.rms_norm_eps), float(attn.scale))
