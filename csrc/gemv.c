@@ -46,6 +46,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gemv.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define GEMV_X86 1
 #include <immintrin.h>
@@ -471,6 +473,47 @@ static void detect(void) {
     active_level = detected_level;
 }
 
+int gemv_level(void) { return active_level; }
+
+void gemv_quantize(const void *x, int bf16, int M, int K, int16_t *xq, float *dx, float *xs) {
+    int G = K / GROUP;
+    size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    for (int m = 0; m < M; m++) {
+        const void *xm = (const char *)x + m * row_bytes;
+#ifdef GEMV_X86
+        if (active_level >= 3) {
+            quantize_row_512(xm, bf16, K, xq + (size_t)m * K, dx + m * G, xs + m * G);
+            continue;
+        }
+#endif
+        quantize_row_c(xm, bf16, K, xq + (size_t)m * K, dx + m * G, xs + m * G);
+    }
+}
+
+void gemv_int4_tiles(const uint8_t *w, const uint16_t *sm, const int16_t *xq, const float *dx,
+                     const float *xs, int M, int K, int N, int t0, int t1, void *y, int ybf) {
+#ifdef GEMV_X86
+    if (active_level >= 3)
+        int4_tiles_512(w, sm, xq, dx, xs, M, K, N, t0, t1, y, ybf);
+    else if (active_level >= 2)
+        int4_tiles_avx2(w, sm, xq, dx, xs, M, K, N, t0, t1, y, ybf);
+    else
+#endif
+        int4_tiles_c(w, sm, xq, dx, xs, M, K, N, t0, t1, y, ybf);
+}
+
+void gemv_int8_tiles(const int8_t *w, const float *rs, const int16_t *xq, const float *dx, int M,
+                     int K, int N, int t0, int t1, void *y, int ybf) {
+#ifdef GEMV_X86
+    if (active_level >= 3)
+        int8_tiles_512(w, rs, xq, dx, M, K, N, t0, t1, y, ybf);
+    else if (active_level >= 2)
+        int8_tiles_avx2(w, rs, xq, dx, M, K, N, t0, t1, y, ybf);
+    else
+#endif
+        int8_tiles_c(w, rs, xq, dx, M, K, N, t0, t1, y, ybf);
+}
+
 /* The quantized rows: xq int16 [M, K] (pairs in vpdpwssd's order), then dx and xs [M, K / 32]; NULL when out of memory. */
 static int16_t *quantize(const void *x, int bf16, int M, int K, float **dx, float **xs) {
     int G = K / GROUP;
@@ -480,17 +523,7 @@ static int16_t *quantize(const void *x, int bf16, int M, int K, float **dx, floa
         return NULL;
     *dx = (float *)((char *)buf + qbytes);
     *xs = *dx + (size_t)M * G;
-    size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    for (int m = 0; m < M; m++) {
-        const void *xm = (const char *)x + m * row_bytes;
-#ifdef GEMV_X86
-        if (active_level >= 3) {
-            quantize_row_512(xm, bf16, K, buf + (size_t)m * K, *dx + m * G, *xs + m * G);
-            continue;
-        }
-#endif
-        quantize_row_c(xm, bf16, K, buf + (size_t)m * K, *dx + m * G, *xs + m * G);
-    }
+    gemv_quantize(x, bf16, M, K, buf, *dx, *xs);
     return buf;
 }
 
@@ -528,25 +561,10 @@ static PyObject *weight_mm(PyObject *const *args, Py_ssize_t nargs, int int8) {
         Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     xq = quantize(p[0], bf16, M, K, &dx, &xs);
-    if (xq != NULL && int8) {
-#ifdef GEMV_X86
-        if (active_level >= 3)
-            int8_tiles_512(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-        else if (active_level >= 2)
-            int8_tiles_avx2(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-        else
-#endif
-            int8_tiles_c(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
-    } else if (xq != NULL) {
-#ifdef GEMV_X86
-        if (active_level >= 3)
-            int4_tiles_512(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
-        else if (active_level >= 2)
-            int4_tiles_avx2(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
-        else
-#endif
-            int4_tiles_c(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
-    }
+    if (xq != NULL && int8)
+        gemv_int8_tiles(p[4], p[5], xq, dx, M, K, N, 0, tiles, p[7], ybf);
+    else if (xq != NULL)
+        gemv_int4_tiles(p[4], p[5], xq, dx, xs, M, K, N, 0, tiles, p[7], ybf);
     free(xq);
     Py_END_ALLOW_THREADS
     if (xq == NULL)
@@ -579,6 +597,8 @@ static PyObject *set_level(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     FAST(int4_mm, "int4_mm(x, dtypes, M, K, w, sm, N, y) -> None"),
     FAST(int8_mm, "int8_mm(x, dtypes, M, K, w, rs, N, y) -> None"),
+    FAST(decode_model_new, "decode_model_new(dims, eps, ptrs) -> a model for decode_step (csrc/decode_step.c)"),
+    FAST(decode_step, "decode_step(model, B, ids, pos, slots, req_to_token, req_idx, seq_lens, hidden, logits) -> None"),
     {"level", level, METH_NOARGS, "level() -> 3 (AVX-512 VNNI), 2 (AVX2) or 0 (plain C)"},
     {"set_level", set_level, METH_O, "set_level(n) -> the level now in use (at most the CPU's)"},
     {NULL, NULL, 0, NULL},

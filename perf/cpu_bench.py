@@ -9,6 +9,11 @@ concurrent streams of 64 tokens. llama.cpp runs in-process with as many threads 
 cores: the same prompt's prefill, and 128 greedy tokens.
 
     python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16,auto:auto:compile] [--threads N]
+        [--busy]
+
+A config may add `:compile` (--cpu-compile), `:torch` (--cpu-step torch: torch's decode step
+instead of the C one) and `:tN` (--cpu-threads N), e.g. auto:auto:torch,auto:auto:t2. `--busy`
+keeps one core busy with another process (`while True: pass`) while the servers are measured.
 
 The default runs the default server (`auto`: the GGUF's 4-bit weights packed, bfloat16) beside
 the dequantized float32 reference and the dequantized bfloat16 one.
@@ -68,6 +73,8 @@ def stream(prompt: str, tokens: int) -> tuple[float, float, int]:
 def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
     quantization, dtype, *extra = config.split(":")  # "compile": --cpu-compile
     flags = ["--cpu-compile"] if "compile" in extra else []
+    flags += ["--cpu-step", "torch"] if "torch" in extra else []
+    threads = next((int(e[1:]) for e in extra if e[:1] == "t" and e[1:].isdigit()), threads)
     proc, ready = start(quantization, dtype, threads, flags)
     try:
         stream("Hello", 4)  # warm-up
@@ -88,7 +95,7 @@ def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
         proc.terminate()
         proc.wait(30)
     return {
-        "engine": f"lightllm-async {quantization}, {dtype}" + (", compile" if flags else ""),
+        "engine": f"lightllm-async {':'.join([quantization, dtype, *extra])}",
         "ready_s": ready,
         "prefill_tok_s": prompt_tokens / prefill,
         "decode_tok_s": (n - 1) / (total - first),
@@ -130,7 +137,17 @@ def main() -> None:
         "--cpu-compile (e.g. auto:auto:compile)",
     )
     ap.add_argument("--threads", type=int, default=0, help="--cpu-threads (default: the server's)")
+    ap.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     args = ap.parse_args()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        run(args)
+    finally:
+        if busy is not None:
+            busy.kill()
+
+
+def run(args) -> None:
     from lightllm_async.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_model_path())
@@ -143,13 +160,15 @@ def main() -> None:
     rows += [ref] if ref else []
     cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
     missing = "" if ref else "; llama-cpp-python not installed"
+    busy = ", one core kept busy" if args.busy else ""
     print(
-        f"\nSmolLM2-135M-Instruct (embedded GGUF), {cores} cores, prompt {n} tokens, load {load:.1f}{missing}"
+        f"\nSmolLM2-135M-Instruct (embedded GGUF), {cores} cores{busy}, prompt {n} tokens, "
+        f"load {load:.1f}{missing}"
     )
-    print(f"{'engine':<32}{'ready s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'8 streams tok/s':>17}")
+    print(f"{'engine':<36}{'ready s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'8 streams tok/s':>17}")
     for r in rows:
         print(
-            f"{r['engine']:<32}{r['ready_s']:>9.1f}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
+            f"{r['engine']:<36}{r['ready_s']:>9.1f}{r['prefill_tok_s']:>15.0f}{r['decode_tok_s']:>14.1f}"
             f"{r['8_streams_tok_s']:>17.1f}"
         )
 

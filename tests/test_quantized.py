@@ -26,6 +26,7 @@ from lightllm_async.layers.quantized import (
     swap_int4_linears,
 )
 from lightllm_async.models.loader import default_model_path, int4_weights, iter_weights
+from lightllm_async.runner.cpu_step import CpuDecode
 from lightllm_async.runner.model_runner import ModelRunner, resolve_quantization
 from lightllm_async.server import build_parser, resolve_config
 from lightllm_async.tokenizer import load_tokenizer
@@ -292,10 +293,13 @@ def test_the_int8_head_stays_within_its_tolerance_of_the_float32_head(smollm2_pa
     assert isinstance(head, Int8Head) and head.weight is packed.model.embed.weight  # tied, shared
     caught = []
     hook = packed.model.norm.register_forward_hook(lambda m, i, o: caught.append(o[0][-5:]))
+    step = packed.cpu_decode  # the C step by default: the torch step calls the norm as a module
+    packed.cpu_decode = CpuDecode(packed.model, packed.kv, False)
     try:
         generate(packed, prompts, 8)
     finally:
         hook.remove()
+        packed.cpu_decode = step
     x = torch.cat(caught)  # [rows, H] bfloat16: each step's last rows (decode steps: all five)
     w32 = next(t for n, t in iter_weights(default_model_path()) if n == "model.embed_tokens.weight")
     ref = x.double() @ w32.double().T

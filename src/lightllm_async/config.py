@@ -320,6 +320,9 @@ class EngineConfig:
     dummy_step_time: float = 0.0  # --model dummy: seconds per step
     cpu_threads: int = 0  # the engine's torch intra-op threads (0: the cores left after the frontend)
     cpu_compile: bool = False  # CPU decode steps by torch.compile, compiled before ready (runner/cpu_step.py)
+    # CPU decode steps: "auto" the C step (runner/cpu_native.py) where the model is int4-packed and the
+    # extension built, else torch's (compiled with cpu_compile); "c" the C step or an error; "torch" never C
+    cpu_step: str = "auto"
     # Tensor parallelism: this process is rank `tp_rank` of `tp_size` (its replica's group), which
     # meet at `dist_init` (a torch.distributed init_method URL)
     tp_size: int = 1

@@ -186,6 +186,14 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         help="on the CPU, compile the decode step with torch.compile (faster steps; the first start "
         "takes minutes before ready, later ones less from inductor's cache)",
     )
+    p.add_argument(
+        "--cpu-step",
+        choices=("auto", "c", "torch"),
+        default="auto",
+        help="on the CPU, how decode steps run: 'c' one C call a step (int4-packed Llama-family models; "
+        "csrc/decode_step.c), 'torch' torch ops (eager, or compiled with --cpu-compile); 'auto' (default): "
+        "C where the model is packed and the extension built, unless --cpu-compile is given",
+    )
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
     p.add_argument(
         "--allowed-hosts",
@@ -299,6 +307,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         fail_after_steps=args.fail_after_steps,
         cpu_threads=args.cpu_threads,
         cpu_compile=args.cpu_compile,
+        cpu_step=args.cpu_step,
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
         nnodes=args.nnodes,

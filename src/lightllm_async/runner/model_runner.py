@@ -28,6 +28,8 @@ from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
 from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
+from lightllm_async.runner import cpu_native
+from lightllm_async.runner.cpu_native import NativeDecode
 from lightllm_async.runner.cpu_step import CpuDecode
 from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.distributed import with_small_all_reduce
@@ -314,10 +316,21 @@ class ModelRunner:
         torch.cuda.empty_cache()  # the warm-up steps' eager blocks
         return graphs
 
-    def _cpu_decode(self) -> CpuDecode | None:
-        """The CPU's decode steps (Llama family, one rank): batched attention, compiled on request."""
+    def _cpu_decode(self) -> CpuDecode | NativeDecode | None:
+        """The CPU's decode steps (Llama family, one rank): one C call a step for an int4-packed
+        model (`--cpu-step`), else torch's batched attention, compiled on request."""
         if self.device.type != "cpu" or self.model_cls is not LlamaForCausalLM or self.tp.size > 1:
             return None
+        step = self.cfg.cpu_step
+        if step == "c" or (step == "auto" and not self.cfg.cpu_compile):
+            why = cpu_native.unsupported(self.model, self.kv)
+            if why is None:
+                threads = cpu_native.step_threads(self.cfg)
+                native = NativeDecode(self.model, self.kv, self.req_to_token.shape[1], threads)
+                log.info("CPU decode steps: one C call a step (csrc/decode_step.c), %d thread(s)", threads)
+                return native
+            if step == "c":
+                raise ValueError(f"--cpu-step c: {why}")
         cpu = CpuDecode(self.model, self.kv, self.cfg.cpu_compile)
         cpu.warm_up(self.inputs, self.cfg.max_running_requests)
         return cpu
