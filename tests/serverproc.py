@@ -213,6 +213,18 @@ def leave_streams_early(port: int, words: list[str], n: int = 12, seed: int = 3)
     concurrently(leave_early, list(range(n)))
 
 
+def sampled_bodies(prompt: str = "the brown fox and the latent query") -> list[dict]:
+    """Completions of 12 tokens that take every sampling path: seeded top-p with logprobs, `n`,
+    penalties, and a one-token request."""
+    base = {"prompt": prompt, "max_tokens": 12, "ignore_eos": True}
+    return [
+        {**base, "temperature": 1.2, "top_p": 0.9, "seed": 77, "logprobs": 2},
+        {**base, "temperature": 0.8, "seed": 5, "n": 2},
+        {**base, "temperature": 0, "presence_penalty": 0.7, "frequency_penalty": 0.3},
+        {**base, "temperature": 0, "max_tokens": 1, "logprobs": 1},
+    ]
+
+
 def random_completions(words, n: int, seed: int, min_tokens: int = 1) -> list[dict]:
     """`n` greedy /v1/completions bodies of 2, 9 or 40 random `words` and min_tokens..20 tokens."""
     rng = random.Random(seed)

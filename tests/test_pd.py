@@ -30,6 +30,7 @@ from serverproc import (
     concurrently,
     leave_streams_early,
     random_completions,
+    sampled_bodies,
     stream_text,
     stream_token_ids,
     token_ids_by_count,
@@ -112,13 +113,7 @@ def test_sampled_requests_with_logprobs_penalties_and_choices_equal_the_unified_
     handoff; a request with penalties runs whole on the prefill engine (they read every position
     fed in its own row, which a received prefix never is)."""
     srv, _, _, path = pd
-    base = {"prompt": "the brown fox and the latent query", "max_tokens": 12, "ignore_eos": True}
-    bodies = [
-        {**base, "temperature": 1.2, "top_p": 0.9, "seed": 77, "logprobs": 2},
-        {**base, "temperature": 0.8, "seed": 5, "n": 2},
-        {**base, "temperature": 0, "presence_penalty": 0.7, "frequency_penalty": 0.3},
-        {**base, "temperature": 0, "max_tokens": 1, "logprobs": 1},
-    ]
+    bodies = sampled_bodies()
     with_pd = [srv.request("POST", "/v1/completions", b)[2] for b in bodies]
     one = ServerProcess(
         "--model", path, "--device", "cpu", "--max-model-len", "512", "--max-running-requests", "8",

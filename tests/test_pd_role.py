@@ -25,6 +25,7 @@ from serverproc import (
     concurrently,
     free_port,
     leave_streams_early,
+    sampled_bodies,
     token_ids_by_count,
     wait_until,
 )
@@ -181,13 +182,7 @@ def test_sampled_requests_with_logprobs_penalties_and_one_token_equal_the_unifie
     log-probabilities come from the server that made it; penalties run whole on the prefill
     server (its finish comes from there), as does a request of one token."""
     router, _, _, unified = role
-    base = {"prompt": "the brown fox and the latent query", "max_tokens": 12, "ignore_eos": True}
-    bodies = [
-        {**base, "temperature": 1.2, "top_p": 0.9, "seed": 77, "logprobs": 2},
-        {**base, "temperature": 0.8, "seed": 5, "n": 2},
-        {**base, "temperature": 0, "presence_penalty": 0.7, "frequency_penalty": 0.3},
-        {**base, "temperature": 0, "max_tokens": 1, "logprobs": 1},
-    ]
+    bodies = sampled_bodies()
     got = concurrently(lambda b: router.request("POST", "/v1/completions", b)[2], bodies)
     for g, b in zip(got, bodies, strict=True):
         w = unified.request("POST", "/v1/completions", b)[2]
