@@ -72,11 +72,11 @@ def mla() -> None:
     for bh, bn, warps, stages in launches:
         for splits in (8, 1):
             shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
-            consts = dict(shape, NUM_SPLITS=splits, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn)
+            consts = dict(shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn)
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
-    report("mla merge", M._mla_decode_merge_kernel, dict(MID_O="*fp32", MID_LSE="*fp32", OUT=bf16),
-           dict(KV_LORA_RANK=512, NUM_SPLITS=5, BLOCK_S=8, BLOCK_R=512))  # fmt: skip
+    report("mla merge", M._mla_decode_merge_kernel, dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16),
+           dict(KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512))  # fmt: skip
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip
 

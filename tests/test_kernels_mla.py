@@ -68,6 +68,12 @@ def test_mla_decode_merges_any_number_of_splits(interpreter, num_splits):
     check_mla_decode([1, 33, 130, 7], 5, 32, 16, torch.float32, "cpu", num_splits=num_splits)
 
 
+@pytest.mark.parametrize("min_split", [16, 40, 128, 1000])  # rounded up to the interpreter's 16-token blocks
+def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches(interpreter, min_split):
+    # 8 chunks at most; a short context fills fewer, and the ones past it hold NaN (never written)
+    check_mla_decode([1, 33, 130, 7, 300], 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split)
+
+
 def test_mla_decode_gives_zeros_for_an_empty_context(interpreter):
     for splits in (1, 3):
         out = check_mla_decode([0, 17], 3, 32, 16, torch.float32, "cpu", num_splits=splits)
@@ -189,6 +195,7 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
     check_mla_decode([4096] * 4, heads, 512, 64, torch.bfloat16, "cuda")
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=64, min_split=256)
     other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
 

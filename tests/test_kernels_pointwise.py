@@ -78,6 +78,33 @@ def test_rms_norm_keeps_leading_dims(interpreter):
     check_rms_norm((2, 5, 96), True, torch.float32, "cpu")
 
 
+def check_rms_norm_of_parts(num_tokens, parts, hidden, dtype, device):
+    """The input as the unsummed parts of a sum ([T, P, H], MoE's per-expert outputs), strided
+    as fused_moe leaves them: equal to the norm of their torch.sum."""
+    x = torch.randn(num_tokens, parts, hidden + 3, dtype=dtype, device=device)[..., :hidden]
+    weight = torch.randn(hidden, dtype=dtype, device=device)
+    residual = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
+    with nan_filled_allocations():
+        out, res = rms_norm(x, weight, 1e-5, residual)
+    ref, ref_res = rms_norm_ref(x.sum(dim=1), weight, 1e-5, residual)
+    assert out.shape == res.shape == (num_tokens, hidden)
+    assert torch.equal(res, ref_res) if dtype == torch.float32 else rel_err(res, ref_res) < 1e-2
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_tokens, parts, hidden", [(1, 8, 64), (7, 3, 100), (5, 1, 32)])
+def test_rms_norm_sums_the_parts_of_its_input_in_interpreter(interpreter, num_tokens, parts, hidden):
+    check_rms_norm_of_parts(num_tokens, parts, hidden, torch.float32, "cpu")
+
+
+def test_rms_norm_of_parts_on_the_cpu_paths():
+    x, residual, weight = torch.randn(3, 4, 16), torch.randn(3, 16), torch.randn(16)
+    for dtype in (torch.float32, torch.bfloat16):
+        out, res = rms_norm(x.to(dtype), weight.to(dtype), 1e-5, residual.to(dtype))
+        ref, ref_res = rms_norm(x.to(dtype).sum(1), weight.to(dtype), 1e-5, residual.to(dtype))
+        assert torch.equal(out, ref) and torch.equal(res, ref_res)
+
+
 def test_rms_norm_residual_out_is_the_sum(interpreter):
     x, residual = torch.randn(2, 7, 64)
     _, residual_out = rms_norm(x, torch.ones(64), 1e-6, residual)
@@ -146,6 +173,12 @@ def test_rope_cache_rejects_unknown_scaling():
 def test_rms_norm_matches_reference_on_gpu(gpu, with_residual):
     check_rms_norm((4099, 4096), with_residual, torch.bfloat16, "cuda")
     check_rms_norm((64, 8192), with_residual, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_rms_norm_sums_the_parts_of_its_input_on_gpu(gpu):
+    check_rms_norm_of_parts(1, 8, 2048, torch.bfloat16, "cuda")
+    check_rms_norm_of_parts(7, 6, 7168, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu

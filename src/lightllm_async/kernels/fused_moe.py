@@ -223,6 +223,7 @@ def fused_moe(
     topk_weights: Tensor,
     topk_ids: Tensor,
     config: MoeConfig | None = None,
+    sum_experts: bool = True,
 ) -> Tensor:
     """Σ_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j].
 
@@ -230,10 +231,13 @@ def fused_moe(
     dtype, rows contiguous; topk_weights [T, k] float (any float dtype), topk_ids [T, k] int32 or
     int64 in [0, E), both contiguous. Returns [T, hidden] in x's dtype; products accumulate in float32,
     the activation and each expert's output are rounded to x's dtype before the next step. No host sync.
-    `config` overrides the tiles `moe_config` picks.
+    `config` overrides the tiles `moe_config` picks. `sum_experts=False`: the terms of the sum,
+    unsummed, [T, k, hidden] (each expert's weighted output; [T, 1, hidden], the sum, on the
+    reference path), for a consumer that sums them itself (`rms_norm` of parts).
     """
     if not use_triton(x):
-        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        return out if sum_experts else out[:, None]
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     inter, top_k = two_inter // 2, topk_ids.shape[1]
@@ -246,11 +250,12 @@ def fused_moe(
     assert topk_ids.is_contiguous() and topk_weights.is_contiguous()
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if sum_experts else x.new_zeros(num_tokens, 1, hidden)
     cfg = config or moe_config(num_tokens, top_k, num_experts, inter, hidden, x.device)
     aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, topk_weights, aligned, top_k, inter, cfg, False, True, False)
     down = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
     _grouped_gemm(act, w2, down, topk_weights, aligned, top_k, hidden, cfg, True, False, True)
-    return down.view(num_tokens, top_k, hidden).sum(dim=1)
+    down = down.view(num_tokens, top_k, hidden)
+    return down.sum(dim=1) if sum_experts else down

@@ -62,7 +62,9 @@ def _mla_decode_split_kernel(
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     KV_LORA_RANK: tl.constexpr,  # R: latent width, the first R values of a cache row
     ROPE_DIM: tl.constexpr,  # P: rope key width, the P values after them
-    NUM_SPLITS: tl.constexpr,  # chunks the context is cut into
+    NUM_SPLITS: tl.constexpr,  # chunks the context is cut into, at most
+    MIN_SPLIT: tl.constexpr,  # tokens a chunk holds at least (a multiple of BLOCK_N): a short
+    # context is cut into fewer chunks, and the chunks past its end write only their -inf
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
@@ -72,19 +74,22 @@ def _mla_decode_split_kernel(
 ):  # fmt: skip
     # one program: BLOCK_H heads of one request, one chunk of its context. The head blocks of a chunk
     # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
-    head_block = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
 
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if not DIRECT and start >= seq_len:  # past the context: the merge reads only the -inf
+        lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h + split
+        tl.store(lse_ptrs, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=heads < num_heads)
+        return
 
     # -- the heads' queries, loaded once --
-    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
     mask_h = heads < num_heads
@@ -136,16 +141,19 @@ def _mla_decode_split_kernel(
 def _mla_decode_merge_kernel(
     MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
     MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
+    SEQ_LENS,  # [B] context lengths, as the split kernel had them
     OUT,  # [B, H, R] attention output
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
     stride_ml_b, stride_ml_h,  # MID_LSE strides
     stride_o_b, stride_o_h,  # OUT strides
     KV_LORA_RANK: tl.constexpr,  # R
     NUM_SPLITS: tl.constexpr,  # any count >= 1
+    MIN_SPLIT: tl.constexpr,  # as the split kernel's
+    BLOCK_N: tl.constexpr,  # as the split kernel's
     BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
 ):  # fmt: skip
-    # one program: one head of one request
+    # one program: one head of one request; only the chunks the context reaches hold an output
     head = tl.program_id(0)
     b = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -160,7 +168,10 @@ def _mla_decode_merge_kernel(
     denom = tl.sum(tl.math.exp2(lse - m), axis=0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_r
-    for s in range(NUM_SPLITS):  # one row at a time: [NUM_SPLITS, R] at once would spill
+    seq_len = tl.load(SEQ_LENS + b)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    used = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
+    for s in range(used):  # one row at a time: [NUM_SPLITS, R] at once would spill
         w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
         acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
     out = acc / tl.where(denom > 0, denom, 1.0)
@@ -175,6 +186,7 @@ class _Launch:
     num_stages: int
     per_sm: int  # programs that fit on one multiprocessor at once
     waves: int  # waves of programs the context split aims at (more: more merge traffic)
+    min_split: int = 0  # tokens a chunk holds at least (rounded up to block_n; 0: one block)
 
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
@@ -225,6 +237,7 @@ def mla_decode_attention(
     scale: float,
     num_splits: int | None = None,
     block_h: int | None = None,
+    min_split: int | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -234,7 +247,8 @@ def mla_decode_attention(
     in position order; request b is row req_idx[b] (int32) with seq_lens[b] (int32) tokens. The score
     of token t is (q_nope . c_kv[t] + q_pe . k_pe[t]) * scale. Returns [B, H, R], the softmax-weighted
     sum of c_kv (the caller applies W_UV); a request with seq_len 0 gets zeros. num_splits (any
-    count >= 1) and block_h (heads per program, a power of two >= 16) override the defaults.
+    count >= 1), block_h (heads per program, a power of two >= 16) and min_split (the fewest tokens
+    a chunk of the context holds; a short context is cut into fewer chunks) override the defaults.
     """
     if not use_triton(q_nope):
         return mla_decode_attention_ref(q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, scale)
@@ -259,6 +273,8 @@ def mla_decode_attention(
     mid_o = torch.empty((*mid_shape, rank), dtype=torch.float32, device=q_nope.device)
     mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q_nope.device)
     block_r = triton.next_power_of_2(rank)
+    min_split = launch.min_split if min_split is None else min_split
+    min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
     _mla_decode_split_kernel[(head_blocks, splits, batch)](
         q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -266,7 +282,7 @@ def mla_decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         heads, scale * math.log2(math.e),
-        KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, DIRECT=splits == 1,
+        KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
@@ -274,10 +290,11 @@ def mla_decode_attention(
     )  # fmt: skip
     if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
-            mid_o, mid_lse, out,
+            mid_o, mid_lse, seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            KV_LORA_RANK=rank, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+            KV_LORA_RANK=rank, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
+            BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_R=block_r, num_warps=4,
         )  # fmt: skip
     return out

@@ -90,6 +90,7 @@ class Fusions:
     shared: bool = True  # shared experts inside fused_moe at small M where measured to pay
     w_uv_out: bool = True  # W_UV's bmm writes o_proj's [B, n * v] input itself (no copy)
     router: bool = True  # the router's float32 logits from one GEMM of bf16 x (CUDA; `Router`)
+    expert_sum: bool = True  # the experts' outputs summed by the next norm (`MoE`; one rank)
 
     @classmethod
     def off(cls) -> Fusions:
@@ -431,9 +432,14 @@ class MoE(nn.Module):
         device,
         tp: TPGroup = SINGLE,
         router_one_gemm: bool = False,
+        sum_in_norm: bool = False,
     ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
+        # the routed experts' outputs left unsummed, [T, k (+ s), H], where nothing else adds to
+        # them: the norm that follows sums them (`rms_norm` of parts), one launch fewer. One rank
+        # only: under tensor parallelism that norm is the all-reduce's.
+        self.sum_in_norm = sum_in_norm and tp.size == 1
         self.gate = Router(cfg, device, dtype, router_one_gemm)
         self.num_fused = cfg.n_shared_experts if fused_max_tokens > 0 else 0
         self.fused_max_tokens = fused_max_tokens
@@ -472,7 +478,8 @@ class MoE(nn.Module):
         )
         experts = self.experts
         if fused or not self.num_fused:
-            out = fused_moe(x, experts.w13, experts.w2, weights, ids)
+            parts = self.sum_in_norm and self.shared is None  # nothing to add: the norm sums them
+            out = fused_moe(x, experts.w13, experts.w2, weights, ids, sum_experts=not parts)
         else:  # the routed experts' rows only, then the shared ones as an MLP
             e = experts.num_routed
             out = experts.add_shared(fused_moe(x, experts.w13[:e], experts.w2[:e], weights, ids), x)
@@ -482,7 +489,9 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """As Llama's: x in and out are partial sums over the ranks (the whole embedding at first)."""
+    """As Llama's: x in and out are partial sums over the ranks (the whole embedding at first); the
+    MoE's output may be the unsummed experts' ([T, k, H], `MoE.sum_in_norm`), which the next
+    layer's input norm (or the final norm) sums."""
 
     def __init__(
         self, cfg: ModelConfig, index: int, fusions: Fusions, fused_max_tokens: int, dtype, device, tp=SINGLE
@@ -496,7 +505,7 @@ class DecoderLayer(nn.Module):
         self.mlp = (
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
-            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router)
+            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router, fusions.expert_sum)
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
