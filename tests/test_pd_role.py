@@ -5,7 +5,10 @@ requests with log-probabilities and penalties too), the prefill server makes the
 and the decode server the rest; clients that leave at any stage leak nothing on either server
 and hold back no later transfer; a killed decode or prefill server ends the router's requests
 with an error within 2 s, the router answers 503 until both are back, the survivor exits 1
-with no shared memory left, and the restarted pair serves again. Llama (GQA) and DeepSeek (MLA)."""
+with no shared memory left, and the restarted pair serves again; a stopped (hung) decode or
+prefill server ends them with an error within the router's --pd-upstream-timeout + 2 s, the
+router answers 503 while it stays silent, and once it answers the pair serves again with nothing
+leaked. Llama (GQA) and DeepSeek (MLA); test_pd_role_gpu.py runs these helpers on two GPUs."""
 
 from __future__ import annotations
 
@@ -38,29 +41,41 @@ COMMON = (
 )  # fmt: skip
 
 
-def _role_args(path: str, role: str, rank: int, port: int, master: int, chunk: int) -> tuple[str, ...]:
+def _role_args(
+    path: str, role: str, rank: int, port: int, master: int, chunk: int, common: tuple[str, ...]
+) -> tuple[str, ...]:
     return (
-        "--model", path, *COMMON, "--max-num-batched-tokens", str(chunk), "--role", role,
+        "--model", path, *common, "--max-num-batched-tokens", str(chunk), "--role", role,
         "--pd-rank", str(rank), "--pd-world", "2", "--master-port", str(master), "--pd-secret", SECRET,
         "--port", str(port),
     )  # fmt: skip
 
 
-def _pair(path: str, ports: tuple[int, int], chunk: int = 32) -> list[ServerProcess]:
+def _pair(
+    path: str,
+    ports: tuple[int, int],
+    chunk: int = 32,
+    common: tuple[str, ...] = COMMON,
+    envs: tuple[dict, dict] = ({}, {}),
+    ready_timeout: float = 180.0,
+) -> list[ServerProcess]:
     """A prefill server (rank 0, which hosts the group's rendezvous) and a decode server, started
-    together: each waits for the other to join the group."""
+    together: each waits for the other to join the group. `common`: their device and limits;
+    `envs`: each one's environment (on CUDA, the GPU it sees: test_pd_role_gpu.py)."""
     master = free_port()
     args = [
-        _role_args(path, "prefill", 0, ports[0], master, chunk),
-        _role_args(path, "decode", 1, ports[1], master, chunk),
+        (_role_args(path, "prefill", 0, ports[0], master, chunk, common), envs[0]),
+        (_role_args(path, "decode", 1, ports[1], master, chunk, common), envs[1]),
     ]
-    return concurrently(lambda a: ServerProcess(*a, port=int(a[-1])), args)
+    return concurrently(
+        lambda a: ServerProcess(*a[0], port=int(a[0][-1]), env=a[1], ready_timeout=ready_timeout), args
+    )
 
 
-def _router(path: str, ports: tuple[int, int]) -> ServerProcess:
+def _router(path: str, ports: tuple[int, int], *extra: str, max_len: int = 512) -> ServerProcess:
     return ServerProcess(
-        "--role", "router", "--model", path, "--max-model-len", "512", "--pd-secret", SECRET,
-        "--prefill", f"http://127.0.0.1:{ports[0]}", "--decode", f"http://127.0.0.1:{ports[1]}",
+        "--role", "router", "--model", path, "--max-model-len", str(max_len), "--pd-secret", SECRET,
+        "--prefill", f"http://127.0.0.1:{ports[0]}", "--decode", f"http://127.0.0.1:{ports[1]}", *extra,
     )  # fmt: skip
 
 
@@ -268,20 +283,27 @@ def tiny_path(tmp_path_factory):
     return make_random_model("tiny", str(tmp_path_factory.mktemp("tiny-kill")), "float32", seed=4)
 
 
-def _kill_mid_stream(router, p, d, victim: str) -> None:
-    """Streams in every stage (decoding on d, prompts on p), then SIGKILL the victim's process
-    tree: every stream ends with an error naming a server within 2 s, the router refuses new
-    requests with 503, the survivor exits 1 (its engine saw its peer go) leaving no shared memory."""
-    rng = random.Random(victim)
+def _streams_in_every_stage(router, p, d, seed: str, decode_tokens: int = 400) -> list[TimedStream]:
+    """Streams decoding on d (`decode_tokens` long), then long prompts (~300 tokens) running on p."""
+    rng = random.Random(seed)
 
     def stream(n_words: int, n: int) -> TimedStream:
         prompt = " ".join(rng.choices(WORDS, k=n_words))  # distinct: no prompt waits for another's
         return TimedStream(router, {"prompt": prompt, "max_tokens": n, "ignore_eos": True, "stream": True})
 
-    streams = [stream(20, 400) for _ in range(3)]
+    streams = [stream(20, decode_tokens) for _ in range(3)]
     assert wait_until(lambda: _metric(d, "num_requests_running") > 0, 30)  # decoding
-    streams += [stream(100, 150) for _ in range(3)]  # and long prompts (~300 tokens), 8 tokens a step
+    streams += [stream(100, 150) for _ in range(3)]
     assert wait_until(lambda: _metric(p, "num_requests_running") > 0, 30, interval=0.002)
+    return streams
+
+
+def _kill_mid_stream(router, p, d, victim: str, decode_tokens: int = 400) -> None:
+    """Streams in every stage (decoding on d, prompts on p), then SIGKILL the victim's process
+    tree: every stream ends with an error naming a server within 2 s, the router refuses new
+    requests with 503, the survivor exits 1 (its engine saw its peer go) leaving no shared memory.
+    `decode_tokens`: enough that the decoding streams outlast the prompts' start (test_pd_role_gpu)."""
+    streams = _streams_in_every_stage(router, p, d, victim, decode_tokens)
     dead, survivor = (d, p) if victim == "decode" else (p, d)
     dead.kill_tree()
     killed = time.monotonic()
@@ -306,7 +328,7 @@ def test_a_killed_decode_then_prefill_server_ends_the_routers_requests_within_2s
     ports = (free_port(), free_port())
     # small chunks: prompts take many steps, so requests sit in every stage when the kill comes
     p, d = _pair(tiny_path, ports, chunk=8)
-    router = _router(tiny_path, ports)
+    router = _router(tiny_path, ports, "--pd-upstream-timeout", str(HANG_TIMEOUT_S))
     servers = [router, p, d]
     try:
         assert wait_until(lambda: router.request("GET", "/health")[0] == 200, 10)
@@ -323,3 +345,80 @@ def test_a_killed_decode_then_prefill_server_ends_the_routers_requests_within_2s
         _kill_mid_stream(router, p, d, "prefill")
     finally:
         _stop_all(*servers)
+
+
+# ---------------------------------------------------------------- a server hangs
+
+HANG_TIMEOUT_S = 3.0  # the router's --pd-upstream-timeout here: above any silence of a loaded CI box
+
+
+def _leaks(p: ServerProcess, d: ServerProcess) -> list[float]:
+    """Both servers idle: their free KV tokens (every slot back, nothing running)."""
+    assert wait_until(lambda: _idle(p) and _idle(d), 30)
+    return [_metric(s, "kv_cache_tokens_free") for s in (p, d)]
+
+
+def _stop_mid_stream(router, p, d, victim: str) -> None:
+    """Streams in every stage, then SIGSTOP the victim's HTTP process (its engine runs on: a
+    stopped engine would stop beating in the group, and its peer would exit as for a kill): every
+    stream the victim held (or a prompt whose handoff waits on it) ends with an error within
+    timeout + 2 s, none hangs; the router answers 503 while it stays stopped. SIGCONT: the router
+    serves again, both servers get every slot and KV token back, every transfer was announced."""
+    kv = _leaks(p, d)
+    streams = _streams_in_every_stage(router, p, d, f"stop-{victim}")
+    stopped = d if victim == "decode" else p
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    at = time.monotonic()
+    try:
+        assert wait_until(lambda: router.request("GET", "/health")[0] == 503, HANG_TIMEOUT_S + 2)
+        for s in streams:
+            s.join(HANG_TIMEOUT_S + 60)  # one on the other server may finish in its own time
+        assert not any(s.is_alive() for s in streams)
+        endings = [_ending(s) for s in streams]
+        assert "hung" not in endings, endings
+        failed = [s for s, e in zip(streams, endings, strict=True) if e == "error"]
+        assert failed, "no stream was on the stopped server"
+        ends = [round(s.events[-1][0] - at, 2) for s in failed]
+        assert max(ends) < HANG_TIMEOUT_S + 2, ends
+        errors = [s.error for s in failed]
+        assert all("server" in e for e in errors), "\n".join(errors)
+        assert any(f"{victim} server" in e for e in errors), "\n".join(errors)
+        status, _, out = router.request("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 503 and f"{victim} server" in out["error"]["message"], out
+        assert router.request("GET", "/health")[0] == 503
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+    assert wait_until(lambda: router.request("GET", "/health")[0] == 200, 10)
+    assert _leaks(p, d) == kv
+    assert _metric(p, "kv_transfer_sent_tokens_total") == _metric(d, "kv_transfer_received_tokens_total")
+    body = {"prompt": "the model", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    got = concurrently(lambda b: router.request("POST", "/v1/completions", b, timeout=20)[2], [body] * 4)
+    assert [g["usage"]["completion_tokens"] for g in got] == [5] * 4
+
+
+def _ending(s: TimedStream) -> str:
+    """How a stream ended: done, error (an error event then [DONE], or a refusal), or hung (the
+    client gave up on it)."""
+    last = s.events[-1][1] if s.events else ""
+    if last == "[DONE]":
+        return "error" if "error" in json.loads(s.events[-2][1]) else "done"
+    return "error" if last.startswith("{") and "error" in json.loads(last) else "hung"
+
+
+def test_a_stopped_decode_then_prefill_server_ends_the_routers_requests_in_time_and_503_until_it_answers(
+    tiny_path,
+):
+    """A role server alive but silent (SIGSTOP) must not hang the router's clients: its requests
+    end with an error once it sent nothing for --pd-upstream-timeout, a stream that goes on sending
+    is never cut, and once it answers again the pair serves with nothing leaked on either side."""
+    ports = (free_port(), free_port())
+    p, d = _pair(tiny_path, ports)
+    router = _router(tiny_path, ports, "--pd-upstream-timeout", str(HANG_TIMEOUT_S))
+    try:
+        assert wait_until(lambda: router.request("GET", "/health")[0] == 200, 10)
+        _stop_mid_stream(router, p, d, "decode")
+        _stop_mid_stream(router, p, d, "prefill")
+    finally:
+        _stop_all(router, p, d)
+    assert [s.proc.returncode for s in (router, p, d)] == [0, 0, 0]
+    assert _shm_files(p) == _shm_files(d) == []

@@ -388,3 +388,6 @@ class ServerConfig:
     pd_secret: str | None = field(default=None, repr=False)
     router_prefill: tuple[str, ...] = ()
     router_decode: tuple[str, ...] = ()
+    # --role router: seconds a role server may stay silent during a request (each of connecting,
+    # the response's head, every gap between its events) before the request fails as hung
+    pd_upstream_timeout: float = 60.0

@@ -100,6 +100,16 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "--decode", type=_names, default=(), help="--role router: the decode servers' URLs, comma-separated"
     )
     p.add_argument(
+        "--pd-upstream-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="--role router: a prefill or decode server that sends nothing for this long during a "
+        "request (connecting, its answer's head, or between two events of its stream) is hung: the "
+        "request ends with an error and the server's half is dropped. A stream that goes on sending "
+        "is never cut; keep it above a prompt's longest queueing and prefill (default 60)",
+    )
+    p.add_argument(
         "--pd-secret",
         default=None,
         help="--role: a secret the router sends and the role servers require on their internal "
@@ -334,6 +344,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         pd_secret=args.pd_secret or os.environ.get("LLA_PD_SECRET") or None,
         router_prefill=args.prefill,
         router_decode=args.decode,
+        pd_upstream_timeout=args.pd_upstream_timeout,
     )
 
 
@@ -346,6 +357,8 @@ def _role_fields(args: argparse.Namespace, model: str) -> dict:
     if args.role == "router":
         if not args.prefill or not args.decode:
             raise SystemExit("--role router needs --prefill URL[,URL...] and --decode URL[,URL...]")
+        if not args.pd_upstream_timeout > 0:
+            raise SystemExit("--pd-upstream-timeout must be a positive number of seconds")
         return {}
     if model == "dummy":
         raise SystemExit("--role prefill|decode needs a model (the dummy one has no KV cache to move)")
@@ -501,7 +514,13 @@ def serve_router(cfg: ServerConfig) -> int:
         log.error("cannot listen on %s:%d: %s", cfg.host, cfg.port, exc.strerror or exc)
         return 1
     try:
-        remote = RemoteReader(cfg.router_prefill, cfg.router_decode, cfg.engine.max_model_len, cfg.pd_secret)
+        remote = RemoteReader(
+            cfg.router_prefill,
+            cfg.router_decode,
+            cfg.engine.max_model_len,
+            cfg.pd_secret,
+            cfg.pd_upstream_timeout,
+        )
         ctx = FrontendContext(
             region=None,
             tokenizer=load_tokenizer(cfg.engine.model_path),

@@ -90,22 +90,26 @@ async def prefill(svc: Service, scope: Scope, receive: Receive, resp: Responder)
 
     try:
         await _stream(h, receive, resp, hand_over)
-    except ClientDisconnected:  # the router left (or died): abort; a handoff must still be told
-        svc.reader.abort(h)
+    except ClientDisconnected:  # the router left (died, or gave up on us): abort; a handoff must
+        svc.reader.abort(h)  # still be told, and one told already dropped (nobody will attach)
         h.disconnected = False  # so that wait() blocks again
         while h.finish_reason is None and not h.engine_dead:
             await h.wait()
-        if h.handoff is not None and not told:
-            await _tell_decode(svc, call, h, abort=True)
+        if h.handoff is not None:
+            await (_drop_on_decode(svc, call) if told else _tell_decode(svc, call, h, abort=True))
     finally:
         del svc.pd_calls[call.id]
 
 
 async def abort(svc: Service, scope: Scope, receive: Receive, resp: Responder) -> None:
-    """The router's client left: abort; the stream goes on to its last event (a handoff too)."""
+    """The router's client left (on a prefill server: abort; the stream goes on to its last
+    event, a handoff too), or a request's prompt failed (on a decode server: drop what the prefill
+    server may have handed over)."""
     check_secret(svc, scope)
     call = decode_body(_ABORT, await read_body(receive))
     h = svc.pd_calls.get(call.id)
+    if svc.ctx.pd_role == "decode":  # handed over, not attached to: nobody will attach now
+        h = svc.pd_calls.pop(call.id, None)
     if h is not None and h.finish_reason is None and not h.engine_dead:
         svc.reader.abort(h)
     await resp.json({})
@@ -188,6 +192,8 @@ async def _stream(h: RequestHandle, receive: Receive, resp: Responder, hand_over
                 await resp.event(ENCODER.encode(Event(tokens=tokens)))
             if h.finish_reason is not None:
                 last = (await hand_over() if h.handoff is not None else None) or _last(h)
+                if h.disconnected:  # the caller left while the decode server was told
+                    raise ClientDisconnected
                 await resp.event(ENCODER.encode(last))
                 break
         await resp.end_stream()
@@ -221,6 +227,18 @@ async def _tell_decode(svc: Service, call: PrefillCall, h: RequestHandle, abort:
         return None
     log.error("decode server %s did not take transfer %d: %s %s", call.decode_url, seq, status, text[:200])
     return f"The decode server {call.decode_url} did not take the request over ({status}): {text[:200]!r}"
+
+
+async def _drop_on_decode(svc: Service, call: PrefillCall) -> None:
+    """The decode server has the handed-off request, but the router that would attach to it is
+    gone: it drops the request now rather than after ATTACH_WAIT_S."""
+    body = ENCODER.encode(AbortCall(call.id))
+    try:
+        await upstream.request(
+            call.decode_url, "POST", ABORT_PATH, body, secret_headers(svc.ctx.pd_secret), RESUME_WAIT_S
+        )
+    except upstream.UpstreamError as e:  # it waits ATTACH_WAIT_S, then drops it itself
+        log.warning("could not tell %s to drop request %s: %s", call.decode_url, call.id, e)
 
 
 ROUTES = {

@@ -16,9 +16,14 @@ that takes it over, into the same RequestHandle a region's reader would fill. Pe
 
 A client that leaves: on P, an abort call (P gives D a request its engine handed off all the
 same, to drop); on D, the connection closes and D aborts the request. A server that dies ends
-its requests with an error at once (its connection breaks); new requests get 503 while no
-prefill or no decode server answers its health check (polled every POLL_S), and are served again
-once one does.
+its requests with an error at once (its connection breaks); one that hangs (alive, but silent:
+stopped, or its engine wedged) ends them the same way once it has sent nothing for the upstream
+timeout (--pd-upstream-timeout: each of connecting, the response's head, and every gap between
+events; a stream that goes on sending is never cut). Either way the router closes its
+connections, which the role servers take as the router leaving (they abort the request), and
+after a failure during the prompt asks D to drop whatever P gave it. New requests get 503 while
+no prefill or no decode server answers its health check (polled every POLL_S, each within
+CHECK_TIMEOUT_S), and are served again once one does.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # health checks of every role server
 CHECK_TIMEOUT_S = 1.0
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0  # at most, for connecting and for a response's head
+UPSTREAM_TIMEOUT_S = 60.0  # --pd-upstream-timeout: above a prompt's queueing and prefill, and a
+# prefill server's wait for a decode slot (pd_internal.RESUME_WAIT_S), which are silent
 
 
 @dataclass
@@ -76,9 +83,16 @@ class RemoteReader:
     dead, num_replicas, num_active), over HTTP to the role servers."""
 
     def __init__(
-        self, prefills: Sequence[str], decodes: Sequence[str], max_model_len: int, secret: str | None = None
+        self,
+        prefills: Sequence[str],
+        decodes: Sequence[str],
+        max_model_len: int,
+        secret: str | None = None,
+        timeout: float = UPSTREAM_TIMEOUT_S,
     ):
         self.max_model_len = max_model_len  # every role server's must be the same
+        self._timeout = timeout  # a role server silent this long during a request is hung
+        self._connect_timeout = min(CONNECT_TIMEOUT_S, timeout)
         self.servers = [RoleServer(u, "prefill") for u in prefills] + [
             RoleServer(u, "decode") for u in decodes
         ]
@@ -185,15 +199,18 @@ class RemoteReader:
         if phase == "decode":
             task.cancel()
         elif phase == "prefill":
-            p = self._prefill_of[h.slot]
-            body = ENCODER.encode(AbortCall(self._call_id(h)))
-            asyncio.create_task(self._abort_call(p, body))
+            self._abort_on(self._prefill_of[h.slot], h)
 
-    async def _abort_call(self, p: RoleServer, body: bytes) -> None:
+    def _abort_on(self, s: RoleServer, h: RequestHandle) -> None:
+        """Ask `s` to drop its half of the request, in the background."""
+        body = ENCODER.encode(AbortCall(self._call_id(h)))
+        asyncio.create_task(self._abort_call(s, body))
+
+    async def _abort_call(self, s: RoleServer, body: bytes) -> None:
         try:
-            await upstream.request(p.url, "POST", ABORT_PATH, body, self._headers, CONNECT_TIMEOUT_S)
-        except upstream.UpstreamError as e:  # it died: the request ends with its stream
-            log.info("abort call to %s failed: %s", p.url, e)
+            await upstream.request(s.url, "POST", ABORT_PATH, body, self._headers, self._connect_timeout)
+        except upstream.UpstreamError as e:  # dead or hung: the request ends with its stream
+            log.info("abort call to %s failed: %s", s.url, e)
 
     async def _run(
         self, h: RequestHandle, prompt: list[int], params: SamplingParams, p: RoleServer, d: RoleServer
@@ -212,6 +229,8 @@ class RemoteReader:
                 await self._decode(h, d)
         except upstream.UpstreamError as e:
             _fail(h, f"The {server.role} server {server.url} failed during this request: {e}. Retry shortly.")
+            if server is p:  # P may have given D the request before it failed: D drops it
+                self._abort_on(d, h)
         except asyncio.CancelledError:
             pass
         finally:
@@ -222,12 +241,12 @@ class RemoteReader:
 
     async def _prefill(self, h: RequestHandle, call: PrefillCall, p: RoleServer) -> Handoff | None:
         resp = await upstream.Response.open(
-            p.url, "POST", PREFILL_PATH, ENCODER.encode(call), self._headers, CONNECT_TIMEOUT_S
+            p.url, "POST", PREFILL_PATH, ENCODER.encode(call), self._headers, self._connect_timeout
         )
         try:
-            if await _refused(h, resp, p):
+            if await _refused(h, resp, p, self._timeout):
                 return None
-            async for raw in resp.events():
+            async for raw in resp.events(self._timeout):
                 ev = EVENT_DECODER.decode(raw)
                 if ev.handoff is not None:
                     return ev.handoff
@@ -243,12 +262,12 @@ class RemoteReader:
         h.replica = d.rank
         body = ENCODER.encode(AbortCall(self._call_id(h)))
         resp = await upstream.Response.open(
-            d.url, "POST", ATTACH_PATH, body, self._headers, CONNECT_TIMEOUT_S
+            d.url, "POST", ATTACH_PATH, body, self._headers, self._connect_timeout
         )
         try:
-            if h.abandoned or await _refused(h, resp, d):
+            if h.abandoned or await _refused(h, resp, d, self._timeout):
                 return
-            async for raw in resp.events():
+            async for raw in resp.events(self._timeout):
                 if _apply(h, EVENT_DECODER.decode(raw), d):
                     return
             raise upstream.UpstreamError("its stream ended before the request did")
@@ -279,11 +298,11 @@ def _apply(h: RequestHandle, ev: Event, server: RoleServer) -> bool:
     return False
 
 
-async def _refused(h: RequestHandle, resp: upstream.Response, server: RoleServer) -> bool:
+async def _refused(h: RequestHandle, resp: upstream.Response, server: RoleServer, timeout: float) -> bool:
     """A role server that answered with an error: the request ends with it."""
     if resp.status == 200:
         return False
-    body = await resp.read()
+    body = await resp.read(timeout)
     try:
         message = msgspec.json.decode(body)["error"]["message"]
     except Exception:  # noqa: BLE001 - any body: show its start

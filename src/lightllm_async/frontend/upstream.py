@@ -106,13 +106,15 @@ class Response:
             except httptools.HttpParserError as e:
                 raise UpstreamError(f"bad response: {e}") from None
 
-    async def read(self) -> bytes:
-        """The whole body."""
-        await self._fill(lambda: False)
+    async def read(self, timeout: float | None = None) -> bytes:
+        """The whole body, within `timeout` seconds."""
+        await self._bounded(self._fill(lambda: False), timeout, "finish its answer")
         return bytes(self._parsed.body)
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """Each event's payload as it arrives, until the response ends."""
+    async def events(self, gap: float | None = None) -> AsyncIterator[bytes]:
+        """Each event's payload as it arrives, until the response ends. UpstreamError when the
+        peer sends nothing for `gap` seconds: it is hung, however long a stream that goes on
+        sending lasts (only silence counts)."""
         body = self._parsed.body
         while True:
             end = body.find(b"\n\n")
@@ -123,7 +125,14 @@ class Response:
             elif self._parsed.complete:
                 return
             else:
-                await self._fill(lambda: b"\n\n" in body)
+                await self._bounded(self._fill(lambda: b"\n\n" in body), gap, "send anything")
+
+    @staticmethod
+    async def _bounded(fill, timeout: float | None, what: str) -> None:
+        try:
+            await asyncio.wait_for(fill, timeout)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"it did not {what} in {timeout:g} s") from None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -136,8 +145,6 @@ async def request(
     """(status, body) of one plain request, all within `timeout` seconds. Raises UpstreamError."""
     resp = await Response.open(url, method, path, body, headers, timeout)
     try:
-        return resp.status, await asyncio.wait_for(resp.read(), timeout)
-    except asyncio.TimeoutError:
-        raise UpstreamError(f"{url} did not finish answering {path} in {timeout:g} s") from None
+        return resp.status, await resp.read(timeout)
     finally:
         resp.close()
