@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# One device call (carry .whl), 2026-11-30's second session: the DeepSeek decode fusions' GPU tests
-# and their step time on/off in one process, then the Llama-3-8B 1024-in serve at chunk 2048 beside
-# the bf16 matmul rate measured in the same call (perf/prefill_attention_bench.py prints it).
+# Device calls of 2026-11-30's third session (carry .whl), stage by stage (STAGES, space-separated):
+#   tests    the GPU tests of what changed: MLA decode (fused merge, minimum chunk), the norm of the
+#            experts' unsummed outputs, DeepSeek served with graphs, no compiles after capture
+#   mla      perf/mla_split_bench.py: MLA decode at small batches, merge launch vs the last chunk
+#   ds       DeepSeek-V2-Lite decode step at batch 1 and 64, three ways in separate processes:
+#            now; the chunk merge as a second launch and the experts summed by a reduce (as
+#            before); DS_VARIANTS="name:ENV=V,... ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
+#   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
+STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
-timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_deepseek.py \
-  tests/test_runner_gpu.py -k "deepseek or mla or fused or compiles" >"$OUT/pytest.log" 2>&1
-echo "pytest exit $?"; grep -E "passed|failed|Error" "$OUT/pytest.log" | tail -6
-timeout 150 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 --compare-fusions \
-  --out "$OUT/ds_fuse.json" >"$OUT/ds_fuse.log" 2>&1
-echo "decode_bench exit $?"; grep -iE "fusion|ms|roof" "$OUT/ds_fuse.log" | tail -12
-timeout 60 python3 perf/prefill_attention_bench.py >"$OUT/pa.log" 2>&1; echo "pa exit $?"; cat "$OUT/pa.log" | tail -7
-d=/tmp/l3; mkdir -p $d
-python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
-write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
-python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
-  --max-num-batched-tokens 2048 >"$OUT/server_2048.log" 2>&1 &
-srv=$!
-timeout 150 python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 --num-requests 500 \
-  --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/serve_2048.json" >"$OUT/serve_2048.log" 2>&1
-echo "serve_bench exit $?"; tail -8 "$OUT/serve_2048.log"
-kill -INT $srv; wait $srv
-grep -h "compiled a Triton" "$OUT/server_2048.log" | cut -c1-200 | head -3
+for stage in $STAGES; do
+  case $stage in
+  tests)
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_pointwise.py \
+      tests/test_deepseek.py tests/test_runner_gpu.py -k "deepseek or mla or rms or compiles" >"$OUT/pytest.log" 2>&1
+    echo "pytest exit $?"; grep -E "passed|failed|Error" "$OUT/pytest.log" | tail -8 ;;
+  mla)
+    timeout 150 python3 perf/mla_split_bench.py --heads 16,128 --batches 1,4,16,64 --contexts 1024,4096 \
+      >"$OUT/mla_split.log" 2>&1
+    echo "mla_split exit $?"; sed -n '/microseconds per call/,$p' "$OUT/mla_split.log" ;;
+  ds)
+    before="LLA_MLA_FUSED_MERGE=0 LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
+    for v in ${DS_VARIANTS:-"now: before:$before"}; do
+      name=${v%%:*}; envs=${v#*:}
+      env $envs timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
+        --top-kernels 14 --out "$OUT/ds_$name.json" >"$OUT/ds_$name.log" 2>&1
+      echo "decode_bench $name exit $?"; grep -E "^ +(1|64) " "$OUT/ds_$name.log" | head -4
+    done
+    grep -A16 "kernels" "$OUT/ds_now.log" | head -20 ;;
+  role)
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
+    echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;
+  esac
+done
