@@ -5,7 +5,7 @@
 #   mla      perf/mla_split_bench.py: MLA decode at small batches, merge launch vs the last chunk
 #   ds       DeepSeek-V2-Lite decode step at batch 1 and 64, three ways in separate processes:
 #            now; the chunk merge as a second launch and the experts summed by a reduce (as
-#            before); DS_VARIANTS="name:ENV=V,... ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
+#            before); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -21,9 +21,9 @@ for stage in $STAGES; do
       >"$OUT/mla_split.log" 2>&1
     echo "mla_split exit $?"; sed -n '/microseconds per call/,$p' "$OUT/mla_split.log" ;;
   ds)
-    before="LLA_MLA_FUSED_MERGE=0 LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
+    before="LLA_MLA_FUSED_MERGE=0;LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
     for v in ${DS_VARIANTS:-"now: before:$before"}; do
-      name=${v%%:*}; envs=${v#*:}
+      name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }
       env $envs timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
         --top-kernels 14 --out "$OUT/ds_$name.json" >"$OUT/ds_$name.log" 2>&1
       echo "decode_bench $name exit $?"; grep -E "^ +(1|64) " "$OUT/ds_$name.log" | head -4
