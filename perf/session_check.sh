@@ -22,7 +22,8 @@ for stage in $STAGES; do
     echo "mla_split exit $?"; sed -n '/microseconds per call/,$p' "$OUT/mla_split.log" ;;
   ds)
     before="LLA_MLA_FUSED_MERGE=0;LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
-    for v in ${DS_VARIANTS:-"now: before:$before"}; do
+    variants=${DS_VARIANTS:-now: before:$before}
+    for v in $variants; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }
       env $envs timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
         --top-kernels 14 --out "$OUT/ds_$name.json" >"$OUT/ds_$name.log" 2>&1
