@@ -1,8 +1,7 @@
-"""MLA decode at small batches: how the context is cut and how the chunks are merged.
+"""MLA decode at small batches: how short a chunk of the context may be.
 
 Times `mla_decode_attention` replayed from a CUDA graph (as the decode step runs it; L2 flushed
-between calls) for each batch and context, with the chunks merged by a second launch (as before
-the fused merge) or by the last chunk to finish, at several minimum chunk lengths. Every variant's
+between calls) for each batch and context at several minimum chunk lengths. Every variant's
 output is checked against the PyTorch reference first. Prints microseconds per call and the
 bytes-read roof at the copy rate measured in the same run.
 
@@ -24,12 +23,10 @@ from lightllm_async.kernels.testing import rel_err
 mla = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
 
 VARIANTS = [  # (label, launch overrides)
-    ("merge launch, 64-token chunks (before)", dict(fused_merge=False, min_split=64)),
-    ("last chunk merges, 64", dict(fused_merge=True, min_split=64)),
-    ("last chunk merges, 128", dict(fused_merge=True, min_split=128)),
-    ("last chunk merges, 256", dict(fused_merge=True, min_split=256)),
-    ("last chunk merges, 512", dict(fused_merge=True, min_split=512)),
-    ("merge launch, 256", dict(fused_merge=False, min_split=256)),
+    ("chunks of one 64-token block at least (default)", dict(min_split=64)),
+    ("128 tokens at least", dict(min_split=128)),
+    ("256", dict(min_split=256)),
+    ("512", dict(min_split=512)),
 ]
 
 

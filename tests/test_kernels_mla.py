@@ -5,8 +5,6 @@ Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32,
 and the float32 reference differ only in summation order; 1e-2 in bfloat16, where the kernel rounds
 the softmax weights to bf16 before the second product, as every flash-attention kernel does."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -66,32 +64,16 @@ def test_mla_decode_matches_reference_in_interpreter(interpreter, seq_lens, head
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 1 writes the output directly, no merge
-@pytest.mark.parametrize("fused_merge", [True, False], ids=["last-chunk-merges", "merge-launch"])
-def test_mla_decode_merges_any_number_of_splits(interpreter, num_splits, fused_merge):
+def test_mla_decode_merges_any_number_of_splits(interpreter, num_splits):
     seq_lens = [1, 33, 130, 7, 0, 16, 17]  # one chunk, none, a chunk and one token
-    check_mla_decode(
-        seq_lens, 5, 32, 16, torch.float32, "cpu", num_splits=num_splits, fused_merge=fused_merge
-    )
-
-
-def test_mla_decode_fused_merge_leaves_its_counts_at_zero(interpreter):
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-
-    check_mla_decode([1, 33, 130, 7, 0, 300], 40, 32, 16, torch.float32, "cpu", num_splits=6)
-    counters = module._counters[torch.device("cpu")]
-    assert not counters.any()  # every launch zeroes what it counted: a CUDA graph replays it
+    check_mla_decode(seq_lens, 5, 32, 16, torch.float32, "cpu", num_splits=num_splits)
 
 
 @pytest.mark.parametrize("min_split", [16, 40, 128, 1000])  # rounded up to the interpreter's 16-token blocks
-@pytest.mark.parametrize("fused_merge", [True, False], ids=["last-chunk-merges", "merge-launch"])
-def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches(
-    interpreter, min_split, fused_merge
-):
+def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches(interpreter, min_split):
     # 8 chunks at most; a short context fills fewer, and the ones past it hold NaN (never written)
     lens = [1, 33, 130, 7, 300]
-    check_mla_decode(
-        lens, 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split, fused_merge=fused_merge
-    )
+    check_mla_decode(lens, 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split)
 
 
 def test_mla_decode_gives_zeros_for_an_empty_context(interpreter):
@@ -215,19 +197,7 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
     check_mla_decode([4096] * 4, heads, 512, 64, torch.bfloat16, "cuda")
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
-    for fused in (True, False):
-        check_mla_decode(
-            seq_lens[:8],
-            heads,
-            512,
-            64,
-            torch.bfloat16,
-            "cuda",
-            num_splits=64,
-            min_split=256,
-            fused_merge=fused,
-        )
-        check_mla_decode(seq_lens, heads, 512, 64, torch.bfloat16, "cuda", num_splits=5, fused_merge=fused)
+    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=64, min_split=256)
     other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
 

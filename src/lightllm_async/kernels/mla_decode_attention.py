@@ -1,9 +1,10 @@
 """MLA decode attention (DeepSeek-V2/V3) over the token-level latent cache: one new query token per
 request, the no-rope query already absorbed through W_UK, so that every head attends directly over
 the one shared latent "KV head" (c_kv, also the value) plus the rope key. Flash-decoding: the context
-is cut into chunks, so that small batches still fill the card, and the chunks' results merged: by
-the last chunk of each request to finish (a count per request and head block), or by a second
-launch. A context shorter than two chunks is not merged at all."""
+is cut into chunks, then a second stage merges them, so that small batches still fill the card; a
+short context fills fewer chunks (at least one block of tokens each, `min_split`), and the merge
+reads only those. (A fused merge, by the last chunk of a request to finish, measured 2x slower at
+batch 1-16 on an H200: one program then reads every chunk's partial serially; perf/RESULTS.md.)"""
 
 from __future__ import annotations
 
@@ -53,9 +54,7 @@ def _mla_decode_split_kernel(
     SEQ_LENS,  # [B] context length of each request, the new token included
     MID_O,  # [B, H, NUM_SPLITS, R] float32: each chunk's normalized output (unused if DIRECT)
     MID_LSE,  # [B, H, NUM_SPLITS] float32: each chunk's log2-sum-exp2 (-inf: empty; unused if DIRECT)
-    OUT,  # [B, H, R] the output, written here when DIRECT (one chunk: nothing to merge), or by
-    # the chunk that merges (FUSED_MERGE), or by the only chunk of a short context (FUSED_MERGE)
-    COUNTERS,  # [B * head blocks] int32, zero between launches: chunks done (FUSED_MERGE)
+    OUT,  # [B, H, R] the output, written here when DIRECT (one chunk: nothing to merge)
     stride_qn_b, stride_qn_h,  # Q_NOPE strides; the last dim is contiguous
     stride_qp_b, stride_qp_h,  # Q_PE strides
     stride_kv,  # KV_CACHE row stride
@@ -71,14 +70,11 @@ def _mla_decode_split_kernel(
     MIN_SPLIT: tl.constexpr,  # tokens a chunk holds at least (a multiple of BLOCK_N): a short
     # context is cut into fewer chunks, and the chunks past its end write only their -inf
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
-    FUSED_MERGE: tl.constexpr,  # the last chunk of a request's head block to finish merges them
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_P: tl.constexpr,  # >= P, a power of two
-    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two (FUSED_MERGE)
-    MERGE_R: tl.constexpr,  # latent columns merged at a time, a power of two <= BLOCK_R (FUSED_MERGE)
 ):  # fmt: skip
     # one program: BLOCK_H heads of one request, one chunk of its context. The head blocks of a chunk
     # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
@@ -135,9 +131,7 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     mask_out = mask_h[:, None] & mask_r[None, :]
     o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_r[None, :]
-    # the only chunk (DIRECT; or, with the fused merge, a short context's; zeros for none) is the
-    # output; else the chunk's result and log-sum-exp go to the merge
-    if used <= (1 if FUSED_MERGE or DIRECT else -1):
+    if DIRECT:
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
     else:
         lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
@@ -145,41 +139,6 @@ def _mla_decode_split_kernel(
         tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
         lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
         tl.store(lse_ptrs + split, lse, mask=mask_h)
-        if FUSED_MERGE:
-            # every thread's stores done, then one release-acquire count per chunk: the chunk that
-            # counts last sees every other chunk's stores, merges, and zeroes the count for the
-            # next launch (a CUDA graph replays it)
-            tl.debug_barrier()
-            counter = COUNTERS + b * tl.num_programs(0) + tl.program_id(0)
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                offs_s = tl.arange(0, BLOCK_S)
-                mask_s = mask_h[:, None] & (offs_s[None, :] < used)
-                all_lse = tl.load(
-                    lse_ptrs[:, None] + offs_s[None, :],
-                    mask=mask_s,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )  # [BLOCK_H, BLOCK_S]
-                m = tl.max(all_lse, axis=1)
-                m = tl.where(m == float("-inf"), 0.0, m)
-                denom = tl.sum(tl.math.exp2(all_lse - m[:, None]), axis=1)
-                denom = tl.where(denom > 0, denom, 1.0)
-                # MERGE_R columns at a time: a whole [BLOCK_H, BLOCK_R] sum beside the loop's
-                # state would spill
-                for r0 in tl.static_range(0, BLOCK_R, MERGE_R):
-                    offs_m = r0 + tl.arange(0, MERGE_R)
-                    mask_m = mask_h[:, None] & (offs_m[None, :] < KV_LORA_RANK)
-                    part_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + offs_m[None, :]
-                    merged = tl.zeros([BLOCK_H, MERGE_R], dtype=tl.float32)
-                    for c in range(used):
-                        lse_c = tl.load(lse_ptrs + c, mask=mask_h, other=0.0, cache_modifier=".cg")
-                        part_c = part_ptrs + c * stride_mo_s
-                        part = tl.load(part_c, mask=mask_m, other=0.0, cache_modifier=".cg")
-                        merged += tl.math.exp2(lse_c - m)[:, None] * part
-                    merged = merged / denom[:, None]
-                    out_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_m[None, :]
-                    tl.store(out_ptrs, merged.to(OUT.dtype.element_ty), mask=mask_m)
 
 
 @jit
@@ -232,7 +191,6 @@ class _Launch:
     per_sm: int  # programs that fit on one multiprocessor at once
     waves: int  # waves of programs the context split aims at (more: more merge traffic)
     min_split: int = 0  # tokens a chunk holds at least (rounded up to block_n; 0: one block)
-    fused_merge: bool = True  # the last chunk to finish merges (no second launch)
 
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
@@ -249,15 +207,10 @@ _LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
 
 
 def _env_overrides() -> dict:
-    """LLA_MLA_MIN_SPLIT (tokens) and LLA_MLA_FUSED_MERGE (0/1): the CUDA launch's defaults
-    replaced, for benchmarks that compare them in separate processes (perf/RESULTS.md)."""
-    env = {"min_split": "LLA_MLA_MIN_SPLIT", "fused_merge": "LLA_MLA_FUSED_MERGE"}
-    out = {}
-    for field, name in env.items():
-        if os.environ.get(name):
-            value = int(os.environ[name])
-            out[field] = bool(value) if field == "fused_merge" else value
-    return out
+    """LLA_MLA_MIN_SPLIT (tokens): the CUDA launch's default replaced, for benchmarks that
+    compare it in separate processes (perf/RESULTS.md)."""
+    value = os.environ.get("LLA_MLA_MIN_SPLIT")
+    return {"min_split": int(value)} if value else {}
 
 
 _ENV = _env_overrides()
@@ -276,22 +229,6 @@ def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _La
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-_MAX_COUNTERS = 1 << 16  # int32 counts of the fused merge, one per request and head block
-_counters: dict[torch.device, Tensor] = {}
-
-
-def _merge_counters(device: torch.device, needed: int) -> Tensor | None:
-    """The fused merge's counts, zero between launches (each launch zeroes what it counted): one
-    buffer per device, made on its first use outside a CUDA-graph capture (a capture's allocations
-    belong to its graph's pool). None: use the separate merge."""
-    buf = _counters.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-    return buf if needed <= buf.numel() else None
 
 
 def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.device) -> int:
@@ -315,7 +252,6 @@ def mla_decode_attention(
     num_splits: int | None = None,
     block_h: int | None = None,
     min_split: int | None = None,
-    fused_merge: bool | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -326,9 +262,7 @@ def mla_decode_attention(
     of token t is (q_nope . c_kv[t] + q_pe . k_pe[t]) * scale. Returns [B, H, R], the softmax-weighted
     sum of c_kv (the caller applies W_UV); a request with seq_len 0 gets zeros. num_splits (any
     count >= 1), block_h (heads per program, a power of two >= 16) and min_split (the fewest tokens
-    a chunk of the context holds; a short context is cut into fewer chunks) and fused_merge (the
-    last chunk of a request to finish merges them all, instead of a second launch) override the
-    defaults.
+    a chunk of the context holds; a short context is cut into fewer chunks) override the defaults.
     """
     if not use_triton(q_nope):
         return mla_decode_attention_ref(q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, scale)
@@ -355,25 +289,20 @@ def mla_decode_attention(
     block_r = triton.next_power_of_2(rank)
     min_split = launch.min_split if min_split is None else min_split
     min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
-    fused = launch.fused_merge if fused_merge is None else fused_merge
-    counters = _merge_counters(q_nope.device, batch * head_blocks) if fused and splits > 1 else None
-    fused = counters is not None
     _mla_decode_split_kernel[(head_blocks, splits, batch)](
         q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
-        counters if fused else seq_lens,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         heads, scale * math.log2(math.e),
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
-        FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(splits), MERGE_R=min(128, block_r),
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    if splits > 1 and not fused:
+    if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
             mid_o, mid_lse, seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
