@@ -149,8 +149,41 @@ def weight_bytes_read(runner: ModelRunner, batch: int) -> float:
     return total
 
 
+def matmul_rate(device: str) -> float:
+    """FLOP/s of a bf16 8192^3 matmul (median of 20), the card's practical compute ceiling."""
+    if device != "cuda":
+        return float("inf")
+    a, b = torch.randn(2, 8192, 8192, dtype=torch.bfloat16, device=device)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / sorted(times[3:])[10]
+
+
+def gemm_flops(runner: ModelRunner, batch: int) -> float:
+    """Matmul FLOPs of one decode step of `batch` tokens: 2 per weight a token multiplies by, every
+    matrix but an untied embedding table (read as rows), of each MoE layer's routed experts the
+    token's k (and every expert stacked beyond them: the fused shared ones). Attention's products
+    (4 * context * head dim a head and layer) are left out: a few percent at batch 256."""
+    cfg, total = runner.model_cfg, 0.0
+    for name, p in runner.model.named_parameters():
+        if p.dim() < 2 or (name == "embed.weight" and not cfg.tie_word_embeddings):
+            continue
+        per_token = p.numel()
+        if name.endswith(("experts.w13", "experts.w2")):
+            e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+            per_token *= (k + p.shape[0] - e) / p.shape[0]
+        total += 2 * batch * per_token
+    return total
+
+
 def measure(
-    runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int, overlap: bool
+    runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int, overlap: bool, mm: float
 ) -> dict:
     sched = fill_batch(runner, batch, context, seed=batch)
     step_times(runner, sched, 5, overlap)  # warm-up
@@ -158,12 +191,17 @@ def measure(
     weights = weight_bytes_read(runner, batch)
     kv = batch * (context + 20) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.dtype)
     roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
+    # and with the matmuls' compute: at batch ~256 a bf16 GEMM is bound by the tensor cores, not
+    # by its weights (2 FLOP per weight byte per token against the card's FLOP/byte ridge)
+    roof_c = max(weights / bw, gemm_flops(runner, batch) / mm) + kv / bw
     row = {
         "batch": batch,
         "context": context,
         "step_ms": t * 1e3,
         "roofline_ms": roof * 1e3,
         "ratio": t / roof,
+        "compute_roofline_ms": roof_c * 1e3,
+        "ratio_compute": t / roof_c,
         "tokens_per_s": batch / t,
         "graphs": runner.graphs is not None,
         "overlap": overlap,
@@ -249,6 +287,7 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     write_config_files(shape_config(args.shape, args.dtype), folder)
     bw = copy_bandwidth(args.device, (2 << 30) if args.device == "cuda" else (64 << 20))
+    mm = matmul_rate(args.device)
     rows, graph_info = [], {}
     fusions = ["all", "none"] if args.compare_fusions else [os.environ.get("LLA_DEEPSEEK_FUSE", "all")]
     runs = [(d, f) for f in fusions for d in ([False, True] if args.no_graph_baseline else [False])]
@@ -274,7 +313,7 @@ def main() -> None:
         for b in (int(x) for x in args.batches.split(",")):
             profile = 20 if args.device == "cuda" and not disable else 0
             for overlap in (True, False):
-                rows.append({**measure(runner, b, args.context, bw, profile, overlap), "fusions": fuse})
+                rows.append({**measure(runner, b, args.context, bw, profile, overlap, mm), "fusions": fuse})
         if args.mixed and args.device == "cuda" and not disable:
             mb, mp = (int(x) for x in args.mixed.split(","))
             pieces = runner.piecewise
@@ -298,6 +337,7 @@ def main() -> None:
     report = {
         "device": name,
         "copy_bw_GBps": bw / 1e9,
+        "matmul_tflops": mm / 1e12,
         "shape": args.shape,
         "dtype": args.dtype,
         "graphs": graph_info,
@@ -306,9 +346,14 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(
+        f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s, "
+        f"bf16 matmul {mm / 1e12:.0f} TFLOP/s (roof2: the matmuls' bytes or FLOPs, whichever is slower, "
+        "plus the KV bytes)"
+    )
     print(f"graphs {graph_info}")
-    cols = ["batch", "graphs", "overlap", "step ms", "roof ms", "x roof", "tok/s", "GPU busy", "fusions"]
+    cols = ["batch", "graphs", "overlap", "step ms", "roof ms", "x roof", "roof2 ms", "x roof2", "tok/s"]
+    cols += ["GPU busy", "fusions"]
     print("".join(f"{c:>9}" for c in cols))
     for r in rows:
         busy = f"{r['gpu_busy']:.1%}" if "gpu_busy" in r else "-"
@@ -319,6 +364,8 @@ def main() -> None:
             f"{r['step_ms']:.2f}",
             f"{r['roofline_ms']:.2f}",
             f"{r['ratio']:.2f}",
+            f"{r['compute_roofline_ms']:.2f}",
+            f"{r['ratio_compute']:.2f}",
             f"{r['tokens_per_s']:.0f}",
             busy,
             r["fusions"],

@@ -6,6 +6,8 @@
 #   ds       DeepSeek-V2-Lite decode step at batch 1 and 64, three ways in separate processes:
 #            now; the chunk merge as a second launch and the experts summed by a reduce (as
 #            before); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
+#   l3       Llama-3-8B decode step at batch 1 and 256 (context 640, issue 10's decode-heavy case)
+#            against the bytes roof and the bytes-or-FLOPs roof (the bf16 matmul rate measured too)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -30,6 +32,10 @@ for stage in $STAGES; do
       echo "decode_bench $name exit $?"; grep -E "^ +(1|64) " "$OUT/ds_$name.log" | head -4
     done
     grep -A16 "kernels" "$OUT/ds_now.log" | head -20 ;;
+  l3)
+    timeout 200 python3 perf/decode_bench.py --shape llama3-8b --batches 1,256 --context 640 --max-running 256 \
+      --out "$OUT/l3_b256.json" >"$OUT/l3_b256.log" 2>&1
+    echo "decode_bench l3 exit $?"; grep -E "matmul|batch|^ +(1|256) " "$OUT/l3_b256.log" | head -8 ;;
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;
