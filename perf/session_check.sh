@@ -8,10 +8,6 @@
 #            before); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
 #   l3       Llama-3-8B decode step at batch 1 and 256 (context 640, issue 10's decode-heavy case)
 #            against the bytes roof and the bytes-or-FLOPs roof (the bf16 matmul rate measured too)
-#   skinny   tests/test_kernels_skinny.py (GPU) and perf/skinny_linear_bench.py --sweep: the few-row
-#            projection kernel against cuBLAS at the decode projections' shapes
-#   e2e      decode step at batch 1 (and 64/100) with the kernel (LLA_SKINNY_LINEAR=1) and without:
-#            Llama-3-8B and DeepSeek-V2-Lite, separate processes
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -40,19 +36,6 @@ for stage in $STAGES; do
     timeout 200 python3 perf/decode_bench.py --shape llama3-8b --batches 1,256 --context 640 --max-running 256 \
       --out "$OUT/l3_b256.json" >"$OUT/l3_b256.log" 2>&1
     echo "decode_bench l3 exit $?"; grep -E "matmul|batch|^ +(1|256) " "$OUT/l3_b256.log" | head -8 ;;
-  skinny)
-    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_skinny.py >"$OUT/skinny_test.log" 2>&1
-    echo "skinny tests exit $?"; grep -E "passed|failed|Error" "$OUT/skinny_test.log" | tail -4
-    timeout ${SKINNY_S:-300} python3 perf/skinny_linear_bench.py --rows ${ROWS:-1,8} --sweep >"$OUT/skinny.log" 2>&1
-    echo "skinny bench exit $?"; sed -n '/microseconds per call/,$p' "$OUT/skinny.log" ;;
-  e2e)
-    for shape in llama3-8b deepseek-v2-lite; do
-      for on in 0 1; do
-        LLA_SKINNY_LINEAR=$on timeout 150 python3 perf/decode_bench.py --shape $shape --batches ${E2E_BATCHES:-1,64} \
-          --context 1024 --out "$OUT/e2e_${shape}_$on.json" >"$OUT/e2e_${shape}_$on.log" 2>&1
-        echo "decode_bench $shape skinny=$on exit $?"; grep -E "^ +[0-9]+ +True +True" "$OUT/e2e_${shape}_$on.log"
-      done
-    done ;;
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;

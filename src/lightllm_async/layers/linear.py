@@ -1,6 +1,4 @@
 """Linear layers whose weights a loader fills (`models/weights.py`), replicated or tensor-parallel.
-Each multiplies through `kernels.skinny_linear.linear`: cuBLAS, or at decode's few rows on CUDA a
-kernel that spreads the weight's rows over the whole card.
 
 Fused projections (q|k|v, gate|up) are one matrix here and several tensors in checkpoints: a
 `MergedLinear` names its parts and copies each into its rows. Tensor parallelism shards these
@@ -16,9 +14,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightllm_async.kernels.skinny_linear import linear
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 
 
@@ -40,7 +38,7 @@ class Linear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)  # a few rows on CUDA: skinny_linear, else cuBLAS
+        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -108,8 +106,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        y = linear(x, self.weight)
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
         if self.reduce:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

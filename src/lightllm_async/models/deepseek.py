@@ -44,7 +44,6 @@ from lightllm_async.kernels import (
     select_experts,
     silu_and_mul,
 )
-from lightllm_async.kernels.skinny_linear import linear
 from lightllm_async.layers.embedding import VocabEmbedding
 from lightllm_async.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from lightllm_async.layers.parallel import SINGLE, TPGroup
@@ -266,7 +265,7 @@ class MLAttention(nn.Module):
         """(q [T, n * qk], kv_a [T, R + P]) of the normed input; slices of one GEMM's output
         (strided rows) with the merged projection."""
         if self.w_in is not None:
-            q, kv_a = linear(x, self.w_in).split([self.q_in_rows, self.rank + self.rope], dim=-1)
+            q, kv_a = F.linear(x, self.w_in).split([self.q_in_rows, self.rank + self.rope], dim=-1)
         else:
             q, kv_a = (self.q_a_proj if self.q_lora else self.q_proj)(x), self.kv_a_proj_with_mqa(x)
         if self.q_lora:
@@ -356,7 +355,7 @@ class Router(nn.Module):
         """[T, H] -> [T, E] float32."""
         if self.weight.dtype == torch.float32:
             return F.linear(x.float(), self.weight)
-        return linear(x, self.weight, out_dtype=torch.float32)  # torch.mm, or skinny_linear
+        return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
 
 
 class Experts(nn.Module):
