@@ -194,6 +194,14 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "csrc/decode_step.c), 'torch' torch ops (eager, or compiled with --cpu-compile); 'auto' (default): "
         "C where the model is packed and the extension built, unless --cpu-compile is given",
     )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where a GGUF's weights, once unpacked and repacked for the CPU kernels, are kept for the "
+        "next start (default: $LLA_CACHE_DIR, else $XDG_CACHE_HOME/lightllm-async, else "
+        "~/.cache/lightllm-async; LLA_CACHE_DIR=off: none)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the weight cache")
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
     p.add_argument(
         "--allowed-hosts",
@@ -308,6 +316,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         cpu_threads=args.cpu_threads,
         cpu_compile=args.cpu_compile,
         cpu_step=args.cpu_step,
+        weight_cache_dir=_weight_cache_dir(args),
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
         nnodes=args.nnodes,
@@ -335,6 +344,16 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         router_prefill=args.prefill,
         router_decode=args.decode,
     )
+
+
+def _weight_cache_dir(args: argparse.Namespace) -> str:
+    """The weight cache's directory ("": none), from --no-cache, --cache-dir or the environment."""
+    from lightllm_async.config import default_cache_dir
+
+    if args.no_cache:
+        return ""
+    base = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    return os.path.join(os.path.abspath(base), "weights") if base else ""
 
 
 def _role_fields(args: argparse.Namespace, model: str) -> dict:
