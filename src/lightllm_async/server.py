@@ -396,7 +396,7 @@ def _wait_ready(region: FrontendRegion, groups: list[list[BaseProcess]]) -> bool
                 return False
         if all(region.replica_state(k) == EngineState.READY for k in range(len(groups))):
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -449,11 +449,7 @@ def region_spec(cfg: ServerConfig) -> RegionSpec:
 
 
 def serve(cfg: ServerConfig) -> int:
-    from lightllm_async.frontend.app import FrontendContext
-    from lightllm_async.frontend.edge import EdgePolicy
     from lightllm_async.ipc import Region
-    from lightllm_async.models.loader import default_model_path
-    from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
     if cfg.node_rank > 0:
@@ -474,6 +470,14 @@ def serve(cfg: ServerConfig) -> int:
     try:
         for proc in procs:
             proc.start()
+        # The engines import torch and load (seconds) meanwhile: the frontend's own imports and
+        # its tokenizer come after their start, not before.
+        from lightllm_async.frontend.app import FrontendContext
+        from lightllm_async.frontend.edge import EdgePolicy
+        from lightllm_async.frontend.http_server import build_server  # noqa: F401 - imported now, used when ready
+        from lightllm_async.models.loader import default_model_path
+        from lightllm_async.tokenizer import load_tokenizer
+
         tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
         tokenizer = load_tokenizer(tok_path)
         if not _wait_ready(region, groups):
