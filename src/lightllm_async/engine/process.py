@@ -173,12 +173,13 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         engine.publish_stats()
         region.set_engine_state(EngineState.READY)
-        total = time.perf_counter() - started
-        log.info(
-            "ready %.2f s after the process's entry: torch imported in %.2f s, the model loaded in "
-            "%.2f s, the rest (imports, KV cache, decode step) %.2f s",
-            total, torch_s, load_s, total - torch_s - load_s,
-        )  # fmt: skip
+        if threads is not None:  # a model (the dummy one loads no torch): where the start went
+            total = time.perf_counter() - started
+            log.info(
+                "ready %.2f s after the process's entry: torch imported in %.2f s, the model loaded in "
+                "%.2f s, the rest (imports, KV cache, decode step) %.2f s",
+                total, torch_s, load_s, total - torch_s - load_s,
+            )  # fmt: skip
         if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
             from lightllm_async.kernels.backend import log_compiles
 
