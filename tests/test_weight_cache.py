@@ -172,3 +172,32 @@ def test_the_cache_is_private_and_a_shared_directory_is_not_used(tiny_gguf, tmp_
     with caplog.at_level(logging.WARNING):
         runner(tiny_gguf, str(shared))
     assert "not a private directory" in caplog.text and entries(str(shared)) == []
+
+
+def test_writers_at_once_leave_one_whole_entry(tiny_gguf, tmp_path):
+    """Servers that start together all miss and all write: each writes a file of its own and
+    renames it into place, so the entry is whole whoever wins, and no temporary file stays."""
+    import threading
+
+    loaded = runner(tiny_gguf, "")
+    key = weight_cache.cache_key(tiny_gguf, loaded.dtype, ["some.layer"])
+    state = weight_cache.packed_state(loaded.model)
+    writers = [
+        threading.Thread(target=weight_cache.WeightCache(str(tmp_path), key).store, args=(state,))
+        for _ in range(4)
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert len(entries(str(tmp_path))) == 1 and not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+    got = weight_cache.WeightCache(str(tmp_path), key).load()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_an_entry_of_another_dtype_stays_beside_this_one(tiny_gguf, tmp_path):
+    """Two servers loading one GGUF differently (here bfloat16 and float32 activations) do not
+    evict each other's entry."""
+    runner(tiny_gguf, str(tmp_path))
+    runner(tiny_gguf, str(tmp_path), dtype="float32")
+    assert len(entries(str(tmp_path))) == 2

@@ -5,8 +5,8 @@ unpacking layout and `_gemv`'s), dequantizes the Q8_0 embedding to bfloat16 and 
 for the int8 LM head: ~0.6-1 s on a 2-core machine, where reading the result back takes ~0.1 s.
 
 The cached file is the model's `state_dict()` after packing (safetensors: no pickle, its header
-checked on read), (the int8 head's float weight left out where it is the embedding's). It is named by a
-hash of everything that decides those bytes (`cache_key`): the GGUF's path, size, mtime and inode,
+checked on read; the int8 head's float weight left out where it is the embedding's). It is named
+by a hash of everything that decides those bytes (`cache_key`): the GGUF's path, size, mtime and inode,
 CACHE_VERSION, the dtype, the packed layers, whether `_gemv` is built, torch's version. The key is
 also stored in the file and compared on read. A missing, unreadable, corrupt or mismatching file
 is a miss: the model is loaded from the GGUF and the file written again.
@@ -14,7 +14,8 @@ is a miss: the model is loaded from the GGUF and the file written again.
 Writes go to a private temporary file (0600) in the directory (0700, owned by us, or the cache is
 not used) and are renamed into place, so two servers starting at once each write a whole file
 and a reader never sees half of one. Entries of the same GGUF path under another key (the file
-changed, a new version) are removed when a new one is written.
+changed, a new version of this code or of torch) are removed when a new one is written; those of
+another dtype or packing stay, for a server that loads it that way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lightllm_async.layers.quantized import Int4Linear, Int8Head
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when packing, or what the model holds after it, changes
+_VARIANT = ("source", "dtype", "packed", "gemv")  # servers may load one GGUF in several ways at once
 _HEAD_WEIGHT = "lm_head.weight"  # an untied head's float weight (Int8Head keeps it as an attribute)
 
 
@@ -61,8 +63,9 @@ class WeightCache:
 
     def __init__(self, directory: str, key: dict[str, str]):
         self.directory, self.key = directory, json.dumps(key, sort_keys=True)
-        source = hashlib.sha256(key["source"].encode()).hexdigest()[:16]
-        self.prefix = f"{source}-"  # every entry of this GGUF path
+        variant = json.dumps({k: key[k] for k in _VARIANT}, sort_keys=True)
+        # every entry of this GGUF path loaded this way, whichever file and version it was made from
+        self.prefix = f"{hashlib.sha256(variant.encode()).hexdigest()[:16]}-"
         self.path = os.path.join(
             directory, f"{self.prefix}{hashlib.sha256(self.key.encode()).hexdigest()[:32]}.safetensors"
         )
