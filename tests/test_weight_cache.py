@@ -120,8 +120,9 @@ def test_an_entry_of_another_key_is_not_used(tiny_gguf, tmp_path, caplog):
     first = runner(tiny_gguf, str(tmp_path))
     key = weight_cache.cache_key(tiny_gguf, first.dtype, ["layers.0.mlp.down"])
     (name,) = entries(str(tmp_path))
-    weight_cache.WeightCache(str(tmp_path), key).store(weight_cache.packed_state(first.model))
-    os.replace(os.path.join(tmp_path, entries(str(tmp_path))[-1]), os.path.join(tmp_path, name))
+    other = weight_cache.WeightCache(str(tmp_path), key)
+    other.store(weight_cache.packed_state(first.model))
+    os.replace(other.path, os.path.join(tmp_path, name))
     with caplog.at_level(logging.WARNING):
         assert_same_model(runner(tiny_gguf, str(tmp_path)), plain)
     assert "another model's weights" in caplog.text
