@@ -10,6 +10,15 @@ cores: the same prompt's prefill, and 128 greedy tokens.
 
     python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16,auto:auto:compile] [--threads N]
         [--busy]
+    python perf/cpu_bench.py --startup-only [--rounds N] [--busy]
+
+`--startup-only` measures only the time from the command to "ready" for the default model (issue 12's
+must-show 4), N rounds of three starts each: without the weight cache (--no-cache), with an empty
+cache directory (cold: the packed weights are built and written) and with that directory again
+(warm: read back), and prints where each start went: the command until the engine process's
+entry (the frontend's start, its spawn of the engine, the engine's interpreter), the engine's
+torch import, its model load, the rest of the engine (imports, KV cache, decode step), and the
+frontend from the engine's ready to its own.
 
 A config may add `:compile` (--cpu-compile), `:torch` (--cpu-step torch: torch's decode step
 instead of the C one) and `:tN` (--cpu-threads N), e.g. auto:auto:torch,auto:auto:t2. `--busy`
@@ -24,8 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -52,6 +63,51 @@ def start(quantization: str, dtype: str, threads: int, flags: list[str]) -> tupl
             threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, ready
     raise RuntimeError(f"server exited {proc.wait()}")
+
+
+ENGINE_READY = re.compile(  # the engine's line (engine/process.py)
+    r"ready ([\d.]+) s after the process's entry: torch imported in ([\d.]+) s, "
+    r"the model loaded in ([\d.]+) s"
+)
+
+
+def start_phases(flags: list[str], env: dict[str, str]) -> dict[str, float]:
+    """One start of the default server: seconds from the command to the engine's entry, then its
+    torch import, model load and the rest, then the frontend's part, and the whole (`ready`)."""
+    cmd = [sys.executable, "-m", "lightllm_async.server", "--device", "cpu", "--port", str(PORT), *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    out: dict[str, float] = {}
+    try:
+        for line in proc.stdout:
+            now = time.perf_counter() - t0
+            if m := ENGINE_READY.search(line):
+                total, torch_s, model_s = map(float, m.groups())
+                out |= {"engine_ready": now, "entry": now - total, "torch": torch_s, "model": model_s}
+                out["rest"] = total - torch_s - model_s
+            if "lightllm-async ready" in line:
+                out["ready"] = now
+                if "engine_ready" in out:
+                    out["frontend"] = now - out["engine_ready"]
+                return out
+        raise RuntimeError(f"server exited {proc.wait()}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def startup(rounds: int) -> None:
+    """--startup-only: `rounds` rounds of a start without the cache, a cold one, a warm one."""
+    cols = ["entry", "torch", "model", "rest", "frontend", "ready"]
+    print(f"{'round':<6}{'cache':<7}{'load':>6}" + "".join(f"{c:>10}" for c in cols))
+    for r in range(1, rounds + 1):
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, LLA_CACHE_DIR=cache)
+            for mode, flags in (("off", ["--no-cache"]), ("cold", []), ("warm", [])):
+                load = os.getloadavg()[0]
+                ph = start_phases(flags, env)
+                cells = "".join(f"{ph[c]:>10.2f}" if c in ph else f"{'-':>10}" for c in cols)
+                print(f"{r:<6}{mode:<7}{load:>6.2f}{cells}", flush=True)
 
 
 def stream(prompt: str, tokens: int) -> tuple[float, float, int]:
@@ -144,10 +200,12 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=0, help="--cpu-threads (default: the server's)")
     ap.add_argument("--busy", action="store_true", help="keep one core busy with another process")
+    ap.add_argument("--startup-only", action="store_true", help="only the time to ready, phase by phase")
+    ap.add_argument("--rounds", type=int, default=3, help="--startup-only: rounds of three starts")
     args = ap.parse_args()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
-        run(args)
+        startup(args.rounds) if args.startup_only else run(args)
     finally:
         if busy is not None:
             busy.kill()

@@ -11,6 +11,15 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: serverproc, eng
 pytest.register_assert_rewrite("serverproc")  # its checks report their values like a test's
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _weight_cache_dir(tmp_path_factory):
+    """Servers the tests start cache packed weights in a directory of this session, never in the
+    user's ~/.cache (unless LLA_CACHE_DIR says where)."""
+    if "LLA_CACHE_DIR" not in os.environ:
+        os.environ["LLA_CACHE_DIR"] = str(tmp_path_factory.mktemp("lla-cache"))
+    yield
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
     """Kernel tests: route the ops to their Triton kernels, run on CPU tensors by the interpreter.

@@ -215,6 +215,37 @@ def test_float_tensor_types_read_exactly(tmp_path):
     assert [t.shape for t in gf.tensors] == [(3, 5), (7, 2), (4, 9)] and not gf.tensors[2].is_quantized
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])  # (gguf cannot write Q4_K)
+def test_quantized_tensor_types_dequantize_as_the_gguf_package_exactly(tmp_path, kind):
+    gguf = pytest.importorskip("gguf")
+    qtype = gguf.GGMLQuantizationType[kind]
+    rows, cols = 7, 256 * 3
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    values = np.random.default_rng().standard_normal((rows, cols)).astype(np.float32)
+    packed = gguf.quants.quantize(values, qtype)
+    w.add_tensor("m", packed, raw_shape=packed.shape, raw_dtype=qtype)
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    gf = GGUFFile(str(tmp_path / "q.gguf"))
+    ours, ref = gf.dequantize(gf.tensors[0]), gguf.quants.dequantize(packed, qtype)
+    assert ours.shape == (rows, cols) and ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)  # equal values (Q4_0: +0.0 where gguf may give -0.0)
+
+
+def test_string_arrays_read_lazily_as_the_gguf_package_reads_them(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    strings = ["", "a", "é ü", "<|im_end|>", "Ġthe", "x" * 300]
+    w = gguf.GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    w.add_token_list(strings)
+    w.add_uint32("after", 7)  # read past the array: its length walked correctly
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    meta = GGUFFile(str(tmp_path / "s.gguf")).metadata
+    tokens = meta["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(strings) and meta["after"] == 7
+    assert list(tokens) == strings and tokens[2] == "é ü" and tokens[-1] == "x" * 300 and tokens == strings
+
+
 def test_transformers5_rope_parameters_are_read():
     cfg = {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}
     out = normalize_hf_config(cfg)

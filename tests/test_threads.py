@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lightllm_async.engine.process import cpu_threads
 from lightllm_async.server import build_parser, resolve_config
 
@@ -54,3 +56,31 @@ def test_cpu_threads_flag_reaches_the_engine_config():
     args = build_parser().parse_args(["--model", "dummy", "--cpu-threads", "3"])
     assert resolve_config(args).engine.cpu_threads == 3
     assert resolve_config(build_parser().parse_args(["--model", "dummy"])).engine.cpu_threads == 0
+
+
+TRITON_CHILD = """
+import sys
+from lightllm_async.config import EngineConfig
+from lightllm_async.engine.process import configure_threads
+configure_threads(EngineConfig(model_path="some-model", device="cpu", cpu_compile=sys.argv[1] == "compile"))
+from lightllm_async.kernels import backend
+import torch
+from lightllm_async.layers.quantized import Int4Linear  # the CPU path's layers import without it
+print(backend.HAS_TRITON, backend.use_triton(torch.zeros(1)))
+"""
+
+
+def test_a_cpu_engine_leaves_triton_out_but_for_cpu_compile():
+    """Importing triton is ~0.25 s of a CPU engine's start, for kernels it never runs there."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "LLA_KERNELS"}
+
+    def child(*args: str, **extra: str) -> list[str]:
+        cmd = [sys.executable, "-c", TRITON_CHILD, *args]
+        kw = dict(capture_output=True, text=True, timeout=120, check=True)
+        out = subprocess.run(cmd, env={**env, **extra}, **kw)
+        return out.stdout.split()
+
+    assert child("eager") == ["False", "False"]
+    assert child("compile") == ["True", "False"]  # inductor looks for triton
+    assert child("eager", LLA_KERNELS="triton")[0] == "True"  # the interpreter asked for

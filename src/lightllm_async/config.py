@@ -323,6 +323,8 @@ class EngineConfig:
     # CPU decode steps: "auto" the C step (runner/cpu_native.py) where the model is int4-packed and the
     # extension built, else torch's (compiled with cpu_compile); "c" the C step or an error; "torch" never C
     cpu_step: str = "auto"
+    # where a GGUF's packed weights are cached between starts (runner/weight_cache.py); "": not cached
+    weight_cache_dir: str = ""
     # Tensor parallelism: this process is rank `tp_rank` of `tp_size` (its replica's group), which
     # meet at `dist_init` (a torch.distributed init_method URL)
     tp_size: int = 1
@@ -340,6 +342,15 @@ class EngineConfig:
 
     def replace(self, **kw: Any) -> EngineConfig:
         return dataclasses.replace(self, **kw)
+
+
+def default_cache_dir() -> str:
+    """$LLA_CACHE_DIR ("off": none), else $XDG_CACHE_HOME/lightllm-async, else ~/.cache/lightllm-async."""
+    env = os.environ.get("LLA_CACHE_DIR")
+    if env is not None:
+        return "" if env in ("", "off") else env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lightllm-async")
 
 
 def rank_device(device: str, replica: int, rank: int = 0, ranks_per_replica: int = 1) -> str:

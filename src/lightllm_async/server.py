@@ -204,6 +204,14 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "csrc/decode_step.c), 'torch' torch ops (eager, or compiled with --cpu-compile); 'auto' (default): "
         "C where the model is packed and the extension built, unless --cpu-compile is given",
     )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where a GGUF's weights, once unpacked and repacked for the CPU kernels, are kept for the "
+        "next start (default: $LLA_CACHE_DIR, else $XDG_CACHE_HOME/lightllm-async, else "
+        "~/.cache/lightllm-async; LLA_CACHE_DIR=off: none)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the weight cache")
     p.add_argument("--dummy-step-time", type=float, default=0.0, help="seconds per step with --model dummy")
     p.add_argument(
         "--allowed-hosts",
@@ -318,6 +326,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         cpu_threads=args.cpu_threads,
         cpu_compile=args.cpu_compile,
         cpu_step=args.cpu_step,
+        weight_cache_dir=_weight_cache_dir(args),
         dummy_step_time=args.dummy_step_time,
         tp_size=args.tp,
         nnodes=args.nnodes,
@@ -346,6 +355,16 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         router_decode=args.decode,
         pd_upstream_timeout=args.pd_upstream_timeout,
     )
+
+
+def _weight_cache_dir(args: argparse.Namespace) -> str:
+    """The weight cache's directory ("": none), from --no-cache, --cache-dir or the environment."""
+    from lightllm_async.config import default_cache_dir
+
+    if args.no_cache:
+        return ""
+    base = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    return os.path.join(os.path.abspath(base), "weights") if base else ""
 
 
 def _role_fields(args: argparse.Namespace, model: str) -> dict:
@@ -390,7 +409,7 @@ def _wait_ready(region: FrontendRegion, groups: list[list[BaseProcess]]) -> bool
                 return False
         if all(region.replica_state(k) == EngineState.READY for k in range(len(groups))):
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -443,11 +462,7 @@ def region_spec(cfg: ServerConfig) -> RegionSpec:
 
 
 def serve(cfg: ServerConfig) -> int:
-    from lightllm_async.frontend.app import FrontendContext
-    from lightllm_async.frontend.edge import EdgePolicy
     from lightllm_async.ipc import Region
-    from lightllm_async.models.loader import default_model_path
-    from lightllm_async.tokenizer import load_tokenizer
 
     eng = cfg.engine
     if cfg.node_rank > 0:
@@ -468,6 +483,14 @@ def serve(cfg: ServerConfig) -> int:
     try:
         for proc in procs:
             proc.start()
+        # The engines import torch and load (seconds) meanwhile: the frontend's own imports and
+        # its tokenizer come after their start, not before.
+        from lightllm_async.frontend.app import FrontendContext
+        from lightllm_async.frontend.edge import EdgePolicy
+        from lightllm_async.frontend.http_server import build_server  # noqa: F401 - imported now, used when ready
+        from lightllm_async.models.loader import default_model_path
+        from lightllm_async.tokenizer import load_tokenizer
+
         tok_path = default_model_path() if eng.model_path == "dummy" else eng.model_path
         tokenizer = load_tokenizer(tok_path)
         if not _wait_ready(region, groups):

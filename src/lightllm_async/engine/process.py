@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import traceback
 
 from lightllm_async.config import EngineConfig, rank_device
@@ -93,7 +94,20 @@ def configure_threads(cfg: EngineConfig, num_replicas: int = 1) -> int | None:
 
     threads = cpu_threads(cfg.cpu_threads, num_replicas)
     torch.set_num_threads(threads)
+    _leave_out_triton(cfg)
     return threads
+
+
+def _leave_out_triton(cfg: EngineConfig) -> None:
+    """An engine on the CPU runs no Triton kernel (kernels/backend.py routes CPU tensors to the
+    references and CPU paths unless LLA_KERNELS=triton asks for the interpreter), and importing
+    triton takes ~0.25 s of its start (issue 12): have `import triton` fail in this process, as
+    where it is not installed. Not under --cpu-compile (inductor looks for triton)."""
+    import torch
+
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and not cfg.cpu_compile and os.environ.get("LLA_KERNELS") != "triton":
+        sys.modules.setdefault("triton", None)
 
 
 def place_replica(cfg: EngineConfig, replica: int, num_replicas: int) -> EngineConfig:
@@ -119,6 +133,7 @@ def place_replica(cfg: EngineConfig, replica: int, num_replicas: int) -> EngineC
 def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", replica: int = 0) -> None:
     """Target of the process of engine replica `replica`. Exits non-zero with the error written to
     the replica's section of the region."""
+    started = time.perf_counter()
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when we stop
     region = Region.attach(region_name, replica)
@@ -130,6 +145,7 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(message)s")
     try:
         threads = configure_threads(cfg, region.num_replicas)
+        torch_s = time.perf_counter() - started  # torch imported (where it is)
         if threads is not None:
             log.info("%d CPU thread(s), OMP_WAIT_POLICY=%s", threads, os.environ["OMP_WAIT_POLICY"])
         from lightllm_async.engine.engine import Engine
@@ -137,6 +153,7 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
 
         cfg = place_replica(cfg, replica, region.num_replicas)
         runner = _make_runner(cfg, show_progress=replica == 0)
+        load_s = getattr(runner, "load_seconds", 0.0)
         if cfg.tp_size > 1:
             from lightllm_async.engine.tensor_parallel import LeaderRunner
 
@@ -156,6 +173,13 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         engine.publish_stats()
         region.set_engine_state(EngineState.READY)
+        if threads is not None:  # a model (the dummy one loads no torch): where the start went
+            total = time.perf_counter() - started
+            log.info(
+                "ready %.2f s after the process's entry: torch imported in %.2f s, the model loaded in "
+                "%.2f s, the rest (imports, KV cache, decode step) %.2f s",
+                total, torch_s, load_s, total - torch_s - load_s,
+            )  # fmt: skip
         if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
             from lightllm_async.kernels.backend import log_compiles
 

@@ -1,8 +1,10 @@
 """A small, fast, torch-free reader for GGUF files: metadata, tensor table, raw tensor bytes.
 
 `gguf.GGUFReader` builds a Python object per string of the vocabulary and takes ~2 s on a
-135M model; this reads the same metadata in ~0.1 s and leaves tensor data in the memory map until
-a tensor is asked for. The tokenizer (frontend process) uses it too, so it must never import torch.
+135M model; this reads the same metadata in ~0.03 s (arrays of strings, the vocabulary and the
+merges, are decoded only when read: the engine never reads them) and leaves tensor data in the
+memory map until a tensor is asked for. The tokenizer (frontend process) uses it too, so it must
+never import torch.
 
 Layout (little-endian, GGUF v2/v3): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count,
 kv_count x (string key, u32 type, value), tensor_count x (string name, u32 n_dims, u64 dims[n_dims]
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from lightllm_async.formats.gguf_int4 import INT4_TYPES, int4_groups
 
 # GGUF scalar value types -> struct format
 _SCALARS = {
@@ -48,6 +53,56 @@ _NUMPY = {
 }
 _STRING, _ARRAY = 8, 9
 _FLOAT_TYPES = {0: 4, 1: 2, 30: 2}  # ggml F32, F16, BF16 -> bytes per element
+# (elements, bytes) of a block of the common quantized types, as gguf.GGML_QUANT_SIZES has them:
+# known here so that reading a file's table does not import the gguf package (~0.1 s)
+_QUANT_SIZES = {
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+}
+_Q8_0 = 8
+
+
+class StringArray(Sequence[str]):
+    """A GGUF array of strings, decoded on first use: walking past the 49k tokens and 49k merges
+    of a vocabulary takes ~15 ms, decoding them ~50 ms more, and only the tokenizer reads them."""
+
+    def __init__(self, mm: mmap.mmap, pos: int, count: int) -> None:
+        self._mm, self._pos, self._count = mm, pos, count  # the first string's length field
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            mm, pos, items = self._mm, self._pos, []
+            length = struct.Struct("<Q").unpack_from
+            for _ in range(self._count):
+                (n,) = length(mm, pos)
+                items.append(mm[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+                pos += 8 + n
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):  # an int or a slice, as a list's
+        return self._decoded()[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"StringArray({len(self)} strings)"
 
 
 @dataclass(frozen=True)
@@ -98,19 +153,25 @@ class GGUFFile:
         return data.reshape(*info.shape[:-1], info.row_bytes)
 
     def dequantize(self, info: GGUFTensorInfo) -> np.ndarray:
-        """The tensor as a fresh, writable float32 array of `info.shape` (quantized types need
-        the gguf package)."""
+        """The tensor as a fresh, writable float32 array of `info.shape` (quantized types other
+        than Q8_0, Q4_0 and Q4_1 need the gguf package)."""
         raw = self.raw(info)
         if info.ggml_type == 0:
-            values = raw.view("<f4")
+            values = raw.view("<f4").copy()
         elif info.ggml_type == 1:
-            values = raw.view("<f2")
+            values = raw.view("<f2").astype(np.float32)
         elif info.ggml_type == 30:  # bf16: the high half of a float32
             values = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info.ggml_type == _Q8_0:  # `d * q` per block of 32, as gguf.quants computes it
+            blocks = raw.reshape(-1, 34)
+            d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [n, 1]
+            values = blocks[:, 2:].view(np.int8).astype(np.float32) * d
+        elif info.ggml_type in INT4_TYPES:  # numpy over the whole tensor: gguf goes 16 rows at a time
+            values = int4_groups(raw.reshape(-1, raw.shape[-1]), info.ggml_type).dequantize()
         else:
             gguf = _gguf()
             values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type))
-        return np.array(values, dtype=np.float32, copy=True).reshape(info.shape)
+        return values.astype(np.float32, copy=False).reshape(info.shape)  # a fresh array in each case
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -157,6 +218,11 @@ class GGUFFile:
             dt = np.dtype(_NUMPY[etype])
             arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=pos)
             return arr.tolist(), pos + count * dt.itemsize
+        if etype == _STRING:  # walked past now, decoded when read
+            start, length = pos, struct.Struct("<Q").unpack_from
+            for _ in range(count):
+                pos += 8 + length(self._mm, pos)[0]
+            return StringArray(self._mm, start, count), pos
         values = []
         for _ in range(count):
             v, pos = self._value(pos, etype)
@@ -168,6 +234,8 @@ def _block_size(ggml_type: int) -> tuple[int, int]:
     """(elements, bytes) of one ggml block of this type."""
     if ggml_type in _FLOAT_TYPES:
         return 1, _FLOAT_TYPES[ggml_type]
+    if ggml_type in _QUANT_SIZES:
+        return _QUANT_SIZES[ggml_type]
     gguf = _gguf()
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
 

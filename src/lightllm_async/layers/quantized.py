@@ -145,6 +145,23 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         del self.scale, self.min
 
+    def load_packed(self, buffers: dict[str, Tensor]) -> None:
+        """Take the buffers `finish_loading` left (a cached load: runner/weight_cache.py) instead
+        of loading parts and packing them: `nibbles`, `scale_zero`, and `gemv_w` + `gemv_sm` or
+        `packed`; the bias, a parameter, is not among them."""
+        kernel = {"gemv_w", "gemv_sm"} if "gemv_w" in buffers else {"packed"}
+        if set(buffers) != {"nibbles", "scale_zero", *kernel}:
+            raise KeyError(f"packed Int4Linear buffers: got {sorted(buffers)}")
+        if buffers["nibbles"].shape != self.nibbles.shape:
+            raise ValueError(
+                f"packed Int4Linear: nibbles {tuple(buffers['nibbles'].shape)}, expected "
+                f"{tuple(self.nibbles.shape)}"
+            )
+        del self.scale, self.min
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+        self.gemv = "gemv_w" in buffers
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] >= UNPACK_ROWS:
             y = F.linear(x.to(torch.bfloat16), self.unpacked())
@@ -214,23 +231,30 @@ class Int8Head(nn.Module):
     largest |w| / 127, so each weight moves by up to half of that (tests/test_quantized.py
     states the logit tolerance). One rank only: the head is not split for tensor parallelism."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, packed: dict[str, Tensor] | None = None):
+        """`packed`: the buffers of an Int8Head of this weight (a cached load, runner/weight_cache.py),
+        taken as they are instead of quantizing and packing the weight again."""
         super().__init__()
         self.weight = weight  # [V, H] the float head, a plain attribute: not a second parameter
+        self.gemv = cpu_gemv.available() and weight.device.type == "cpu" and weight.shape[1] % GROUP == 0
+        self.rows = GEMV_HEAD_ROWS if self.gemv else INT8PACK_HEAD_ROWS  # from here F.linear
+        expected = {"gemv_w", "gemv_scale", "scale"} if self.gemv else {"codes", "scale"}
+        if packed is not None and set(packed) != expected:
+            raise KeyError(f"packed Int8Head buffers: got {sorted(packed)}, expected {sorted(expected)}")
+        for name, tensor in (packed or self._pack(weight)).items():
+            self.register_buffer(name, tensor)
+
+    def _pack(self, weight: Tensor) -> dict[str, Tensor]:
         scale = (weight.abs().amax(dim=1).float() / 127).clamp_min(1e-12).bfloat16()  # [V]
         codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         for lo in range(0, weight.shape[0], 2048):  # in slices that stay in cache: ~2x faster at load
             w = weight[lo : lo + 2048].float().div_(scale[lo : lo + 2048].float()[:, None])
             codes[lo : lo + 2048] = w.round_().clamp_(-127, 127)
-        self.gemv = cpu_gemv.available() and weight.device.type == "cpu" and weight.shape[1] % GROUP == 0
-        self.rows = GEMV_HEAD_ROWS if self.gemv else INT8PACK_HEAD_ROWS  # from here F.linear
-        if self.gemv:  # `_gemv`'s layout (int16 activations per group of 32) instead of torch's
-            w, row_scale = cpu_gemv.pack_int8(codes, scale)
-            self.register_buffer("gemv_w", w)
-            self.register_buffer("gemv_scale", row_scale)
-        else:
-            self.register_buffer("codes", codes)  # [V, H] int8
-        self.register_buffer("scale", scale)
+        if not self.gemv:
+            return {"codes": codes, "scale": scale}  # [V, H] int8
+        # `_gemv`'s layout (int16 activations per group of 32) instead of torch's
+        w, row_scale = cpu_gemv.pack_int8(codes, scale)
+        return {"gemv_w": w, "gemv_scale": row_scale, "scale": scale}
 
     def logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V]."""

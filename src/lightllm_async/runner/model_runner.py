@@ -26,9 +26,9 @@ from lightllm_async.layers.parallel import SINGLE, TPGroup
 from lightllm_async.layers.quantized import Int8Head, pack_int8_head, swap_int4_linears
 from lightllm_async.models.deepseek import DeepseekForCausalLM, MLAKVCache
 from lightllm_async.models.llama import KVCache, LlamaForCausalLM
-from lightllm_async.models.loader import count_weights, int4_weights, iter_weights, load_model_config
+from lightllm_async.models.loader import count_weights, int4_weights, is_gguf, iter_weights, load_model_config
 from lightllm_async.models.weights import load_weights, random_weights
-from lightllm_async.runner import cpu_native
+from lightllm_async.runner import cpu_native, weight_cache
 from lightllm_async.runner.cpu_native import NativeDecode
 from lightllm_async.runner.cpu_step import CpuDecode
 from lightllm_async.runner.cuda_graph import DecodeGraphs
@@ -215,6 +215,34 @@ class ModelRunner:
             self._log_load(start, [], model)
             return model.eval()
         swapped = swap_int4_linears(model, [p.rpartition(".")[0] for p in self.int4 if "." in p])
+        cache = self._weight_cache(swapped)
+        state = cache.load() if cache is not None else None
+        if state is not None:
+            try:
+                weight_cache.restore(model, state)
+                self._log_load(start, swapped, model, f"packed weights read from {cache.path}")
+                return model.eval()
+            except (KeyError, ValueError, RuntimeError) as exc:  # an entry of another shape: rebuild
+                log.warning("weight cache %s does not fit the model (%s): rebuilding it", cache.path, exc)
+                model = self.model_cls(self.model_cfg, self.dtype, self.device, tp=self.tp)
+                swapped = swap_int4_linears(model, [p.rpartition(".")[0] for p in self.int4 if "." in p])
+        self._load_checkpoint(model, swapped, progress)
+        if cache is not None:
+            cache.store(weight_cache.packed_state(model))
+        note = f"packed weights cached in {cache.path}" if cache is not None else ""
+        self._log_load(start, swapped, model, note)
+        return model.eval()
+
+    def _weight_cache(self, swapped: list[str]) -> weight_cache.WeightCache | None:
+        """The on-disk cache of this model's packed weights: for a GGUF whose 4-bit weights stay
+        packed (the CPU), where --cache-dir / --no-cache leave one (runner/weight_cache.py)."""
+        if not swapped or not self.cfg.weight_cache_dir or not is_gguf(self.cfg.model_path):
+            return None
+        key = weight_cache.cache_key(self.cfg.model_path, self.dtype, swapped)
+        return weight_cache.WeightCache(self.cfg.weight_cache_dir, key)
+
+    def _load_checkpoint(self, model, swapped: list[str], progress) -> None:
+        """The weights from the checkpoint, then the int4 layers' and the int8 head's packing."""
         total = count_weights(self.cfg.model_path)
 
         def counted():
@@ -228,10 +256,8 @@ class ModelRunner:
         if swapped and self.dtype == torch.bfloat16:
             # the packed path's activations are bfloat16: the int8 kernel's fast path
             pack_int8_head(model)
-        self._log_load(start, swapped, model)
-        return model.eval()
 
-    def _log_load(self, start: float, swapped: list[str], model) -> None:
+    def _log_load(self, start: float, swapped: list[str], model, note: str = "") -> None:
         """The load line: what the weights are held in and what the step computes in."""
         dtype = str(self.dtype).removeprefix("torch.")
         if swapped:
@@ -247,13 +273,15 @@ class ModelRunner:
             )
         else:
             quant = "none (float weights)"
+        self.load_seconds = time.perf_counter() - start
         log.info(
-            "model %s loaded in %.1f s on %s: dtype %s, quantization %s",
+            "model %s loaded in %.2f s on %s: dtype %s, quantization %s%s",
             os.path.basename(os.path.normpath(self.cfg.model_path)),
-            time.perf_counter() - start,
+            self.load_seconds,
             self.device,
             dtype,
             quant,
+            f"; {note}" if note else "",
         )
 
     def _allocate_kv_cache(self) -> None:
