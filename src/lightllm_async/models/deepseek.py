@@ -515,8 +515,14 @@ class DecoderLayer(nn.Module):
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
             else MoE(
-                cfg, fused_max_tokens, dtype, device, tp,
-                router_one_gemm=fusions.router, sum_in_norm=fusions.expert_sum, route_gate=fusions.route_gate,
+                cfg,
+                fused_max_tokens,
+                dtype,
+                device,
+                tp,
+                router_one_gemm=fusions.router,
+                sum_in_norm=fusions.expert_sum,
+                route_gate=fusions.route_gate,
             )  # fmt: skip
         )
 
