@@ -4,8 +4,8 @@
 #            experts' unsummed outputs, DeepSeek served with graphs, no compiles after capture
 #   mla      perf/mla_split_bench.py: MLA decode at small batches, merge launch vs the last chunk
 #   ds       DeepSeek-V2-Lite decode step at batch 1 and 64, three ways in separate processes:
-#            now; the chunk merge as a second launch and the experts summed by a reduce (as
-#            before); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
+#            now; without this session's fusions (the experts summed by a reduce, the router's
+#            GEMM apart: "before"); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
 #   l3       Llama-3-8B decode step at batch 1 and 256 (context 640, issue 10's decode-heavy case)
 #            against the bytes roof and the bytes-or-FLOPs roof (the bf16 matmul rate measured too)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
@@ -16,14 +16,14 @@ for stage in $STAGES; do
   case $stage in
   tests)
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_pointwise.py \
-      tests/test_deepseek.py tests/test_runner_gpu.py -k "deepseek or mla or rms or compiles" >"$OUT/pytest.log" 2>&1
+      tests/test_kernels_moe.py tests/test_deepseek.py tests/test_runner_gpu.py -k "deepseek or mla or rms or compiles or routing" >"$OUT/pytest.log" 2>&1
     echo "pytest exit $?"; grep -E "passed|failed|Error" "$OUT/pytest.log" | tail -8 ;;
   mla)
     timeout 150 python3 perf/mla_split_bench.py --heads 16,128 --batches 1,4,16,64 --contexts 1024,4096 \
       >"$OUT/mla_split.log" 2>&1
     echo "mla_split exit $?"; sed -n '/microseconds per call/,$p' "$OUT/mla_split.log" ;;
   ds)
-    before="LLA_MLA_FUSED_MERGE=0;LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
+    before="LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router"
     variants=${DS_VARIANTS:-now: before:$before}
     for v in $variants; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }
