@@ -77,7 +77,6 @@ def mla() -> None:
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
     merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16)
     merge_consts = dict(KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512)
-    merge_consts["MERGE_S"] = 8
     report("mla merge", M._mla_decode_merge_kernel, merge_types, merge_consts)
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip

@@ -9,7 +9,6 @@ projection to bf16 before the top-k sum while the reference sums in float32."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightllm_async.kernels import (
     MoeConfig,
@@ -20,7 +19,6 @@ from lightllm_async.kernels import (
     select_experts,
     select_experts_ref,
 )
-from lightllm_async.kernels.moe_routing import GATE_MAX_TOKENS, route_in_kernel
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
 
@@ -261,37 +259,6 @@ def test_routing_kernel_matches_reference_in_interpreter(
     check_routing(logits, top_k, method, n_group, topk_group, norm, scaling, bias, num_shared)
 
 
-def check_routing_from_hidden(num_tokens, hidden, routing, num_shared, dtype, device, seed):
-    """select_experts given the hidden states and the router's weight (the product inside the
-    kernel, where route_in_kernel) against the reference on the float32 logits of the same product."""
-    num_experts, top_k, method, n_group, topk_group = ROUTINGS[routing]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(num_tokens, hidden, generator=gen, device=device).to(dtype)
-    gate = (torch.randn(num_experts, hidden, generator=gen, device=device) * hidden**-0.5).to(dtype)
-    bias = 0.3 * torch.randn(num_experts, generator=gen, device=device) if method == "noaux_tc" else None
-    args = (top_k, method, n_group, topk_group, True, 2.5, bias, num_shared)
-    with nan_filled_allocations():
-        weights, ids = select_experts(None, *args, hidden=x, gate_weight=gate)
-    ref_weights, ref_ids = select_experts_ref(F.linear(x.float(), gate.float()), *args)
-    assert ids.shape == (num_tokens, top_k + num_shared)
-    weights, ids = sort_by_expert(weights, ids.long())
-    ref_weights, ref_ids = sort_by_expert(ref_weights, ref_ids)
-    assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("num_tokens, hidden", [(1, 64), (3, 100), (8, 48)])
-@pytest.mark.parametrize("routing", ["v2-lite-greedy", "odd-noaux-tc", "odd-group-limited"])
-def test_routing_kernel_computes_the_router_product_in_interpreter(interpreter, routing, num_tokens, hidden):
-    assert route_in_kernel(torch.empty(num_tokens, hidden), torch.empty(64, hidden))
-    check_routing_from_hidden(num_tokens, hidden, routing, 2, torch.float32, "cpu", seed=num_tokens)
-
-
-def test_routing_from_hidden_states_beyond_the_kernels_limits_takes_the_logits_first(interpreter):
-    assert not route_in_kernel(torch.empty(GATE_MAX_TOKENS + 1, 64), torch.empty(12, 64))
-    check_routing_from_hidden(GATE_MAX_TOKENS + 5, 40, "odd-noaux-tc", 1, torch.float32, "cpu", seed=3)
-
-
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_routing_kernel_breaks_ties_by_the_lowest_expert(interpreter, routing):
     """All choices equal: the lowest groups, then the lowest experts, in order."""
@@ -345,13 +312,6 @@ def test_routing_kernel_matches_reference_on_gpu(gpu, routing, num_shared):
     for num_tokens in (1, 2, 7, 64, 257, 512):
         logits, bias = random_logits(num_tokens, num_experts, "cuda", seed=num_tokens)
         check_routing(logits, top_k, method, n_group, topk_group, True, 2.5, bias, num_shared)
-
-
-@pytest.mark.gpu
-def test_routing_kernel_computes_the_router_product_on_gpu(gpu):
-    for num_tokens in (1, 2, 8):  # V2-Lite's router in the kernel, bf16 hidden states
-        check_routing_from_hidden(num_tokens, 2048, "v2-lite-greedy", 2, torch.bfloat16, "cuda", num_tokens)
-    check_routing_from_hidden(16, 2048, "v2-lite-greedy", 2, torch.bfloat16, "cuda", seed=16)  # GEMM first
 
 
 @pytest.mark.gpu

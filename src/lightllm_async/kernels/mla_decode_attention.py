@@ -156,7 +156,6 @@ def _mla_decode_merge_kernel(
     BLOCK_N: tl.constexpr,  # as the split kernel's
     BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
-    MERGE_S: tl.constexpr,  # chunks read per iteration, a power of two
 ):  # fmt: skip
     # one program: one head of one request; only the chunks the context reaches hold an output
     head = tl.program_id(0)
@@ -175,15 +174,10 @@ def _mla_decode_merge_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.sum(tl.math.exp2(lse - m), axis=0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    # MERGE_S chunks' rows at a time: independent loads in flight together (one row at a time
-    # waits on each in turn; all [NUM_SPLITS, R] at once would spill)
-    offs_c = tl.arange(0, MERGE_S)
-    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_c[:, None] * stride_mo_s + offs_r[None, :]
-    for s in range(0, used, MERGE_S):
-        mask_c = offs_c < used - s
-        w = tl.math.exp2(tl.load(lse_ptrs + s + offs_c, mask=mask_c, other=float("-inf")) - m)  # 0 past
-        rows = tl.load(mo_ptrs + s * stride_mo_s, mask=mask_c[:, None] & mask_r[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * rows, axis=0)
+    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_r
+    for s in range(used):  # one row at a time: [NUM_SPLITS, R] at once would spill
+        w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
+        acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
     out = acc / tl.where(denom > 0, denom, 1.0)
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
 
@@ -314,7 +308,7 @@ def mla_decode_attention(
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
             KV_LORA_RANK=rank, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
-            BLOCK_S=triton.next_power_of_2(splits), MERGE_S=min(8, triton.next_power_of_2(splits)),
+            BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_R=block_r, num_warps=4,
         )  # fmt: skip
     return out

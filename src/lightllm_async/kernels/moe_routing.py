@@ -88,14 +88,11 @@ def select_experts_ref(
 
 @jit
 def _select_experts_kernel(
-    LOGITS,  # [T, E] router logits, any float dtype, read as float32 (or X when GATE)
-    GATE_W,  # [E, H] the router's weight, rows contiguous (GATE only)
+    LOGITS,  # [T, E] router logits, any float dtype, read as float32
     BIAS,  # [E] e_score_correction_bias (noaux_tc only)
     IDS,  # [T, TOP_K + NUM_SHARED] int32 out, contiguous
     WEIGHTS,  # [T, TOP_K + NUM_SHARED] float32 out, contiguous
-    stride_logits,  # row stride of LOGITS (of X when GATE)
-    stride_gate,  # row stride of GATE_W
-    hidden,  # H (GATE only)
+    stride_logits,  # row stride of LOGITS
     num_experts,  # E
     group_size,  # E / N_GROUP
     scaling,  # routed_scaling_factor, for the routed experts only
@@ -108,8 +105,6 @@ def _select_experts_kernel(
     BLOCK_G: tl.constexpr,  # >= N_GROUP, a power of two
     BLOCK_S: tl.constexpr,  # >= group_size, a power of two
     BLOCK_OUT: tl.constexpr,  # >= TOP_K + NUM_SHARED, a power of two
-    GATE: tl.constexpr,  # LOGITS holds the hidden states X [T, H]: the logits are X @ GATE_W^T here
-    BLOCK_K: tl.constexpr,  # hidden dims per step of that product (GATE only)
 ):  # fmt: skip
     # one program per token; the experts laid out [group, expert in group] in registers
     row = tl.program_id(0).to(tl.int64)
@@ -119,24 +114,8 @@ def _select_experts_kernel(
     expert = tl.where(valid, offs_g[:, None] * group_size + offs_s[None, :], 0)  # [G, S]
     neg_inf = float("-inf")
 
-    # -- the logits: loaded, or the router's product of this token's hidden state, in float32 (the
-    # products of 16-bit values exact, as in the GEMM with a float32 output it replaces) --
-    if GATE:
-        offs_k = tl.arange(0, BLOCK_K)
-        w_rows = GATE_W + expert.to(tl.int64)[:, :, None] * stride_gate
-        acc = tl.zeros([BLOCK_G, BLOCK_S], dtype=tl.float32)
-        for k in range(0, hidden, BLOCK_K):
-            mask_k = offs_k < hidden - k
-            h = tl.load(LOGITS + row * stride_logits + k + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + k + offs_k[None, None, :], mask=valid[:, :, None] & mask_k[None, None, :], other=0.0
-            )
-            acc += tl.sum(w.to(tl.float32) * h[None, None, :], axis=2)
-        x = tl.where(valid, acc, neg_inf)
-    else:
-        x = tl.load(LOGITS + row * stride_logits + expert, mask=valid, other=neg_inf).to(tl.float32)
-
     # -- scores, and the choice that ranks them --
+    x = tl.load(LOGITS + row * stride_logits + expert, mask=valid, other=neg_inf).to(tl.float32)
     if METHOD == "noaux_tc":
         scores = tl.sigmoid(x)
         bias = tl.load(BIAS + expert, mask=valid, other=0.0).to(tl.float32)
@@ -188,25 +167,8 @@ def _select_experts_kernel(
     tl.store(WEIGHTS + row * width + offs_out, weights, mask=offs_out < width)
 
 
-# The router's product inside the routing kernel, one program per token reading the whole [E, H]
-# weight: for a few tokens and a small router (DeepSeek-V2-Lite's 64 x 2048), where the GEMM it
-# replaces is one launch reading 256 KB on one multiprocessor (5 us on an H200, perf/RESULTS.md).
-GATE_MAX_TOKENS = 8
-GATE_MAX_ELEMENTS = 1 << 18  # E * H
-
-
-def route_in_kernel(hidden: Tensor, gate_weight: Tensor) -> bool:
-    """Whether `select_experts` given the hidden states computes the router's logits itself."""
-    return (
-        use_triton(hidden)
-        and hidden.shape[0] <= GATE_MAX_TOKENS
-        and gate_weight.numel() <= GATE_MAX_ELEMENTS
-        and gate_weight.dtype == hidden.dtype
-    )
-
-
 def select_experts(
-    router_logits: Tensor | None,
+    router_logits: Tensor,
     top_k: int,
     topk_method: str = "greedy",
     n_group: int | None = None,
@@ -215,8 +177,6 @@ def select_experts(
     routed_scaling_factor: float = 1.0,
     e_score_correction_bias: Tensor | None = None,
     num_shared: int = 0,
-    hidden: Tensor | None = None,
-    gate_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each token's experts: router_logits [T, E] -> (topk_weights [T, top_k + num_shared] float32,
     topk_ids [T, top_k + num_shared]), contiguous, ready for fused_moe; ids int32 from the kernel,
@@ -234,50 +194,15 @@ def select_experts(
 
     The routed experts of a row come in no particular order. On equal choices the kernel takes the
     lowest expert (and the lowest group); the reference takes whichever torch.topk returns.
-
-    router_logits None: the logits are hidden [T, H] @ gate_weight [E, H]^T in float32, computed
-    inside the kernel where `route_in_kernel` (a few tokens, a small router), else first.
     """
-    if router_logits is None and not route_in_kernel(hidden, gate_weight):
-        if hidden.is_cuda and hidden.dtype != torch.float32:
-            router_logits = torch.mm(hidden, gate_weight.t(), out_dtype=torch.float32)
-        else:
-            router_logits = torch.nn.functional.linear(hidden.float(), gate_weight.float())
-    if router_logits is None:  # the product inside the kernel
-        return _select(hidden, top_k, topk_method, n_group, topk_group, norm_topk_prob,
-                       routed_scaling_factor, e_score_correction_bias, num_shared, gate_weight)  # fmt: skip
     if not use_triton(router_logits):
         return select_experts_ref(
             router_logits, top_k, topk_method, n_group, topk_group, norm_topk_prob,
             routed_scaling_factor, e_score_correction_bias, num_shared,
         )  # fmt: skip
-    return _select(router_logits, top_k, topk_method, n_group, topk_group, norm_topk_prob,
-                   routed_scaling_factor, e_score_correction_bias, num_shared)  # fmt: skip
-
-
-def _select(
-    rows: Tensor,
-    top_k: int,
-    topk_method: str,
-    n_group: int | None,
-    topk_group: int | None,
-    norm_topk_prob: bool,
-    routed_scaling_factor: float,
-    e_score_correction_bias: Tensor | None,
-    num_shared: int,
-    gate_weight: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The kernel's launch: `rows` are the logits [T, E], or with `gate_weight` [E, H] the hidden
-    states [T, H] the kernel multiplies by it."""
-    gate = gate_weight is not None
-    shape = (rows.shape[0], gate_weight.shape[0]) if gate else rows.shape
-    bias = e_score_correction_bias
-    _check(torch.empty(shape, device="meta"), top_k, topk_method, n_group, topk_group, bias)
-    assert rows.stride(1) == 1, "router logits (hidden state) rows must be contiguous"
-    if gate:
-        assert gate_weight.shape[1] == rows.shape[1] and gate_weight.stride(1) == 1
-    router_logits = rows
-    num_tokens, num_experts = shape
+    _check(router_logits, top_k, topk_method, n_group, topk_group, e_score_correction_bias)
+    assert router_logits.stride(1) == 1, "router logits rows must be contiguous"
+    num_tokens, num_experts = router_logits.shape
     n_group, topk_group = (1, 1) if topk_method == "greedy" else (n_group, topk_group)
     group_size = num_experts // n_group
     width = top_k + num_shared
@@ -287,18 +212,13 @@ def _select(
     if num_tokens == 0:
         return weights, ids
     bias = router_logits if e_score_correction_bias is None else e_score_correction_bias
-    gate_w = gate_weight if gate else router_logits
-    block_e = triton.next_power_of_2(n_group) * triton.next_power_of_2(group_size)
     _select_experts_kernel[(num_tokens,)](
-        router_logits, gate_w, bias, ids, weights, router_logits.stride(0), gate_w.stride(0),
-        router_logits.shape[1], num_experts, group_size, float(routed_scaling_factor),
+        router_logits, bias, ids, weights, router_logits.stride(0), num_experts, group_size,
+        float(routed_scaling_factor),
         METHOD=topk_method, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
         NUM_SHARED=num_shared, NORM=bool(norm_topk_prob),
         BLOCK_G=triton.next_power_of_2(n_group), BLOCK_S=triton.next_power_of_2(group_size),
-        BLOCK_OUT=triton.next_power_of_2(width), GATE=gate,
-        BLOCK_K=max(16, min(128, 8192 // block_e)) if rows.is_cuda else 16,
-        # reductions within one warp: the fastest on H200 for E = 64, 256 and T = 1-4096; the
-        # product streams E x H weights, which wants a whole multiprocessor's loads
-        num_warps=8 if gate else 1,
+        BLOCK_OUT=triton.next_power_of_2(width),
+        num_warps=1,  # reductions within one warp: the fastest on H200 for E = 64, 256 and T = 1-4096
     )  # fmt: skip
     return weights, ids

@@ -44,7 +44,6 @@ from lightllm_async.kernels import (
     select_experts,
     silu_and_mul,
 )
-from lightllm_async.kernels.moe_routing import route_in_kernel
 from lightllm_async.layers.embedding import VocabEmbedding
 from lightllm_async.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from lightllm_async.layers.parallel import SINGLE, TPGroup
@@ -92,7 +91,6 @@ class Fusions:
     w_uv_out: bool = True  # W_UV's bmm writes o_proj's [B, n * v] input itself (no copy)
     router: bool = True  # the router's float32 logits from one GEMM of bf16 x (CUDA; `Router`)
     expert_sum: bool = True  # the experts' outputs summed by the next norm (`MoE`; one rank)
-    route_gate: bool = True  # the router's product inside the routing kernel at a few tokens
 
     @classmethod
     def off(cls) -> Fusions:
@@ -435,7 +433,6 @@ class MoE(nn.Module):
         tp: TPGroup = SINGLE,
         router_one_gemm: bool = False,
         sum_in_norm: bool = False,
-        route_gate: bool = False,
     ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
@@ -443,7 +440,6 @@ class MoE(nn.Module):
         # them: the norm that follows sums them (`rms_norm` of parts), one launch fewer. One rank
         # only: under tensor parallelism that norm is the all-reduce's.
         self.sum_in_norm = sum_in_norm and tp.size == 1
-        self.route_gate = route_gate
         self.gate = Router(cfg, device, dtype, router_one_gemm)
         self.num_fused = cfg.n_shared_experts if fused_max_tokens > 0 else 0
         self.fused_max_tokens = fused_max_tokens
@@ -467,10 +463,7 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         cfg = self.cfg
         fused = self.num_fused if x.shape[0] <= self.fused_max_tokens else 0  # shared experts fused
-        # the router's logits [T, E] float32, as the reference; at a few tokens and a small router,
-        # computed inside the routing kernel (one launch, not the GEMM's and the kernel's)
-        in_kernel = self.route_gate and route_in_kernel(x, self.gate.weight)
-        logits = None if in_kernel else self.gate.logits(x)
+        logits = self.gate.logits(x)  # [T, E] float32, as the reference
         # [T, k + fused]: the routed experts, then the fused shared ones (weight 1, unscaled)
         weights, ids = select_experts(
             logits,
@@ -482,8 +475,6 @@ class MoE(nn.Module):
             self.scaling,
             self.gate.e_score_correction_bias,
             num_shared=fused,
-            hidden=x if in_kernel else None,
-            gate_weight=self.gate.weight if in_kernel else None,
         )
         experts = self.experts
         if fused or not self.num_fused:
@@ -514,16 +505,7 @@ class DecoderLayer(nn.Module):
         self.mlp = (
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
-            else MoE(
-                cfg,
-                fused_max_tokens,
-                dtype,
-                device,
-                tp,
-                router_one_gemm=fusions.router,
-                sum_in_norm=fusions.expert_sum,
-                route_gate=fusions.route_gate,
-            )  # fmt: skip
+            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router, fusions.expert_sum)
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
