@@ -220,8 +220,8 @@ def _blocks(q: Tensor, batch: int, new_kv: bool = False) -> tuple[int, int, int,
         return 16, 16, 4, 1  # the interpreter: small blocks so that small tests cross block edges
     if q.shape[-1] <= 64 or q.shape[0] < 128 * batch:
         return 64, 64, 4, 3  # small heads, or few new tokens per request (chunked prefill)
-    if new_kv and q.shape[-1] <= 128:
-        return 128, 128, 8, 3
+    if new_kv and q.shape[-1] <= 128 and q.element_size() <= 2:  # float32 tiles would not fit
+        return 128, 128, 8, 3  # in shared memory (393 KB asked at head dim 80, 2026-11-30)
     return 128, 64, 4, 3
 
 
