@@ -7,7 +7,7 @@ to "ready", prefill of a ~1000-token prompt (the first streamed token of a max_t
 request), single-stream decode (128 tokens, after the first), and the aggregate rate of 8
 concurrent streams of 64 tokens. llama.cpp runs in-process with as many threads as there are
 cores, through its own C decode loop and C greedy sampler (perf/llama_cpp_loop.py; the old
-`Llama.generate` way measured 5-10% slower, perf/llama_cpp_variants.py): the same prompt's
+`Llama.generate` way measured ~8% slower, perf/llama_cpp_variants.py): the same prompt's
 prefill, and 128 greedy tokens.
 
     python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16,auto:auto:compile] [--threads N]

@@ -4,7 +4,8 @@
 sampler chain (`llama_sampler_sample`), as llama-cli and llama-bench drive it; no logits copied to
 Python. Flash attention is left to the C default (auto: on for the CPU), the KV cache f16, the
 weights mmap'd. `Llama.generate` (logits to numpy and sampling in Python each token, flash attention
-off by default) measured 10-25% slower here: perf/llama_cpp_variants.py, perf/RESULTS.md.
+off by default) measured ~8% slower in decode here (median of 8 interleaved runs):
+perf/llama_cpp_variants.py, perf/RESULTS.md.
 """
 
 from __future__ import annotations
