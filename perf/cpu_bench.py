@@ -6,7 +6,9 @@ For each configuration (`--quantization:--dtype`) the whole server is started (`
 to "ready", prefill of a ~1000-token prompt (the first streamed token of a max_tokens=1
 request), single-stream decode (128 tokens, after the first), and the aggregate rate of 8
 concurrent streams of 64 tokens. llama.cpp runs in-process with as many threads as there are
-cores: the same prompt's prefill, and 128 greedy tokens.
+cores, through its own C decode loop and C greedy sampler (perf/llama_cpp_loop.py; the old
+`Llama.generate` way measured ~8% slower, perf/llama_cpp_variants.py): the same prompt's
+prefill, and 128 greedy tokens.
 
     python perf/cpu_bench.py [--configs auto:auto,none:float32,none:bfloat16,auto:auto:compile] [--threads N]
         [--busy]
@@ -160,32 +162,25 @@ def ours(config: str, threads: int, prompt: str, prompt_tokens: int) -> dict:
 
 
 def llama_cpp(threads: int, prompt: str) -> dict | None:
+    """llama.cpp's own loop (perf/llama_cpp_loop.py): the prompt's prefill after a warm-up, and
+    128 greedy tokens (end-of-sequence ignored) timed from the first, as the server's streams are."""
     try:
-        from llama_cpp import Llama
-    except ImportError:
+        from llama_cpp_loop import LlamaLoop  # perf/ is on the path when run from there
+    except ImportError:  # llama-cpp-python not installed
         return None
     t0 = time.perf_counter()
-    llm = Llama(model_path=default_model_path(), n_ctx=2048, n_threads=threads, verbose=False)
+    llm = LlamaLoop(default_model_path(), threads)
     ready = time.perf_counter() - t0
     ids = llm.tokenize(prompt.encode())
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    prefill = len(ids) / (time.perf_counter() - t0)
-    llm.reset()
-    # 128 greedy tokens whatever they are (create_completion stops at the end-of-sequence token,
-    # which this prompt may sample first), timed from the first as the server's streams are
-    n, first = 0, 0.0
-    for _ in llm.generate(llm.tokenize(b"Tell me about lighthouses."), top_k=1, temp=0.0, reset=True):
-        n += 1
-        if n == 1:
-            first = time.perf_counter()
-        if n == 128:
-            break
+    llm.prefill(ids[:32])  # warm-up: the thread pool, first-use allocations
+    prefill = len(ids) / min(llm.prefill(ids) for _ in range(2))  # min of two, as ours
+    decode = llm.generate(llm.tokenize(b"Tell me about lighthouses."), 128)
+    llm.close()
     return {
-        "engine": "llama.cpp (llama-cpp-python)",
+        "engine": f"llama.cpp ({threads} threads, C loop)",
         "ready_s": ready,
         "prefill_tok_s": prefill,
-        "decode_tok_s": (n - 1) / (time.perf_counter() - first),
+        "decode_tok_s": decode,
         "8_streams_tok_s": float("nan"),
     }
 
