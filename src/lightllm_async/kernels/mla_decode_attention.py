@@ -44,6 +44,14 @@ def mla_decode_attention_ref(
     return out
 
 
+@jit
+def _chunking(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """(tokens a chunk holds, chunks the context reaches): the context cut into at most NUM_SPLITS
+    chunks of whole BLOCK_N blocks, each at least MIN_SPLIT tokens; the split and merge agree."""
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    return split_len, tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
+
+
 @jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])  # may be slices (prefill_attention.py)
 def _mla_decode_split_kernel(
     Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
@@ -68,7 +76,7 @@ def _mla_decode_split_kernel(
     ROPE_DIM: tl.constexpr,  # P: rope key width, the P values after them
     NUM_SPLITS: tl.constexpr,  # chunks the context is cut into, at most
     MIN_SPLIT: tl.constexpr,  # tokens a chunk holds at least (a multiple of BLOCK_N): a short
-    # context is cut into fewer chunks, and the chunks past its end write only their -inf
+    # context is cut into fewer chunks, and the programs of chunks past its end write nothing
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
@@ -84,10 +92,9 @@ def _mla_decode_split_kernel(
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    split_len, used = _chunking(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    used = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)  # the chunks the context reaches
     if not DIRECT and split >= tl.maximum(used, 1):  # past the context: nothing the merge reads
         return
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -166,9 +173,7 @@ def _mla_decode_merge_kernel(
     lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h
 
     # -- each chunk weighs its share of the total exp-sum; all empty (seq_len 0) gives zeros --
-    seq_len = tl.load(SEQ_LENS + b)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    used = tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
+    _, used = _chunking(tl.load(SEQ_LENS + b), NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     lse = tl.load(lse_ptrs + offs_s, mask=offs_s < used, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)

@@ -145,6 +145,9 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1))
         del self.scale, self.min
 
+    # what `finish_loading` leaves: the unpacking layout, then `_gemv`'s pair or torch's int4 pack
+    PACKED_BUFFERS = ("nibbles", "scale_zero", "gemv_w", "gemv_sm", "packed")
+
     def load_packed(self, buffers: dict[str, Tensor]) -> None:
         """Take the buffers `finish_loading` left (a cached load: runner/weight_cache.py) instead
         of loading parts and packing them: `nibbles`, `scale_zero`, and `gemv_w` + `gemv_sm` or

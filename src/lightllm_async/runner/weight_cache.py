@@ -141,7 +141,7 @@ def restore(model: nn.Module, state: dict[str, Tensor]) -> None:
     rest = dict(state)
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
-            names = ("nibbles", "scale_zero", "gemv_w", "gemv_sm", "packed")  # as finish_loading leaves them
+            names = Int4Linear.PACKED_BUFFERS
             buffers = {n: state[f"{name}.{n}"] for n in names if f"{name}.{n}" in state}
             module.load_packed(buffers)  # its buffers' names now those of the entry
     head = {k.removeprefix("lm_head."): rest.pop(k) for k in list(rest) if k.startswith("lm_head.")}
