@@ -281,6 +281,10 @@ class TimedStream(threading.Thread):
                 self.events.append((time.monotonic(), line[5:].strip().decode()))
         conn.close()
 
+    def ended_after(self, since: float) -> float:
+        """Seconds from `since` (a time.monotonic(): a kill, a stop) until the stream's last event."""
+        return self.events[-1][0] - since
+
     @property
     def error(self) -> str:
         """The error message that ended the stream (a refusal's body, or the last event before [DONE])."""
