@@ -11,8 +11,10 @@ correctness, CUDA graphs, the model through it, and its time against the unfused
     other halves), replayed interleaved with new inputs before each replay, against the reference.
 (c) Llama (tests' tiny variant) with the runner's collectives (`with_small_all_reduce`): logits
     against NCCL-only TP, ranks bit-equal, and a decode step in a CUDA graph against eager.
-(d) microseconds per call, rows 1 and 100, hidden 4096, bf16, each in a CUDA graph of 100 calls:
-    fused; torch's one_shot_all_reduce_copy_out + rms_norm (the unfused path); NCCL + rms_norm.
+(a') the all-reduce alone (`sum`) over the same buffers, interleaved with fused calls.
+(d) microseconds per call, rows 1 to 100, hidden 4096, bf16, each in a CUDA graph of 100 calls:
+    fused; torch's one_shot_all_reduce_copy_out + rms_norm (the unfused path); NCCL + rms_norm;
+    the sums alone, ours and torch's one-shot.
 
 Prints one line per check and a timing table; exits 1 if a check fails, 2 if a rank crashed or
 the ranks did not finish within 150 s (they are killed then).
@@ -181,6 +183,9 @@ def time_graph(fn, group) -> float:
     return sorted(times)[2]
 
 
+TIMED_ROWS = (1, 8, 16, 32, 100)
+
+
 def timings(fused, device, group) -> dict:
     from lightllm_async.kernels import rms_norm
     from lightllm_async.layers.parallel import SymmetricAllReduce
@@ -188,14 +193,16 @@ def timings(fused, device, group) -> dict:
     dtype, hidden = torch.bfloat16, 4096
     small = SymmetricAllReduce.create(group, dtype, device, 4 << 20)
     result = {}
-    for rows in (1, 100):
+    for rows in TIMED_ROWS:
         x = torch.randn(rows, hidden, device=device).to(dtype)
         residual, weight = torch.randn_like(x), torch.randn(hidden, device=device).to(dtype)
         result["fused", rows] = time_graph(lambda x=x, r=residual, w=weight: fused(x, r, w, EPS), group)
+        result["fused, sum only", rows] = time_graph(lambda x=x: fused.sum(x), group)
         if small is not None:
             result["one-shot + rms_norm", rows] = time_graph(
                 lambda x=x, r=residual, w=weight: rms_norm(small(x), w, EPS, r), group
             )
+            result["one-shot, sum only", rows] = time_graph(lambda x=x: small(x), group)
 
         def nccl(x=x, r=residual, w=weight):
             y = x.clone()
@@ -204,6 +211,29 @@ def timings(fused, device, group) -> dict:
 
         result["NCCL + rms_norm", rows] = time_graph(nccl, group)
     return result
+
+
+def sum_calls(op, device, group, lines, fails) -> None:
+    """The all-reduce alone over the same buffers, interleaved with fused calls: the sums exact."""
+    from lightllm_async.kernels.allreduce_norm import allreduce_add_rms_norm_ref
+
+    rank, before, outs = dist.get_rank(), len(fails), []
+    calls = [inputs(77 * i, ROWS[i % len(ROWS)], 4096, torch.bfloat16, device) for i in range(60)]
+    for i, (partials, residual, weight) in enumerate(calls):
+        if i % 3 == 1:
+            outs.append(op(partials[rank], residual, weight, EPS)[1])
+        else:
+            outs.append(op.sum(partials[rank]))
+    torch.cuda.synchronize()
+    for i, (got, (partials, residual, weight)) in enumerate(zip(outs, calls, strict=True)):
+        want = allreduce_add_rms_norm_ref(list(partials), residual if i % 3 == 1 else None, weight, EPS)[1]
+        if not torch.equal(got, want):
+            fails.append(f"sum call {i}: differs from the reference in {(got != want).sum().item()} elements")
+    same = ranks_bit_equal(outs, group)
+    if not same:
+        fails.append("sums: the ranks' outputs differ")
+    ok = len(fails) == before
+    lines.append(f"(a') 60 calls, sums alone among fused calls: reference {ok}, ranks bit-equal {same}")
 
 
 def rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -229,6 +259,9 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
                     continue
                 many_calls(op, dtype, hidden, device, group, lines, fails)
                 save()
+        if ops[torch.bfloat16, 4096] is not None:
+            sum_calls(ops[torch.bfloat16, 4096], device, group, lines, fails)
+            save()
         if ops[torch.bfloat16, 4096] is not None:
             graph_calls(ops[torch.bfloat16, 4096], device, group, lines, fails)
             save()
@@ -284,10 +317,12 @@ def main() -> int:
         print("FAIL", f)
     times = reports[0]["times"]
     if times:
-        print(f"\n{'us per call, bf16, N=4096, in a graph':40} {'rows=1':>8} {'rows=100':>9}")
-        for name in ("fused", "one-shot + rms_norm", "NCCL + rms_norm"):
+        head = "".join(f"{'rows=' + str(r):>9}" for r in TIMED_ROWS)
+        print(f"\n{'us per call, bf16, N=4096, in a graph':40}{head}")
+        names = ("fused", "one-shot + rms_norm", "NCCL + rms_norm", "fused, sum only", "one-shot, sum only")
+        for name in names:
             if (name, 1) in times:
-                print(f"{name:40} {times[name, 1]:8.2f} {times[name, 100]:9.2f}")
+                print(f"{name:40}" + "".join(f"{times[name, r]:9.2f}" for r in TIMED_ROWS))
     verdict = "INCOMPLETE" if status else "PASS" if not fails else f"FAILED ({len(fails)} failures)"
     print(f"\n{verdict} in {time.monotonic() - start:.0f} s")
     return status or (1 if fails else 0)

@@ -2,7 +2,7 @@
 launch config costs: registers per thread, local-memory stack (spills), shared memory, and whether
 the products became tensor-core instructions (mma.sync, or wgmma from 64-row tiles).
 
-    python perf/sm90_compile_check.py [mla|moe]
+    python perf/sm90_compile_check.py [mla|moe|allreduce]
 
 The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
 the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
@@ -29,6 +29,7 @@ M, F, A, S = (
     importlib.import_module(f"lightllm_async.kernels.{name}")
     for name in ("mla_decode_attention", "fused_moe", "moe_align", "mla_store_kv")
 )
+AR = importlib.import_module("lightllm_async.kernels.allreduce_norm")
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ALIGNED_INTS = {"N_OUT", "K", "num_heads"}  # besides strides: multiples of 16 at DeepSeek's shapes
@@ -103,7 +104,19 @@ def moe() -> None:
             )
 
 
+def allreduce() -> None:
+    """The tensor-parallel all-reduce (+ RMSNorm) kernel, per dtype and rank, with and without the norm."""
+    for dt, wide in (("bf16", False), ("fp32", True)):
+        types = dict(X=f"*{dt}", R=f"*{dt}", W=f"*{dt}", OUT=f"*{dt}", R_OUT=f"*{dt}", BUFFERS="*i64",
+                     COUNT="*i32", eps="fp32")  # fmt: skip
+        for rank in (0, 1):
+            for norm in (True, False):
+                consts = dict(RANK=rank, WORLD=2, WIDE=wide, HAS_RESIDUAL=norm, HAS_NORM=norm, BLOCK=4096)
+                name = f"allreduce {dt} rank{rank} norm {norm}"
+                report(name, AR._allreduce_add_rms_norm_kernel, types, consts, 8, 1)
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["mla", "moe"]
+    which = sys.argv[1:] or ["mla", "moe", "allreduce"]
     for part in which:
-        {"mla": mla, "moe": moe}[part]()
+        {"mla": mla, "moe": moe, "allreduce": allreduce}[part]()

@@ -1,55 +1,60 @@
 """The fused all-reduce + residual add + RMSNorm: its reference against the composition of the
 existing ones, and its kernel in the interpreter, with one rank or with a second rank simulated
-(its buffer half and its signals written beforehand, as the peer would have)."""
+(its rows pushed into this rank's buffer beforehand, as the peer would have)."""
 
 import pytest
 import torch
 
 from lightllm_async.kernels import rms_norm_ref
-from lightllm_async.kernels.allreduce_norm import Peers, allreduce_add_rms_norm, allreduce_add_rms_norm_ref
+from lightllm_async.kernels.allreduce_norm import (
+    Peers,
+    allreduce_add_rms_norm,
+    allreduce_add_rms_norm_ref,
+    allreduce_rows,
+    empty_bits,
+    int_view,
+)
 from lightllm_async.kernels.testing import TOLERANCE, rel_err
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 
-MAX_ROWS, ROW_STRIDE, SIG_BASE = 40, 200, 3  # irregular on purpose
+MAX_ROWS, ROW_STRIDE = 40, 200  # irregular on purpose
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """x as sent: its integer view, -0.0 sent as +0.0."""
+    b = x.view(int_view(x.dtype)).clone()
+    b[b == empty_bits(x.dtype)] = 0
+    return b
 
 
 class SimulatedRanks:
-    """Every rank's buffer, signal pad and parity as CPU tensors; `peers(rank)` is one rank's
-    view. The interpreter runs one rank's kernel at a time, so a peer's part of the protocol
-    (its partial row in its buffer, its signal in this rank's pad) is written by `stage`."""
+    """Every rank's buffer and row counts as CPU tensors; `peers(rank)` is one rank's view. The
+    interpreter runs one rank's kernel at a time, so a peer's part of the protocol (its rows
+    pushed into this rank's buffer) is written by `stage`."""
 
     def __init__(self, world: int, dtype):
-        self.world = world
-        self.buffers = [torch.zeros(2, MAX_ROWS, ROW_STRIDE, dtype=dtype) for _ in range(world)]
-        self.pads = [torch.zeros(SIG_BASE + MAX_ROWS * world, dtype=torch.int32) for _ in range(world)]
-        self.parities = [torch.zeros(MAX_ROWS, dtype=torch.int32) for _ in range(world)]
+        self.world, self.dtype = world, dtype
+        self.buffers = [
+            torch.full((2, world, MAX_ROWS, ROW_STRIDE), empty_bits(dtype), dtype=int_view(dtype))
+            for _ in range(world)
+        ]
+        self.counts = [torch.zeros(MAX_ROWS, dtype=torch.int32) for _ in range(world)]
         self.buf_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
-        self.pad_ptrs = torch.tensor([p.data_ptr() for p in self.pads], dtype=torch.int64)
 
     def peers(self, rank: int) -> Peers:
-        return Peers(
-            self.buf_ptrs,
-            self.pad_ptrs,
-            self.parities[rank],
-            rank,
-            self.world,
-            MAX_ROWS,
-            ROW_STRIDE,
-            SIG_BASE,
-        )
+        return Peers(self.buf_ptrs, self.counts[rank], rank, self.world, MAX_ROWS, ROW_STRIDE)
 
     def stage(self, rank: int, partials: list[torch.Tensor]) -> None:
-        """What the other ranks would have done before `rank` waits: published their rows in the
-        half `rank` will read, and signalled it; and `rank`'s own earlier signals consumed."""
+        """What the other ranks would have done before `rank` waits: pushed their rows into the
+        half of `rank`'s buffer that `rank` reads now."""
         m, n = partials[0].shape
+        half = (self.counts[rank][:m] & 1).long()  # every rank's counts are the same
         for peer in range(self.world):
-            if peer == rank:
-                continue
-            half = self.parities[rank][:m].long()  # every rank's parity is the same
-            self.buffers[peer][half, torch.arange(m), :n] = partials[peer]
-            flags = self.pads[rank][SIG_BASE:].view(MAX_ROWS, self.world)
-            flags[:m, peer] = 1
-            self.pads[peer].zero_()
+            if peer != rank:
+                self.buffers[rank][half, peer, torch.arange(m), :n] = bits(partials[peer])
+
+    def all_empty(self, rank: int) -> bool:
+        return bool(self.buffers[rank].eq(empty_bits(self.dtype)).all())
 
 
 def test_reference_is_the_all_reduce_then_rms_norm_ref():
@@ -81,35 +86,55 @@ def test_one_rank_kernel_matches_reference_in_interpreter(interpreter, rows, hid
         weight = torch.randn(hidden, dtype=dtype)
         out, res = allreduce_add_rms_norm(x, residual, weight, 1e-5, ranks.peers(0))
         check_against_reference(out, res, *allreduce_add_rms_norm_ref([x], residual, weight, 1e-5), dtype)
-        assert not ranks.pads[0].any(), "every signal sent was taken"
-    assert torch.equal(ranks.parities[0][:rows], torch.ones(rows, dtype=torch.int32))  # 3 flips
-    assert not ranks.parities[0][rows:].any(), "rows beyond the call's keep their parity"
+        assert ranks.all_empty(0), "one rank pushes to no one"
+    assert torch.equal(ranks.counts[0][:rows], torch.full((rows,), 3, dtype=torch.int32))
+    assert not ranks.counts[0][rows:].any(), "rows beyond the call's keep their count"
 
 
 @pytest.mark.parametrize("rows, hidden", [(1, 64), (5, 100), (17, 197)])
-def test_two_simulated_ranks_agree_bitwise_with_each_other_and_the_reference(interpreter, rows, hidden):
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_simulated_ranks_agree_bitwise_with_each_other_and_the_reference(
+    interpreter, rows, hidden, dtype
+):
     ranks = SimulatedRanks(2, dtype)
-    for call in range(3):  # rows sizes change between calls: the parity is per row slot
+    for call in range(3):  # rows sizes change between calls: the halves alternate per row slot
         m = rows + call
         partials = [torch.randn(m, hidden, dtype=dtype) * (r + 1) for r in range(2)]
+        partials[1][0, :3] = -0.0  # sent as +0.0: never mistaken for an empty element
         residual, weight = torch.randn(m, hidden, dtype=dtype), torch.randn(hidden, dtype=dtype)
         results = []
         for rank in range(2):
-            parity_before = ranks.parities[rank].clone()
+            count_before = ranks.counts[rank].clone()
             ranks.stage(rank, partials)
             results.append(allreduce_add_rms_norm(partials[rank], residual, weight, 1e-5, ranks.peers(rank)))
-            half = parity_before[:m].long()
-            assert torch.equal(ranks.buffers[rank][half, torch.arange(m), :hidden], partials[rank])
-            assert torch.equal(ranks.parities[rank][:m], 1 - parity_before[:m])
-            flags = ranks.pads[1 - rank][SIG_BASE:].view(MAX_ROWS, 2)
-            assert flags[:m, rank].eq(1).all() and flags[m:].eq(0).all(), "signalled its peer, row by row"
-            assert not ranks.pads[rank].any(), "took every signal sent to it"
+            half = (count_before[:m] & 1).long()
+            peer = 1 - rank
+            pushed = ranks.buffers[peer][half, rank, torch.arange(m), :hidden]
+            assert torch.equal(pushed, bits(partials[rank])), "pushed its rows into the peer's buffer"
+            ranks.buffers[peer][half, rank, torch.arange(m), :hidden] = empty_bits(
+                dtype
+            )  # the peer reads them
+            assert torch.equal(ranks.counts[rank][:m], count_before[:m] + 1)
+            assert ranks.all_empty(rank), "emptied every slot it read"
         (out0, res0), (out1, res1) = results
         assert torch.equal(out0, out1) and torch.equal(res0, res1), "the ranks compute the same bits"
         check_against_reference(
             out0, res0, *allreduce_add_rms_norm_ref(partials, residual, weight, 1e-5), dtype
         )
+
+
+def test_two_simulated_ranks_sum_without_norm(interpreter):
+    dtype = torch.bfloat16
+    ranks = SimulatedRanks(2, dtype)
+    partials = [torch.randn(3, 70, dtype=dtype) for _ in range(2)]
+    sums = []
+    for rank in range(2):
+        ranks.stage(rank, partials)
+        sums.append(allreduce_rows(partials[rank], ranks.peers(rank)))
+    assert torch.equal(sums[0], sums[1])
+    want = allreduce_add_rms_norm_ref(partials, None, torch.ones(70, dtype=dtype), 1e-5)[1]
+    assert rel_err(sums[0], want) < TOLERANCE[dtype]  # the interpreter's own bfloat16 rounding
+    assert ranks.all_empty(1) and not ranks.all_empty(0)  # rank 1 ran last: its row waits in rank 0's buffer
 
 
 class DoublingAllReduce:

@@ -2,39 +2,30 @@
 
 Under tensor parallelism every row-parallel output (o_proj, down) is a partial sum that is
 all-reduced and then, at once, added to the residual and normalized. Fused, each decode step
-saves a launch and a round trip through global memory per layer boundary, and the all-reduce
-itself is a one-shot exchange: every rank publishes its partial row in its own symmetric buffer,
-and every rank reads all of them over NVLink and sums them in rank order (so every rank computes
-the same bits).
+saves a launch and a round trip through global memory per layer boundary. The same kernel without
+the norm is the small all-reduce of a few rows (the vocabulary-parallel embedding's).
 
-Layout (`Peers`): each rank's symmetric buffer is [2, max_rows, row_stride] of the activations'
-dtype; row r of a call always lives at slot r of one of the two halves. Each rank's signal pad
-holds, from word `sig_base` on, one int32 flag per (row, sender): [max_rows, world].
+The exchange is one-shot and push-based, with the data as its own flag (the "Lamport" scheme of
+TensorRT-LLM's low-latency all-reduce): every rank *stores* its partial row straight into each
+peer's symmetric buffer over NVLink, and waits on its *own* buffer until every peer's row has
+arrived. An element is empty while it holds a sentinel bit pattern (-0.0: 0x8000 for 16-bit
+dtypes, 0x80000000 for float32); senders send -0.0 as +0.0, which changes no sum, so a sentinel is
+never a value. No flag, fence or remote read is on the path: one NVLink write's latency and local
+polling. (The first version signalled with remote compare-and-swaps and then read the peers'
+buffers: two NVLink round trips, ~7 us a call at one row on 2 H200s.)
 
-Memory ordering, program r of one call on rank A (all ranks launch the same grid, M programs):
-1. Every thread stores its part of the partial row into A's buffer, half h = PARITY[r].
-2. `debug_barrier` (bar.sync) orders all the CTA's stores before step 3 (CTA scope, then made
-   cumulative by the release below).
-3. For each peer P: CAS A's flag in P's pad, slot (r, A), 0 -> 1 with release semantics at system
-   scope, retried until it succeeds: a flag still 1 is P's unconsumed signal of an earlier call,
-   so a signal is never lost or merged (a token protocol).
-4. For each peer P: CAS P's flag in A's own pad, slot (r, P), 1 -> 0 with acquire semantics at
-   system scope, spinning until it succeeds. The acquire synchronizes with P's release of step
-   3, so P's stores of step 1 are visible; a second `debug_barrier` extends that to every thread.
-5. Read every rank's row r (volatile loads, which bypass L1) in rank order, sum in fp32.
+Layout (`Peers`): each rank's symmetric buffer is [2, world, max_rows, row_stride] of the
+activations' width in integers; rank A's row r of a call arrives in every peer's buffer at
+[h, A, r], h = COUNT[r] & 1, where COUNT[r] counts this rank's calls that had a row r (every rank
+makes the same calls, so every rank has the same counts, on the device: a CUDA graph replayed any
+number of times, in any order, stays in step). A reader empties each slot (stores the sentinel)
+right after it has read it.
 
-Buffer reuse: the parity is per row slot and lives on the device (PARITY[r], flipped by program
-r at each call that reaches it), not on the host. A host parity baked into CUDA graphs breaks
-whenever a graph of an odd number of calls is replayed twice in a row, or graphs are replayed in
-another order than captured; a device parity flips on every execution, captured or eager, the
-same on every rank (all ranks execute the same calls). Why it is safe: A's program r writes half
-h of slot r at call c. The previous reader of A's (h, r) is every peer's program r at call c',
-the last call before c in which program r ran with parity h; program r also ran in between, at
-a call c'' with parity 1 - h (parities alternate per slot). At c'', A's program r waited for
-every peer's program r to signal, so every peer had started kernel c'', hence (stream order)
-finished kernel c' and its reads. A's kernel c starts after A's kernel c'' finished. So no
-second barrier at the end of the kernel is needed. Row slots are fixed (row r at r * row_stride
-whatever the call's N), so different calls' rows never overlap in other slots.
+Why a slot is empty when a peer writes it again: A writes [h, A, r] in B's buffer at call c, and
+next at call c + 2 (rows' halves alternate). A gets past call c + 1 only once B's row of c + 1
+has arrived, which B sends in its kernel c + 1, after its kernel c (stream order) read and
+emptied [h, A, r]. The sum is taken in rank order in fp32 on every rank, from the same bits: the
+ranks' results are bit-equal.
 """
 
 from __future__ import annotations
@@ -66,105 +57,116 @@ def allreduce_add_rms_norm_ref(
 
 @dataclass(frozen=True)
 class Peers:
-    """Where a rank finds every rank's symmetric buffer and signal pad (see the module docstring
-    for the layout). The tensors live on the kernel's device."""
+    """Where a rank finds every rank's symmetric buffer (see the module docstring for the
+    layout). The tensors live on the kernel's device."""
 
-    buffers: Tensor  # [world] int64, address of each rank's buffer [2, max_rows, row_stride]
-    signal_pads: Tensor  # [world] int64, address of each rank's signal pad (int32 words)
-    parity: Tensor  # [max_rows] int32, this rank's half for each row slot (only this rank's)
+    buffers: Tensor  # [world] int64, address of each rank's buffer [2, world, max_rows, row_stride]
+    count: Tensor  # [max_rows] int32, this rank's calls so far that had each row
     rank: int
     world: int
     max_rows: int
     row_stride: int  # elements per row slot: the largest N a call may have
-    sig_base: int  # first pad word used here: [max_rows, world] flags from there
 
 
-@jit
-def _signal_and_wait(SIGNAL_PADS, sig_base, row, rank, WORLD: tl.constexpr):
-    # a token per (row, sender): sent 0 -> 1 (release), taken 1 -> 0 (acquire), both system scope
-    for peer in tl.static_range(WORLD):
-        pad = tl.load(SIGNAL_PADS + peer).to(tl.pointer_type(tl.int32))
-        flag = pad + sig_base + row * WORLD + rank
-        while tl.atomic_cas(flag, 0, 1, sem="release", scope="sys") != 0:
-            pass
-    own = tl.load(SIGNAL_PADS + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        flag = own + sig_base + row * WORLD + peer
-        while tl.atomic_cas(flag, 1, 0, sem="acquire", scope="sys") != 1:
-            pass
+def empty_bits(dtype: torch.dtype) -> int:
+    """The sentinel of an empty element of `dtype`, as the signed integer of its width (-0.0)."""
+    return -(1 << 15) if dtype.itemsize == 2 else -(1 << 31)
+
+
+def int_view(dtype: torch.dtype) -> torch.dtype:
+    return torch.int16 if dtype.itemsize == 2 else torch.int32
 
 
 @jit
 def _allreduce_add_rms_norm_kernel(
     X,  # [M, N] this rank's partial sum
     R,  # [M, N] residual added to the sum (unused unless HAS_RESIDUAL)
-    W,  # [N] weight
-    OUT,  # [M, N] normalized output, contiguous
+    W,  # [N] weight (unused unless HAS_NORM)
+    OUT,  # [M, N] normalized output, contiguous (unused unless HAS_NORM)
     R_OUT,  # [M, N] sum (+ residual), the next residual, contiguous
-    BUFFERS,  # [WORLD] int64 addresses of the ranks' symmetric buffers [2, max_rows, row_stride]
-    SIGNAL_PADS,  # [WORLD] int64 addresses of the ranks' signal pads (int32)
-    PARITY,  # [max_rows] int32, the half each row slot uses next on this rank
-    rank,  # this rank
+    BUFFERS,  # [WORLD] int64 addresses of the ranks' buffers [2, WORLD, max_rows, row_stride]
+    COUNT,  # [max_rows] int32, calls so far that had each row
     stride_x,  # row stride of X
     stride_r,  # row stride of R
     N,  # row length, <= row_stride
-    max_rows,  # row slots per half
+    max_rows,  # row slots per sender and half
     row_stride,  # elements per row slot
-    sig_base,  # first signal pad word of the [max_rows, WORLD] flags
     eps,  # added to the mean square
+    RANK: tl.constexpr,  # this rank (one compile per rank: the peers are known statically)
     WORLD: tl.constexpr,
+    WIDE: tl.constexpr,  # 32-bit elements (float32), else 16-bit
     HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,  # >= N, a power of two: one program reduces and normalizes one row
+    HAS_NORM: tl.constexpr,
+    BLOCK: tl.constexpr,  # >= N, a power of two: one program reduces (and normalizes) one row
 ):  # fmt: skip
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    half = tl.load(PARITY + row)
-    slot = (half * max_rows + row).to(tl.int64) * row_stride
+    count = tl.load(COUNT + row)
+    half = count & 1
+    if WIDE:
+        ity: tl.constexpr = tl.int32
+        EMPTY: tl.constexpr = -2147483648
+    else:
+        ity: tl.constexpr = tl.int16
+        EMPTY: tl.constexpr = -32768
 
-    # -- publish this rank's partial row, then exchange signals with every peer --
-    x = tl.load(X + row.to(tl.int64) * stride_x + offs, mask=mask)
-    own = tl.load(BUFFERS + rank).to(tl.pointer_type(X.dtype.element_ty))
-    tl.store(own + slot + offs, x, mask=mask)
-    tl.debug_barrier()
-    _signal_and_wait(SIGNAL_PADS, sig_base, row, rank, WORLD)
-    tl.debug_barrier()
-
-    # -- sum every rank's row in rank order (the same bits on every rank), rounded as stored --
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    # -- push this rank's row into every peer's buffer (-0.0 goes as +0.0: never the sentinel) --
+    x = tl.load(X + row.to(tl.int64) * stride_x + offs, mask=mask, other=0.0)
+    bits = x.to(ity, bitcast=True)
+    bits = tl.where(bits == EMPTY, tl.zeros_like(bits), bits)
+    x = bits.to(X.dtype.element_ty, bitcast=True)
+    sent = ((half * WORLD + RANK) * max_rows + row).to(tl.int64) * row_stride
     for peer in tl.static_range(WORLD):
-        buf = tl.load(BUFFERS + peer).to(tl.pointer_type(X.dtype.element_ty))
-        acc += tl.load(buf + slot + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-    tl.store(PARITY + row, 1 - half)
-    s = acc.to(R_OUT.dtype.element_ty)
+        if peer != RANK:
+            buf = tl.load(BUFFERS + peer).to(tl.pointer_type(ity))
+            tl.store(buf + sent + offs, bits, mask=mask)
+
+    # what the epilogue reads, loaded now: its latency passes while the peers' rows travel
     if HAS_RESIDUAL:
         r = tl.load(R + row.to(tl.int64) * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+
+    # -- take every peer's row from this rank's buffer as it arrives; sum in rank order --
+    own = tl.load(BUFFERS + RANK).to(tl.pointer_type(ity))
+    empty = tl.full((BLOCK,), EMPTY, ity)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for peer in tl.static_range(WORLD):
+        if peer == RANK:
+            acc += x.to(tl.float32)
+        else:
+            slot = own + ((half * WORLD + peer) * max_rows + row).to(tl.int64) * row_stride + offs
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+            while tl.max((got == EMPTY).to(tl.int32), axis=0) > 0:
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+            tl.store(slot, empty, mask=mask)  # empty again for the peer's call after next
+            acc += got.to(X.dtype.element_ty, bitcast=True).to(tl.float32)
+    tl.store(COUNT + row, count + 1)
+    s = acc.to(R_OUT.dtype.element_ty)
+    if HAS_RESIDUAL:
         s = (s.to(tl.float32) + r).to(R_OUT.dtype.element_ty)
     out_row = row.to(tl.int64) * N
     tl.store(R_OUT + out_row + offs, s, mask=mask)
 
     # -- normalize --
-    v = s.to(tl.float32)
-    var = tl.sum(v * v, axis=0) / N
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    out = v * tl.math.rsqrt(var + eps) * w
-    tl.store(OUT + out_row + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    if HAS_NORM:
+        v = s.to(tl.float32)
+        var = tl.sum(v * v, axis=0) / N
+        out = v * tl.math.rsqrt(var + eps) * w
+        tl.store(OUT + out_row + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def allreduce_add_rms_norm(
-    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, peers: Peers
-) -> tuple[Tensor, Tensor]:
-    """`allreduce_add_rms_norm_ref` of every rank's `x`, run collectively: every rank of `peers`
-    must call it with the same shapes, in the same order. Returns (out, residual_out)."""
+def _launch(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float, peers: Peers):
     assert use_triton(x), "the fused all-reduce has no reference path: it needs the peers' memory"
     n = x.shape[-1]
-    assert weight.shape == (n,), f"weight {tuple(weight.shape)} for rows of {n}"
     x2 = x.reshape(-1, n)
     m = x2.shape[0]
     assert x2.stride(-1) == 1, "rows must be contiguous"
     assert m <= peers.max_rows and n <= peers.row_stride, f"{m} rows of {n} exceed the buffer"
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    r_out = torch.empty_like(out)
+    assert x.dtype.itemsize in (2, 4), f"{x.dtype}: 16- or 32-bit elements"
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if weight is not None else x2
+    r_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     r2 = x2  # a placeholder without a residual
     if residual is not None:
         assert residual.shape == x.shape, f"residual {tuple(residual.shape)} vs x {tuple(x.shape)}"
@@ -173,10 +175,27 @@ def allreduce_add_rms_norm(
     if m:
         block = triton.next_power_of_2(n)
         _allreduce_add_rms_norm_kernel[(m,)](
-            x2, r2, weight, out, r_out, peers.buffers, peers.signal_pads, peers.parity,
-            peers.rank, x2.stride(0), r2.stride(0), n, peers.max_rows, peers.row_stride,
-            peers.sig_base, eps,
-            WORLD=peers.world, HAS_RESIDUAL=residual is not None, BLOCK=block,
+            x2, r2, weight if weight is not None else x2, out, r_out, peers.buffers, peers.count,
+            x2.stride(0), r2.stride(0), n, peers.max_rows, peers.row_stride, eps,
+            RANK=peers.rank, WORLD=peers.world, WIDE=x.dtype.itemsize == 4,
+            HAS_RESIDUAL=residual is not None, HAS_NORM=weight is not None, BLOCK=block,
             num_warps=min(16, max(1, block // 512)),
         )  # fmt: skip
     return out.view(x.shape), r_out.view(x.shape)
+
+
+def allreduce_add_rms_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, peers: Peers
+) -> tuple[Tensor, Tensor]:
+    """`allreduce_add_rms_norm_ref` of every rank's `x`, run collectively: every rank of `peers`
+    must call it (or `allreduce_rows`) with the same shapes, in the same order. Returns
+    (out, residual_out)."""
+    n = x.shape[-1]
+    assert weight.shape == (n,), f"weight {tuple(weight.shape)} for rows of {n}"
+    return _launch(x, residual, weight, eps, peers)
+
+
+def allreduce_rows(x: Tensor, peers: Peers) -> Tensor:
+    """The sum of every rank's `x` (in rank order, in fp32, rounded as stored), over the same
+    buffers and with the same calling rule as `allreduce_add_rms_norm`."""
+    return _launch(x, None, None, 0.0, peers)[1]

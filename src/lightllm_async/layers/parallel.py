@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightllm_async.kernels import rms_norm
-from lightllm_async.kernels.allreduce_norm import Peers, allreduce_add_rms_norm
+from lightllm_async.kernels.allreduce_norm import (
+    Peers,
+    allreduce_add_rms_norm,
+    allreduce_rows,
+    empty_bits,
+    int_view,
+)
 from lightllm_async.kernels.backend import HAS_TRITON
 
 # all_gather_single is the name from torch 2.13 on; earlier versions have only the older one
@@ -47,6 +53,8 @@ class TPGroup:
         memory): use the returned tensor. Every rank gets the same bits."""
         if self.size == 1:
             return x
+        if self.fused is not None and self.fused.fits(x):  # a few rows: the lowest latency
+            return self.fused.sum(x)
         if self.small is not None and self.small.fits(x):
             return self.small(x)
         dist.all_reduce(x, group=self.group)
@@ -163,10 +171,11 @@ class SymmetricAllReduce:
 
 class FusedAllReduceNorm:
     """All-reduce + residual add + RMSNorm in one Triton kernel over symmetric memory
-    (`kernels/allreduce_norm.py`): for up to `max_rows` rows of at most `hidden` elements of
-    `dtype` on CUDA; CUDA-graph capturable. Built collectively by every rank of `group`
-    (`create`), or None where the torch build, Triton or the machine lacks it. Every rank must
-    make the same calls in the same order (the kernel's buffer halves alternate per row slot)."""
+    (`kernels/allreduce_norm.py`), or the all-reduce alone (`sum`): for up to `max_rows` rows of
+    at most `hidden` elements of `dtype` on CUDA; CUDA-graph capturable. Built collectively by
+    every rank of `group` (`create`), or None where the torch build, Triton or the machine lacks
+    it. Every rank must make the same calls in the same order (the kernel's buffer halves
+    alternate per row slot)."""
 
     def __init__(self, peers: Peers, dtype: torch.dtype, keep: Tensor):
         self.peers, self.dtype = peers, dtype
@@ -194,26 +203,22 @@ class FusedAllReduceNorm:
 
         name, world, rank = group.group_name, dist.get_world_size(group), dist.get_rank(group)
         _enable_symm_mem(symm_mem, name)
-        buf = symm_mem.empty(2 * max_rows * hidden, dtype=dtype, device=device)
+        buf = symm_mem.empty(2 * world * max_rows * hidden, dtype=int_view(dtype), device=device)
+        buf.fill_(empty_bits(dtype))  # every slot empty before any peer can write one
         handle = symm_mem.rendezvous(buf, name)
         # get_buffer may count from the start of the pooled allocation the buffer lies in (torch
         # 2.13's implicit pool) or from the buffer itself: the offset is the same on every rank
-        offset = buf.data_ptr() - handle.get_buffer(rank, (1,), dtype).data_ptr()
-        buffers = [handle.get_buffer(p, (1,), dtype).data_ptr() + offset for p in range(world)]
-        pads = [handle.get_signal_pad(p) for p in range(world)]
-        # the pad may be shared with torch's own kernels on the same allocation, which use its
-        # first words: the flags take the last max_rows * world words, at most half of them
-        words = pads[rank].numel() * pads[rank].element_size() // 4
-        rows = min(max_rows, words // (2 * world))
+        offset = buf.data_ptr() - handle.get_buffer(rank, (1,), buf.dtype).data_ptr()
+        buffers = [handle.get_buffer(p, (1,), buf.dtype).data_ptr() + offset for p in range(world)]
+        torch.cuda.synchronize(device)
+        dist.barrier(group)  # every rank's buffer is filled before the first call writes into it
         peers = Peers(
             buffers=torch.tensor(buffers, dtype=torch.int64, device=device),
-            signal_pads=torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=device),
-            parity=torch.zeros(rows, dtype=torch.int32, device=device),
+            count=torch.zeros(max_rows, dtype=torch.int32, device=device),
             rank=rank,
             world=world,
-            max_rows=rows,
+            max_rows=max_rows,
             row_stride=hidden,
-            sig_base=words - rows * world,
         )
         return cls(peers, dtype, buf)
 
@@ -240,3 +245,7 @@ class FusedAllReduceNorm:
         self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
     ) -> tuple[Tensor, Tensor]:
         return allreduce_add_rms_norm(x.contiguous(), residual, weight, eps, self.peers)
+
+    def sum(self, x: Tensor) -> Tensor:
+        """The all-reduce alone (no norm), over the same buffers: for a few rows."""
+        return allreduce_rows(x.contiguous(), self.peers)

@@ -32,13 +32,13 @@ HEARTBEAT_TIMEOUT_S = 5.0
 # 2 MiB) go through symmetric memory; larger ones (prefill) through NCCL. LLA_TP_ALLREDUCE=nccl
 # sends every one through NCCL.
 SYMMETRIC_MAX_BYTES = 4 << 20
-# All-reduces followed by the residual add and RMSNorm (every row-parallel output of a layer) of
-# up to this many rows run as one fused kernel (one program and one cross-GPU handshake per row;
-# LLA_TP_ALLREDUCE=symm keeps them apart). On 2
-# H200s (2026-11-30, perf/allreduce_norm_gpu_check.py, bf16, hidden 4096, in a CUDA graph) it took
-# 6.96 us at 1 row against 8.38 for one-shot + rms_norm, but 27.2 against 15.3 at 100 rows: the
-# two cross near 10 rows.
-FUSED_NORM_MAX_ROWS = 8
+# All-reduces of up to this many rows (a decode step's), with the residual add and RMSNorm that
+# follow every row-parallel output of a layer or alone, run as one push-based kernel over symmetric
+# memory (kernels/allreduce_norm.py; LLA_TP_ALLREDUCE=symm keeps them apart). On 2 H200s
+# (2026-11-30, perf/allreduce_norm_gpu_check.py, bf16, hidden 4096, in a CUDA graph) it took 3.88 us
+# at 1 row and 7.07 at 100 (torch's one-shot + rms_norm: 8.50 and 15.63; the sums alone 3.51 and
+# 6.34 against 6.80 and 13.39).
+FUSED_NORM_MAX_ROWS = 128
 
 
 def init_tensor_parallel(cfg: EngineConfig) -> TPGroup:
