@@ -49,22 +49,38 @@ def check_silu_and_mul(num_tokens, inter, dtype, device):
     assert rel_err(out, silu_and_mul_ref(x)) < TOLERANCE[dtype]
 
 
-def check_rotary(num_tokens, heads, head_dim, dtype, device, max_pos=300):
+def check_rotary(num_tokens, heads, head_dim, dtype, device, max_pos=300, store=False):
+    """`store`: the launch also writes the rotated keys and the values into cache rows (the
+    decode layer's fused rotary + store_kv): exactly those rows, as store_kv_ref writes them."""
     hq, hk = heads
     scaling = LLAMA3_SCALING | {"original_max_position_embeddings": 64}  # scaled within max_pos
     cos_sin = rope_cache(head_dim, max_pos, 500000.0, scaling, device)
-    # q and k are views into one fused projection output, as the model makes them
+    # q, k and v are views into one fused projection output, as the model makes them
     qkv = torch.randn(num_tokens, (hq + 2 * hk) * head_dim, dtype=dtype, device=device)
     q = qkv[:, : hq * head_dim].view(num_tokens, hq, head_dim)
     k = qkv[:, hq * head_dim : (hq + hk) * head_dim].view(num_tokens, hk, head_dim)
+    v = qkv[:, (hq + hk) * head_dim :].view(num_tokens, hk, head_dim)
     before = qkv.clone()
     positions = torch.randint(0, max_pos, (num_tokens,), device=device)
     q_ref, k_ref = rotary_emb_ref(q, k, positions, cos_sin)
+    args = None
+    if store:
+        rows = num_tokens + 17
+        k_cache = torch.full((rows, hk, head_dim), 7.0, dtype=dtype, device=device)
+        v_cache = torch.full_like(k_cache, 9.0)
+        slots = torch.randperm(rows, device=device)[:num_tokens]
+        args = (k_cache, v_cache, v, slots)
     with nan_filled_allocations():
-        q_out, k_out = rotary_emb(q, k, positions, cos_sin)
+        q_out, k_out = rotary_emb(q, k, positions, cos_sin, store=args)
     assert not q_out.isnan().any() and not k_out.isnan().any()
     assert rel_err(q_out, q_ref) < TOLERANCE[dtype] and rel_err(k_out, k_ref) < TOLERANCE[dtype]
     assert torch.equal(qkv, before)  # q, k and v untouched
+    if store:
+        assert torch.equal(k_cache[slots], k_out), "the cache holds the same rotated keys as k_out"
+        assert torch.equal(v_cache[slots], v)
+        others = torch.ones(rows, dtype=torch.bool, device=device)
+        others[slots] = False
+        assert k_cache[others].eq(7.0).all() and v_cache[others].eq(9.0).all(), "only the slots' rows"
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
@@ -119,15 +135,21 @@ def test_silu_and_mul_matches_reference_in_interpreter(interpreter, num_tokens, 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
 @pytest.mark.parametrize("heads, head_dim", [((4, 2), 64), ((6, 6), 128), ((3, 1), 32)])
-def test_rotary_emb_matches_reference_in_interpreter(interpreter, num_tokens, heads, head_dim):
-    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu")
+@pytest.mark.parametrize("store", [False, True])
+def test_rotary_emb_matches_reference_in_interpreter(interpreter, num_tokens, heads, head_dim, store):
+    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu", store=store)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 13])
 @pytest.mark.parametrize("heads", [(5, 1), (6, 2), (7, 7)])
 @pytest.mark.parametrize("head_dim", [80, 96])
 def test_rotary_emb_pads_head_dims_that_are_not_powers_of_two(interpreter, num_tokens, heads, head_dim):
-    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu")
+    check_rotary(num_tokens, heads, head_dim, torch.float32, "cpu", store=num_tokens == 7)
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_rotary_emb_reference_paths_store_too(store):
+    check_rotary(5, (4, 2), 64, torch.float32, "cpu", store=store)
 
 
 def test_rotary_emb_at_position_zero_is_identity():
@@ -190,3 +212,4 @@ def test_silu_and_mul_matches_reference_on_gpu(gpu):
 @pytest.mark.parametrize("heads, head_dim", [((32, 8), 128), ((40, 8), 80), ((24, 8), 96)])
 def test_rotary_emb_matches_reference_on_gpu(gpu, heads, head_dim):
     check_rotary(4099, heads, head_dim, torch.bfloat16, "cuda", max_pos=8192)
+    check_rotary(4099, heads, head_dim, torch.bfloat16, "cuda", max_pos=8192, store=True)

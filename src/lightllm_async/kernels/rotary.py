@@ -12,6 +12,7 @@ from torch import Tensor
 from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
 
 from .backend import jit, tl, triton, use_cpu_path, use_triton
+from .store_kv import store_kv
 
 
 def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None) -> Tensor:
@@ -118,14 +119,22 @@ def _rotary_kernel(
     K_OUT,  # [T, Hk, D] rotated keys
     POS,  # [T] position of each token
     COS_SIN,  # [max_pos, D] cos | sin halves, float32
+    K_CACHE,  # [S, Hk, D] key cache: row SLOTS[t] gets the rotated key too (if STORE)
+    V_CACHE,  # [S, Hk, D] value cache: row SLOTS[t] gets V[t] (if STORE)
+    V,  # [T, Hk, D] values
+    SLOTS,  # [T] cache row of each token
     stride_q_t, stride_q_h,  # Q strides (token, head); the head dim is contiguous
     stride_k_t, stride_k_h,  # K strides
     stride_qo_t, stride_qo_h,  # Q_OUT strides
     stride_ko_t, stride_ko_h,  # K_OUT strides
+    stride_kc_s, stride_kc_h,  # K_CACHE strides (row, head)
+    stride_vc_s, stride_vc_h,  # V_CACHE strides
+    stride_v_t, stride_v_h,  # V strides
     stride_cs,  # COS_SIN row stride
     HQ,  # query heads
     HK,  # key heads
     HALF,  # head_dim // 2
+    STORE: tl.constexpr,  # also write the rotated keys and the values into the caches
     BLOCK_HQ: tl.constexpr,  # >= HQ, a power of two
     BLOCK_HK: tl.constexpr,  # >= HK, a power of two
     BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
@@ -148,12 +157,39 @@ def _rotary_kernel(
         K, K_OUT, t, stride_k_t, stride_k_h, stride_ko_t, stride_ko_h, HK, cos, sin, offs_d, HALF, BLOCK_HK
     )
 
+    # -- the token's cache row: its rotated keys (row SLOTS[t] for every t: stride 0) and values --
+    if STORE:
+        slot = tl.load(SLOTS + t).to(tl.int64)
+        k_row = K_CACHE + slot * stride_kc_s
+        _rotate_heads(
+            K, k_row, t, stride_k_t, stride_k_h, 0, stride_kc_h, HK, cos, sin, offs_d, HALF, BLOCK_HK
+        )
+        offs_h = tl.arange(0, BLOCK_HK)[:, None]
+        offs = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        mask = (offs_h < HK) & (offs < 2 * HALF)
+        v = tl.load(V + t * stride_v_t + offs_h * stride_v_h + offs, mask=mask)
+        v_row = V_CACHE + slot * stride_vc_s + offs_h * stride_vc_h + offs
+        tl.store(v_row, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
-def rotary_emb(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64) into new tensors."""
+
+def rotary_emb(
+    q: Tensor,
+    k: Tensor,
+    positions: Tensor,
+    cos_sin: Tensor,
+    store: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] by their tokens' positions [T] (int64) into new tensors.
+
+    `store` = (k_cache, v_cache, v, slots): also `store_kv(k_cache, v_cache, rotated k, v, slots)`,
+    in the same launch (a decode layer's rotary and cache write were two)."""
     if not use_triton(q):
         fallback = rotary_emb_cpu if use_cpu_path(q) else rotary_emb_ref
-        return fallback(q, k, positions, cos_sin)
+        q_out, k_out = fallback(q, k, positions, cos_sin)
+        if store is not None:
+            k_cache, v_cache, v, slots = store
+            store_kv(k_cache, v_cache, k_out, v, slots)
+        return q_out, k_out
     num_tokens, hq, dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == dim and dim % 2 == 0, f"q {q.shape}, k {k.shape}"
     assert positions.shape == (num_tokens,) and cos_sin.shape[1] == dim
@@ -162,11 +198,23 @@ def rotary_emb(q: Tensor, k: Tensor, positions: Tensor, cos_sin: Tensor) -> tupl
     if num_tokens == 0:
         return q_out, k_out
     hk, half = k.shape[1], dim // 2
+    if store is not None:
+        k_cache, v_cache, v, slots = store
+        assert v.shape == k.shape and k_cache.shape[1:] == k.shape[1:] and v_cache.shape == k_cache.shape
+        assert slots.shape == (num_tokens,), f"slots {tuple(slots.shape)} for {num_tokens} tokens"
+        for t in (k_cache, v_cache, v):
+            assert t.stride(-1) == 1, "the head dim must be contiguous"
+    else:
+        k_cache = v_cache = v = k
+        slots = positions
     _rotary_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, cos_sin,
+        q, k, q_out, k_out, positions, cos_sin, k_cache, v_cache, v, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        v.stride(0), v.stride(1),
         cos_sin.stride(0), hq, hk, half,
+        STORE=store is not None,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
         BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )  # fmt: skip

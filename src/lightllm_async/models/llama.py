@@ -25,7 +25,6 @@ from lightllm_async.kernels import (
     rope_cache,
     rotary_emb,
     silu_and_mul,
-    store_kv,
 )
 from lightllm_async.layers.embedding import VocabEmbedding
 from lightllm_async.layers.linear import MergedLinear, RowParallelLinear
@@ -252,8 +251,7 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary_emb(q, k, ctx.positions, cos_sin)
-        store_kv(k_cache, v_cache, k, v, ctx.kv_slots)
+        q, k = rotary_emb(q, k, ctx.positions, cos_sin, store=(k_cache, v_cache, v, ctx.kv_slots))
         # k and v go along (stored already) for prefill: the kernel reads the new tokens' there,
         # contiguous, rather than gathering them back from the cache
         o = ctx.attend(self._attend, (q, k, v), q.shape[1:], k_cache, v_cache)
