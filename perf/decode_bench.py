@@ -13,6 +13,12 @@ launch-saving fusions (`models/deepseek.Fusions`, the default) and without them
 (LLA_DEEPSEEK_FUSE=none, the layer as before), and prints the step time of each and their ratio:
 
     python perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 --compare-fusions
+
+Tensor parallel (`--tp N`, N GPUs of one host): every rank runs the same steps (the same scheduler,
+seeded, on every rank; greedy tokens agree because the ranks' logits are bit-equal), and rank 0
+reports its own step time, GPU busy share and kernels; the roofline counts one rank's shards.
+
+    python perf/decode_bench.py --shape llama3-8b --batches 1 --context 1024 --tp 2 --top-kernels 30
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def copy_bandwidth(device: str, nbytes: int = 2 << 30) -> float:
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -151,7 +157,7 @@ def weight_bytes_read(runner: ModelRunner, batch: int) -> float:
 
 def matmul_rate(device: str) -> float:
     """FLOP/s of a bf16 8192^3 matmul (median of 20), the card's practical compute ceiling."""
-    if device != "cuda":
+    if not device.startswith("cuda"):
         return float("inf")
     a, b = torch.randn(2, 8192, 8192, dtype=torch.bfloat16, device=device)
     times = []
@@ -278,16 +284,47 @@ def main() -> None:
     )
     ap.add_argument("--top-kernels", type=int, default=0, help="print the first row's N costliest kernels")
     ap.add_argument("--out", default="")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one GPU each")
     ap.add_argument(
         "--mixed",
         default="",
         help="BATCH,PROMPT: also profile steps of BATCH decodes plus one PROMPT-token prefill",
     )
     args = ap.parse_args()
+    if args.tp > 1:
+        import torch.multiprocessing as mp
+
+        init = os.path.join(tempfile.mkdtemp(), "rendezvous")
+        mp.spawn(run, args=(args, init), nprocs=args.tp)
+    else:
+        run(0, args, "")
+
+
+def run(rank: int, args, init: str) -> None:
+    from lightllm_async.runner.distributed import leave
+
+    tp_cfg = {}
+    if args.tp > 1:
+        device = args.device
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        tp_cfg = dict(tp_size=args.tp, tp_rank=rank, dist_init=f"file://{init}", device=device)
+    try:
+        report(rank, args, tp_cfg)
+    finally:
+        leave()
+
+
+def report(rank: int, args, tp_cfg: dict) -> None:
+    from lightllm_async.runner.distributed import init_tensor_parallel
+
     folder = tempfile.mkdtemp()
     write_config_files(shape_config(args.shape, args.dtype), folder)
-    bw = copy_bandwidth(args.device, (2 << 30) if args.device == "cuda" else (64 << 20))
-    mm = matmul_rate(args.device)
+    device = tp_cfg.get("device", args.device)
+    bw = copy_bandwidth(device, (2 << 30) if args.device == "cuda" else (64 << 20))
+    mm = matmul_rate(device)
+    tp = None
     rows, graph_info = [], {}
     fusions = ["all", "none"] if args.compare_fusions else [os.environ.get("LLA_DEEPSEEK_FUSE", "all")]
     runs = [(d, f) for f in fusions for d in ([False, True] if args.no_graph_baseline else [False])]
@@ -302,8 +339,10 @@ def main() -> None:
             max_running_requests=args.max_running,
             disable_cuda_graph=disable,
             gpu_memory_utilization=0.85,
-        )
-        runner = ModelRunner(cfg)
+        ).replace(**tp_cfg)
+        if tp is None:
+            tp = init_tensor_parallel(cfg)
+        runner = ModelRunner(cfg, tp=tp)
         if runner.graphs is not None:
             graph_info = {
                 "num_graphs": len(runner.graphs.graphs),
@@ -314,6 +353,8 @@ def main() -> None:
             profile = 20 if args.device == "cuda" and not disable else 0
             for overlap in (True, False):
                 rows.append({**measure(runner, b, args.context, bw, profile, overlap, mm), "fusions": fuse})
+                if runner.step_times is not None:  # LLA_STEP_TIMING=1
+                    print(f"rank {rank} batch {b} overlap {overlap}{runner.step_times.summary()}", flush=True)
         if args.mixed and args.device == "cuda" and not disable:
             mb, mp = (int(x) for x in args.mixed.split(","))
             pieces = runner.piecewise
@@ -333,8 +374,12 @@ def main() -> None:
         del runner
         if args.device == "cuda":
             torch.cuda.empty_cache()
+    if rank:
+        return
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report = {
+    if args.tp > 1:
+        name += f" x{args.tp}, tensor parallel: rank 0's figures"
+    summary = {
         "device": name,
         "copy_bw_GBps": bw / 1e9,
         "matmul_tflops": mm / 1e12,
@@ -345,9 +390,9 @@ def main() -> None:
     }
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(summary, f, indent=1)
     print(
-        f"\n{report['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s, "
+        f"\n{summary['device']}  {args.shape} {args.dtype}  copy bandwidth {bw / 1e9:.0f} GB/s, "
         f"bf16 matmul {mm / 1e12:.0f} TFLOP/s (roof2: the matmuls' bytes or FLOPs, whichever is slower, "
         "plus the KV bytes)"
     )

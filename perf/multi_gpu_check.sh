@@ -2,8 +2,9 @@
 # One device call on nvidia-h200-x2 (carry .whl): issue 13 on two GPUs of one host.
 #   1. correctness: TP=2 against TP=1 through the server (tests/test_tp_gpu.py: fp32 greedy equal
 #      with CUDA graphs; bf16 agreement reported)
-#   2. Llama-3-8B shape, random bf16 weights, the whole server: TP=1, TP=2 (all-reduces of a decode
-#      step over symmetric memory, and all over NCCL: tp2nccl) and DP=2, each with
+#   2. Llama-3-8B shape, random bf16 weights, the whole server: TP=1, TP=2 (a decode step's
+#      all-reduces in the fused push kernel, the default; tp2symm: torch's one-shot all-reduce over
+#      symmetric memory; tp2nccl: all over NCCL) and DP=2, each with
 #      one client (decode step at batch 1 = TPOT), 100 clients of 128 in / 256 out (batch ~100),
 #      and the reference workload (100 clients, 1024 in, N(128,128) out) for throughput; DP=2 also
 #      with 200 clients (the same load per GPU as one GPU's 100).
@@ -29,10 +30,11 @@ write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
 python3 perf/multi_gpu_table.py --bandwidth --model $d --out "$OUT/bandwidth.json"
 
 for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
-  allreduce=symm
+  allreduce=fused  # the default: a decode step's all-reduces (+ RMSNorm) in the push kernel
   case $mode in
     tp1) flags="" ;;
     tp2) flags="--tp 2" ;;
+    tp2symm) flags="--tp 2"; allreduce=symm ;;  # torch's one-shot all-reduce, then rms_norm
     tp2nccl) flags="--tp 2"; allreduce=nccl ;;
     dp2) flags="--dp 2" ;;
     pd) flags="--pd prefill=1,decode=1" ;;

@@ -37,6 +37,17 @@ class Runner(Protocol):
     def collect(self, handle: Any) -> Sampled: ...
 
 
+def device_times(runner: Any) -> str:
+    """The device's own step times since the last call (LLA_STEP_TIMING=1: runner/model_runner.py
+    StepTimes), from the runner or the one it wraps; '' without them."""
+    while runner is not None:
+        times = getattr(runner, "step_times", None)
+        if times is not None:
+            return times.summary()
+        runner = getattr(runner, "runner", None)
+    return ""
+
+
 class EngineBroken(RuntimeError):
     """Every recent step failed, whichever requests were in it."""
 
@@ -285,7 +296,7 @@ class Engine:
         per_step = "/".join(f"{1e3 * x / max(steps, 1):.2f}" for x in secs)
         log.info(
             "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%% used, "
-            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s%s",
+            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s%s%s",
             (self._prompt_tokens - prompt) / dt,
             (self._generated_tokens - generated) / dt,
             len(s.running),
@@ -294,6 +305,7 @@ class Engine:
             s.num_preemptions,
             steps,
             per_step,
+            device_times(self.runner),
             self.pd.summary() if self.pd is not None else "",
         )
         return True

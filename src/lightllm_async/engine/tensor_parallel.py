@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled
@@ -23,6 +24,7 @@ from lightllm_async.ipc.steps import StepReader, StepWriter
 log = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 0.25  # an idle follower checks for its stop and its parent this often
+LOG_INTERVAL_S = 5.0  # while busy, one progress line this often (as rank 0's engine)
 
 
 class LeaderRunner:
@@ -72,10 +74,16 @@ class Follower:
         self.stop = threading.Event()
         self.parent_pid = os.getppid()
         self.steps = 0
+        # where a busy follower's time goes, since the last progress line: steps, then seconds
+        # waiting for rank 0's next record, launching, waiting for the device (the engine's line
+        # has rank 0's; a follower whose launch comes late holds every rank in the first collective)
+        self._times = [0, 0.0, 0.0, 0.0]
+        self._logged = time.monotonic()
 
     def run(self) -> None:
-        inflight = None
+        inflight, clock, times = None, time.perf_counter, self._times
         while not self.stop.is_set():
+            t0 = clock()
             try:
                 batch = self.reader.next(timeout=IDLE_CHECK_S)
             except TimeoutError:
@@ -85,13 +93,39 @@ class Follower:
                 if os.getppid() != self.parent_pid:
                     log.warning("the server process is gone; rank exits")
                     return
+                self.log_progress()
                 continue
             if batch is None:  # rank 0 left its loop
                 break
+            t1 = clock()
             handle = self.runner.launch(batch)
+            t2 = clock()
             if inflight is not None:
                 self.runner.collect(inflight)
             inflight = handle
             self.steps += 1
+            times[0] += 1
+            times[1] += t1 - t0
+            times[2] += t2 - t1
+            times[3] += clock() - t2
+            if times[0] % 64 == 0:
+                self.log_progress()
         if inflight is not None:
             self.runner.collect(inflight)
+
+    def log_progress(self) -> None:
+        """At most every LOG_INTERVAL_S, when it ran steps: one line of where a step's time went."""
+        now = time.monotonic()
+        steps, *secs = self._times
+        if now - self._logged < LOG_INTERVAL_S or not steps:
+            return
+        self._logged, self._times[:] = now, [0, 0.0, 0.0, 0.0]
+        per_step = "/".join(f"{1e3 * x / steps:.2f}" for x in secs)
+        from lightllm_async.engine.engine import device_times
+
+        log.info(
+            "%d steps, ms/step record wait/launch/device wait %s%s",
+            steps,
+            per_step,
+            device_times(self.runner),
+        )

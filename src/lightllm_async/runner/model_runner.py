@@ -50,6 +50,31 @@ class StepHandle:
     tokens: Tensor
     done: torch.cuda.Event | None
     logprobs: tuple[Tensor, Tensor, Tensor] | None = None  # chosen [L], top ids [L, k], top [L, k]
+    began: torch.cuda.Event | None = None  # LLA_STEP_TIMING=1: reached when the step's work starts
+
+
+class StepTimes:
+    """LLA_STEP_TIMING=1 (CUDA): the device's own clock around each step, from timing events: how
+    long a step's work took on the device (its inputs' copies to its tokens' copy back), and how
+    long the device sat idle before it (its launch came after the step before had finished).
+    For finding where a step's time goes; off by default (timing events cost a little)."""
+
+    def __init__(self):
+        self.last_done: torch.cuda.Event | None = None
+        self.totals = [0, 0.0, 0.0]  # steps, busy ms, idle ms
+
+    def collected(self, handle: StepHandle) -> None:
+        self.totals[0] += 1
+        self.totals[1] += handle.began.elapsed_time(handle.done)
+        if self.last_done is not None:
+            self.totals[2] += max(0.0, self.last_done.elapsed_time(handle.began))
+        self.last_done = handle.done
+
+    def summary(self) -> str:
+        """'; device ms/step busy/idle B/I' since the last summary ('' if no step)."""
+        steps, busy, idle = self.totals
+        self.totals = [0, 0.0, 0.0]
+        return f"; device ms/step busy/idle {busy / steps:.2f}/{idle / steps:.2f}" if steps else ""
 
 
 def model_family(model_cfg: ModelConfig) -> tuple[type, type]:
@@ -326,6 +351,8 @@ class ModelRunner:
                 for _ in range(2)
             ]
             self._flip = 0
+        timing = self.device.type == "cuda" and os.environ.get("LLA_STEP_TIMING") == "1"
+        self.step_times = StepTimes() if timing else None
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.cfg.disable_cuda_graph:
@@ -377,6 +404,10 @@ class ModelRunner:
             return self._launch(batch)
 
     def _launch(self, batch: Batch) -> StepHandle:
+        began = None
+        if self.step_times is not None:
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         bucket = self.graphs.bucket_for(batch) if self.graphs is not None else None
         pieces = None
         if bucket is None and self.piecewise is not None and not batch.decode_only:
@@ -417,16 +448,17 @@ class ModelRunner:
             for dst, src in zip(host_lp, logprobs, strict=True):
                 dst.copy_(src, non_blocking=True)
             logprobs = host_lp
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=began is not None)
         done.record()
-        return StepHandle(host, done, logprobs)
+        return StepHandle(host, done, logprobs, began)
 
-    @staticmethod
-    def collect(handle: StepHandle) -> Sampled:
+    def collect(self, handle: StepHandle) -> Sampled:
         """The step's sampled tokens and log-probabilities: the one host sync of a step."""
         with device_failures():
             if handle.done is not None:
                 handle.done.synchronize()
+                if handle.began is not None:
+                    self.step_times.collected(handle)
             logprobs = None
             if handle.logprobs is not None:  # copies: the pinned buffers serve a later step
                 chosen, ids, top = (t.numpy().copy() for t in handle.logprobs)
