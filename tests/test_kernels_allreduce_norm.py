@@ -160,6 +160,10 @@ class DoublingFused:
         self.rows.append(x.shape[0])
         return allreduce_add_rms_norm_ref([x, x], residual, weight, eps)
 
+    def sum(self, x):
+        self.rows.append(-x.shape[0])  # negative: a sum alone
+        return x * 2
+
 
 def test_all_reduce_norm_with_one_rank_is_rms_norm():
     x, residual, weight = torch.randn(5, 33), torch.randn(5, 33), torch.randn(33)
@@ -187,3 +191,19 @@ def test_all_reduce_norm_takes_the_fused_kernel_only_where_it_fits():
         ref_out, ref_res = allreduce_add_rms_norm_ref([x[:rows]] * 2, residual[:rows], weight, 1e-5)
         assert torch.equal(res, ref_res) and torch.equal(out, ref_out)
     assert fused.rows == [4]
+
+
+def test_all_reduce_takes_the_push_kernel_for_few_rows_and_the_one_shot_beyond():
+    class Counting(DoublingAllReduce):
+        calls = 0
+
+        def __call__(self, x):
+            Counting.calls += 1
+            return x * 2
+
+    x = torch.randn(5, 33)
+    fused = DoublingFused()
+    tp = TPGroup(rank=0, size=2, small=Counting(), fused=fused)
+    for rows in (4, 5):
+        assert torch.equal(tp.all_reduce(x[:rows]), x[:rows] * 2)
+    assert fused.rows == [-4] and Counting.calls == 1, "4 rows by the push kernel, 5 by the one-shot"
