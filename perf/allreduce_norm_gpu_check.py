@@ -31,6 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from graph_timing import replay_us
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -172,15 +173,7 @@ def time_graph(fn, group) -> float:
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier(group)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / 100)
-    return sorted(times)[2]
+    return replay_us(graph, 100, 5)
 
 
 TIMED_ROWS = (1, 8, 16, 32, 100)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from graph_timing import replay_us
 
 SHAPES = [  # name, N (outputs), K (inputs)
     ("qkv", 6144, 4096),
@@ -51,15 +52,7 @@ def time_calls(fn, weights, x) -> float:
     with torch.cuda.graph(graph):
         for i in range(CALLS):
             fn(weights[i % len(weights)], x)
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / CALLS)
-    return sorted(times)[3]
+    return replay_us(graph, CALLS, 7)
 
 
 VARIANTS = {
