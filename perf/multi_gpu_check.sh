@@ -9,6 +9,7 @@
 #      and the reference workload (100 clients, 1024 in, N(128,128) out) for throughput; DP=2 also
 #      with 200 clients (the same load per GPU as one GPU's 100).
 # A short table is printed last (perf/multi_gpu_table.py). Full logs and JSON go to $OUT.
+# LLA_STEP_TIMING=1 adds the device's busy/idle per step to the engines' progress lines shown.
 set -u
 source perf/device_setup.sh
 
@@ -63,6 +64,9 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
   fi
   kill -INT $srv; wait $srv
   echo "$mode server exit $?"; grep -E "Traceback|Error|symmetric" "$OUT/server_$mode.log" | head -4
+  # where the steps' time went under the reference load (with LLA_STEP_TIMING=1: the device's own
+  # busy/idle per step, each replica's and rank's; DP's question: do its GPUs idle at 50 clients each?)
+  grep -E "ms/step" "$OUT/server_$mode.log" | tail -${PROGRESS_LINES:-3} | cut -c1-400
   [ $mode = pd ] && grep -E "KV (send|recv)" "$OUT/server_$mode.log" | tail -2 | sed 's/.*; KV/KV/' 
 done
 python3 perf/multi_gpu_table.py --out-dir "$OUT" --model $d
