@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from decode_bench import copy_bandwidth
 from graph_timing import replay_us
 
 SHAPES = [  # name, N (outputs), K (inputs)
@@ -28,20 +29,6 @@ SHAPES = [  # name, N (outputs), K (inputs)
     ("tp2 head", 64128, 4096),
 ]
 CALLS = 64
-
-
-def copy_rate() -> float:
-    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * src.numel() / sorted(times)[6]
 
 
 def time_calls(fn, weights, x) -> float:
@@ -62,7 +49,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    bw = copy_rate()
+    bw = copy_bandwidth("cuda")
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s; us per call (share of the copy rate)")
     print(f"{'shape':12} {'N':>6} {'K':>6} {'roof':>6}" + "".join(f"{v:>18}" for v in VARIANTS))
     for name, n, k in SHAPES:

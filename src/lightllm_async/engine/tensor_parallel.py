@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from lightllm_async.batch import Batch, DeviceFailure, Sampled
+from lightllm_async.engine.engine import device_times
 from lightllm_async.ipc.steps import StepReader, StepWriter
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ class Follower:
             return
         self._logged, self._times[:] = now, [0, 0.0, 0.0, 0.0]
         per_step = "/".join(f"{1e3 * x / steps:.2f}" for x in secs)
-        from lightllm_async.engine.engine import device_times
-
         log.info(
             "%d steps, ms/step record wait/launch/device wait %s%s",
             steps,
