@@ -8,6 +8,11 @@
 #            GEMM apart: "before"); DS_VARIANTS="name:ENV=V;ENV=V ..." picks others (e.g. min256:LLA_MLA_MIN_SPLIT=256)
 #   l3       Llama-3-8B decode step at batch 1 and 256 (context 640, issue 10's decode-heavy case)
 #            against the bytes roof and the bytes-or-FLOPs roof (the bf16 matmul rate measured too)
+#   skinny   the GPU tests of the few-row projection kernel and of what launches it early (PDL), then
+#            perf/skinny_linear_bench.py (SWEEP=1: its tile sweep) at the decode shapes
+#   pdl      Llama-3-8B (PDL_SHAPES) decode step at batch 1, context 1024, at TPS="1 2" ranks, in
+#            separate processes: projections through cuBLAS; through the skinny kernel launched
+#            plainly; and launched with programmatic dependent launch (the default)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -36,6 +41,22 @@ for stage in $STAGES; do
     timeout 200 python3 perf/decode_bench.py --shape llama3-8b --batches 1,256 --context 640 --max-running 256 \
       --out "$OUT/l3_b256.json" >"$OUT/l3_b256.log" 2>&1
     echo "decode_bench l3 exit $?"; grep -E "matmul|batch|^ +(1|256) " "$OUT/l3_b256.log" | head -8 ;;
+  skinny)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_skinny.py >"$OUT/skinny_test.log" 2>&1
+    echo "skinny tests exit $?"; grep -E "passed|failed|Error" "$OUT/skinny_test.log" | tail -4
+    timeout ${SKINNY_S:-120} python3 perf/skinny_linear_bench.py --rows ${ROWS:-1} ${SWEEP:+--sweep} >"$OUT/skinny.log" 2>&1
+    echo "skinny bench exit $?"; sed -n '/microseconds per call/,$p' "$OUT/skinny.log" ;;
+  pdl)
+    for shape in ${PDL_SHAPES:-llama3-8b}; do
+      for tp in ${TPS:-1 2}; do
+        for v in ${PDL_VARIANTS:-cublas:LLA_SKINNY_LINEAR=0 plain:LLA_SKINNY_LINEAR=1;LLA_PDL=0 pdl:LLA_SKINNY_LINEAR=1}; do
+          name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }; log="$OUT/pdl_${shape}_tp${tp}_$name.log"
+          env $envs timeout 170 python3 perf/decode_bench.py --shape $shape --batches ${PDL_BATCHES:-1} --context 1024 \
+            --max-running 8 --tp $tp --top-kernels 10 --out "${log%.log}.json" >"$log" 2>&1
+          echo "$shape tp$tp $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -2
+        done
+      done
+    done ;;
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;

@@ -2,7 +2,7 @@
 launch config costs: registers per thread, local-memory stack (spills), shared memory, and whether
 the products became tensor-core instructions (mma.sync, or wgmma from 64-row tiles).
 
-    python perf/sm90_compile_check.py [mla|moe|allreduce]
+    python perf/sm90_compile_check.py [mla|moe|allreduce|skinny]
 
 The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
 the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
@@ -30,6 +30,7 @@ M, F, A, S = (
     for name in ("mla_decode_attention", "fused_moe", "moe_align", "mla_store_kv")
 )
 AR = importlib.import_module("lightllm_async.kernels.allreduce_norm")
+SK = importlib.import_module("lightllm_async.kernels.skinny_linear")
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ALIGNED_INTS = {"N_OUT", "K", "num_heads"}  # besides strides: multiples of 16 at DeepSeek's shapes
@@ -111,12 +112,30 @@ def allreduce() -> None:
                      COUNT="*i32", eps="fp32")  # fmt: skip
         for rank in (0, 1):
             for norm in (True, False):
-                consts = dict(RANK=rank, WORLD=2, WIDE=wide, HAS_RESIDUAL=norm, HAS_NORM=norm, BLOCK=4096)
+                consts = dict(
+                    RANK=rank,
+                    WORLD=2,
+                    WIDE=wide,
+                    HAS_RESIDUAL=norm,
+                    HAS_NORM=norm,
+                    BLOCK=4096,
+                    LAUNCH_DEPENDENTS=True,
+                )
                 name = f"allreduce {dt} rank{rank} norm {norm}"
                 report(name, AR._allreduce_add_rms_norm_kernel, types, consts, 8, 1)
 
 
+def skinny() -> None:
+    """The few-row projection kernel at its measured tiles, with the PDL prologue (gdc_wait)."""
+    types = dict(X="*bf16", W="*bf16", B="*bf16", Y="*bf16")
+    for (n, k), c in SK.MEASURED.items():
+        consts = dict(HAS_BIAS=False, PRECISION="tf32", PDL=True, BLOCK_M=16, BLOCK_N=c.block_n,
+                      BLOCK_K=c.block_k)  # fmt: skip
+        name = f"skinny {n}x{k} {c.block_n}x{c.block_k} warps{c.num_warps} stages{c.num_stages}"
+        report(name, SK._skinny_linear_kernel, types, consts, c.num_warps, c.num_stages)
+
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["mla", "moe", "allreduce"]
+    which = sys.argv[1:] or ["mla", "moe", "allreduce", "skinny"]
     for part in which:
-        {"mla": mla, "moe": moe, "allreduce": allreduce}[part]()
+        {"mla": mla, "moe": moe, "allreduce": allreduce, "skinny": skinny}[part]()

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl, tl, triton, use_triton
 from .rms_norm import rms_norm_ref
 
 
@@ -98,7 +98,10 @@ def _allreduce_add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_NORM: tl.constexpr,
     BLOCK: tl.constexpr,  # >= N, a power of two: one program reduces (and normalizes) one row
+    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
 ):  # fmt: skip
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -179,7 +182,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: floa
             x2.stride(0), r2.stride(0), n, peers.max_rows, peers.row_stride, eps,
             RANK=peers.rank, WORLD=peers.world, WIDE=x.dtype.itemsize == 4,
             HAS_RESIDUAL=residual is not None, HAS_NORM=weight is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 512)),
+            LAUNCH_DEPENDENTS=pdl(x), num_warps=min(16, max(1, block // 512)),
         )  # fmt: skip
     return out.view(x.shape), r_out.view(x.shape)
 

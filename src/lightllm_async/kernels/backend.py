@@ -7,6 +7,7 @@ oracle the model is tested against. `LLA_KERNELS=ref` forces the references ever
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -63,6 +64,7 @@ __all__ = [
     "jit",
     "log_compiles",
     "on_compile",
+    "pdl",
     "tl",
     "triton",
     "use_cpu_path",
@@ -102,6 +104,32 @@ def use_triton(t: Tensor) -> bool:
     if t.is_cuda:
         return True
     return mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and INTERPRETED
+
+
+@functools.cache
+def _pdl_on(index: int) -> bool:
+    if os.environ.get("LLA_PDL", "1") == "0" or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:  # Triton >= 3.3: the griddepcontrol wrappers and the launch option
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return hasattr(tl.extra.cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+    except (ImportError, AttributeError):
+        return False
+
+
+def pdl(t: Tensor) -> bool:
+    """Whether kernels on `t`'s device use programmatic dependent launch (Hopper and later, a
+    Triton that has it, LLA_PDL not 0): a kernel launched with `launch_pdl=True` may start while
+    the kernel before it in the stream still runs, and must `gdc_wait()` before it reads anything
+    that kernel (or any earlier one) wrote; a kernel that calls `gdc_launch_dependents()` lets its
+    successor start from then on. Never in the interpreter."""
+    return (
+        t.is_cuda
+        and HAS_TRITON
+        and not INTERPRETED
+        and _pdl_on(torch.cuda.current_device() if t.device.index is None else t.device.index)
+    )
 
 
 def use_cpu_path(t: Tensor) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .attention_block import attend_block, attend_init, attend_ref, attend_result
-from .backend import jit, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl, tl, triton, use_cpu_path, use_triton
 
 
 def decode_attention_ref(
@@ -160,7 +160,10 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,  # D
     NUM_SPLITS: tl.constexpr,  # a power of two
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
 ):  # fmt: skip
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     # one program: one request, one query head
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -244,6 +247,6 @@ def decode_attention(
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, num_warps=4,
+        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, LAUNCH_DEPENDENTS=pdl(q), num_warps=4,
     )  # fmt: skip
     return out

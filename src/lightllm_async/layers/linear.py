@@ -1,5 +1,8 @@
 """Linear layers whose weights a loader fills (`models/weights.py`), replicated or tensor-parallel.
 
+Each multiplies through `kernels.skinny_linear.linear`: cuBLAS, or at decode's few rows on CUDA a
+Triton kernel that starts reading its weight while the kernel before it finishes.
+
 Fused projections (q|k|v, gate|up) are one matrix here and several tensors in checkpoints: a
 `MergedLinear` names its parts and copies each into its rows. Tensor parallelism shards these
 classes, never the models: a column-parallel layer holds a slice of the output rows (of each part)
@@ -14,9 +17,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightllm_async.kernels.skinny_linear import linear
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 
 
@@ -38,7 +41,7 @@ class Linear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -106,8 +109,8 @@ class RowParallelLinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
         if self.reduce:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
