@@ -119,7 +119,7 @@ def allreduce() -> None:
                     HAS_RESIDUAL=norm,
                     HAS_NORM=norm,
                     BLOCK=4096,
-                    LAUNCH_DEPENDENTS=True,
+                    PDL=True,
                 )
                 name = f"allreduce {dt} rank{rank} norm {norm}"
                 report(name, AR._allreduce_add_rms_norm_kernel, types, consts, 8, 1)

@@ -76,6 +76,9 @@ class Engine:
         # where a step's wall time goes, since the last progress line: steps, then seconds in
         # schedule (inbox included), launch, waiting for the device, update + outbox
         self._times = [0, 0.0, 0.0, 0.0, 0.0]
+        # loop turns that launched nothing and waited: while there was work (count, seconds), and
+        # for work to arrive (count, seconds)
+        self._polls = [0, 0.0, 0, 0.0]
 
     def run(self) -> None:
         """Overlapped steps: step N+1 is scheduled and launched before step N's tokens are read,
@@ -89,7 +92,10 @@ class Engine:
             if self._runner_idle is not None:
                 self._runner_idle()
             busy = self.scheduler.has_work() or (self.pd is not None and self.pd.busy)
+            t0 = time.perf_counter()
             self.region.wait_engine(timeout=0.005 if busy else IDLE_WAIT_S)
+            self._polls[0 if busy else 2] += 1
+            self._polls[1 if busy else 3] += time.perf_counter() - t0
             self.region.beat()  # an idle engine is alive too: the server's watchdog reads this
 
     def step(self) -> bool:
@@ -292,11 +298,16 @@ class Engine:
             return False
         used = 1 - s.num_free_tokens / s.kv.capacity if s.kv.capacity else 0.0
         steps, *secs = self._times
-        self._times = [0, 0.0, 0.0, 0.0, 0.0]
-        per_step = "/".join(f"{1e3 * x / max(steps, 1):.2f}" for x in secs)
+        polls, polled, idles, idled = self._polls
+        self._times, self._polls = [0, 0.0, 0.0, 0.0, 0.0], [0, 0.0, 0, 0.0]
+        # the rest of the wall time: loop turns that launched nothing (their schedule, the waits
+        # counted here), and whatever else held this process
+        other = max(0.0, dt - sum(secs))
+        per_step = "/".join(f"{1e3 * x / max(steps, 1):.2f}" for x in (*secs, other))
         log.info(
             "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV cache %.1f%% used, "
-            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox %s%s%s",
+            "%d preemptions; %d steps, ms/step schedule/launch/device wait/outbox/other %s "
+            "(waits: %d with work %.0f ms, %d for work %.0f ms)%s%s",
             (self._prompt_tokens - prompt) / dt,
             (self._generated_tokens - generated) / dt,
             len(s.running),
@@ -305,6 +316,10 @@ class Engine:
             s.num_preemptions,
             steps,
             per_step,
+            polls,
+            1e3 * polled,
+            idles,
+            1e3 * idled,
             device_times(self.runner),
             self.pd.summary() if self.pd is not None else "",
         )

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 from .rms_norm import rms_norm_ref
 
 
@@ -98,9 +98,10 @@ def _allreduce_add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_NORM: tl.constexpr,
     BLOCK: tl.constexpr,  # >= N, a power of two: one program reduces (and normalizes) one row
-    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -182,7 +183,7 @@ def _launch(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: floa
             x2.stride(0), r2.stride(0), n, peers.max_rows, peers.row_stride, eps,
             RANK=peers.rank, WORLD=peers.world, WIDE=x.dtype.itemsize == 4,
             HAS_RESIDUAL=residual is not None, HAS_NORM=weight is not None, BLOCK=block,
-            LAUNCH_DEPENDENTS=pdl(x), num_warps=min(16, max(1, block // 512)),
+            **pdl_launch(x), num_warps=min(16, max(1, block // 512)),
         )  # fmt: skip
     return out.view(x.shape), r_out.view(x.shape)
 

@@ -65,6 +65,7 @@ __all__ = [
     "log_compiles",
     "on_compile",
     "pdl",
+    "pdl_launch",
     "tl",
     "triton",
     "use_cpu_path",
@@ -130,6 +131,13 @@ def pdl(t: Tensor) -> bool:
         and not INTERPRETED
         and _pdl_on(torch.cuda.current_device() if t.device.index is None else t.device.index)
     )
+
+
+def pdl_launch(t: Tensor) -> dict[str, bool]:
+    """A kernel's launch options for `pdl(t)`: its PDL constexpr (the kernel then calls gdc_wait
+    before it reads or writes anything the kernels before it touch, and gdc_launch_dependents
+    after, so that the next kernel can get going) and Triton's launch_pdl."""
+    return {"PDL": True, "launch_pdl": True} if pdl(t) else {"PDL": False}
 
 
 def use_cpu_path(t: Tensor) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .attention_block import attend_block, attend_init, attend_ref, attend_result
-from .backend import jit, pdl, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
 
 
 def decode_attention_ref(
@@ -109,7 +109,11 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,  # >= GROUP, >= 16: the query heads of one kv head, one tl.dot tile
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program: one request, one kv head with all its query heads, one chunk of the context
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -160,9 +164,10 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,  # D
     NUM_SPLITS: tl.constexpr,  # a power of two
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
-    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     # one program: one request, one query head
     b = tl.program_id(0)
@@ -241,12 +246,12 @@ def decode_attention(
         GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N if q.is_cuda else 16,
-        BLOCK_D=block_d, num_warps=4, num_stages=_NUM_STAGES,
+        BLOCK_D=block_d, num_warps=4, num_stages=_NUM_STAGES, **pdl_launch(q),
     )  # fmt: skip
     _decode_merge_kernel[(batch, hq)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, LAUNCH_DEPENDENTS=pdl(q), num_warps=4,
+        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, **pdl_launch(q), num_warps=4,
     )  # fmt: skip
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
 
 
 def sum_parts(x: Tensor, residual: Tensor | None) -> Tensor:
@@ -59,9 +59,10 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     NUM_PARTS: tl.constexpr,  # 1: X holds rows; more: their parts, summed first
     BLOCK: tl.constexpr,  # >= N, a power of two: one program normalizes one whole row
-    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -113,7 +114,7 @@ def rms_norm(
     _rms_norm_kernel[(x3.shape[0],)](
         x3, r2, weight, out, r_out, x3.stride(0), x3.stride(1), r2.stride(0), n, eps,
         HAS_RESIDUAL=residual is not None, NUM_PARTS=x3.shape[1], BLOCK=block,
-        LAUNCH_DEPENDENTS=pdl(x), num_warps=min(16, max(1, block // 512)),
+        **pdl_launch(x), num_warps=min(16, max(1, block // 512)),
     )  # fmt: skip
     out = out.view(shape)
     return out if residual is None else (out, r_out.view(shape))

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
 
-from .backend import jit, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
 from .store_kv import store_kv
 
 
@@ -138,7 +138,11 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,  # >= HQ, a power of two
     BLOCK_HK: tl.constexpr,  # >= HK, a power of two
     BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program rotates all heads of one token
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
@@ -216,6 +220,6 @@ def rotary_emb(
         cos_sin.stride(0), hq, hk, half,
         STORE=store is not None,
         BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_launch(q),
     )  # fmt: skip
     return q_out, k_out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
 
 
 def silu_and_mul_ref(x: Tensor) -> Tensor:
@@ -27,9 +27,10 @@ def _silu_and_mul_kernel(
     stride_x,  # row stride of X
     I,  # noqa: E741  intermediate size
     BLOCK: tl.constexpr,  # columns per program
-    LAUNCH_DEPENDENTS: tl.constexpr,  # let the next kernel (a PDL launch) start now: see backend.pdl
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if LAUNCH_DEPENDENTS:
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -52,7 +53,5 @@ def silu_and_mul(x: Tensor) -> Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     grid = (x2.shape[0], triton.cdiv(inter, block))
-    _silu_and_mul_kernel[grid](
-        x2, out, x2.stride(0), inter, BLOCK=block, LAUNCH_DEPENDENTS=pdl(x), num_warps=4
-    )
+    _silu_and_mul_kernel[grid](x2, out, x2.stride(0), inter, BLOCK=block, **pdl_launch(x), num_warps=4)
     return out.view(*x.shape[:-1], inter)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import jit, pdl, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 
 MAX_ROWS = 8  # rows of x up to which `linear` routes CUDA projections here (see linear)
 
@@ -43,7 +43,7 @@ def _skinny_linear_kernel(
     stride_x, stride_w, stride_y,  # row strides
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" (float32 products) off CUDA and for float32
-    PDL: tl.constexpr,  # launched with launch_pdl: the first weight tile is read before gdc_wait
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch): the first weight tile before gdc_wait
     BLOCK_M: tl.constexpr,  # >= M, >= 16: one tensor-core tile of rows
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # K per iteration
@@ -62,6 +62,7 @@ def _skinny_linear_kernel(
     w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
     if PRECISION == "ieee":  # float32, or the interpreter (whose 16-bit tl.dot is wrong)
         x, w = x.to(tl.float32), w.to(tl.float32)
@@ -139,13 +140,12 @@ def skinny_linear(
     if m == 0:
         return y.view(*x.shape[:-1], n)
     cfg = config or skinny_config(n, k, x.device)
-    launch = {"PDL": True, "launch_pdl": True} if pdl(x) else {"PDL": False}
     _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x),
     )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
