@@ -74,11 +74,15 @@ def mla() -> None:
     for bh, bn, warps, stages in launches:
         for splits in (8, 1):
             shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
-            consts = dict(shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn)
+            consts = dict(
+                shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True
+            )
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
     merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16)
-    merge_consts = dict(KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512)
+    merge_consts = dict(
+        KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512, PDL=True
+    )
     report("mla merge", M._mla_decode_merge_kernel, merge_types, merge_consts)
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip
@@ -87,7 +91,7 @@ def mla() -> None:
 def moe() -> None:
     report("moe align", A._moe_align_kernel,
            dict(TOPK_IDS="*i64", SORTED_IDS="*i32", EXPERT_IDS="*i32", NUM_PADDED="*i32"),
-           dict(BLOCK_M=16, BLOCK_E=256, BLOCK=4096))  # fmt: skip
+           dict(BLOCK_M=16, BLOCK_E=256, BLOCK=4096, PDL=True))  # fmt: skip
     types = dict(A="*bf16", B="*bf16", C="*bf16", TOPK_WEIGHTS="*fp32", SORTED_IDS="*i32", EXPERT_IDS="*i32",
                  NUM_PADDED="*i32")  # fmt: skip
     configs = (F.MoeConfig(16, 64, 128, 1, 4, 4), F.MoeConfig(32, 64, 128, 8, 4, 3),
@@ -96,7 +100,12 @@ def moe() -> None:
         for gate_up in (True, False):
             tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
             consts = dict(
-                tiles, A_ROWS_PER_PAIR=not gate_up, GATE_UP=gate_up, MUL_WEIGHT=not gate_up, PRECISION="tf32"
+                tiles,
+                A_ROWS_PER_PAIR=not gate_up,
+                GATE_UP=gate_up,
+                MUL_WEIGHT=not gate_up,
+                PRECISION="tf32",
+                PDL=True,
             )
             kind = "gate_up" if gate_up else "down"
             name = f"moe {kind} {c.block_m}x{c.block_n}x{c.block_k} warps{c.num_warps} "

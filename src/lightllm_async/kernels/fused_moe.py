@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 from .moe_align import moe_align_block_size
 
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
@@ -154,7 +154,11 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # row blocks that walk the column blocks together
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # -- which tile: grouped launch order, so that neighbouring programs reuse the same weights --
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
@@ -212,7 +216,7 @@ def _grouped_gemm(a, b, c, topk_weights, aligned, top_k, n_out, cfg, a_rows_per_
         A_ROWS_PER_PAIR=a_rows_per_pair, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a),
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 
 
 def mla_decode_attention_ref(
@@ -83,7 +83,11 @@ def _mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_P: tl.constexpr,  # >= P, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program: BLOCK_H heads of one request, one chunk of its context. The head blocks of a chunk
     # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
     split = tl.program_id(1)
@@ -163,7 +167,11 @@ def _mla_decode_merge_kernel(
     BLOCK_N: tl.constexpr,  # as the split kernel's
     BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program: one head of one request; only the chunks the context reaches hold an output
     head = tl.program_id(0)
     b = tl.program_id(1)
@@ -305,7 +313,7 @@ def mla_decode_attention(
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(q_nope),
     )  # fmt: skip
     if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
@@ -314,6 +322,6 @@ def mla_decode_attention(
             out.stride(0), out.stride(1),
             KV_LORA_RANK=rank, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
             BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_R=block_r, num_warps=4,
+            BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 from .mla_store_kv import mla_store_kv, mla_store_kv_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import _rotate_heads, rotary_emb, rotary_emb_ref
@@ -66,7 +66,11 @@ def _mla_kv_store_kernel(
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_H: tl.constexpr,  # >= H, a power of two
     BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program per token
     t = tl.program_id(0).to(tl.int64)
     a = KV_A + t * stride_a
@@ -136,5 +140,6 @@ def mla_kv_store(
         heads, eps,
         RANK=rank, HALF=half, BLOCK_R=triton.next_power_of_2(rank),
         BLOCK_H=triton.next_power_of_2(heads), BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        **pdl_launch(kv_a),
     )  # fmt: skip
     return q_out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 
 
 def max_moe_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -47,7 +47,11 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr,  # rows of one grouped-GEMM block
     BLOCK_E: tl.constexpr,  # >= number of experts, a power of two
     BLOCK: tl.constexpr,  # pairs per iteration
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program per expert: each counts every expert's pairs (to find where its group starts),
     # then writes its own group, its padding and its blocks' expert ids
     e = tl.program_id(0)
@@ -116,6 +120,6 @@ def moe_align_block_size(topk_ids: Tensor, num_experts: int, block_m: int) -> tu
     _moe_align_kernel[(num_experts,)](
         topk_ids, sorted_ids, expert_ids, num_padded, num_pairs,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK=chunk, num_warps=4,
+        BLOCK=chunk, num_warps=4, **pdl_launch(topk_ids),
     )  # fmt: skip
     return sorted_ids, expert_ids, num_padded

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, tl, triton, use_triton
+from .backend import jit, pdl_launch, tl, triton, use_triton
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -105,7 +105,11 @@ def _select_experts_kernel(
     BLOCK_G: tl.constexpr,  # >= N_GROUP, a power of two
     BLOCK_S: tl.constexpr,  # >= group_size, a power of two
     BLOCK_OUT: tl.constexpr,  # >= TOP_K + NUM_SHARED, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
+    if PDL:  # started early: wait for the kernel before, then let the next one start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # one program per token; the experts laid out [group, expert in group] in registers
     row = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
@@ -218,7 +222,7 @@ def select_experts(
         METHOD=topk_method, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
         NUM_SHARED=num_shared, NORM=bool(norm_topk_prob),
         BLOCK_G=triton.next_power_of_2(n_group), BLOCK_S=triton.next_power_of_2(group_size),
-        BLOCK_OUT=triton.next_power_of_2(width),
+        BLOCK_OUT=triton.next_power_of_2(width), **pdl_launch(router_logits),
         num_warps=1,  # reductions within one warp: the fastest on H200 for E = 64, 256 and T = 1-4096
     )  # fmt: skip
     return weights, ids
