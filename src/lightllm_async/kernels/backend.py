@@ -109,7 +109,9 @@ def use_triton(t: Tensor) -> bool:
 
 @functools.cache
 def _pdl_on(index: int) -> bool:
-    if os.environ.get("LLA_PDL", "1") == "0" or torch.cuda.get_device_capability(index)[0] < 9:
+    if os.environ.get("LLA_PDL", "1") == "0" or torch.version.hip is not None:
+        return False  # off, or ROCm (whose capability numbers are not NVIDIA's)
+    if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:  # Triton >= 3.3: the griddepcontrol wrappers and the launch option
         from triton.backends.nvidia.compiler import CUDAOptions
