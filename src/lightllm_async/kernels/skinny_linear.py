@@ -127,7 +127,9 @@ def skinny_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, out_dtype=None, config: SkinnyConfig | None = None
 ) -> Tensor:
     """x [..., K] (at most 16 rows in all) by weight [N, K] (+ bias [N]) -> [..., N] in out_dtype
-    (default x's), products summed in float32. `config` overrides the tiles `skinny_config` picks."""
+    (default x's), products summed in float32. `config` overrides the tiles `skinny_config` picks.
+    Under PDL the kernel reads the weight before it waits for the kernel before it: the weight must
+    be constant (a layer's), never something this step writes."""
     if not use_triton(x):
         return skinny_linear_ref(x, weight, bias, out_dtype)
     n, k = weight.shape
