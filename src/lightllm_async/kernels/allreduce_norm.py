@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 from .rms_norm import rms_norm_ref
 
 
@@ -100,9 +100,7 @@ def _allreduce_add_rms_norm_kernel(
     BLOCK: tl.constexpr,  # >= N, a power of two: one program reduces (and normalizes) one row
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

@@ -66,6 +66,7 @@ __all__ = [
     "on_compile",
     "pdl",
     "pdl_launch",
+    "pdl_wait",
     "tl",
     "triton",
     "use_cpu_path",
@@ -133,6 +134,16 @@ def pdl(t: Tensor) -> bool:
         and not INTERPRETED
         and _pdl_on(torch.cuda.current_device() if t.device.index is None else t.device.index)
     )
+
+
+@jit
+def pdl_wait(PDL: tl.constexpr):
+    """In a kernel launched with `pdl_launch`: wait for the kernel before it (its writes visible),
+    then let the next kernel start. Every program calls it before it touches anything the step's
+    earlier kernels wrote (only constant data, weights, may be read before); nothing without PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def pdl_launch(t: Tensor) -> dict[str, bool]:

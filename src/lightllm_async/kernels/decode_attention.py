@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .attention_block import attend_block, attend_init, attend_ref, attend_result
-from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_cpu_path, use_triton
 
 
 def decode_attention_ref(
@@ -111,9 +111,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program: one request, one kv head with all its query heads, one chunk of the context
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -166,9 +164,7 @@ def _decode_merge_kernel(
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program: one request, one query head
     b = tl.program_id(0)
     head = tl.program_id(1)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 from .moe_align import moe_align_block_size
 
 TUNED_DIR = os.path.join(os.path.dirname(__file__), "tuned")
@@ -156,9 +156,7 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr,  # row blocks that walk the column blocks together
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # -- which tile: grouped launch order, so that neighbouring programs reuse the same weights --
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)

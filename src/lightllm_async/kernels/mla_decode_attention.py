@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 
 
 def mla_decode_attention_ref(
@@ -85,9 +85,7 @@ def _mla_decode_split_kernel(
     BLOCK_P: tl.constexpr,  # >= P, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program: BLOCK_H heads of one request, one chunk of its context. The head blocks of a chunk
     # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
     split = tl.program_id(1)
@@ -169,9 +167,7 @@ def _mla_decode_merge_kernel(
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program: one head of one request; only the chunks the context reaches hold an output
     head = tl.program_id(0)
     b = tl.program_id(1)

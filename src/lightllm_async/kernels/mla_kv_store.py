@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 from .mla_store_kv import mla_store_kv, mla_store_kv_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import _rotate_heads, rotary_emb, rotary_emb_ref
@@ -68,9 +68,7 @@ def _mla_kv_store_kernel(
     BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program per token
     t = tl.program_id(0).to(tl.int64)
     a = KV_A + t * stride_a

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 
 
 def max_moe_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -49,9 +49,7 @@ def _moe_align_kernel(
     BLOCK: tl.constexpr,  # pairs per iteration
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program per expert: each counts every expert's pairs (to find where its group starts),
     # then writes its own group, its padding and its blocks' expert ids
     e = tl.program_id(0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
@@ -107,9 +107,7 @@ def _select_experts_kernel(
     BLOCK_OUT: tl.constexpr,  # >= TOP_K + NUM_SHARED, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program per token; the experts laid out [group, expert in group] in registers
     row = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_cpu_path, use_triton
 
 
 def sum_parts(x: Tensor, residual: Tensor | None) -> Tensor:
@@ -61,9 +61,7 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,  # >= N, a power of two: one program normalizes one whole row
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N

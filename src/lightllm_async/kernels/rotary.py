@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
 
-from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_cpu_path, use_triton
 from .store_kv import store_kv
 
 
@@ -140,9 +140,7 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,  # >= HALF, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program rotates all heads of one token
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_cpu_path, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_cpu_path, use_triton
 
 
 def silu_and_mul_ref(x: Tensor) -> Tensor:
@@ -29,9 +29,7 @@ def _silu_and_mul_kernel(
     BLOCK: tl.constexpr,  # columns per program
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
-    if PDL:  # started early: wait for the kernel before, then let the next one start
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import jit, pdl_launch, tl, triton, use_triton
+from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 
 MAX_ROWS = 8  # rows of x up to which `linear` routes CUDA projections here (see linear)
 
@@ -60,9 +60,7 @@ def _skinny_linear_kernel(
     # the first K tile: its weight does not depend on the kernel before, so under programmatic
     # dependent launch it is read while that kernel finishes; x only after it has
     w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait(PDL)
     x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
     if PRECISION == "ieee":  # float32, or the interpreter (whose 16-bit tl.dot is wrong)
         x, w = x.to(tl.float32), w.to(tl.float32)
