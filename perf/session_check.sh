@@ -13,6 +13,11 @@
 #   pdl      Llama-3-8B (PDL_SHAPES) decode step at batch 1, context 1024, at TPS="1 2" ranks, in
 #            separate processes: projections through cuBLAS; through the skinny kernel launched
 #            plainly; and launched with programmatic dependent launch (the default)
+#   chain    2026-11-30 (fourth session): the GPU tests of the DeepSeek decode chain's Triton GEMVs
+#            (W_UK absorb, W_UV in the MLA merge, the router's partial logits), then the
+#            DeepSeek-V2-Lite step at CHAIN_BATCHES (1,8) in separate processes, CHAIN_VARIANTS
+#            (name:ENV=V;ENV=V): now; "cublas" (those three through cuBLAS, as before); the in/out
+#            projections through the skinny GEMV too (LLA_SKINNY_LINEAR=all); PDL off
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -56,6 +61,18 @@ for stage in $STAGES; do
           echo "$shape tp$tp $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -2
         done
       done
+    done ;;
+  chain)
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_moe.py \
+      tests/test_deepseek.py tests/test_runner_gpu.py -k "absorb or w_uv or router or routing or deepseek or compiles" \
+      >"$OUT/chain_test.log" 2>&1
+    echo "chain tests exit $?"; grep -E "passed|failed|Error" "$OUT/chain_test.log" | tail -6
+    old="LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router,expert_sum"
+    for v in ${CHAIN_VARIANTS:-now: cublas:$old skall:LLA_SKINNY_LINEAR=all nopdl:LLA_PDL=0}; do
+      name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }; log="$OUT/chain_$name.log"
+      env $envs timeout 150 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches ${CHAIN_BATCHES:-1,8} \
+        --context 1024 --max-running 8 --top-kernels 24 --out "${log%.log}.json" >"$log" 2>&1
+      echo "chain $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -2
     done ;;
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1

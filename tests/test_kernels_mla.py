@@ -16,6 +16,7 @@ from lightllm_async.kernels import (
     mla_store_kv,
     mla_store_kv_ref,
 )
+from lightllm_async.kernels.mla_decode_attention import mla_absorb_q, mla_absorb_q_ref
 from lightllm_async.kernels.rotary import rope_cache
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
@@ -203,6 +204,48 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128, 8])  # V2-Lite, V3, V2-Lite at TP 2
+def test_mla_absorb_q_and_w_uv_merge_match_references_on_gpu(gpu, heads):
+    for batch in (1, 3, 8, 21):
+        check_absorb_q(batch, heads, 128, 512, torch.bfloat16, "cuda")
+    seq_lens = [1, 4096, 1000, 63, 64, 65, 2000, 7]
+    for batch in (1, 2, 8):
+        check_decode_w_uv(seq_lens[:batch], heads, 512, 64, 128, torch.bfloat16, "cuda")
+    check_decode_w_uv(seq_lens, heads, 512, 64, 128, torch.bfloat16, "cuda", num_splits=1)
+
+
+@pytest.mark.gpu
+def test_mla_absorb_and_w_uv_merge_replay_in_a_cuda_graph(gpu):
+    """The decode chain as the model runs it at batch 1-8 (absorb, split, merge with W_UV), captured
+    once and replayed on new queries and lengths: under programmatic dependent launch the weights
+    are read before each kernel waits, the step's data only after (a stale read would fail here)."""
+    seq_lens = [300, 1, 2048, 77]
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, 576, torch.bfloat16, "cuda")
+    q_nope = torch.randn(4, 16, 128, dtype=torch.bfloat16, device="cuda")
+    q_pe = torch.randn(4, 16, 64, dtype=torch.bfloat16, device="cuda")
+    w_uk = torch.randn(16, 128, 512, dtype=torch.bfloat16, device="cuda") / 128**0.5
+    w_uv = torch.randn(16, 512, 128, dtype=torch.bfloat16, device="cuda") / 512**0.5
+
+    def chain():
+        q_abs = mla_absorb_q(q_nope * 1.0, w_uk)  # the multiply: a kernel before, as the projection
+        return mla_decode_attention(q_abs, q_pe, kv_cache, req_to_token, req_idx, lens, 192**-0.5, w_uv=w_uv)
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for new_lens in ([150, 1, 2048, 77], [1, 1, 129, 3]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q_nope.normal_()
+        q_pe.normal_()
+        graph.replay()
+        q_abs = mla_absorb_q_ref(q_nope, w_uk)
+        o = mla_decode_attention_ref(q_abs, q_pe, kv_cache, req_to_token, req_idx, lens, 192**-0.5)
+        ref = torch.einsum("bhr,hrv->bhv", o.float(), w_uv.float())
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
 def test_mla_store_kv_writes_exactly_the_slots_on_gpu(gpu):
     check_mla_store_kv(4099, 512, 64, torch.bfloat16, "cuda")
 
@@ -224,3 +267,44 @@ def test_mla_decode_replays_in_a_cuda_graph_with_new_lengths(gpu):
         q_pe.normal_()
         graph.replay()
         assert rel_err(out, mla_decode_attention_ref(*args)) < TOLERANCE[torch.bfloat16]
+
+
+def check_absorb_q(batch, heads, dim, rank, dtype, device):
+    """The absorbed queries against their reference, from strided query rows (the q projection's
+    output viewed per head, the rope dims after each head's no-rope ones)."""
+    q = torch.randn(batch, heads, dim + 7, dtype=dtype, device=device)[:, :, :dim]
+    w_uk = torch.randn(heads, dim, rank, dtype=dtype, device=device) / dim**0.5
+    with nan_filled_allocations():
+        out = mla_absorb_q(q, w_uk)
+    assert out.shape == (batch, heads, rank) and out.dtype == dtype and out.is_contiguous()
+    ref = mla_absorb_q_ref(q, w_uk)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    bmm = torch.bmm(q.float().transpose(0, 1), w_uk.float()).transpose(0, 1)  # the model's unfused path
+    assert rel_err(ref, bmm) < (1e-5 if dtype == torch.float32 else 4e-3)  # bf16: the output's rounding
+
+
+@pytest.mark.parametrize("batch", [1, 5, 19])  # 19: a second tile of 16 rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_absorb_q_matches_reference_in_interpreter(interpreter, batch, dtype):
+    check_absorb_q(batch, 3, 24, 48, dtype, "cpu")  # dims under a power of two, rank over a block
+
+
+def check_decode_w_uv(seq_lens, heads, rank, rope, v_dim, dtype, device, **launch):
+    """Attention with W_UV applied by the chunk merge (or after one chunk) equals the attention's
+    latent output times W_UV per head."""
+    kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, rank + rope, dtype, device)
+    q_nope = torch.randn(len(seq_lens), heads, rank, dtype=dtype, device=device)
+    q_pe = torch.randn(len(seq_lens), heads, rope, dtype=dtype, device=device)
+    w_uv = torch.randn(heads, rank, v_dim, dtype=dtype, device=device) / rank**0.5
+    args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, (rank // 4 + rope) ** -0.5)
+    with nan_filled_allocations():
+        out = mla_decode_attention(*args, w_uv=w_uv, **launch)
+    ref = torch.einsum("bhr,hrv->bhv", mla_decode_attention_ref(*args).float(), w_uv.float())
+    assert out.shape == (len(seq_lens), heads, v_dim) and out.dtype == dtype and out.is_contiguous()
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])  # 1: no merge, W_UV applied after the kernel
+def test_mla_decode_applies_w_uv_in_the_merge_in_interpreter(interpreter, num_splits):
+    check_decode_w_uv([1, 40, 0, 130], 5, 32, 16, 24, torch.float32, "cpu", num_splits=num_splits)

@@ -19,6 +19,7 @@ from lightllm_async.kernels import (
     select_experts,
     select_experts_ref,
 )
+from lightllm_async.kernels.moe_routing import MAX_PARTS, router_logits_parts, router_logits_parts_ref
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
 
@@ -280,6 +281,38 @@ def test_routing_kernel_reads_strided_half_precision_logits(interpreter):
     check_routing(logits, 6, "greedy", None, None, True, 1.0, None, 2)
 
 
+def check_router_parts(num_tokens, hidden, num_experts, dtype, device):
+    """The partial logits sum to x @ W^T in float32, each part equals its hidden slice's product,
+    and select_experts chooses from the parts as from their sum."""
+    x = torch.randn(num_tokens, hidden + 5, dtype=dtype, device=device)[:, :hidden]  # strided rows
+    weight = torch.randn(num_experts, hidden, dtype=dtype, device=device) / hidden**0.5
+    with nan_filled_allocations():
+        parts = router_logits_parts(x, weight)
+    assert parts.dtype == torch.float32 and parts.shape[1:] == (num_tokens, num_experts)
+    assert 1 <= parts.shape[0] <= MAX_PARTS
+    split = -(-hidden // parts.shape[0])
+    split = -(-split // 32) * 32 if device == "cpu" else -(-split // 128) * 128  # whole tiles
+    ref = router_logits_parts_ref(x, weight, parts.shape[0], split)
+    torch.testing.assert_close(parts, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.sum(0), x.float() @ weight.float().T, rtol=1e-4, atol=1e-4)
+    logits = parts.sum(0)
+    for method, n_group, topk_group in (("greedy", None, None), ("group_limited_greedy", 4, 2)):
+        got = select_experts(parts, 3, method, n_group, topk_group, True, 1.5, None, 1)
+        want = select_experts(logits, 3, method, n_group, topk_group, True, 1.5, None, 1)
+        assert torch.equal(sort_by_expert(*got)[1], sort_by_expert(*want)[1])
+        torch.testing.assert_close(sort_by_expert(*got)[0], sort_by_expert(*want)[0])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 6, 17])  # 17: a second tile of 16 rows
+@pytest.mark.parametrize("hidden", [200, 1000])  # 7 parts of 32, then 16 parts of 64 (two tiles each)
+def test_router_logits_parts_sum_to_the_logits_in_interpreter(interpreter, num_tokens, hidden):
+    check_router_parts(num_tokens, hidden, 20, torch.float32, "cpu")  # 20 experts: two blocks of 16
+
+
+def test_router_logits_parts_reference_path():
+    check_router_parts(5, 200, 12, torch.float32, "cpu")
+
+
 V2_LITE = dict(hidden=2048, inter=1408, num_experts=64, top_k=6)
 V3 = dict(hidden=7168, inter=2048, num_experts=256, top_k=8)
 
@@ -295,6 +328,13 @@ def test_fused_moe_matches_reference_at_v3_shape_on_gpu(gpu):
     for num_tokens in (1, 5, 33):  # 22.5 GB of expert weights each time
         check_fused_moe(num_tokens, **V3, dtype=torch.bfloat16, device="cuda")
         torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [V2_LITE, V3])
+def test_router_logits_parts_match_reference_on_gpu(gpu, shape):
+    for num_tokens in (1, 3, 8, 19):
+        check_router_parts(num_tokens, shape["hidden"], shape["num_experts"], torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu

@@ -168,15 +168,31 @@ def _mla_decode_merge_kernel(
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
     pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
-    # one program: one head of one request; only the chunks the context reaches hold an output
+    # one program: one head of one request
     head = tl.program_id(0)
     b = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    out = _merged_row(
+        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
+        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+    )  # fmt: skip
+    o_ptrs = OUT + b * stride_o_b + head * stride_o_h + offs_r
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_r < KV_LORA_RANK)
+
+
+@jit
+def _merged_row(
+    MID_O, MID_LSE, SEQ_LENS, b, head,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, KV_LORA_RANK: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_R] float32: head `head` of request b, its chunks' outputs weighed by their shares of
+    the total exp-sum; only the chunks the context reaches hold one; all empty gives zeros."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < KV_LORA_RANK
     lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h
-
-    # -- each chunk weighs its share of the total exp-sum; all empty (seq_len 0) gives zeros --
     _, used = _chunking(tl.load(SEQ_LENS + b), NUM_SPLITS, BLOCK_N, MIN_SPLIT)
     lse = tl.load(lse_ptrs + offs_s, mask=offs_s < used, other=float("-inf"))
     m = tl.max(lse, axis=0)
@@ -187,8 +203,119 @@ def _mla_decode_merge_kernel(
     for s in range(used):  # one row at a time: [NUM_SPLITS, R] at once would spill
         w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
         acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
-    out = acc / tl.where(denom > 0, denom, 1.0)
-    tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_r, out.to(OUT.dtype.element_ty), mask=mask_r)
+    return acc / tl.where(denom > 0, denom, 1.0)
+
+
+@jit
+def _mla_decode_merge_uv_kernel(
+    MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
+    SEQ_LENS,  # [B] context lengths, as the split kernel had them
+    W_UV,  # [H, R, V] W_UV transposed: a head's latent -> its value dims (a layer's weight)
+    OUT,  # [B, H, V] the attention output in the value space
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides
+    stride_w_h, stride_w_r,  # W_UV strides; V is contiguous
+    stride_o_b, stride_o_h,  # OUT strides; V is contiguous
+    KV_LORA_RANK: tl.constexpr,  # R
+    V_DIM: tl.constexpr,  # V
+    NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
+    BLOCK_R: tl.constexpr,  # >= R, a power of two
+    BLOCK_V: tl.constexpr,  # value dims per program
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch): W_UV read before gdc_wait
+):  # fmt: skip
+    # one program: BLOCK_V value dims of one head of one request. It merges the head's chunks (the
+    # programs of a head repeat that from L2, a few KB) and multiplies the merged latent by its
+    # slice of W_UV: the per-head product a separate batched GEMM would launch for
+    head = tl.program_id(0)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    b = tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_v = offs_v < V_DIM
+    w_ptrs = W_UV + head * stride_w_h + offs_r[:, None] * stride_w_r + offs_v[None, :]
+    w = tl.load(w_ptrs, mask=(offs_r < KV_LORA_RANK)[:, None] & mask_v[None, :], other=0.0)
+    pdl_wait(PDL)  # the weight is the layer's: read before the split kernel's outputs are waited for
+    o = _merged_row(
+        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
+        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+    )  # fmt: skip
+    out = tl.sum(o[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_V]
+    tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_v, out.to(OUT.dtype.element_ty), mask=mask_v)
+
+
+@jit(do_not_specialize=["num_rows"])
+def _mla_absorb_q_kernel(
+    Q,  # [B, H, D] the no-rope queries, D contiguous
+    W_UK,  # [H, D, R] W_UK: a head's no-rope dims -> the latent (a layer's weight)
+    OUT,  # [B, H, R] the absorbed queries
+    num_rows,  # B
+    stride_q_b, stride_q_h,
+    stride_w_h, stride_w_d,  # W_UK strides; R is contiguous
+    stride_o_b, stride_o_h,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee": float32 products (float32 tensors, and the interpreter)
+    PDL: tl.constexpr,  # launched with launch_pdl: W_UK read before gdc_wait
+    BLOCK_B: tl.constexpr,  # rows per tile, >= 16
+    BLOCK_D: tl.constexpr,  # >= D, a power of two
+    BLOCK_R: tl.constexpr,  # latent dims per program
+):  # fmt: skip
+    # one program: BLOCK_R latent dims of one head, for every row; its W_UK slice read once
+    head = tl.program_id(0)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_r, mask_d = offs_r < R, offs_d < D
+    w_ptrs = W_UK + head * stride_w_h + offs_d[:, None] * stride_w_d + offs_r[None, :]
+    w = tl.load(w_ptrs, mask=mask_d[:, None] & mask_r[None, :], other=0.0)
+    if PRECISION == "ieee":  # float32, or the interpreter (whose 16-bit tl.dot is wrong)
+        w = w.to(tl.float32)
+    pdl_wait(PDL)
+    for b0 in range(0, num_rows, BLOCK_B):
+        rows = b0 + offs_b
+        mask_b = rows < num_rows
+        q = tl.load(
+            Q + rows[:, None] * stride_q_b + head * stride_q_h + offs_d[None, :],
+            mask=mask_b[:, None] & mask_d[None, :], other=0.0,
+        )  # fmt: skip
+        if PRECISION == "ieee":
+            q = q.to(tl.float32)
+        acc = tl.dot(q, w, input_precision=PRECISION)  # [BLOCK_B, BLOCK_R]
+        o_ptrs = OUT + rows[:, None] * stride_o_b + head * stride_o_h + offs_r[None, :]
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_b[:, None] & mask_r[None, :])
+
+
+def mla_absorb_q_ref(q_nope: Tensor, w_uk: Tensor) -> Tensor:
+    # reads W_UK once (H * D * R * itemsize) and the few queries; float32 products
+    return torch.einsum("bhd,hdr->bhr", q_nope.float(), w_uk.float()).to(q_nope.dtype)
+
+
+def mla_absorb_q(q_nope: Tensor, w_uk: Tensor) -> Tensor:
+    """The absorbed no-rope queries of decode: q_nope [B, H, D] (strided rows allowed) times each
+    head's W_UK [H, D, R] -> [B, H, R] contiguous, products summed in float32. For the few rows of
+    small-batch decode (one Triton launch that, under programmatic dependent launch, reads its W_UK
+    slice while the kernel before it finishes); the weight must be constant (a layer's)."""
+    if not use_triton(q_nope):
+        return mla_absorb_q_ref(q_nope, w_uk)
+    batch, heads, dim = q_nope.shape
+    rank = w_uk.shape[2]
+    assert w_uk.shape == (heads, dim, rank) and w_uk.stride(2) == 1 and q_nope.stride(2) == 1
+    assert q_nope.dtype == w_uk.dtype, "queries and W_UK must share a dtype"
+    out = torch.empty((batch, heads, rank), dtype=q_nope.dtype, device=q_nope.device)
+    if batch == 0:
+        return out
+    block_r = 64 if q_nope.is_cuda else 32
+    _mla_absorb_q_kernel[(heads, triton.cdiv(rank, block_r))](
+        q_nope, w_uk, out, batch, q_nope.stride(0), q_nope.stride(1), w_uk.stride(0), w_uk.stride(1),
+        out.stride(0), out.stride(1), D=dim, R=rank,
+        PRECISION="ieee" if q_nope.dtype == torch.float32 or not q_nope.is_cuda else "tf32",
+        BLOCK_B=16, BLOCK_D=triton.next_power_of_2(dim), BLOCK_R=block_r, num_warps=4,
+        **pdl_launch(q_nope),
+    )  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)
@@ -261,6 +388,7 @@ def mla_decode_attention(
     num_splits: int | None = None,
     block_h: int | None = None,
     min_split: int | None = None,
+    w_uv: Tensor | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -272,9 +400,16 @@ def mla_decode_attention(
     sum of c_kv (the caller applies W_UV); a request with seq_len 0 gets zeros. num_splits (any
     count >= 1), block_h (heads per program, a power of two >= 16) and min_split (the fewest tokens
     a chunk of the context holds; a short context is cut into fewer chunks) override the defaults.
+
+    `w_uv` [H, R, V] (W_UV transposed, a layer's constant weight): the result is multiplied per
+    head by it, [B, H, V] contiguous; the chunk merge does that (one launch, where a batched GEMM
+    would be another), or, with one chunk (nothing to merge), torch.bmm after the kernel.
     """
+    if w_uv is not None:
+        assert w_uv.shape[:2] == (q_nope.shape[1], q_nope.shape[2]) and w_uv.stride(2) == 1
     if not use_triton(q_nope):
-        return mla_decode_attention_ref(q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, scale)
+        o = mla_decode_attention_ref(q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, scale)
+        return o if w_uv is None else _apply_w_uv(o, w_uv)
     batch, heads, rank = q_nope.shape
     rope = q_pe.shape[-1]
     assert q_pe.shape == (batch, heads, rope), f"q_pe {tuple(q_pe.shape)} for q_nope {(batch, heads)}"
@@ -311,6 +446,19 @@ def mla_decode_attention(
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(q_nope),
     )  # fmt: skip
+    if splits > 1 and w_uv is not None:
+        v_dim = w_uv.shape[2]
+        out = torch.empty((batch, heads, v_dim), dtype=q_nope.dtype, device=q_nope.device)
+        block_v = 16
+        _mla_decode_merge_uv_kernel[(heads, triton.cdiv(v_dim, block_v), batch)](
+            mid_o, mid_lse, seq_lens, w_uv, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
+            KV_LORA_RANK=rank, V_DIM=v_dim, NUM_SPLITS=splits, MIN_SPLIT=min_split,
+            BLOCK_N=launch.block_n, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r,
+            BLOCK_V=block_v, num_warps=4, **pdl_launch(out),
+        )  # fmt: skip
+        return out
     if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
             mid_o, mid_lse, seq_lens, out,
@@ -320,4 +468,12 @@ def mla_decode_attention(
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
+    return out if w_uv is None else _apply_w_uv(out, w_uv)
+
+
+def _apply_w_uv(o: Tensor, w_uv: Tensor) -> Tensor:
+    """o [B, H, R] times each head's W_UV [H, R, V] -> [B, H, V] contiguous (through a [H, B, V]
+    view: cuBLAS's strided batch writes it in place, no copy)."""
+    out = o.new_empty(o.shape[0], o.shape[1], w_uv.shape[2])
+    torch.bmm(o.transpose(0, 1), w_uv.to(o.dtype), out=out.transpose(0, 1))
     return out

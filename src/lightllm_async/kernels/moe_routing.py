@@ -21,8 +21,8 @@ def _check(
         raise ValueError(f"topk_method {method!r} is not one of {TOPK_METHODS}")
     if method == "noaux_tc" and bias is None:
         raise ValueError("noaux_tc needs e_score_correction_bias")
-    assert logits.dim() == 2, f"router logits must be [T, E], not {tuple(logits.shape)}"
-    num_experts = logits.shape[1]
+    assert logits.dim() in (2, 3), f"router logits must be [T, E] or [P, T, E], not {tuple(logits.shape)}"
+    num_experts = logits.shape[-1]
     assert 1 <= top_k <= num_experts, f"top_k {top_k} with {num_experts} experts"
     if method != "greedy":
         assert n_group and topk_group and num_experts % n_group == 0 and topk_group <= n_group, (
@@ -60,8 +60,10 @@ def select_experts_ref(
 ) -> tuple[Tensor, Tensor]:
     # reads the logits [T, E] several times over (~14 small ops for noaux_tc), writes [T, k + s] twice
     _check(router_logits, top_k, topk_method, n_group, topk_group, e_score_correction_bias)
-    num_tokens, num_experts = router_logits.shape
     logits = router_logits.float()
+    if logits.dim() == 3:  # partial sums over slices of the hidden dim (router_logits_parts)
+        logits = logits.sum(dim=0)
+    num_tokens, num_experts = logits.shape
 
     if topk_method == "noaux_tc":
         scores = logits.sigmoid()
@@ -88,11 +90,12 @@ def select_experts_ref(
 
 @jit
 def _select_experts_kernel(
-    LOGITS,  # [T, E] router logits, any float dtype, read as float32
+    LOGITS,  # [NUM_PARTS, T, E] router logits (summed over the parts), any float dtype, read as float32
     BIAS,  # [E] e_score_correction_bias (noaux_tc only)
     IDS,  # [T, TOP_K + NUM_SHARED] int32 out, contiguous
     WEIGHTS,  # [T, TOP_K + NUM_SHARED] float32 out, contiguous
     stride_logits,  # row stride of LOGITS
+    stride_part,  # part stride of LOGITS
     num_experts,  # E
     group_size,  # E / N_GROUP
     scaling,  # routed_scaling_factor, for the routed experts only
@@ -102,6 +105,7 @@ def _select_experts_kernel(
     TOP_K: tl.constexpr,  # routed experts per token
     NUM_SHARED: tl.constexpr,  # experts E..E+NUM_SHARED-1 appended with weight 1
     NORM: tl.constexpr,  # divide the routed weights by their sum
+    NUM_PARTS: tl.constexpr,  # partial logits to sum (1: the logits themselves)
     BLOCK_G: tl.constexpr,  # >= N_GROUP, a power of two
     BLOCK_S: tl.constexpr,  # >= group_size, a power of two
     BLOCK_OUT: tl.constexpr,  # >= TOP_K + NUM_SHARED, a power of two
@@ -118,6 +122,8 @@ def _select_experts_kernel(
 
     # -- scores, and the choice that ranks them --
     x = tl.load(LOGITS + row * stride_logits + expert, mask=valid, other=neg_inf).to(tl.float32)
+    for part in tl.static_range(1, NUM_PARTS):
+        x += tl.load(LOGITS + part * stride_part + row * stride_logits + expert, mask=valid, other=0.0)
     if METHOD == "noaux_tc":
         scores = tl.sigmoid(x)
         bias = tl.load(BIAS + expert, mask=valid, other=0.0).to(tl.float32)
@@ -180,7 +186,8 @@ def select_experts(
     e_score_correction_bias: Tensor | None = None,
     num_shared: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Each token's experts: router_logits [T, E] -> (topk_weights [T, top_k + num_shared] float32,
+    """Each token's experts: router_logits [T, E] (or [P, T, E]: partial sums, added up first, as
+    `router_logits_parts` gives) -> (topk_weights [T, top_k + num_shared] float32,
     topk_ids [T, top_k + num_shared]), contiguous, ready for fused_moe; ids int32 from the kernel,
     int64 from the reference (fused_moe and moe_align_block_size take either). No host sync.
 
@@ -203,8 +210,9 @@ def select_experts(
             routed_scaling_factor, e_score_correction_bias, num_shared,
         )  # fmt: skip
     _check(router_logits, top_k, topk_method, n_group, topk_group, e_score_correction_bias)
-    assert router_logits.stride(1) == 1, "router logits rows must be contiguous"
-    num_tokens, num_experts = router_logits.shape
+    parts = router_logits if router_logits.dim() == 3 else router_logits[None]
+    assert parts.stride(2) == 1, "router logits rows must be contiguous"
+    num_parts, num_tokens, num_experts = parts.shape
     n_group, topk_group = (1, 1) if topk_method == "greedy" else (n_group, topk_group)
     group_size = num_experts // n_group
     width = top_k + num_shared
@@ -215,12 +223,104 @@ def select_experts(
         return weights, ids
     bias = router_logits if e_score_correction_bias is None else e_score_correction_bias
     _select_experts_kernel[(num_tokens,)](
-        router_logits, bias, ids, weights, router_logits.stride(0), num_experts, group_size,
+        parts, bias, ids, weights, parts.stride(1), parts.stride(0), num_experts, group_size,
         float(routed_scaling_factor),
         METHOD=topk_method, N_GROUP=n_group, TOPK_GROUP=topk_group, TOP_K=top_k,
-        NUM_SHARED=num_shared, NORM=bool(norm_topk_prob),
+        NUM_SHARED=num_shared, NORM=bool(norm_topk_prob), NUM_PARTS=num_parts,
         BLOCK_G=triton.next_power_of_2(n_group), BLOCK_S=triton.next_power_of_2(group_size),
         BLOCK_OUT=triton.next_power_of_2(width), **pdl_launch(router_logits),
         num_warps=1,  # reductions within one warp: the fastest on H200 for E = 64, 256 and T = 1-4096
     )  # fmt: skip
     return weights, ids
+
+
+MAX_PARTS = 16  # slices of the hidden dim router_logits_parts cuts it into, at most
+
+
+@jit(do_not_specialize=["num_rows"])
+def _router_parts_kernel(
+    X,  # [T, H] the normed hidden states, H contiguous
+    W,  # [E, H] the router weight, same dtype (a layer's constant)
+    OUT,  # [P, T, E] float32: each slice of H's partial logits
+    num_rows,  # T
+    num_experts,  # E
+    hidden,  # H
+    stride_x, stride_w, stride_o_p, stride_o_t,
+    SPLIT: tl.constexpr,  # hidden dims per part, a multiple of BLOCK_K
+    PRECISION: tl.constexpr,  # "ieee": float32 products (float32 tensors, and the interpreter)
+    PDL: tl.constexpr,  # launched with launch_pdl: the first weight tile before gdc_wait
+    BLOCK_T: tl.constexpr,  # rows per tile, >= 16
+    BLOCK_E: tl.constexpr,  # experts per program
+    BLOCK_K: tl.constexpr,  # hidden dims per iteration
+):  # fmt: skip
+    # one program: BLOCK_E experts' partial logits over one slice of the hidden dim, every row
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    part = tl.program_id(1)
+    offs_k = part * SPLIT + tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_e = offs_e < num_experts
+    w_ptrs = W + offs_e[:, None] * stride_w + offs_k[None, :]
+    w_first = tl.load(w_ptrs, mask=mask_e[:, None] & (offs_k < hidden)[None, :], other=0.0)
+    pdl_wait(PDL)
+    for t0 in range(0, num_rows, BLOCK_T):
+        rows = t0 + offs_t
+        mask_t = rows < num_rows
+        acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for k in tl.static_range(0, SPLIT, BLOCK_K):
+            mask_k = offs_k + k < hidden
+            if k == 0:  # noqa: SIM108 (a constexpr branch: Triton folds it; a ternary it may not)
+                w = w_first
+            else:
+                w = tl.load(w_ptrs + k, mask=mask_e[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(
+                X + rows[:, None] * stride_x + offs_k[None, :] + k,
+                mask=mask_t[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            if PRECISION == "ieee":
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        o_ptrs = OUT + part * stride_o_p + rows[:, None] * stride_o_t + offs_e[None, :]
+        tl.store(o_ptrs, acc, mask=mask_t[:, None] & mask_e[None, :])
+
+
+def router_logits_parts_ref(x: Tensor, weight: Tensor, parts: int, split: int) -> Tensor:
+    # reads the weight once (E * H * itemsize); float32 products, one partial sum per `split` dims of H
+    xs, ws = x.float().split(split, dim=-1), weight.float().split(split, dim=-1)
+    assert len(xs) == parts
+    return torch.stack([xi @ wi.T for xi, wi in zip(xs, ws, strict=True)])
+
+
+def _parts(hidden: int, block_k: int) -> tuple[int, int]:
+    """(parts, hidden dims per part): at most MAX_PARTS slices of whole BLOCK_K tiles."""
+    tiles = -(-hidden // block_k)
+    per = -(-tiles // MAX_PARTS)
+    return -(-tiles // per), per * block_k
+
+
+def router_logits_parts(x: Tensor, weight: Tensor) -> Tensor:
+    """The router's logits of a few tokens as partial sums over slices of the hidden dim: x [T, H]
+    by weight [E, H] (same 16-bit or float32 dtype) -> [P, T, E] float32, P <= MAX_PARTS, whose
+    sum over P is x @ weight^T in float32; `select_experts` takes it as it is and adds the parts up.
+    One launch of E / 16 x P programs (a [E, H] GEMV cut along H, so that a 64-expert router still
+    spreads over many multiprocessors), where cuBLAS takes one that cannot start early (no PDL)."""
+    num_tokens, hidden = x.shape
+    assert (
+        weight.shape[1] == hidden and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1
+    )
+    block_k = 128 if x.is_cuda else 32
+    parts, split = _parts(hidden, block_k)
+    if not use_triton(x):
+        return router_logits_parts_ref(x, weight, parts, split)
+    num_experts = weight.shape[0]
+    out = torch.empty((parts, num_tokens, num_experts), dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return out
+    block_e = 16
+    _router_parts_kernel[(triton.cdiv(num_experts, block_e), parts)](
+        x, weight, out, num_tokens, num_experts, hidden, x.stride(0), weight.stride(0),
+        out.stride(0), out.stride(1), SPLIT=split,
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
+        BLOCK_T=16, BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, **pdl_launch(x),
+    )  # fmt: skip
+    return out

@@ -43,7 +43,11 @@ from lightllm_async.kernels import (
     rotary_emb,
     select_experts,
     silu_and_mul,
+    use_triton,
 )
+from lightllm_async.kernels.mla_decode_attention import mla_absorb_q
+from lightllm_async.kernels.moe_routing import router_logits_parts
+from lightllm_async.kernels.skinny_linear import linear
 from lightllm_async.layers.embedding import VocabEmbedding
 from lightllm_async.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from lightllm_async.layers.parallel import SINGLE, TPGroup
@@ -91,6 +95,12 @@ class Fusions:
     w_uv_out: bool = True  # W_UV's bmm writes o_proj's [B, n * v] input itself (no copy)
     router: bool = True  # the router's float32 logits from one GEMM of bf16 x (CUDA; `Router`)
     expert_sum: bool = True  # the experts' outputs summed by the next norm (`MoE`; one rank)
+    # decode at <= GEMV_MAX_ROWS rows (Triton), so that the step stays one chain of kernels that
+    # start early (programmatic dependent launch), where cuBLAS's cannot:
+    mla_gemv: bool = True  # W_UK's per-head product one kernel, W_UV's inside the chunk merge
+    router_parts: bool = (
+        True  # the router's logits as partial sums over hidden slices, summed by select_experts
+    )
 
     @classmethod
     def off(cls) -> Fusions:
@@ -107,6 +117,7 @@ class Fusions:
         return cls(**{name: name in chosen for name in names})
 
 
+GEMV_MAX_ROWS = 8  # rows up to which the mla_gemv and router_parts fusions run (a shape decision)
 ALWAYS = sys.maxsize  # fused_max_tokens: the shared experts always inside fused_moe
 # Shared experts inside the routed experts' fused_moe pass up to this many tokens (a host decision
 # per step, so one per captured CUDA graph): on an H200 (perf/RESULTS.md, 2026-11-29, CUDA-graph
@@ -265,7 +276,7 @@ class MLAttention(nn.Module):
         """(q [T, n * qk], kv_a [T, R + P]) of the normed input; slices of one GEMM's output
         (strided rows) with the merged projection."""
         if self.w_in is not None:
-            q, kv_a = F.linear(x, self.w_in).split([self.q_in_rows, self.rank + self.rope], dim=-1)
+            q, kv_a = linear(x, self.w_in).split([self.q_in_rows, self.rank + self.rope], dim=-1)
         else:
             q, kv_a = (self.q_a_proj if self.q_lora else self.q_proj)(x), self.kv_a_proj_with_mqa(x)
         if self.q_lora:
@@ -288,6 +299,11 @@ class MLAttention(nn.Module):
         return o
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
+        if self.fusions.mla_gemv and q_nope.shape[0] <= GEMV_MAX_ROWS and use_triton(q_nope):
+            q_abs = mla_absorb_q(q_nope, self.w_uk)  # [B, n, R]
+            return mla_decode_attention(
+                q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale, w_uv=self.w_uv
+            )  # [B, n, v] contiguous, as o_proj reads it
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, n, R], strided
         o = mla_decode_attention(
             q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
@@ -335,7 +351,9 @@ class Router(nn.Module):
     of x then a float32 GEMM. Otherwise the weight is kept in float32, converted once when loaded
     (`copy_` casts), not at every step."""
 
-    def __init__(self, cfg: ModelConfig, device, dtype=torch.float32, one_gemm: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, device, dtype=torch.float32, one_gemm: bool = False, parts: bool = False
+    ):
         super().__init__()
         e = cfg.n_routed_experts
         one_gemm = (
@@ -351,8 +369,14 @@ class Router(nn.Module):
             else None
         )
 
+        # with one_gemm: at <= GEMV_MAX_ROWS tokens, partial logits from one Triton launch
+        # (`router_logits_parts`), which select_experts sums
+        self.parts = parts and one_gemm
+
     def logits(self, x: Tensor) -> Tensor:
-        """[T, H] -> [T, E] float32."""
+        """[T, H] -> [T, E] float32, or [P, T, E] partial sums (select_experts adds them up)."""
+        if self.parts and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1:
+            return router_logits_parts(x, self.weight)
         if self.weight.dtype == torch.float32:
             return F.linear(x.float(), self.weight)
         return torch.mm(x, self.weight.t(), out_dtype=torch.float32)
@@ -433,6 +457,7 @@ class MoE(nn.Module):
         tp: TPGroup = SINGLE,
         router_one_gemm: bool = False,
         sum_in_norm: bool = False,
+        router_parts: bool = False,
     ):
         super().__init__()
         self.cfg, self.tp = cfg, tp
@@ -440,7 +465,7 @@ class MoE(nn.Module):
         # them: the norm that follows sums them (`rms_norm` of parts), one launch fewer. One rank
         # only: under tensor parallelism that norm is the all-reduce's.
         self.sum_in_norm = sum_in_norm and tp.size == 1
-        self.gate = Router(cfg, device, dtype, router_one_gemm)
+        self.gate = Router(cfg, device, dtype, router_one_gemm, router_parts)
         self.num_fused = cfg.n_shared_experts if fused_max_tokens > 0 else 0
         self.fused_max_tokens = fused_max_tokens
         self.experts = Experts(cfg, self.num_fused, dtype, device, tp)
@@ -505,7 +530,16 @@ class DecoderLayer(nn.Module):
         self.mlp = (
             MLP(cfg.hidden_size, cfg.intermediate_size, dtype, device, tp, reduce=False)
             if dense
-            else MoE(cfg, fused_max_tokens, dtype, device, tp, fusions.router, fusions.expert_sum)
+            else MoE(
+                cfg,
+                fused_max_tokens,
+                dtype,
+                device,
+                tp,
+                fusions.router,
+                fusions.expert_sum,
+                fusions.router_parts,
+            )
         )
 
     def forward(self, x, residual, ctx, cos_sin, kv_cache):
