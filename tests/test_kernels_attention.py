@@ -61,7 +61,7 @@ def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
     return out
 
 
-def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False):
+def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False, blocks=None):
     """new_kv: the new tokens' k/v passed apart (v a strided view, as a fused projection leaves
     it), and their cache rows then overwritten with NaN: the kernel must read them apart."""
     hq, hk = heads
@@ -86,7 +86,7 @@ def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, ne
         extra = {"k_new": kv[..., :head_dim].contiguous(), "v_new": kv[..., head_dim:]}
         k_cache[rows], v_cache[rows] = float("nan"), float("nan")
     with nan_filled_allocations():
-        out = prefill_attention(*args, **extra)
+        out = prefill_attention(*args, **extra, blocks=blocks)
     assert out.shape == (q.shape[0], hq, v_dim or head_dim) and not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
@@ -136,6 +136,18 @@ def test_decode_attention_gives_zeros_for_an_empty_context(interpreter):
 @pytest.mark.parametrize("new_kv", [False, True], ids=["cache", "new-kv"])
 def test_prefill_attention_matches_reference_in_interpreter(interpreter, new_and_prefix, head_dim, new_kv):
     check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu", new_kv=new_kv)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])  # grid (blocks, heads); (heads, blocks); reversed blocks
+@pytest.mark.parametrize("head_dim", [48, 64])  # padded head dims: the new tokens' loads masked
+def test_prefill_attention_new_kv_in_any_grid_order(interpreter, order, head_dim):
+    """Query blocks of two key blocks each (BLOCK_M 32, BLOCK_N 16): the new tokens before a block
+    are read in whole key blocks, unmasked; the requests' lengths (and cached prefixes, read in
+    blocks of 16 or 32) cross both block edges."""
+    new_and_prefix = [(70, 0), (33, 20), (1, 5), (16, 0), (47, 16), (20, 70)]
+    for prefix_block in (16, 32):  # the cached prefix's blocks: those of the new tokens, or wider
+        blocks = (32, 16, 4, 1, order, prefix_block)
+        check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu", new_kv=True, blocks=blocks)
 
 
 def test_prefill_attention_handles_mha_and_wide_gqa(interpreter):

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .attention_block import attend_block, attend_init, attend_ref, attend_result, attend_rows
+from .attention_block import attend_block, attend_init, attend_ref, attend_result, attend_rows, attend_tile
 from .backend import jit, tl, triton, use_triton
 
 
@@ -110,15 +110,24 @@ def _prefill_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # context tokens per iteration
+    BLOCK_NP: tl.constexpr,  # with NEW_KV: cached-prefix tokens per iteration (gathered through the table)
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     BLOCK_DV: tl.constexpr,  # >= V_DIM, a power of two
     NEW_KV: tl.constexpr,  # the new tokens' k/v from K_NEW/V_NEW (contiguous), the prefix's from the cache
+    ORDER: tl.constexpr,  # 0: grid (blocks, heads); 1: (heads, blocks), so that the query heads of a kv
+    # head run together; 2: as 1 with the blocks in reverse, the longest (a request's last) first
 ):  # fmt: skip
     # one program: BLOCK_M queries of one request and one query head. Request b owns programs
     # q_start[b] // BLOCK_M + b onwards, which leaves it at least cdiv(n_b, BLOCK_M) of them and
     # bounds the grid by T // BLOCK_M + B without reading lengths on the host.
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
+    if ORDER == 0:
+        pid = tl.program_id(0)
+        head = tl.program_id(1)
+    else:
+        pid = tl.program_id(1)
+        head = tl.program_id(0)
+        if ORDER == 2:
+            pid = tl.num_programs(1) - 1 - pid
 
     # -- find this program's request: the last b with q_start[b] // BLOCK_M + b <= pid --
     lo = pid * 0
@@ -160,28 +169,34 @@ def _prefill_kernel(
         # new tokens at their rows of K_NEW/V_NEW: whole blocks before this block's first query,
         # the causal mask on the rest
         prefix = seq_len - num_new
-        whole = prefix // BLOCK_N * BLOCK_N
-        for n in range(0, whole, BLOCK_N):
+        whole = prefix // BLOCK_NP * BLOCK_NP
+        for n in range(0, whole, BLOCK_NP):
             m_i, l_i, acc = attend_block(
-                q, m_i, l_i, acc, n + tl.arange(0, BLOCK_N), whole, whole, req_row, k_head, v_head,
+                q, m_i, l_i, acc, n + tl.arange(0, BLOCK_NP), whole, whole, req_row, k_head, v_head,
                 stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
                 PRECISION=PRECISION,
             )  # fmt: skip
         if whole < prefix:
             m_i, l_i, acc = attend_block(
-                q, m_i, l_i, acc, whole + tl.arange(0, BLOCK_N), prefix, prefix, req_row, k_head, v_head,
+                q, m_i, l_i, acc, whole + tl.arange(0, BLOCK_NP), prefix, prefix, req_row, k_head, v_head,
                 stride_k_s, stride_v_s, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=True,
                 PRECISION=PRECISION,
             )  # fmt: skip
         kn_head, vn_head = K_NEW + kv_head * stride_kn_h, V_NEW + kv_head * stride_vn_h
         first = m_block * BLOCK_M  # new tokens before it: seen by every query of the block
-        for j in range(0, first, BLOCK_N):
-            offs_j = j + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc = attend_rows(
-                q, m_i, l_i, acc, (q_beg + offs_j).to(tl.int64), offs_j < first, offs_j, first, kn_head,
-                vn_head, stride_kn_t, stride_vn_t, offs_d, mask_d, offs_dv, mask_dv, qk_scale, MASKED=False,
-                PRECISION=PRECISION,
+        # whole blocks of rows that all exist (BLOCK_M is a multiple of BLOCK_N): pointers stepped
+        # along, loads without a row mask
+        offs_n = tl.arange(0, BLOCK_N)
+        rows_n = (q_beg + offs_n).to(tl.int64)
+        kn_ptrs = kn_head + rows_n[:, None] * stride_kn_t + offs_d[None, :]
+        vn_ptrs = vn_head + rows_n[:, None] * stride_vn_t + offs_dv[None, :]
+        for _ in range(0, first, BLOCK_N):
+            m_i, l_i, acc = attend_tile(
+                q, m_i, l_i, acc, kn_ptrs, vn_ptrs, mask_d, mask_dv, qk_scale, first, offs_n, MASKED=False,
+                FULL_D=(BLOCK_D == HEAD_DIM) and (BLOCK_DV == V_DIM), PRECISION=PRECISION,
             )  # fmt: skip
+            kn_ptrs += BLOCK_N * stride_kn_t
+            vn_ptrs += BLOCK_N * stride_vn_t
         for j in range(first, tl.minimum(num_new, first + BLOCK_M), BLOCK_N):
             offs_j = j + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = attend_rows(
@@ -211,18 +226,21 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
 
 
-def _blocks(q: Tensor, batch: int, new_kv: bool = False) -> tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages, from shapes known on the host (measured on H100;
-    with new_kv on an H200, perf/prefill_attention_bench.py --sweep, 2026-11-30: 128x128 with 8
-    warps 0.389 ms at 4k causal and 0.640 ms for 4 x 1024 after 3072 cached, against 0.615 and
-    1.003 ms with the gathering kernel's 128x64 and 4 warps)."""
+def _blocks(q: Tensor, batch: int, new_kv: bool = False) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, grid order, prefix BLOCK_N) from shapes known on
+    the host (measured on H100; with new_kv on an H200, perf/prefill_attention_bench.py --sweep,
+    2026-11-30, at 4k causal: 128x128 with 8 warps 0.389 ms against 0.615 ms with the gathering
+    kernel's 128x64 and 4 warps; then, with the new tokens read in whole unmasked blocks and the
+    longest query blocks first (order 2), 128x64 with 8 warps 0.320 ms, 128x128 0.336 ms; for
+    4 x 1024 new after 3072 cached the gathered prefix wants 128-token blocks: 0.638 ms against
+    0.743 ms with 64)."""
     if not q.is_cuda:
-        return 16, 16, 4, 1  # the interpreter: small blocks so that small tests cross block edges
+        return 16, 16, 4, 1, 0, 16  # the interpreter: small blocks so that small tests cross block edges
     if q.shape[-1] <= 64 or q.shape[0] < 128 * batch:
-        return 64, 64, 4, 3  # small heads, or few new tokens per request (chunked prefill)
+        return 64, 64, 4, 3, 0, 64  # small heads, or few new tokens per request (chunked prefill)
     if new_kv and q.shape[-1] <= 128 and q.element_size() <= 2:  # float32 tiles would not fit
-        return 128, 128, 8, 3  # in shared memory (393 KB asked at head dim 80, 2026-11-30)
-    return 128, 64, 4, 3
+        return 128, 64, 8, 3, 2, 128  # in shared memory (393 KB asked at head dim 80, 2026-11-30)
+    return 128, 64, 4, 3, 0, 64
 
 
 def prefill_attention(
@@ -245,8 +263,10 @@ def prefill_attention(
     in all, cached prefix included; its new token i sits at position
     seq_lens[b] - (q_start[b+1] - q_start[b]) + i and attends to cache positions 0..that position,
     found through req_to_token[req_idx[b]]. The new tokens' k and v must be stored first, and
-    q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the
-    chosen ones (perf/prefill_attention_bench.py sweeps them).
+    q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages[, order[, prefix BLOCK_N]])
+    instead of the chosen ones (order: the grid's, the kernel's ORDER; the prefix's block: with
+    k_new, the cached prefix's tokens per iteration, BLOCK_N unless given;
+    perf/prefill_attention_bench.py sweeps them).
 
     `k_new` [T, Hk, D] and `v_new` [T, Hk, Dv]: the new tokens' k and v (also stored in the cache),
     row by row as q; given, the kernel reads them there, contiguous, rather than gathering them
@@ -273,16 +293,20 @@ def prefill_attention(
     out = torch.empty((num_tokens, hq, dim_v), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
-    block_m, block_n, num_warps, num_stages = blocks or _blocks(q, batch, new_kv)
-    _prefill_kernel[(num_tokens // block_m + batch, hq)](
+    block_m, block_n, num_warps, num_stages, *rest = blocks or _blocks(q, batch, new_kv)
+    order = rest[0] if rest else 0
+    block_np = rest[1] if len(rest) > 1 else block_n
+    assert not new_kv or block_m % block_n == 0, "the new tokens are read in whole BLOCK_N blocks"
+    grid = (num_tokens // block_m + batch, hq) if order == 0 else (hq, num_tokens // block_m + batch)
+    _prefill_kernel[grid](
         q, k_cache, v_cache, req_to_token, req_idx, q_start, seq_lens, out, k_new, v_new,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         batch, scale * math.log2(math.e),
         GROUP=hq // hk, HEAD_DIM=dim, V_DIM=dim_v, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_DV=triton.next_power_of_2(dim_v), NEW_KV=new_kv,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_NP=block_np, BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_DV=triton.next_power_of_2(dim_v), NEW_KV=new_kv, ORDER=order,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
