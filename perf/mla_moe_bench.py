@@ -196,6 +196,9 @@ MOE_CONFIGS = [
         # M = 1-8: one thin row block per expert, the weights streamed
         (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 64, 256, 1, 4, 3), (16, 32, 128, 1, 4, 5),
         (16, 128, 64, 1, 4, 4), (16, 64, 64, 1, 4, 5), (16, 256, 64, 1, 8, 3),
+        # more, thinner column slices with deeper pipelines: more programs, more bytes in flight
+        (16, 16, 256, 1, 4, 4), (16, 16, 128, 1, 4, 6), (16, 32, 256, 1, 4, 4), (16, 32, 128, 1, 8, 6),
+        (16, 16, 512, 1, 4, 3),
         # tens to hundreds of rows per expert
         (32, 64, 128, 8, 4, 3), (32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3),
         (64, 128, 64, 16, 4, 4), (64, 128, 64, 8, 4, 4),
@@ -208,7 +211,8 @@ MOE_CONFIGS = [
 
 def moe_rows(args, copy: float, mm: float) -> None:
     tuned: dict[str, dict[str, dict]] = {}
-    for shape in MOE_SHAPES:
+    shapes = args.moe_shapes.split(",")
+    for shape in shapes:
         hidden, inter, experts, _ = MOE_SHAPES[shape]
         w13, w2 = moe_weights(shape)
         for tokens in args.moe_m:
@@ -225,7 +229,7 @@ def moe_rows(args, copy: float, mm: float) -> None:
         torch.cuda.empty_cache()
     if args.out and tuned:
         write_tuned(args.out, tuned)
-    for shape in MOE_SHAPES:
+    for shape in () if args.no_layers else shapes:
         shared_rows(shape, *moe_layers(shape), args.moe_m)
         torch.cuda.empty_cache()  # the layers went with the call
 
@@ -326,6 +330,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configs per case")
     parser.add_argument("--moe-m", default=MOE_M, help=f"MoE token counts M (default {MOE_M})")
     parser.add_argument("--out", help="with --sweep: write (merge) the best MoE tiles here as JSON")
+    parser.add_argument("--moe-shapes", default=",".join(MOE_SHAPES), help="MoE shapes (default: all)")
+    parser.add_argument("--no-layers", action="store_true", help="skip the MoE layer rows (shared experts)")
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]
     assert torch.cuda.is_available(), "the benchmark needs a CUDA device"
