@@ -11,9 +11,21 @@ needed); output lengths are Gaussian (mean 128, std 128) clipped to [2, 256] and
         --warmup 100 --out results.json
     python perf/plot_serve.py results.json            # latency distributions as a PNG
 
+Steady state (`--protocol steady`, the default): the clients never pause. The first `--warmup`
+requests are not counted, nor are the last `--clients` ones, which keep every client busy while the
+counted ones finish; throughput is what arrived between the first and the last counted request's
+send (tokens by their arrival, prompts by their first token, requests by their end), latencies are
+the counted requests'. `--protocol barrier` is how this script measured until 2026-11-30: the
+warm-up requests, a wait for all of them, then `--num-requests` sent from a standing start (every
+client at once) and drained to the last, all counted over that whole time. The standing start
+queues every client's prompt at once, which sets TTFT p90/p99 (~1.5/2.5 s on an H200 at 100 clients,
+1024 in, where steady state has ~0.2 s: perf/prefix_sim.py) and makes a step of large prefill
+chunks that the steady mix never has (throughput ~8% above steady state in that model).
+
 With `--duration S` clients start new requests for S seconds; those in flight then still finish and
-count, and the run's duration is measured to the last finish. Standard library + numpy only: the
-HTTP/1.1 client (keep-alive, chunked transfer, SSE) is the few functions below.
+count, and the run's duration is measured to the last finish (the barrier protocol's accounting).
+Standard library + numpy only: the HTTP/1.1 client (keep-alive, chunked transfer, SSE) is the few
+functions below.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ class BenchConfig:
     tokenizer: str | None = None
     model: str = ""
     shared_prefix: int = 0  # tokens every prompt starts with (a system prompt), before input_len unique
+    protocol: str = "steady"  # or "barrier" (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -344,15 +357,47 @@ def stats(values: list[float], scale: float) -> dict[str, float | None]:
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
 
 
-def summarize(records: list[Record], duration: float) -> dict:
+def steady_window(records: list[Record], warmup: int, counted: int) -> tuple[list[Record], dict]:
+    """The counted records (index in [warmup, warmup + counted)) and what every record delivered
+    between the first and the last counted one's send: {"window_s", "completed", "input_tokens",
+    "output_tokens"}, output tokens by the arrival of the events that carried them (a request's
+    tokens spread evenly over its events), a prompt when its first token came, a request when it
+    ended. Every client is busy throughout (the tail requests after the counted ones)."""
+    measured = [r for r in records if warmup <= r.index < warmup + counted]
+    ok = [r for r in measured if r.error is None]
+    if not ok:
+        return measured, {"window_s": 0.0, "completed": 0, "input_tokens": 0, "output_tokens": 0.0}
+    lo, hi = min(r.start for r in ok), max(r.start for r in ok)
+    done = [r for r in records if r.error is None and r.ttft is not None and r.e2e is not None]
+    out_tokens = 0.0
+    for r in done:
+        if r.chunk_times:
+            per_event = r.output_tokens / len(r.chunk_times)
+            out_tokens += per_event * sum(lo <= r.start + t <= hi for t in r.chunk_times)
+    return measured, {
+        "window_s": hi - lo,
+        "completed": sum(lo <= r.start + r.e2e <= hi for r in done),
+        "input_tokens": sum(r.prompt_tokens or r.prompt_len for r in done if lo <= r.start + r.ttft <= hi),
+        "output_tokens": out_tokens,
+    }
+
+
+def summarize(records: list[Record], duration: float, window: dict | None = None) -> dict:
+    """Over `records` and `duration`; with a steady `window` (steady_window), throughput from it and
+    the latencies of `records` (the counted ones)."""
     ok = [r for r in records if r.error is None]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens or r.prompt_len for r in ok)
+    completed = len(ok)
+    if window is not None:
+        duration, completed = window["window_s"], window["completed"]
+        in_tokens, out_tokens = window["input_tokens"], round(window["output_tokens"])
+    duration = max(duration, 1e-9)
     return {
         "requests_ok": len(ok),
         "requests_failed": len(records) - len(ok),
         "duration_s": duration,
-        "qps": len(ok) / duration,
+        "qps": completed / duration,
         "input_tokens_per_s": in_tokens / duration,
         "output_tokens_per_s": out_tokens / duration,
         "total_input_tokens": in_tokens,
@@ -376,7 +421,8 @@ def print_table(cfg: BenchConfig, s: dict) -> None:
         f"output ~N({cfg.output_mean:g}, {cfg.output_std:g}) in [{cfg.output_min}, {cfg.output_max}], "
         f"model {cfg.model!r}, api {cfg.api}"
     )
-    print(f"  requests   {s['requests_ok']} ok, {s['requests_failed']} failed in {s['duration_s']:.2f} s")
+    how = "a steady window of" if s.get("protocol") == "steady" else "in"
+    print(f"  requests   {s['requests_ok']} ok, {s['requests_failed']} failed; {how} {s['duration_s']:.2f} s")
     print(f"  QPS        {s['qps']:.2f}")
     print(f"  tokens/s   input {s['input_tokens_per_s']:.0f}, output {s['output_tokens_per_s']:.0f}")
     print(f"  {'':<10}" + "".join(f"{k:>10}" for k in s["ttft_ms"]))
@@ -435,6 +481,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--id-low", type=int, default=1000, help="prompt token ids are drawn from [low, high)")
     p.add_argument("--id-high", type=int, default=20000)
     p.add_argument("--warmup", type=int, default=10, help="requests sent first and not counted")
+    p.add_argument(
+        "--protocol",
+        choices=["steady", "barrier"],
+        default="steady",
+        help="steady: no pause after the warm-up, throughput over a window with every client busy;"
+        " barrier: the measured requests from a standing start, drained (before 2026-11-30)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--wait-ready", type=float, default=0.0, help="seconds to wait for the server")
@@ -452,9 +505,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def steady(cfg: BenchConfig) -> bool:
+    return cfg.protocol == "steady" and not cfg.duration
+
+
 async def bench(cfg: BenchConfig, lags: list[float]) -> tuple[list[Record], float]:
-    """The warm-up phase, then the measured one; `lags` gets the client loop's lag during the latter."""
+    """Steady: one phase of warm-up + counted + tail requests, every record returned (`summarize`
+    picks the counted ones and the window). Barrier: the warm-up phase, then the measured one.
+    `lags` gets the client loop's lag during the measured phase."""
     to_text = text_prompts(cfg) if cfg.api == "native" else None
+    if steady(cfg):
+        total = cfg.warmup + cfg.num_requests + cfg.clients
+        workload = Workload(cfg, cfg.seed, total, None, to_text)
+        watch = asyncio.create_task(loop_lag(lags))
+        try:
+            return await run_phase(cfg, workload, cfg.clients)
+        finally:
+            watch.cancel()
     if cfg.warmup:
         workload = Workload(cfg, cfg.seed + 1, cfg.warmup, to_text=to_text)
         warm, _ = await run_phase(cfg, workload, min(cfg.clients, cfg.warmup))
@@ -477,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, model=served_model(cfg.url, args.wait_ready))
     lags: list[float] = []
     records, duration = asyncio.run(bench(cfg, lags))
-    summary = summarize(records, duration)
+    if steady(cfg):
+        records, window = steady_window(records, cfg.warmup, cfg.num_requests)
+        summary = summarize(records, duration, window)
+    else:
+        summary = summarize(records, duration)
+    summary["protocol"] = "steady" if steady(cfg) else "barrier"
     summary["client_loop_lag_ms"] = stats(lags, 1e3)
     if args.out:
         recs = [{**dataclasses.asdict(r), "output_tokens": r.output_tokens, "tpot": r.tpot} for r in records]

@@ -1,0 +1,78 @@
+"""perf/serve_bench.py's steady-state accounting (`steady_window`) on made-up records, and the
+prefix-cache simulation's protocols (perf/prefix_sim.py) on the real scheduler."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+PERF = os.path.join(os.path.dirname(__file__), "..", "perf")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(PERF, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load("serve_bench")
+
+
+def record(bench, index, start, ttft, e2e, tokens, prompt=100, error=None):
+    """A request sent at `start` whose `tokens` tokens arrive one an event, evenly from ttft to e2e."""
+    step = (e2e - ttft) / max(tokens - 1, 1)
+    r = bench.Record(index, prompt, tokens, start=start, ttft=ttft, e2e=e2e, error=error)
+    r.chunk_times = [ttft + i * step for i in range(tokens)]
+    r.token_events = r.usage_tokens = tokens
+    r.prompt_tokens = prompt
+    return r
+
+
+def test_steady_window_counts_only_what_arrived_between_the_counted_sends(bench):
+    # warm-up 0-1, counted 2-4 (sent at 10, 12, 14: the window is [10, 14]), tail 5
+    records = [
+        record(bench, 0, 0.0, 1.0, 11.0, 11),  # tokens at 1..11: 11 - 10 + 1 = 2 inside
+        record(bench, 1, 0.0, 9.0, 13.0, 5),  # first token at 9 (outside), tokens 9..13: 4 inside
+        record(bench, 2, 10.0, 1.0, 3.0, 3),  # all inside, ends at 13
+        record(bench, 3, 12.0, 1.0, 5.0, 5),  # 13..17: 13, 14 inside; prompt inside
+        record(bench, 4, 14.0, 5.0, 9.0, 2),  # first token at 19: nothing inside
+        record(bench, 5, 13.0, 0.5, 0.9, 2),  # a tail request: 13.5, 13.9 inside, ends inside
+    ]
+    measured, window = bench.steady_window(records, warmup=2, counted=3)
+    assert [r.index for r in measured] == [2, 3, 4]
+    assert window["window_s"] == pytest.approx(4.0)
+    assert window["output_tokens"] == pytest.approx(2 + 4 + 3 + 2 + 0 + 2)
+    assert window["completed"] == 4  # ends at 11, 13, 13 and 13.9
+    assert window["input_tokens"] == 3 * 100  # first tokens at 11, 13 and 13.5
+    s = bench.summarize(measured, 99.0, window)
+    assert s["requests_ok"] == 3 and s["duration_s"] == pytest.approx(4.0)
+    assert s["output_tokens_per_s"] == pytest.approx(13 / 4) and s["qps"] == pytest.approx(1.0)
+    assert s["ttft_ms"]["p50"] == pytest.approx(1000.0)  # the counted requests' latencies
+
+
+def test_steady_window_ignores_failed_requests_and_survives_none_counted(bench):
+    records = [record(bench, 0, 0.0, 1.0, 2.0, 2), record(bench, 1, 1.0, 1.0, 2.0, 2, error="HTTP 500")]
+    measured, window = bench.steady_window(records, warmup=1, counted=1)
+    assert [r.index for r in measured] == [1] and window["window_s"] == 0.0
+    assert bench.summarize(measured, 5.0, window)["requests_failed"] == 1
+
+
+def test_prefix_sim_protocols_run_the_real_scheduler():
+    sim = load("prefix_sim")
+
+    class Args:
+        clients, requests, max_running, kv_tokens, warmup = 8, 16, 16, 100_000, 8
+        shared, input_len, output_mean, output_std, output_min, output_max = 64, 16, 8, 0, 8, 8
+
+    with_cache = sim.simulate(Args, 256, True)
+    without = sim.simulate(Args, 256, False)
+    barrier = sim.simulate(Args, 256, True, protocol="barrier")
+    for r in (with_cache, without, barrier):
+        assert r["qps"] > 0 and r["ttft_p50"] > 0 and r["tpot_p50"] > 0
+    # the shared 64 tokens are computed once with the cache: its prompts' steps are shorter
+    assert with_cache["ttft_p50"] < without["ttft_p50"]
