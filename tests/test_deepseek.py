@@ -271,6 +271,38 @@ def test_triton_kernels_in_the_interpreter_give_the_same_logits(model, built, in
     torch.testing.assert_close(decode, expected[12:], atol=1e-4, rtol=1e-4)
 
 
+def test_small_batch_decode_takes_the_triton_mla_products_in_the_interpreter(
+    model, built, interpreter, monkeypatch
+):
+    """At <= GEMV_MAX_ROWS decode rows the default build absorbs W_UK with `mla_absorb_q` and has
+    the MLA merge apply W_UV (the unfused build: two bmm), with the same logits as HF."""
+    import lightllm_async.models.deepseek as deepseek
+
+    cfg, _, _, hf, _ = model
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append((name, kwargs.get("w_uv") is not None))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(deepseek, "mla_absorb_q", counted("absorb", deepseek.mla_absorb_q))
+    monkeypatch.setattr(deepseek, "mla_decode_attention", counted("attend", deepseek.mla_decode_attention))
+    ids = torch.randint(3, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0, -1].float()
+    for kind, want in (("default", {("absorb", False), ("attend", True)}), ("unfused", {("attend", False)})):
+        calls.clear()
+        kv = MLAKVCache.allocate(cfg, 32, torch.float32, "cpu")
+        built[kind](ids[:8], _ctx(list(range(8)), 8, False), kv)
+        calls.clear()  # the prefill's
+        decode = built[kind](ids[8:], _ctx([8], 9, True), kv)
+        assert set(calls) == want and len(calls) == cfg.num_layers * len(want)
+        torch.testing.assert_close(decode[0], expected, atol=1e-4, rtol=1e-4)
+
+
 def _moe_pair(cfg: ModelConfig, fused_max_tokens: int) -> tuple[MoE, MoE]:
     """An MoE layer with its shared experts as a separate MLP and the same one fused up to
     `fused_max_tokens`, as loaded."""
