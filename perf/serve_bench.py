@@ -517,19 +517,15 @@ async def bench(cfg: BenchConfig, lags: list[float]) -> tuple[list[Record], floa
     if steady(cfg):
         total = cfg.warmup + cfg.num_requests + cfg.clients
         workload = Workload(cfg, cfg.seed, total, None, to_text)
-        watch = asyncio.create_task(loop_lag(lags))
-        try:
-            return await run_phase(cfg, workload, cfg.clients)
-        finally:
-            watch.cancel()
-    if cfg.warmup:
-        workload = Workload(cfg, cfg.seed + 1, cfg.warmup, to_text=to_text)
-        warm, _ = await run_phase(cfg, workload, min(cfg.clients, cfg.warmup))
-        if failed := [r for r in warm if r.error]:
-            print(f"warmup: {len(failed)} of {len(warm)} failed: {failed[0].error}", file=sys.stderr)
-    deadline = time.perf_counter() + cfg.duration if cfg.duration else None
-    count = None if cfg.duration else cfg.num_requests
-    workload = Workload(cfg, cfg.seed, count, deadline, to_text)
+    else:
+        if cfg.warmup:
+            warmup = Workload(cfg, cfg.seed + 1, cfg.warmup, to_text=to_text)
+            warm, _ = await run_phase(cfg, warmup, min(cfg.clients, cfg.warmup))
+            if failed := [r for r in warm if r.error]:
+                print(f"warmup: {len(failed)} of {len(warm)} failed: {failed[0].error}", file=sys.stderr)
+        deadline = time.perf_counter() + cfg.duration if cfg.duration else None
+        count = None if cfg.duration else cfg.num_requests
+        workload = Workload(cfg, cfg.seed, count, deadline, to_text)
     watch = asyncio.create_task(loop_lag(lags))
     try:
         return await run_phase(cfg, workload, cfg.clients)
