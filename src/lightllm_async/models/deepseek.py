@@ -98,9 +98,8 @@ class Fusions:
     # decode at <= GEMV_MAX_ROWS rows (Triton), so that the step stays one chain of kernels that
     # start early (programmatic dependent launch), where cuBLAS's cannot:
     mla_gemv: bool = True  # W_UK's per-head product one kernel, W_UV's inside the chunk merge
-    router_parts: bool = (
-        True  # the router's logits as partial sums over hidden slices, summed by select_experts
-    )
+    # the router's logits as partial sums over hidden slices, which select_experts adds up
+    router_parts: bool = True
 
     @classmethod
     def off(cls) -> Fusions:
