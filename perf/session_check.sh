@@ -18,6 +18,8 @@
 #            DeepSeek-V2-Lite step at CHAIN_BATCHES (1,8) in separate processes, CHAIN_VARIANTS
 #            (name:ENV=V;ENV=V): now; "cublas" (those three through cuBLAS, as before); the in/out
 #            projections through the skinny GEMV too (LLA_SKINNY_LINEAR=all); PDL off
+#   tma      the prefill attention GPU tests (the tensor-descriptor experiment among them), then
+#            perf/prefill_attention_bench.py (its rows print as measured: TMA beside the chosen blocks)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -74,6 +76,12 @@ for stage in $STAGES; do
         --context 1024 --max-running 8 --top-kernels 24 --out "${log%.log}.json" >"$log" 2>&1
       echo "chain $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -2
     done ;;
+  tma)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k prefill \
+      >"$OUT/tma_test.log" 2>&1
+    echo "prefill tests exit $?"; grep -E "passed|failed|Error" "$OUT/tma_test.log" | tail -4
+    timeout ${TMA_S:-200} python3 perf/prefill_attention_bench.py >"$OUT/prefill.log" 2>&1
+    echo "prefill bench exit $?"; head -1 "$OUT/prefill.log"; grep "^  \. " "$OUT/prefill.log" | cut -c5- ;;
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;

@@ -2,7 +2,7 @@
 launch config costs: registers per thread, local-memory stack (spills), shared memory, and whether
 the products became tensor-core instructions (mma.sync, or wgmma from 64-row tiles).
 
-    python perf/sm90_compile_check.py [mla|moe|allreduce|skinny]
+    python perf/sm90_compile_check.py [mla|moe|allreduce|skinny|prefill]
 
 The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
 the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
@@ -54,7 +54,7 @@ def report(name: str, fn, types: dict, constexprs: dict, num_warps: int = 4, num
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
     regs, stack = re.search(r"REG:(\d+)", usage).group(1), re.search(r"STACK:(\d+)", usage).group(1)
-    ptx = kernel.asm["ptx"]
+    ptx = LAST_PTX[0] = kernel.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
     print(f"{name:<52} regs {regs:>3}  stack {stack:>5}  smem {kernel.metadata.shared:>6}  {mma}", flush=True)
 
@@ -144,7 +144,30 @@ def skinny() -> None:
         report(name, SK._skinny_linear_kernel, types, consts, c.num_warps, c.num_stages)
 
 
+def prefill() -> None:
+    """Prefill attention with the new tokens' k/v passed apart (Llama-3-8B heads, bf16), at the
+    chosen blocks, with and without the tensor-descriptor (TMA) reads of their whole key blocks;
+    `tma` says whether the PTX holds TMA copies (cp.async.bulk.tensor)."""
+    P = importlib.import_module("lightllm_async.kernels.prefill_attention")
+    types = {n: "*bf16" for n in ("Q", "K_CACHE", "V_CACHE", "OUT", "K_NEW", "V_NEW")}
+    types.update({n: "*i32" for n in ("REQ_TO_TOKEN", "REQ_IDX", "Q_START", "SEQ_LENS")}, qk_scale="fp32")
+    for block_m, block_n, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 3)):
+        for tma in (False, True):
+            desc = f"tensordesc<bf16[{block_n}, 128]>" if tma else "constexpr"
+            consts = dict(GROUP=4, HEAD_DIM=128, V_DIM=128, PRECISION="tf32", BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_NP=128, BLOCK_D=128, BLOCK_DV=128, NEW_KV=True,
+                          ORDER=2, TMA=tma)  # fmt: skip
+            if not tma:
+                consts.update(KN_DESC=None, VN_DESC=None)
+            name = f"prefill {block_m}x{block_n} w{warps} s{stages} tma={tma}"
+            all_types = {**types, "KN_DESC": desc, "VN_DESC": desc}
+            report(name, P._prefill_kernel, all_types, consts, warps, stages)
+            print(f"    TMA copies in the PTX: {'cp.async.bulk.tensor' in LAST_PTX[0]}")
+
+
+LAST_PTX = [""]
+
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["mla", "moe", "allreduce", "skinny"]
+    which = sys.argv[1:] or ["mla", "moe", "allreduce", "skinny", "prefill"]
     for part in which:
-        {"mla": mla, "moe": moe, "allreduce": allreduce, "skinny": skinny}[part]()
+        {"mla": mla, "moe": moe, "allreduce": allreduce, "skinny": skinny, "prefill": prefill}[part]()

@@ -15,6 +15,7 @@ from lightllm_async.kernels import (
     store_kv_ref,
     use_triton,
 )
+from lightllm_async.kernels.prefill_attention import _descriptors
 from lightllm_async.kernels.testing import (
     TOLERANCE,
     nan_filled_allocations,
@@ -61,7 +62,9 @@ def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
     return out
 
 
-def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False, blocks=None):
+def check_prefill(
+    new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False, blocks=None, packed_kv=False
+):
     """new_kv: the new tokens' k/v passed apart (v a strided view, as a fused projection leaves
     it), and their cache rows then overwritten with NaN: the kernel must read them apart."""
     hq, hk = heads
@@ -84,6 +87,9 @@ def check_prefill(new_and_prefix, heads, head_dim, dtype, device, v_dim=None, ne
         )
         kv = torch.cat([k_cache[rows], v_cache[rows]], dim=-1)  # [T, Hk, D + Dv]
         extra = {"k_new": kv[..., :head_dim].contiguous(), "v_new": kv[..., head_dim:]}
+        if packed_kv:  # k then v of a row, each [Hk, D] packed (a fused qkv projection's layout)
+            both = torch.stack([k_cache[rows], v_cache[rows]], dim=1)  # [T, 2, Hk, D]
+            extra = {"k_new": both[:, 0], "v_new": both[:, 1]}
         k_cache[rows], v_cache[rows] = float("nan"), float("nan")
     with nan_filled_allocations():
         out = prefill_attention(*args, **extra, blocks=blocks)
@@ -148,6 +154,20 @@ def test_prefill_attention_new_kv_in_any_grid_order(interpreter, order, head_dim
     for prefix_block in (16, 32):  # the cached prefix's blocks: those of the new tokens, or wider
         blocks = (32, 16, 4, 1, order, prefix_block)
         check_prefill(new_and_prefix, (4, 2), head_dim, torch.float32, "cpu", new_kv=True, blocks=blocks)
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_prefill_attention_reads_the_new_keys_through_tensor_descriptors(interpreter, order):
+    """The TMA experiment (`blocks`' 7th field): the new tokens' whole key blocks through tensor
+    descriptors of k/v as [T, Hk * D] (packed heads, as a fused qkv projection leaves them)."""
+    k = torch.zeros(40, 2, 2, 64)
+    assert all(d is not None for d in _descriptors(k[:, 0], k[:, 1], 16))  # taken for this layout
+    assert _descriptors(k[:, 0, :, :48], k[:, 1, :, :48], 16) == (None, None)  # padded heads: not
+    new_and_prefix = [(70, 0), (33, 20), (1, 5), (47, 16), (20, 70)]
+    blocks = (32, 16, 4, 1, order, 32, True)
+    check_prefill(
+        new_and_prefix, (4, 2), 64, torch.float32, "cpu", new_kv=True, blocks=blocks, packed_kv=True
+    )
 
 
 def test_prefill_attention_handles_mha_and_wide_gqa(interpreter):
@@ -247,6 +267,16 @@ def test_prefill_attention_matches_reference_on_gpu(gpu, head_dim):
     new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
     check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda")
     check_prefill(new_and_prefix, (32, 8), head_dim, torch.bfloat16, "cuda", new_kv=True)
+
+
+@pytest.mark.gpu
+def test_prefill_attention_through_tensor_descriptors_on_gpu(gpu):
+    """The TMA experiment at Llama-3-8B's heads: whole new-key blocks through TMA copies."""
+    new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (2048, 2048), (129, 127)]
+    for blocks in ((128, 64, 8, 3, 2, 128, True), (128, 128, 8, 3, 2, 128, True)):
+        check_prefill(
+            new_and_prefix, (32, 8), 128, torch.bfloat16, "cuda", new_kv=True, blocks=blocks, packed_kv=True
+        )
 
 
 @pytest.mark.gpu

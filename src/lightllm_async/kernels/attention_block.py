@@ -92,12 +92,21 @@ def attend_tile(q, m_i, l_i, acc, K_PTRS, V_PTRS, mask_d, mask_dv, qk_scale, lim
                 MASKED: tl.constexpr, FULL_D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """attend_rows for a whole block of keys and values at given pointers ([BLOCK_N, BLOCK_D] and
     [BLOCK_N, BLOCK_DV]), every row there to be read: loads with no row mask, none at all where the
-    head dims fill the block (FULL_D), and the scale applied with the maximum's subtraction (one
-    fused multiply-add per score). MASKED: positions offs_n >= limit ([M, 1]) score -inf."""
+    head dims fill the block (FULL_D); then `attend_kv`."""
     if FULL_D:  # noqa: SIM108 (a constexpr branch, folded by Triton)
         k = tl.load(K_PTRS)
+        v = tl.load(V_PTRS)
     else:
         k = tl.load(K_PTRS, mask=mask_d[None, :], other=0.0)
+        v = tl.load(V_PTRS, mask=mask_dv[None, :], other=0.0)
+    return attend_kv(q, m_i, l_i, acc, k, v, qk_scale, limit, offs_n, MASKED=MASKED, PRECISION=PRECISION)
+
+
+@jit
+def attend_kv(q, m_i, l_i, acc, k, v, qk_scale, limit, offs_n, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of loaded keys k [BLOCK_N, BLOCK_D] and values v [BLOCK_N, BLOCK_DV] into the running
+    state, the scale applied with the maximum's subtraction (one fused multiply-add per score).
+    MASKED: positions offs_n >= limit ([M, 1]) score -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, BLOCK_N], unscaled
     if MASKED:
         s = tl.where(offs_n[None, :] < limit, s, float("-inf"))
@@ -105,10 +114,6 @@ def attend_tile(q, m_i, l_i, acc, K_PTRS, V_PTRS, mask_d, mask_dv, qk_scale, lim
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if FULL_D:  # noqa: SIM108
-        v = tl.load(V_PTRS)
-    else:
-        v = tl.load(V_PTRS, mask=mask_dv[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 

@@ -9,7 +9,15 @@ import math
 import torch
 from torch import Tensor
 
-from .attention_block import attend_block, attend_init, attend_ref, attend_result, attend_rows, attend_tile
+from .attention_block import (
+    attend_block,
+    attend_init,
+    attend_kv,
+    attend_ref,
+    attend_result,
+    attend_rows,
+    attend_tile,
+)
 from .backend import jit, tl, triton, use_triton
 
 
@@ -114,6 +122,9 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     BLOCK_DV: tl.constexpr,  # >= V_DIM, a power of two
     NEW_KV: tl.constexpr,  # the new tokens' k/v from K_NEW/V_NEW (contiguous), the prefix's from the cache
+    KN_DESC,  # with TMA: a tensor descriptor of K_NEW as [T, Hk * D], [BLOCK_N, D] blocks (else None)
+    VN_DESC,  # with TMA: the same of V_NEW as [T, Hk * Dv]
+    TMA: tl.constexpr,  # the new tokens' whole key blocks through the descriptors (Hopper: TMA loads)
     ORDER: tl.constexpr,  # 0: grid (blocks, heads); 1: (heads, blocks), so that the query heads of a kv
     # head run together; 2: as 1 with the blocks in reverse, the longest (a request's last) first
 ):  # fmt: skip
@@ -190,13 +201,21 @@ def _prefill_kernel(
         rows_n = (q_beg + offs_n).to(tl.int64)
         kn_ptrs = kn_head + rows_n[:, None] * stride_kn_t + offs_d[None, :]
         vn_ptrs = vn_head + rows_n[:, None] * stride_vn_t + offs_dv[None, :]
-        for _ in range(0, first, BLOCK_N):
-            m_i, l_i, acc = attend_tile(
-                q, m_i, l_i, acc, kn_ptrs, vn_ptrs, mask_d, mask_dv, qk_scale, first, offs_n, MASKED=False,
-                FULL_D=(BLOCK_D == HEAD_DIM) and (BLOCK_DV == V_DIM), PRECISION=PRECISION,
-            )  # fmt: skip
-            kn_ptrs += BLOCK_N * stride_kn_t
-            vn_ptrs += BLOCK_N * stride_vn_t
+        if TMA:  # the descriptors cover whole rows of heads: this kv head's columns
+            for j in range(0, first, BLOCK_N):
+                k = KN_DESC.load([q_beg + j, kv_head * HEAD_DIM])
+                v = VN_DESC.load([q_beg + j, kv_head * V_DIM])
+                m_i, l_i, acc = attend_kv(
+                    q, m_i, l_i, acc, k, v, qk_scale, first, offs_n, MASKED=False, PRECISION=PRECISION
+                )
+        else:
+            for _ in range(0, first, BLOCK_N):
+                m_i, l_i, acc = attend_tile(
+                    q, m_i, l_i, acc, kn_ptrs, vn_ptrs, mask_d, mask_dv, qk_scale, first, offs_n,
+                    MASKED=False, FULL_D=(BLOCK_D == HEAD_DIM) and (BLOCK_DV == V_DIM), PRECISION=PRECISION,
+                )  # fmt: skip
+                kn_ptrs += BLOCK_N * stride_kn_t
+                vn_ptrs += BLOCK_N * stride_vn_t
         for j in range(first, tl.minimum(num_new, first + BLOCK_M), BLOCK_N):
             offs_j = j + tl.arange(0, BLOCK_N)
             m_i, l_i, acc = attend_rows(
@@ -243,6 +262,31 @@ def _blocks(q: Tensor, batch: int, new_kv: bool = False) -> tuple[int, ...]:
     return 128, 64, 4, 3, 0, 64
 
 
+def _descriptors(k_new: Tensor, v_new: Tensor, block_n: int) -> tuple[object, object] | tuple[None, None]:
+    """Tensor descriptors of the new tokens' k and v as [T, heads * dim] matrices read in [block_n,
+    dim] blocks (on Hopper the loads become TMA copies), or (None, None) where they cannot be: head
+    dims not a power of two (the block would pad them), heads not packed within a row, or rows and
+    bases not 16-byte aligned as TMA needs."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # a Triton without them
+        return None, None
+    views = []
+    for t in (k_new, v_new):
+        t_rows, heads, dim = t.shape
+        size = t.element_size()
+        if (
+            dim != triton.next_power_of_2(dim)
+            or t.stride(1) != dim
+            or (t.stride(0) * size) % 16
+            or t.data_ptr() % 16
+        ):
+            return None, None
+        view = t.as_strided((t_rows, heads * dim), (t.stride(0), 1))
+        views.append(TensorDescriptor.from_tensor(view, [block_n, dim]))
+    return views[0], views[1]
+
+
 def prefill_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -263,9 +307,11 @@ def prefill_attention(
     in all, cached prefix included; its new token i sits at position
     seq_lens[b] - (q_start[b+1] - q_start[b]) + i and attends to cache positions 0..that position,
     found through req_to_token[req_idx[b]]. The new tokens' k and v must be stored first, and
-    q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages[, order[, prefix BLOCK_N]])
-    instead of the chosen ones (order: the grid's, the kernel's ORDER; the prefix's block: with
-    k_new, the cached prefix's tokens per iteration, BLOCK_N unless given;
+    q_start[B] must be T. `blocks`: (BLOCK_M, BLOCK_N, num_warps, num_stages[, order[, prefix
+    BLOCK_N[, tma]]]) instead of the chosen ones (order: the grid's, the kernel's ORDER; the
+    prefix's block: with k_new, the cached prefix's tokens per iteration, BLOCK_N unless given;
+    tma: with k_new, its whole key blocks through tensor descriptors where `_descriptors` allows,
+    an experiment;
     perf/prefill_attention_bench.py sweeps them).
 
     `k_new` [T, Hk, D] and `v_new` [T, Hk, Dv]: the new tokens' k and v (also stored in the cache),
@@ -296,6 +342,9 @@ def prefill_attention(
     block_m, block_n, num_warps, num_stages, *rest = blocks or _blocks(q, batch, new_kv)
     order = rest[0] if rest else 0
     block_np = rest[1] if len(rest) > 1 else block_n
+    kn_desc = vn_desc = None
+    if len(rest) > 2 and rest[2] and new_kv:
+        kn_desc, vn_desc = _descriptors(k_new, v_new, block_n)
     assert not new_kv or block_m % block_n == 0, "the new tokens are read in whole BLOCK_N blocks"
     grid = (num_tokens // block_m + batch, hq) if order == 0 else (hq, num_tokens // block_m + batch)
     _prefill_kernel[grid](
@@ -307,6 +356,7 @@ def prefill_attention(
         GROUP=hq // hk, HEAD_DIM=dim, V_DIM=dim_v, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_NP=block_np, BLOCK_D=triton.next_power_of_2(dim),
         BLOCK_DV=triton.next_power_of_2(dim_v), NEW_KV=new_kv, ORDER=order,
+        KN_DESC=kn_desc, VN_DESC=vn_desc, TMA=kn_desc is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
