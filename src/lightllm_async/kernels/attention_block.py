@@ -68,23 +68,16 @@ def attend_rows(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """attend_block's body, for keys and values found by row: through the request's cache rows
-    (attend_block), or at contiguous rows (a step's new tokens, prefill_attention's NEW_KV)."""
-    # -- this block's keys and scores --
-    k_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K_HEAD + rows[:, None] * stride_k_s + offs_d[None, :], mask=k_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, BLOCK_N]
-    if MASKED:
-        s = tl.where(offs_n[None, :] < limit, s, float("-inf"))
-
-    # -- rescale the running sums to the new maximum, then add the block --
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    (attend_block), or at contiguous rows (a step's new tokens, prefill_attention's NEW_KV): the
+    rows' masked loads, then `attend_kv`."""
+    k = tl.load(
+        K_HEAD + rows[:, None] * stride_k_s + offs_d[None, :],
+        mask=mask_n[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     v_mask = mask_n[:, None] & mask_dv[None, :]
     v = tl.load(V_HEAD + rows[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    return attend_kv(q, m_i, l_i, acc, k, v, qk_scale, limit, offs_n, MASKED=MASKED, PRECISION=PRECISION)
 
 
 @jit
