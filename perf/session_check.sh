@@ -21,6 +21,15 @@
 #   tma      the prefill attention GPU tests (the tensor-descriptor experiment among them), then
 #            perf/prefill_attention_bench.py (its rows print as measured: TMA beside the chosen blocks)
 #   role     tests/test_pd_role_gpu.py: --role prefill (GPU 0) / decode (GPU 1) over NCCL, router
+#   steady   2026-11-30 (sixth session): the serving figures again with serve_bench's steady protocol.
+#            bf16 matmul rate first (the must-show's denominator, same call); then Llama-3-8B, 100
+#            clients, 1024 in, N(128,128) out, one GPU at CHUNKS (1024 2048), both protocols where
+#            BARRIER=1; its table is printed as each run ends
+#   dp       the same workload through --dp 2 (x2 kind) at DP_CHUNK (2048): 100 clients and 200 (the
+#            load per GPU of one GPU's 100)
+#   prefix   perf/prefix_bench.sh's 2000-shared + 100-unique workload at PREFIX_CHUNKS (1024 2048),
+#            cache on and off, one GPU
+#   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -85,5 +94,44 @@ for stage in $STAGES; do
   role)
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;
+  steady|dp)
+    d=/tmp/l3
+    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
+write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
+print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
+    if [ $stage = steady ]; then runs=""; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
+    else runs="dp2:${DP_CHUNK:-2048}"; fi
+    for r in $runs; do
+      mode=${r%%:*}; chunk=${r#*:}; flags=""; [ $mode = dp2 ] && flags="--dp 2"
+      python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+        --max-num-batched-tokens $chunk $flags >"$OUT/server_${mode}_$chunk.log" 2>&1 &
+      srv=$!
+      clients="100"; [ $mode = dp2 ] && clients="100 200"
+      protocols="steady"; [ "${BARRIER:-0}" = 1 ] && protocols="steady barrier"
+      for n in $clients; do for proto in $protocols; do
+        tag=${mode}_${chunk}_${n}_$proto
+        timeout ${SERVE_S:-200} python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients $n \
+          --num-requests $((n * 4)) --input-len 1024 --warmup $n --api native --tokenizer $d --protocol $proto \
+          --out "$OUT/serve_$tag.json" >"$OUT/serve_$tag.log" 2>&1
+        echo "== $tag exit $?"; tail -7 "$OUT/serve_$tag.log"
+      done; done
+      kill -INT $srv; wait $srv
+      grep -E "ms/step" "$OUT/server_${mode}_$chunk.log" | tail -1 | cut -c1-300
+    done ;;
+  prefix)
+    d=/tmp/l3
+    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
+write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    for chunk in ${PREFIX_CHUNKS:-1024 2048}; do
+      echo "== prefix, chunk $chunk"
+      LOG_DIR=$OUT/prefix_$chunk; mkdir -p $LOG_DIR
+      LOG_DIR=$LOG_DIR BENCH_ARGS="--id-low 3 --id-high 500" timeout ${PREFIX_S:-280} bash perf/prefix_bench.sh 2000 100 128 100 400 \
+        -- --model $d --load-format random --max-running-requests 128 --max-num-batched-tokens $chunk 2>&1 \
+        | grep -E "==|QPS|tokens/s|TTFT|TPOT"
+    done ;;
+  tpcheck)
+    timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
+    echo "tp_gpu_check exit $?"; tail -16 "$OUT/tp_gpu_check.log" ;;
   esac
 done
