@@ -65,7 +65,8 @@ def sample(batch) -> Sampled:
 def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "steady") -> dict:
     """protocol "steady": the clients never stop; the requests after the first `warmup` and before
     the last `clients` (which keep the load on while the measured ones finish) are counted, over
-    the time from the first's send to the last's end. "barrier": perf/serve_bench.py's phases (until
+    serve_bench's window: from the end of the warm-up's last request (or the first counted send)
+    to the last counted send. "barrier": perf/serve_bench.py's phases (until
     2026-11-30): `warmup` requests, a wait for all of them, then `requests` more sent from a
     standing start (every client at once) and drained to the last, all counted."""
     rng = random.Random(seed)
@@ -132,13 +133,16 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
                 for c in range(args.clients):
                     send(c, rec["end"])
     measured = [r for r in done if args.warmup < r["index"] <= args.warmup + args.requests]
+    if not barrier:  # serve_bench's window: from the warm-up's drain (or the first counted send) to the last send
+        start = max([min(r["sent"] for r in measured), *(r["end"] for r in done if r["index"] <= args.warmup)])
+        end = max(r["sent"] for r in measured)
+        measured = [r for r in measured if start <= r["sent"] <= end]
     ttft = sorted(1e3 * (r["first"] - r["sent"]) for r in measured)
     tpot = sorted(1e3 * (r["end"] - r["first"]) / max(r["n"] - 1, 1) for r in measured)
     if barrier:  # as the bench reports: the phase's requests over its whole time
         start, end = min(r["sent"] for r in measured), max(r["end"] for r in measured)
         finished, out_tokens = len(measured), sum(r["n"] for r in measured)
-    else:  # what ran between the first and the last measured send, every client busy throughout
-        start, end = min(r["sent"] for r in measured), max(r["sent"] for r in measured)
+    else:  # what ran in that window, every client busy throughout
         finished = sum(start <= r["end"] <= end for r in done)
         out_tokens = sum(n for t, n in emitted if start <= t <= end)
 

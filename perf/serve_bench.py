@@ -13,9 +13,13 @@ needed); output lengths are Gaussian (mean 128, std 128) clipped to [2, 256] and
 
 Steady state (`--protocol steady`, the default): the clients never pause. The first `--warmup`
 requests are not counted, nor are the last `--clients` ones, which keep every client busy while the
-counted ones finish; throughput is what arrived between the first and the last counted request's
-send (tokens by their arrival, prompts by their first token, requests by their end), latencies are
-the counted requests'. `--protocol barrier` is how this script measured until 2026-11-30: the
+counted ones finish. The window runs from the end of the last warm-up request (or the first counted
+send, if later) to the last counted send: the warm-up itself starts every client at once, and until
+it has drained the server is not in its steady mix (the first H200 run of this protocol opened the
+window at the first counted send: 484 prompts began and 400 requests ended in its 16.5 s, input
+tokens/s 21% high). Throughput is what arrived in the window (tokens by their arrival, prompts by
+their first token, requests by their end), latencies are those of the counted requests sent in it.
+Give it room: `--num-requests` ~8 x `--clients`. `--protocol barrier` is how this script measured until 2026-11-30: the
 warm-up requests, a wait for all of them, then `--num-requests` sent from a standing start (every
 client at once) and drained to the last, all counted over that whole time. The standing start
 queues every client's prompt at once, which sets TTFT p90/p99 (~1.5/2.5 s on an H200 at 100 clients,
@@ -358,26 +362,37 @@ def stats(values: list[float], scale: float) -> dict[str, float | None]:
 
 
 def steady_window(records: list[Record], warmup: int, counted: int) -> tuple[list[Record], dict]:
-    """The counted records (index in [warmup, warmup + counted)) and what every record delivered
-    between the first and the last counted one's send: {"window_s", "completed", "input_tokens",
-    "output_tokens"}, output tokens by the arrival of the events that carried them (a request's
-    tokens spread evenly over its events), a prompt when its first token came, a request when it
-    ended. Every client is busy throughout (the tail requests after the counted ones)."""
-    measured = [r for r in records if warmup <= r.index < warmup + counted]
-    ok = [r for r in measured if r.error is None]
-    if not ok:
-        return measured, {"window_s": 0.0, "completed": 0, "input_tokens": 0, "output_tokens": 0.0}
-    lo, hi = min(r.start for r in ok), max(r.start for r in ok)
+    """The window [lo, hi] and what every record delivered in it: {"window_s", "completed",
+    "prompts", "input_tokens", "output_tokens"}, output tokens by the arrival of the events that
+    carried them (a request's tokens spread evenly over its events), a prompt when its first token
+    came, a request when it ended; and the measured records, the counted ones (index in [warmup,
+    warmup + counted)) sent inside the window. hi is the last counted send (the tail requests keep
+    every client busy to there); lo is the first counted send, or if later, the end of the last
+    warm-up request: the warm-up starts every client at once, and until its last request is done
+    the server is still draining that standing start (its burst of prompts first, then a lockstep
+    decode), not in the steady mix a window should measure."""
+    counted_ok = [r for r in records if warmup <= r.index < warmup + counted and r.error is None]
+    empty = {"window_s": 0.0, "completed": 0, "prompts": 0, "input_tokens": 0, "output_tokens": 0.0}
+    if not counted_ok:
+        return [r for r in records if warmup <= r.index < warmup + counted], empty
+    warm_ends = [r.start + r.e2e for r in records if r.index < warmup and r.e2e is not None]
+    lo = max([min(r.start for r in counted_ok), *warm_ends])
+    hi = max(r.start for r in counted_ok)
+    measured = [r for r in records if warmup <= r.index < warmup + counted and lo <= r.start <= hi]
+    if hi <= lo:
+        return measured, empty
     done = [r for r in records if r.error is None and r.ttft is not None and r.e2e is not None]
     out_tokens = 0.0
     for r in done:
         if r.chunk_times:
             per_event = r.output_tokens / len(r.chunk_times)
             out_tokens += per_event * sum(lo <= r.start + t <= hi for t in r.chunk_times)
+    firsts = [r for r in done if lo <= r.start + r.ttft <= hi]
     return measured, {
         "window_s": hi - lo,
         "completed": sum(lo <= r.start + r.e2e <= hi for r in done),
-        "input_tokens": sum(r.prompt_tokens or r.prompt_len for r in done if lo <= r.start + r.ttft <= hi),
+        "prompts": len(firsts),
+        "input_tokens": sum(r.prompt_tokens or r.prompt_len for r in firsts),
         "output_tokens": out_tokens,
     }
 
@@ -423,6 +438,11 @@ def print_table(cfg: BenchConfig, s: dict) -> None:
     )
     how = "a steady window of" if s.get("protocol") == "steady" else "in"
     print(f"  requests   {s['requests_ok']} ok, {s['requests_failed']} failed; {how} {s['duration_s']:.2f} s")
+    if (w := s.get("window")) is not None:
+        if w["window_s"] <= 0:
+            print("  warning: no steady window: the warm-up's last request ended after the last counted send; raise --num-requests")
+        else:
+            print(f"  window     {w['prompts']} prompts began, {w['completed']} requests ended (near-equal in steady state)")
     print(f"  QPS        {s['qps']:.2f}")
     print(f"  tokens/s   input {s['input_tokens_per_s']:.0f}, output {s['output_tokens_per_s']:.0f}")
     print(f"  {'':<10}" + "".join(f"{k:>10}" for k in s["ttft_ms"]))
@@ -540,15 +560,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, model=served_model(cfg.url, args.wait_ready))
     lags: list[float] = []
     records, duration = asyncio.run(bench(cfg, lags))
+    everything = records
     if steady(cfg):
         records, window = steady_window(records, cfg.warmup, cfg.num_requests)
         summary = summarize(records, duration, window)
+        summary["window"] = window
     else:
         summary = summarize(records, duration)
     summary["protocol"] = "steady" if steady(cfg) else "barrier"
     summary["client_loop_lag_ms"] = stats(lags, 1e3)
     if args.out:
-        recs = [{**dataclasses.asdict(r), "output_tokens": r.output_tokens, "tpot": r.tpot} for r in records]
+        ids = {id(r) for r in records}  # every request's record, the measured ones marked
+        recs = [
+            {**dataclasses.asdict(r), "output_tokens": r.output_tokens, "tpot": r.tpot, "measured": id(r) in ids}
+            for r in everything
+        ]
         with open(args.out, "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "summary": summary, "records": recs}, f)
     print_table(cfg, summary)

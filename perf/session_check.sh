@@ -25,8 +25,8 @@
 #            bf16 matmul rate first (the must-show's denominator, same call); then Llama-3-8B, 100
 #            clients, 1024 in, N(128,128) out, one GPU at CHUNKS (1024 2048), both protocols where
 #            BARRIER=1; its table is printed as each run ends
-#   dp       the same workload through --dp 2 (x2 kind) at DP_CHUNK (2048): 100 clients and 200 (the
-#            load per GPU of one GPU's 100)
+#   dp       the same workload on one GPU and through --dp 2 (x2 kind) at DP_CHUNK (2048): 100 clients,
+#            and for DP also 200 (the load per GPU of one GPU's 100)
 #   prefix   perf/prefix_bench.sh's 2000-shared + 100-unique workload at PREFIX_CHUNKS (1024 2048),
 #            cache on and off, one GPU
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
@@ -86,7 +86,7 @@ for stage in $STAGES; do
       echo "chain $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -2
     done ;;
   tma)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k prefill \
+    timeout ${TMA_TEST_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_mla.py ${TMA_TEST_K:+-k $TMA_TEST_K} \
       >"$OUT/tma_test.log" 2>&1
     echo "prefill tests exit $?"; grep -E "passed|failed|Error" "$OUT/tma_test.log" | tail -4
     timeout ${TMA_S:-200} python3 perf/prefill_attention_bench.py >"$OUT/prefill.log" 2>&1
@@ -101,7 +101,7 @@ write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c
     [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
 print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
     if [ $stage = steady ]; then runs=""; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
-    else runs="dp2:${DP_CHUNK:-2048}"; fi
+    else runs="tp1:${DP_CHUNK:-2048} dp2:${DP_CHUNK:-2048}"; fi
     for r in $runs; do
       mode=${r%%:*}; chunk=${r#*:}; flags=""; [ $mode = dp2 ] && flags="--dp 2"
       python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
@@ -112,7 +112,7 @@ print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/ma
       for n in $clients; do for proto in $protocols; do
         tag=${mode}_${chunk}_${n}_$proto
         timeout ${SERVE_S:-200} python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients $n \
-          --num-requests $((n * 4)) --input-len 1024 --warmup $n --api native --tokenizer $d --protocol $proto \
+          --num-requests $((n * 8)) --input-len 1024 --warmup $n --api native --tokenizer $d --protocol $proto \
           --out "$OUT/serve_$tag.json" >"$OUT/serve_$tag.log" 2>&1
         echo "== $tag exit $?"; tail -7 "$OUT/serve_$tag.log"
       done; done

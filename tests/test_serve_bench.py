@@ -34,25 +34,33 @@ def record(bench, index, start, ttft, e2e, tokens, prompt=100, error=None):
 
 
 def test_steady_window_counts_only_what_arrived_between_the_counted_sends(bench):
-    # warm-up 0-1, counted 2-4 (sent at 10, 12, 14: the window is [10, 14]), tail 5
+    # warm-up 0-1 (the last ends at 11), counted 2-5 sent at 9, 12, 13, 15: the window is [11, 15]
     records = [
-        record(bench, 0, 0.0, 1.0, 11.0, 11),  # tokens at 1..11: 11 - 10 + 1 = 2 inside
-        record(bench, 1, 0.0, 9.0, 13.0, 5),  # first token at 9 (outside), tokens 9..13: 4 inside
-        record(bench, 2, 10.0, 1.0, 3.0, 3),  # all inside, ends at 13
-        record(bench, 3, 12.0, 1.0, 5.0, 5),  # 13..17: 13, 14 inside; prompt inside
-        record(bench, 4, 14.0, 5.0, 9.0, 2),  # first token at 19: nothing inside
-        record(bench, 5, 13.0, 0.5, 0.9, 2),  # a tail request: 13.5, 13.9 inside, ends inside
+        record(bench, 0, 0.0, 1.0, 10.0, 10),  # ends at 10, before the window
+        record(bench, 1, 1.0, 8.0, 10.0, 5),  # first token at 9 (outside), tokens 9, 9.5, .., 11: 1 inside
+        record(bench, 2, 9.0, 1.0, 3.0, 3),  # sent before the window: tokens 10, 11, 12: 2 inside, not measured
+        record(bench, 3, 12.0, 1.0, 5.0, 5),  # 13..17: 13, 14, 15 inside; prompt inside
+        record(bench, 4, 13.0, 1.0, 2.0, 2),  # 14, 15 inside, ends at 15
+        record(bench, 5, 15.0, 5.0, 9.0, 2),  # first token at 20: nothing inside
+        record(bench, 6, 12.5, 0.5, 0.9, 2),  # a tail request: 13.0, 13.4 inside, ends inside
     ]
-    measured, window = bench.steady_window(records, warmup=2, counted=3)
-    assert [r.index for r in measured] == [2, 3, 4]
+    measured, window = bench.steady_window(records, warmup=2, counted=4)
+    assert [r.index for r in measured] == [3, 4, 5]
     assert window["window_s"] == pytest.approx(4.0)
-    assert window["output_tokens"] == pytest.approx(2 + 4 + 3 + 2 + 0 + 2)
-    assert window["completed"] == 4  # ends at 11, 13, 13 and 13.9
-    assert window["input_tokens"] == 3 * 100  # first tokens at 11, 13 and 13.5
+    assert window["output_tokens"] == pytest.approx(1 + 2 + 3 + 2 + 0 + 2)
+    assert window["completed"] == 4  # ends at 11, 12, 15 and 13.4
+    assert window["prompts"] == 3 and window["input_tokens"] == 3 * 100  # first tokens at 13, 14, 13
     s = bench.summarize(measured, 99.0, window)
     assert s["requests_ok"] == 3 and s["duration_s"] == pytest.approx(4.0)
-    assert s["output_tokens_per_s"] == pytest.approx(13 / 4) and s["qps"] == pytest.approx(1.0)
-    assert s["ttft_ms"]["p50"] == pytest.approx(1000.0)  # the counted requests' latencies
+    assert s["output_tokens_per_s"] == pytest.approx(10 / 4) and s["qps"] == pytest.approx(1.0)
+    assert s["ttft_ms"]["p50"] == pytest.approx(1000.0)  # the measured requests' latencies
+
+
+def test_steady_window_is_empty_while_the_warmup_drains(bench):
+    # the warm-up's last request ends at 20, after every counted send: no steady window at all
+    records = [record(bench, 0, 0.0, 1.0, 20.0, 5), record(bench, 1, 2.0, 1.0, 2.0, 2)]
+    measured, window = bench.steady_window(records, warmup=1, counted=1)
+    assert measured == [] and window["window_s"] == 0.0 and window["prompts"] == 0
 
 
 def test_steady_window_ignores_failed_requests_and_survives_none_counted(bench):
