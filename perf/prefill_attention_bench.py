@@ -73,9 +73,15 @@ def main() -> None:
             blocks = (*chosen[:4], order, *chosen[5:])
             ms = bench_ms(functools.partial(K.prefill_attention, *case.args, blocks=blocks, **new_kv))
             rows.append((case.shape, f"new k/v, grid order {order}", ms, case.flops / ms / 1e9))
-        for blocks in ((*chosen, True), (128, 128, 8, 3, 2, 128, True)):  # the TMA experiment
+        tma = (
+            (*chosen[:6], False),
+            (*chosen[:6], True),
+            (128, 64, 8, 3, 2, 128, True),
+            (128, 128, 8, 3, 2, 128, True),
+        )
+        for blocks in dict.fromkeys(tma):  # with and without the new keys through TMA (chosen on Hopper)
             ms = bench_ms(functools.partial(K.prefill_attention, *case.args, blocks=blocks, **new_kv))
-            name = "new k/v, TMA, {}x{} w{} s{}".format(*blocks)
+            name = "new k/v, {}, {}x{} w{} s{}".format("TMA" if blocks[6] else "no TMA", *blocks)
             rows.append((case.shape, name, ms, case.flops / ms / 1e9))
         sweep = itertools.product((64, 128), (32, 64, 128), (4, 8), (3, 4), (0, 2), (64, 128))
         for blocks in [*extra, *(sweep if args.sweep else ())]:

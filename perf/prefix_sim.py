@@ -133,8 +133,9 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
                 for c in range(args.clients):
                     send(c, rec["end"])
     measured = [r for r in done if args.warmup < r["index"] <= args.warmup + args.requests]
-    if not barrier:  # serve_bench's window: from the warm-up's drain (or the first counted send) to the last send
-        start = max([min(r["sent"] for r in measured), *(r["end"] for r in done if r["index"] <= args.warmup)])
+    if not barrier:  # serve_bench's window: from the warm-up's drain (or the first counted send)
+        warm_ends = [r["end"] for r in done if r["index"] <= args.warmup]
+        start = max([min(r["sent"] for r in measured), *warm_ends])
         end = max(r["sent"] for r in measured)
         measured = [r for r in measured if start <= r["sent"] <= end]
     ttft = sorted(1e3 * (r["first"] - r["sent"]) for r in measured)

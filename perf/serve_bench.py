@@ -19,12 +19,14 @@ it has drained the server is not in its steady mix (the first H200 run of this p
 window at the first counted send: 484 prompts began and 400 requests ended in its 16.5 s, input
 tokens/s 21% high). Throughput is what arrived in the window (tokens by their arrival, prompts by
 their first token, requests by their end), latencies are those of the counted requests sent in it.
-Give it room: `--num-requests` ~8 x `--clients`. `--protocol barrier` is how this script measured until 2026-11-30: the
-warm-up requests, a wait for all of them, then `--num-requests` sent from a standing start (every
-client at once) and drained to the last, all counted over that whole time. The standing start
-queues every client's prompt at once, which sets TTFT p90/p99 (~1.5/2.5 s on an H200 at 100 clients,
-1024 in, where steady state has ~0.2 s: perf/prefix_sim.py) and makes a step of large prefill
-chunks that the steady mix never has (throughput ~8% above steady state in that model).
+Give it room: `--num-requests` ~8 x `--clients`.
+
+`--protocol barrier` is how this script measured until 2026-11-30: the warm-up requests, a wait for
+all of them, then `--num-requests` sent from a standing start (every client at once) and drained to
+the last, all counted over that whole time. The standing start queues every client's prompt at once,
+which sets TTFT p90/p99 (1.8 / 2.6 s on an H200 at 100 clients, 1024 in, where the steady window has
+0.17 / 0.22 s) and the drain's tail of a few long decodes lowers its throughput (7–8% below steady
+state on that card, 2026-11-30).
 
 With `--duration S` clients start new requests for S seconds; those in flight then still finish and
 count, and the run's duration is measured to the last finish (the barrier protocol's accounting).
@@ -440,9 +442,13 @@ def print_table(cfg: BenchConfig, s: dict) -> None:
     print(f"  requests   {s['requests_ok']} ok, {s['requests_failed']} failed; {how} {s['duration_s']:.2f} s")
     if (w := s.get("window")) is not None:
         if w["window_s"] <= 0:
-            print("  warning: no steady window: the warm-up's last request ended after the last counted send; raise --num-requests")
+            print(
+                "  warning: no steady window (the warm-up outlasted the counted sends): raise --num-requests"
+            )
         else:
-            print(f"  window     {w['prompts']} prompts began, {w['completed']} requests ended (near-equal in steady state)")
+            print(
+                f"  window     {w['prompts']} prompts began, {w['completed']} ended (near-equal when steady)"
+            )
     print(f"  QPS        {s['qps']:.2f}")
     print(f"  tokens/s   input {s['input_tokens_per_s']:.0f}, output {s['output_tokens_per_s']:.0f}")
     print(f"  {'':<10}" + "".join(f"{k:>10}" for k in s["ttft_ms"]))
@@ -572,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         ids = {id(r) for r in records}  # every request's record, the measured ones marked
         recs = [
-            {**dataclasses.asdict(r), "output_tokens": r.output_tokens, "tpot": r.tpot, "measured": id(r) in ids}
+            {
+                **dataclasses.asdict(r),
+                "output_tokens": r.output_tokens,
+                "tpot": r.tpot,
+                "measured": id(r) in ids,
+            }
             for r in everything
         ]
         with open(args.out, "w") as f:

@@ -38,7 +38,7 @@ def test_steady_window_counts_only_what_arrived_between_the_counted_sends(bench)
     records = [
         record(bench, 0, 0.0, 1.0, 10.0, 10),  # ends at 10, before the window
         record(bench, 1, 1.0, 8.0, 10.0, 5),  # first token at 9 (outside), tokens 9, 9.5, .., 11: 1 inside
-        record(bench, 2, 9.0, 1.0, 3.0, 3),  # sent before the window: tokens 10, 11, 12: 2 inside, not measured
+        record(bench, 2, 9.0, 1.0, 3.0, 3),  # sent before the window, not measured: 2 tokens inside
         record(bench, 3, 12.0, 1.0, 5.0, 5),  # 13..17: 13, 14, 15 inside; prompt inside
         record(bench, 4, 13.0, 1.0, 2.0, 2),  # 14, 15 inside, ends at 15
         record(bench, 5, 15.0, 5.0, 9.0, 2),  # first token at 20: nothing inside
