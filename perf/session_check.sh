@@ -126,7 +126,7 @@ write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c
     for chunk in ${PREFIX_CHUNKS:-1024 2048}; do
       echo "== prefix, chunk $chunk"
       LOG_DIR=$OUT/prefix_$chunk; mkdir -p $LOG_DIR
-      LOG_DIR=$LOG_DIR BENCH_ARGS="--id-low 3 --id-high 500" timeout ${PREFIX_S:-280} bash perf/prefix_bench.sh 2000 100 128 100 400 \
+      LOG_DIR=$LOG_DIR BENCH_ARGS="--id-low 3 --id-high 500 --tokenizer $d" timeout ${PREFIX_S:-280} bash perf/prefix_bench.sh 2000 100 128 100 400 \
         -- --model $d --load-format random --max-running-requests 128 --max-num-batched-tokens $chunk 2>&1 \
         | grep -E "==|QPS|tokens/s|TTFT|TPOT"
     done ;;
