@@ -74,10 +74,10 @@ for stage in $STAGES; do
       done
     done ;;
   chain)
-    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_moe.py \
+    [ "${CHAIN_TESTS:-1}" = 1 ] && timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_moe.py \
       tests/test_deepseek.py tests/test_runner_gpu.py -k "absorb or w_uv or router or routing or deepseek or compiles" \
-      >"$OUT/chain_test.log" 2>&1
-    echo "chain tests exit $?"; grep -E "passed|failed|Error" "$OUT/chain_test.log" | tail -6
+      >"$OUT/chain_test.log" 2>&1 && echo "chain tests exit $?"
+    grep -E "passed|failed|Error" "$OUT/chain_test.log" 2>/dev/null | tail -6
     old="LLA_DEEPSEEK_FUSE=in_proj,kv_store,shared,w_uv_out,router,expert_sum"
     for v in ${CHAIN_VARIANTS:-now: cublas:$old skall:LLA_SKINNY_LINEAR=all nopdl:LLA_PDL=0}; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }; log="$OUT/chain_$name.log"
