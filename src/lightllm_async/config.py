@@ -308,7 +308,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_running_requests: int = 64
     num_slots: int = 256
-    max_num_batched_tokens: int = 2048  # per step: prefill chunk budget
+    max_num_batched_tokens: int = 1024  # per step: prefill chunk budget (the CLI's default, measured)
     kv_cache_tokens: int = 0  # 0: derive from memory
     gpu_memory_utilization: float = 0.85
     disable_cuda_graph: bool = False

@@ -1,0 +1,28 @@
+"""The README's table of server flags states each default that the parser really has: a row whose
+default is one literal (`--max-num-batched-tokens` | `1024`) must match build_parser()'s default."""
+
+import os
+import re
+
+from lightllm_async.server import build_parser
+
+README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+ROW = re.compile(r"^\| `(--[a-z0-9-]+)[^|]*\| `([^`]+)` \|")
+
+
+def test_readme_flag_defaults_are_the_parsers():
+    actions = {opt: a for a in build_parser()._actions for opt in a.option_strings}
+    rows = [m.groups() for line in open(README) if (m := ROW.match(line))]
+    assert len(rows) >= 15, "the README's flag table was not found"
+    checked = []
+    for flag, default in rows:
+        action = actions.get(flag)
+        assert action is not None, f"README documents {flag}, which the server does not take"
+        if action.default is None or isinstance(action.default, bool):
+            continue  # a computed default or a switch: described in words
+        same = str(action.default) == default
+        if isinstance(action.default, (int, float)):
+            same = re.fullmatch(r"-?[0-9.]+", default) is not None and float(default) == action.default
+        assert same, f"{flag}: README says {default}, the parser {action.default}"
+        checked.append(flag)
+    assert "--max-num-batched-tokens" in checked and "--gpu-memory-utilization" in checked
