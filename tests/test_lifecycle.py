@@ -119,3 +119,44 @@ def test_a_taken_port_stops_the_server_at_once_with_a_clear_error_and_no_engine(
     assert f"cannot listen on 127.0.0.1:{port}" in out.stdout + out.stderr
     assert "engine" not in (out.stdout + out.stderr).replace("no engine", "")
     assert time.monotonic() - start < 30
+
+
+def test_sigint_while_loading_stops_a_server_started_with_sigint_ignored():
+    """A script's `lightllm-async &` starts the server with SIGINT ignored (a shell without job
+    control does that to background jobs). Its `kill -INT` while the model loads must stop the
+    server as it does once serving, not be lost (2026-11-30: a device script's was, and the server
+    came up and served on until a timeout killed it)."""
+    import subprocess
+    import sys
+
+    from serverproc import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightllm_async.server", "--port", str(port), "--device", "cpu", "--no-cache"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        start_new_session=True,
+    )
+    try:
+        log = []
+        for line in proc.stdout:  # the engine's first line: it is loading the default model now
+            log.append(line)
+            if "engine INFO" in line:
+                break
+        assert not any("ready" in line for line in log)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        log.append(rest)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = "".join(log)
+    assert proc.returncode == 0, text
+    assert "lightllm-async ready" not in text and "stopped (exit 0)" in text
+    assert not [
+        f for f in os.listdir("/dev/shm") if f == f"lla-{proc.pid}" or f.startswith(f"sem.lla-{proc.pid}-")
+    ]

@@ -745,8 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     cfg = resolve_config(args)
     # SIGTERM takes the same path as Ctrl-C: before serving it interrupts the start; while serving,
-    # DrainingServer drains the requests in flight, then `finally` cleans up.
+    # DrainingServer drains the requests in flight, then `finally` cleans up. SIGINT too, even where
+    # it was inherited ignored (a script's `lightllm-async &`: a shell without job control ignores
+    # it in background jobs): Python keeps an ignored SIGINT ignored, so until uvicorn installed its
+    # handlers at the start of serving, a `kill -INT` while loading was lost and the server served on.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return serve(cfg)
     except KeyboardInterrupt:
