@@ -195,7 +195,7 @@ def measure(
     step_times(runner, sched, 5, overlap)  # warm-up
     t = sorted(step_times(runner, sched, 30, overlap))[15]
     weights = weight_bytes_read(runner, batch)
-    kv = batch * (context + 20) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.dtype)
+    kv = batch * (context + 20) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.kv_dtype)
     roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
     # and with the matmuls' compute: at batch ~256 a bf16 GEMM is bound by the tensor cores, not
     # by its weights (2 FLOP per weight byte per token against the card's FLOP/byte ridge)
@@ -284,6 +284,7 @@ def main() -> None:
     )
     ap.add_argument("--top-kernels", type=int, default=0, help="print the first row's N costliest kernels")
     ap.add_argument("--out", default="")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8 (the server's flag)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one GPU each")
     ap.add_argument(
         "--mixed",
@@ -339,6 +340,7 @@ def report(rank: int, args, tp_cfg: dict) -> None:
             max_running_requests=args.max_running,
             disable_cuda_graph=disable,
             gpu_memory_utilization=0.85,
+            kv_cache_dtype=args.kv_cache_dtype,
         ).replace(**tp_cfg)
         if tp is None:
             tp = init_tensor_parallel(cfg)

@@ -29,6 +29,10 @@
 #            and for DP also 200 (the load per GPU of one GPU's 100)
 #   prefix   perf/prefix_bench.sh's 2000-shared + 100-unique workload at PREFIX_CHUNKS (1024 2048),
 #            cache on and off, one GPU
+#   fp8      --kv-cache-dtype fp8, not yet run on a card: its GPU tests (attention over a float8
+#            cache, the stores' rounding, the runner's graphs), the Llama-3-8B decode step at batch 1
+#            and 256 (context 640) with the cache in bf16 and in fp8, then the 1024-in serve (steady,
+#            one GPU, chunk 1024) with fp8 beside the same serve in bf16
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -129,6 +133,28 @@ write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c
       LOG_DIR=$LOG_DIR BENCH_ARGS="--id-low 3 --id-high 500 --tokenizer $d" timeout ${PREFIX_S:-280} bash perf/prefix_bench.sh 2000 100 128 100 400 \
         -- --model $d --load-format random --max-running-requests 128 --max-num-batched-tokens $chunk 2>&1 \
         | grep -E "==|QPS|tokens/s|TTFT|TPOT"
+    done ;;
+  fp8)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_runner_gpu.py \
+      -k "fp8 or decode_attention_matches or prefill_attention_matches" >"$OUT/fp8_test.log" 2>&1
+    echo "fp8 tests exit $?"; grep -E "passed|failed|Error" "$OUT/fp8_test.log" | tail -6
+    for kvd in auto fp8; do
+      timeout 170 python3 perf/decode_bench.py --shape llama3-8b --batches 1,256 --context 640 --max-running 256 \
+        --kv-cache-dtype $kvd --out "$OUT/l3_kv_$kvd.json" >"$OUT/l3_kv_$kvd.log" 2>&1
+      echo "decode_bench kv $kvd exit $?"; grep -E "matmul|^ +(1|256) " "$OUT/l3_kv_$kvd.log" | head -4
+    done
+    d=/tmp/l3
+    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
+write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    for kvd in ${FP8_SERVE:-auto fp8}; do
+      python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+        --kv-cache-dtype $kvd >"$OUT/server_kv_$kvd.log" 2>&1 &
+      srv=$!
+      timeout ${SERVE_S:-200} python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 \
+        --num-requests 800 --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/serve_kv_$kvd.json" \
+        >"$OUT/serve_kv_$kvd.log" 2>&1
+      echo "== serve kv $kvd exit $?"; tail -7 "$OUT/serve_kv_$kvd.log"
+      kill -INT $srv; wait $srv; grep -E "KV cache:" "$OUT/server_kv_$kvd.log" | head -1
     done ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1

@@ -23,9 +23,10 @@ from lightllm_async.kernels.testing import (
 )
 
 
-def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None):
+def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None, cache_dtype=None):
     """A cache and request table for requests of `seq_lens` tokens, their rows scattered at random;
-    v has head dim `v_dim` (default: head_dim).
+    v has head dim `v_dim` (default: head_dim); the cache in `cache_dtype` (default: dtype), its
+    values random in `dtype` first.
 
     Rows no request owns hold NaN, and every request's table row is padded past its length with
     pointers to them, so a kernel that reads outside a context gives NaN.
@@ -37,6 +38,8 @@ def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None
     v_cache = torch.full((rows, kv_heads, v_dim), float("nan"), dtype=dtype, device=device)
     k_cache[perm[:used]] = torch.randn(used, kv_heads, head_dim, dtype=dtype, device=device)
     v_cache[perm[:used]] = torch.randn(used, kv_heads, v_dim, dtype=dtype, device=device)
+    if cache_dtype is not None:  # NaN survives: float8 e4m3fn has it
+        k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     num_rows, width = len(seq_lens) + 3, max(seq_lens, default=0) + 5
     pad = torch.randint(0, spare, (num_rows, width), device=device)
     req_to_token = perm[used:][pad].to(torch.int32)
@@ -49,9 +52,11 @@ def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None
     return k_cache, v_cache, req_to_token, req_idx, seq_lens
 
 
-def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
+def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None, cache_dtype=None):
     hq, hk = heads
-    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(seq_lens, hk, head_dim, dtype, device)
+    k_cache, v_cache, req_to_token, req_idx, lens = make_cache(
+        seq_lens, hk, head_dim, dtype, device, cache_dtype=cache_dtype
+    )
     q = torch.randn(len(seq_lens), hq, head_dim, dtype=dtype, device=device)
     args = (q, k_cache, v_cache, req_to_token, req_idx, lens, head_dim**-0.5)
     with nan_filled_allocations():
@@ -63,14 +68,24 @@ def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None):
 
 
 def check_prefill(
-    new_and_prefix, heads, head_dim, dtype, device, v_dim=None, new_kv=False, blocks=None, packed_kv=False
+    new_and_prefix,
+    heads,
+    head_dim,
+    dtype,
+    device,
+    v_dim=None,
+    new_kv=False,
+    blocks=None,
+    packed_kv=False,
+    cache_dtype=None,
 ):
     """new_kv: the new tokens' k/v passed apart (v a strided view, as a fused projection leaves
-    it), and their cache rows then overwritten with NaN: the kernel must read them apart."""
+    it), and their cache rows then overwritten with NaN: the kernel must read them apart (in q's
+    dtype, as a projection gives them, where the cache is fp8)."""
     hq, hk = heads
     seq_lens = [new + prefix for new, prefix in new_and_prefix]
     k_cache, v_cache, req_to_token, req_idx, lens = make_cache(
-        seq_lens, hk, head_dim, dtype, device, v_dim=v_dim
+        seq_lens, hk, head_dim, dtype, device, v_dim=v_dim, cache_dtype=cache_dtype
     )
     new = torch.tensor([0] + [n for n, _ in new_and_prefix], device=device)
     q_start = new.cumsum(0).to(torch.int32)
@@ -85,10 +100,10 @@ def check_prefill(
                 for b, (m, n) in enumerate(zip(new[1:], seq_lens, strict=True))
             ]
         )
-        kv = torch.cat([k_cache[rows], v_cache[rows]], dim=-1)  # [T, Hk, D + Dv]
+        kv = torch.cat([k_cache[rows].to(dtype), v_cache[rows].to(dtype)], dim=-1)  # [T, Hk, D + Dv]
         extra = {"k_new": kv[..., :head_dim].contiguous(), "v_new": kv[..., head_dim:]}
         if packed_kv:  # k then v of a row, each [Hk, D] packed (a fused qkv projection's layout)
-            both = torch.stack([k_cache[rows], v_cache[rows]], dim=1)  # [T, 2, Hk, D]
+            both = torch.stack([k_cache[rows].to(dtype), v_cache[rows].to(dtype)], dim=1)  # [T, 2, Hk, D]
             extra = {"k_new": both[:, 0], "v_new": both[:, 1]}
         k_cache[rows], v_cache[rows] = float("nan"), float("nan")
     with nan_filled_allocations():
@@ -122,6 +137,70 @@ def test_decode_attention_matches_reference_in_interpreter(interpreter, heads, h
 @pytest.mark.parametrize("num_splits", [1, 2, 16])
 def test_decode_attention_merges_any_number_of_splits(interpreter, num_splits):
     check_decode([1, 33, 130, 7], (4, 2), 64, torch.float32, "cpu", num_splits=num_splits)
+
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (8, 1)])
+def test_decode_attention_reads_an_fp8_cache_in_interpreter(interpreter, heads):
+    """--kv-cache-dtype fp8: the kernel widens each block it loads to q's dtype; against the
+    reference over the same float8 values."""
+    check_decode([1, 17, 130], heads, 64, torch.float32, "cpu", cache_dtype=FP8)
+    check_decode([1, 33, 130, 7], heads, 64, torch.float32, "cpu", num_splits=16, cache_dtype=FP8)
+
+
+@pytest.mark.parametrize("new_kv", [False, True])
+def test_prefill_attention_reads_an_fp8_cache_in_interpreter(interpreter, new_kv):
+    """The cached prefix (and, gathering, the new tokens) from a float8 cache; with new_kv the new
+    tokens' k/v in q's dtype beside it."""
+    new_and_prefix = [(70, 0), (33, 20), (1, 5), (47, 16), (20, 70)]
+    blocks = (32, 16, 4, 1, 0, 32) if new_kv else None
+    check_prefill(
+        new_and_prefix, (4, 2), 64, torch.float32, "cpu", new_kv=new_kv, blocks=blocks, cache_dtype=FP8
+    )
+
+
+def check_store_fp8(num_tokens, kv_heads, head_dim, dtype, device, exact_inputs=False):
+    """store_kv and the rotary kernel's fused store into a float8 cache: exactly the slots, each
+    value torch's float8 rounding of the input, or its neighbour (one step of the 3-bit mantissa;
+    2^-9 among the subnormals) for at most 1% of them, and +-448 past the range. `exact_inputs`:
+    values float8 holds exactly, so that no rounding is involved (the interpreter's conversion
+    rounds 1.97 to 1.0: its mantissa carry is lost)."""
+    from lightllm_async.kernels import rotary_emb
+
+    rows = 3 * num_tokens + 5
+    slots = torch.randperm(rows, device=device)[:num_tokens]
+    k, v = torch.randn(2, num_tokens, kv_heads, head_dim, dtype=dtype, device=device) * 8
+    if exact_inputs:
+        k, v = k.to(FP8).to(dtype), v.to(FP8).to(dtype)
+    k[0, 0, :3] = torch.tensor([1000.0, -1000.0, 448.0])  # saturated, then kept
+    positions = torch.randint(0, 50, (num_tokens,), device=device)
+    cos_sin = torch.randn(64, head_dim, dtype=torch.float32, device=device)
+    for store in ("store_kv", "rotary"):
+        k_cache = torch.full((rows, kv_heads, head_dim), float("nan"), device=device).to(FP8)
+        v_cache = k_cache.clone()
+        if store == "store_kv":
+            store_kv(k_cache, v_cache, k, v, slots)
+            k_in = k
+            assert k_cache[slots[0], 0, :3].float().tolist() == [448.0, -448.0, 448.0]  # saturated
+        else:
+            q = torch.randn(num_tokens, 2 * kv_heads, head_dim, dtype=dtype, device=device)
+            _, k_in = rotary_emb(q, k, positions, cos_sin, store=(k_cache, v_cache, v, slots))
+        for cache, x in ((k_cache, k_in), (v_cache, v)):
+            if store == "rotary" and exact_inputs and cache is k_cache:
+                continue  # the rotation makes values float8 does not hold: rounding again
+            got, want = cache[slots].float(), x.float().clamp(-448, 448).to(FP8).float()
+            step = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(2**-6))) - 3)
+            assert ((got - want).abs() <= step).all(), store
+            assert (got == want).float().mean() >= 0.99, store
+        untouched = torch.ones(rows, dtype=torch.bool, device=device)
+        untouched[slots] = False
+        assert k_cache[untouched].float().isnan().all() and v_cache[untouched].float().isnan().all()
+
+
+def test_kv_stores_round_into_an_fp8_cache_in_interpreter(interpreter):
+    check_store_fp8(7, 2, 64, torch.float32, "cpu", exact_inputs=True)
 
 
 def test_decode_attention_gives_zeros_for_an_empty_context(interpreter):
@@ -307,3 +386,17 @@ def test_decode_attention_replays_in_a_cuda_graph_with_new_lengths(gpu):
         q.normal_()
         graph.replay()
         assert rel_err(out, decode_attention_ref(*args)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_attention_over_an_fp8_cache_on_gpu(gpu):
+    """--kv-cache-dtype fp8 at Llama-3-8B's heads: decode (splits merged), prefill gathering and
+    with the new tokens apart (through TMA on Hopper), against the reference over the same
+    float8 values; the stores round as torch does."""
+    check_decode([1, 17, 1300, 4099], (32, 8), 128, torch.bfloat16, "cuda", cache_dtype=FP8)
+    new_and_prefix = [(1000, 0), (1, 3000), (517, 100), (129, 127)]
+    check_prefill(new_and_prefix, (32, 8), 128, torch.bfloat16, "cuda", cache_dtype=FP8)
+    check_prefill(
+        new_and_prefix, (32, 8), 128, torch.bfloat16, "cuda", new_kv=True, cache_dtype=FP8, packed_kv=True
+    )
+    check_store_fp8(4099, 8, 128, torch.bfloat16, "cuda")

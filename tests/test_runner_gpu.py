@@ -186,3 +186,24 @@ def test_serving_compiles_no_triton_kernel_after_capture(shape, tmp_path):
     finally:
         on_compile(None)
     assert compiled == []
+
+
+def test_an_fp8_kv_cache_replays_as_it_runs_eagerly(model_dir):
+    """--kv-cache-dtype fp8 through the runner on CUDA (bfloat16 model): float8 pools, and the same
+    tokens with CUDA graphs (decode and piecewise) as without, under overlap."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 conversions need compute capability 8.9+")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 9, 33, 70, 5)]
+    params = [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in prompts]
+    outs = []
+    for disable in (False, True):
+        cfg = EngineConfig(
+            model_path=model_dir, device="cuda", dtype="bfloat16", max_model_len=128, kv_cache_tokens=2048,
+            max_running_requests=4, disable_cuda_graph=disable, disable_piecewise_graph=disable,
+            kv_cache_dtype="fp8",
+        )  # fmt: skip
+        runner = ModelRunner(cfg)
+        assert runner.kv.k[0].dtype == torch.float8_e4m3fn and runner.kv.v[-1].dtype == torch.float8_e4m3fn
+        outs.append(overlapped_generate(runner, prompts, params))
+    assert outs[0] == outs[1] and [len(o) for o in outs[0]] == [12] * len(prompts)

@@ -310,6 +310,9 @@ class EngineConfig:
     num_slots: int = 256
     max_num_batched_tokens: int = 1024  # per step: prefill chunk budget (the CLI's default, measured)
     kv_cache_tokens: int = 0  # 0: derive from memory
+    # "auto": the model's dtype; "fp8": float8 e4m3 with no scale (values past +-448 saturate),
+    # half the bytes a decode reads and twice the tokens; Llama-family models on CUDA (runner)
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.85
     disable_cuda_graph: bool = False
     # steps with prefill chunks run eagerly instead of replaying piecewise graphs (runner/piecewise.py)

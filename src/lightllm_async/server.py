@@ -157,6 +157,12 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         "TPOT p99 beside long prompts, prefix-cache hits sooner (perf/RESULTS.md, 2026-11-30)",
     )
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV cache size in tokens (0: from memory)")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="auto: the model's dtype; fp8: float8 e4m3, half the bytes per token (Llama-family on CUDA)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument(
@@ -302,6 +308,11 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
     if args.nnodes > 1 and args.dp > 1:
         raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
+    if args.kv_cache_dtype == "fp8":
+        if args.device == "cpu":
+            raise SystemExit("--kv-cache-dtype fp8 needs CUDA: the CPU's decode paths read a float KV cache")
+        if args.pd is not None or args.role is not None:  # the KV moves as the other side's bytes
+            raise SystemExit("--kv-cache-dtype fp8 is not supported with --pd or --role yet")
     pd_prefill, dp = 0, args.dp
     role_fields = _role_fields(args, model)
     if args.pd is not None:
@@ -323,6 +334,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         num_slots=args.num_slots,
         max_num_batched_tokens=max(args.max_num_batched_tokens, 1),
         kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_dtype=args.kv_cache_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_piecewise_graph=args.disable_piecewise_cuda_graph,

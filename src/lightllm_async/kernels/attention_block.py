@@ -99,7 +99,10 @@ def attend_tile(q, m_i, l_i, acc, K_PTRS, V_PTRS, mask_d, mask_dv, qk_scale, lim
 def attend_kv(q, m_i, l_i, acc, k, v, qk_scale, limit, offs_n, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One block of loaded keys k [BLOCK_N, BLOCK_D] and values v [BLOCK_N, BLOCK_DV] into the running
     state, the scale applied with the maximum's subtraction (one fused multiply-add per score).
-    MASKED: positions offs_n >= limit ([M, 1]) score -inf."""
+    MASKED: positions offs_n >= limit ([M, 1]) score -inf. Keys and values of another dtype than
+    q's (an fp8 KV cache) are widened to it first: nothing where they share it."""
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, BLOCK_N], unscaled
     if MASKED:
         s = tl.where(offs_n[None, :] < limit, s, float("-inf"))

@@ -71,6 +71,7 @@ def prefill_attention_cpu(
             continue
         rows = req_to_token[row, :seq_len].long()
         k, v = k_cache[rows].transpose(0, 1), v_cache[rows].transpose(0, 1)  # [Hk, S, D], [Hk, S, Dv]
+        k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache: widened (nothing if it is q's dtype)
         if group > 1:
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # [Hq, S, *]
         new, mask = end - start, None

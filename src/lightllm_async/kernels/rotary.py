@@ -12,7 +12,7 @@ from torch import Tensor
 from lightllm_async.config import SUPPORTED_ROPE_TYPES, rope_type
 
 from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_cpu_path, use_triton
-from .store_kv import store_kv
+from .store_kv import store_kv, to_cache
 
 
 def _inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] | None) -> Tensor:
@@ -107,8 +107,8 @@ def _rotate_heads(
     x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
     y = Y + t * stride_y_t + offs_h * stride_y_h + offs_d
-    tl.store(y, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y, to_cache(x1 * cos - x2 * sin, Y.dtype.element_ty), mask=mask)
+    tl.store(y + HALF, to_cache(x2 * cos + x1 * sin, Y.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -171,7 +171,7 @@ def _rotary_kernel(
         mask = (offs_h < HK) & (offs < 2 * HALF)
         v = tl.load(V + t * stride_v_t + offs_h * stride_v_h + offs, mask=mask)
         v_row = V_CACHE + slot * stride_vc_s + offs_h * stride_vc_h + offs
-        tl.store(v_row, v.to(V_CACHE.dtype.element_ty), mask=mask)
+        tl.store(v_row, to_cache(v, V_CACHE.dtype.element_ty), mask=mask)
 
 
 def rotary_emb(

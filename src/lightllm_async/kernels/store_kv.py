@@ -14,6 +14,16 @@ def store_kv_ref(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: 
 
 
 @jit
+def to_cache(x, DTYPE: tl.constexpr):
+    """x converted for a KV cache of DTYPE: into a float8 e4m3 cache (--kv-cache-dtype fp8) first
+    clamped to its +-448, so that a large value saturates as torch's conversion does (the
+    interpreter's wraps) instead of depending on the conversion's overflow."""
+    if tl.float8e4nv == DTYPE:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x.to(DTYPE)
+
+
+@jit
 def _store_kv_kernel(
     K_CACHE,  # [S, H, D] key cache
     V_CACHE,  # [S, H, D] value cache
@@ -36,10 +46,10 @@ def _store_kv_kernel(
     mask = (offs_h < H) & (offs_d < D)
 
     k = tl.load(K + t * stride_k_t + offs_h * stride_k_h + offs_d, mask=mask)
-    k = k.to(K_CACHE.dtype.element_ty)
+    k = to_cache(k, K_CACHE.dtype.element_ty)
     tl.store(K_CACHE + slot * stride_kc_s + offs_h * stride_kc_h + offs_d, k, mask=mask)
     v = tl.load(V + t * stride_v_t + offs_h * stride_v_h + offs_d, mask=mask)
-    v = v.to(V_CACHE.dtype.element_ty)
+    v = to_cache(v, V_CACHE.dtype.element_ty)
     tl.store(V_CACHE + slot * stride_vc_s + offs_h * stride_vc_h + offs_d, v, mask=mask)
 
 

@@ -172,6 +172,25 @@ def activation_reserve(cfg: EngineConfig, model_cfg: ModelConfig) -> int:
     return prefill + sampler + graphs + mla
 
 
+def resolve_kv_dtype(name: str, dtype: torch.dtype, device: torch.device, kv_cls: type) -> torch.dtype:
+    """The KV cache's dtype for --kv-cache-dtype: "auto" is the model's; "fp8" float8 e4m3 (the
+    attention kernels widen each block they load to the query's dtype; the stores round to
+    nearest and saturate at +-448, with no scale, as vLLM's uncalibrated "fp8"). Refused where it
+    would not run as asked: on the CPU (its decode paths read a float cache) and for MLA's
+    latent cache (DeepSeek: its kernels read the cache in the model's dtype)."""
+    if name == "auto":
+        return dtype
+    if name != "fp8":
+        raise ValueError(f"--kv-cache-dtype must be auto or fp8, got {name!r}")
+    if device.type != "cuda":
+        raise ValueError("--kv-cache-dtype fp8 needs CUDA: the CPU's decode paths read a float KV cache")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("--kv-cache-dtype fp8 needs a GPU with float8 conversions (compute capability 8.9+)")
+    if kv_cls is not KVCache:
+        raise ValueError("--kv-cache-dtype fp8 is for Llama-family models, not MLA's latent cache (DeepSeek)")
+    return torch.float8_e4m3fn
+
+
 def kv_cache_tokens(
     cfg: EngineConfig, model_cfg: ModelConfig, dtype, device: torch.device, tp: TPGroup = SINGLE
 ) -> int:
@@ -223,7 +242,8 @@ class ModelRunner:
         self.model = self._load_model(progress)
         if self.device.type == "cuda":  # the KV sizing reads the driver's free memory: hand back
             torch.cuda.empty_cache()  # what loading freed (copies, DeepSeek's fused shared MLPs)
-        self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.dtype, self.device, tp)
+        self.kv_dtype = resolve_kv_dtype(cfg.kv_cache_dtype, self.dtype, self.device, self.kv_cls)
+        self.num_kv_tokens = kv_cache_tokens(cfg, self.model_cfg, self.kv_dtype, self.device, tp)
         if not cfg.kv_cache_tokens:  # sized from each card's memory: every rank takes the least
             self.num_kv_tokens = tp.agree_min(self.num_kv_tokens, self.device)
         self._allocate_kv_cache()
@@ -313,15 +333,16 @@ class ModelRunner:
         cfg = self.cfg
         # One extra cache slot and one extra table row: the sink that CUDA-graph padding writes to.
         self.kv = self.kv_cls.allocate(
-            self.model_cfg, self.num_kv_tokens + 1, self.dtype, self.device, tp=self.tp
+            self.model_cfg, self.num_kv_tokens + 1, self.kv_dtype, self.device, tp=self.tp
         )
         self.req_to_token = torch.zeros(
             (cfg.max_running_requests + 1, cfg.max_model_len), dtype=torch.int32, device=self.device
         )
         log.info(
-            "KV cache: %d token slots (%.2f GiB)",
+            "KV cache: %d token slots (%.2f GiB%s)",
             self.num_kv_tokens,
-            self.num_kv_tokens * self.kv_cls.bytes_per_token(self.model_cfg, self.dtype, self.tp) / 2**30,
+            self.num_kv_tokens * self.kv_cls.bytes_per_token(self.model_cfg, self.kv_dtype, self.tp) / 2**30,
+            ", float8 e4m3" if self.kv_dtype != self.dtype else "",
         )
 
     def _allocate_buffers(self) -> None:
