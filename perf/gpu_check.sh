@@ -28,11 +28,11 @@ serve)
   mkdir -p $d
   python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, write_config_files as c, \
 write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"
-  for chunk in ${CHUNKS:-2048 8192}; do
+  for chunk in ${CHUNKS:-1024 2048}; do
     python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
       --max-num-batched-tokens $chunk >"$OUT/server_$chunk.log" 2>&1 &
     srv=$!
-    python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 --num-requests 500 \
+    python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 100 --num-requests 800 \
       --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/serve_$chunk.json" >"$OUT/serve_$chunk.log" 2>&1
     echo "serve_bench (--max-num-batched-tokens $chunk) exit $?"
     kill -INT $srv; wait $srv
@@ -62,7 +62,7 @@ write_tokenizer as t; m = s('deepseek-v2-lite', 'bfloat16'); c(m, '$d'); t(m, '$
   python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
     --max-num-batched-tokens ${CHUNK:-8192} >"$OUT/ds_server.log" 2>&1 &
   srv=$!
-  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 100 --num-requests 500 \
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 100 --num-requests 800 \
     --input-len 1024 --warmup 100 --api native --tokenizer $d --out "$OUT/ds_serve.json" >"$OUT/ds_serve.log" 2>&1
   echo "serve_bench 100 clients exit $?"; tail -9 "$OUT/ds_serve.log"
   python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 1 --num-requests 8 --input-len 1024 \

@@ -41,7 +41,7 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
     pd) flags="--pd prefill=1,decode=1" ;;
   esac
   LLA_TP_ALLREDUCE=$allreduce python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
-    --max-num-batched-tokens 8192 $flags >"$OUT/server_$mode.log" 2>&1 &
+    --max-num-batched-tokens ${CHUNK:-1024} $flags >"$OUT/server_$mode.log" 2>&1 &
   srv=$!
   python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 400 --clients 1 --num-requests ${B1_N:-4} \
     --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 1 --api native \
@@ -54,11 +54,11 @@ for mode in ${MODES:-tp1 tp2 tp2nccl dp2}; do
     --input-len 128 --output-mean 256 --output-std 0 --output-min 256 --output-max 256 --warmup 0 --api native \
     --tokenizer $d --out "$OUT/b100_$mode.json" >"$OUT/b100_$mode.log" 2>&1
   echo "$mode batch 100 exit $?"
-  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 400 --input-len 1024 \
+  python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 100 --num-requests 800 --input-len 1024 \
     --warmup 100 --api native --tokenizer $d --out "$OUT/ref_$mode.json" >"$OUT/ref_$mode.log" 2>&1
   echo "$mode reference workload exit $?"
   if [ $mode = dp2 ] || { [ $mode = tp1 ] && [ "${TP1_200:-0}" = 1 ]; }; then  # DP: the same load per GPU as one GPU's 100 clients
-    python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 200 --num-requests 800 --input-len 1024 \
+    python3 perf/serve_bench.py --url http://127.0.0.1:8000 --clients 200 --num-requests 1600 --input-len 1024 \
       --warmup 200 --api native --tokenizer $d --out "$OUT/ref200_$mode.json" >"$OUT/ref200_$mode.log" 2>&1
     echo "$mode reference workload, 200 clients, exit $?"
   fi
@@ -72,5 +72,5 @@ done
 python3 perf/multi_gpu_table.py --out-dir "$OUT" --model $d
 if [ -n "${PREFIX:-}" ]; then  # issue 10's shared-prefix workload on GPU 0: with and without the cache
   CUDA_VISIBLE_DEVICES=0 BENCH_ARGS="--id-low 3 --id-high 500 --tokenizer $d" bash perf/prefix_bench.sh $PREFIX -- --model $d --load-format random \
-    --max-running-requests 128 --max-num-batched-tokens 8192 2>&1 | grep -E "==|QPS|tokens/s|TTFT" | tee "$OUT/prefix.log"
+    --max-running-requests 128 --max-num-batched-tokens ${CHUNK:-1024} 2>--max-running-requests 128 --max-num-batched-tokens 8192 2>&11 | grep -E "==|QPS|tokens/s|TTFT" | tee "$OUT/prefix.log"
 fi
