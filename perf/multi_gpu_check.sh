@@ -72,5 +72,5 @@ done
 python3 perf/multi_gpu_table.py --out-dir "$OUT" --model $d
 if [ -n "${PREFIX:-}" ]; then  # issue 10's shared-prefix workload on GPU 0: with and without the cache
   CUDA_VISIBLE_DEVICES=0 BENCH_ARGS="--id-low 3 --id-high 500 --tokenizer $d" bash perf/prefix_bench.sh $PREFIX -- --model $d --load-format random \
-    --max-running-requests 128 --max-num-batched-tokens ${CHUNK:-1024} 2>--max-running-requests 128 --max-num-batched-tokens 8192 2>&11 | grep -E "==|QPS|tokens/s|TTFT" | tee "$OUT/prefix.log"
+    --max-running-requests 128 --max-num-batched-tokens ${CHUNK:-1024} 2>&1 | grep -E "==|QPS|tokens/s|TTFT" | tee "$OUT/prefix.log"
 fi
