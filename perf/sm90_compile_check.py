@@ -2,7 +2,7 @@
 launch config costs: registers per thread, local-memory stack (spills), shared memory, and whether
 the products became tensor-core instructions (mma.sync, or wgmma from 64-row tiles).
 
-    python perf/sm90_compile_check.py [mla|moe|allreduce|skinny|prefill]
+    python perf/sm90_compile_check.py [mla|moe|allreduce|skinny|prefill|fp8]
 
 The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
 the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
@@ -165,9 +165,41 @@ def prefill() -> None:
             print(f"    TMA copies in the PTX: {'cp.async.bulk.tensor' in LAST_PTX[0]}")
 
 
+def fp8() -> None:
+    """--kv-cache-dtype fp8 (Llama-3-8B heads, bf16 activations, float8 e4m3 caches): the stores
+    (store_kv, the rotary kernel's fused one) and the attention kernels that widen what they load;
+    `cvt` says whether the PTX converts with the hardware's float8 instructions."""
+    D, R, P = (
+        importlib.import_module(f"lightllm_async.kernels.{n}")
+        for n in ("decode_attention", "rotary", "prefill_attention")
+    )
+    St = importlib.import_module("lightllm_async.kernels.store_kv")
+    cache = {"K_CACHE": "*fp8e4nv", "V_CACHE": "*fp8e4nv"}
+    ints = {n: "*i32" for n in ("REQ_TO_TOKEN", "REQ_IDX", "Q_START", "SEQ_LENS")}
+    report("store_kv into fp8", St._store_kv_kernel, {"K": "*bf16", "V": "*bf16", "SLOTS": "*i64", **cache},
+           dict(BLOCK_H=8, BLOCK_D=128))  # fmt: skip
+    print(f"    float8 cvt in the PTX: {'e4m3' in LAST_PTX[0]}")
+    types = {n: "*bf16" for n in ("Q", "K", "Q_OUT", "K_OUT", "V")}
+    report("rotary + store into fp8", R._rotary_kernel,
+           {**types, "POS": "*i64", "COS_SIN": "*fp32", "SLOTS": "*i64", **cache},
+           dict(STORE=True, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, PDL=True))  # fmt: skip
+    print(f"    float8 cvt in the PTX: {'e4m3' in LAST_PTX[0]}")
+    report("decode split over fp8", D._decode_split_kernel,
+           {"Q": "*bf16", **cache, **ints, "MID_O": "*fp32", "MID_LSE": "*fp32", "qk_scale": "fp32"},
+           dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=8, PRECISION="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
+                PDL=True), 4, 2)  # fmt: skip
+    types = {n: "*bf16" for n in ("Q", "OUT", "K_NEW", "V_NEW")}
+    desc = "tensordesc<bf16[128, 128]>"
+    report("prefill 128x128 TMA, prefix from fp8", P._prefill_kernel,
+           {**types, **cache, **ints, "qk_scale": "fp32", "KN_DESC": desc, "VN_DESC": desc},
+           dict(GROUP=4, HEAD_DIM=128, V_DIM=128, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_NP=128,
+                BLOCK_D=128, BLOCK_DV=128, NEW_KV=True, ORDER=2, TMA=True), 8, 3)  # fmt: skip
+
+
 LAST_PTX = [""]
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["mla", "moe", "allreduce", "skinny", "prefill"]
+    which = sys.argv[1:] or ["mla", "moe", "allreduce", "skinny", "prefill", "fp8"]
+    parts = {"mla": mla, "moe": moe, "allreduce": allreduce, "skinny": skinny, "prefill": prefill, "fp8": fp8}
     for part in which:
-        {"mla": mla, "moe": moe, "allreduce": allreduce, "skinny": skinny, "prefill": prefill}[part]()
+        parts[part]()
