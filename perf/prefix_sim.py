@@ -35,7 +35,7 @@ from lightllm_async.types import SamplingParams  # noqa: E402
 # FLOPs a (query, key) pair at ~370 TFLOP/s, ~0.7 ms a step of norms, sampling and gaps.
 WEIGHTS_S = 16.06e9 / 4.2e12
 TOKEN_S = 16.06e9 / 650e12
-KV_TOKEN_S = 131072 / 4.2e12
+KV_TOKEN_S = 131072 / 4.2e12  # bf16; --kv-cache-dtype fp8 halves it (--fp8-kv)
 PAIR_S = 4 * 32 * 128 / 370e12
 FIXED_S = 0.7e-3
 CLIENT_S = 1.5e-3  # request in (HTTP, parse, tokenize) and token out, each way
@@ -53,7 +53,10 @@ def step_time(batch) -> float:
         ctx = item.start + n
         kv += ctx if n == 1 else item.start  # a prefill chunk's own keys are computed, not read
         pairs += n * item.start + n * (n + 1) // 2
-    return max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S + pairs * PAIR_S + FIXED_S
+    return max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * KV_SCALE[0] + pairs * PAIR_S + FIXED_S
+
+
+KV_SCALE = [1.0]  # 0.5 with --fp8-kv
 
 
 def sample(batch) -> Sampled:
@@ -172,7 +175,9 @@ def main() -> None:
     ap.add_argument("--protocol", choices=["steady", "barrier", "both"], default="steady")
     ap.add_argument("--max-running", type=int, default=128)
     ap.add_argument("--kv-tokens", type=int, default=500_000)
+    ap.add_argument("--fp8-kv", action="store_true", help="a float8 KV cache: half the KV bytes a step reads")
     args = ap.parse_args()
+    KV_SCALE[0] = 0.5 if args.fp8_kv else 1.0
     if args.workload == "prefix":  # issue 10 must-show 4: 2,000 shared + 100 own tokens, 128 out
         args.shared, args.input_len, args.output_mean, args.output_std = 2000, 100, 128, 0
         args.output_min, args.output_max = 128, 128
