@@ -19,6 +19,7 @@ def resolve(*flags):
 def test_the_flag_reaches_the_engine_and_is_refused_where_it_cannot_run():
     assert resolve().engine.kv_cache_dtype == "auto"
     assert resolve("--kv-cache-dtype", "fp8").engine.kv_cache_dtype == "fp8"
+    assert resolve("--kv-cache-dtype", "fp8_e4m3").engine.kv_cache_dtype == "fp8"  # vLLM's other name
     for flags in (["--device", "cpu"], ["--pd", "prefill=1,decode=1"], ["--role", "decode"]):
         with pytest.raises(SystemExit, match="kv-cache-dtype fp8"):
             resolve("--kv-cache-dtype", "fp8", *flags)

@@ -159,9 +159,10 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="KV cache size in tokens (0: from memory)")
     p.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "fp8"],
+        choices=["auto", "fp8", "fp8_e4m3"],
         default="auto",
-        help="auto: the model's dtype; fp8: float8 e4m3, half the bytes per token (Llama-family on CUDA)",
+        help="auto: the model's dtype; fp8 (or fp8_e4m3, vLLM's other name): float8 e4m3, half the bytes per "
+        "token (Llama-family on CUDA)",
     )
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
@@ -308,6 +309,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
     if args.nnodes > 1 and args.dp > 1:
         raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
+    if args.kv_cache_dtype == "fp8_e4m3":
+        args.kv_cache_dtype = "fp8"
     if args.kv_cache_dtype == "fp8":
         if args.device == "cpu":
             raise SystemExit("--kv-cache-dtype fp8 needs CUDA: the CPU's decode paths read a float KV cache")
