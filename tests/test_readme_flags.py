@@ -26,4 +26,20 @@ def test_readme_flag_defaults_are_the_parsers():
             same = re.fullmatch(r"-?[0-9.]+", default) is not None and float(default) == action.default
         assert same, f"{flag}: README says {default}, the parser {action.default}"
         checked.append(flag)
-    assert {"--max-num-batched-tokens", "--gpu-memory-utilization", "--kv-cache-dtype"} <= set(checked)
+    assert {"--num-slots", "--gpu-memory-utilization", "--kv-cache-dtype"} <= set(checked)
+
+
+def test_the_default_chunk_is_1024_on_a_gpu_and_2048_on_the_cpu(monkeypatch):
+    from lightllm_async import server
+
+    def chunk(*flags):
+        args = build_parser().parse_args(["--model", "dummy", *flags])
+        return server.resolve_config(args).engine.max_num_batched_tokens
+
+    assert chunk("--device", "cpu") == 2048 and chunk("--device", "cuda:1") == 1024
+    assert chunk("--device", "cpu", "--max-num-batched-tokens", "512") == 512
+    for present, want in ((True, 1024), (False, 2048)):  # "auto": what the CUDA driver says
+        monkeypatch.setattr(server, "cuda_present", lambda present=present: present)
+        assert chunk() == want
+    monkeypatch.undo()
+    assert isinstance(server.cuda_present(), bool)  # the probe itself: no GPU here, no error

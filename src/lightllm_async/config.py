@@ -308,7 +308,7 @@ class EngineConfig:
     max_model_len: int = 2048
     max_running_requests: int = 64
     num_slots: int = 256
-    max_num_batched_tokens: int = 1024  # per step: prefill chunk budget (the CLI's default, measured)
+    max_num_batched_tokens: int = 1024  # per step: prefill chunk budget (the CLI: server.default_chunk)
     kv_cache_tokens: int = 0  # 0: derive from memory
     # "auto": the model's dtype; "fp8": float8 e4m3 with no scale (values past +-448 saturate),
     # half the bytes a decode reads and twice the tokens; Llama-family models on CUDA (runner)
