@@ -41,7 +41,7 @@ FIXED_S = 0.7e-3
 CLIENT_S = 1.5e-3  # request in (HTTP, parse, tokenize) and token out, each way
 
 
-def step_time(batch) -> float:
+def step_time(batch, kv_scale: float = 1.0) -> float:
     run, rest = batch.parts()
     rows, kv, pairs = 0, 0, 0
     if run is not None:
@@ -53,10 +53,7 @@ def step_time(batch) -> float:
         ctx = item.start + n
         kv += ctx if n == 1 else item.start  # a prefill chunk's own keys are computed, not read
         pairs += n * item.start + n * (n + 1) // 2
-    return max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * KV_SCALE[0] + pairs * PAIR_S + FIXED_S
-
-
-KV_SCALE = [1.0]  # 0.5 with --fp8-kv
+    return max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * kv_scale + pairs * PAIR_S + FIXED_S
 
 
 def sample(batch) -> Sampled:
@@ -118,7 +115,7 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
         if batch is None:  # idle until the next arrival
             now = arrivals[0][0]
             continue
-        now += step_time(batch)
+        now += step_time(batch, 0.5 if args.fp8_kv else 1.0)
         applied, finished = sched.update(batch, sample(batch))
         emitted.append((now, len(applied)))
         for slot, _ in applied:
@@ -177,7 +174,6 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=500_000)
     ap.add_argument("--fp8-kv", action="store_true", help="a float8 KV cache: half the KV bytes a step reads")
     args = ap.parse_args()
-    KV_SCALE[0] = 0.5 if args.fp8_kv else 1.0
     if args.workload == "prefix":  # issue 10 must-show 4: 2,000 shared + 100 own tokens, 128 out
         args.shared, args.input_len, args.output_mean, args.output_std = 2000, 100, 128, 0
         args.output_min, args.output_max = 128, 128

@@ -373,14 +373,15 @@ def steady_window(records: list[Record], warmup: int, counted: int) -> tuple[lis
     warm-up request: the warm-up starts every client at once, and until its last request is done
     the server is still draining that standing start (its burst of prompts first, then a lockstep
     decode), not in the steady mix a window should measure."""
-    counted_ok = [r for r in records if warmup <= r.index < warmup + counted and r.error is None]
+    in_range = [r for r in records if warmup <= r.index < warmup + counted]
+    counted_ok = [r for r in in_range if r.error is None]
     empty = {"window_s": 0.0, "completed": 0, "prompts": 0, "input_tokens": 0, "output_tokens": 0.0}
     if not counted_ok:
-        return [r for r in records if warmup <= r.index < warmup + counted], empty
+        return in_range, empty
     warm_ends = [r.start + r.e2e for r in records if r.index < warmup and r.e2e is not None]
     lo = max([min(r.start for r in counted_ok), *warm_ends])
     hi = max(r.start for r in counted_ok)
-    measured = [r for r in records if warmup <= r.index < warmup + counted and lo <= r.start <= hi]
+    measured = [r for r in in_range if lo <= r.start <= hi]
     if hi <= lo:
         return measured, empty
     done = [r for r in records if r.error is None and r.ttft is not None and r.e2e is not None]
@@ -566,17 +567,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, model=served_model(cfg.url, args.wait_ready))
     lags: list[float] = []
     records, duration = asyncio.run(bench(cfg, lags))
-    everything = records
+    measured = records
     if steady(cfg):
-        records, window = steady_window(records, cfg.warmup, cfg.num_requests)
-        summary = summarize(records, duration, window)
+        measured, window = steady_window(records, cfg.warmup, cfg.num_requests)
+        summary = summarize(measured, duration, window)
         summary["window"] = window
     else:
         summary = summarize(records, duration)
     summary["protocol"] = "steady" if steady(cfg) else "barrier"
     summary["client_loop_lag_ms"] = stats(lags, 1e3)
     if args.out:
-        ids = {id(r) for r in records}  # every request's record, the measured ones marked
+        ids = {id(r) for r in measured}  # every request's record, the measured ones marked
         recs = [
             {
                 **dataclasses.asdict(r),
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tpot": r.tpot,
                 "measured": id(r) in ids,
             }
-            for r in everything
+            for r in records
         ]
         with open(args.out, "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "summary": summary, "records": recs}, f)

@@ -37,6 +37,12 @@
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
+l3_model() {  # the Llama-3-8B-shaped folder the servers load with --load-format random (made once a call)
+  local d=/tmp/l3
+  [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
+write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+  echo $d
+}
 for stage in $STAGES; do
   case $stage in
   tests)
@@ -99,9 +105,7 @@ for stage in $STAGES; do
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_pd_role_gpu.py >"$OUT/role.log" 2>&1
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;
   steady|dp)
-    d=/tmp/l3
-    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
-write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    d=$(l3_model)
     [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
 print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
     if [ $stage = steady ]; then runs=""; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
@@ -124,9 +128,7 @@ print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/ma
       grep -E "ms/step" "$OUT/server_${mode}_$chunk.log" | tail -1 | cut -c1-300
     done ;;
   prefix)
-    d=/tmp/l3
-    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
-write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    d=$(l3_model)
     for chunk in ${PREFIX_CHUNKS:-1024 2048}; do
       echo "== prefix, chunk $chunk"
       LOG_DIR=$OUT/prefix_$chunk; mkdir -p $LOG_DIR
@@ -143,9 +145,7 @@ write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c
         --kv-cache-dtype $kvd --out "$OUT/l3_kv_$kvd.json" >"$OUT/l3_kv_$kvd.log" 2>&1
       echo "decode_bench kv $kvd exit $?"; grep -E "matmul|^ +(1|256) " "$OUT/l3_kv_$kvd.log" | head -4
     done
-    d=/tmp/l3
-    [ -f $d/config.json ] || { mkdir -p $d; python3 -c "from lightllm_async.tools.make_random_model import shape_config as s, \
-write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
+    d=$(l3_model)
     for kvd in ${FP8_SERVE:-auto fp8}; do
       python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
         --kv-cache-dtype $kvd >"$OUT/server_kv_$kvd.log" 2>&1 &

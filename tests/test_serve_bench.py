@@ -76,6 +76,7 @@ def test_prefix_sim_protocols_run_the_real_scheduler():
     class Args:
         clients, requests, max_running, kv_tokens, warmup = 8, 16, 16, 100_000, 8
         shared, input_len, output_mean, output_std, output_min, output_max = 64, 16, 8, 0, 8, 8
+        fp8_kv = False
 
     with_cache = sim.simulate(Args, 256, True)
     without = sim.simulate(Args, 256, False)

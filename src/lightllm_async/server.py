@@ -310,10 +310,8 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         raise SystemExit("--nnodes > 1 needs --master-port (and --master-addr: node 0's address)")
     if args.nnodes > 1 and args.dp > 1:
         raise SystemExit("--dp with --nnodes > 1 is not supported: run one server per host instead")
-    chunk = args.max_num_batched_tokens
-    if args.kv_cache_dtype == "fp8_e4m3":
-        args.kv_cache_dtype = "fp8"
-    if args.kv_cache_dtype == "fp8":
+    kv_dtype = "auto" if args.kv_cache_dtype == "auto" else "fp8"  # fp8_e4m3: vLLM's other name
+    if kv_dtype == "fp8":
         if args.device == "cpu":
             raise SystemExit("--kv-cache-dtype fp8 needs CUDA: the CPU's decode paths read a float KV cache")
         if args.pd is not None or args.role is not None:  # the KV moves as the other side's bytes
@@ -337,9 +335,14 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         max_model_len=max_model_len,
         max_running_requests=args.max_running_requests,
         num_slots=args.num_slots,
-        max_num_batched_tokens=max(default_chunk(args.device) if chunk is None else chunk, 1),
+        max_num_batched_tokens=max(
+            default_chunk(args.device)
+            if args.max_num_batched_tokens is None
+            else args.max_num_batched_tokens,
+            1,
+        ),
         kv_cache_tokens=args.kv_cache_tokens,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=kv_dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_piecewise_graph=args.disable_piecewise_cuda_graph,

@@ -236,7 +236,7 @@ def decode_attention(
     # A float8 cache: 8 warps. Its blocks are widened in registers on their way to the tensor
     # cores, and at 4 warps that asked 168 registers and spilled where bf16 takes 80 (sm_90a,
     # Llama-3-8B heads: perf/sm90_compile_check.py fp8); 8 warps take 101 with no spill. Not timed.
-    warps = 8 if k_cache.element_size() == 1 and q.is_cuda else 4
+    warps = 8 if k_cache.element_size() == 1 else 4
     _decode_split_kernel[(batch, hk, splits)](
         q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
