@@ -102,6 +102,7 @@ def moe() -> None:
             consts = dict(
                 tiles,
                 A_ROWS_PER_PAIR=not gate_up,
+                DIRECT=c.block_m == 16,  # as fused_moe launches one token's pairs
                 GATE_UP=gate_up,
                 MUL_WEIGHT=not gate_up,
                 PRECISION="tf32",
@@ -186,8 +187,8 @@ def fp8() -> None:
     print(f"    float8 cvt in the PTX: {'e4m3' in LAST_PTX[0]}")
     report("decode split over fp8", D._decode_split_kernel,
            {"Q": "*bf16", **cache, **ints, "MID_O": "*fp32", "MID_LSE": "*fp32", "qk_scale": "fp32"},
-           dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=8, PRECISION="tf32", BLOCK_G=16, BLOCK_N=64, BLOCK_D=128,
-                PDL=True), 8, 2)  # fmt: skip (decode_attention's warps for a float8 cache)
+           dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=8, PRECISION="tf32", BLOCK_G=16, BLOCK_N=128, BLOCK_D=128,
+                QK_F16=True, PDL=True), 2, 2)  # fmt: skip (decode_attention.LAUNCH[1])
     types = {n: "*bf16" for n in ("Q", "OUT", "K_NEW", "V_NEW")}
     desc = "tensordesc<bf16[128, 128]>"
     report("prefill 128x128 TMA, prefix from fp8", P._prefill_kernel,

@@ -148,6 +148,8 @@ def test_decode_attention_reads_an_fp8_cache_in_interpreter(interpreter, heads):
     reference over the same float8 values."""
     check_decode([1, 17, 130], heads, 64, torch.float32, "cpu", cache_dtype=FP8)
     check_decode([1, 33, 130, 7], heads, 64, torch.float32, "cpu", num_splits=16, cache_dtype=FP8)
+    # bfloat16 queries: q and the widened blocks meet in float16 (QK_F16), as on a card
+    check_decode([1, 17, 130], heads, 64, torch.bfloat16, "cpu", cache_dtype=FP8)
 
 
 @pytest.mark.parametrize("new_kv", [False, True])

@@ -109,6 +109,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,  # >= GROUP, >= 16: the query heads of one kv head, one tl.dot tile
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
+    QK_F16: tl.constexpr,  # the queries as float16, so that a float8 cache widens to float16
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
     pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
@@ -132,6 +133,8 @@ def _decode_split_kernel(
     mask_d = offs_d < HEAD_DIM
     q_ptrs = Q + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    if QK_F16:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     # -- online softmax over the chunk --
     m_i, l_i, acc = attend_init(BLOCK_G, BLOCK_D)
@@ -183,7 +186,21 @@ def _decode_merge_kernel(
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
 
 
-_BLOCK_N, _NUM_STAGES = 64, 2  # measured on H100: 32-128 and 2-3 stages are within a few %
+# The split kernel's launch by the cache's element size, timed at Llama-3-8B heads on an H200 with
+# perf/fp8_decode_bench.py --sweep-bf16 (2026-11-30), at batch x context 256 x 640, 64 x 4096
+# and 1 x 4096. 16-bit: 2 warps x 64 tokens x 3 stages took 0.95-0.97x the time of the 4 x 64 x 2
+# measured on an H100 before (82-93% of the copy rate there; others within 5%). A float8 cache:
+# q and the widened blocks meet in float16 (one hardware conversion per pair; as fast as
+# bfloat16 or faster), 2 warps x 128 tokens x 2 stages took 0.62-0.66x the bfloat16 cache's
+# time at the two large shapes (62-75% of the copy rate; still short of the 0.5x that half the
+# bytes allows), where last session's untimed 8 warps x 64 took 0.99-1.15x; 4 and 8 warps,
+# 256-token blocks and 5 stages were slower. Triton 3.9 compiles that launch with a 664-byte spill
+# (perf/sm90_compile_check.py fp8; 8 x 64 does not spill); on the card's Triton 3.6 it timed fastest.
+LAUNCH = {
+    1: {"f16": True, "warps": 2, "block_n": 128, "stages": 2},
+    2: {"f16": False, "warps": 2, "block_n": 64, "stages": 3},
+    4: {"f16": False, "warps": 4, "block_n": 64, "stages": 2},  # float32: the tests' reference dtype
+}
 
 
 @functools.cache
@@ -233,10 +250,7 @@ def decode_attention(
     mid_o = torch.empty((batch, hq, splits, dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
     group, block_d = hq // hk, triton.next_power_of_2(dim)
-    # A float8 cache: 8 warps. Its blocks are widened in registers on their way to the tensor
-    # cores, and at 4 warps that asked 168 registers and spilled where bf16 takes 80 (sm_90a,
-    # Llama-3-8B heads: perf/sm90_compile_check.py fp8); 8 warps take 101 with no spill. Not timed.
-    warps = 8 if k_cache.element_size() == 1 else 4
+    launch = LAUNCH[k_cache.element_size()]
     _decode_split_kernel[(batch, hk, splits)](
         q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -245,8 +259,9 @@ def decode_attention(
         scale * math.log2(math.e),
         GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N if q.is_cuda else 16,
-        BLOCK_D=block_d, num_warps=warps, num_stages=_NUM_STAGES, **pdl_launch(q),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch["block_n"] if q.is_cuda else 16,
+        BLOCK_D=block_d, QK_F16=launch["f16"] and k_cache.element_size() == 1 and q.dtype == torch.bfloat16,
+        num_warps=launch["warps"], num_stages=launch["stages"], **pdl_launch(q),
     )  # fmt: skip
     _decode_merge_kernel[(batch, hq)](
         mid_o, mid_lse, out,
