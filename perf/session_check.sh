@@ -29,10 +29,15 @@
 #            and for DP also 200 (the load per GPU of one GPU's 100)
 #   prefix   perf/prefix_bench.sh's 2000-shared + 100-unique workload at PREFIX_CHUNKS (1024 2048),
 #            cache on and off, one GPU
-#   fp8      --kv-cache-dtype fp8, not yet run on a card: its GPU tests (attention over a float8
-#            cache, the stores' rounding, the runner's graphs), the Llama-3-8B decode step at batch 1
-#            and 256 (context 640) with the cache in bf16 and in fp8, then the 1024-in serve (steady,
-#            one GPU, chunk 1024) with fp8 beside the same serve in bf16
+#   fp8      --kv-cache-dtype fp8: its GPU tests (attention over a float8 cache, the stores'
+#            rounding, the runner's graphs; FP8_TESTS=0 skips), perf/fp8_decode_bench.py at the
+#            chosen launch (FP8_KERNEL=0 skips), the Llama-3-8B decode step at batch 1 and 256
+#            (context 640) with the cache in FP8_DECODE ("auto fp8"), then the 1024-in serve (steady,
+#            one GPU, chunk 1024) in FP8_SERVE ("auto fp8"); " " skips a list
+#   moe      fused MoE's direct launch (no alignment kernel at one token): its GPU tests and the
+#            DeepSeek ones around it, then perf/mla_moe_bench.py at MOE_M (1,8), direct and aligned;
+#            with STAGES="moe ds" DS_BATCHES=1 DS_VARIANTS="now: aligned:LLA_MOE_DIRECT_MAX_TOKENS=0"
+#            the V2-Lite batch-1 step both ways
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
 set -u
 STAGES=${STAGES:-"tests mla ds"}
@@ -58,7 +63,7 @@ for stage in $STAGES; do
     variants=${DS_VARIANTS:-now: before:$before}
     for v in $variants; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }
-      env $envs timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
+      env $envs timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches ${DS_BATCHES:-1,64} --context 1024 \
         --top-kernels 14 --out "$OUT/ds_$name.json" >"$OUT/ds_$name.log" 2>&1
       echo "decode_bench $name exit $?"; grep -E "^ +(1|64) " "$OUT/ds_$name.log" | head -4
     done
@@ -137,15 +142,21 @@ print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/ma
         | grep -E "==|QPS|tokens/s|TTFT|TPOT"
     done ;;
   fp8)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py tests/test_runner_gpu.py \
+    [ "${FP8_TESTS:-1}" = 1 ] && { timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_kernels_attention.py tests/test_runner_gpu.py \
       -k "fp8 or decode_attention_matches or prefill_attention_matches" >"$OUT/fp8_test.log" 2>&1
-    echo "fp8 tests exit $?"; grep -E "passed|failed|Error" "$OUT/fp8_test.log" | tail -6
-    for kvd in auto fp8; do
+    echo "fp8 tests exit $?"; grep -E "passed|failed|Error" "$OUT/fp8_test.log" | tail -6; }
+    [ "${FP8_KERNEL:-1}" = 1 ] && { timeout 150 python3 perf/fp8_decode_bench.py --warps 2 --block-n 128 --stages 2 \
+      >"$OUT/fp8_decode.log" 2>&1; echo "fp8_decode_bench exit $?"; sed -n '/B x ctx/,$p' "$OUT/fp8_decode.log"; }
+    for kvd in ${FP8_DECODE:-auto fp8}; do
       timeout 170 python3 perf/decode_bench.py --shape llama3-8b --batches 1,256 --context 640 --max-running 256 \
         --kv-cache-dtype $kvd --out "$OUT/l3_kv_$kvd.json" >"$OUT/l3_kv_$kvd.log" 2>&1
       echo "decode_bench kv $kvd exit $?"; grep -E "matmul|^ +(1|256) " "$OUT/l3_kv_$kvd.log" | head -4
     done
     d=$(l3_model)
+    [ "${FP8_SERVE:-auto fp8}" != " " ] && python3 -c "import sys; sys.path.insert(0, 'perf'); \
+from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" \
+      | tee "$OUT/matmul.txt"
     for kvd in ${FP8_SERVE:-auto fp8}; do
       python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
         --kv-cache-dtype $kvd >"$OUT/server_kv_$kvd.log" 2>&1 &
@@ -156,6 +167,13 @@ print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/ma
       echo "== serve kv $kvd exit $?"; tail -7 "$OUT/serve_kv_$kvd.log"
       kill -INT $srv; wait $srv; grep -E "KV cache:" "$OUT/server_kv_$kvd.log" | head -1
     done ;;
+  moe)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_moe.py tests/test_deepseek.py \
+      -k "direct or v2_lite or graph or fused_decode" >"$OUT/moe_test.log" 2>&1
+    echo "moe tests exit $?"; grep -E "passed|failed|Error" "$OUT/moe_test.log" | tail -6
+    timeout 150 python3 perf/mla_moe_bench.py --only moe --no-ref --moe-m ${MOE_M:-1,8} --moe-shapes \
+      ${MOE_SHAPES:-v2-lite,v3} --no-layers >"$OUT/moe_direct.log" 2>&1
+    echo "mla_moe_bench exit $?"; grep -E "copy|fused_moe" "$OUT/moe_direct.log" | cut -c1-150 ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
     echo "tp_gpu_check exit $?"; tail -16 "$OUT/tp_gpu_check.log" ;;
