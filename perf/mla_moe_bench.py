@@ -17,6 +17,9 @@ pass, fused_moe over the routed experts plus the separate shared MLP, and the la
 builds it by default on CUDA (fused up to `shared_fused_max_tokens` tokens, above that the shared
 experts as an MLP through views of the fused weights; the router's one GEMM).
 
+Where fused_moe launches its GEMMs without the alignment kernel (one token: `DIRECT_MAX_TOKENS`),
+a second row times the aligned launch, as larger M runs it.
+
 --sweep also times the launch alternatives of each case and prints the best; with --out FILE, the
 best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
 FILE when it holds an earlier sweep on the same card, so that the Ms may be split over several
@@ -122,16 +125,16 @@ def moe_inputs(shape: str, tokens: int, w13: torch.Tensor, w2: torch.Tensor) -> 
     return x, w13, w2, weights, ids, logits, bias
 
 
-def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None) -> Case:
+def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None, direct=None, tag="") -> Case:
     x, w13, w2, weights, ids, _, _ = inputs
     hidden, inter, _, top_k = MOE_SHAPES[shape]
     touched = ids.unique().numel()  # a host sync here, outside anything timed
     nbytes = touched * 3 * inter * hidden * w13.element_size() + 2 * x.nbytes
     flops = 2 * tokens * top_k * 3 * inter * hidden
-    tag = "" if config is None else " " + ",".join(str(v) for v in dataclasses.astuple(config))
+    tag = tag or ("" if config is None else " " + ",".join(str(v) for v in dataclasses.astuple(config)))
     return Case(
         "fused_moe" + tag, f"{shape} M={tokens} experts={touched}",
-        lambda: K.fused_moe(x, w13, w2, weights, ids, config),
+        lambda: K.fused_moe(x, w13, w2, weights, ids, config, direct=direct),
         lambda: K.fused_moe_ref(x, w13, w2, weights, ids), nbytes, flops,
     )  # fmt: skip
 
@@ -218,6 +221,9 @@ def moe_rows(args, copy: float, mm: float) -> None:
         for tokens in args.moe_m:
             inputs = moe_inputs(shape, tokens, w13, w2)
             print(row(moe_case(shape, tokens, inputs), copy, mm, not args.no_ref)[0], flush=True)
+            if tokens <= moe_module.DIRECT_MAX_TOKENS:  # the default launch is direct: also aligned
+                case = moe_case(shape, tokens, inputs, direct=False, tag=" aligned (as M > 1)")
+                print(row(case, copy, mm, False)[0], flush=True)
             if args.sweep:
                 best = moe_sweep(shape, tokens, inputs, copy, mm)
                 key = moe_module.moe_shape_key(experts, inter, hidden)

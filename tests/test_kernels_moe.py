@@ -7,6 +7,8 @@ Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32,
 reference differ in summation order only; 1e-2 in bfloat16, where the kernel rounds each pair's down
 projection to bf16 before the top-k sum while the reference sums in float32."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -71,17 +73,20 @@ def test_moe_align_groups_pairs_by_expert_in_interpreter(
         check_alignment(ids, num_experts, block_m, moe_align_block_size_ref(ids, num_experts, block_m))
 
 
-def check_fused_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, device, experts=None, config=None):
+def check_fused_moe(
+    num_tokens, hidden, inter, num_experts, top_k, dtype, device, experts=None, config=None, direct=None
+):
     x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
     # in place: at the V3 shape a temporary copy would be another 15 GB
     w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=device).div_(hidden**0.5)
     w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device=device).div_(inter**0.5)
     topk_weights, topk_ids = random_routing(num_tokens, num_experts, top_k, device, experts)
     with nan_filled_allocations():
-        out = fused_moe(x, w13, w2, topk_weights, topk_ids, config)
+        out = fused_moe(x, w13, w2, topk_weights, topk_ids, config, direct=direct)
     ref = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
     assert out.shape == x.shape and out.dtype == dtype and not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[dtype]
+    return x, w13, w2, topk_weights, topk_ids, out
 
 
 @pytest.mark.parametrize("top_k", [2, 3])
@@ -99,6 +104,30 @@ def test_fused_moe_matches_reference_in_interpreter(interpreter, num_tokens, top
 )
 def test_fused_moe_is_right_for_any_tiles_in_interpreter(interpreter, config):
     check_fused_moe(33, 40, 24, 8, 3, torch.float32, "cpu", config=config)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, experts", [(1, 3, None), (7, 2, None), (5, 2, [2, 6])])
+def test_fused_moe_direct_launch_in_interpreter(interpreter, num_tokens, top_k, experts):
+    """The GEMMs launched without the alignment kernel, a row block per pair (the default at one
+    token), forced here at more tokens too, with experts shared between tokens: the same sums as
+    the aligned launch."""
+    x, w13, w2, weights, ids, out = check_fused_moe(
+        num_tokens, 64, 48, 8, top_k, torch.float32, "cpu", experts=experts, direct=True
+    )
+    assert rel_err(out, fused_moe(x, w13, w2, weights, ids, direct=False)) < 1e-5
+
+
+def test_fused_moe_launches_direct_by_default_at_one_token(interpreter, monkeypatch):
+    """One token: no alignment kernel; two tokens: aligned."""
+    module = importlib.import_module("lightllm_async.kernels.fused_moe")  # the package exports the function
+    aligned = []
+    real = module.moe_align_block_size
+    monkeypatch.setattr(
+        module, "moe_align_block_size", lambda ids, *a: aligned.append(ids.shape[0]) or real(ids, *a)
+    )
+    for num_tokens in (1, 2):
+        check_fused_moe(num_tokens, 64, 48, 8, 3, torch.float32, "cpu")
+    assert aligned == [2]
 
 
 def test_fused_moe_with_crowded_and_idle_experts_in_interpreter(interpreter):
@@ -321,6 +350,18 @@ V3 = dict(hidden=7168, inter=2048, num_experts=256, top_k=8)
 @pytest.mark.parametrize("num_tokens", [1, 7, 64, 257, 2048])
 def test_fused_moe_matches_reference_at_v2_lite_shape_on_gpu(gpu, num_tokens):
     check_fused_moe(num_tokens, **V2_LITE, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 3])
+def test_fused_moe_direct_launch_at_v2_lite_shape_on_gpu(gpu, num_tokens):
+    """The launch without alignment against the reference and the aligned launch, the 2 shared
+    experts appended as V2-Lite's decode appends them (8 pairs a token)."""
+    shape = dict(V2_LITE, top_k=8, num_experts=66)
+    x, w13, w2, weights, ids, out = check_fused_moe(
+        num_tokens, **shape, dtype=torch.bfloat16, device="cuda", direct=True
+    )
+    assert rel_err(out, fused_moe(x, w13, w2, weights, ids, direct=False)) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu

@@ -147,6 +147,7 @@ def _moe_gemm_kernel(
     stride_be, stride_bn,  # B strides (expert, row); rows are contiguous
     stride_c,  # C row stride; rows are contiguous
     A_ROWS_PER_PAIR: tl.constexpr,  # False: A has one row per token, shared by its top_k pairs
+    DIRECT: tl.constexpr,  # no alignment: row block m is pair m alone, EXPERT_IDS the pairs' experts
     GATE_UP: tl.constexpr,  # C = silu(A @ B[:I].T) * (A @ B[I:].T)
     MUL_WEIGHT: tl.constexpr,  # C = weight * (A @ B.T)
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
@@ -166,12 +167,14 @@ def _moe_gemm_kernel(
     group_rows = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_rows
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
-    if pid_m * BLOCK_M >= tl.load(NUM_PADDED):
-        return  # past the blocks in use: the grid is sized for the worst routing
-
-    # -- the block's pairs, their A rows and their expert --
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(SORTED_IDS + offs_m).to(tl.int64)
+    if DIRECT:  # one pair a block, in its first row; the others padding (num_pairs)
+        pair = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(NUM_PADDED):
+            return  # past the blocks in use: the grid is sized for the worst routing
+        # -- the block's pairs, their A rows and their expert --
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(SORTED_IDS + offs_m).to(tl.int64)
     mask_m = pair < num_pairs  # padding entries hold num_pairs
     a_row = pair if A_ROWS_PER_PAIR else pair // top_k
     expert = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
@@ -205,17 +208,28 @@ def _moe_gemm_kernel(
 
 
 def _grouped_gemm(a, b, c, topk_weights, aligned, top_k, n_out, cfg, a_rows_per_pair, gate_up, mul_weight):
+    """aligned: moe_align_block_size's (sorted ids, block experts, padded count), or (None,
+    topk_ids flattened, None) for the direct launch (a block per pair)."""
     sorted_ids, expert_ids, num_padded = aligned
+    direct = sorted_ids is None
+    if direct:
+        sorted_ids = num_padded = expert_ids  # not read
     grid = (expert_ids.numel() * triton.cdiv(n_out, cfg.block_n),)
     _moe_gemm_kernel[grid](
         a, b, c, topk_weights, sorted_ids, expert_ids, num_padded,
         c.shape[0], top_k, n_out, a.shape[1],
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-        A_ROWS_PER_PAIR=a_rows_per_pair, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
+        A_ROWS_PER_PAIR=a_rows_per_pair, DIRECT=direct, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a),
     )  # fmt: skip
+
+
+# Up to this many tokens fused_moe launches its GEMMs without the alignment kernel (a row block per
+# pair): one token's experts are distinct, so each block of the aligned launch held one row too.
+# LLA_MOE_DIRECT_MAX_TOKENS sets it for benchmarks (0: always align).
+DIRECT_MAX_TOKENS = int(os.environ.get("LLA_MOE_DIRECT_MAX_TOKENS", "1"))
 
 
 def fused_moe(
@@ -226,6 +240,7 @@ def fused_moe(
     topk_ids: Tensor,
     config: MoeConfig | None = None,
     sum_experts: bool = True,
+    direct: bool | None = None,
 ) -> Tensor:
     """Σ_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j].
 
@@ -235,7 +250,9 @@ def fused_moe(
     the activation and each expert's output are rounded to x's dtype before the next step. No host sync.
     `config` overrides the tiles `moe_config` picks. `sum_experts=False`: the terms of the sum,
     unsummed, [T, k, hidden] (each expert's weighted output; [T, 1, hidden], the sum, on the
-    reference path), for a consumer that sums them itself (`rms_norm` of parts).
+    reference path), for a consumer that sums them itself (`rms_norm` of parts). `direct`: each
+    (token, k) pair its own row block, with no alignment kernel (None: up to DIRECT_MAX_TOKENS
+    tokens, where the pairs' experts are distinct and a block would hold one row anyway).
     """
     if not use_triton(x):
         out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
@@ -254,7 +271,10 @@ def fused_moe(
     if num_pairs == 0:
         return torch.zeros_like(x) if sum_experts else x.new_zeros(num_tokens, 1, hidden)
     cfg = config or moe_config(num_tokens, top_k, num_experts, inter, hidden, x.device)
-    aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
+    if direct if direct is not None else num_tokens <= DIRECT_MAX_TOKENS:
+        aligned = (None, topk_ids.view(-1), None)
+    else:
+        aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, topk_weights, aligned, top_k, inter, cfg, False, True, False)
     down = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
