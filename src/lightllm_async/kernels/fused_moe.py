@@ -271,7 +271,9 @@ def fused_moe(
     if num_pairs == 0:
         return torch.zeros_like(x) if sum_experts else x.new_zeros(num_tokens, 1, hidden)
     cfg = config or moe_config(num_tokens, top_k, num_experts, inter, hidden, x.device)
-    if direct if direct is not None else num_tokens <= DIRECT_MAX_TOKENS:
+    if direct is None:
+        direct = num_tokens <= DIRECT_MAX_TOKENS
+    if direct:
         aligned = (None, topk_ids.view(-1), None)
     else:
         aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
