@@ -22,8 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from kernel_bench import bench_ms, copy_gbps  # noqa: E402
+from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on the path)
 
 from lightllm_async import kernels as K  # noqa: E402
 

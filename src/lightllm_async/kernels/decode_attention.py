@@ -191,8 +191,8 @@ def _decode_merge_kernel(
 # and 1 x 4096. 16-bit: 2 warps x 64 tokens x 3 stages took 0.95-0.97x the time of the 4 x 64 x 2
 # measured on an H100 before (82-93% of the copy rate there; others within 5%). A float8 cache:
 # q and the widened blocks meet in float16 (one hardware conversion per pair; as fast as
-# bfloat16 or faster), 2 warps x 128 tokens x 2 stages took 0.62-0.66x the bfloat16 cache's
-# time at the two large shapes (62-75% of the copy rate; still short of the 0.5x that half the
+# bfloat16 or faster), 2 warps x 128 tokens x 2 stages took 0.62-0.70x the bfloat16 cache's
+# time at the two large shapes (two calls) (62-75% of the copy rate; still short of the 0.5x that half the
 # bytes allows), where last session's untimed 8 warps x 64 took 0.99-1.15x; 4 and 8 warps,
 # 256-token blocks and 5 stages were slower. Triton 3.9 compiles that launch with a 664-byte spill
 # (perf/sm90_compile_check.py fp8; 8 x 64 does not spill); on the card's Triton 3.6 it timed fastest.
@@ -260,7 +260,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch["block_n"] if q.is_cuda else 16,
-        BLOCK_D=block_d, QK_F16=launch["f16"] and k_cache.element_size() == 1 and q.dtype == torch.bfloat16,
+        BLOCK_D=block_d, QK_F16=launch["f16"] and q.dtype == torch.bfloat16,
         num_warps=launch["warps"], num_stages=launch["stages"], **pdl_launch(q),
     )  # fmt: skip
     _decode_merge_kernel[(batch, hq)](
