@@ -20,6 +20,14 @@ experts as an MLP through views of the fused weights; the router's one GEMM).
 Where fused_moe launches its GEMMs without the alignment kernel (one token: `DIRECT_MAX_TOKENS`),
 a second row times the aligned launch, as larger M runs it.
 
+--chain L adds, under each row, the same op timed as the server runs it: L calls over distinct data
+(the layers of a decode step: other caches, other experts) captured back to back in one CUDA graph,
+per call, L2 flushed before each replay. The single-call row carries the harness's floor (the
+graph's launch and the timing events, ~5 us, printed as `floor`) and each kernel's ramp-up alone; in
+the chain, as in the server, each kernel follows another (a PDL launch starts during it). With
+--chain and one token, the MoE rows are also split into its two GEMMs (gate/up with SiLU, down),
+each chained alone.
+
 --sweep also times the launch alternatives of each case and prints the best; with --out FILE, the
 best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
 FILE when it holds an earlier sweep on the same card, so that the Ms may be split over several
@@ -39,6 +47,7 @@ import dataclasses
 import importlib
 import json
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +84,26 @@ class Case:
     ref: Callable[[], object] | None
     nbytes: int  # bytes the op must move at the least
     flops: int
+
+
+def chain_row(cases: list[Case], copy: float, mm: float) -> tuple[str, float]:
+    """cases: one op over distinct data; per-call ms of all of them replayed back to back in one graph."""
+    calls = [case.kernel for case in cases]
+    ms = bench_ms(lambda: [call() for call in calls], graph=True) / len(cases)
+    nbytes, flops = sum(c.nbytes for c in cases) / len(cases), sum(c.flops for c in cases) / len(cases)
+    gbps, tflops = nbytes / ms / 1e6, flops / ms / 1e9
+    name = f"  x{len(cases)} chained {cases[0].name}"
+    line = (
+        f"{name:<34} {cases[0].shape:<30} {'':>9} {ms:9.4f} {'':>9} "
+        f"{gbps:7.0f} {100 * gbps / copy:6.1f}% {tflops:7.1f} {100 * tflops / mm:6.1f}%"
+    )
+    return line, ms
+
+
+def floor_us() -> float:
+    """The harness's floor: a one-element add replayed from a graph, L2 flushed, in microseconds."""
+    t = torch.zeros(1, device=DEV)
+    return 1e3 * bench_ms(lambda: t.add_(1), graph=True)
 
 
 def matmul_tflops() -> float:
@@ -125,13 +154,60 @@ def moe_inputs(shape: str, tokens: int, w13: torch.Tensor, w2: torch.Tensor) -> 
     return x, w13, w2, weights, ids, logits, bias
 
 
+def moe_chain_inputs(shape: str, tokens: int, w13: torch.Tensor, w2: torch.Tensor, layers: int) -> list:
+    """`layers` routings over the same weights, as the layers of a step route to their own experts:
+    at one token each layer takes experts no other layer of the chain takes (while there are enough),
+    so that no call reads weights an earlier one left in L2."""
+    _, _, experts, top_k = MOE_SHAPES[shape]
+    out = []
+    for layer in range(layers):
+        x, w13, w2, weights, ids, logits, bias = moe_inputs(shape, tokens, w13, w2)
+        if tokens == 1 and (layer + 1) * top_k <= experts:
+            ids = torch.arange(layer * top_k, (layer + 1) * top_k, device=DEV, dtype=ids.dtype).view(1, top_k)
+        out.append((x, w13, w2, weights, ids, logits, bias))
+    return out
+
+
+def moe_part_cases(shape: str, inputs, cfg: K.MoeConfig | None = None) -> tuple[Case, Case]:
+    """fused_moe's two GEMMs at one token (direct launch), each alone: gate/up with SiLU-and-mul,
+    then down with the routing weights; tiles `cfg` (the down GEMM `cfg.for_down()`, its K split
+    included) or fused_moe's."""
+    x, w13, w2, weights, ids, _, _ = inputs
+    hidden, inter, _, top_k = MOE_SHAPES[shape]
+    cfg = cfg or moe_module.moe_config(1, top_k, w13.shape[0], inter, hidden, x.device)
+    down_cfg = cfg.for_down()
+    aligned = (None, ids.view(-1), None)
+    act = torch.randn(top_k, inter, dtype=DTYPE, device=DEV)
+    down = torch.empty(top_k * down_cfg.split_k, hidden, dtype=DTYPE, device=DEV)
+    gate_up = Case(
+        "moe_gate_up", f"{shape} M=1", lambda: moe_module._grouped_gemm(
+            x, w13, act, weights, aligned, top_k, inter, cfg, False, True, False),
+        None, top_k * 2 * inter * hidden * x.element_size(), 2 * top_k * 2 * inter * hidden,
+    )  # fmt: skip
+    down_case = Case(
+        "moe_down", f"{shape} M=1", lambda: moe_module._grouped_gemm(
+            act, w2, down, weights, aligned, top_k, hidden, down_cfg, True, False, True),
+        None, top_k * inter * hidden * x.element_size(), 2 * top_k * inter * hidden,
+    )  # fmt: skip
+    return gate_up, down_case
+
+
+def tiles_str(config: K.MoeConfig) -> str:
+    """block_m,block_n,block_k,group_m,warps,stages (then "splitK" where K is split, and "down ..."
+    where the down GEMM has its own tiles)."""
+    c = config
+    tiles = f"{c.block_m},{c.block_n},{c.block_k},{c.group_m},{c.num_warps},{c.num_stages}"
+    split = f" split{c.split_k}" if c.split_k > 1 else ""
+    return tiles + split + ("" if c.down is None else " down " + tiles_str(c.down))
+
+
 def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None, direct=None, tag="") -> Case:
     x, w13, w2, weights, ids, _, _ = inputs
     hidden, inter, _, top_k = MOE_SHAPES[shape]
     touched = ids.unique().numel()  # a host sync here, outside anything timed
     nbytes = touched * 3 * inter * hidden * w13.element_size() + 2 * x.nbytes
     flops = 2 * tokens * top_k * 3 * inter * hidden
-    tag = tag or ("" if config is None else " " + ",".join(str(v) for v in dataclasses.astuple(config)))
+    tag = tag or ("" if config is None else " " + tiles_str(config))
     return Case(
         "fused_moe" + tag, f"{shape} M={tokens} experts={touched}",
         lambda: K.fused_moe(x, w13, w2, weights, ids, config, direct=direct),
@@ -154,13 +230,20 @@ def mla_rows(args, copy: float, mm: float) -> None:
     for heads in (16, 128):
         for batch in (64, 128):
             for ctx in (1024, 4096, 8192):
+                if args.mla_cases and f"{heads}:{batch}:{ctx}" not in args.mla_cases.split(","):
+                    continue
                 inputs = mla_inputs(batch, ctx, heads)
                 print(row(mla_case(inputs), copy, mm, not args.no_ref)[0], flush=True)
+                layers = None
+                if args.chain:
+                    layers = [inputs] + [mla_inputs(batch, ctx, heads) for _ in range(args.chain - 1)]
+                    print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
                 if args.sweep:
-                    mla_sweep(inputs, copy, mm)
+                    mla_sweep(inputs, copy, mm, layers)
+                del layers
                 del inputs
                 torch.cuda.empty_cache()
-    for batch, ctx in ((1, 4096), (8, 2048)):  # small batches lean on the split
+    for batch, ctx in () if args.mla_cases else ((1, 4096), (8, 2048)):  # small batches lean on the split
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
 
 
@@ -171,9 +254,10 @@ MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
 ]  # fmt: skip
 
 
-def mla_sweep(inputs: tuple, copy: float, mm: float) -> None:
+def mla_sweep(inputs: tuple, copy: float, mm: float, layers: list | None = None) -> None:
     """Every launch of MLA_LAUNCHES that the heads fill, at several split counts; prints the best
-    three. A launch that fails to compile (shared memory, registers) is reported and skipped."""
+    three. A launch that fails to compile (shared memory, registers) is reported and skipped.
+    Timed chained over `layers` (inputs of the same shape) where given."""
     heads = inputs[0].shape[1]
     launches = [mla_module._Launch(bh, bn, w, st, 1, 1) for bh, bn, w, st in MLA_LAUNCHES if heads >= bh]
     results, default = [], mla_module._launch_config
@@ -181,7 +265,10 @@ def mla_sweep(inputs: tuple, copy: float, mm: float) -> None:
         mla_module._launch_config = lambda *_, launch=launch: launch  # read at each call
         try:
             for splits in (1, 2, 4, 8, 16, 32):
-                line, ms = row(mla_case(inputs, num_splits=splits), copy, mm, False)
+                if layers:
+                    line, ms = chain_row([mla_case(x, num_splits=splits) for x in layers], copy, mm)
+                else:
+                    line, ms = row(mla_case(inputs, num_splits=splits), copy, mm, False)
                 results.append((ms, f"h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
                                 f"s{launch.num_stages} splits={splits}: {line.split()[-4]} GB/s "
                                 f"{line.split()[-2]} TFLOP/s"))  # fmt: skip
@@ -221,13 +308,28 @@ def moe_rows(args, copy: float, mm: float) -> None:
         for tokens in args.moe_m:
             inputs = moe_inputs(shape, tokens, w13, w2)
             print(row(moe_case(shape, tokens, inputs), copy, mm, not args.no_ref)[0], flush=True)
+            if args.chain:
+                layers = moe_chain_inputs(shape, tokens, w13, w2, args.chain)
+                print(chain_row([moe_case(shape, tokens, x) for x in layers], copy, mm)[0], flush=True)
+                if tokens == 1:
+                    parts = [moe_part_cases(shape, x) for x in layers]
+                    for i in range(2):
+                        print(row(parts[0][i], copy, mm, False)[0], flush=True)
+                        print(chain_row([p[i] for p in parts], copy, mm)[0], flush=True)
+                    if args.sweep:  # each GEMM's own best tiles, chained
+                        split_best = part_sweep(shape, layers, copy, mm)
+                del layers
             if tokens <= moe_module.DIRECT_MAX_TOKENS:  # the default launch is direct: also aligned
                 case = moe_case(shape, tokens, inputs, direct=False, tag=" aligned (as M > 1)")
                 print(row(case, copy, mm, False)[0], flush=True)
             if args.sweep:
-                best = moe_sweep(shape, tokens, inputs, copy, mm)
+                chained = moe_chain_inputs(shape, tokens, w13, w2, args.chain) if args.chain else None
+                best = moe_sweep(shape, tokens, inputs, copy, mm, chained)
+                if chained and tokens == 1:  # the two GEMMs' own bests together, against the best whole
+                    best = pick(shape, chained, best, split_best, copy, mm)
+                del chained
                 key = moe_module.moe_shape_key(experts, inter, hidden)
-                tuned.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best)
+                tuned.setdefault(key, {})[str(tokens)] = tiles_dict(best)
             print(overheads(shape, inputs), flush=True)
             del inputs
             torch.cuda.empty_cache()
@@ -238,6 +340,32 @@ def moe_rows(args, copy: float, mm: float) -> None:
     for shape in () if args.no_layers else shapes:
         shared_rows(shape, *moe_layers(shape), args.moe_m)
         torch.cuda.empty_cache()  # the layers went with the call
+
+
+def pick(shape: str, layers: list, whole: K.MoeConfig, split: K.MoeConfig, copy: float, mm: float):
+    """The faster of the whole sweep's best and each GEMM's best together, chained at one token:
+    medians of five alternating timings each, since a sweep's winner is favoured by its noise."""
+    if split == whole:
+        return whole
+    times: dict[str, list[float]] = {"whole": [], "split": []}
+    for _ in range(5):
+        for name, config in (("whole", whole), ("split", split)):
+            times[name].append(chain_row([moe_case(shape, 1, x, config) for x in layers], copy, mm)[1])
+    whole_ms, split_ms = (statistics.median(times[k]) for k in ("whole", "split"))
+    print(f"    whole {tiles_str(whole)} {1e3 * whole_ms:.1f} us; each GEMM's best {tiles_str(split)} "
+          f"{1e3 * split_ms:.1f} us (medians of 5)", flush=True)  # fmt: skip
+    return split if split_ms < whole_ms else whole
+
+
+def tiles_dict(config: K.MoeConfig) -> dict:
+    """A config as a tuned file's entry: the down GEMM's tiles nested where it has its own."""
+    tiles = dataclasses.asdict(dataclasses.replace(config, down=None))
+    del tiles["down"]
+    if config.split_k == 1:
+        del tiles["split_k"]
+    if config.down is not None:
+        tiles["down"] = tiles_dict(config.down)
+    return tiles
 
 
 def write_tuned(path: str, tuned: dict[str, dict[str, dict]]) -> None:
@@ -275,8 +403,9 @@ def overheads(shape: str, inputs: tuple) -> str:
     )
 
 
-def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) -> K.MoeConfig:
-    """The fastest of the candidate tiles that compile, with a line for each that does not."""
+def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float, layers=None) -> K.MoeConfig:
+    """The fastest of the candidate tiles that compile, with a line for each that does not; timed in
+    a chain over `layers` (moe_chain_inputs) where given."""
     _, _, experts, top_k = MOE_SHAPES[shape]
     rows_per_expert = max(1, tokens * top_k // experts)
     results = []
@@ -284,15 +413,41 @@ def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float) ->
         if config.block_m > 16 * rows_per_expert:  # far taller blocks than rows: mostly padding
             continue
         try:
-            line, ms = row(moe_case(shape, tokens, inputs, config), copy, mm, False)
+            if layers:
+                line, ms = chain_row([moe_case(shape, tokens, x, config) for x in layers], copy, mm)
+            else:
+                line, ms = row(moe_case(shape, tokens, inputs, config), copy, mm, False)
         except Exception as e:  # more shared memory or registers than the card has, say
             first = (str(e).strip().splitlines() or [""])[0]
-            print(f"    skip {dataclasses.astuple(config)}: {type(e).__name__}: {first[:100]}", flush=True)
+            print(f"    skip {tiles_str(config)}: {type(e).__name__}: {first[:100]}", flush=True)
             continue
         results.append((ms, line, config))
     ms, line, config = min(results, key=lambda r: r[0])
     print(f"    best {line}", flush=True)
     return config
+
+
+def part_sweep(shape: str, layers: list, copy: float, mm: float) -> K.MoeConfig:
+    """At one token: the best three tiles of MOE_CONFIGS (16-row blocks) for each of the two GEMMs
+    alone, chained; returns the best of each as one config (the down GEMM's as its `down`)."""
+    best = []
+    thin = [c for c in MOE_CONFIGS if c.block_m == 16]
+    split = [dataclasses.replace(c, split_k=s) for c in thin for s in (1, 2, 4)]  # the down GEMM's K cut too
+    for i, name in enumerate(("gate/up", "down")):
+        results = []
+        for config in thin if i == 0 else split:
+            try:
+                _, ms = chain_row([moe_part_cases(shape, x, config)[i] for x in layers], copy, mm)
+            except Exception as e:  # noqa: BLE001  (more shared memory or registers than the card has)
+                print(f"    skip {tiles_str(config)}: {type(e).__name__}", flush=True)
+                continue
+            results.append((ms, config))
+        results.sort(key=lambda r: r[0])
+        for ms, config in results[:3]:
+            print(f"    {name} best {1e3 * ms:7.1f} us  {tiles_str(config)}", flush=True)
+        best.append(results[0][1])
+    gate_up, down = best
+    return gate_up if down == gate_up else dataclasses.replace(gate_up, down=down)  # gate/up never splits
 
 
 def moe_layers(shape: str) -> tuple[MoE, MoE, MoE]:
@@ -338,13 +493,17 @@ def main() -> None:
     parser.add_argument("--out", help="with --sweep: write (merge) the best MoE tiles here as JSON")
     parser.add_argument("--moe-shapes", default=",".join(MOE_SHAPES), help="MoE shapes (default: all)")
     parser.add_argument("--no-layers", action="store_true", help="skip the MoE layer rows (shared experts)")
+    parser.add_argument("--mla-cases", default="", help="MLA rows heads:batch:context,... (default: all)")
+    parser.add_argument("--chain", type=int, default=0, help="also time L calls back to back")
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]
     assert torch.cuda.is_available(), "the benchmark needs a CUDA device"
     torch.manual_seed(0)
     copy, mm = copy_gbps(), matmul_tflops()
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
-    print(f"device-to-device copy: {copy:.0f} GB/s   bf16 matmul 8192^3: {mm:.0f} TFLOP/s\n")
+    floor = floor_us()
+    print(f"device-to-device copy: {copy:.0f} GB/s   bf16 matmul 8192^3: {mm:.0f} TFLOP/s", end="")
+    print(f"   floor {floor:.1f} us\n")
     print(f"{'op':<34} {'shape':<30} {'ref ms':>9} {'ms':>9} {'speedup':>9} {'GB/s':>7} {'copy':>7} "
           f"{'TFLOP/s':>7} {'matmul':>7}")  # fmt: skip
     if args.only in (None, "mla"):

@@ -39,6 +39,15 @@
 #            with STAGES="moe ds" DS_BATCHES=1 DS_VARIANTS="now: aligned:LLA_MOE_DIRECT_MAX_TOKENS=0"
 #            the V2-Lite batch-1 step both ways
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
+#   moetune  2026-11-30 (ninth session): the V2-Lite MoE at one token tuned chained (--chain LAYERS
+#            --sweep, each GEMM's tiles apart) into a copy of the shipped tuned file, which then
+#            replaces the installed one; the DeepSeek-V2-Lite batch-1 step before and after, the MoE
+#            GPU tests and the bench row with the new file; MLA_CASES (16-head 1k and b64 4k) swept
+#            chained (MLA_SWEEP=0 skips)
+#   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
+#            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
+#            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
+#            own tile sweeps (LAYER_SWEEP=1); MLA at LAYERS_MLA (4) layers
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -174,6 +183,38 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     timeout 150 python3 perf/mla_moe_bench.py --only moe --no-ref --moe-m ${MOE_M:-1,8} --moe-shapes \
       ${MOE_SHAPES:-v2-lite,v3} --no-layers >"$OUT/moe_direct.log" 2>&1
     echo "mla_moe_bench exit $?"; grep -E "copy|fused_moe" "$OUT/moe_direct.log" | cut -c1-150 ;;
+  moetune)
+    tuned=/tmp/lla/lightllm_async/kernels/tuned/moe_NVIDIA_H200.json
+    ds_b1() { timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1 --context 1024 \
+      --top-kernels 14 --out "$OUT/ds_$1.json" >"$OUT/ds_$1.log" 2>&1; echo "decode_bench $1 exit $?"
+      grep -E "^ +1 " "$OUT/ds_$1.log" | head -2; }
+    ds_b1 before
+    cp $tuned "$OUT/moe_tuned.json"
+    timeout 200 python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} --moe-m 1 \
+      --moe-shapes v2-lite --sweep --out "$OUT/moe_tuned.json" >"$OUT/moe_tune.log" 2>&1
+    echo "moe tune exit $?"; grep -v "^    skip" "$OUT/moe_tune.log" | cut -c1-170
+    cp "$OUT/moe_tuned.json" $tuned && python3 -c "import json; print(json.load(open('$tuned'))['shapes']['E=64,I=1408,H=2048']['1'])"
+    timeout 120 python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} --moe-m 1,8 \
+      --moe-shapes v2-lite >"$OUT/moe_after.log" 2>&1
+    echo "moe after exit $?"; grep -E "fused_moe|moe_" "$OUT/moe_after.log" | cut -c1-150
+    ds_b1 after
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_moe.py tests/test_deepseek.py \
+      -k "not v3_shape" >"$OUT/moe_test.log" 2>&1
+    echo "moe tests exit $?"; grep -E "passed|failed|Error" "$OUT/moe_test.log" | tail -6
+    [ "${MLA_SWEEP:-1}" = 1 ] || continue
+    timeout 200 python3 perf/mla_moe_bench.py --only mla --no-ref --chain ${LAYERS_MLA:-4} --sweep \
+      --mla-cases ${MLA_CASES:-16:64:1024,16:128:1024,16:64:4096} >"$OUT/mla_sweep.log" 2>&1
+    echo "mla sweep exit $?"; grep -vE "^    \(|Error" "$OUT/mla_sweep.log" | cut -c1-150 ;;
+  layers)
+    timeout ${LAYERS_S:-300} python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} \
+      --moe-m 1 $([ "${LAYER_SWEEP:-1}" = 1 ] && echo --sweep) >"$OUT/moe_chain1.log" 2>&1
+    echo "moe chain M=1 exit $?"; grep -v "^    skip" "$OUT/moe_chain1.log" | cut -c1-150
+    timeout ${LAYERS_S:-300} python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} \
+      --moe-m ${MOE_M:-8,64,256} >"$OUT/moe_chain.log" 2>&1
+    echo "moe chain exit $?"; cut -c1-150 "$OUT/moe_chain.log"
+    timeout ${LAYERS_S:-240} python3 perf/mla_moe_bench.py --only mla --no-ref --chain ${LAYERS_MLA:-4} \
+      >"$OUT/mla_chain.log" 2>&1
+    echo "mla chain exit $?"; cut -c1-150 "$OUT/mla_chain.log" ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
     echo "tp_gpu_check exit $?"; tail -16 "$OUT/tp_gpu_check.log" ;;
