@@ -28,7 +28,7 @@ the chain, as in the server, each kernel follows another (a PDL launch starts du
 --chain and one token, the MoE rows are also split into its two GEMMs (gate/up with SiLU, down),
 each chained alone.
 
---sweep also times the launch alternatives of each case and prints the best; with --out FILE, the
+--sweep also times the launch alternatives of each case (chained with --chain) and prints the best; with --out FILE, the
 best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
 FILE when it holds an earlier sweep on the same card, so that the Ms may be split over several
 calls). Copy FILE to the name it prints, under src/lightllm_async/kernels/tuned/. The tuning call:
@@ -47,7 +47,6 @@ import dataclasses
 import importlib
 import json
 import os
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,17 +167,15 @@ def moe_chain_inputs(shape: str, tokens: int, w13: torch.Tensor, w2: torch.Tenso
     return out
 
 
-def moe_part_cases(shape: str, inputs, cfg: K.MoeConfig | None = None) -> tuple[Case, Case]:
-    """fused_moe's two GEMMs at one token (direct launch), each alone: gate/up with SiLU-and-mul,
-    then down with the routing weights; tiles `cfg` (the down GEMM `cfg.for_down()`, its K split
-    included) or fused_moe's."""
+def moe_part_cases(shape: str, inputs) -> tuple[Case, Case]:
+    """fused_moe's two GEMMs at one token (direct launch) with its tiles, each alone: gate/up with
+    SiLU-and-mul, then down with the routing weights."""
     x, w13, w2, weights, ids, _, _ = inputs
     hidden, inter, _, top_k = MOE_SHAPES[shape]
-    cfg = cfg or moe_module.moe_config(1, top_k, w13.shape[0], inter, hidden, x.device)
-    down_cfg = cfg.for_down()
+    cfg = moe_module.moe_config(1, top_k, w13.shape[0], inter, hidden, x.device)
     aligned = (None, ids.view(-1), None)
     act = torch.randn(top_k, inter, dtype=DTYPE, device=DEV)
-    down = torch.empty(top_k * down_cfg.split_k, hidden, dtype=DTYPE, device=DEV)
+    down = torch.empty(top_k, hidden, dtype=DTYPE, device=DEV)
     gate_up = Case(
         "moe_gate_up", f"{shape} M=1", lambda: moe_module._grouped_gemm(
             x, w13, act, weights, aligned, top_k, inter, cfg, False, True, False),
@@ -186,19 +183,15 @@ def moe_part_cases(shape: str, inputs, cfg: K.MoeConfig | None = None) -> tuple[
     )  # fmt: skip
     down_case = Case(
         "moe_down", f"{shape} M=1", lambda: moe_module._grouped_gemm(
-            act, w2, down, weights, aligned, top_k, hidden, down_cfg, True, False, True),
+            act, w2, down, weights, aligned, top_k, hidden, cfg, True, False, True),
         None, top_k * inter * hidden * x.element_size(), 2 * top_k * inter * hidden,
     )  # fmt: skip
     return gate_up, down_case
 
 
 def tiles_str(config: K.MoeConfig) -> str:
-    """block_m,block_n,block_k,group_m,warps,stages (then "splitK" where K is split, and "down ..."
-    where the down GEMM has its own tiles)."""
-    c = config
-    tiles = f"{c.block_m},{c.block_n},{c.block_k},{c.group_m},{c.num_warps},{c.num_stages}"
-    split = f" split{c.split_k}" if c.split_k > 1 else ""
-    return tiles + split + ("" if c.down is None else " down " + tiles_str(c.down))
+    """block_m,block_n,block_k,group_m,warps,stages"""
+    return ",".join(map(str, dataclasses.astuple(config)))
 
 
 def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None, direct=None, tag="") -> Case:
@@ -316,8 +309,6 @@ def moe_rows(args, copy: float, mm: float) -> None:
                     for i in range(2):
                         print(row(parts[0][i], copy, mm, False)[0], flush=True)
                         print(chain_row([p[i] for p in parts], copy, mm)[0], flush=True)
-                    if args.sweep:  # each GEMM's own best tiles, chained
-                        split_best = part_sweep(shape, layers, copy, mm)
                 del layers
             if tokens <= moe_module.DIRECT_MAX_TOKENS:  # the default launch is direct: also aligned
                 case = moe_case(shape, tokens, inputs, direct=False, tag=" aligned (as M > 1)")
@@ -325,11 +316,9 @@ def moe_rows(args, copy: float, mm: float) -> None:
             if args.sweep:
                 chained = moe_chain_inputs(shape, tokens, w13, w2, args.chain) if args.chain else None
                 best = moe_sweep(shape, tokens, inputs, copy, mm, chained)
-                if chained and tokens == 1:  # the two GEMMs' own bests together, against the best whole
-                    best = pick(shape, chained, best, split_best, copy, mm)
                 del chained
                 key = moe_module.moe_shape_key(experts, inter, hidden)
-                tuned.setdefault(key, {})[str(tokens)] = tiles_dict(best)
+                tuned.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best)
             print(overheads(shape, inputs), flush=True)
             del inputs
             torch.cuda.empty_cache()
@@ -340,32 +329,6 @@ def moe_rows(args, copy: float, mm: float) -> None:
     for shape in () if args.no_layers else shapes:
         shared_rows(shape, *moe_layers(shape), args.moe_m)
         torch.cuda.empty_cache()  # the layers went with the call
-
-
-def pick(shape: str, layers: list, whole: K.MoeConfig, split: K.MoeConfig, copy: float, mm: float):
-    """The faster of the whole sweep's best and each GEMM's best together, chained at one token:
-    medians of five alternating timings each, since a sweep's winner is favoured by its noise."""
-    if split == whole:
-        return whole
-    times: dict[str, list[float]] = {"whole": [], "split": []}
-    for _ in range(5):
-        for name, config in (("whole", whole), ("split", split)):
-            times[name].append(chain_row([moe_case(shape, 1, x, config) for x in layers], copy, mm)[1])
-    whole_ms, split_ms = (statistics.median(times[k]) for k in ("whole", "split"))
-    print(f"    whole {tiles_str(whole)} {1e3 * whole_ms:.1f} us; each GEMM's best {tiles_str(split)} "
-          f"{1e3 * split_ms:.1f} us (medians of 5)", flush=True)  # fmt: skip
-    return split if split_ms < whole_ms else whole
-
-
-def tiles_dict(config: K.MoeConfig) -> dict:
-    """A config as a tuned file's entry: the down GEMM's tiles nested where it has its own."""
-    tiles = dataclasses.asdict(dataclasses.replace(config, down=None))
-    del tiles["down"]
-    if config.split_k == 1:
-        del tiles["split_k"]
-    if config.down is not None:
-        tiles["down"] = tiles_dict(config.down)
-    return tiles
 
 
 def write_tuned(path: str, tuned: dict[str, dict[str, dict]]) -> None:
@@ -425,29 +388,6 @@ def moe_sweep(shape: str, tokens: int, inputs: tuple, copy: float, mm: float, la
     ms, line, config = min(results, key=lambda r: r[0])
     print(f"    best {line}", flush=True)
     return config
-
-
-def part_sweep(shape: str, layers: list, copy: float, mm: float) -> K.MoeConfig:
-    """At one token: the best three tiles of MOE_CONFIGS (16-row blocks) for each of the two GEMMs
-    alone, chained; returns the best of each as one config (the down GEMM's as its `down`)."""
-    best = []
-    thin = [c for c in MOE_CONFIGS if c.block_m == 16]
-    split = [dataclasses.replace(c, split_k=s) for c in thin for s in (1, 2, 4)]  # the down GEMM's K cut too
-    for i, name in enumerate(("gate/up", "down")):
-        results = []
-        for config in thin if i == 0 else split:
-            try:
-                _, ms = chain_row([moe_part_cases(shape, x, config)[i] for x in layers], copy, mm)
-            except Exception as e:  # noqa: BLE001  (more shared memory or registers than the card has)
-                print(f"    skip {tiles_str(config)}: {type(e).__name__}", flush=True)
-                continue
-            results.append((ms, config))
-        results.sort(key=lambda r: r[0])
-        for ms, config in results[:3]:
-            print(f"    {name} best {1e3 * ms:7.1f} us  {tiles_str(config)}", flush=True)
-        best.append(results[0][1])
-    gate_up, down = best
-    return gate_up if down == gate_up else dataclasses.replace(gate_up, down=down)  # gate/up never splits
 
 
 def moe_layers(shape: str) -> tuple[MoE, MoE, MoE]:

@@ -40,10 +40,9 @@
 #            the V2-Lite batch-1 step both ways
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
 #   moetune  2026-11-30 (ninth session): the V2-Lite MoE at one token tuned chained (--chain LAYERS
-#            --sweep, each GEMM's tiles apart) into a copy of the shipped tuned file, which then
-#            replaces the installed one; the DeepSeek-V2-Lite batch-1 step before and after, the MoE
-#            GPU tests and the bench row with the new file; MLA_CASES (16-head 1k and b64 4k) swept
-#            chained (MLA_SWEEP=0 skips)
+#            --sweep) into a copy of the shipped tuned file, which then replaces the installed one;
+#            the DeepSeek-V2-Lite batch-1 step before and after, the MoE GPU tests and the bench row
+#            with the new file; MLA_CASES (16-head 1k and b64 4k) swept chained (MLA_SWEEP=0 skips)
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their

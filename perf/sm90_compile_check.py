@@ -106,7 +106,6 @@ def moe() -> None:
                 GATE_UP=gate_up,
                 MUL_WEIGHT=not gate_up,
                 PRECISION="tf32",
-                SPLIT_K=1 if gate_up else 2,  # the down GEMM's K split, as one token's tuned tiles have it
                 PDL=True,
             )
             kind = "gate_up" if gate_up else "down"

@@ -106,37 +106,6 @@ def test_fused_moe_is_right_for_any_tiles_in_interpreter(interpreter, config):
     check_fused_moe(33, 40, 24, 8, 3, torch.float32, "cpu", config=config)
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-@pytest.mark.parametrize("num_tokens, direct", [(1, True), (33, False)])
-def test_fused_moe_down_gemm_takes_its_own_tiles_in_interpreter(
-    interpreter, monkeypatch, num_tokens, direct, split_k
-):
-    """A config with `down` tiles: gate/up launches with the outer tiles, down with its own (here
-    narrower columns and a shorter K step than gate/up's), split along K into `split_k` ranges
-    (the intermediate size 24 in 16-wide steps: 2 ranges of 16 and 8, or 3 of which the last is
-    empty), and the sums stay right; unsummed, each pair gives `split_k` partial rows."""
-    module = importlib.import_module("lightllm_async.kernels.fused_moe")
-    down = MoeConfig(16, 16, 16, group_m=2, num_warps=2, num_stages=2, split_k=split_k)
-    config = MoeConfig(16, 32, 32, group_m=1, down=down)
-    launched = []
-    real = module._grouped_gemm
-    monkeypatch.setattr(module, "_grouped_gemm", lambda *a: launched.append(a[7]) or real(*a))
-    x, w13, w2, weights, ids, out = check_fused_moe(
-        num_tokens, 40, 24, 8, 3, torch.float32, "cpu", config=config, direct=direct
-    )
-    assert launched == [config, down]
-    with nan_filled_allocations():
-        parts = fused_moe(x, w13, w2, weights, ids, config, sum_experts=False, direct=direct)
-    assert parts.shape == (num_tokens, 3 * split_k, 40) and not parts.isnan().any()
-    assert rel_err(parts.sum(dim=1), out) < 1e-6
-
-
-def test_moe_config_down_tiles_keep_the_alignment_unit():
-    with pytest.raises(AssertionError, match="block_m"):
-        MoeConfig(16, 32, 32, down=MoeConfig(32, 16, 16))
-    assert MoeConfig(16, 32, 32).for_down() == MoeConfig(16, 32, 32)
-
-
 @pytest.mark.parametrize("num_tokens, top_k, experts", [(1, 3, None), (7, 2, None), (5, 2, [2, 6])])
 def test_fused_moe_direct_launch_in_interpreter(interpreter, num_tokens, top_k, experts):
     """The GEMMs launched without the alignment kernel, a row block per pair (the default at one

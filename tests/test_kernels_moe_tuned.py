@@ -90,21 +90,3 @@ def test_unmeasured_card_or_shape_falls_back_to_the_defaults(tuned_dir, monkeypa
 def test_cpu_keeps_the_interpreter_tiles(tuned_dir):
     cpu = torch.device("cpu")
     assert fm.moe_config(8, 6, *V2_LITE, cpu) == fm.default_moe_config(48, V2_LITE[0], cpu)
-
-
-def test_a_tuned_entry_may_give_the_down_gemm_its_own_tiles(tmp_path, monkeypatch):
-    """perf/mla_moe_bench.py --chain --sweep writes the down GEMM's tiles as a nested "down" entry
-    where its own sweep beat the gate/up tiles (one token); entries without it keep one config."""
-    monkeypatch.setattr(fm, "TUNED_DIR", str(tmp_path))
-
-    def tiles(config: MoeConfig) -> dict:  # as the bench writes them: no "down" key of None
-        return {k: v for k, v in dataclasses.asdict(config).items() if k != "down"}
-
-    one = {**tiles(MoeConfig(16, 64, 128, 1, 4, 4)), "down": tiles(MoeConfig(16, 32, 128, 1, 4, 5))}
-    doc = {"device": "Split Card", "shapes": {fm.moe_shape_key(*V2_LITE): {"1": one, "8": tiles(TILES[8])}}}
-    (tmp_path / "moe_Split_Card.json").write_text(json.dumps(doc))
-    one = fm.tuned_moe_config("Split Card", 1, *V2_LITE)
-    assert one == MoeConfig(16, 64, 128, 1, 4, 4, down=MoeConfig(16, 32, 128, 1, 4, 5))
-    assert one.for_down() == MoeConfig(16, 32, 128, 1, 4, 5)
-    eight = fm.tuned_moe_config("Split Card", 8, *V2_LITE)
-    assert eight == TILES[8] and eight.for_down() is eight

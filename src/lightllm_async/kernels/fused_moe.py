@@ -49,12 +49,7 @@ def fused_moe_ref(x: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk
 @dataclass(frozen=True)
 class MoeConfig:
     """Tiles of the grouped GEMMs. block_m rows of one expert per program (the alignment unit);
-    group_m row blocks share a column block in launch order, so that their weights stay in L2.
-    `down`: the down GEMM's own tiles (the same block_m), where they differ from gate/up's: its
-    K is the intermediate size and its N the hidden size, the other way round. `split_k` (the down
-    GEMM's only: gate/up's SiLU needs whole sums) cuts K into that many ranges, each program one of
-    them writing its own partial row, which the sum over the experts adds up: more programs over
-    the same weights, where one token's few (pair, column block) tiles leave the card half idle."""
+    group_m row blocks share a column block in launch order, so that their weights stay in L2."""
 
     block_m: int
     block_n: int
@@ -62,15 +57,6 @@ class MoeConfig:
     group_m: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    down: MoeConfig | None = None
-    split_k: int = 1
-
-    def __post_init__(self):
-        if self.down is not None:
-            assert self.down.down is None and self.down.block_m == self.block_m, "down: same block_m"
-
-    def for_down(self) -> MoeConfig:
-        return self.down or self
 
 
 def default_moe_config(num_pairs: int, num_experts: int, device: torch.device) -> MoeConfig:
@@ -97,12 +83,6 @@ def tuned_file(device_name: str) -> str:
     return os.path.join(TUNED_DIR, "moe_" + re.sub(r"[^0-9A-Za-z]", "_", device_name) + ".json")
 
 
-def _config(tiles: dict) -> MoeConfig:
-    """A tuned file's entry: the tiles, with the down GEMM's own as a nested "down" entry where given."""
-    down = tiles.get("down")
-    return MoeConfig(**{**tiles, "down": None if down is None else MoeConfig(**down)})
-
-
 @functools.cache
 def _read_tuned(path: str) -> dict[tuple[int, int, int], dict[int, MoeConfig]]:
     """{(E, I, H): {M: tiles}} of a tuned file, parsed once; empty where there is no file."""
@@ -114,7 +94,7 @@ def _read_tuned(path: str) -> dict[tuple[int, int, int], dict[int, MoeConfig]]:
     for key, buckets in shapes.items():
         dims = dict(part.split("=") for part in key.split(","))
         shape = (int(dims["E"]), int(dims["I"]), int(dims["H"]))
-        tuned[shape] = {int(m): _config(tiles) for m, tiles in buckets.items()}
+        tuned[shape] = {int(m): MoeConfig(**tiles) for m, tiles in buckets.items()}
     return tuned
 
 
@@ -154,7 +134,7 @@ def moe_config(
 def _moe_gemm_kernel(
     A,  # [T, K] tokens (A_ROWS_PER_PAIR: row pair // top_k) or [N, K] one row per pair
     B,  # [E, N_B, K] expert weights, row-major: w13 [E, 2I, hidden] or w2 [E, hidden, I]
-    C,  # [N * SPLIT_K, N_OUT] out: one row per (token, k) pair and K range: row pair * SPLIT_K + range
+    C,  # [N, N_OUT] out: one row per (token, k) pair
     TOPK_WEIGHTS,  # [N] routing weight of each pair (read only with MUL_WEIGHT)
     SORTED_IDS,  # [num_blocks * BLOCK_M] pair indices grouped by expert, padded with N
     EXPERT_IDS,  # [num_blocks] expert of each block of SORTED_IDS
@@ -175,15 +155,13 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # reduction step
     GROUP_M: tl.constexpr,  # row blocks that walk the column blocks together
-    SPLIT_K: tl.constexpr,  # K ranges, each program one (> 1: partial sums, not with GATE_UP)
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
     pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # -- which tile: grouped launch order, so that neighbouring programs reuse the same weights --
-    pid = tl.program_id(0) // SPLIT_K
-    pid_k = tl.program_id(0) % SPLIT_K
+    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N_OUT, BLOCK_N)
-    num_pid_m = tl.num_programs(0) // (num_pid_n * SPLIT_K)
+    num_pid_m = tl.num_programs(0) // num_pid_n
     group = pid // (GROUP_M * num_pid_n)
     first_m = group * GROUP_M
     group_rows = min(num_pid_m - first_m, GROUP_M)
@@ -202,19 +180,15 @@ def _moe_gemm_kernel(
     expert = tl.load(EXPERT_IDS + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
-    # this program's K range: whole BLOCK_K steps, the last range shorter
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_len
-    k_end = min(K, k_start + k_len)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + a_row[:, None] * stride_a + k_start + offs_k[None, :]
-    b_ptrs = B + expert * stride_be + offs_n[None, :] * stride_bn + k_start + offs_k[:, None]  # [K, N] tile
+    a_ptrs = A + a_row[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = B + expert * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
 
     # -- the products over K; with GATE_UP a second accumulator takes the up half of B --
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - k
+    for k in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -229,7 +203,7 @@ def _moe_gemm_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up
     if MUL_WEIGHT:
         acc = acc * tl.load(TOPK_WEIGHTS + pair, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    c_ptrs = C + (pair * SPLIT_K + pid_k)[:, None] * stride_c + offs_n[None, :]
+    c_ptrs = C + pair[:, None] * stride_c + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -240,16 +214,14 @@ def _grouped_gemm(a, b, c, topk_weights, aligned, top_k, n_out, cfg, a_rows_per_
     direct = sorted_ids is None
     if direct:
         sorted_ids = num_padded = expert_ids  # not read
-    split_k = 1 if gate_up else cfg.split_k
-    assert c.shape[0] == topk_weights.numel() * split_k, "C: a row per pair and K range"
-    grid = (expert_ids.numel() * triton.cdiv(n_out, cfg.block_n) * split_k,)
+    grid = (expert_ids.numel() * triton.cdiv(n_out, cfg.block_n),)
     _moe_gemm_kernel[grid](
         a, b, c, topk_weights, sorted_ids, expert_ids, num_padded,
-        topk_weights.numel(), top_k, n_out, a.shape[1],
+        c.shape[0], top_k, n_out, a.shape[1],
         a.stride(0), b.stride(0), b.stride(1), c.stride(0),
         A_ROWS_PER_PAIR=a_rows_per_pair, DIRECT=direct, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(a),
     )  # fmt: skip
 
@@ -277,8 +249,7 @@ def fused_moe(
     int64 in [0, E), both contiguous. Returns [T, hidden] in x's dtype; products accumulate in float32,
     the activation and each expert's output are rounded to x's dtype before the next step. No host sync.
     `config` overrides the tiles `moe_config` picks. `sum_experts=False`: the terms of the sum,
-    unsummed, [T, P, hidden] (each expert's weighted output, P = k; with a down GEMM split along K,
-    P = k x split_k partial ones, each rounded to x's dtype; [T, 1, hidden], the sum, on the
+    unsummed, [T, k, hidden] (each expert's weighted output; [T, 1, hidden], the sum, on the
     reference path), for a consumer that sums them itself (`rms_norm` of parts). `direct`: each
     (token, k) pair its own row block, with no alignment kernel (None: up to DIRECT_MAX_TOKENS
     tokens, where the pairs' experts are distinct and a block would hold one row anyway).
@@ -308,8 +279,7 @@ def fused_moe(
         aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, act, topk_weights, aligned, top_k, inter, cfg, False, True, False)
-    down_cfg = cfg.for_down()
-    down = torch.empty((num_pairs * down_cfg.split_k, hidden), dtype=x.dtype, device=x.device)
-    _grouped_gemm(act, w2, down, topk_weights, aligned, top_k, hidden, down_cfg, True, False, True)
-    down = down.view(num_tokens, top_k * down_cfg.split_k, hidden)
+    down = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    _grouped_gemm(act, w2, down, topk_weights, aligned, top_k, hidden, cfg, True, False, True)
+    down = down.view(num_tokens, top_k, hidden)
     return down.sum(dim=1) if sum_experts else down
