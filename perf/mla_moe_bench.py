@@ -28,10 +28,11 @@ the chain, as in the server, each kernel follows another (a PDL launch starts du
 --chain and one token, the MoE rows are also split into its two GEMMs (gate/up with SiLU, down),
 each chained alone.
 
---sweep also times the launch alternatives of each case (chained with --chain) and prints the best; with --out FILE, the
-best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py reads (merged into
-FILE when it holds an earlier sweep on the same card, so that the Ms may be split over several
-calls). Copy FILE to the name it prints, under src/lightllm_async/kernels/tuned/. The tuning call:
+--sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
+with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
+reads (merged into FILE when it holds an earlier sweep on the same card, so that the Ms may be split
+over several calls). Copy FILE to the name it prints, under src/lightllm_async/kernels/tuned/. The
+tuning call:
 
     python perf/mla_moe_bench.py --only moe --sweep --no-ref --out moe_tuned.json
 
