@@ -241,17 +241,11 @@ def mla_rows(args, copy: float, mm: float) -> None:
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
 
 
-MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages[, transposed])
+MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
     (16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 8, 2),
     (16, 32, 8, 3), (16, 128, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2),
     (64, 64, 8, 2), (64, 32, 16, 2), (64, 64, 16, 2), (128, 32, 16, 2),
-    # the products with tokens as rows: wgmma-sized with 16 heads (_mla_chunk_transposed)
-    (16, 32, 4, 2, True), (16, 32, 4, 3, True), (16, 64, 4, 2, True), (16, 64, 8, 2, True),
-    (16, 32, 8, 3, True),
 ]  # fmt: skip
-
-
-SWEEP_SPLITS = tuple(int(s) for s in os.environ.get("LLA_MLA_SWEEP_SPLITS", "1,2,4,8,16,32").split(","))
 
 
 def mla_sweep(inputs: tuple, copy: float, mm: float, layers: list | None = None) -> None:
@@ -259,25 +253,19 @@ def mla_sweep(inputs: tuple, copy: float, mm: float, layers: list | None = None)
     three. A launch that fails to compile (shared memory, registers) is reported and skipped.
     Timed chained over `layers` (inputs of the same shape) where given."""
     heads = inputs[0].shape[1]
-    launches = [
-        mla_module._Launch(bh, bn, w, st, 1, 1, transposed=bool(t))
-        for bh, bn, w, st, *t in MLA_LAUNCHES
-        if heads >= bh
-    ]
+    launches = [mla_module._Launch(bh, bn, w, st, 1, 1) for bh, bn, w, st in MLA_LAUNCHES if heads >= bh]
     results, default = [], mla_module._launch_config
     for launch in launches:
         mla_module._launch_config = lambda *_, launch=launch: launch  # read at each call
         try:
-            for splits in SWEEP_SPLITS:
+            for splits in (1, 2, 4, 8, 16, 32):
                 if layers:
                     line, ms = chain_row([mla_case(x, num_splits=splits) for x in layers], copy, mm)
                 else:
                     line, ms = row(mla_case(inputs, num_splits=splits), copy, mm, False)
-                tag = f"h{launch.block_h} n{launch.block_n} w{launch.num_warps} s{launch.num_stages}"
-                tag += " transposed" * launch.transposed
-                results.append(
-                    (ms, f"{tag} splits={splits}: {line.split()[-4]} GB/s {line.split()[-2]} TFLOP/s")
-                )
+                results.append((ms, f"h{launch.block_h} n{launch.block_n} w{launch.num_warps} "
+                                f"s{launch.num_stages} splits={splits}: {line.split()[-4]} GB/s "
+                                f"{line.split()[-2]} TFLOP/s"))  # fmt: skip
         except Exception as e:  # noqa: BLE001  (a launch the card cannot compile or run)
             print(f"    {launch}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         finally:

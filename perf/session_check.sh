@@ -43,9 +43,6 @@
 #            --sweep) into a copy of the shipped tuned file, which then replaces the installed one;
 #            the DeepSeek-V2-Lite batch-1 step before and after, the MoE GPU tests and the bench row
 #            with the new file; MLA_CASES (16-head 1k and b64 4k) swept chained (MLA_SWEEP=0 skips)
-#   mlat     2026-11-30 (ninth session): MLA decode with the products transposed (tokens as rows, wgmma
-#            with 16 heads): the MLA GPU tests, the chained launch sweep (LLA_MLA_SWEEP_SPLITS 1,2,4,8)
-#            over MLAT_CASES, then the DeepSeek-V2-Lite step at batch 1 and 64 with LLA_MLA_TRANSPOSED 0 / 1
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
@@ -207,18 +204,6 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     timeout 200 python3 perf/mla_moe_bench.py --only mla --no-ref --chain ${LAYERS_MLA:-4} --sweep \
       --mla-cases ${MLA_CASES:-16:64:1024,16:128:1024,16:64:4096} >"$OUT/mla_sweep.log" 2>&1
     echo "mla sweep exit $?"; grep -vE "^    \(|Error" "$OUT/mla_sweep.log" | cut -c1-150 ;;
-  mlat)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py >"$OUT/mla_test.log" 2>&1
-    echo "mla tests exit $?"; grep -E "passed|failed|Error" "$OUT/mla_test.log" | tail -6
-    LLA_MLA_SWEEP_SPLITS=${SWEEP_SPLITS:-1,2,4,8} timeout ${MLAT_S:-330} python3 perf/mla_moe_bench.py --only mla \
-      --no-ref --chain 4 --sweep --mla-cases ${MLAT_CASES:-16:64:1024,16:128:1024,16:64:4096,16:128:4096,16:64:8192} \
-      >"$OUT/mla_tsweep.log" 2>&1
-    echo "mla sweep exit $?"; grep -vE "^    _Launch|Error" "$OUT/mla_tsweep.log" | cut -c1-150
-    for t in 0 1; do
-      LLA_MLA_TRANSPOSED=$t timeout 100 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 \
-        --context 1024 --out "$OUT/ds_t$t.json" >"$OUT/ds_t$t.log" 2>&1
-      echo "decode_bench transposed=$t exit $?"; grep -E "^ +(1|64) " "$OUT/ds_t$t.log" | head -4
-    done ;;
   layers)
     timeout ${LAYERS_S:-300} python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} \
       --moe-m 1 $([ "${LAYER_SWEEP:-1}" = 1 ] && echo --sweep) >"$OUT/moe_chain1.log" 2>&1

@@ -71,17 +71,13 @@ def mla() -> None:
         (32, 32, 8, 2),
         (64, 32, 8, 2),
     )
-    for (bh, bn, warps, stages), transposed in [(launch, False) for launch in launches] + [
-        ((16, 64, 4, 2), True), ((16, 32, 4, 3), True), ((16, 64, 8, 2), True), ((64, 64, 8, 2), True)
-    ]:  # transposed: the products with tokens as rows (_mla_chunk_transposed)
+    for bh, bn, warps, stages in launches:
         for splits in (8, 1):
             shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
             consts = dict(
-                shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True,
-                TRANSPOSED=transposed,
-            )  # fmt: skip
+                shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True
+            )
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
-            name += " transposed" * transposed
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
     merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16)
     merge_consts = dict(

@@ -5,9 +5,6 @@ Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32,
 and the float32 reference differ only in summation order; 1e-2 in bfloat16, where the kernel rounds
 the softmax weights to bf16 before the second product, as every flash-attention kernel does."""
 
-import dataclasses
-import importlib
-
 import pytest
 import torch
 
@@ -78,25 +75,6 @@ def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches
     # 8 chunks at most; a short context fills fewer, and the ones past it hold NaN (never written)
     lens = [1, 33, 130, 7, 300]
     check_mla_decode(lens, 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split)
-
-
-@pytest.fixture
-def transposed(monkeypatch):
-    """Every launch of mla_decode_attention with the products transposed (tokens as rows)."""
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    for name in ("_LAUNCH_INTERPRETER", "_LAUNCH_FEW_HEADS", "_LAUNCH_MANY_HEADS"):
-        monkeypatch.setattr(module, name, dataclasses.replace(getattr(module, name), transposed=True))
-
-
-@pytest.mark.parametrize("num_splits", [1, 5])
-@pytest.mark.parametrize("heads, rank, rope", [(3, 32, 16), (20, 48, 16)])
-def test_mla_decode_transposed_matches_reference_in_interpreter(
-    interpreter, transposed, heads, rank, rope, num_splits
-):
-    """Scores as [tokens, heads] and the output as [latent, heads] (the wgmma-shaped products for
-    few heads): the same results, one chunk or several, heads in two blocks, contexts of 0 and 1."""
-    seq_lens = [1, 33, 130, 0, 300, 16]
-    check_mla_decode(seq_lens, heads, rank, rope, torch.float32, "cpu", num_splits=num_splits)
 
 
 def test_mla_decode_gives_zeros_for_an_empty_context(interpreter):
@@ -223,17 +201,6 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=64, min_split=256)
     other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads", [16, 128, 8])  # V2-Lite, V3, V2-Lite at TP 2
-def test_mla_decode_transposed_matches_reference_on_gpu(gpu, transposed, heads):
-    seq_lens = torch.randint(1, 4097, (64,)).tolist()
-    seq_lens[:3] = [1, 4096, 4095]
-    check_mla_decode(seq_lens, heads, 512, 64, torch.bfloat16, "cuda")
-    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
-    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
-    check_mla_decode(seq_lens[:8], heads, 512, 64, torch.float32, "cuda", num_splits=3)
 
 
 @pytest.mark.gpu

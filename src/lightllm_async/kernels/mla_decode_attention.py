@@ -83,7 +83,6 @@ def _mla_decode_split_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_P: tl.constexpr,  # >= P, a power of two
-    TRANSPOSED: tl.constexpr,  # the products with tokens as rows (scores^T = c_kv @ q^T): see below
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
     pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
@@ -102,21 +101,12 @@ def _mla_decode_split_kernel(
         return
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
 
+    # -- the heads' queries, loaded once --
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
     mask_h = heads < num_heads
     mask_r = offs_r < KV_LORA_RANK
     mask_p = offs_p < ROPE_DIM
-    if TRANSPOSED:
-        _mla_chunk_transposed(
-            Q_NOPE, Q_PE, KV_CACHE, REQ_TO_TOKEN, MID_O, MID_LSE, OUT, b, req, split, start, end, heads,
-            offs_r, offs_p, mask_h, mask_r, mask_p, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h,
-            stride_kv, stride_r2t, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-            stride_o_b, stride_o_h, qk_scale, KV_LORA_RANK, DIRECT, PRECISION, BLOCK_H, BLOCK_N, BLOCK_R,
-        )  # fmt: skip
-        return
-
-    # -- the heads' queries, loaded once --
     qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
     q_nope = tl.load(qn_ptrs, mask=mask_h[:, None] & mask_r[None, :], other=0.0)
     qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
@@ -156,62 +146,6 @@ def _mla_decode_split_kernel(
         lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
         tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
-        lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
-        tl.store(lse_ptrs + split, lse, mask=mask_h)
-
-
-@jit
-def _mla_chunk_transposed(
-    Q_NOPE, Q_PE, KV_CACHE, REQ_TO_TOKEN, MID_O, MID_LSE, OUT, b, req, split, start, end, heads,
-    offs_r, offs_p, mask_h, mask_r, mask_p, stride_qn_b, stride_qn_h, stride_qp_b, stride_qp_h,
-    stride_kv, stride_r2t, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    stride_o_b, stride_o_h, qk_scale, KV_LORA_RANK: tl.constexpr, DIRECT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    """The split kernel's chunk with the products transposed: scores^T [BLOCK_N, BLOCK_H] = c_kv @
-    q_nope^T + k_pe @ q_pe^T, out^T [R, BLOCK_H] += c_kv^T @ p^T. Few heads (16) make the usual
-    [heads, tokens] products 16-row ones, below Hopper's 64-row wgmma: with tokens (64) and latent
-    dims (512) as rows, both products can take it, the heads being the narrow N side."""
-    # -- the heads' queries, loaded once, transposed: [R, BLOCK_H] and [P, BLOCK_H] --
-    qn_ptrs = Q_NOPE + b * stride_qn_b + heads[None, :] * stride_qn_h + offs_r[:, None]
-    q_nope_t = tl.load(qn_ptrs, mask=mask_h[None, :] & mask_r[:, None], other=0.0)
-    qp_ptrs = Q_PE + b * stride_qp_b + heads[None, :] * stride_qp_h + offs_p[:, None]
-    q_pe_t = tl.load(qp_ptrs, mask=mask_h[None, :] & mask_p[:, None], other=0.0)
-
-    # -- online softmax over the chunk, per column (head) --
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)
-    for n in range(start, end, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-        row_ptrs = KV_CACHE + rows[:, None] * stride_kv
-        c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        k_pe = tl.load(
-            row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
-        )
-        s = tl.dot(c_kv, q_nope_t, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
-        s = tl.dot(k_pe, q_pe_t, s, input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(c_kv), p.to(c_kv.dtype), input_precision=PRECISION)
-        m_i = m_new
-
-    # -- the chunk's result, as the split kernel writes it --
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[None, :]  # [R, BLOCK_H]
-    mask_out = mask_h[None, :] & mask_r[:, None]
-    if DIRECT:
-        o_ptrs = OUT + b * stride_o_b + heads[None, :] * stride_o_h + offs_r[:, None]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
-    else:
-        lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        mo_ptrs = MID_O + b * stride_mo_b + heads[None, :] * stride_mo_h + split * stride_mo_s
-        tl.store(mo_ptrs + offs_r[:, None], out, mask=mask_out)
         lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
         tl.store(lse_ptrs + split, lse, mask=mask_h)
 
@@ -393,7 +327,6 @@ class _Launch:
     per_sm: int  # programs that fit on one multiprocessor at once
     waves: int  # waves of programs the context split aims at (more: more merge traffic)
     min_split: int = 0  # tokens a chunk holds at least (rounded up to block_n; 0: one block)
-    transposed: bool = False  # the products with tokens as rows (_mla_chunk_transposed)
 
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
@@ -410,13 +343,10 @@ _LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
 
 
 def _env_overrides() -> dict:
-    """LLA_MLA_MIN_SPLIT (tokens), LLA_MLA_TRANSPOSED (0/1): the CUDA launch's defaults replaced,
-    for benchmarks that compare them in separate processes (perf/RESULTS.md)."""
+    """LLA_MLA_MIN_SPLIT (tokens): the CUDA launch's default replaced, for benchmarks that
+    compare it in separate processes (perf/RESULTS.md)."""
     value = os.environ.get("LLA_MLA_MIN_SPLIT")
-    out = {"min_split": int(value)} if value else {}
-    if os.environ.get("LLA_MLA_TRANSPOSED"):
-        out["transposed"] = os.environ["LLA_MLA_TRANSPOSED"] == "1"
-    return out
+    return {"min_split": int(value)} if value else {}
 
 
 _ENV = _env_overrides()
@@ -513,7 +443,7 @@ def mla_decode_attention(
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
-        BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)), TRANSPOSED=launch.transposed,
+        BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
         num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(q_nope),
     )  # fmt: skip
     if splits > 1 and w_uv is not None:
