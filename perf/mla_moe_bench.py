@@ -195,7 +195,9 @@ def tiles_str(config: K.MoeConfig) -> str:
     return ",".join(map(str, dataclasses.astuple(config)))
 
 
-def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None, direct=None, tag="") -> Case:
+def moe_case(
+    shape: str, tokens: int, inputs, config: K.MoeConfig | None = None, direct=None, tag="", sum_experts=True
+) -> Case:
     x, w13, w2, weights, ids, _, _ = inputs
     hidden, inter, _, top_k = MOE_SHAPES[shape]
     touched = ids.unique().numel()  # a host sync here, outside anything timed
@@ -204,7 +206,7 @@ def moe_case(shape: str, tokens: int, inputs, config: K.MoeConfig | None = None,
     tag = tag or ("" if config is None else " " + tiles_str(config))
     return Case(
         "fused_moe" + tag, f"{shape} M={tokens} experts={touched}",
-        lambda: K.fused_moe(x, w13, w2, weights, ids, config, direct=direct),
+        lambda: K.fused_moe(x, w13, w2, weights, ids, config, sum_experts, direct),
         lambda: K.fused_moe_ref(x, w13, w2, weights, ids), nbytes, flops,
     )  # fmt: skip
 
@@ -248,6 +250,10 @@ MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
 ]  # fmt: skip
 
 
+# the split counts the MLA sweep tries (LLA_MLA_SWEEP_SPLITS=1,2,4,8 shortens a device call)
+SWEEP_SPLITS = tuple(int(s) for s in os.environ.get("LLA_MLA_SWEEP_SPLITS", "1,2,4,8,16,32").split(","))
+
+
 def mla_sweep(inputs: tuple, copy: float, mm: float, layers: list | None = None) -> None:
     """Every launch of MLA_LAUNCHES that the heads fill, at several split counts; prints the best
     three. A launch that fails to compile (shared memory, registers) is reported and skipped.
@@ -258,7 +264,7 @@ def mla_sweep(inputs: tuple, copy: float, mm: float, layers: list | None = None)
     for launch in launches:
         mla_module._launch_config = lambda *_, launch=launch: launch  # read at each call
         try:
-            for splits in (1, 2, 4, 8, 16, 32):
+            for splits in SWEEP_SPLITS:
                 if layers:
                     line, ms = chain_row([mla_case(x, num_splits=splits) for x in layers], copy, mm)
                 else:
@@ -305,7 +311,9 @@ def moe_rows(args, copy: float, mm: float) -> None:
             if args.chain:
                 layers = moe_chain_inputs(shape, tokens, w13, w2, args.chain)
                 print(chain_row([moe_case(shape, tokens, x) for x in layers], copy, mm)[0], flush=True)
-                if tokens == 1:
+                if tokens == 1:  # as DeepSeek's layer calls it: the experts' sum left to the next norm
+                    cases = [moe_case(shape, tokens, x, tag=" unsummed", sum_experts=False) for x in layers]
+                    print(chain_row(cases, copy, mm)[0], flush=True)
                     parts = [moe_part_cases(shape, x) for x in layers]
                     for i in range(2):
                         print(row(parts[0][i], copy, mm, False)[0], flush=True)
