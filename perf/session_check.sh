@@ -27,6 +27,7 @@
 #            BARRIER=1; its table is printed as each run ends
 #   dp       the same workload on one GPU and through --dp 2 (x2 kind) at DP_CHUNK (2048): 100 clients,
 #            and for DP also 200 (the load per GPU of one GPU's 100)
+#            (DP_RUNS="tp1:1024 dp2:1024 dp2:512" sets the runs, mode:chunk; DP_CLIENTS the DP client counts)
 #   prefix   perf/prefix_bench.sh's 2000-shared + 100-unique workload at PREFIX_CHUNKS (1024 2048),
 #            cache on and off, one GPU
 #   fp8      --kv-cache-dtype fp8: its GPU tests (attention over a float8 cache, the stores'
@@ -122,13 +123,13 @@ for stage in $STAGES; do
     [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
 print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
     if [ $stage = steady ]; then runs=""; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
-    else runs="tp1:${DP_CHUNK:-2048} dp2:${DP_CHUNK:-2048}"; fi
+    else runs=${DP_RUNS:-"tp1:${DP_CHUNK:-2048} dp2:${DP_CHUNK:-2048}"}; fi
     for r in $runs; do
       mode=${r%%:*}; chunk=${r#*:}; flags=""; [ $mode = dp2 ] && flags="--dp 2"
       python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
         --max-num-batched-tokens $chunk $flags >"$OUT/server_${mode}_$chunk.log" 2>&1 &
       srv=$!
-      clients="100"; [ $mode = dp2 ] && clients="100 200"
+      clients="100"; [ $mode = dp2 ] && clients=${DP_CLIENTS:-"100 200"}
       protocols="steady"; [ "${BARRIER:-0}" = 1 ] && protocols="steady barrier"
       for n in $clients; do for proto in $protocols; do
         tag=${mode}_${chunk}_${n}_$proto
