@@ -24,10 +24,11 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-WORDS = (
-    "the model token stream cache expert router latent query brown fox river mountain garden engine "
-    "signal memory window planet harbor lantern violin copper meadow thunder pencil ocean castle"
-).split()
+WORDS = [
+    "the", "model", "token", "stream", "cache", "expert", "router", "latent", "query", "brown",
+    "fox", "river", "mountain", "garden", "engine", "signal", "memory", "window", "planet",
+    "harbor", "lantern", "violin", "copper", "meadow", "thunder", "pencil", "ocean", "castle",
+]  # fmt: skip
 
 
 def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[str, float, dict]:
@@ -117,7 +118,8 @@ def main() -> None:
         prompt, cached = sum(x[0] for x in r), sum(x[1] for x in r)
         total_prompt, total_cached = total_prompt + prompt, total_cached + cached
         print(
-            f"{turn + 1:<6}{prompt / len(r):>11.0f}{cached / len(r):>11.0f}{100 * cached / max(prompt, 1):>7.1f}"
+            f"{turn + 1:<6}{prompt / len(r):>11.0f}{cached / len(r):>11.0f}"
+            f"{100 * cached / max(prompt, 1):>7.1f}"
             f"{1e3 * statistics.median(x[2] for x in r):>12.0f}"
         )
     print(f"all turns: {100 * total_cached / max(total_prompt, 1):.1f}% of prompt tokens cached")

@@ -185,10 +185,11 @@ def fp8() -> None:
            {**types, "POS": "*i64", "COS_SIN": "*fp32", "SLOTS": "*i64", **cache},
            dict(STORE=True, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, PDL=True))  # fmt: skip
     print(f"    float8 cvt in the PTX: {'e4m3' in LAST_PTX[0]}")
+    # at decode_attention.LAUNCH[1]
     report("decode split over fp8", D._decode_split_kernel,
            {"Q": "*bf16", **cache, **ints, "MID_O": "*fp32", "MID_LSE": "*fp32", "qk_scale": "fp32"},
            dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=8, PRECISION="tf32", BLOCK_G=16, BLOCK_N=128, BLOCK_D=128,
-                QK_F16=True, PDL=True), 2, 2)  # fmt: skip (decode_attention.LAUNCH[1])
+                QK_F16=True, PDL=True), 2, 2)  # fmt: skip
     types = {n: "*bf16" for n in ("Q", "OUT", "K_NEW", "V_NEW")}
     desc = "tensordesc<bf16[128, 128]>"
     report("prefill 128x128 TMA, prefix from fp8", P._prefill_kernel,
