@@ -12,6 +12,11 @@ measurement: it says where scheduling alone puts TTFT, not what a server reaches
 
     python perf/prefix_sim.py                       # the shared-prefix workload, cache on/off x chunks
     python perf/prefix_sim.py --workload 1024in     # 1024 in, N(128,128) out clipped to [2, 256]
+    python perf/prefix_sim.py --workload 1024in --dp 2 --chunks 1024,512,384,256 --host-ms 9 --bucket 128
+                                                    # one GPU against two replicas sharing the clients
+
+--host-ms and --bucket model what the H200's mixed steps add (perf/RESULTS.md, 2026-11-30: ~9 ms of
+host work a step with prefill chunks; piecewise graphs padded to 128 tokens).
 """
 
 from __future__ import annotations
@@ -41,7 +46,11 @@ FIXED_S = 0.7e-3
 CLIENT_S = 1.5e-3  # request in (HTTP, parse, tokenize) and token out, each way
 
 
-def step_time(batch, kv_scale: float = 1.0) -> float:
+def step_time(batch, kv_scale: float = 1.0, host: float = 0.0, bucket: int = 1) -> float:
+    """The device's time for `batch`; a step with prefill chunks computes its rows padded to a
+    multiple of `bucket` (the piecewise graphs' token counts) and takes at least `host` seconds
+    (its host work: scheduling and the launches between the graphs, which overlaps the device's
+    previous step but cannot run ahead of it)."""
     run, rest = batch.parts()
     rows, kv, pairs = 0, 0, 0
     if run is not None:
@@ -53,7 +62,10 @@ def step_time(batch, kv_scale: float = 1.0) -> float:
         ctx = item.start + n
         kv += ctx if n == 1 else item.start  # a prefill chunk's own keys are computed, not read
         pairs += n * item.start + n * (n + 1) // 2
-    return max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * kv_scale + pairs * PAIR_S + FIXED_S
+    if rest:
+        rows = -(-rows // bucket) * bucket
+    t = max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * kv_scale + pairs * PAIR_S + FIXED_S
+    return max(t, host) if rest else t
 
 
 def sample(batch) -> Sampled:
@@ -115,7 +127,8 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
         if batch is None:  # idle until the next arrival
             now = arrivals[0][0]
             continue
-        now += step_time(batch, 0.5 if args.fp8_kv else 1.0)
+        host, bucket = getattr(args, "host_ms", 0.0) / 1e3, getattr(args, "bucket", 1)
+        now += step_time(batch, 0.5 if args.fp8_kv else 1.0, host, bucket)
         applied, finished = sched.update(batch, sample(batch))
         emitted.append((now, len(applied)))
         for slot, _ in applied:
@@ -163,6 +176,29 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
     }
 
 
+def dp_rows(args, protocol: str, chunks: list[int]) -> None:
+    """--dp N: per chunk, one replica under all the clients and N replicas sharing them (each under
+    clients / N, throughput x N), the ratio against one GPU at the first chunk listed."""
+    import copy
+
+    share = copy.copy(args)
+    share.clients = args.clients // args.dp
+    share.warmup = share.clients
+    against = "x one GPU @" + str(chunks[0])
+    print(f"{'chunk':>6} {'one GPU tok/s':>14} {f'DP={args.dp} tok/s':>12} {against:>16}"
+          f" {'DP TTFT p50':>12} {'TPOT p50':>9}")  # fmt: skip
+    base = None
+    for chunk in chunks:
+        one = simulate(args, chunk, True, protocol=protocol)
+        dp = simulate(share, chunk, True, protocol=protocol)
+        base = base or one["out_tps"]
+        print(
+            f"{chunk:>6} {one['out_tps']:>14.0f} {args.dp * dp['out_tps']:>12.0f}"
+            f" {args.dp * dp['out_tps'] / base:>15.2f}x {dp['ttft_p50']:>12.1f} {dp['tpot_p50']:>9.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workload", choices=["prefix", "1024in"], default="prefix")
@@ -173,6 +209,9 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=128)
     ap.add_argument("--kv-tokens", type=int, default=500_000)
     ap.add_argument("--fp8-kv", action="store_true", help="a float8 KV cache: half the KV bytes a step reads")
+    ap.add_argument("--host-ms", type=float, default=0.0, help="least ms of a step with prefill chunks")
+    ap.add_argument("--bucket", type=int, default=1, help="pad a prefill step's rows to a multiple of this")
+    ap.add_argument("--dp", type=int, default=0, help="N replicas sharing the clients, against one GPU")
     args = ap.parse_args()
     if args.workload == "prefix":  # issue 10 must-show 4: 2,000 shared + 100 own tokens, 128 out
         args.shared, args.input_len, args.output_mean, args.output_std = 2000, 100, 128, 0
@@ -186,6 +225,8 @@ def main() -> None:
         f" simulated H200 steps (see the docstring)"
     )
     protocols = ("steady", "barrier") if args.protocol == "both" else (args.protocol,)
+    if args.dp:
+        return dp_rows(args, protocols[0], [int(c) for c in args.chunks.split(",")])
     print(
         f"{'protocol':>8} {'chunk':>6} {'cache':>6} {'QPS':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p90':>7}"
         f" {'mean':>7} {'TPOT p50':>9} {'p99':>7}"

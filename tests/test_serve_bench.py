@@ -85,3 +85,23 @@ def test_prefix_sim_protocols_run_the_real_scheduler():
         assert r["qps"] > 0 and r["ttft_p50"] > 0 and r["tpot_p50"] > 0
     # the shared 64 tokens are computed once with the cache: its prompts' steps are shorter
     assert with_cache["ttft_p50"] < without["ttft_p50"]
+
+
+def test_prefix_sim_host_floor_and_graph_buckets_lengthen_prefill_steps():
+    """--host-ms: a step with prefill chunks lasts at least that long; --bucket: its rows are
+    padded (computed) to a multiple. Both only make the first tokens later; decode-only steps keep
+    their time."""
+    sim = load("prefix_sim")
+
+    class Args:
+        clients, requests, max_running, kv_tokens, warmup = 8, 16, 16, 100_000, 8
+        shared, input_len, output_mean, output_std, output_min, output_max = 0, 16, 8, 0, 8, 8
+        fp8_kv, host_ms, bucket = False, 0.0, 1
+
+    plain = sim.simulate(Args, 256, True)
+    Args.host_ms = 50.0
+    floored = sim.simulate(Args, 256, True)
+    assert floored["ttft_p50"] >= 50.0 > plain["ttft_p50"]
+    Args.host_ms, Args.bucket = 0.0, 1 << 16  # a huge bucket: every prefill step computes 65536 rows
+    padded = sim.simulate(Args, 256, True)
+    assert padded["ttft_p50"] > 10 * plain["ttft_p50"]
