@@ -247,6 +247,8 @@ MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
     (16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 4, 2), (16, 64, 4, 3), (16, 64, 8, 2),
     (16, 32, 8, 3), (16, 128, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 16, 8, 2), (64, 32, 8, 2),
     (64, 64, 8, 2), (64, 32, 16, 2), (64, 64, 16, 2), (128, 32, 16, 2),
+    # deeper pipelines over smaller tiles (2026-11-30, ninth session): more bytes in flight per program
+    (16, 32, 4, 4), (16, 32, 4, 5), (16, 16, 4, 6), (16, 32, 8, 4),
 ]  # fmt: skip
 
 

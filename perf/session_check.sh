@@ -44,6 +44,10 @@
 #            --sweep) into a copy of the shipped tuned file, which then replaces the installed one;
 #            the DeepSeek-V2-Lite batch-1 step before and after, the MoE GPU tests and the bench row
 #            with the new file; MLA_CASES (16-head 1k and b64 4k) swept chained (MLA_SWEEP=0 skips)
+#   mlastages 2026-11-30 (ninth session): the MLA launch sweep, chained, with deeper pipelines over
+#            smaller tiles among the launches, at the 16-head cases that miss 80% (SWEEP_SPLITS 2,4);
+#            then the sweep's best at batch 64 x 1k (LLA_MLA_LAUNCH) against the default: the
+#            DeepSeek-V2-Lite step at batch 1 and 64, and the MLA GPU tests under it
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
@@ -205,6 +209,21 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     timeout 200 python3 perf/mla_moe_bench.py --only mla --no-ref --chain ${LAYERS_MLA:-4} --sweep \
       --mla-cases ${MLA_CASES:-16:64:1024,16:128:1024,16:64:4096} >"$OUT/mla_sweep.log" 2>&1
     echo "mla sweep exit $?"; grep -vE "^    \(|Error" "$OUT/mla_sweep.log" | cut -c1-150 ;;
+  mlastages)
+    LLA_MLA_SWEEP_SPLITS=${SWEEP_SPLITS:-2,4} timeout 220 python3 perf/mla_moe_bench.py --only mla --no-ref \
+      --chain 4 --sweep --mla-cases 16:64:1024,16:128:1024,16:64:4096 >"$OUT/mla_ssweep.log" 2>&1
+    echo "mla sweep exit $?"; grep -vE "^    _Launch|Error" "$OUT/mla_ssweep.log" | cut -c1-150
+    launch=$(awk '/B=64 ctx=1024/{f=1} f && /best/{print $4, $5, $6, $7; exit}' "$OUT/mla_ssweep.log" | tr -d hnws | tr ' ' ,)
+    echo "best launch at 64 x 1k: $launch"
+    for v in default "best:LLA_MLA_LAUNCH=$launch"; do
+      name=${v%%:*}; envs=""; [ $name = best ] && envs=${v#*:}
+      env $envs timeout 100 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches 1,64 --context 1024 \
+        --out "$OUT/ds_$name.json" >"$OUT/ds_$name.log" 2>&1
+      echo "decode_bench $name exit $?"; grep -E "^ +(1|64) " "$OUT/ds_$name.log" | head -4
+    done
+    LLA_MLA_LAUNCH=$launch timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py \
+      tests/test_deepseek.py >"$OUT/mla_test.log" 2>&1
+    echo "mla tests ($launch) exit $?"; grep -E "passed|failed|Error" "$OUT/mla_test.log" | tail -4 ;;
   layers)
     timeout ${LAYERS_S:-300} python3 perf/mla_moe_bench.py --only moe --no-ref --no-layers --chain ${LAYERS:-8} \
       --moe-m 1 $([ "${LAYER_SWEEP:-1}" = 1 ] && echo --sweep) >"$OUT/moe_chain1.log" 2>&1

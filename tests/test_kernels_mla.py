@@ -5,6 +5,8 @@ Tolerances (relative error in norm, kernels.testing.TOLERANCE): 1e-4 in float32,
 and the float32 reference differ only in summation order; 1e-2 in bfloat16, where the kernel rounds
 the softmax weights to bf16 before the second product, as every flash-attention kernel does."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -75,6 +77,27 @@ def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches
     # 8 chunks at most; a short context fills fewer, and the ones past it hold NaN (never written)
     lens = [1, 33, 130, 7, 300]
     check_mla_decode(lens, 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split)
+
+
+def test_mla_launch_env_overrides_replace_the_cuda_defaults(monkeypatch):
+    """LLA_MLA_MIN_SPLIT and LLA_MLA_LAUNCH (benchmarks: a launch per process) reach the CUDA
+    launch of either head count; without them the defaults stand."""
+    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
+    monkeypatch.delenv("LLA_MLA_MIN_SPLIT", raising=False)
+    monkeypatch.delenv("LLA_MLA_LAUNCH", raising=False)
+    assert module._env_overrides() == {}
+    monkeypatch.setenv("LLA_MLA_MIN_SPLIT", "256")
+    monkeypatch.setenv("LLA_MLA_LAUNCH", "16,32,4,5")
+    env = module._env_overrides()
+    assert env == {"min_split": 256, "block_h": 16, "block_n": 32, "num_warps": 4, "num_stages": 5}
+    monkeypatch.setattr(module, "_ENV", env)
+    cuda = torch.device("cuda", 0)
+    for heads in (16, 128):
+        launch = module._launch_config(heads, cuda, None)
+        assert (launch.block_h, launch.block_n, launch.num_warps, launch.num_stages) == (16, 32, 4, 5)
+        assert launch.min_split == 256
+    monkeypatch.setattr(module, "_ENV", {})
+    assert module._launch_config(16, cuda, None) == module._LAUNCH_FEW_HEADS
 
 
 def test_mla_decode_gives_zeros_for_an_empty_context(interpreter):

@@ -343,10 +343,16 @@ _LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
 
 
 def _env_overrides() -> dict:
-    """LLA_MLA_MIN_SPLIT (tokens): the CUDA launch's default replaced, for benchmarks that
-    compare it in separate processes (perf/RESULTS.md)."""
-    value = os.environ.get("LLA_MLA_MIN_SPLIT")
-    return {"min_split": int(value)} if value else {}
+    """LLA_MLA_MIN_SPLIT (tokens) and LLA_MLA_LAUNCH ("heads per program,tokens per iteration,
+    warps,stages"): the CUDA launch's defaults replaced, for benchmarks that compare them in
+    separate processes (perf/RESULTS.md)."""
+    out = {}
+    if value := os.environ.get("LLA_MLA_MIN_SPLIT"):
+        out["min_split"] = int(value)
+    if value := os.environ.get("LLA_MLA_LAUNCH"):
+        block_h, block_n, warps, stages = (int(v) for v in value.split(","))
+        out.update(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages)
+    return out
 
 
 _ENV = _env_overrides()
@@ -358,7 +364,7 @@ def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _La
     elif heads <= 16:
         launch = replace(_LAUNCH_FEW_HEADS, **_ENV)
     else:  # 17-64 heads: one program holds them all (a power of two >= 16)
-        launch = replace(_LAUNCH_MANY_HEADS, block_h=min(64, triton.next_power_of_2(heads)), **_ENV)
+        launch = replace(replace(_LAUNCH_MANY_HEADS, block_h=min(64, triton.next_power_of_2(heads))), **_ENV)
     return launch if block_h is None else replace(launch, block_h=block_h)
 
 
