@@ -89,8 +89,7 @@ def test_prefix_sim_protocols_run_the_real_scheduler():
 
 def test_prefix_sim_host_floor_and_graph_buckets_lengthen_prefill_steps():
     """--host-ms: a step with prefill chunks lasts at least that long; --bucket: its rows are
-    padded (computed) to a multiple. Both only make the first tokens later; decode-only steps keep
-    their time."""
+    padded (computed) to a multiple. Either makes the first tokens later."""
     sim = load("prefix_sim")
 
     class Args:
