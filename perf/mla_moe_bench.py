@@ -91,13 +91,17 @@ def chain_row(cases: list[Case], copy: float, mm: float) -> tuple[str, float]:
     calls = [case.kernel for case in cases]
     ms = bench_ms(lambda: [call() for call in calls], graph=True) / len(cases)
     nbytes, flops = sum(c.nbytes for c in cases) / len(cases), sum(c.flops for c in cases) / len(cases)
-    gbps, tflops = nbytes / ms / 1e6, flops / ms / 1e9
     name = f"  x{len(cases)} chained {cases[0].name}"
-    line = (
-        f"{name:<34} {cases[0].shape:<30} {'':>9} {ms:9.4f} {'':>9} "
+    return rate_line(name, cases[0].shape, f"{'':>9}", ms, f"{'':>9}", nbytes, flops, copy, mm), ms
+
+
+def rate_line(name: str, shape: str, ref: str, ms: float, speedup: str, nbytes, flops, copy, mm) -> str:
+    """A table row: the op, its reference columns as given, then its time and rates against the ceilings."""
+    gbps, tflops = nbytes / ms / 1e6, flops / ms / 1e9
+    return (
+        f"{name:<34} {shape:<30} {ref} {ms:9.4f} {speedup} "
         f"{gbps:7.0f} {100 * gbps / copy:6.1f}% {tflops:7.1f} {100 * tflops / mm:6.1f}%"
     )
-    return line, ms
 
 
 def floor_us() -> float:
@@ -214,12 +218,8 @@ def moe_case(
 def row(case: Case, copy: float, mm: float, ref: bool) -> tuple[str, float]:
     ms = bench_ms(case.kernel, graph=True)
     ref_ms = bench_ms(case.ref) if ref and case.ref is not None else float("nan")
-    gbps, tflops = case.nbytes / ms / 1e6, case.flops / ms / 1e9
-    line = (
-        f"{case.name:<34} {case.shape:<30} {ref_ms:9.3f} {ms:9.4f} {ref_ms / ms:8.1f}x "
-        f"{gbps:7.0f} {100 * gbps / copy:6.1f}% {tflops:7.1f} {100 * tflops / mm:6.1f}%"
-    )
-    return line, ms
+    ref_cols, speedup = f"{ref_ms:9.3f}", f"{ref_ms / ms:8.1f}x"
+    return rate_line(case.name, case.shape, ref_cols, ms, speedup, case.nbytes, case.flops, copy, mm), ms
 
 
 def mla_rows(args, copy: float, mm: float) -> None:
@@ -310,8 +310,8 @@ def moe_rows(args, copy: float, mm: float) -> None:
         for tokens in args.moe_m:
             inputs = moe_inputs(shape, tokens, w13, w2)
             print(row(moe_case(shape, tokens, inputs), copy, mm, not args.no_ref)[0], flush=True)
-            if args.chain:
-                layers = moe_chain_inputs(shape, tokens, w13, w2, args.chain)
+            layers = moe_chain_inputs(shape, tokens, w13, w2, args.chain) if args.chain else None
+            if layers:
                 print(chain_row([moe_case(shape, tokens, x) for x in layers], copy, mm)[0], flush=True)
                 if tokens == 1:  # as DeepSeek's layer calls it: the experts' sum left to the next norm
                     cases = [moe_case(shape, tokens, x, tag=" unsummed", sum_experts=False) for x in layers]
@@ -320,18 +320,15 @@ def moe_rows(args, copy: float, mm: float) -> None:
                     for i in range(2):
                         print(row(parts[0][i], copy, mm, False)[0], flush=True)
                         print(chain_row([p[i] for p in parts], copy, mm)[0], flush=True)
-                del layers
             if tokens <= moe_module.DIRECT_MAX_TOKENS:  # the default launch is direct: also aligned
                 case = moe_case(shape, tokens, inputs, direct=False, tag=" aligned (as M > 1)")
                 print(row(case, copy, mm, False)[0], flush=True)
             if args.sweep:
-                chained = moe_chain_inputs(shape, tokens, w13, w2, args.chain) if args.chain else None
-                best = moe_sweep(shape, tokens, inputs, copy, mm, chained)
-                del chained
+                best = moe_sweep(shape, tokens, inputs, copy, mm, layers)
                 key = moe_module.moe_shape_key(experts, inter, hidden)
                 tuned.setdefault(key, {})[str(tokens)] = dataclasses.asdict(best)
             print(overheads(shape, inputs), flush=True)
-            del inputs
+            del inputs, layers
             torch.cuda.empty_cache()
         del w13, w2
         torch.cuda.empty_cache()

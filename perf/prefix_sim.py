@@ -22,6 +22,7 @@ host work a step with prefill chunks; piecewise graphs padded to 128 tokens).
 from __future__ import annotations
 
 import argparse
+import copy
 import heapq
 import itertools
 import os
@@ -119,6 +120,8 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
 
     for c in range(args.clients):
         send(c, 0.0)
+    kv_scale = 0.5 if args.fp8_kv else 1.0
+    host, bucket = getattr(args, "host_ms", 0.0) / 1e3, getattr(args, "bucket", 1)  # older callers lack them
     while live:
         while arrivals and arrivals[0][0] <= now:
             _, c = heapq.heappop(arrivals)
@@ -127,8 +130,7 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
         if batch is None:  # idle until the next arrival
             now = arrivals[0][0]
             continue
-        host, bucket = getattr(args, "host_ms", 0.0) / 1e3, getattr(args, "bucket", 1)
-        now += step_time(batch, 0.5 if args.fp8_kv else 1.0, host, bucket)
+        now += step_time(batch, kv_scale, host, bucket)
         applied, finished = sched.update(batch, sample(batch))
         emitted.append((now, len(applied)))
         for slot, _ in applied:
@@ -179,8 +181,6 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
 def dp_rows(args, protocol: str, chunks: list[int]) -> None:
     """--dp N: per chunk, one replica under all the clients and N replicas sharing them (each under
     clients / N, throughput x N), the ratio against one GPU at the first chunk listed."""
-    import copy
-
     share = copy.copy(args)
     share.clients = args.clients // args.dp
     share.warmup = share.clients
