@@ -282,7 +282,7 @@ def main() -> None:
         action="store_true",
         help="DeepSeek: time the decode fusions on (LLA_DEEPSEEK_FUSE=all) and off (none), same run",
     )
-    ap.add_argument("--top-kernels", type=int, default=0, help="print the first row's N costliest kernels")
+    ap.add_argument("--top-kernels", type=int, default=0, help="print each batch's N costliest kernels")
     ap.add_argument("--out", default="")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8 (the server's flag)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one GPU each")
@@ -420,7 +420,7 @@ def report(rank: int, args, tp_cfg: dict) -> None:
         print("".join(f"{str(v):>9}" for v in vals))
     if args.compare_fusions:
         print_fusion_ratios(rows)
-    for r in rows[: 1 if args.top_kernels else 0]:
+    for r in [r for r in rows if r["overlap"] and "kernels_us_per_step" in r] if args.top_kernels else []:
         kernels = r.get("kernels_us_per_step", [])
         total = sum(us for us, _, _ in kernels)
         print(
