@@ -139,6 +139,29 @@ def test_decode_attention_merges_any_number_of_splits(interpreter, num_splits):
     check_decode([1, 33, 130, 7], (4, 2), 64, torch.float32, "cpu", num_splits=num_splits)
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_decode_attention_with_one_split_writes_the_output_without_a_merge(interpreter, monkeypatch, direct):
+    """One chunk per context: the split kernel writes the output itself and the merge is never
+    launched (LLA_DECODE_DIRECT=0 keeps the merge); the same answers either way, empty context too."""
+    import importlib
+
+    D = importlib.import_module("lightllm_async.kernels.decode_attention")
+    launched = []
+    merge = D._decode_merge_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return merge[grid]
+
+    monkeypatch.setattr(D, "_decode_merge_kernel", Spy())
+    monkeypatch.setattr(D, "DIRECT_ONE_SPLIT", direct)
+    check_decode([1, 33, 130, 7, 0], (4, 2), 64, torch.float32, "cpu", num_splits=1)
+    assert len(launched) == (0 if direct else 1)
+    check_decode([1, 33, 130, 7, 0], (4, 2), 64, torch.float32, "cpu", num_splits=2)
+    assert len(launched) == (1 if direct else 2)  # more splits: merged either way
+
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -340,6 +363,7 @@ def test_decode_attention_matches_reference_on_gpu(gpu):
     seq_lens[:3] = [1, 4096, 4095]
     check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda")
     check_decode([4096] * 4, (32, 8), 128, torch.bfloat16, "cuda")
+    check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda", num_splits=1)  # no merge: direct
     check_decode(seq_lens[:8], (32, 8), 64, torch.bfloat16, "cuda")
     for head_dim in ODD_HEAD_DIMS:
         check_decode(seq_lens[:8], (40, 8), head_dim, torch.bfloat16, "cuda")

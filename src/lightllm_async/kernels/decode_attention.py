@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -95,16 +96,19 @@ def _decode_split_kernel(
     SEQ_LENS,  # [B] context length of each request, the new token included
     MID_O,  # [B, Hq, NUM_SPLITS, D] float32: each split's normalized output
     MID_LSE,  # [B, Hq, NUM_SPLITS] float32: each split's log2-sum-exp2 of scores (-inf: empty)
+    OUT,  # [B, Hq, D] the output, written here when DIRECT (one split: nothing to merge)
     stride_q_b, stride_q_h,  # Q strides; the head dim is contiguous
     stride_k_s, stride_k_h,  # K_CACHE strides
     stride_v_s, stride_v_h,  # V_CACHE strides
     stride_r2t,  # REQ_TO_TOKEN row stride
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
     stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
+    stride_o_b, stride_o_h,  # OUT strides
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     GROUP: tl.constexpr,  # query heads per kv head
     HEAD_DIM: tl.constexpr,  # D
     NUM_SPLITS: tl.constexpr,  # chunks the context is cut into
+    DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_G: tl.constexpr,  # >= GROUP, >= 16: the query heads of one kv head, one tl.dot tile
     BLOCK_N: tl.constexpr,  # context tokens per iteration
@@ -149,9 +153,13 @@ def _decode_split_kernel(
 
     # -- the chunk's result; an empty chunk writes zeros and lse = -inf, which the merge ignores --
     out, lse = attend_result(m_i, l_i, acc)
-    mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
-    tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
-    tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_g)
+    if DIRECT:
+        o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        tl.store(mo_ptrs + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_g)
 
 
 @jit
@@ -203,6 +211,12 @@ LAUNCH = {
 }
 
 
+# One chunk per context (batch x kv heads fill the card: batch >= 66 at 8 kv heads on 132 SMs): the
+# split kernel writes the output itself and the merge launch is skipped. LLA_DECODE_DIRECT=0 keeps
+# the merge (benchmarks compare the two in separate processes).
+DIRECT_ONE_SPLIT = os.environ.get("LLA_DECODE_DIRECT", "1") != "0"
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -247,22 +261,26 @@ def decode_attention(
         return out
     splits = num_splits or _num_splits(batch, hk, q.device)
     assert splits & (splits - 1) == 0, f"num_splits {splits} is not a power of two"
-    mid_o = torch.empty((batch, hq, splits, dim), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    direct = splits == 1 and DIRECT_ONE_SPLIT  # one chunk writes `out`: the float32 buffers unused
+    mid_shape = (batch, hq, splits) if not direct else (1, 1, 1)
+    mid_o = torch.empty((*mid_shape, dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q.device)
     group, block_d = hq // hk, triton.next_power_of_2(dim)
     launch = LAUNCH[k_cache.element_size()]
     _decode_split_kernel[(batch, hk, splits)](
-        q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
+        q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        scale * math.log2(math.e),
-        GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits,
+        out.stride(0), out.stride(1), scale * math.log2(math.e),
+        GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch["block_n"] if q.is_cuda else 16,
         BLOCK_D=block_d, QK_F16=launch["f16"] and q.dtype == torch.bfloat16,
         num_warps=launch["warps"], num_stages=launch["stages"], **pdl_launch(q),
     )  # fmt: skip
+    if direct:
+        return out
     _decode_merge_kernel[(batch, hq)](
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
