@@ -53,14 +53,14 @@ def test_fit_smem_cuts_the_k_step_then_the_stages():
     from lightllm_async.kernels.skinny_linear import SMEM_BUDGET, fit_smem
 
     cfg = SkinnyConfig(64, 256, 8, 4)
-    assert fit_smem(cfg, 16) == cfg  # 4 x 80 x 256 x 2 = 160 KB: fits
+    assert fit_smem(cfg, 16) == cfg  # 4 x 80 x 256 x 2 = 160 KB: fits (just)
     assert fit_smem(cfg, 64) == SkinnyConfig(64, 128, 8, 4)  # 4 x 128 x 256 x 2 = 256 KB: K halved
     small = fit_smem(SkinnyConfig(128, 256, 8, 5, 2), 128)
     assert small == SkinnyConfig(128, 64, 8, 5, 2)  # 5 x 256 x 64 x 2 = 160 KB
-    # 4 x 384 x 64 x 2 = 192 KB: K at its floor, the stages cut
-    assert fit_smem(SkinnyConfig(256, 64, 4, 6), 128) == SkinnyConfig(256, 64, 4, 4)
-    for c in (fit_smem(cfg, 64), small):
-        assert c.num_stages * (128 + c.block_n) * c.block_k * 2 <= SMEM_BUDGET
+    # 3 x 384 x 64 x 2 = 144 KB: K at its floor, the stages cut
+    assert fit_smem(SkinnyConfig(256, 64, 4, 6), 128) == SkinnyConfig(256, 64, 4, 3)
+    for c, block_m in ((fit_smem(cfg, 64), 64), (small, 128)):
+        assert c.num_stages * (block_m + c.block_n) * c.block_k * 2 <= SMEM_BUDGET
 
 
 def test_skinny_linear_bias_and_float32_out_in_interpreter(interpreter):
