@@ -48,12 +48,12 @@
 #            smaller tiles among the launches, at the 16-head cases that miss 80% (SWEEP_SPLITS 2,4);
 #            then the sweep's best at batch 64 x 1k (LLA_MLA_LAUNCH) against the default: the
 #            DeepSeek-V2-Lite step at batch 1 and 64, and the MLA GPU tests under it
-#   midrows  2026-12-01 (tenth session): decode at 17-128 rows. The skinny kernel's GPU tests, then
-#            perf/skinny_linear_bench.py at MID_ROWS (32,64,128) over MID_SHAPES (Llama-3-8B's four) with its
-#            sweep, against cuBLAS; then the Llama-3-8B decode step at MID_BATCHES (50,100, context
-#            256: the DP=2 replica's and one GPU's decode phase; 256) three ways (MID_VARIANTS): now;
-#            with the decode attention's merge at one split (LLA_DECODE_DIRECT=0, as before); and the
-#            projections through the skinny kernel up to 128 rows (LLA_SKINNY_MAX_ROWS=128)
+#   midrows  2026-11-30 (tenth session): decode at 50-256 rows. The decode attention GPU tests, then
+#            the Llama-3-8B decode step at MID_BATCHES (50,100,256, context 256: the DP=2 replica's,
+#            one GPU's and the decode-heavy batch) with its costliest kernels, MID_VARIANTS ways:
+#            now, and with the attention's merge launched at one split too (LLA_DECODE_DIRECT=0).
+#            (Its first form also timed skinny_linear extended to 128 rows against cuBLAS: removed,
+#            perf/RESULTS.md.)
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
@@ -241,13 +241,10 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
       >"$OUT/mla_chain.log" 2>&1
     echo "mla chain exit $?"; cut -c1-150 "$OUT/mla_chain.log" ;;
   midrows)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_skinny.py tests/test_kernels_attention.py \
-      -k "skinny or linear or decode" >"$OUT/skinny_test.log" 2>&1
-    echo "skinny + decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/skinny_test.log" | tail -4
-    timeout ${SKINNY_S:-300} python3 perf/skinny_linear_bench.py --rows ${MID_ROWS:-8,32,64,128} --sweep \
-      --shapes "${MID_SHAPES:-l3 qkv,l3 o,l3 gate_up,l3 down}" >"$OUT/skinny_mid.log" 2>&1
-    echo "skinny bench exit $?"; sed -n '/microseconds per call/,$p' "$OUT/skinny_mid.log"
-    for v in ${MID_VARIANTS:-now:LLA_DECODE_DIRECT=1 merge:LLA_DECODE_DIRECT=0 skinny:LLA_SKINNY_MAX_ROWS=128}; do
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k decode \
+      >"$OUT/decode_test.log" 2>&1
+    echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
+    for v in ${MID_VARIANTS:-now:LLA_DECODE_DIRECT=1 merge:LLA_DECODE_DIRECT=0}; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }; log="$OUT/mid_$name.log"
       env $envs timeout 200 python3 perf/decode_bench.py --shape llama3-8b --batches ${MID_BATCHES:-50,100,256} --context 256 \
         --max-running 256 --top-kernels 12 --out "${log%.log}.json" >"$log" 2>&1

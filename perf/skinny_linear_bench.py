@@ -5,10 +5,7 @@ Prints, per shape (N, K) and rows M: microseconds of cuBLAS, of the kernel with 
 (`skinny_config`), and of the best of a small sweep of tiles, with the weight bytes over the
 copy rate measured in the same run as the roof.
 
-    python perf/skinny_linear_bench.py [--rows 1,4,8] [--sweep] [--shapes "l3 qkv,l3 o"]
-
-Above 16 rows (decode at batch 17-128, where `linear` takes cuBLAS unless LLA_SKINNY_MAX_ROWS says
-otherwise) the sweep also tries wider column slices and K split in 2 or 4.
+    python perf/skinny_linear_bench.py [--rows 1,4,8] [--sweep]
 """
 
 from __future__ import annotations
@@ -36,31 +33,17 @@ SWEEP = [
     for bn, bk in ((16, 256), (16, 512), (32, 256), (32, 512), (64, 128), (64, 256))
     for w, st in ((4, 3), (4, 5), (8, 4))
 ]
-# above 16 rows (the x tile as tall as the rows): wider column slices, so that fewer programs re-read
-# x from L2; skinny_linear cuts each tile's K step and stages to fit shared memory (fit_smem)
-SWEEP_MANY_ROWS = [
-    S.SkinnyConfig(bn, bk, w, st, split)
-    for bn, bk, w, st in (
-        (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3),
-        (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3),
-    )
-    for split in (1, 2, 4)  # K split: more programs for wide slices, their partials summed after
-]  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,4,8")
     ap.add_argument("--sweep", action="store_true", help="also time the SWEEP tiles, print the best")
-    ap.add_argument("--shapes", default="", help="only these shapes: labels, comma-separated")
     args = ap.parse_args()
     copy = copy_gbps()
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s", flush=True)
-    # (tile columns: block_n, block_k, warps, stages, K splits)
     table = []
     for label, n, k in SHAPES:
-        if args.shapes and label not in args.shapes.split(","):
-            continue
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * k**-0.5
         roof = n * k * 2 / copy / 1e3  # µs
         for m in map(int, args.rows.split(",")):
@@ -73,10 +56,8 @@ def main() -> None:
             else:
                 cublas = bench_ms(lambda x=x, w=w: torch.mm(x, w.t(), out_dtype=torch.float32), True) * 1e3
             ours = bench_ms(lambda x=x, w=w, o=out_dtype: S.skinny_linear(x, w, None, o), True) * 1e3
-            best, best_cfg = ours, S.skinny_config(n, k, x.device, m)
-            sweep = SWEEP if m <= 16 else SWEEP_MANY_ROWS
-            for cfg in sweep if args.sweep else ():
-                cfg = S.fit_smem(cfg, S._block_m(m))
+            best, best_cfg = ours, S.skinny_config(n, k, x.device)
+            for cfg in SWEEP if args.sweep else ():
                 try:
                     us = (
                         bench_ms(lambda x=x, w=w, o=out_dtype, c=cfg: S.skinny_linear(x, w, None, o, c), True)
@@ -92,18 +73,14 @@ def main() -> None:
                 f"  {label} M={m}: cuBLAS {cublas:.1f} ours {ours:.1f} best {best:.1f} {best_cfg}", flush=True
             )
         del w
-    print("\nmicroseconds per call (CUDA graph replay); roof = weight bytes / copy rate; % = roof / time:")
+    print("\nmicroseconds per call (CUDA graph replay); roof = weight bytes / copy rate:")
     print(
-        f"{'shape':<18}{'N':>6}{'K':>6}{'M':>4}{'roof':>7}{'cuBLAS':>8}{'%':>5}{'skinny':>8}{'%':>5}{'best':>7}{'%':>5}"
-        "  best tiles (n, k, warps, stages, K splits)"
+        f"{'shape':<18}{'N':>6}{'K':>6}{'M':>3}{'roof':>7}{'cuBLAS':>8}{'skinny':>8}{'best':>7}"
+        "  best tiles (n, k, warps, stages)"
     )
     for label, n, k, m, roof, cublas, ours, best, cfg in table:
-        tiles = f"{cfg.block_n}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.split_k}"
-        pct = [f"{100 * roof / t:5.0f}" for t in (cublas, ours, best)]
-        print(
-            f"{label:<18}{n:>6}{k:>6}{m:>4}{roof:>7.1f}{cublas:>8.1f}{pct[0]}{ours:>8.1f}{pct[1]}{best:>7.1f}{pct[2]}"
-            f"  {tiles}"
-        )
+        tiles = f"{cfg.block_n}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages}"
+        print(f"{label:<18}{n:>6}{k:>6}{m:>3}{roof:>7.1f}{cublas:>8.1f}{ours:>8.1f}{best:>7.1f}  {tiles}")
 
 
 if __name__ == "__main__":

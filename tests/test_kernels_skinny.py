@@ -35,34 +35,6 @@ def test_skinny_linear_matches_reference_in_interpreter(interpreter, m, n, k):
     check_skinny(m, n, k, torch.float32, "cpu", x_stride_pad=5)
 
 
-@pytest.mark.parametrize("m", [17, 50, 128])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_skinny_linear_takes_up_to_128_rows_and_splits_k_in_interpreter(interpreter, m, split_k):
-    """Above 16 rows the x tile grows to the next power of two; split along K, each split's float32
-    partial sums are added after (the bias once)."""
-    cfg = SkinnyConfig(16, 32, 4, 1, split_k)
-    check_skinny(m, 40, 200, torch.float32, "cpu", bias=True, config=cfg, x_stride_pad=3)
-
-
-def test_skinny_linear_refuses_more_rows_than_one_tile(interpreter):
-    with pytest.raises(AssertionError, match="at most 128 rows"):
-        skinny_linear(torch.randn(129, 32), torch.randn(16, 32))
-
-
-def test_fit_smem_cuts_the_k_step_then_the_stages():
-    from lightllm_async.kernels.skinny_linear import SMEM_BUDGET, fit_smem
-
-    cfg = SkinnyConfig(64, 256, 8, 4)
-    assert fit_smem(cfg, 16) == cfg  # 4 x 80 x 256 x 2 = 160 KB: fits (just)
-    assert fit_smem(cfg, 64) == SkinnyConfig(64, 128, 8, 4)  # 4 x 128 x 256 x 2 = 256 KB: K halved
-    small = fit_smem(SkinnyConfig(128, 256, 8, 5, 2), 128)
-    assert small == SkinnyConfig(128, 64, 8, 5, 2)  # 5 x 256 x 64 x 2 = 160 KB
-    # 3 x 384 x 64 x 2 = 144 KB: K at its floor, the stages cut
-    assert fit_smem(SkinnyConfig(256, 64, 4, 6), 128) == SkinnyConfig(256, 64, 4, 3)
-    for c, block_m in ((fit_smem(cfg, 64), 64), (small, 128)):
-        assert c.num_stages * (block_m + c.block_n) * c.block_k * 2 <= SMEM_BUDGET
-
-
 def test_skinny_linear_bias_and_float32_out_in_interpreter(interpreter):
     check_skinny(2, 40, 72, torch.float32, "cpu", bias=True)
     y = check_skinny(3, 64, 96, torch.bfloat16, "cpu", out_dtype=torch.float32)
@@ -99,19 +71,6 @@ def test_skinny_linear_matches_reference_on_gpu(gpu, m):
     check_skinny(m, 3000, 896, torch.bfloat16, "cuda", bias=True, x_stride_pad=8)
     for cfg in (SkinnyConfig(16, 512), SkinnyConfig(32, 512, 8, 3), SkinnyConfig(64, 256, 4, 6)):
         check_skinny(m, 4096, 2048, torch.bfloat16, "cuda", config=cfg)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [17, 50, 64, 100, 128])
-def test_skinny_linear_at_more_rows_matches_reference_on_gpu(gpu, m):
-    from lightllm_async.kernels.skinny_linear import fit_smem
-
-    for n, k in GPU_SHAPES[:4] + [(1000, 1000)]:
-        check_skinny(m, n, k, torch.bfloat16, "cuda")
-    check_skinny(m, 3000, 896, torch.bfloat16, "cuda", bias=True, x_stride_pad=8)
-    for cfg in (SkinnyConfig(64, 128, 8, 3), SkinnyConfig(128, 64, 8, 3, 2), SkinnyConfig(32, 128, 4, 4, 4)):
-        check_skinny(m, 4096, 4096 + 64 * 3, torch.bfloat16, "cuda", config=fit_smem(cfg, 128))
-        check_skinny(m, 3000, 896, torch.bfloat16, "cuda", bias=True, config=fit_smem(cfg, 128))
 
 
 def test_routing_by_shape():

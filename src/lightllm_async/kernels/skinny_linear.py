@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,7 @@ from torch import Tensor
 
 from .backend import jit, pdl_launch, pdl_wait, tl, triton, use_triton
 
-# rows of x up to which `linear` routes CUDA projections here (see linear); LLA_SKINNY_MAX_ROWS
-# (at most KERNEL_MAX_ROWS) for benchmarks that compare the kernel with cuBLAS at more rows
-KERNEL_MAX_ROWS = 128  # rows the kernel takes: one tile of at most 128 rows
-MAX_ROWS = min(KERNEL_MAX_ROWS, int(os.environ.get("LLA_SKINNY_MAX_ROWS", "8")))
+MAX_ROWS = 8  # rows of x up to which `linear` routes CUDA projections here (see linear)
 
 
 def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, out_dtype=None) -> Tensor:
@@ -36,54 +33,48 @@ def skinny_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, out
     return y.to(out_dtype or x.dtype)
 
 
-@jit(do_not_specialize=["M"])  # K_SPLIT specialized: a multiple of 16 keeps the loads aligned
+@jit(do_not_specialize=["M"])
 def _skinny_linear_kernel(
     X,  # [M, K] rows of x, the last dim contiguous
     W,  # [N, K] the weight, rows contiguous
     B,  # [N] bias (unused unless HAS_BIAS)
-    Y,  # [M, N] out, rows contiguous; split along K: [splits, M, N] float32 partial sums
+    Y,  # [M, N] out, rows contiguous
     M, N, K,
-    K_SPLIT,  # K per split (a multiple of BLOCK_K; K itself with one split)
-    stride_x, stride_w, stride_y, stride_ys,  # row strides; stride_ys: of the splits' partials
+    stride_x, stride_w, stride_y,  # row strides
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" (float32 products) off CUDA and for float32
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch): the first weight tile before gdc_wait
-    BLOCK_M: tl.constexpr,  # >= M, >= 16, a power of two: one tensor-core tile of rows
+    BLOCK_M: tl.constexpr,  # >= M, >= 16: one tensor-core tile of rows
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_K: tl.constexpr,  # K per iteration
 ):  # fmt: skip
-    # one program: BLOCK_N output columns of every row over one split of K; its weight rows
-    # streamed once along that split
+    # one program: BLOCK_N output columns of every row; its weight rows streamed once along K
     pid = tl.program_id(0)
-    split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < N
-    k_lo = split * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     x_ptrs = X + offs_m[:, None] * stride_x + offs_k[None, :]
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :]
 
     # the first K tile: its weight does not depend on the kernel before, so under programmatic
     # dependent launch it is read while that kernel finishes; x only after it has
-    mask_k = offs_k < k_hi - k_lo
-    w = tl.load(w_ptrs + k_lo, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
     pdl_wait(PDL)
-    x = tl.load(x_ptrs + k_lo, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
     if PRECISION == "ieee":  # float32, or the interpreter (whose 16-bit tl.dot is wrong)
         x, w = x.to(tl.float32), w.to(tl.float32)
     acc = tl.dot(x, tl.trans(w), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), input_precision=PRECISION)
-    for k in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-        mask_k = offs_k < k_hi - k
+    for k in range(BLOCK_K, K, BLOCK_K):
+        mask_k = offs_k < K - k
         x = tl.load(x_ptrs + k, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs + k, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if PRECISION == "ieee":
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS and split == 0:  # the first split's partial carries it
+    if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = Y + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
+    y_ptrs = Y + offs_m[:, None] * stride_y + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -93,7 +84,6 @@ class SkinnyConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-    split_k: int = 1  # K cut into this many splits (more programs), their float32 partials summed after
 
 
 @functools.cache
@@ -115,49 +105,26 @@ MEASURED = {
 }
 
 
-# bytes of pipelined tiles a program may hold: H100/H200 give a block 227 KB, and Triton takes about
-# one stage's tiles more than stages x tiles (245760 bytes for 4 stages of 49152 on an H200)
-SMEM_BUDGET = 160 * 1024
-
-
-def _block_m(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))
-
-
-def skinny_config(n: int, k: int, device: torch.device, m: int = 16) -> SkinnyConfig:
+def skinny_config(n: int, k: int, device: torch.device) -> SkinnyConfig:
     """The measured tiles for a known shape; else the widest column slice that still gives every
     multiprocessor a program (16 at least), K in 512-wide steps (256 for 64-wide slices: the same
-    bytes in flight per stage). Above 16 rows the x tile grows with them: K steps shrink (then
-    stages) until the pipelined x and weight tiles fit SMEM_BUDGET."""
+    bytes in flight per stage)."""
     if device.type != "cuda":
         return SkinnyConfig(16, 32, 4, 1)  # the interpreter: small tiles, several K steps
     if (n, k) in MEASURED:
-        cfg = MEASURED[(n, k)]
-    else:
-        sms = _num_sms(device)
-        block_n = 16
-        for bn in (32, 64):
-            if triton.cdiv(n, bn) >= sms:
-                block_n = bn
-        cfg = SkinnyConfig(block_n, 256 if block_n == 64 else 512)
-    return fit_smem(cfg, _block_m(m))
-
-
-def fit_smem(cfg: SkinnyConfig, block_m: int) -> SkinnyConfig:
-    """cfg with its K step (down to 64), then its stages (down to 2), cut until `block_m` rows of x
-    and the weight tile, 16-bit, pipelined over the stages, fit SMEM_BUDGET."""
-    block_k, stages = cfg.block_k, cfg.num_stages
-    while stages * (block_m + cfg.block_n) * block_k * 2 > SMEM_BUDGET and block_k > 64:
-        block_k //= 2
-    while stages * (block_m + cfg.block_n) * block_k * 2 > SMEM_BUDGET and stages > 2:
-        stages -= 1
-    return replace(cfg, block_k=block_k, num_stages=stages)
+        return MEASURED[(n, k)]
+    sms = _num_sms(device)
+    block_n = 16
+    for bn in (32, 64):
+        if triton.cdiv(n, bn) >= sms:
+            block_n = bn
+    return SkinnyConfig(block_n, 256 if block_n == 64 else 512)
 
 
 def skinny_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, out_dtype=None, config: SkinnyConfig | None = None
 ) -> Tensor:
-    """x [..., K] (at most KERNEL_MAX_ROWS rows in all) by weight [N, K] (+ bias [N]) -> [..., N] in out_dtype
+    """x [..., K] (at most 16 rows in all) by weight [N, K] (+ bias [N]) -> [..., N] in out_dtype
     (default x's), products summed in float32. `config` overrides the tiles `skinny_config` picks.
     Under PDL the kernel reads the weight before it waits for the kernel before it: the weight must
     be constant (a layer's), never something this step writes."""
@@ -166,25 +133,20 @@ def skinny_linear(
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    assert m <= KERNEL_MAX_ROWS, f"skinny_linear takes at most {KERNEL_MAX_ROWS} rows, not {m}"
+    assert m <= 16, f"skinny_linear takes at most 16 rows, not {m}"
     assert x2.stride(1) == 1 and weight.stride(1) == 1, "rows of x and of the weight must be contiguous"
     assert x.dtype == weight.dtype, "x and the weight must share a dtype"
     y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    cfg = config or skinny_config(n, k, x.device, m)
-    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_split)
-    out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x2, weight, bias if bias is not None else weight, out, m, n, k, k_split,
-        x2.stride(0), weight.stride(0), out.stride(-2), out.stride(0) if splits > 1 else 0,
+    cfg = config or skinny_config(n, k, x.device)
+    _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, weight, bias if bias is not None else weight, y, m, n, k,
+        x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
-        BLOCK_M=_block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x),
     )  # fmt: skip
-    if splits > 1:
-        torch.sum(out, dim=0, out=y) if y.dtype == torch.float32 else y.copy_(out.sum(0))
     return y.view(*x.shape[:-1], n)
 
 
