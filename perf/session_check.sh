@@ -24,7 +24,8 @@
 #   steady   2026-11-30 (sixth session): the serving figures again with serve_bench's steady protocol.
 #            bf16 matmul rate first (the must-show's denominator, same call); then Llama-3-8B, 100
 #            clients, 1024 in, N(128,128) out, one GPU at CHUNKS (1024 2048), both protocols where
-#            BARRIER=1; its table is printed as each run ends
+#            BARRIER=1; its table is printed as each run ends. STEADY_RUNS ("tp1:1024:ENV=V;ENV=V ...")
+#            adds runs before those, each server started with its environment
 #   dp       the same workload on one GPU and through --dp 2 (x2 kind) at DP_CHUNK (2048): 100 clients,
 #            and for DP also 200 (the load per GPU of one GPU's 100)
 #            (DP_RUNS="tp1:1024 dp2:1024 dp2:512" sets the runs, mode:chunk; DP_CLIENTS the DP client counts)
@@ -132,25 +133,29 @@ for stage in $STAGES; do
     d=$(l3_model)
     [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
 print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
-    if [ $stage = steady ]; then runs=""; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
+    if [ $stage = steady ]; then runs=${STEADY_RUNS:-}; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
     else runs=${DP_RUNS:-"tp1:${DP_CHUNK:-2048} dp2:${DP_CHUNK:-2048}"}; fi
-    for r in $runs; do
-      mode=${r%%:*}; chunk=${r#*:}; flags=""; [ $mode = dp2 ] && flags="--dp 2"
-      python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
-        --max-num-batched-tokens $chunk $flags >"$OUT/server_${mode}_$chunk.log" 2>&1 &
+    for r in $runs; do  # mode:chunk[:ENV=V;ENV=V] (STEADY_RUNS="tp1:1024:LLA_DECODE_DIRECT=0" CHUNKS=1024)
+      mode=${r%%:*}; chunk=${r#*:}; envs=""; [ "${chunk#*:}" != "$chunk" ] && { envs=${chunk#*:}; chunk=${chunk%%:*}; }
+      envs=${envs//;/ }; flags=""; [ $mode = dp2 ] && flags="--dp 2"; sfx=${envs:+_${envs//[^A-Za-z0-9]/}}
+      [ -n "$envs" ] && echo "== server env: $envs"
+      env $envs python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 128 \
+        --max-num-batched-tokens $chunk $flags >"$OUT/server_${mode}_$chunk$sfx.log" 2>&1 &
       srv=$!
       clients="100"; [ $mode = dp2 ] && clients=${DP_CLIENTS:-"100 200"}
       protocols="steady"; [ "${BARRIER:-0}" = 1 ] && protocols="steady barrier"
       for n in $clients; do for proto in $protocols; do
-        tag=${mode}_${chunk}_${n}_$proto
+        tag=${mode}_${chunk}_${n}_$proto$sfx
         timeout ${SERVE_S:-200} python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients $n \
           --num-requests $((n * 8)) --input-len 1024 --warmup $n --api native --tokenizer $d --protocol $proto \
           --out "$OUT/serve_$tag.json" >"$OUT/serve_$tag.log" 2>&1
         echo "== $tag exit $?"; tail -7 "$OUT/serve_$tag.log"
       done; done
       kill -INT $srv; wait $srv
-      grep -E "ms/step" "$OUT/server_${mode}_$chunk.log" | tail -1 | cut -c1-300
-    done ;;
+      grep -E "ms/step" "$OUT/server_${mode}_$chunk$sfx.log" | tail -1 | cut -c1-300
+    done
+    [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
+print(f'bf16 matmul, again after the runs: {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee -a "$OUT/matmul.txt" ;;
   prefix)
     d=$(l3_model)
     for chunk in ${PREFIX_CHUNKS:-1024 2048}; do
