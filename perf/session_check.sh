@@ -55,6 +55,9 @@
 #            now, and with the attention's merge launched at one split too (LLA_DECODE_DIRECT=0).
 #            (Its first form also timed skinny_linear extended to 128 rows against cuBLAS: removed,
 #            perf/RESULTS.md.)
+#   splits   2026-11-30 (tenth session): the decode attention GPU tests, then
+#            perf/decode_splits_bench.py at SPLIT_SHAPES: decode attention at the server's batches
+#            against the chunks per context (SPLIT_COUNTS), the heuristic's count beside them
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
@@ -256,6 +259,14 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
       echo "decode $name exit $?"; grep -E "^ +[0-9]+ +True +True" "$log" | head -4
     done
     grep -A12 "^kernels of" "$OUT/mid_now.log" | cut -c1-110 ;;
+  splits)
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k decode \
+      >"$OUT/decode_test.log" 2>&1
+    echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
+    timeout ${SPLITS_S:-300} python3 perf/decode_splits_bench.py \
+      --shapes ${SPLIT_SHAPES:-50x1100,64x1100,100x1100,128x1100,256x640,64x4096,50x270,100x270} \
+      --splits ${SPLIT_COUNTS:-1,2,3,4,5,6,8} >"$OUT/decode_splits.log" 2>&1
+    echo "decode_splits_bench exit $?"; sed -n '/a call (chained/,$p' "$OUT/decode_splits.log" ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
     echo "tp_gpu_check exit $?"; tail -16 "$OUT/tp_gpu_check.log" ;;

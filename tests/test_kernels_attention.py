@@ -134,7 +134,7 @@ def test_decode_attention_matches_reference_in_interpreter(interpreter, heads, h
     check_decode([1, 17, 130], heads, head_dim, torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 16])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 16])
 def test_decode_attention_merges_any_number_of_splits(interpreter, num_splits):
     check_decode([1, 33, 130, 7], (4, 2), 64, torch.float32, "cpu", num_splits=num_splits)
 

@@ -171,7 +171,8 @@ def _decode_merge_kernel(
     stride_ml_b, stride_ml_h,  # MID_LSE strides
     stride_o_b, stride_o_h,  # OUT strides
     HEAD_DIM: tl.constexpr,  # D
-    NUM_SPLITS: tl.constexpr,  # a power of two
+    NUM_SPLITS: tl.constexpr,  # any count >= 1
+    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
@@ -179,16 +180,17 @@ def _decode_merge_kernel(
     # one program: one request, one query head
     b = tl.program_id(0)
     head = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SPLITS
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
     # -- weight each split by its share of the total exp-sum --
-    lse = tl.load(MID_LSE + b * stride_ml_b + head * stride_ml_h + offs_s)
+    lse = tl.load(MID_LSE + b * stride_ml_b + head * stride_ml_h + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, axis=0)
     w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all empty (seq_len 0): w = 0
     mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_s[:, None] * stride_mo_s
-    o = tl.load(mo_ptrs + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    o = tl.load(mo_ptrs + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     denom = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_d, out.to(OUT.dtype.element_ty), mask=mask_d)
@@ -246,7 +248,7 @@ def decode_attention(
     q [B, Hq, D]; k_cache, v_cache [S, Hk, D] with Hq a multiple of Hk; req_to_token [R, L] int32
     holds each request's cache rows in position order; request b is row req_idx[b] (int32) and has
     seq_lens[b] (int32) tokens, the new one included (store_kv it first). Returns [B, Hq, D];
-    a request with seq_len 0 gets zeros. num_splits (a power of two) overrides the heuristic.
+    a request with seq_len 0 gets zeros. num_splits (any count >= 1) overrides the heuristic.
     """
     if not use_triton(q):
         fallback = decode_attention_cpu if use_cpu_path(q) else decode_attention_ref
@@ -260,7 +262,7 @@ def decode_attention(
     if batch == 0:
         return out
     splits = num_splits or _num_splits(batch, hk, q.device)
-    assert splits & (splits - 1) == 0, f"num_splits {splits} is not a power of two"
+    assert splits >= 1, f"num_splits {splits}"
     direct = splits == 1 and DIRECT_ONE_SPLIT  # one chunk writes `out`: the float32 buffers unused
     mid_shape = (batch, hq, splits) if not direct else (1, 1, 1)
     mid_o = torch.empty((*mid_shape, dim), dtype=torch.float32, device=q.device)
@@ -285,6 +287,7 @@ def decode_attention(
         mid_o, mid_lse, out,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_D=block_d, **pdl_launch(q), num_warps=4,
+        HEAD_DIM=dim, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        **pdl_launch(q), num_warps=4,
     )  # fmt: skip
     return out
