@@ -57,7 +57,9 @@
 #            perf/RESULTS.md.)
 #   splits   2026-11-30 (tenth session): the decode attention GPU tests, then
 #            perf/decode_splits_bench.py at SPLIT_SHAPES: decode attention at the server's batches
-#            against the chunks per context (SPLIT_COUNTS), the heuristic's count beside them
+#            against the chunks per context (SPLIT_COUNTS), the heuristic's count beside them;
+#            SPLIT_STEP=1: the runner's GPU tests, then the Llama-3-8B decode step at SPLIT_BATCHES
+#            (8,24,32,50; context 1024) with the chunk count now and as chosen before (pow2)
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
@@ -266,7 +268,21 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     timeout ${SPLITS_S:-300} python3 perf/decode_splits_bench.py \
       --shapes ${SPLIT_SHAPES:-50x1100,64x1100,100x1100,128x1100,256x640,64x4096,50x270,100x270} \
       --splits ${SPLIT_COUNTS:-1,2,3,4,5,6,8} >"$OUT/decode_splits.log" 2>&1
-    echo "decode_splits_bench exit $?"; sed -n '/a call (chained/,$p' "$OUT/decode_splits.log" ;;
+    echo "decode_splits_bench exit $?"; sed -n '/a call (chained/,$p' "$OUT/decode_splits.log"
+    [ "${SPLIT_STEP:-0}" = 1 ] || continue
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runner_gpu.py >"$OUT/runner_test.log" 2>&1
+    echo "runner GPU tests exit $?"; grep -E "passed|failed|Error" "$OUT/runner_test.log" | tail -4
+    for rule in now pow2; do  # the Llama-3-8B step with the chunk count now, and as chosen before (pow2)
+      RULE=$rule timeout 200 python3 -c "
+import os, runpy, sys, triton
+import lightllm_async.kernels.decode_attention as D
+if os.environ['RULE'] == 'pow2':  # before 2026-11-30 (tenth session): the power of two at or above
+    D._num_splits = lambda b, k, dev: min(32, triton.next_power_of_2(triton.cdiv(4 * D._num_sms(dev), b * k)))
+sys.argv = ['decode_bench.py', '--shape', 'llama3-8b', '--batches', '${SPLIT_BATCHES:-8,24,32,50}', '--context', '1024',
+            '--max-running', '64', '--out', '$OUT/splitstep_$rule.json']
+runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$rule.log" 2>&1
+      echo "decode step, chunks $rule: exit $?"; grep -E "^ +[0-9]+ +True +True" "$OUT/splitstep_$rule.log"
+    done ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1
     echo "tp_gpu_check exit $?"; tail -16 "$OUT/tp_gpu_check.log" ;;

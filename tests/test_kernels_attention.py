@@ -162,6 +162,20 @@ def test_decode_attention_with_one_split_writes_the_output_without_a_merge(inter
     assert len(launched) == (1 if direct else 2)  # more splits: merged either way
 
 
+def test_decode_chunks_per_context_are_four_programs_an_sm_rounded_down(monkeypatch):
+    """The chunk count the card's timing chose (perf/decode_splits_bench.py): about four programs
+    per SM, rounded down, 1 to 32; so one chunk (and no merge) from 34 requests at 8 kv heads."""
+    import importlib
+
+    D = importlib.import_module("lightllm_async.kernels.decode_attention")
+    monkeypatch.setattr(D, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    got = {b: D._num_splits(b, 8, cuda) for b in (1, 4, 8, 16, 24, 33, 34, 50, 256)}
+    assert got == {1: 32, 4: 16, 8: 8, 16: 4, 24: 2, 33: 2, 34: 1, 50: 1, 256: 1}
+    assert D._num_splits(3, 2, cuda) == 32 and D._num_splits(9, 8, cuda) == 7  # any count, not a power of two
+    assert D._num_splits(64, 8, torch.device("cpu")) == 4  # the interpreter's
+
+
 FP8 = torch.float8_e4m3fn
 
 

@@ -213,7 +213,7 @@ LAUNCH = {
 }
 
 
-# One chunk per context (batch x kv heads fill the card: batch >= 66 at 8 kv heads on 132 SMs): the
+# One chunk per context (batch x kv heads fill the card: batch >= 34 at 8 kv heads on 132 SMs): the
 # split kernel writes the output itself and the merge launch is skipped. LLA_DECODE_DIRECT=0 keeps
 # the merge (benchmarks compare the two in separate processes).
 DIRECT_ONE_SPLIT = os.environ.get("LLA_DECODE_DIRECT", "1") != "0"
@@ -225,12 +225,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
-    """Chunks per context: enough programs to fill the card several times over. A function of the
-    shapes only, never of seq_lens, so that the launch is the same in a CUDA graph."""
+    """Chunks per context: about four programs per SM (two resident at a time), rounded down, at
+    most 32. Timed on an H200 against every count from 1 to 32 (perf/decode_splits_bench.py, 17
+    shapes from 1 x 4096 to 256 x 640, 2026-11-30): the best or within 1% of it at each; the
+    power of two above, chosen before, cut up to 2x the chunks needed (at batch 50: 2 where 1 is
+    5% faster, at batch 8: 16 where 8 is 19% faster). A function of the shapes only, never of
+    seq_lens, so that the launch is the same in a CUDA graph."""
     if device.type != "cuda":
         return 4  # the interpreter: small contexts still cut into several chunks and merged
-    waves = triton.cdiv(4 * _num_sms(device), batch * kv_heads)
-    return min(32, triton.next_power_of_2(waves))
+    return max(1, min(32, 4 * _num_sms(device) // (batch * kv_heads)))
 
 
 def decode_attention(
