@@ -1,5 +1,6 @@
 """Decode attention over the token-level KV cache: one new query token per request, GQA,
-flash-decoding (the context is split into chunks, then a second stage merges the chunks)."""
+flash-decoding (the context is split into chunks, then a second stage merges the chunks; where the
+batch alone fills the card, one chunk holds the whole context and writes the output itself)."""
 
 from __future__ import annotations
 
