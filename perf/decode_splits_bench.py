@@ -8,7 +8,7 @@ is never of one length), so that the programs of the last wave end at different 
 in the server. GB/s counts the cache rows read, the token table, q and out; '% copy' is that over
 a device-to-device copy measured in the same run.
 
-    python perf/decode_splits_bench.py --shapes 50x1100,100x1100,256x640 --splits 1,2,3,4,6,8
+    python perf/decode_splits_bench.py --shapes 50x1100,100x1100,256x640 --splits 1,2,3,4,6,8 [--fp8]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ D = importlib.import_module("lightllm_async.kernels.decode_attention")
 HQ, HK, DIM = 32, 8, 128
 
 
-def layer(batch: int, ctx: int, spread: float, seed: int) -> tuple[tuple, int]:
+def layer(batch: int, ctx: int, spread: float, seed: int, cache_dtype: torch.dtype) -> tuple[tuple, int]:
     """One layer's decode inputs, each request's rows scattered over the cache; (args, bytes read)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     lo, hi = max(1, int(ctx * (1 - spread))), max(1, int(ctx * (1 + spread)))
@@ -40,8 +40,8 @@ def layer(batch: int, ctx: int, spread: float, seed: int) -> tuple[tuple, int]:
     for b, n in enumerate(lens.tolist()):
         r2t[b, :n] = perm[start : start + n]
         start += n
-    kc = torch.randn(rows, HK, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
-    vc = torch.randn(rows, HK, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+    kc = torch.randn(rows, HK, DIM, device="cuda", generator=g).to(cache_dtype)
+    vc = torch.randn(rows, HK, DIM, device="cuda", generator=g).to(cache_dtype)
     q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)
     req_idx = torch.arange(batch, device="cuda", dtype=torch.int32)
     nbytes = kc.nbytes + vc.nbytes + rows * 4 + 2 * q.nbytes
@@ -54,16 +54,20 @@ def main() -> None:
     ap.add_argument("--splits", default="1,2,3,4,6,8")
     ap.add_argument("--chain", type=int, default=4, help="calls over distinct caches a replay")
     ap.add_argument("--spread", type=float, default=0.2, help="context drawn from ctx * (1 -/+ spread)")
+    ap.add_argument("--fp8", action="store_true", help="a float8 (e4m3) cache, as --kv-cache-dtype fp8")
     args = ap.parse_args()
+    cache_dtype = torch.float8_e4m3fn if args.fp8 else torch.bfloat16
     copy = copy_gbps()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"{torch.cuda.get_device_name()}  {sms} SMs  copy {copy:.0f} GB/s  chain {args.chain}", flush=True)
+    name = torch.cuda.get_device_name()
+    print(f"{name}  {sms} SMs  copy {copy:.0f} GB/s  chain {args.chain}  cache {cache_dtype}", flush=True)
     table = []
     for shape in args.shapes.split(","):
         batch, ctx = (int(v) for v in shape.split("x"))
-        layers = [layer(batch, ctx, args.spread, seed) for seed in range(args.chain)]
+        layers = [layer(batch, ctx, args.spread, seed, cache_dtype) for seed in range(args.chain)]
         nbytes = sum(n for _, n in layers) / len(layers)
-        ref = D.decode_attention_ref(*layers[0][0])
+        q, kc, vc, *rest = layers[0][0]
+        ref = D.decode_attention_ref(q, kc.float(), vc.float(), *rest)  # the same (float8) values
         chosen = D._num_splits(batch, HK, torch.device("cuda"))
         row = {"shape": shape, "chosen": chosen, "roof": nbytes / copy / 1e3}
         for splits in [0] + [int(s) for s in args.splits.split(",")]:  # 0: the heuristic's

@@ -57,7 +57,8 @@
 #            perf/RESULTS.md.)
 #   splits   2026-11-30 (tenth session): the decode attention GPU tests, then
 #            perf/decode_splits_bench.py at SPLIT_SHAPES: decode attention at the server's batches
-#            against the chunks per context (SPLIT_COUNTS), the heuristic's count beside them;
+#            against the chunks per context (SPLIT_COUNTS), the heuristic's count beside them
+#            (SPLIT_FP8=1: over a float8 cache);
 #            SPLIT_STEP=1: the runner's GPU tests, then the Llama-3-8B decode step at SPLIT_BATCHES
 #            (8,24,32,50; context 1024) with the chunk count now and as chosen before (pow2)
 #   layers   2026-11-30 (ninth session): perf/mla_moe_bench.py --chain LAYERS (8): each MoE row (M = 1 with
@@ -267,7 +268,7 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
     [ "${SPLIT_BENCH:-1}" = 1 ] && timeout ${SPLITS_S:-300} python3 perf/decode_splits_bench.py \
       --shapes ${SPLIT_SHAPES:-50x1100,64x1100,100x1100,128x1100,256x640,64x4096,50x270,100x270} \
-      --splits ${SPLIT_COUNTS:-1,2,3,4,5,6,8} >"$OUT/decode_splits.log" 2>&1
+      --splits ${SPLIT_COUNTS:-1,2,3,4,5,6,8} ${SPLIT_FP8:+--fp8} >"$OUT/decode_splits.log" 2>&1
     echo "decode_splits_bench exit $?"; sed -n '/a call (chained/,$p' "$OUT/decode_splits.log"
     [ "${SPLIT_STEP:-0}" = 1 ] || continue
     [ "${SPLIT_TESTS:-1}" = 1 ] && { timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_runner_gpu.py \
