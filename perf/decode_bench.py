@@ -421,7 +421,7 @@ def report(rank: int, args, tp_cfg: dict) -> None:
     if args.compare_fusions:
         print_fusion_ratios(rows)
     for r in [r for r in rows if r["overlap"] and "kernels_us_per_step" in r] if args.top_kernels else []:
-        kernels = r.get("kernels_us_per_step", [])
+        kernels = r["kernels_us_per_step"]
         total = sum(us for us, _, _ in kernels)
         print(
             f"\nkernels of the batch-{r['batch']} step ({r['fusions']}): {total:.0f} µs, "

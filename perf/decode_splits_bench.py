@@ -33,13 +33,8 @@ def layer(batch: int, ctx: int, spread: float, seed: int, cache_dtype: torch.dty
     lo, hi = max(1, int(ctx * (1 - spread))), max(1, int(ctx * (1 + spread)))
     lens = torch.randint(lo, hi + 1, (batch,), device="cuda", generator=g, dtype=torch.int32)
     rows = int(lens.sum())
-    width = int(lens.max())
-    r2t = torch.zeros(batch, width, dtype=torch.int32, device="cuda")
     perm = torch.randperm(rows, device="cuda", generator=g).int()
-    start = 0
-    for b, n in enumerate(lens.tolist()):
-        r2t[b, :n] = perm[start : start + n]
-        start += n
+    r2t = torch.nn.utils.rnn.pad_sequence(perm.split(lens.tolist()), batch_first=True)  # [B, max len]
     kc = torch.randn(rows, HK, DIM, device="cuda", generator=g).to(cache_dtype)
     vc = torch.randn(rows, HK, DIM, device="cuda", generator=g).to(cache_dtype)
     q = torch.randn(batch, HQ, DIM, device="cuda", generator=g, dtype=torch.bfloat16)

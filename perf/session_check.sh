@@ -74,6 +74,15 @@ l3_model() {  # the Llama-3-8B-shaped folder the servers load with --load-format
 write_config_files as c, write_tokenizer as t; m = s('llama3-8b', 'bfloat16'); c(m, '$d'); t(m, '$d')"; }
   echo $d
 }
+matmul_line() {  # the bf16 matmul rate, labelled $1, appended to $OUT/matmul.txt
+  python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
+print(f'bf16 matmul$1: {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee -a "$OUT/matmul.txt"
+}
+decode_tests() {  # the decode attention GPU tests
+  timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k decode \
+    >"$OUT/decode_test.log" 2>&1
+  echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
+}
 for stage in $STAGES; do
   case $stage in
   tests)
@@ -137,8 +146,7 @@ for stage in $STAGES; do
     echo "role exit $?"; grep -E "passed|failed|Error|assert" "$OUT/role.log" | tail -12 ;;
   steady|dp)
     d=$(l3_model)
-    [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
-print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/matmul.txt"
+    [ $stage = steady ] && matmul_line ""
     if [ $stage = steady ]; then runs=${STEADY_RUNS:-}; for c in ${CHUNKS:-1024 2048}; do runs="$runs tp1:$c"; done
     else runs=${DP_RUNS:-"tp1:${DP_CHUNK:-2048} dp2:${DP_CHUNK:-2048}"}; fi
     for r in $runs; do  # mode:chunk[:ENV=V;ENV=V] (STEADY_RUNS="tp1:1024:LLA_DECODE_DIRECT=0" CHUNKS=1024)
@@ -160,8 +168,7 @@ print(f'bf16 matmul {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee "$OUT/ma
       kill -INT $srv; wait $srv
       grep -E "ms/step" "$OUT/server_${mode}_$chunk$sfx.log" | tail -1 | cut -c1-300
     done
-    [ $stage = steady ] && python3 -c "import sys; sys.path.insert(0, 'perf'); from decode_bench import matmul_rate; \
-print(f'bf16 matmul, again after the runs: {matmul_rate(\"cuda\") / 1e12:.0f} TFLOP/s')" | tee -a "$OUT/matmul.txt" ;;
+    [ $stage = steady ] && matmul_line ", again after the runs" ;;
   prefix)
     d=$(l3_model)
     for chunk in ${PREFIX_CHUNKS:-1024 2048}; do
@@ -252,9 +259,7 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
       >"$OUT/mla_chain.log" 2>&1
     echo "mla chain exit $?"; cut -c1-150 "$OUT/mla_chain.log" ;;
   midrows)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k decode \
-      >"$OUT/decode_test.log" 2>&1
-    echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
+    decode_tests
     for v in ${MID_VARIANTS:-now:LLA_DECODE_DIRECT=1 merge:LLA_DECODE_DIRECT=0}; do
       name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }; log="$OUT/mid_$name.log"
       env $envs timeout 200 python3 perf/decode_bench.py --shape llama3-8b --batches ${MID_BATCHES:-50,100,256} --context 256 \
@@ -263,9 +268,7 @@ from decode_bench import matmul_rate; print(f'bf16 matmul {matmul_rate(\"cuda\")
     done
     grep -A12 "^kernels of" "$OUT/mid_now.log" | cut -c1-110 ;;
   splits)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_attention.py -k decode \
-      >"$OUT/decode_test.log" 2>&1
-    echo "decode attention tests exit $?"; grep -E "passed|failed|Error" "$OUT/decode_test.log" | tail -4
+    decode_tests
     [ "${SPLIT_BENCH:-1}" = 1 ] && timeout ${SPLITS_S:-300} python3 perf/decode_splits_bench.py \
       --shapes ${SPLIT_SHAPES:-50x1100,64x1100,100x1100,128x1100,256x640,64x4096,50x270,100x270} \
       --splits ${SPLIT_COUNTS:-1,2,3,4,5,6,8} ${SPLIT_FP8:+--fp8} >"$OUT/decode_splits.log" 2>&1
