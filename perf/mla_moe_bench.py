@@ -28,6 +28,12 @@ the chain, as in the server, each kernel follows another (a PDL launch starts du
 --chain and one token, the MoE rows are also split into its two GEMMs (gate/up with SiLU, down),
 each chained alone.
 
+--mla-variants (with --chain) adds chained rows for the MLA launches side by side at up to 16 heads:
+the chunked launch (each context cut into the same number of chunks, `flat=False`), the flat launch
+with its plan built by each call, and with the plan built once outside (as a step does for all its
+layers); the plan kernel alone is timed too. --mla-spread S draws each request's context from
+[ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are the contexts' own).
+
 --sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
 with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
 reads (merged into FILE when it holds an earlier sweep on the same card, so that the Ms may be split
@@ -115,25 +121,27 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
 
 
-def mla_inputs(batch: int, ctx: int, heads: int) -> tuple:
-    rows = batch * ctx
+def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0) -> tuple:
+    width = int(ctx * (1 + spread))
+    rows = batch * width
     kv_cache = torch.randn(rows, RANK + ROPE, dtype=DTYPE, device=DEV)
-    req_to_token = torch.randperm(rows, device=DEV).view(batch, ctx).int()
+    req_to_token = torch.randperm(rows, device=DEV).view(batch, width).int()
     q_nope = torch.randn(batch, heads, RANK, dtype=DTYPE, device=DEV)
     q_pe = torch.randn(batch, heads, ROPE, dtype=DTYPE, device=DEV)
     req_idx = torch.arange(batch, device=DEV, dtype=torch.int32)
-    seq_lens = torch.full((batch,), ctx, device=DEV, dtype=torch.int32)
+    seq_lens = torch.randint(int(ctx * (1 - spread)), width + 1, (batch,), device=DEV, dtype=torch.int32)
     return q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, 192**-0.5
 
 
-def mla_case(inputs: tuple, **launch) -> Case:
-    q_nope, q_pe, kv_cache, req_to_token, *_ = inputs
-    (batch, heads, _), (rows, _) = q_nope.shape, kv_cache.shape
-    nbytes = kv_cache.nbytes + req_to_token.nbytes + q_nope.nbytes + q_pe.nbytes + q_nope.nbytes
-    flops = 2 * rows * heads * (RANK + ROPE + RANK)
-    tag = " ".join(f"{k}={v}" for k, v in launch.items())
+def mla_case(inputs: tuple, tag: str = "", **launch) -> Case:
+    q_nope, q_pe, kv_cache, req_to_token, _, seq_lens, _ = inputs
+    batch, heads, _ = q_nope.shape
+    tokens = int(seq_lens.sum())  # a host sync, outside anything timed
+    nbytes = tokens * (kv_cache[0].nbytes + req_to_token[0, 0].nbytes) + 2 * q_nope.nbytes + q_pe.nbytes
+    flops = 2 * tokens * heads * (RANK + ROPE + RANK)
+    tag = tag or " ".join(f"{k}={v}" for k, v in launch.items())
     return Case(
-        "mla_decode " + tag, f"B={batch} ctx={rows // batch} H={heads}",
+        "mla_decode " + tag, f"B={batch} ctx={tokens // batch} H={heads}",
         lambda: K.mla_decode_attention(*inputs, **launch), lambda: K.mla_decode_attention_ref(*inputs),
         nbytes, flops,
     )  # fmt: skip
@@ -228,12 +236,15 @@ def mla_rows(args, copy: float, mm: float) -> None:
             for ctx in (1024, 4096, 8192):
                 if args.mla_cases and f"{heads}:{batch}:{ctx}" not in args.mla_cases.split(","):
                     continue
-                inputs = mla_inputs(batch, ctx, heads)
+                inputs = mla_inputs(batch, ctx, heads, args.mla_spread)
                 print(row(mla_case(inputs), copy, mm, not args.no_ref)[0], flush=True)
                 layers = None
                 if args.chain:
-                    layers = [inputs] + [mla_inputs(batch, ctx, heads) for _ in range(args.chain - 1)]
+                    more = [mla_inputs(batch, ctx, heads, args.mla_spread) for _ in range(args.chain - 1)]
+                    layers = [inputs, *more]
                     print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
+                    if args.mla_variants and heads <= 16:
+                        mla_variant_rows(layers, copy, mm)
                 if args.sweep:
                     mla_sweep(inputs, copy, mm, layers)
                 del layers
@@ -241,6 +252,25 @@ def mla_rows(args, copy: float, mm: float) -> None:
                 torch.cuda.empty_cache()
     for batch, ctx in () if args.mla_cases else ((1, 4096), (8, 2048)):  # small batches lean on the split
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
+
+
+def mla_variant_rows(layers: list, copy: float, mm: float) -> None:
+    """The chunked and flat launches chained over the same layers, and the flat launch's plan
+    kernel alone (the contexts' tile list: a step builds it once for all its layers)."""
+    block_n = mla_module._launch_config(layers[0][0].shape[1], torch.device(DEV), None).block_n
+    plans = [mla_module.mla_decode_plan(x[3], x[4], x[5], block_n) for x in layers]
+    variants = {
+        "chunked": [mla_case(x, "chunked", flat=False) for x in layers],
+        "flat, plan a call": [mla_case(x, "flat, plan a call", flat=True) for x in layers],
+        "flat, plan once": [
+            mla_case(x, "flat, plan once", flat=True, plan=p) for x, p in zip(layers, plans, strict=True)
+        ],
+    }
+    for cases in variants.values():
+        print(chain_row(cases, copy, mm)[0], flush=True)
+    x = layers[0]
+    plan_us = 1e3 * bench_ms(lambda: mla_module.mla_decode_plan(x[3], x[4], x[5], block_n), graph=True)
+    print(f"    plan kernel alone (one call, harness floor included): {plan_us:.1f} us", flush=True)
 
 
 MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
@@ -443,6 +473,8 @@ def main() -> None:
     parser.add_argument("--no-layers", action="store_true", help="skip the MoE layer rows (shared experts)")
     parser.add_argument("--mla-cases", default="", help="MLA rows heads:batch:context,... (default: all)")
     parser.add_argument("--chain", type=int, default=0, help="also time L calls back to back")
+    parser.add_argument("--mla-variants", action="store_true", help="chunked and flat MLA launches, chained")
+    parser.add_argument("--mla-spread", type=float, default=0.0, help="contexts drawn from ctx * (1 -+ S)")
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]
     assert torch.cuda.is_available(), "the benchmark needs a CUDA device"

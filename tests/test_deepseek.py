@@ -303,6 +303,35 @@ def test_small_batch_decode_takes_the_triton_mla_products_in_the_interpreter(
         torch.testing.assert_close(decode[0], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_flat_mla_decode_builds_one_plan_a_step_for_all_layers_in_the_interpreter(
+    model, built, interpreter, monkeypatch
+):
+    """With the flat MLA launch on (the CUDA default where contexts are cut; forced here), the
+    first layer of a decode step builds the step's tile list and every layer reads it: one plan a
+    step, and each request's logits equal HF's."""
+    import importlib
+
+    mla = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
+    cfg, _, _, hf, _ = model
+    plans = []
+    build = mla.mla_decode_plan
+    monkeypatch.setattr(mla, "_use_flat", lambda *args: True)
+    monkeypatch.setattr(mla, "mla_decode_plan", lambda *args: plans.append(args) or build(*args))
+    gen = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=gen) for n in (21, 2, 40)]
+    with torch.no_grad():
+        expected = torch.stack([hf(s[None]).logits[0, -1].float() for s in seqs])
+    for kind in ("default", "unfused"):  # W_UV in the merge, and after it
+        kv = MLAKVCache.allocate(cfg, 4 * 64, torch.float32, "cpu")
+        prefix = [(row, 0, len(s) - 1) for row, s in enumerate(seqs)]
+        built[kind](torch.cat([s[:-1] for s in seqs]), _step_ctx(prefix), kv)
+        plans.clear()
+        step = _step_ctx([(row, len(s) - 1, 1) for row, s in enumerate(seqs)])
+        out = built[kind](torch.cat([s[-1:] for s in seqs]), step, kv)
+        assert len(plans) == 1, f"{kind}: {len(plans)} plans for {cfg.num_layers} layers"
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 def _moe_pair(cfg: ModelConfig, fused_max_tokens: int) -> tuple[MoE, MoE]:
     """An MoE layer with its shared experts as a separate MLP and the same one fused up to
     `fused_max_tokens`, as loaded."""
