@@ -29,10 +29,11 @@ the chain, as in the server, each kernel follows another (a PDL launch starts du
 each chained alone.
 
 --mla-variants (with --chain) adds chained rows for the MLA launches side by side at up to 16 heads:
-the chunked launch (each context cut into the same number of chunks, `flat=False`), the flat launch
-with its plan built by each call, and with the plan built once outside (as a step does for all its
-layers); the plan kernel alone is timed too. --mla-spread S draws each request's context from
-[ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are the contexts' own).
+the chunked launch (each context cut into the same number of chunks, `flat=False`) and the flat one
+(the step's tile list cut into equal runs) at one and two programs per SM; then each of them with
+its merge kernel stubbed out, which shows what the merge costs. --mla-spread S draws each
+request's context from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are
+the contexts' own).
 
 --sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
 with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
@@ -255,22 +256,30 @@ def mla_rows(args, copy: float, mm: float) -> None:
 
 
 def mla_variant_rows(layers: list, copy: float, mm: float) -> None:
-    """The chunked and flat launches chained over the same layers, and the flat launch's plan
-    kernel alone (the contexts' tile list: a step builds it once for all its layers)."""
-    block_n = mla_module._launch_config(layers[0][0].shape[1], torch.device(DEV), None).block_n
-    plans = [mla_module.mla_decode_plan(x[3], x[4], x[5], block_n) for x in layers]
+    """The chunked and flat launches chained over the same layers, the flat one at one and two
+    programs per SM; and each without its merge kernel (a bench-only stub), to show the merge's
+    share."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     variants = {
-        "chunked": [mla_case(x, "chunked", flat=False) for x in layers],
-        "flat, plan a call": [mla_case(x, "flat, plan a call", flat=True) for x in layers],
-        "flat, plan once": [
-            mla_case(x, "flat, plan once", flat=True, plan=p) for x, p in zip(layers, plans, strict=True)
-        ],
+        "chunked": dict(flat=False),
+        "flat 1/SM": dict(flat=True, programs=sms),
+        "flat 2/SM": dict(flat=True, programs=2 * sms),
     }
-    for cases in variants.values():
-        print(chain_row(cases, copy, mm)[0], flush=True)
-    x = layers[0]
-    plan_us = 1e3 * bench_ms(lambda: mla_module.mla_decode_plan(x[3], x[4], x[5], block_n), graph=True)
-    print(f"    plan kernel alone (one call, harness floor included): {plan_us:.1f} us", flush=True)
+    for name, launch in variants.items():
+        print(chain_row([mla_case(x, name, **launch) for x in layers], copy, mm)[0], flush=True)
+    merge, skip = mla_module._mla_decode_merge_kernel, {None: None}
+
+    class NoMerge:  # launches nothing: the split kernels alone
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: skip.get(None)
+
+    mla_module._mla_decode_merge_kernel = NoMerge()
+    try:
+        for name, launch in variants.items():
+            cases = [mla_case(x, name + ", no merge", **launch) for x in layers]
+            print(chain_row(cases, copy, mm)[0], flush=True)
+    finally:
+        mla_module._mla_decode_merge_kernel = merge
 
 
 MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)

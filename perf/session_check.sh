@@ -65,10 +65,10 @@
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
 #            own tile sweeps (LAYER_SWEEP=1); MLA at LAYERS_MLA (4) layers
-#   flat     2026-12-01: the flat MLA decode launch (one tile list per step, one program per SM).
+#   flat     2026-12-01: the flat MLA decode launch (the step's tile list cut into equal runs).
 #            The MLA GPU tests (FLAT_TESTS=0 skips; FLAT_DS_TESTS=1 adds DeepSeek's), then
 #            perf/mla_moe_bench.py --chain 4 --mla-variants at FLAT_CASES (the six 16-head cases):
-#            chunked, flat with its plan per call and built once, side by side; FLAT_SPREAD (0.5)
+#            chunked, flat at 1 and 2 programs per SM, then each without its merge; FLAT_SPREAD (0.5)
 #            repeats two cases with contexts spread ctx * (1 -+ S) (" " skips). The DeepSeek step
 #            both ways: STAGES="flat ds" DS_VARIANTS="flat: chunked:LLA_MLA_FLAT=0"
 set -u

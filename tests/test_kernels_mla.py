@@ -86,7 +86,8 @@ def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches
 )
 def test_mla_decode_flat_matches_reference_in_interpreter(interpreter, seq_lens, programs):
     """The flat launch: runs of the step's tile list that start and end inside requests, cross
-    several, or hold none (more programs than tiles); empty contexts give zeros."""
+    several (empty ones among them), or hold none (more programs than tiles); empty contexts give
+    zeros."""
     out = check_mla_decode(seq_lens, 5, 32, 16, torch.float32, "cpu", flat=True, programs=programs)
     for b, n in enumerate(seq_lens):
         if n == 0:
@@ -96,38 +97,6 @@ def test_mla_decode_flat_matches_reference_in_interpreter(interpreter, seq_lens,
 @pytest.mark.parametrize("programs", [2, 5])
 def test_mla_decode_flat_applies_w_uv_in_the_merge_in_interpreter(interpreter, programs):
     check_decode_w_uv([1, 40, 0, 130], 5, 32, 16, 24, torch.float32, "cpu", flat=True, programs=programs)
-
-
-def test_mla_decode_plan_lays_the_contexts_out_as_one_tile_list(interpreter):
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    seq_lens = [5, 0, 16, 33]
-    _, req_to_token, req_idx, lens = make_latent_cache(seq_lens, 8, torch.float32, "cpu")
-    plan = module.mla_decode_plan(req_to_token, req_idx, lens, 16)
-    rows, info = [], []
-    for b, n in enumerate(seq_lens):
-        tiles = -(-n // 16)
-        for t in range(tiles):
-            own = req_to_token[req_idx[b], t * 16 : min(n, (t + 1) * 16)].tolist()
-            rows += own + [-1] * (16 - len(own))
-            info.append(2 * b + (t == tiles - 1))
-    assert plan.cum.tolist() == [1, 1, 2, 5]
-    assert plan.info[:5].tolist() == info and plan.rows[: 5 * 16].tolist() == rows
-
-
-def test_mla_decode_flat_takes_a_plan_built_once_for_several_layers(interpreter, monkeypatch):
-    """A step builds the plan once (from its tables and lengths) and every layer's call reads it;
-    each layer's own cache and queries then give its own reference answer."""
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    seq_lens = [9, 70, 1]
-    _, req_to_token, req_idx, lens = make_latent_cache(seq_lens, 48, torch.float32, "cpu")
-    plan = module.mla_decode_plan(req_to_token, req_idx, lens, 16)
-    monkeypatch.setattr(module, "mla_decode_plan", lambda *a: pytest.fail("the plan was built again"))
-    for _ in range(2):  # two layers: caches of their own over the same rows
-        kv_cache = torch.randn(req_to_token.max().item() + 1, 48)
-        q_nope, q_pe = torch.randn(3, 4, 32), torch.randn(3, 4, 16)
-        args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 0.3)
-        out = mla_decode_attention(*args, flat=True, plan=plan, programs=4)
-        assert rel_err(out, mla_decode_attention_ref(*args)) < TOLERANCE[torch.float32]
 
 
 def test_mla_flat_launch_is_the_cuda_default_where_contexts_are_cut(monkeypatch):

@@ -6,13 +6,12 @@ short context fills fewer chunks (at least one block of tokens each, `min_split`
 reads only those. (A fused merge, by the last chunk of a request to finish, measured 2x slower at
 batch 1-16 on an H200: one program then reads every chunk's partial serially; perf/RESULTS.md.)
 
-Where the context is cut at all, the default CUDA launch is "flat": a plan (once per step, shared
-by the layers) lays every request's context out as one list of BLOCK_N-token tiles, and one
-program per SM walks an equal run of that list, requests' boundaries included, with its loads
-pipelined across them. A program writes a partial result wherever a request's tiles end or its
-run does; the merge combines a request's partials. This evens out the work, whatever the
-lengths, in one wave, where cutting each context into the same number of chunks runs two waves
-of programs that each fill and drain their pipeline."""
+Where the context is cut at all, the default CUDA launch is "flat": the step's contexts, counted
+as one list of BLOCK_N-token tiles, are cut into one equal run per program (as many programs as
+fit on the card at once), whatever the requests' lengths; a run may start and end inside requests
+and cross several, and writes a partial result for each request it touches, which the merge
+combines. Cutting each context into the same number of chunks instead leaves the card to the
+longest contexts' programs at the end when lengths differ."""
 
 from __future__ import annotations
 
@@ -158,50 +157,30 @@ def _mla_decode_split_kernel(
         tl.store(lse_ptrs + split, lse, mask=mask_h)
 
 
-@jit(do_not_specialize=["num_reqs"])
-def _mla_decode_plan_kernel(
-    REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
-    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
-    SEQ_LENS,  # [B] context lengths
-    ROWS,  # [>= B * cdiv(L, BLOCK_N) * BLOCK_N] int32 out: the tiles' cache rows, -1 past a context
-    INFO,  # [>= B * cdiv(L, BLOCK_N)] int32 out: each tile's request b, as 2 * b + (last tile of b)
-    CUM,  # [B] int32 out: tiles of requests 0..b
-    num_reqs,  # B
-    stride_r2t,
-    BLOCK_N: tl.constexpr,  # tokens a tile holds (the flat kernel's)
-    BLOCK_B: tl.constexpr,  # >= B, a power of two
-    PDL: tl.constexpr,
-):  # fmt: skip
-    # one program: request b's tiles, after those of requests 0..b-1
-    pdl_wait(PDL)
-    b = tl.program_id(0)
+@jit
+def _tiles_before(SEQ_LENS, num_reqs, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """([BLOCK_B] each request's BLOCK_N-token tiles, [BLOCK_B] the tiles of requests 0..b, the
+    total): the step's contexts as one list of tiles, counted on the device by every program."""
     offs_b = tl.arange(0, BLOCK_B)
     lens = tl.load(SEQ_LENS + offs_b, mask=offs_b < num_reqs, other=0)
-    before = tl.sum(tl.where(offs_b < b, (lens + BLOCK_N - 1) // BLOCK_N, 0), axis=0)
-    seq_len = tl.load(SEQ_LENS + b)
-    tiles = (seq_len + BLOCK_N - 1) // BLOCK_N
-    tl.store(CUM + b, before + tiles)
-    req = tl.load(REQ_IDX + b).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
-    for t in range(tiles):
-        pos = t * BLOCK_N + offs_n
-        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + pos, mask=pos < seq_len, other=-1)
-        g = (before + t).to(tl.int64)
-        tl.store(ROWS + g * BLOCK_N + offs_n, rows)
-        tl.store(INFO + g, 2 * b + (t == tiles - 1).to(tl.int32))
+    tiles = (lens + BLOCK_N - 1) // BLOCK_N
+    return tiles, tl.cumsum(tiles, axis=0), tl.sum(tiles, axis=0)
 
 
-@jit(do_not_specialize=["num_reqs"])
+@jit(do_not_specialize=["num_reqs"], do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])
 def _mla_decode_flat_kernel(
     Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
     Q_PE,  # [B, H, P] rope queries
     KV_CACHE,  # [S, R + P] per token: the latent c_kv (also the value), then the rope key k_pe
-    ROWS, INFO, CUM,  # the step's plan (_mla_decode_plan_kernel)
+    REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
+    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
+    SEQ_LENS,  # [B] context length of each request, the new token included
     MID_O,  # [B + NP, H, R] float32: program p's normalized partial of request b in row b + p
     MID_LSE,  # [B + NP, H] float32: its log2-sum-exp2
     stride_qn_b, stride_qn_h,  # Q_NOPE strides; the last dim is contiguous
     stride_qp_b, stride_qp_h,  # Q_PE strides
     stride_kv,  # KV_CACHE row stride
+    stride_r2t,  # REQ_TO_TOKEN row stride
     stride_mo_b, stride_mo_h,  # MID_O strides
     stride_ml_b, stride_ml_h,  # MID_LSE strides
     num_heads,  # H
@@ -211,64 +190,70 @@ def _mla_decode_flat_kernel(
     ROPE_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # the plan's tile
+    BLOCK_N: tl.constexpr,  # tokens a tile holds
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # >= B, a power of two
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_wait(PDL)
-    # one program: BLOCK_H heads over the run of tiles [g0, g1), an equal share of all the tiles;
-    # the run may end inside a request and cross the ends of others
+    # one program: BLOCK_H heads over tiles [g0, g1) of the step's tile list, an equal share; the
+    # run may start and end inside requests and cross several, one segment (request) at a time
     p = tl.program_id(1)
-    per = tl.maximum(tl.cdiv(tl.load(CUM + num_reqs - 1), tl.num_programs(1)), 1)
+    offs_b = tl.arange(0, BLOCK_B)
+    _, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
+    per = tl.maximum(tl.cdiv(total, tl.num_programs(1)), 1)
     g0 = p * per
-    g1 = tl.minimum(g0 + per, tl.load(CUM + num_reqs - 1))
+    g1 = tl.minimum(g0 + per, total)
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_h = heads < num_heads
     mask_r = offs_r < KV_LORA_RANK
     mask_p = offs_p < ROPE_DIM
     mask_out = mask_h[:, None] & mask_r[None, :]
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-    for g in range(g0, g1):
-        info = tl.load(INFO + g)
-        rows = tl.load(ROWS + g * BLOCK_N + offs_n)  # int32: the plan holds under 2**31 rows
-        mask_n = rows >= 0
-        row_ptrs = KV_CACHE + rows.to(tl.int64)[:, None] * stride_kv
-        c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        k_pe = tl.load(
-            row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
-        )
-        # the request's queries, loaded with each tile (from L2; pipelined with it): held across
-        # tiles instead, and reloaded where the request changes, they spill registers
-        b = info // 2
+    g = g0
+    while g < g1:
+        # the request holding tile g (requests with no tiles are passed over) and its tiles' span
+        b = tl.sum((cum <= g).to(tl.int32), axis=0)
+        c1 = tl.sum(tl.where(offs_b == b, cum, 0), axis=0)
+        c0 = tl.max(tl.where(offs_b < b, cum, 0), axis=0)
+        seg_end = tl.minimum(c1, g1)
+        seq_len = tl.load(SEQ_LENS + b)
+        req = tl.load(REQ_IDX + b).to(tl.int64)
+        start = (g - c0) * BLOCK_N
+        end = tl.minimum((seg_end - c0) * BLOCK_N, seq_len)
         qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
         q_nope = tl.load(qn_ptrs, mask=mask_out, other=0.0)
-        q_pe = tl.load(
-            Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :],
-            mask=mask_h[:, None] & mask_p[None, :], other=0.0,
-        )  # fmt: skip
-        s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
-        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)  # 0 after a reset (m_i = -inf): the old state drops out
-        p_ij = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p_ij, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p_ij.to(c_kv.dtype), c_kv, input_precision=PRECISION)
-        m_i = m_new
-        if (info % 2 == 1) | (g == g1 - 1):  # request b's tiles, or this run, end here
-            row = (b + p).to(tl.int64)
-            mo_ptrs = MID_O + row * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
-            tl.store(mo_ptrs, acc / l_i[:, None], mask=mask_out)
-            lse = m_i + tl.math.log2(l_i)
-            tl.store(MID_LSE + row * stride_ml_b + heads * stride_ml_h, lse, mask=mask_h)
-            m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
+        q_pe = tl.load(qp_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+        for n in range(start, end, BLOCK_N):  # as _mla_decode_split_kernel's loop
+            offs_n = n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
+            row_ptrs = KV_CACHE + rows[:, None] * stride_kv
+            c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            k_pe = tl.load(
+                row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
+            )
+            s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
+            s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p_ij = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p_ij, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p_ij.to(c_kv.dtype), c_kv, input_precision=PRECISION)
+            m_i = m_new
+        row = (b + p).to(tl.int64)  # every segment holds a token: l_i > 0
+        mo_ptrs = MID_O + row * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
+        tl.store(mo_ptrs, acc / l_i[:, None], mask=mask_out)
+        lse = m_i + tl.math.log2(l_i)
+        tl.store(MID_LSE + row * stride_ml_b + heads * stride_ml_h, lse, mask=mask_h)
+        g = seg_end
 
 
 @jit
@@ -276,7 +261,6 @@ def _mla_decode_merge_kernel(
     MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + P, H, R] if FLAT)
     MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + P, H] if FLAT)
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
-    CUM,  # [B] int32 if FLAT: the plan's cumulative tile counts
     OUT,  # [B, H, R] attention output
     num_reqs, num_progs,  # if FLAT: B, and the flat kernel's programs P
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides (FLAT: the row stride twice)
@@ -288,6 +272,7 @@ def _mla_decode_merge_kernel(
     MIN_SPLIT: tl.constexpr,  # as the split kernel's
     BLOCK_N: tl.constexpr,  # as the split kernel's
     BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: P), a power of two
+    BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
@@ -296,7 +281,7 @@ def _mla_decode_merge_kernel(
     head = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
-    first, used = _pieces(SEQ_LENS, CUM, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
+    first, used = _pieces(SEQ_LENS, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_B)
     out = _merged_row(
         MID_O, MID_LSE, first, used, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
         stride_ml_h, stride_ml_s, BLOCK_S, BLOCK_R, KV_LORA_RANK,
@@ -307,17 +292,20 @@ def _mla_decode_merge_kernel(
 
 @jit
 def _pieces(
-    SEQ_LENS, CUM, b, num_reqs, num_progs,
+    SEQ_LENS, b, num_reqs, num_progs,
     FLAT: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """(first, count): request b's partial results are rows first .. first + count - 1 along the
-    merge axis. Chunked: its chunks 0 .. used - 1. Flat: the programs whose runs of the tile list
-    hold its tiles (`_mla_decode_flat_kernel`); program p's partial of request b sits in row b + p
-    of MID_O, so the rows are b + first ..., and the caller's row strides say so."""
+    merge axis. Chunked: its chunks 0 .. used - 1. Flat: the programs whose runs of the step's
+    tile list hold its tiles (`_mla_decode_flat_kernel`); program p's partial of request b sits in
+    row b + p of MID_O, so the rows are b + first ..., and the caller's row strides say so."""
     if FLAT:
-        c1 = tl.load(CUM + b)  # tiles up to and including request b's
-        c0 = tl.load(CUM + b - 1, mask=b > 0, other=0)
-        per = tl.maximum(tl.cdiv(tl.load(CUM + num_reqs - 1), num_progs), 1)
+        tiles, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
+        own = tl.arange(0, BLOCK_B) == b
+        c1 = tl.sum(tl.where(own, cum, 0), axis=0)  # tiles up to and including request b's
+        c0 = c1 - tl.sum(tl.where(own, tiles, 0), axis=0)
+        per = tl.maximum(tl.cdiv(total, num_progs), 1)
         first = c0 // per
         count = tl.where(c1 > c0, (c1 - 1) // per - first + 1, 0)
     else:
@@ -355,7 +343,6 @@ def _mla_decode_merge_uv_kernel(
     MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + P, H, R] if FLAT)
     MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + P, H] if FLAT)
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
-    CUM,  # [B] int32 if FLAT: the plan's cumulative tile counts
     W_UV,  # [H, R, V] W_UV transposed: a head's latent -> its value dims (a layer's weight)
     OUT,  # [B, H, V] the attention output in the value space
     num_reqs, num_progs,  # if FLAT: B, and the flat kernel's programs P
@@ -370,6 +357,7 @@ def _mla_decode_merge_uv_kernel(
     MIN_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: P), a power of two
+    BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_V: tl.constexpr,  # value dims per program
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch): W_UV read before gdc_wait
@@ -385,7 +373,7 @@ def _mla_decode_merge_uv_kernel(
     w_ptrs = W_UV + head * stride_w_h + offs_r[:, None] * stride_w_r + offs_v[None, :]
     w = tl.load(w_ptrs, mask=(offs_r < KV_LORA_RANK)[:, None] & mask_v[None, :], other=0.0)
     pdl_wait(PDL)  # the weight is the layer's: read before the split kernel's outputs are waited for
-    first, used = _pieces(SEQ_LENS, CUM, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N)
+    first, used = _pieces(SEQ_LENS, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_B)
     o = _merged_row(
         MID_O, MID_LSE, first, used, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
         stride_ml_h, stride_ml_s, BLOCK_S, BLOCK_R, KV_LORA_RANK,
@@ -505,8 +493,10 @@ def _env_overrides() -> dict:
 
 _ENV = _env_overrides()
 # The flat launch where contexts are cut (see the module's docstring); LLA_MLA_FLAT=0: chunks per
-# context, as before it (for comparisons in separate processes)
+# context, as before it (for comparisons in separate processes). Its programs per SM: two fit (94 KB
+# of shared memory and 200 registers a thread each, as the chunked launch's).
 FLAT = os.environ.get("LLA_MLA_FLAT", "1") != "0"
+FLAT_PER_SM = 2
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
@@ -534,37 +524,6 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
-@dataclass(frozen=True)
-class MLAPlan:
-    """The step's contexts as one list of `block_n`-token tiles (`mla_decode_plan`): what the flat
-    launch walks. Built once per step from the step's lengths and shared by its layers."""
-
-    rows: Tensor  # [tiles * block_n] int32 cache rows, -1 past a context's end
-    info: Tensor  # [tiles] int32: 2 * request + (the request's last tile)
-    cum: Tensor  # [B] int32: tiles of requests 0..b
-    block_n: int
-
-
-def mla_decode_plan(req_to_token: Tensor, req_idx: Tensor, seq_lens: Tensor, block_n: int) -> MLAPlan:
-    """The plan of the flat launch for these requests (one Triton launch, no host sync): sized for
-    the longest context req_to_token holds, so that a CUDA graph replays it with new lengths."""
-    batch = seq_lens.shape[0]
-    capacity = batch * triton.cdiv(req_to_token.shape[1], block_n)
-    device = seq_lens.device
-    plan = MLAPlan(
-        torch.empty(capacity * block_n, dtype=torch.int32, device=device),
-        torch.empty(capacity, dtype=torch.int32, device=device),
-        torch.empty(batch, dtype=torch.int32, device=device),
-        block_n,
-    )
-    if batch:
-        _mla_decode_plan_kernel[(batch,)](
-            req_to_token, req_idx, seq_lens, plan.rows, plan.info, plan.cum, batch, req_to_token.stride(0),
-            BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch), **pdl_launch(seq_lens),
-        )  # fmt: skip
-    return plan
-
-
 def _use_flat(batch: int, heads: int, device: torch.device, block_h: int | None, splits: int | None) -> bool:
     """The default launch is flat on CUDA where the chunked one would cut the contexts, with the
     few-heads launch only (64 heads a program spill, and overflow shared memory)."""
@@ -573,18 +532,6 @@ def _use_flat(batch: int, heads: int, device: torch.device, block_h: int | None,
     launch = _launch_config(heads, device, block_h)
     head_blocks = triton.cdiv(heads, launch.block_h)
     return launch.block_h <= 16 and _num_splits(batch, head_blocks, launch, device) > 1
-
-
-def mla_decode_step_plan(
-    q_nope: Tensor, req_to_token: Tensor, req_idx: Tensor, seq_lens: Tensor
-) -> MLAPlan | None:
-    """The plan `mla_decode_attention` would build for these queries by default, or None where it
-    would not take the flat launch: what a step builds once and passes to each layer's call."""
-    batch, heads, _ = q_nope.shape
-    if not use_triton(q_nope) or not _use_flat(batch, heads, q_nope.device, None, None):
-        return None
-    block_n = _launch_config(heads, q_nope.device, None).block_n
-    return mla_decode_plan(req_to_token, req_idx, seq_lens, block_n)
 
 
 def mla_decode_attention(
@@ -600,7 +547,6 @@ def mla_decode_attention(
     min_split: int | None = None,
     w_uv: Tensor | None = None,
     flat: bool | None = None,
-    plan: MLAPlan | None = None,
     programs: int | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
@@ -614,9 +560,9 @@ def mla_decode_attention(
     count >= 1), block_h (heads per program, a power of two >= 16) and min_split (the fewest tokens
     a chunk of the context holds; a short context is cut into fewer chunks) override the defaults.
 
-    `flat` (default: on CUDA wherever the context would be cut, unless LLA_MLA_FLAT=0) walks the
-    step's tile list (`plan`, built here if not given; a step builds it once for all its layers
-    with `mla_decode_plan`) with `programs` programs per head block (default: one per SM).
+    `flat` (default: on CUDA wherever the context would be cut, at up to 16 heads a program, unless
+    LLA_MLA_FLAT=0) cuts the step's tile list into `programs` equal runs per head block (default:
+    as many as fit on the card at once).
 
     `w_uv` [H, R, V] (W_UV transposed, a layer's constant weight): the result is multiplied per
     head by it, [B, H, V] contiguous; the chunk merge does that (one launch, where a batched GEMM
@@ -645,7 +591,7 @@ def mla_decode_attention(
     assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
     if flat is None:
         flat = _use_flat(batch, heads, q_nope.device, block_h, num_splits)
-    block_r = triton.next_power_of_2(rank)
+    block_r, block_b = triton.next_power_of_2(rank), triton.next_power_of_2(batch)
     common = dict(
         KV_LORA_RANK=rank, ROPE_DIM=rope, PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n, BLOCK_R=block_r,
@@ -654,24 +600,20 @@ def mla_decode_attention(
     )  # fmt: skip
     if flat:
         assert launch.block_h <= 16 or not q_nope.is_cuda, "the flat launch takes 16 heads a program at most"
-        if plan is None:
-            plan = mla_decode_plan(req_to_token, req_idx, seq_lens, launch.block_n)
-        assert plan.block_n == launch.block_n and plan.cum.shape == (batch,)
         if programs is None:
             on_cuda = q_nope.is_cuda
-            programs = max(1, launch.per_sm * _num_sms(q_nope.device) // head_blocks) if on_cuda else 3
+            programs = max(1, FLAT_PER_SM * _num_sms(q_nope.device) // head_blocks) if on_cuda else 3
         splits, min_split = programs, launch.block_n  # the merge's partials per request: at most P
         mid_o = torch.empty((batch + programs, heads, rank), dtype=torch.float32, device=q_nope.device)
         mid_lse = torch.empty((batch + programs, heads), dtype=torch.float32, device=q_nope.device)
         _mla_decode_flat_kernel[(head_blocks, programs)](
-            q_nope, q_pe, kv_cache, plan.rows, plan.info, plan.cum, mid_o, mid_lse,
+            q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0),
-            mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
-            heads, batch, scale * math.log2(math.e), **common,
+            req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
+            heads, batch, scale * math.log2(math.e), BLOCK_B=block_b, **common,
         )  # fmt: skip
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(0))
         lse_strides = (mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(0))
-        cum = plan.cum
     else:
         # one chunk writes `out` directly: the float32 buffers are then placeholders
         mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
@@ -690,24 +632,24 @@ def mla_decode_attention(
         )  # fmt: skip
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
         lse_strides = (mid_lse.stride(0), mid_lse.stride(1), 1)
-        cum = seq_lens  # unread
     merge = dict(
         FLAT=flat, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_B=block_b, BLOCK_R=block_r, num_warps=4,
+        **pdl_launch(out),
     )  # fmt: skip
     if (flat or splits > 1) and w_uv is not None:
         v_dim = w_uv.shape[2]
         out = torch.empty((batch, heads, v_dim), dtype=q_nope.dtype, device=q_nope.device)
         block_v = 16
         _mla_decode_merge_uv_kernel[(heads, triton.cdiv(v_dim, block_v), batch)](
-            mid_o, mid_lse, seq_lens, cum, w_uv, out, batch, splits, *mid_strides, *lse_strides,
+            mid_o, mid_lse, seq_lens, w_uv, out, batch, splits, *mid_strides, *lse_strides,
             w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
             KV_LORA_RANK=rank, V_DIM=v_dim, BLOCK_V=block_v, **merge,
         )  # fmt: skip
         return out
     if flat or splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
-            mid_o, mid_lse, seq_lens, cum, out, batch, splits, *mid_strides, *lse_strides,
+            mid_o, mid_lse, seq_lens, out, batch, splits, *mid_strides, *lse_strides,
             out.stride(0), out.stride(1), KV_LORA_RANK=rank, **merge,
         )  # fmt: skip
     return out if w_uv is None else _apply_w_uv(out, w_uv)

@@ -45,7 +45,7 @@ from lightllm_async.kernels import (
     silu_and_mul,
     use_triton,
 )
-from lightllm_async.kernels.mla_decode_attention import MLAPlan, mla_absorb_q, mla_decode_step_plan
+from lightllm_async.kernels.mla_decode_attention import mla_absorb_q
 from lightllm_async.kernels.moe_routing import router_logits_parts
 from lightllm_async.kernels.skinny_linear import linear
 from lightllm_async.layers.embedding import VocabEmbedding
@@ -300,12 +300,13 @@ class MLAttention(nn.Module):
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         if self.fusions.mla_gemv and q_nope.shape[0] <= GEMV_MAX_ROWS and use_triton(q_nope):
             q_abs = mla_absorb_q(q_nope, self.w_uk)  # [B, n, R]
-            args = (q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
-            # [B, n, v] contiguous, as o_proj reads it
-            return mla_decode_attention(*args, w_uv=self.w_uv, plan=self._plan(q_abs, ctx))
+            return mla_decode_attention(
+                q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale, w_uv=self.w_uv
+            )  # [B, n, v] contiguous, as o_proj reads it
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, n, R], strided
-        args = (q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
-        o = mla_decode_attention(*args, plan=self._plan(q_abs, ctx))  # [B, n, R]: attention-weighted latents
+        o = mla_decode_attention(
+            q_abs, q_pe, kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
+        )  # [B, n, R]: attention-weighted latents
         if not self.fusions.w_uv_out:
             return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v], strided
         # written as o_proj reads it: [B, n, v] contiguous, through a [n, B, v] view (cuBLAS's
@@ -313,13 +314,6 @@ class MLAttention(nn.Module):
         out = o.new_empty(o.shape[0], self.n, self.v_dim)
         torch.bmm(o.transpose(0, 1), self.w_uv, out=out.transpose(0, 1))
         return out
-
-    @staticmethod
-    def _plan(q_abs: Tensor, ctx: ForwardContext) -> MLAPlan | None:
-        """The step's MLA decode plan (the contexts as one tile list), built by the first layer."""
-        if "mla_plan" not in ctx.memo:
-            ctx.memo["mla_plan"] = mla_decode_step_plan(q_abs, ctx.req_to_token, ctx.req_idx, ctx.seq_lens)
-        return ctx.memo["mla_plan"]
 
     def _prefill(self, q: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         # The cached rows of every request of the step (packed once per step, for all layers),

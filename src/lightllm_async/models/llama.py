@@ -109,12 +109,6 @@ class ForwardContext:
         return PackedContexts(rows, table, torch.arange(num_reqs, dtype=torch.int32, device=device))
 
     @cached_property  # once per step, as `packed`
-    def memo(self) -> dict:
-        """What the layers of a step share and the first to need builds (DeepSeek: the MLA decode
-        plan), keyed by its user; under a CUDA-graph capture the building is captured once."""
-        return {}
-
-    @cached_property  # once per step, as `packed`
     def by_query_len(self) -> QuerySplit:
         """The step's one-token requests (decodes) apart from those with more (prefill chunks),
         each part with its token indices and a context of its requests alone, built on the device
