@@ -7,11 +7,10 @@ reads only those. (A fused merge, by the last chunk of a request to finish, meas
 batch 1-16 on an H200: one program then reads every chunk's partial serially; perf/RESULTS.md.)
 
 Where the context is cut at all, the default CUDA launch is "flat": the step's contexts, counted
-as one list of BLOCK_N-token tiles, are cut into one equal run per program (as many programs as
-fit on the card at once), whatever the requests' lengths; a run may start and end inside requests
-and cross several, and writes a partial result for each request it touches, which the merge
-combines. Cutting each context into the same number of chunks instead leaves the card to the
-longest contexts' programs at the end when lengths differ."""
+as one list of BLOCK_N-token tiles, are cut into equal runs (as many as programs fit on the card
+at once), whatever the requests' lengths, and one program takes each piece where a run meets a
+request; the merge combines a request's pieces. Cutting each context into the same number of
+chunks instead leaves the card to the longest contexts' programs at the end when lengths differ."""
 
 from __future__ import annotations
 
@@ -167,7 +166,7 @@ def _tiles_before(SEQ_LENS, num_reqs, BLOCK_N: tl.constexpr, BLOCK_B: tl.constex
     return tiles, tl.cumsum(tiles, axis=0), tl.sum(tiles, axis=0)
 
 
-@jit(do_not_specialize=["num_reqs"], do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])
+@jit(do_not_specialize=["num_reqs", "num_runs"], do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])
 def _mla_decode_flat_kernel(
     Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
     Q_PE,  # [B, H, P] rope queries
@@ -175,8 +174,8 @@ def _mla_decode_flat_kernel(
     REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
     REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
     SEQ_LENS,  # [B] context length of each request, the new token included
-    MID_O,  # [B + NP, H, R] float32: program p's normalized partial of request b in row b + p
-    MID_LSE,  # [B + NP, H] float32: its log2-sum-exp2
+    MID_O,  # [B + NR, H, R] float32: the partial of request b from run r in row b + r
+    MID_LSE,  # [B + NR, H] float32: its log2-sum-exp2
     stride_qn_b, stride_qn_h,  # Q_NOPE strides; the last dim is contiguous
     stride_qp_b, stride_qp_h,  # Q_PE strides
     stride_kv,  # KV_CACHE row stride
@@ -185,6 +184,7 @@ def _mla_decode_flat_kernel(
     stride_ml_b, stride_ml_h,  # MID_LSE strides
     num_heads,  # H
     num_reqs,  # B
+    num_runs,  # NR: the step's tiles are cut into NR equal runs
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     KV_LORA_RANK: tl.constexpr,
     ROPE_DIM: tl.constexpr,
@@ -197,14 +197,30 @@ def _mla_decode_flat_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_wait(PDL)
-    # one program: BLOCK_H heads over tiles [g0, g1) of the step's tile list, an equal share; the
-    # run may start and end inside requests and cross several, one segment (request) at a time
-    p = tl.program_id(1)
+    # The step's contexts as one list of BLOCK_N-token tiles, cut into num_runs equal runs; a
+    # piece is where a run and a request meet (at most B + NR - 1 of them, in request order), and
+    # one program takes one piece: BLOCK_H heads of one request over a span of its tiles. (A
+    # program walking a whole run, across requests, needs a loop around the tile loop: that
+    # spilled registers, sm_90a compile check.)
+    k = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
-    _, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
-    per = tl.maximum(tl.cdiv(total, tl.num_programs(1)), 1)
-    g0 = p * per
-    g1 = tl.minimum(g0 + per, total)
+    tiles, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
+    per = tl.maximum(tl.cdiv(total, num_runs), 1)  # tiles a run holds
+    first = cum - tiles  # [BLOCK_B] each request's first tile
+    pieces = tl.where(tiles > 0, (cum - 1) // per - first // per + 1, 0)  # runs each request meets
+    cum_pieces = tl.cumsum(pieces, axis=0)
+    if k >= tl.sum(pieces, axis=0):
+        return
+    b = tl.sum((cum_pieces <= k).to(tl.int32), axis=0)  # the request of piece k
+    own = offs_b == b
+    c0 = tl.sum(tl.where(own, first, 0), axis=0)
+    c1 = tl.sum(tl.where(own, cum, 0), axis=0)
+    run = c0 // per + k - tl.sum(tl.where(own, cum_pieces - pieces, 0), axis=0)
+    seq_len = tl.load(SEQ_LENS + b)
+    req = tl.load(REQ_IDX + b).to(tl.int64)
+    start = (tl.maximum(run * per, c0) - c0) * BLOCK_N
+    end = tl.minimum((tl.minimum(run * per + per, c1) - c0) * BLOCK_N, seq_len)
+
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, BLOCK_R)
     offs_p = tl.arange(0, BLOCK_P)
@@ -212,57 +228,45 @@ def _mla_decode_flat_kernel(
     mask_r = offs_r < KV_LORA_RANK
     mask_p = offs_p < ROPE_DIM
     mask_out = mask_h[:, None] & mask_r[None, :]
-    g = g0
-    while g < g1:
-        # the request holding tile g (requests with no tiles are passed over) and its tiles' span
-        b = tl.sum((cum <= g).to(tl.int32), axis=0)
-        c1 = tl.sum(tl.where(offs_b == b, cum, 0), axis=0)
-        c0 = tl.max(tl.where(offs_b < b, cum, 0), axis=0)
-        seg_end = tl.minimum(c1, g1)
-        seq_len = tl.load(SEQ_LENS + b)
-        req = tl.load(REQ_IDX + b).to(tl.int64)
-        start = (g - c0) * BLOCK_N
-        end = tl.minimum((seg_end - c0) * BLOCK_N, seq_len)
-        qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
-        q_nope = tl.load(qn_ptrs, mask=mask_out, other=0.0)
-        qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
-        q_pe = tl.load(qp_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-        for n in range(start, end, BLOCK_N):  # as _mla_decode_split_kernel's loop
-            offs_n = n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-            row_ptrs = KV_CACHE + rows[:, None] * stride_kv
-            c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-            k_pe = tl.load(
-                row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
-            )
-            s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
-            s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p_ij = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p_ij, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p_ij.to(c_kv.dtype), c_kv, input_precision=PRECISION)
-            m_i = m_new
-        row = (b + p).to(tl.int64)  # every segment holds a token: l_i > 0
-        mo_ptrs = MID_O + row * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
-        tl.store(mo_ptrs, acc / l_i[:, None], mask=mask_out)
-        lse = m_i + tl.math.log2(l_i)
-        tl.store(MID_LSE + row * stride_ml_b + heads * stride_ml_h, lse, mask=mask_h)
-        g = seg_end
+    qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
+    q_nope = tl.load(qn_ptrs, mask=mask_out, other=0.0)
+    qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
+    q_pe = tl.load(qp_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+    for n in range(start, end, BLOCK_N):  # as _mla_decode_split_kernel's loop
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
+        row_ptrs = KV_CACHE + rows[:, None] * stride_kv
+        c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        k_pe = tl.load(
+            row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
+        )
+        s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
+        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p_ij = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p_ij, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p_ij.to(c_kv.dtype), c_kv, input_precision=PRECISION)
+        m_i = m_new
+    row = (b + run).to(tl.int64)  # a piece holds a token at least: l_i > 0
+    mo_ptrs = MID_O + row * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
+    tl.store(mo_ptrs, acc / l_i[:, None], mask=mask_out)
+    lse = m_i + tl.math.log2(l_i)
+    tl.store(MID_LSE + row * stride_ml_b + heads * stride_ml_h, lse, mask=mask_h)
 
 
 @jit
 def _mla_decode_merge_kernel(
-    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + P, H, R] if FLAT)
-    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + P, H] if FLAT)
+    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + NR, H, R] if FLAT)
+    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + NR, H] if FLAT)
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
     OUT,  # [B, H, R] attention output
-    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's programs P
+    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's runs NR
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides (FLAT: the row stride twice)
     stride_ml_b, stride_ml_h, stride_ml_s,  # MID_LSE strides (FLAT: the row stride twice)
     stride_o_b, stride_o_h,  # OUT strides
@@ -271,7 +275,7 @@ def _mla_decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,  # any count >= 1
     MIN_SPLIT: tl.constexpr,  # as the split kernel's
     BLOCK_N: tl.constexpr,  # as the split kernel's
-    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: P), a power of two
+    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: NR), a power of two
     BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
@@ -297,9 +301,9 @@ def _pieces(
     BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """(first, count): request b's partial results are rows first .. first + count - 1 along the
-    merge axis. Chunked: its chunks 0 .. used - 1. Flat: the programs whose runs of the step's
-    tile list hold its tiles (`_mla_decode_flat_kernel`); program p's partial of request b sits in
-    row b + p of MID_O, so the rows are b + first ..., and the caller's row strides say so."""
+    merge axis. Chunked: its chunks 0 .. used - 1. Flat: the runs of the step's tile list that
+    hold its tiles (`_mla_decode_flat_kernel`); run r's partial of request b sits in row b + r of
+    MID_O, so the rows are b + first ..., and the caller's row strides say so."""
     if FLAT:
         tiles, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
         own = tl.arange(0, BLOCK_B) == b
@@ -340,12 +344,12 @@ def _merged_row(
 
 @jit
 def _mla_decode_merge_uv_kernel(
-    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + P, H, R] if FLAT)
-    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + P, H] if FLAT)
+    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + NR, H, R] if FLAT)
+    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + NR, H] if FLAT)
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
     W_UV,  # [H, R, V] W_UV transposed: a head's latent -> its value dims (a layer's weight)
     OUT,  # [B, H, V] the attention output in the value space
-    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's programs P
+    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's runs NR
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides (FLAT: the row stride twice)
     stride_ml_b, stride_ml_h, stride_ml_s,  # MID_LSE strides (FLAT: the row stride twice)
     stride_w_h, stride_w_r,  # W_UV strides; V is contiguous
@@ -356,7 +360,7 @@ def _mla_decode_merge_uv_kernel(
     NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: P), a power of two
+    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: NR), a power of two
     BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_V: tl.constexpr,  # value dims per program
@@ -466,9 +470,10 @@ class _Launch:
 
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
-# Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles, one
-# program per SM (147 KB of shared memory), the context cut so that about two waves run: 71-86% of
-# the copy rate at batch 64-128 and 4k-8k contexts. More heads (V3's 128): 64 heads per program,
+# Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles (94
+# KB of shared memory and 200 registers a thread on sm_90a: two programs fit on an SM, so the
+# "two waves" the context is cut for run at once): 71-86% of the copy rate at batch 64-128 and
+# 4k-8k contexts. More heads (V3's 128): 64 heads per program,
 # 8 warps, so that the products are 64-row wgmma tiles and each latent tile serves 64 heads: 3.3x
 # the 32-head launch, ~235 TFLOP/s; bound by the tensor cores, and its merge traffic ([B, H, splits,
 # 512] float32) costs more than a second wave gains, so it splits only when the batch leaves the
@@ -493,8 +498,8 @@ def _env_overrides() -> dict:
 
 _ENV = _env_overrides()
 # The flat launch where contexts are cut (see the module's docstring); LLA_MLA_FLAT=0: chunks per
-# context, as before it (for comparisons in separate processes). Its programs per SM: two fit (94 KB
-# of shared memory and 200 registers a thread each, as the chunked launch's).
+# context, as before it (for comparisons in separate processes). Its runs: two per SM, as its
+# programs fit two to an SM (94 KB of shared memory and 216 registers a thread each, sm_90a).
 FLAT = os.environ.get("LLA_MLA_FLAT", "1") != "0"
 FLAT_PER_SM = 2
 
@@ -562,7 +567,7 @@ def mla_decode_attention(
 
     `flat` (default: on CUDA wherever the context would be cut, at up to 16 heads a program, unless
     LLA_MLA_FLAT=0) cuts the step's tile list into `programs` equal runs per head block (default:
-    as many as fit on the card at once).
+    as many as programs fit on the card at once).
 
     `w_uv` [H, R, V] (W_UV transposed, a layer's constant weight): the result is multiplied per
     head by it, [B, H, V] contiguous; the chunk merge does that (one launch, where a batched GEMM
@@ -603,14 +608,14 @@ def mla_decode_attention(
         if programs is None:
             on_cuda = q_nope.is_cuda
             programs = max(1, FLAT_PER_SM * _num_sms(q_nope.device) // head_blocks) if on_cuda else 3
-        splits, min_split = programs, launch.block_n  # the merge's partials per request: at most P
+        splits, min_split = programs, launch.block_n  # the merge's partials per request: at most NR
         mid_o = torch.empty((batch + programs, heads, rank), dtype=torch.float32, device=q_nope.device)
         mid_lse = torch.empty((batch + programs, heads), dtype=torch.float32, device=q_nope.device)
-        _mla_decode_flat_kernel[(head_blocks, programs)](
+        _mla_decode_flat_kernel[(head_blocks, batch + programs - 1)](  # one program a piece, at most
             q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
             q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0),
             req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
-            heads, batch, scale * math.log2(math.e), BLOCK_B=block_b, **common,
+            heads, batch, programs, scale * math.log2(math.e), BLOCK_B=block_b, **common,
         )  # fmt: skip
         mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(0))
         lse_strides = (mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(0))
