@@ -28,12 +28,10 @@ the chain, as in the server, each kernel follows another (a PDL launch starts du
 --chain and one token, the MoE rows are also split into its two GEMMs (gate/up with SiLU, down),
 each chained alone.
 
---mla-variants (with --chain) adds chained rows for the MLA launches side by side at up to 16 heads:
-the chunked launch (each context cut into the same number of chunks, `flat=False`) and the flat one
-(the step's tile list cut into equal runs) at one and two programs per SM; then each of them with
-its merge kernel stubbed out, which shows what the merge costs. --mla-spread S draws each
-request's context from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are
-the contexts' own).
+--mla-no-merge (with --chain) adds the chained MLA row again with the chunk merge stubbed out: the
+split kernel alone, which shows what the merge costs. --mla-spread S draws each request's context
+from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are the contexts' own;
+a server's contexts differ, and the chunks of the longer ones then run last).
 
 --sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
 with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
@@ -244,8 +242,8 @@ def mla_rows(args, copy: float, mm: float) -> None:
                     more = [mla_inputs(batch, ctx, heads, args.mla_spread) for _ in range(args.chain - 1)]
                     layers = [inputs, *more]
                     print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
-                    if args.mla_variants and heads <= 16:
-                        mla_variant_rows(layers, copy, mm)
+                    if args.mla_no_merge:
+                        mla_no_merge_row(layers, copy, mm)
                 if args.sweep:
                     mla_sweep(inputs, copy, mm, layers)
                 del layers
@@ -255,29 +253,18 @@ def mla_rows(args, copy: float, mm: float) -> None:
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
 
 
-def mla_variant_rows(layers: list, copy: float, mm: float) -> None:
-    """The chunked and flat launches chained over the same layers, the flat one at one and two
-    programs per SM; and each without its merge kernel (a bench-only stub), to show the merge's
-    share."""
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    variants = {
-        "chunked": dict(flat=False),
-        "flat 1/SM": dict(flat=True, programs=sms),
-        "flat 2/SM": dict(flat=True, programs=2 * sms),
-    }
-    for name, launch in variants.items():
-        print(chain_row([mla_case(x, name, **launch) for x in layers], copy, mm)[0], flush=True)
-    merge, skip = mla_module._mla_decode_merge_kernel, {None: None}
+def mla_no_merge_row(layers: list, copy: float, mm: float) -> None:
+    """The chained row again with the chunk merge stubbed out (bench only): the split kernel alone,
+    and so what the merge costs."""
+    merge = mla_module._mla_decode_merge_kernel
 
-    class NoMerge:  # launches nothing: the split kernels alone
+    class NoMerge:  # launches nothing
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: skip.get(None)
+            return lambda *args, **kwargs: None
 
     mla_module._mla_decode_merge_kernel = NoMerge()
     try:
-        for name, launch in variants.items():
-            cases = [mla_case(x, name + ", no merge", **launch) for x in layers]
-            print(chain_row(cases, copy, mm)[0], flush=True)
+        print(chain_row([mla_case(x, "no merge") for x in layers], copy, mm)[0], flush=True)
     finally:
         mla_module._mla_decode_merge_kernel = merge
 
@@ -482,7 +469,7 @@ def main() -> None:
     parser.add_argument("--no-layers", action="store_true", help="skip the MoE layer rows (shared experts)")
     parser.add_argument("--mla-cases", default="", help="MLA rows heads:batch:context,... (default: all)")
     parser.add_argument("--chain", type=int, default=0, help="also time L calls back to back")
-    parser.add_argument("--mla-variants", action="store_true", help="chunked and flat MLA launches, chained")
+    parser.add_argument("--mla-no-merge", action="store_true", help="chained MLA rows without the merge too")
     parser.add_argument("--mla-spread", type=float, default=0.0, help="contexts drawn from ctx * (1 -+ S)")
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]

@@ -65,12 +65,11 @@
 #            LAYER_SWEEP, then MOE_M 8,64,256) and MLA row also timed as LAYERS calls over distinct data back to back in one
 #            graph, as a decode step runs them; at one token the MoE's two GEMMs apart, with their
 #            own tile sweeps (LAYER_SWEEP=1); MLA at LAYERS_MLA (4) layers
-#   flat     2026-12-01: the flat MLA decode launch (the step's tile list cut into equal runs).
-#            The MLA GPU tests (FLAT_TESTS=0 skips; FLAT_DS_TESTS=1 adds DeepSeek's), then
-#            perf/mla_moe_bench.py --chain 4 --mla-variants at FLAT_CASES (the six 16-head cases):
-#            chunked, flat at 1 and 2 programs per SM, then each without its merge; FLAT_SPREAD (0.5)
-#            repeats two cases with contexts spread ctx * (1 -+ S) (" " skips). The DeepSeek step
-#            both ways: STAGES="flat ds" DS_VARIANTS="flat: chunked:LLA_MLA_FLAT=0"
+#   mlamerge 2026-12-01: the MLA decode rows chained (perf/mla_moe_bench.py --chain 4) at
+#            MERGE_CASES (the six 16-head cases), each again without its chunk merge
+#            (--mla-no-merge), then at two cases with contexts spread ctx * (1 -+ S), S in
+#            MERGE_SPREAD (0.5; " " skips). (Its first form, "flat", also timed three forms of a
+#            flat launch that were then removed: perf/RESULTS.md.)
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -295,18 +294,15 @@ sys.argv = ['decode_bench.py', '--shape', 'llama3-8b', '--batches', '${SPLIT_BAT
 runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$rule.log" 2>&1
       echo "decode step, chunks $rule: exit $?"; grep -E "^chunks at|^ +[0-9]+ +True +True" "$OUT/splitstep_$rule.log"
     done ;;
-  flat)
-    tests=tests/test_kernels_mla.py; [ "${FLAT_DS_TESTS:-0}" = 1 ] && tests="$tests tests/test_deepseek.py"
-    [ "${FLAT_TESTS:-1}" = 1 ] && { timeout ${FLAT_TESTS_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider $tests \
-      >"$OUT/flat_test.log" 2>&1; echo "MLA GPU tests exit $?"; grep -E "passed|failed|Error" "$OUT/flat_test.log" | tail -6; }
-    timeout ${FLAT_S:-300} python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-variants \
-      --mla-cases ${FLAT_CASES:-16:64:1024,16:64:4096,16:64:8192,16:128:1024,16:128:4096,16:128:8192} \
-      >"$OUT/mla_flat.log" 2>&1
-    echo "mla flat bench exit $?"; cut -c1-150 "$OUT/mla_flat.log"
-    for spread in ${FLAT_SPREAD:-0.5}; do
-      timeout 150 python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-variants --mla-spread $spread \
-        --mla-cases 16:64:1024,16:128:4096 >"$OUT/mla_flat_spread$spread.log" 2>&1
-      echo "mla flat bench, spread $spread: exit $?"; grep -v "^NVIDIA\|^device\|^op" "$OUT/mla_flat_spread$spread.log" | cut -c1-150
+  mlamerge)
+    timeout ${MERGE_S:-300} python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-no-merge \
+      --mla-cases ${MERGE_CASES:-16:64:1024,16:64:4096,16:64:8192,16:128:1024,16:128:4096,16:128:8192} \
+      >"$OUT/mla_merge.log" 2>&1
+    echo "mla bench exit $?"; cut -c1-150 "$OUT/mla_merge.log"
+    for spread in ${MERGE_SPREAD:-0.5}; do
+      timeout 150 python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-no-merge --mla-spread $spread \
+        --mla-cases 16:64:1024,16:128:4096 >"$OUT/mla_merge_spread$spread.log" 2>&1
+      echo "mla bench, spread $spread: exit $?"; grep -v "^NVIDIA\|^device\|^op" "$OUT/mla_merge_spread$spread.log" | cut -c1-150
     done ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1

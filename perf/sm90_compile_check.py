@@ -79,19 +79,11 @@ def mla() -> None:
             )
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
-    flat_types = dict(types)
-    for bh, bn, warps, stages in ((16, 64, 4, 2),):  # the few-heads launch (64 heads spill)
-        shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
-        consts = dict(shape, BLOCK_H=bh, BLOCK_N=bn, BLOCK_B=128, PDL=True)
-        name = f"mla flat h{bh} n{bn} warps{warps} stages{stages}"
-        report(name, M._mla_decode_flat_kernel, flat_types, consts, warps, stages)
-        ptx = LAST_PTX[0]
-        print("   pipelined loads (cp.async):", ptx.count("cp.async.cg") + ptx.count("cp.async.ca"))
     merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16)
-    for flat in (False, True):
-        merge_consts = dict(KV_LORA_RANK=512, FLAT=flat, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64)
-        merge_consts.update(BLOCK_S=8, BLOCK_B=128, BLOCK_R=512, PDL=True)
-        report(f"mla merge flat={flat}", M._mla_decode_merge_kernel, merge_types, merge_consts)
+    merge_consts = dict(
+        KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512, PDL=True
+    )
+    report("mla merge", M._mla_decode_merge_kernel, merge_types, merge_consts)
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip
 

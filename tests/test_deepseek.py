@@ -303,38 +303,6 @@ def test_small_batch_decode_takes_the_triton_mla_products_in_the_interpreter(
         torch.testing.assert_close(decode[0], expected, atol=1e-4, rtol=1e-4)
 
 
-def test_flat_mla_decode_gives_hf_logits_in_the_interpreter(model, built, interpreter, monkeypatch):
-    """The flat MLA launch (the CUDA default where contexts are cut; forced here) in a decode step
-    of requests of different lengths, W_UV applied in its merge and after it: HF's logits."""
-    import importlib
-
-    mla = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    cfg, _, _, hf, _ = model
-    launches = []
-
-    class Counted:  # the flat kernel, its launches counted
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    kernel = mla._mla_decode_flat_kernel
-    monkeypatch.setattr(mla, "_mla_decode_flat_kernel", Counted())
-    monkeypatch.setattr(mla, "_use_flat", lambda *args: True)
-    gen = torch.Generator().manual_seed(11)
-    seqs = [torch.randint(3, cfg.vocab_size, (n,), generator=gen) for n in (21, 2, 40)]
-    with torch.no_grad():
-        expected = torch.stack([hf(s[None]).logits[0, -1].float() for s in seqs])
-    for kind in ("default", "unfused"):
-        kv = MLAKVCache.allocate(cfg, 4 * 64, torch.float32, "cpu")
-        prefix = [(row, 0, len(s) - 1) for row, s in enumerate(seqs)]
-        built[kind](torch.cat([s[:-1] for s in seqs]), _step_ctx(prefix), kv)
-        launches.clear()
-        step = _step_ctx([(row, len(s) - 1, 1) for row, s in enumerate(seqs)])
-        out = built[kind](torch.cat([s[-1:] for s in seqs]), step, kv)
-        assert len(launches) == cfg.num_layers
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-
-
 def _moe_pair(cfg: ModelConfig, fused_max_tokens: int) -> tuple[MoE, MoE]:
     """An MoE layer with its shared experts as a separate MLP and the same one fused up to
     `fused_max_tokens`, as loaded."""

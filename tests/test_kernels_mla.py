@@ -79,43 +79,6 @@ def test_mla_decode_with_a_minimum_chunk_reads_only_the_chunks_a_context_reaches
     check_mla_decode(lens, 5, 32, 16, torch.float32, "cpu", num_splits=8, min_split=min_split)
 
 
-@pytest.mark.parametrize("programs", [1, 2, 3, 7])
-@pytest.mark.parametrize(
-    "seq_lens",
-    [[300], [1, 17, 130, 300, 64], [1, 33, 0, 7, 16, 17], [16, 32, 48], [0, 0]],  # 16: the tile
-)
-def test_mla_decode_flat_matches_reference_in_interpreter(interpreter, seq_lens, programs):
-    """The flat launch: runs of the step's tile list that start and end inside requests, cross
-    several (empty ones among them), or hold none (more programs than tiles); empty contexts give
-    zeros."""
-    out = check_mla_decode(seq_lens, 5, 32, 16, torch.float32, "cpu", flat=True, programs=programs)
-    for b, n in enumerate(seq_lens):
-        if n == 0:
-            assert torch.equal(out[b], torch.zeros_like(out[b]))
-
-
-@pytest.mark.parametrize("programs", [2, 5])
-def test_mla_decode_flat_applies_w_uv_in_the_merge_in_interpreter(interpreter, programs):
-    check_decode_w_uv([1, 40, 0, 130], 5, 32, 16, 24, torch.float32, "cpu", flat=True, programs=programs)
-
-
-def test_mla_flat_launch_is_the_cuda_default_where_contexts_are_cut(monkeypatch):
-    """On CUDA the flat launch replaces chunking at up to 16 heads a program; never where the batch
-    fills the card with one chunk each, at 64 heads a program, with an explicit split count, or
-    with LLA_MLA_FLAT=0 (the module's FLAT)."""
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    monkeypatch.setattr(module, "_num_sms", lambda device: 132)
-    monkeypatch.setattr(module, "_ENV", {})
-    cuda = torch.device("cuda", 0)
-    assert module._use_flat(64, 16, cuda, None, None) and module._use_flat(1, 8, cuda, None, None)
-    assert not module._use_flat(264, 16, cuda, None, None)  # one chunk each: no merge at all
-    assert not module._use_flat(8, 128, cuda, None, None)  # 64 heads a program
-    assert not module._use_flat(64, 16, cuda, None, 4)
-    assert not module._use_flat(64, 16, torch.device("cpu"), None, None)
-    monkeypatch.setattr(module, "FLAT", False)
-    assert not module._use_flat(64, 16, cuda, None, None)
-
-
 def test_mla_launch_env_overrides_replace_the_cuda_defaults(monkeypatch):
     """LLA_MLA_MIN_SPLIT and LLA_MLA_LAUNCH (benchmarks: a launch per process) reach the CUDA
     launch of either head count; without them the defaults stand."""
@@ -259,10 +222,6 @@ def test_mla_decode_matches_reference_on_gpu(gpu, heads):
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=1)
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=7)
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", num_splits=64, min_split=256)
-    if heads <= 16:  # the default there is flat: the chunked launch by its switch, and flat at odd counts
-        check_mla_decode(seq_lens, heads, 512, 64, torch.bfloat16, "cuda", flat=False)
-        for programs in (1, 5, 131):
-            check_mla_decode(seq_lens, heads, 512, 64, torch.bfloat16, "cuda", flat=True, programs=programs)
     other_block_h = 32 if heads <= 16 else 16  # the launch config of the other head count
     check_mla_decode(seq_lens[:8], heads, 512, 64, torch.bfloat16, "cuda", block_h=other_block_h)
 
@@ -276,8 +235,6 @@ def test_mla_absorb_q_and_w_uv_merge_match_references_on_gpu(gpu, heads):
     for batch in (1, 2, 8):
         check_decode_w_uv(seq_lens[:batch], heads, 512, 64, 128, torch.bfloat16, "cuda")
     check_decode_w_uv(seq_lens, heads, 512, 64, 128, torch.bfloat16, "cuda", num_splits=1)
-    if heads <= 16:
-        check_decode_w_uv(seq_lens, heads, 512, 64, 128, torch.bfloat16, "cuda", flat=False)
 
 
 @pytest.mark.gpu

@@ -4,13 +4,7 @@ the one shared latent "KV head" (c_kv, also the value) plus the rope key. Flash-
 is cut into chunks, then a second stage merges them, so that small batches still fill the card; a
 short context fills fewer chunks (at least one block of tokens each, `min_split`), and the merge
 reads only those. (A fused merge, by the last chunk of a request to finish, measured 2x slower at
-batch 1-16 on an H200: one program then reads every chunk's partial serially; perf/RESULTS.md.)
-
-Where the context is cut at all, the default CUDA launch is "flat": the step's contexts, counted
-as one list of BLOCK_N-token tiles, are cut into equal runs (as many as programs fit on the card
-at once), whatever the requests' lengths, and one program takes each piece where a run meets a
-request; the merge combines a request's pieces. Cutting each context into the same number of
-chunks instead leaves the card to the longest contexts' programs at the end when lengths differ."""
+batch 1-16 on an H200: one program then reads every chunk's partial serially; perf/RESULTS.md.)"""
 
 from __future__ import annotations
 
@@ -157,126 +151,19 @@ def _mla_decode_split_kernel(
 
 
 @jit
-def _tiles_before(SEQ_LENS, num_reqs, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """([BLOCK_B] each request's BLOCK_N-token tiles, [BLOCK_B] the tiles of requests 0..b, the
-    total): the step's contexts as one list of tiles, counted on the device by every program."""
-    offs_b = tl.arange(0, BLOCK_B)
-    lens = tl.load(SEQ_LENS + offs_b, mask=offs_b < num_reqs, other=0)
-    tiles = (lens + BLOCK_N - 1) // BLOCK_N
-    return tiles, tl.cumsum(tiles, axis=0), tl.sum(tiles, axis=0)
-
-
-@jit(do_not_specialize=["num_reqs", "num_runs"], do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])
-def _mla_decode_flat_kernel(
-    Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
-    Q_PE,  # [B, H, P] rope queries
-    KV_CACHE,  # [S, R + P] per token: the latent c_kv (also the value), then the rope key k_pe
-    REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
-    REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
-    SEQ_LENS,  # [B] context length of each request, the new token included
-    MID_O,  # [B + NR, H, R] float32: the partial of request b from run r in row b + r
-    MID_LSE,  # [B + NR, H] float32: its log2-sum-exp2
-    stride_qn_b, stride_qn_h,  # Q_NOPE strides; the last dim is contiguous
-    stride_qp_b, stride_qp_h,  # Q_PE strides
-    stride_kv,  # KV_CACHE row stride
-    stride_r2t,  # REQ_TO_TOKEN row stride
-    stride_mo_b, stride_mo_h,  # MID_O strides
-    stride_ml_b, stride_ml_h,  # MID_LSE strides
-    num_heads,  # H
-    num_reqs,  # B
-    num_runs,  # NR: the step's tiles are cut into NR equal runs
-    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
-    KV_LORA_RANK: tl.constexpr,
-    ROPE_DIM: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # tokens a tile holds
-    BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # >= B, a power of two
-    PDL: tl.constexpr,
-):  # fmt: skip
-    pdl_wait(PDL)
-    # The step's contexts as one list of BLOCK_N-token tiles, cut into num_runs equal runs; a
-    # piece is where a run and a request meet (at most B + NR - 1 of them, in request order), and
-    # one program takes one piece: BLOCK_H heads of one request over a span of its tiles. (A
-    # program walking a whole run, across requests, needs a loop around the tile loop: that
-    # spilled registers, sm_90a compile check.)
-    k = tl.program_id(1)
-    offs_b = tl.arange(0, BLOCK_B)
-    tiles, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
-    per = tl.maximum(tl.cdiv(total, num_runs), 1)  # tiles a run holds
-    first = cum - tiles  # [BLOCK_B] each request's first tile
-    pieces = tl.where(tiles > 0, (cum - 1) // per - first // per + 1, 0)  # runs each request meets
-    cum_pieces = tl.cumsum(pieces, axis=0)
-    if k >= tl.sum(pieces, axis=0):
-        return
-    b = tl.sum((cum_pieces <= k).to(tl.int32), axis=0)  # the request of piece k
-    own = offs_b == b
-    c0 = tl.sum(tl.where(own, first, 0), axis=0)
-    c1 = tl.sum(tl.where(own, cum, 0), axis=0)
-    run = c0 // per + k - tl.sum(tl.where(own, cum_pieces - pieces, 0), axis=0)
-    seq_len = tl.load(SEQ_LENS + b)
-    req = tl.load(REQ_IDX + b).to(tl.int64)
-    start = (tl.maximum(run * per, c0) - c0) * BLOCK_N
-    end = tl.minimum((tl.minimum(run * per + per, c1) - c0) * BLOCK_N, seq_len)
-
-    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_h = heads < num_heads
-    mask_r = offs_r < KV_LORA_RANK
-    mask_p = offs_p < ROPE_DIM
-    mask_out = mask_h[:, None] & mask_r[None, :]
-    qn_ptrs = Q_NOPE + b * stride_qn_b + heads[:, None] * stride_qn_h + offs_r[None, :]
-    q_nope = tl.load(qn_ptrs, mask=mask_out, other=0.0)
-    qp_ptrs = Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_p[None, :]
-    q_pe = tl.load(qp_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-    for n in range(start, end, BLOCK_N):  # as _mla_decode_split_kernel's loop
-        offs_n = n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        rows = tl.load(REQ_TO_TOKEN + req * stride_r2t + offs_n, mask=mask_n, other=0).to(tl.int64)
-        row_ptrs = KV_CACHE + rows[:, None] * stride_kv
-        c_kv = tl.load(row_ptrs + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        k_pe = tl.load(
-            row_ptrs + KV_LORA_RANK + offs_p[None, :], mask=mask_n[:, None] & mask_p[None, :], other=0.0
-        )
-        s = tl.dot(q_nope, tl.trans(c_kv), input_precision=PRECISION)  # [BLOCK_H, BLOCK_N]
-        s = tl.dot(q_pe, tl.trans(k_pe), s, input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p_ij = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p_ij, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p_ij.to(c_kv.dtype), c_kv, input_precision=PRECISION)
-        m_i = m_new
-    row = (b + run).to(tl.int64)  # a piece holds a token at least: l_i > 0
-    mo_ptrs = MID_O + row * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
-    tl.store(mo_ptrs, acc / l_i[:, None], mask=mask_out)
-    lse = m_i + tl.math.log2(l_i)
-    tl.store(MID_LSE + row * stride_ml_b + heads * stride_ml_h, lse, mask=mask_h)
-
-
-@jit
 def _mla_decode_merge_kernel(
-    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + NR, H, R] if FLAT)
-    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + NR, H] if FLAT)
+    MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
     OUT,  # [B, H, R] attention output
-    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's runs NR
-    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides (FLAT: the row stride twice)
-    stride_ml_b, stride_ml_h, stride_ml_s,  # MID_LSE strides (FLAT: the row stride twice)
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides
     stride_o_b, stride_o_h,  # OUT strides
     KV_LORA_RANK: tl.constexpr,  # R
-    FLAT: tl.constexpr,  # partials from _mla_decode_flat_kernel
     NUM_SPLITS: tl.constexpr,  # any count >= 1
     MIN_SPLIT: tl.constexpr,  # as the split kernel's
     BLOCK_N: tl.constexpr,  # as the split kernel's
-    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: NR), a power of two
-    BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
+    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
@@ -285,83 +172,57 @@ def _mla_decode_merge_kernel(
     head = tl.program_id(0)
     b = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
-    first, used = _pieces(SEQ_LENS, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_B)
     out = _merged_row(
-        MID_O, MID_LSE, first, used, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
-        stride_ml_h, stride_ml_s, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
+        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
     )  # fmt: skip
     o_ptrs = OUT + b * stride_o_b + head * stride_o_h + offs_r
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_r < KV_LORA_RANK)
 
 
 @jit
-def _pieces(
-    SEQ_LENS, b, num_reqs, num_progs,
-    FLAT: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-):  # fmt: skip
-    """(first, count): request b's partial results are rows first .. first + count - 1 along the
-    merge axis. Chunked: its chunks 0 .. used - 1. Flat: the runs of the step's tile list that
-    hold its tiles (`_mla_decode_flat_kernel`); run r's partial of request b sits in row b + r of
-    MID_O, so the rows are b + first ..., and the caller's row strides say so."""
-    if FLAT:
-        tiles, cum, total = _tiles_before(SEQ_LENS, num_reqs, BLOCK_N, BLOCK_B)
-        own = tl.arange(0, BLOCK_B) == b
-        c1 = tl.sum(tl.where(own, cum, 0), axis=0)  # tiles up to and including request b's
-        c0 = c1 - tl.sum(tl.where(own, tiles, 0), axis=0)
-        per = tl.maximum(tl.cdiv(total, num_progs), 1)
-        first = c0 // per
-        count = tl.where(c1 > c0, (c1 - 1) // per - first + 1, 0)
-    else:
-        _, count = _chunking(tl.load(SEQ_LENS + b), NUM_SPLITS, BLOCK_N, MIN_SPLIT)
-        first = count * 0
-    return first, count
-
-
-@jit
 def _merged_row(
-    MID_O, MID_LSE, first, used, b, head,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h, stride_ml_s,
+    MID_O, MID_LSE, SEQ_LENS, b, head,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, KV_LORA_RANK: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_R] float32: head `head` of request b, its partials (rows first .. first + used - 1 of
-    the split axis) weighed by their shares of the total exp-sum; none, or all empty, gives zeros."""
+    """[BLOCK_R] float32: head `head` of request b, its chunks' outputs weighed by their shares of
+    the total exp-sum; only the chunks the context reaches hold one; all empty gives zeros."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < KV_LORA_RANK
-    lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h + first * stride_ml_s
-    lse = tl.load(lse_ptrs + offs_s * stride_ml_s, mask=offs_s < used, other=float("-inf"))
+    lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h
+    _, used = _chunking(tl.load(SEQ_LENS + b), NUM_SPLITS, BLOCK_N, MIN_SPLIT)
+    lse = tl.load(lse_ptrs + offs_s, mask=offs_s < used, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.sum(tl.math.exp2(lse - m), axis=0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + first * stride_mo_s + offs_r
+    mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_r
     for s in range(used):  # one row at a time: [NUM_SPLITS, R] at once would spill
-        w = tl.math.exp2(tl.load(lse_ptrs + s * stride_ml_s) - m)
+        w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
         acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
     return acc / tl.where(denom > 0, denom, 1.0)
 
 
 @jit
 def _mla_decode_merge_uv_kernel(
-    MID_O,  # [B, H, NUM_SPLITS, R] float32 from _mla_decode_split_kernel ([B + NR, H, R] if FLAT)
-    MID_LSE,  # [B, H, NUM_SPLITS] float32 from _mla_decode_split_kernel ([B + NR, H] if FLAT)
+    MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
     SEQ_LENS,  # [B] context lengths, as the split kernel had them
     W_UV,  # [H, R, V] W_UV transposed: a head's latent -> its value dims (a layer's weight)
     OUT,  # [B, H, V] the attention output in the value space
-    num_reqs, num_progs,  # if FLAT: B, and the flat kernel's runs NR
-    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides (FLAT: the row stride twice)
-    stride_ml_b, stride_ml_h, stride_ml_s,  # MID_LSE strides (FLAT: the row stride twice)
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides
     stride_w_h, stride_w_r,  # W_UV strides; V is contiguous
     stride_o_b, stride_o_h,  # OUT strides; V is contiguous
     KV_LORA_RANK: tl.constexpr,  # R
     V_DIM: tl.constexpr,  # V
-    FLAT: tl.constexpr,  # partials from _mla_decode_flat_kernel
     NUM_SPLITS: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # >= the partials of a request (NUM_SPLITS; FLAT: NR), a power of two
-    BLOCK_B: tl.constexpr,  # if FLAT: >= B, a power of two
+    BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_V: tl.constexpr,  # value dims per program
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch): W_UV read before gdc_wait
@@ -377,10 +238,9 @@ def _mla_decode_merge_uv_kernel(
     w_ptrs = W_UV + head * stride_w_h + offs_r[:, None] * stride_w_r + offs_v[None, :]
     w = tl.load(w_ptrs, mask=(offs_r < KV_LORA_RANK)[:, None] & mask_v[None, :], other=0.0)
     pdl_wait(PDL)  # the weight is the layer's: read before the split kernel's outputs are waited for
-    first, used = _pieces(SEQ_LENS, b, num_reqs, num_progs, FLAT, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_B)
     o = _merged_row(
-        MID_O, MID_LSE, first, used, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
-        stride_ml_h, stride_ml_s, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
+        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
     )  # fmt: skip
     out = tl.sum(o[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_V]
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_v, out.to(OUT.dtype.element_ty), mask=mask_v)
@@ -471,9 +331,9 @@ class _Launch:
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
 # Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles (94
-# KB of shared memory and 200 registers a thread on sm_90a: two programs fit on an SM, so the
-# "two waves" the context is cut for run at once): 71-86% of the copy rate at batch 64-128 and
-# 4k-8k contexts. More heads (V3's 128): 64 heads per program,
+# KB of shared memory and 200 registers a thread on sm_90a: two programs fit on an SM, so the two
+# "waves" the context is cut for run at once): 71-86% of the copy rate at batch 64-128 and 4k-8k
+# contexts. More heads (V3's 128): 64 heads per program,
 # 8 warps, so that the products are 64-row wgmma tiles and each latent tile serves 64 heads: 3.3x
 # the 32-head launch, ~235 TFLOP/s; bound by the tensor cores, and its merge traffic ([B, H, splits,
 # 512] float32) costs more than a second wave gains, so it splits only when the batch leaves the
@@ -497,11 +357,6 @@ def _env_overrides() -> dict:
 
 
 _ENV = _env_overrides()
-# The flat launch where contexts are cut (see the module's docstring); LLA_MLA_FLAT=0: chunks per
-# context, as before it (for comparisons in separate processes). Its runs: two per SM, as its
-# programs fit two to an SM (94 KB of shared memory and 216 registers a thread each, sm_90a).
-FLAT = os.environ.get("LLA_MLA_FLAT", "1") != "0"
-FLAT_PER_SM = 2
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
@@ -529,16 +384,6 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
-def _use_flat(batch: int, heads: int, device: torch.device, block_h: int | None, splits: int | None) -> bool:
-    """The default launch is flat on CUDA where the chunked one would cut the contexts, with the
-    few-heads launch only (64 heads a program spill, and overflow shared memory)."""
-    if device.type != "cuda" or not FLAT or splits is not None:
-        return False
-    launch = _launch_config(heads, device, block_h)
-    head_blocks = triton.cdiv(heads, launch.block_h)
-    return launch.block_h <= 16 and _num_splits(batch, head_blocks, launch, device) > 1
-
-
 def mla_decode_attention(
     q_nope: Tensor,
     q_pe: Tensor,
@@ -551,8 +396,6 @@ def mla_decode_attention(
     block_h: int | None = None,
     min_split: int | None = None,
     w_uv: Tensor | None = None,
-    flat: bool | None = None,
-    programs: int | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -564,10 +407,6 @@ def mla_decode_attention(
     sum of c_kv (the caller applies W_UV); a request with seq_len 0 gets zeros. num_splits (any
     count >= 1), block_h (heads per program, a power of two >= 16) and min_split (the fewest tokens
     a chunk of the context holds; a short context is cut into fewer chunks) override the defaults.
-
-    `flat` (default: on CUDA wherever the context would be cut, at up to 16 heads a program, unless
-    LLA_MLA_FLAT=0) cuts the step's tile list into `programs` equal runs per head block (default:
-    as many as programs fit on the card at once).
 
     `w_uv` [H, R, V] (W_UV transposed, a layer's constant weight): the result is multiplied per
     head by it, [B, H, V] contiguous; the chunk merge does that (one launch, where a batched GEMM
@@ -594,68 +433,47 @@ def mla_decode_attention(
     head_blocks = triton.cdiv(heads, launch.block_h)
     splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
     assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
-    if flat is None:
-        flat = _use_flat(batch, heads, q_nope.device, block_h, num_splits)
-    block_r, block_b = triton.next_power_of_2(rank), triton.next_power_of_2(batch)
-    common = dict(
-        KV_LORA_RANK=rank, ROPE_DIM=rope, PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
-        BLOCK_H=launch.block_h, BLOCK_N=launch.block_n, BLOCK_R=block_r,
-        BLOCK_P=max(16, triton.next_power_of_2(rope)), num_warps=launch.num_warps,
-        num_stages=launch.num_stages, **pdl_launch(q_nope),
+    # one chunk writes `out` directly: the float32 buffers are then placeholders
+    mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
+    mid_o = torch.empty((*mid_shape, rank), dtype=torch.float32, device=q_nope.device)
+    mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q_nope.device)
+    block_r = triton.next_power_of_2(rank)
+    min_split = launch.min_split if min_split is None else min_split
+    min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
+    _mla_decode_split_kernel[(head_blocks, splits, batch)](
+        q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        heads, scale * math.log2(math.e),
+        KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
+        PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
+        BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
+        BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch(q_nope),
     )  # fmt: skip
-    if flat:
-        assert launch.block_h <= 16 or not q_nope.is_cuda, "the flat launch takes 16 heads a program at most"
-        if programs is None:
-            on_cuda = q_nope.is_cuda
-            programs = max(1, FLAT_PER_SM * _num_sms(q_nope.device) // head_blocks) if on_cuda else 3
-        splits, min_split = programs, launch.block_n  # the merge's partials per request: at most NR
-        mid_o = torch.empty((batch + programs, heads, rank), dtype=torch.float32, device=q_nope.device)
-        mid_lse = torch.empty((batch + programs, heads), dtype=torch.float32, device=q_nope.device)
-        _mla_decode_flat_kernel[(head_blocks, batch + programs - 1)](  # one program a piece, at most
-            q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse,
-            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), kv_cache.stride(0),
-            req_to_token.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), mid_lse.stride(1),
-            heads, batch, programs, scale * math.log2(math.e), BLOCK_B=block_b, **common,
-        )  # fmt: skip
-        mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(0))
-        lse_strides = (mid_lse.stride(0), mid_lse.stride(1), mid_lse.stride(0))
-    else:
-        # one chunk writes `out` directly: the float32 buffers are then placeholders
-        mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
-        mid_o = torch.empty((*mid_shape, rank), dtype=torch.float32, device=q_nope.device)
-        mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q_nope.device)
-        min_split = launch.min_split if min_split is None else min_split
-        min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
-        _mla_decode_split_kernel[(head_blocks, splits, batch)](
-            q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
-            q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
-            kv_cache.stride(0), req_to_token.stride(0),
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-            out.stride(0), out.stride(1),
-            heads, scale * math.log2(math.e),
-            NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1, **common,
-        )  # fmt: skip
-        mid_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
-        lse_strides = (mid_lse.stride(0), mid_lse.stride(1), 1)
-    merge = dict(
-        FLAT=flat, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_B=block_b, BLOCK_R=block_r, num_warps=4,
-        **pdl_launch(out),
-    )  # fmt: skip
-    if (flat or splits > 1) and w_uv is not None:
+    if splits > 1 and w_uv is not None:
         v_dim = w_uv.shape[2]
         out = torch.empty((batch, heads, v_dim), dtype=q_nope.dtype, device=q_nope.device)
         block_v = 16
         _mla_decode_merge_uv_kernel[(heads, triton.cdiv(v_dim, block_v), batch)](
-            mid_o, mid_lse, seq_lens, w_uv, out, batch, splits, *mid_strides, *lse_strides,
+            mid_o, mid_lse, seq_lens, w_uv, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-            KV_LORA_RANK=rank, V_DIM=v_dim, BLOCK_V=block_v, **merge,
+            KV_LORA_RANK=rank, V_DIM=v_dim, NUM_SPLITS=splits, MIN_SPLIT=min_split,
+            BLOCK_N=launch.block_n, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r,
+            BLOCK_V=block_v, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
         return out
-    if flat or splits > 1:
+    if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
-            mid_o, mid_lse, seq_lens, out, batch, splits, *mid_strides, *lse_strides,
-            out.stride(0), out.stride(1), KV_LORA_RANK=rank, **merge,
+            mid_o, mid_lse, seq_lens, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            KV_LORA_RANK=rank, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
+            BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
     return out if w_uv is None else _apply_w_uv(out, w_uv)
 
