@@ -31,7 +31,9 @@ each chained alone.
 --mla-no-merge (with --chain) adds the chained MLA row again with the chunk merge stubbed out: the
 split kernel alone, which shows what the merge costs. --mla-spread S draws each request's context
 from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted are the contexts' own;
-a server's contexts differ, and the chunks of the longer ones then run last).
+a server's contexts differ, and the chunks of the longer ones then run last). --mla-shared-table adds
+the chain again with every call reading the first one's request table and lengths, as the layers of
+a DeepSeek step do (the other chain gives each call its own table, so that its rows come from DRAM).
 
 --sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
 with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
@@ -120,7 +122,11 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
 
 
-def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0) -> tuple:
+def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0, like: tuple | None = None) -> tuple:
+    """One layer's MLA decode inputs; `like`: another layer's, whose request table and lengths this
+    one shares (a step's layers do: each has its own cache and queries, the same table)."""
+    if like is not None:
+        return (*(torch.randn_like(t) for t in like[:3]), *like[3:])  # q_nope, q_pe, kv_cache new
     width = int(ctx * (1 + spread))
     rows = batch * width
     kv_cache = torch.randn(rows, RANK + ROPE, dtype=DTYPE, device=DEV)
@@ -241,9 +247,7 @@ def mla_rows(args, copy: float, mm: float) -> None:
                 if args.chain:
                     more = [mla_inputs(batch, ctx, heads, args.mla_spread) for _ in range(args.chain - 1)]
                     layers = [inputs, *more]
-                    print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
-                    if args.mla_no_merge:
-                        mla_no_merge_row(layers, copy, mm)
+                    mla_chain_rows(inputs, layers, args, copy, mm)
                 if args.sweep:
                     mla_sweep(inputs, copy, mm, layers)
                 del layers
@@ -253,7 +257,19 @@ def mla_rows(args, copy: float, mm: float) -> None:
         print(row(mla_case(mla_inputs(batch, ctx, 16)), copy, mm, not args.no_ref)[0], flush=True)
 
 
-def mla_no_merge_row(layers: list, copy: float, mm: float) -> None:
+def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) -> None:
+    """The chained MLA row, and with --mla-no-merge / --mla-shared-table its variants."""
+    print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
+    if args.mla_no_merge:
+        mla_no_merge_row(layers, copy, mm)
+    if args.mla_shared_table:  # the same chain over one request table, as a step's layers read
+        shared = [inputs] + [mla_inputs(0, 0, 0, like=inputs) for _ in range(len(layers) - 1)]
+        print(chain_row([mla_case(x, "shared table") for x in shared], copy, mm)[0], flush=True)
+        if args.mla_no_merge:
+            mla_no_merge_row(shared, copy, mm, "shared table, no merge")
+
+
+def mla_no_merge_row(layers: list, copy: float, mm: float, tag: str = "no merge") -> None:
     """The chained row again with the chunk merge stubbed out (bench only): the split kernel alone,
     and so what the merge costs."""
     merge = mla_module._mla_decode_merge_kernel
@@ -264,7 +280,7 @@ def mla_no_merge_row(layers: list, copy: float, mm: float) -> None:
 
     mla_module._mla_decode_merge_kernel = NoMerge()
     try:
-        print(chain_row([mla_case(x, "no merge") for x in layers], copy, mm)[0], flush=True)
+        print(chain_row([mla_case(x, tag) for x in layers], copy, mm)[0], flush=True)
     finally:
         mla_module._mla_decode_merge_kernel = merge
 
@@ -470,6 +486,7 @@ def main() -> None:
     parser.add_argument("--mla-cases", default="", help="MLA rows heads:batch:context,... (default: all)")
     parser.add_argument("--chain", type=int, default=0, help="also time L calls back to back")
     parser.add_argument("--mla-no-merge", action="store_true", help="chained MLA rows without the merge too")
+    parser.add_argument("--mla-shared-table", action="store_true", help="chained MLA rows over one table too")
     parser.add_argument("--mla-spread", type=float, default=0.0, help="contexts drawn from ctx * (1 -+ S)")
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]

@@ -67,7 +67,7 @@
 #            own tile sweeps (LAYER_SWEEP=1); MLA at LAYERS_MLA (4) layers
 #   mlamerge 2026-12-01: the MLA decode rows chained (perf/mla_moe_bench.py --chain 4) at
 #            MERGE_CASES (the six 16-head cases), each again without its chunk merge
-#            (--mla-no-merge), then at two cases with contexts spread ctx * (1 -+ S), S in
+#            (--mla-no-merge) and over one request table (--mla-shared-table), then at two cases with contexts spread ctx * (1 -+ S), S in
 #            MERGE_SPREAD (0.5; " " skips). (Its first form, "flat", also timed three forms of a
 #            flat launch that were then removed: perf/RESULTS.md.)
 set -u
@@ -295,7 +295,7 @@ runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$r
       echo "decode step, chunks $rule: exit $?"; grep -E "^chunks at|^ +[0-9]+ +True +True" "$OUT/splitstep_$rule.log"
     done ;;
   mlamerge)
-    timeout ${MERGE_S:-300} python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-no-merge \
+    timeout ${MERGE_S:-300} python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-no-merge --mla-shared-table \
       --mla-cases ${MERGE_CASES:-16:64:1024,16:64:4096,16:64:8192,16:128:1024,16:128:4096,16:128:8192} \
       >"$OUT/mla_merge.log" 2>&1
     echo "mla bench exit $?"; cut -c1-150 "$OUT/mla_merge.log"
