@@ -20,9 +20,7 @@ def Params(max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> SamplingParam
     return SamplingParams(max_new_tokens=max_new_tokens, stop_ids=stop_ids, temperature=0.0)
 
 
-def make_sched(
-    kv=4096, running=8, budget=64, max_len=512, expected=256, prefix_cache=True, align=0
-) -> Scheduler:
+def make_sched(kv=4096, running=8, budget=64, max_len=512, expected=256, prefix_cache=True) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
             max_running_requests=running,
@@ -31,7 +29,6 @@ def make_sched(
             kv_cache_tokens=kv,
             expected_output_tokens=expected,
             enable_prefix_cache=prefix_cache,
-            step_align=align,
         )
     )
 
@@ -151,56 +148,6 @@ def test_long_prompt_is_chunked_within_the_token_budget():
         sampled = Sampled(tuple(9 for it in b.items if it.samples))
         s.update(b, sampled)
     assert chunks == [[16], [16], [16], [2], [1]]
-
-
-def test_aligned_step_trims_its_last_chunk_to_the_boundary_once():
-    """step_align 8: 3 decodes + a 20-token prompt (23 rows) leave the prompt's last 7 tokens to
-    the next step (16 rows); there the same request is not trimmed again (10 rows), so a prompt
-    waits at most one step; its KV slots past the trim went back to the pool."""
-    s = make_sched(budget=32, align=8)
-    for i in range(3):
-        s.add(Request(slot=i, gen=0, prompt_ids=[5 + i], params=Params(max_new_tokens=10), arrival=i))
-    b = s.schedule()  # the three one-token prompts: 3 rows, nothing longer than the excess
-    s.update(b, Sampled(tuple(9 for it in b.items if it.samples)))
-    s.add(Request(slot=3, gen=0, prompt_ids=list(range(20)), params=Params(max_new_tokens=2), arrival=3))
-    free = s.tokens.num_free
-    b = s.schedule()
-    rows = [len(it.token_ids) for it in b.items]
-    assert b.num_tokens == 16 and rows[-1] == 13 and not b.items[-1].samples
-    assert s.tokens.num_free == free - 16 and len(s.by_slot[3].kv_slots) == 13
-    s.update(b, Sampled(tuple(9 for it in b.items if it.samples)))
-    b = s.schedule()
-    assert b.num_tokens == 10 and len(b.items[-1].token_ids) == 7 and b.items[-1].samples
-
-
-@pytest.mark.parametrize("driver", ["sync", "overlapped"])
-def test_aligned_steps_give_the_same_outputs_with_less_padding(driver):
-    """A random workload with step_align 8 and without: the same tokens for every request, and
-    fewer padding rows over the steps with prefill chunks (rows rounded up to a multiple of 8)."""
-    rng = random.Random(11)
-    reqs = []
-    for i in range(30):
-        prompt = [rng.randrange(1000) for _ in range(rng.randint(1, 60))]
-        reqs.append((i, prompt, Params(max_new_tokens=rng.randint(1, 20))))
-    results, padding = [], []
-    for align in (0, 8):
-        s = make_sched(kv=600, running=6, budget=32, max_len=100, expected=8, align=align)
-        pad = []
-        schedule = s.schedule
-
-        def counted(schedule=schedule, pad=pad):
-            b = schedule()
-            if b is not None and any(len(it.token_ids) > 1 for it in b.items):
-                pad.append(-b.num_tokens % 8)
-            return b
-
-        s.schedule = counted
-        for i, prompt, params in reqs:
-            s.add(Request(slot=i, gen=0, prompt_ids=prompt, params=params, arrival=i))
-        results.append((run_to_end if driver == "sync" else run_overlapped)(s))
-        padding.append(sum(pad))
-    assert results[0] == results[1] and len(results[0]) == len(reqs)
-    assert padding[1] < 0.75 * padding[0], padding  # 24 against 42 rows
 
 
 def test_stop_token_finishes_with_stop():

@@ -317,10 +317,6 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     # steps with prefill chunks run eagerly instead of replaying piecewise graphs (runner/piecewise.py)
     disable_piecewise_graph: bool = False
-    # a step with prefill chunks ends its rows on a piecewise graph bucket, its last chunk giving
-    # the excess to the next step (engine/scheduler.py, `step_align`); off by default until a
-    # served A/B on a card shows it pays (perf/RESULTS.md, 2026-12-01)
-    align_prefill_steps: bool = False
     disable_prefix_cache: bool = False
     seed: int = 0
     fail_after_steps: int = 0  # test hook: the device fails after N steps (runner/failing.py)

@@ -173,12 +173,6 @@ def build_parser(**kwargs) -> argparse.ArgumentParser:
         help="run steps with prefill chunks eagerly (CUDA graphs cover only decode-only steps)",
     )
     p.add_argument(
-        "--align-prefill-steps",
-        action="store_true",
-        help="end a step with prefill chunks on a piecewise graph's token count: its last chunk leaves "
-        "the rows past it to the next step instead of computing padding (experimental)",
-    )
-    p.add_argument(
         "--disable-prefix-cache", action="store_true", help="compute every prompt in full (no prefix cache)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -352,7 +346,6 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_piecewise_graph=args.disable_piecewise_cuda_graph,
-        align_prefill_steps=args.align_prefill_steps,
         disable_prefix_cache=args.disable_prefix_cache,
         seed=args.seed,
         fail_after_steps=args.fail_after_steps,

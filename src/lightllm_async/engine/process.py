@@ -154,8 +154,6 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
         cfg = place_replica(cfg, replica, region.num_replicas)
         runner = _make_runner(cfg, show_progress=replica == 0)
         load_s = getattr(runner, "load_seconds", 0.0)
-        # rows a step with prefill chunks is padded to a multiple of (0: the dummy or the CPU runner)
-        step_align = getattr(runner, "step_align", 0) if cfg.align_prefill_steps else 0
         if cfg.tp_size > 1:
             from lightllm_async.engine.tensor_parallel import LeaderRunner
 
@@ -168,7 +166,6 @@ def run_engine(cfg: EngineConfig, region_name: str, log_level: str = "info", rep
                 kv_cache_tokens=runner.num_kv_tokens,
                 # a decode replica admits what it receives as a cached prefix
                 enable_prefix_cache=not cfg.disable_prefix_cache or cfg.pd_role == "decode",
-                step_align=step_align,
             )
         )
         engine = Engine(region, scheduler, runner, _pd_side(cfg, region, scheduler, runner, replica))

@@ -51,9 +51,6 @@ class Request:
     # replica: the prefix-cache node of the received KV, locked until the request is admitted.
     handoff_to: int = -1
     held_node: object = None
-    # The step whose last chunk this request's was, trimmed to a row boundary (Scheduler._align):
-    # the next step does not trim it again.
-    trimmed_step: int = -1
     # While the request is in the scheduler's steady decode set (engine/decode_set.py), that set's
     # arrays hold its two step counters (the properties below read them there); else these do.
     decode_set: object = field(default=None, repr=False)

@@ -59,11 +59,6 @@ class SchedulerConfig:
     # Keep steadily decoding requests as arrays (engine/decode_set.py). Off: one request at a
     # time throughout, the reference the set is tested against.
     decode_set: bool = True
-    # Rows that a step with prefill chunks is padded to a multiple of on the device (the piecewise
-    # CUDA graphs' token buckets, runner/piecewise.py): where a step's rows pass one, its last
-    # chunk leaves the excess to the next step rather than have padding computed (never twice in
-    # a row for one request). 0: off.
-    step_align: int = 0
 
 
 class OutputLengths:
@@ -212,29 +207,7 @@ class Scheduler:
             n = self._room(req, budget)
             items.append(self._take(req, n))
             budget -= n
-        if self.cfg.step_align and items:
-            self._align(items, 0 if run is None else len(run))
         return self._batch(items, run)
-
-    def _align(self, items: list[ScheduledReq], rows: int) -> None:
-        """Trim the step's last chunk so that its rows (`rows` in the decode run, plus the items')
-        end on a multiple of step_align, where the chunk is longer than the excess, computes no
-        prompt log-probabilities and was not trimmed the step before: the trimmed tokens go first
-        in the next step, whose rows are padded anyway, instead of padding computed now."""
-        excess = (rows + sum(len(item.token_ids) for item in items)) % self.cfg.step_align
-        last = items[-1]
-        n = len(last.token_ids)
-        req = self.by_slot[last.slot]
-        if excess == 0 or n <= excess or last.params.prompt_logprobs or req.trimmed_step == self.num_steps:
-            return
-        keep = n - excess
-        req.trimmed_step = self.num_steps + 1  # this step's number (_batch counts it)
-        self.tokens.free(list(last.new_kv_slots[keep:]))
-        del req.kv_slots[len(req.kv_slots) - excess :]
-        req.num_pending -= last.samples
-        items[-1] = last._replace(
-            token_ids=last.token_ids[:keep], new_kv_slots=last.new_kv_slots[:keep], samples=False
-        )
 
     def _schedule_steady(self, budget: int) -> DecodeRun | None:
         """The steady decode set's tokens, ahead of the other items: first the running requests

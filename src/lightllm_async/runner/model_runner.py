@@ -35,7 +35,7 @@ from lightllm_async.runner.cuda_graph import DecodeGraphs
 from lightllm_async.runner.distributed import with_small_all_reduce
 from lightllm_async.runner.inputs import InputBuffers
 from lightllm_async.runner.logprobs import compute_logprobs
-from lightllm_async.runner.piecewise import BUCKET_STEP, PiecewiseGraphs
+from lightllm_async.runner.piecewise import PiecewiseGraphs
 from lightllm_async.runner.sampler import sample
 from lightllm_async.types import MAX_TOP_LOGPROBS, PROMPT_LOGPROB_TOKENS_PER_STEP
 
@@ -381,12 +381,6 @@ class ModelRunner:
         graphs = DecodeGraphs(self.model, self.kv, self.inputs, self.cfg.max_running_requests)
         graphs.capture()
         return graphs
-
-    @property
-    def step_align(self) -> int:
-        """Rows a step with prefill chunks is padded to a multiple of (up to 2048 tokens): the
-        piecewise graphs' bucket spacing, or 0 where such steps run eagerly, unpadded."""
-        return BUCKET_STEP if self.piecewise is not None else 0
 
     def _capture_piecewise(self) -> PiecewiseGraphs | None:
         """Graphs for steps with prefill chunks, in the decode graphs' pool (runner/piecewise.py)."""

@@ -37,10 +37,7 @@ from lightllm_async.models.llama import ForwardContext
 log = logging.getLogger(__name__)
 
 
-BUCKET_STEP = 128  # the buckets' spacing up to 2048 tokens (token_buckets)
-
-
-def token_buckets(max_tokens: int, smallest: int = BUCKET_STEP) -> list[int]:
+def token_buckets(max_tokens: int, smallest: int = 128) -> list[int]:
     """Token counts the pieces are captured at: every 128 up to 2048, every 256 up to 4096, every
     512 above, and max_tokens itself. A step pads to the next one: less than 1/8 more tokens
     than it has from 1024 tokens on, where an 8B model's GEMMs are compute-bound and padding
@@ -50,7 +47,7 @@ def token_buckets(max_tokens: int, smallest: int = BUCKET_STEP) -> list[int]:
     sizes, n = [], smallest
     while n < max_tokens:
         sizes.append(n)
-        n += BUCKET_STEP if n < 2048 else 256 if n < 4096 else 512
+        n += 128 if n < 2048 else 256 if n < 4096 else 512
     return sizes + [max_tokens]
 
 
