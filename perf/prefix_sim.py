@@ -17,6 +17,15 @@ measurement: it says where scheduling alone puts TTFT, not what a server reaches
 
 --host-ms and --bucket model what the H200's mixed steps add (perf/RESULTS.md, 2026-11-30: ~9 ms of
 host work a step with prefill chunks; piecewise graphs padded to 128 tokens).
+
+--gemm-table FILE replaces the projections' term (weights or FLOPs, whichever is longer) by the
+times perf/gemm_rows_bench.py measured on a card (its printed table: rows -> ms of a step's
+projections), interpolated between its rows and extended past its last by FLOPs at its last
+ratio; below its first rows, weights or FLOPs at the first row's ratio. cuBLAS runs a few hundred
+rows well below the matmul rate, which the FLOPs term does not know.
+
+    python perf/prefix_sim.py --workload 1024in --dp 2 --chunks 1024,512,384,256 --host-ms 9 --bucket 128 \
+        --gemm-table perf/data/gemm_rows_h200_2026-12-01_call8.log
 """
 
 from __future__ import annotations
@@ -47,7 +56,35 @@ FIXED_S = 0.7e-3
 CLIENT_S = 1.5e-3  # request in (HTTP, parse, tokenize) and token out, each way
 
 
-def step_time(batch, kv_scale: float = 1.0, host: float = 0.0, bucket: int = 1) -> float:
+def read_gemm_table(path: str) -> list[tuple[int, float]]:
+    """(rows, seconds of a step's projections) from perf/gemm_rows_bench.py's printed table."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            cols = line.split()
+            if len(cols) == 8 and cols[0].isdigit():
+                rows.append((int(cols[0]), float(cols[5]) / 1e3))
+    if not rows:
+        raise ValueError(f"{path}: no rows of perf/gemm_rows_bench.py's table")
+    return sorted(rows)
+
+
+def gemm_seconds(rows: int, table: list[tuple[int, float]] | None) -> float:
+    """The projections' time for a step of `rows` rows: the cost model's, or the measured table's."""
+    if table is None:
+        return max(WEIGHTS_S, rows * TOKEN_S)
+    (m0, t0), (m1, t1) = table[0], table[-1]
+    if rows <= m0:  # weights, or FLOPs at the first row's cost a row
+        return max(WEIGHTS_S, rows * t0 / m0)
+    if rows >= m1:
+        return rows * t1 / m1
+    for (a, ta), (b, tb) in itertools.pairwise(table):
+        if a <= rows <= b:
+            return ta + (tb - ta) * (rows - a) / (b - a)
+    raise AssertionError("unreachable")
+
+
+def step_time(batch, kv_scale: float = 1.0, host: float = 0.0, bucket: int = 1, gemm=None) -> float:
     """The device's time for `batch`; a step with prefill chunks computes its rows padded to a
     multiple of `bucket` (the piecewise graphs' token counts) and takes at least `host` seconds
     (its host work: scheduling and the launches between the graphs, which overlaps the device's
@@ -65,7 +102,7 @@ def step_time(batch, kv_scale: float = 1.0, host: float = 0.0, bucket: int = 1) 
         pairs += n * item.start + n * (n + 1) // 2
     if rest:
         rows = -(-rows // bucket) * bucket
-    t = max(WEIGHTS_S, rows * TOKEN_S) + kv * KV_TOKEN_S * kv_scale + pairs * PAIR_S + FIXED_S
+    t = gemm_seconds(rows, gemm) + kv * KV_TOKEN_S * kv_scale + pairs * PAIR_S + FIXED_S
     return max(t, host) if rest else t
 
 
@@ -122,6 +159,7 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
         send(c, 0.0)
     kv_scale = 0.5 if args.fp8_kv else 1.0
     host, bucket = getattr(args, "host_ms", 0.0) / 1e3, getattr(args, "bucket", 1)  # older callers lack them
+    gemm = getattr(args, "gemm", None)
     while live:
         while arrivals and arrivals[0][0] <= now:
             _, c = heapq.heappop(arrivals)
@@ -130,7 +168,7 @@ def simulate(args, chunk: int, cache: bool, seed: int = 0, protocol: str = "stea
         if batch is None:  # idle until the next arrival
             now = arrivals[0][0]
             continue
-        now += step_time(batch, kv_scale, host, bucket)
+        now += step_time(batch, kv_scale, host, bucket, gemm)
         applied, finished = sched.update(batch, sample(batch))
         emitted.append((now, len(applied)))
         for slot, _ in applied:
@@ -212,7 +250,9 @@ def main() -> None:
     ap.add_argument("--host-ms", type=float, default=0.0, help="least ms of a step with prefill chunks")
     ap.add_argument("--bucket", type=int, default=1, help="pad a prefill step's rows to a multiple of this")
     ap.add_argument("--dp", type=int, default=0, help="N replicas sharing the clients, against one GPU")
+    ap.add_argument("--gemm-table", help="perf/gemm_rows_bench.py's output: measured projection times")
     args = ap.parse_args()
+    args.gemm = read_gemm_table(args.gemm_table) if args.gemm_table else None
     if args.workload == "prefix":  # issue 10 must-show 4: 2,000 shared + 100 own tokens, 128 out
         args.shared, args.input_len, args.output_mean, args.output_std = 2000, 100, 128, 0
         args.output_min, args.output_max = 128, 128

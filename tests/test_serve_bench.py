@@ -104,3 +104,24 @@ def test_prefix_sim_host_floor_and_graph_buckets_lengthen_prefill_steps():
     Args.host_ms, Args.bucket = 0.0, 1 << 16  # a huge bucket: every prefill step computes 65536 rows
     padded = sim.simulate(Args, 256, True)
     assert padded["ttft_p50"] > 10 * plain["ttft_p50"]
+
+
+def test_prefix_sim_reads_a_measured_gemm_table(tmp_path):
+    """--gemm-table: perf/gemm_rows_bench.py's printed rows give the projections' time, linear
+    between its rows, by its first row's cost a row below them (never under the weights' read),
+    by its last row's above them."""
+    sim = load("prefix_sim")
+    table = tmp_path / "gemm_rows.log"
+    table.write_text(
+        "NVIDIA H200  bf16 matmul 8192^3: 762 TFLOP/s\n"
+        "    M      qkv us        o us  gate_up us     down us   step ms  at the rate  ratio\n"
+        "  256        22.3        17.7       103.3        55.1      6.40         4.69   1.35\n"
+        "  512        41.3        27.9       186.0        92.9     11.20         9.38   1.19\n"
+    )
+    gemm = sim.read_gemm_table(str(table))
+    assert gemm == [(256, 6.4e-3), (512, 11.2e-3)]
+    assert sim.gemm_seconds(384, gemm) == pytest.approx(8.8e-3)
+    assert sim.gemm_seconds(1024, gemm) == pytest.approx(22.4e-3)
+    assert sim.gemm_seconds(200, gemm) == pytest.approx(5.0e-3)  # 25 us a row, as at 256
+    assert sim.gemm_seconds(128, gemm) == sim.gemm_seconds(8, gemm) == sim.WEIGHTS_S  # 3.8 ms > 3.2
+    assert sim.gemm_seconds(384, None) == max(sim.WEIGHTS_S, 384 * sim.TOKEN_S)
