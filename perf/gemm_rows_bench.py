@@ -2,8 +2,8 @@
 timed against the step's row count M, every --step rows, beside the time the same FLOPs take at the
 bf16 8192^3 matmul rate measured in the same run. A mixed step of M rows (prefill tokens plus
 decodes) is padded to a CUDA-graph bucket (runner/piecewise.py: every 128 rows up to 2048); this
-shows what a row count costs between two buckets, i.e. whether rows that a step defers to the next
-(or pulls in from a waiting prompt) to land on a tile boundary would buy time.
+shows what a row count costs on the card, between buckets too. The scheduler simulation takes the
+printed table as its GEMM cost (perf/prefix_sim.py --gemm-table).
 
     python perf/gemm_rows_bench.py [--rows 256:1152] [--step 32]
 

@@ -122,11 +122,7 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
 
 
-def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0, like: tuple | None = None) -> tuple:
-    """One layer's MLA decode inputs; `like`: another layer's, whose request table and lengths this
-    one shares (a step's layers do: each has its own cache and queries, the same table)."""
-    if like is not None:
-        return (*(torch.randn_like(t) for t in like[:3]), *like[3:])  # q_nope, q_pe, kv_cache new
+def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0) -> tuple:
     width = int(ctx * (1 + spread))
     rows = batch * width
     kv_cache = torch.randn(rows, RANK + ROPE, dtype=DTYPE, device=DEV)
@@ -136,6 +132,12 @@ def mla_inputs(batch: int, ctx: int, heads: int, spread: float = 0.0, like: tupl
     req_idx = torch.arange(batch, device=DEV, dtype=torch.int32)
     seq_lens = torch.randint(int(ctx * (1 - spread)), width + 1, (batch,), device=DEV, dtype=torch.int32)
     return q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, 192**-0.5
+
+
+def mla_layer_like(inputs: tuple) -> tuple:
+    """Another layer's MLA decode inputs for the same requests: its own queries and cache, the
+    same request table and lengths (a step's layers share those)."""
+    return (*(torch.randn_like(t) for t in inputs[:3]), *inputs[3:])
 
 
 def mla_case(inputs: tuple, tag: str = "", **launch) -> Case:
@@ -263,7 +265,7 @@ def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) ->
     if args.mla_no_merge:
         mla_no_merge_row(layers, copy, mm)
     if args.mla_shared_table:  # the same chain over one request table, as a step's layers read
-        shared = [inputs] + [mla_inputs(0, 0, 0, like=inputs) for _ in range(len(layers) - 1)]
+        shared = [inputs] + [mla_layer_like(inputs) for _ in range(len(layers) - 1)]
         print(chain_row([mla_case(x, "shared table") for x in shared], copy, mm)[0], flush=True)
         if args.mla_no_merge:
             mla_no_merge_row(shared, copy, mm, "shared table, no merge")

@@ -67,9 +67,9 @@
 #            own tile sweeps (LAYER_SWEEP=1); MLA at LAYERS_MLA (4) layers
 #   mlamerge 2026-12-01: the MLA decode rows chained (perf/mla_moe_bench.py --chain 4) at
 #            MERGE_CASES (the six 16-head cases), each again without its chunk merge
-#            (--mla-no-merge) and over one request table (--mla-shared-table), then at two cases with contexts spread ctx * (1 -+ S), S in
-#            MERGE_SPREAD (0.5; " " skips). (Its first form, "flat", also timed three forms of a
-#            flat launch that were then removed: perf/RESULTS.md.)
+#            (--mla-no-merge) and over one request table (--mla-shared-table), then at two cases
+#            with contexts spread ctx * (1 -+ S), S in MERGE_SPREAD (0.5; " " skips). (Its first
+#            form, "flat", also timed three forms of a flat launch, then removed: perf/RESULTS.md.)
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null

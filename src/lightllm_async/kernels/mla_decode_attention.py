@@ -333,11 +333,10 @@ class _Launch:
 # Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles (94
 # KB of shared memory and 200 registers a thread on sm_90a: two programs fit on an SM, so the two
 # "waves" the context is cut for run at once): 71-86% of the copy rate at batch 64-128 and 4k-8k
-# contexts. More heads (V3's 128): 64 heads per program,
-# 8 warps, so that the products are 64-row wgmma tiles and each latent tile serves 64 heads: 3.3x
-# the 32-head launch, ~235 TFLOP/s; bound by the tensor cores, and its merge traffic ([B, H, splits,
-# 512] float32) costs more than a second wave gains, so it splits only when the batch leaves the
-# card mostly idle.
+# contexts. More heads (V3's 128): 64 heads per program, 8 warps, so that the products are 64-row
+# wgmma tiles and each latent tile serves 64 heads: 3.3x the 32-head launch, ~235 TFLOP/s; bound by
+# the tensor cores, and its merge traffic ([B, H, splits, 512] float32) costs more than a second
+# wave gains, so it splits only when the batch leaves the card mostly idle.
 _LAUNCH_FEW_HEADS = _Launch(16, 64, 4, 2, per_sm=1, waves=2)
 _LAUNCH_MANY_HEADS = _Launch(64, 64, 8, 2, per_sm=1, waves=1)
 _LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
