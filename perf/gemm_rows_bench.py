@@ -38,8 +38,8 @@ def main() -> None:
     weights = {k: [torch.randn(*nk, dtype=dt, device=dev) for _ in range(CHAIN)] for k, nk in SHAPES.items()}
     x = torch.randn(hi, 14336, dtype=dt, device=dev)
     print(f"{torch.cuda.get_device_name()}  bf16 matmul 8192^3: {rate:.0f} TFLOP/s", flush=True)
-    heads = " ".join(f"{k + ' us':>11}" for k in SHAPES)
-    print(f"{'M':>5} {heads}   step ms  at the rate  ratio", flush=True)
+    header = " ".join(f"{k + ' us':>11}" for k in SHAPES)
+    print(f"{'M':>5} {header}   step ms  at the rate  ratio", flush=True)
     for m in range(lo, hi + 1, args.step):
         us = {}
         for k, (_, kk) in SHAPES.items():

@@ -31,6 +31,7 @@ rows well below the matmul rate, which the FLOPs term does not know.
 from __future__ import annotations
 
 import argparse
+import bisect
 import copy
 import heapq
 import itertools
@@ -78,10 +79,9 @@ def gemm_seconds(rows: int, table: list[tuple[int, float]] | None) -> float:
         return max(WEIGHTS_S, rows * t0 / m0)
     if rows >= m1:
         return rows * t1 / m1
-    for (a, ta), (b, tb) in itertools.pairwise(table):
-        if a <= rows <= b:
-            return ta + (tb - ta) * (rows - a) / (b - a)
-    raise AssertionError("unreachable")
+    i = bisect.bisect_left(table, (rows,))  # table[i - 1][0] < rows <= table[i][0]
+    (a, ta), (b, tb) = table[i - 1], table[i]
+    return ta + (tb - ta) * (rows - a) / (b - a)
 
 
 def step_time(batch, kv_scale: float = 1.0, host: float = 0.0, bucket: int = 1, gemm=None) -> float:
