@@ -59,8 +59,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Scheduler:
-    """A scheduler holding `batch` requests that have prefilled `context` tokens and now decode."""
+def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int, spread: float = 0.0) -> Scheduler:
+    """A scheduler holding `batch` requests that have prefilled `context` tokens (each drawn from
+    context * (1 -+ spread) with a spread) and now decode."""
     sched = Scheduler(
         SchedulerConfig(
             max_running_requests=runner.cfg.max_running_requests,
@@ -73,7 +74,9 @@ def fill_batch(runner: ModelRunner, batch: int, context: int, seed: int) -> Sche
     params = SamplingParams(max_new_tokens=runner.cfg.max_model_len, temperature=0.0)
     for i in range(batch):
         vocab = runner.model_cfg.vocab_size
-        prompt = torch.randint(min(1000, vocab // 2), min(20000, vocab), (context,), generator=g).tolist()
+        u = torch.rand((), generator=g).item() if spread else 0.5  # no draw: the prompts as before
+        n = int(context * (1 - spread + 2 * spread * u))
+        prompt = torch.randint(min(1000, vocab // 2), min(20000, vocab), (max(1, n),), generator=g).tolist()
         sched.add(Request(slot=i, gen=0, prompt_ids=prompt, params=params, arrival=i))
     while True:
         b = sched.schedule()
@@ -189,13 +192,21 @@ def gemm_flops(runner: ModelRunner, batch: int) -> float:
 
 
 def measure(
-    runner: ModelRunner, batch: int, context: int, bw: float, profile_steps: int, overlap: bool, mm: float
+    runner: ModelRunner,
+    batch: int,
+    context: int,
+    bw: float,
+    profile_steps: int,
+    overlap: bool,
+    mm: float,
+    spread: float = 0.0,
 ) -> dict:
-    sched = fill_batch(runner, batch, context, seed=batch)
+    sched = fill_batch(runner, batch, context, seed=batch, spread=spread)
+    tokens = sum(len(r.prompt_ids) for r in sched.running)  # the prompts' own lengths
     step_times(runner, sched, 5, overlap)  # warm-up
     t = sorted(step_times(runner, sched, 30, overlap))[15]
     weights = weight_bytes_read(runner, batch)
-    kv = batch * (context + 20) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.kv_dtype)
+    kv = (tokens + 20 * batch) * runner.kv_cls.bytes_per_token(runner.model_cfg, runner.kv_dtype)
     roof = (weights + kv) / bw  # bytes a step must read, at the copy's bytes-moved rate
     # and with the matmuls' compute: at batch ~256 a bf16 GEMM is bound by the tensor cores, not
     # by its weights (2 FLOP per weight byte per token against the card's FLOP/byte ridge)
@@ -203,6 +214,7 @@ def measure(
     row = {
         "batch": batch,
         "context": context,
+        "context_spread": spread,
         "step_ms": t * 1e3,
         "roofline_ms": roof * 1e3,
         "ratio": t / roof,
@@ -274,6 +286,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batches", default="1,100")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument(
+        "--context-spread", type=float, default=0.0, help="each prompt's length drawn from context * (1 -+ S)"
+    )
     ap.add_argument("--max-running", type=int, default=128)
     ap.add_argument("--no-graph-baseline", action="store_true", help="also time without CUDA graphs")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
@@ -336,7 +351,7 @@ def report(rank: int, args, tp_cfg: dict) -> None:
             device=args.device,
             dtype=args.dtype,
             load_format="random",
-            max_model_len=args.context + 512,
+            max_model_len=int(args.context * (1 + args.context_spread)) + 512,
             max_running_requests=args.max_running,
             disable_cuda_graph=disable,
             gpu_memory_utilization=0.85,
@@ -354,7 +369,8 @@ def report(rank: int, args, tp_cfg: dict) -> None:
         for b in (int(x) for x in args.batches.split(",")):
             profile = 20 if args.device == "cuda" and not disable else 0
             for overlap in (True, False):
-                rows.append({**measure(runner, b, args.context, bw, profile, overlap, mm), "fusions": fuse})
+                row = measure(runner, b, args.context, bw, profile, overlap, mm, args.context_spread)
+                rows.append({**row, "fusions": fuse})
                 if runner.step_times is not None:  # LLA_STEP_TIMING=1
                     print(f"rank {rank} batch {b} overlap {overlap}{runner.step_times.summary()}", flush=True)
         if args.mixed and args.device == "cuda" and not disable:

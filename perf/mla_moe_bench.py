@@ -34,6 +34,8 @@ from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted ar
 a server's contexts differ, and the chunks of the longer ones then run last). --mla-shared-table adds
 the chain again with every call reading the first one's request table and lengths, as the layers of
 a DeepSeek step do (the other chain gives each call its own table, so that its rows come from DRAM).
+--mla-order adds the chain again with each call given its requests longest first, as the runner
+orders a decode-only step, under the LLA_MLA_SPREAD modes always and auto (the default).
 
 --sweep also times the launch alternatives of each case (chained, with --chain) and prints the best;
 with --out FILE, the best MoE tiles per shape and M go into FILE in the format kernels/fused_moe.py
@@ -262,6 +264,8 @@ def mla_rows(args, copy: float, mm: float) -> None:
 def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) -> None:
     """The chained MLA row, and with --mla-no-merge / --mla-shared-table its variants."""
     print(chain_row([mla_case(x) for x in layers], copy, mm)[0], flush=True)
+    if args.mla_order:
+        mla_order_rows(layers, copy, mm)
     if args.mla_no_merge:
         mla_no_merge_row(layers, copy, mm)
     if args.mla_shared_table:  # the same chain over one request table, as a step's layers read
@@ -269,6 +273,24 @@ def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) ->
         print(chain_row([mla_case(x, "shared table") for x in shared], copy, mm)[0], flush=True)
         if args.mla_no_merge:
             mla_no_merge_row(shared, copy, mm, "shared table, no merge")
+
+
+def mla_order_rows(layers: list, copy: float, mm: float) -> None:
+    """The chained row again with each call given its requests longest first (`order`, as the
+    runner gives it), under the LLA_MLA_SPREAD modes that use it: twice the chunks always
+    ("always"), twice the chunks where the lengths spread ("auto", the default). ("never" is the
+    plain row.)"""
+    mode = mla_module._SPREAD
+    try:
+        for spread in ("always", "auto"):
+            mla_module._SPREAD = spread
+            cases = []
+            for x in layers:
+                order = torch.argsort(x[5], descending=True, stable=True).to(torch.int32)
+                cases.append(mla_case(x, f"order {spread}", order=order))
+            print(chain_row(cases, copy, mm)[0], flush=True)
+    finally:
+        mla_module._SPREAD = mode
 
 
 def mla_no_merge_row(layers: list, copy: float, mm: float, tag: str = "no merge") -> None:
@@ -490,6 +512,9 @@ def main() -> None:
     parser.add_argument("--mla-no-merge", action="store_true", help="chained MLA rows without the merge too")
     parser.add_argument("--mla-shared-table", action="store_true", help="chained MLA rows over one table too")
     parser.add_argument("--mla-spread", type=float, default=0.0, help="contexts drawn from ctx * (1 -+ S)")
+    parser.add_argument(
+        "--mla-order", action="store_true", help="with --chain: the chain again, requests longest first"
+    )
     args = parser.parse_args()
     args.moe_m = [int(m) for m in args.moe_m.split(",")]
     assert torch.cuda.is_available(), "the benchmark needs a CUDA device"

@@ -70,6 +70,13 @@
 #            (--mla-no-merge) and over one request table (--mla-shared-table), then at two cases
 #            with contexts spread ctx * (1 -+ S), S in MERGE_SPREAD (0.5; " " skips). (Its first
 #            form, "flat", also timed three forms of a flat launch, then removed: perf/RESULTS.md.)
+#   mlaorder 2026-12-01 (twelfth session): the MLA GPU tests, then the MLA decode rows chained
+#            (--chain 4) with and without the runner's order (--mla-order: requests longest first,
+#            twice the chunks always / where the lengths spread) at ORDER_CASES, contexts spread
+#            by each of ORDER_SPREADS (0 0.5), and at two cases by ORDER_MORE (0.25 0.9)
+#   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64), context DSO_CONTEXT (2048) spread
+#            by each of DSO_SPREADS (0.5 0), the order ignored (LLA_MLA_SPREAD=never) and used (auto),
+#            each in its own process
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -303,6 +310,29 @@ runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$r
       timeout 150 python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-no-merge --mla-spread $spread \
         --mla-cases 16:64:1024,16:128:4096 >"$OUT/mla_merge_spread$spread.log" 2>&1
       echo "mla bench, spread $spread: exit $?"; grep -v "^NVIDIA\|^device\|^op" "$OUT/mla_merge_spread$spread.log" | cut -c1-150
+    done ;;
+  mlaorder)
+    timeout ${ORDER_TEST_S:-200} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py >"$OUT/mla_order_test.log" 2>&1
+    echo "mla tests exit $?"; grep -E "passed|failed|Error" "$OUT/mla_order_test.log" | tail -6
+    cases=${ORDER_CASES:-16:64:1024,16:64:4096,16:64:8192,16:128:1024,16:128:4096,16:128:8192}
+    for spread in ${ORDER_SPREADS:-0 0.5}; do
+      timeout ${ORDER_S:-150} python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-order --mla-spread $spread \
+        --mla-cases $cases >"$OUT/mla_order_spread$spread.log" 2>&1
+      echo "mla bench, spread $spread: exit $?"; grep "chained" "$OUT/mla_order_spread$spread.log" | cut -c1-150
+    done
+    for spread in ${ORDER_MORE:-0.25 0.9}; do
+      timeout 100 python3 perf/mla_moe_bench.py --only mla --no-ref --chain 4 --mla-order --mla-spread $spread \
+        --mla-cases 16:64:4096,16:128:4096 >"$OUT/mla_order_spread$spread.log" 2>&1
+      echo "mla bench, spread $spread: exit $?"; grep "chained" "$OUT/mla_order_spread$spread.log" | cut -c1-150
+    done ;;
+  dsorder)
+    for spread in ${DSO_SPREADS:-0.5 0}; do
+      for mode in never auto; do
+        log="$OUT/ds_order_${mode}_spread$spread.log"
+        LLA_MLA_SPREAD=$mode timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches ${DSO_BATCH:-64} \
+          --context ${DSO_CONTEXT:-2048} --context-spread $spread --top-kernels 8 --out "${log%.log}.json" >"$log" 2>&1
+        echo "ds spread $spread $mode exit $?"; grep -E "^ +[0-9]+ +True" "$log" | head -2
+      done
     done ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1

@@ -62,7 +62,8 @@ def report(name: str, fn, types: dict, constexprs: dict, num_warps: int = 4, num
 def mla() -> None:
     bf16 = "*bf16"
     types = dict(Q_NOPE=bf16, Q_PE=bf16, KV_CACHE=bf16, OUT=bf16, MID_O="*fp32", MID_LSE="*fp32",
-                 REQ_TO_TOKEN="*i32", REQ_IDX="*i32", SEQ_LENS="*i32", qk_scale="fp32")  # fmt: skip
+                 REQ_TO_TOKEN="*i32", REQ_IDX="*i32", SEQ_LENS="*i32", ORDER="*i32",
+                 qk_scale="fp32")  # fmt: skip
     launches = (
         (16, 16, 4, 2),
         (16, 32, 4, 2),
@@ -71,18 +72,20 @@ def mla() -> None:
         (32, 32, 8, 2),
         (64, 32, 8, 2),
     )
+    # splits 8 / 1 without an order; "8o": 8 chunks at most, given an order, halved where alike
     for bh, bn, warps, stages in launches:
-        for splits in (8, 1):
+        for splits in (8, 1, "8o"):
             shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
+            order = splits == "8o"
+            n = 8 if order else splits
             consts = dict(
-                shape, NUM_SPLITS=splits, MIN_SPLIT=bn, DIRECT=splits == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True
-            )
+                shape, NUM_SPLITS=n, MIN_SPLIT=bn, DIRECT=n == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True,
+                HAS_ORDER=order, ADAPT=order, BLOCK_B=128 if order else 1,
+            )  # fmt: skip
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)
-    merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", SEQ_LENS="*i32", OUT=bf16)
-    merge_consts = dict(
-        KV_LORA_RANK=512, NUM_SPLITS=5, MIN_SPLIT=64, BLOCK_N=64, BLOCK_S=8, BLOCK_R=512, PDL=True
-    )
+    merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", OUT=bf16)
+    merge_consts = dict(KV_LORA_RANK=512, NUM_SPLITS=5, BLOCK_S=8, BLOCK_R=512, PDL=True)
     report("mla merge", M._mla_decode_merge_kernel, merge_types, merge_consts)
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip

@@ -253,3 +253,32 @@ def test_a_decode_run_loads_exactly_as_the_same_items_one_by_one():
     for f in (*fields, "pen_table_rows", "prompt_len", "seq_len", "presence", "repetition"):
         assert getattr(a.sampling, f).tolist() == getattr(b.sampling, f).tolist(), f
     assert sampling_slots(with_run) == sampling_slots(plain) == [7, 3, 11, 5]
+
+
+def test_decode_only_steps_carry_their_requests_longest_first_where_asked():
+    """`order_decode_rows` (the CUDA runner): a decode-only step's context has `decode_order`, the
+    requests by context length, longest first, padding rows (one token) last; from a decode run's
+    columns as from items one by one; in the buffer a graph was captured on. Steps with a prefill
+    chunk, and buffers not asked to, have none."""
+    np = pytest.importorskip("numpy")
+    buf = InputBuffers(16, 8, torch.zeros(9, 32, dtype=torch.int32), SINK_SLOT, 8, order_decode_rows=True)
+    captured = buf.context(8, 8, 8, decode_only=True)
+    items = (item(1, 0, 3, [11], [20]), item(2, 1, 9, [12], [21]), item(3, 2, 5, [13], [22]))
+    decode = Batch(items=items, step=1)
+    step = buf.load(decode, torch.empty(0, dtype=torch.int64), {}, pad_to=5)
+    assert step.ctx.seq_lens.tolist() == [4, 10, 6, 1, 1]
+    assert step.ctx.decode_order.tolist() == [1, 2, 0, 3, 4]
+    assert same_memory(step.ctx.decode_order, captured.decode_order)
+    cols = {
+        "slot": [1, 2, 3, 4], "gen": [0] * 4, "epoch": [0] * 4, "row": [0, 1, 2, 3], "start": [3, 9, 9, 12],
+        "token": [11, 12, 13, 14], "kv_slot": [20, 21, 22, 23], "num_output": [1] * 4, "prompt_len": [2] * 4,
+    }  # fmt: skip
+    run = DecodeRun(**{k: np.array(v, np.int64) for k, v in cols.items()}, params=(SamplingParams(),) * 4)
+    step = buf.load(Batch(items=Items(run, ()), step=2, decode=run), torch.empty(0, dtype=torch.int64), {})
+    assert step.ctx.decode_order.tolist() == [3, 1, 2, 0]  # ties keep their order
+    mixed = Batch(items=(item(1, 0, 0, [5, 6, 7], [0, 1, 2]), item(2, 1, 9, [12], [21])), step=3)
+    assert buf.load(mixed, torch.empty(0, dtype=torch.int64), {}).ctx.decode_order is None
+    buf.load_padding(3)
+    assert captured.decode_order[:3].tolist() == [0, 1, 2]
+    plain = buffers().load(decode, torch.empty(0, dtype=torch.int64), {}, pad_to=4)
+    assert plain.ctx.decode_order is None

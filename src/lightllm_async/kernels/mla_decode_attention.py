@@ -45,14 +45,30 @@ def mla_decode_attention_ref(
 
 
 @jit
-def _chunking(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
-    """(tokens a chunk holds, chunks the context reaches): the context cut into at most NUM_SPLITS
-    chunks of whole BLOCK_N blocks, each at least MIN_SPLIT tokens; the split and merge agree."""
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    return split_len, tl.minimum(tl.cdiv(seq_len, split_len), NUM_SPLITS)
+def _chunking(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """(tokens a chunk holds, chunks the context reaches): the context cut into at most num_splits
+    chunks of whole BLOCK_N blocks, each at least MIN_SPLIT tokens."""
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    return split_len, tl.minimum(tl.cdiv(seq_len, split_len), num_splits)
 
 
-@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])  # may be slices (prefill_attention.py)
+@jit
+def _spread_splits(SEQ_LENS, batch, NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """NUM_SPLITS where the longest context is over 1.25x the mean of the step's real ones (length
+    > 1: a CUDA graph's padding rows hold one token), else NUM_SPLITS // 2. Equal lengths fill the
+    card in one wave of NUM_SPLITS // 2 chunks each; spread lengths make the longest contexts' chunks
+    the wave's tail, and twice as many shorter chunks, the longest first, let the short ones fill
+    in behind them (perf/RESULTS.md, 2026-12-01)."""
+    offs = tl.arange(0, BLOCK_B)
+    lens = tl.load(SEQ_LENS + offs, mask=offs < batch, other=0).to(tl.int64)
+    real = lens > 1
+    longest = tl.max(lens, axis=0)
+    total = tl.sum(tl.where(real, lens, 0), axis=0)
+    count = tl.sum(real.to(tl.int64), axis=0)
+    return tl.where(longest * count * 4 > total * 5, NUM_SPLITS, NUM_SPLITS // 2)
+
+
+@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS", "ORDER"])  # may be slices (prefill_attention.py)
 def _mla_decode_split_kernel(
     Q_NOPE,  # [B, H, R] absorbed no-rope queries (q_nope @ W_UK per head)
     Q_PE,  # [B, H, P] rope queries
@@ -60,6 +76,7 @@ def _mla_decode_split_kernel(
     REQ_TO_TOKEN,  # [R2T, L] cache rows of each request, in position order
     REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
     SEQ_LENS,  # [B] context length of each request, the new token included
+    ORDER,  # [B] int32 (HAS_ORDER): the request each request-slot of the grid takes, longest first
     MID_O,  # [B, H, NUM_SPLITS, R] float32: each chunk's normalized output (unused if DIRECT)
     MID_LSE,  # [B, H, NUM_SPLITS] float32: each chunk's log2-sum-exp2 (-inf: empty; unused if DIRECT)
     OUT,  # [B, H, R] the output, written here when DIRECT (one chunk: nothing to merge)
@@ -71,13 +88,18 @@ def _mla_decode_split_kernel(
     stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
     stride_o_b, stride_o_h,  # OUT strides
     num_heads,  # H
+    batch,  # B
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     KV_LORA_RANK: tl.constexpr,  # R: latent width, the first R values of a cache row
     ROPE_DIM: tl.constexpr,  # P: rope key width, the P values after them
     NUM_SPLITS: tl.constexpr,  # chunks the context is cut into, at most
     MIN_SPLIT: tl.constexpr,  # tokens a chunk holds at least (a multiple of BLOCK_N): a short
-    # context is cut into fewer chunks, and the programs of chunks past its end write nothing
+    # context is cut into fewer chunks, and the programs of chunks past its end write an empty lse
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
+    HAS_ORDER: tl.constexpr,  # ORDER given: request-slot i of the grid is request ORDER[i]
+    ADAPT: tl.constexpr,  # cut every context into NUM_SPLITS / 2 chunks unless lengths spread (see
+    # _spread_splits); the merge reads every chunk's lse, so it need not know which
+    BLOCK_B: tl.constexpr,  # >= B, a power of two (ADAPT)
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
     BLOCK_N: tl.constexpr,  # context tokens per iteration
@@ -90,16 +112,21 @@ def _mla_decode_split_kernel(
     # are neighbours on axis 0, so they run together and the later ones read the latent from L2.
     split = tl.program_id(1)
     b = tl.program_id(2)
+    if HAS_ORDER:  # the longest contexts' chunks start first: the short ones fill the gaps later
+        b = tl.load(ORDER + b)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
 
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
-    split_len, used = _chunking(seq_len, NUM_SPLITS, BLOCK_N, MIN_SPLIT)
+    splits = _spread_splits(SEQ_LENS, batch, NUM_SPLITS, BLOCK_B) if ADAPT else NUM_SPLITS
+    split_len, used = _chunking(seq_len, splits, BLOCK_N, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    if not DIRECT and split >= tl.maximum(used, 1):  # past the context: nothing the merge reads
+    if not DIRECT and split >= tl.maximum(used, 1):  # past the context: an empty chunk for the merge
+        lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h + split
+        tl.store(lse_ptrs, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=heads < num_heads)
         return
-    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
 
     # -- the heads' queries, loaded once --
     offs_r = tl.arange(0, BLOCK_R)
@@ -153,16 +180,13 @@ def _mla_decode_split_kernel(
 @jit
 def _mla_decode_merge_kernel(
     MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
-    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
-    SEQ_LENS,  # [B] context lengths, as the split kernel had them
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel (-inf: an empty chunk)
     OUT,  # [B, H, R] attention output
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
     stride_ml_b, stride_ml_h,  # MID_LSE strides
     stride_o_b, stride_o_h,  # OUT strides
     KV_LORA_RANK: tl.constexpr,  # R
     NUM_SPLITS: tl.constexpr,  # any count >= 1
-    MIN_SPLIT: tl.constexpr,  # as the split kernel's
-    BLOCK_N: tl.constexpr,  # as the split kernel's
     BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
@@ -173,8 +197,8 @@ def _mla_decode_merge_kernel(
     b = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     out = _merged_row(
-        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
-        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+        MID_O, MID_LSE, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+        NUM_SPLITS, BLOCK_S, BLOCK_R, KV_LORA_RANK,
     )  # fmt: skip
     o_ptrs = OUT + b * stride_o_b + head * stride_o_h + offs_r
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_r < KV_LORA_RANK)
@@ -182,35 +206,34 @@ def _mla_decode_merge_kernel(
 
 @jit
 def _merged_row(
-    MID_O, MID_LSE, SEQ_LENS, b, head,
+    MID_O, MID_LSE, b, head,
     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-    NUM_SPLITS: tl.constexpr, MIN_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, KV_LORA_RANK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, KV_LORA_RANK: tl.constexpr,
 ):  # fmt: skip
     """[BLOCK_R] float32: head `head` of request b, its chunks' outputs weighed by their shares of
-    the total exp-sum; only the chunks the context reaches hold one; all empty gives zeros."""
+    the total exp-sum. Every chunk has an lse (-inf: empty, past its context; its output is not
+    read); all empty gives zeros."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < KV_LORA_RANK
     lse_ptrs = MID_LSE + b * stride_ml_b + head * stride_ml_h
-    _, used = _chunking(tl.load(SEQ_LENS + b), NUM_SPLITS, BLOCK_N, MIN_SPLIT)
-    lse = tl.load(lse_ptrs + offs_s, mask=offs_s < used, other=float("-inf"))
+    lse = tl.load(lse_ptrs + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     denom = tl.sum(tl.math.exp2(lse - m), axis=0)
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     mo_ptrs = MID_O + b * stride_mo_b + head * stride_mo_h + offs_r
-    for s in range(used):  # one row at a time: [NUM_SPLITS, R] at once would spill
-        w = tl.math.exp2(tl.load(lse_ptrs + s) - m)
-        acc += w * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
+    for s in range(NUM_SPLITS):  # one row at a time: [NUM_SPLITS, R] at once would spill
+        lse_s = tl.load(lse_ptrs + s)
+        if lse_s > float("-inf"):
+            acc += tl.math.exp2(lse_s - m) * tl.load(mo_ptrs + s * stride_mo_s, mask=mask_r, other=0.0)
     return acc / tl.where(denom > 0, denom, 1.0)
 
 
 @jit
 def _mla_decode_merge_uv_kernel(
     MID_O,  # [B, H, NUM_SPLITS, R] float32, from _mla_decode_split_kernel
-    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel
-    SEQ_LENS,  # [B] context lengths, as the split kernel had them
+    MID_LSE,  # [B, H, NUM_SPLITS] float32, from _mla_decode_split_kernel (-inf: an empty chunk)
     W_UV,  # [H, R, V] W_UV transposed: a head's latent -> its value dims (a layer's weight)
     OUT,  # [B, H, V] the attention output in the value space
     stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
@@ -220,8 +243,6 @@ def _mla_decode_merge_uv_kernel(
     KV_LORA_RANK: tl.constexpr,  # R
     V_DIM: tl.constexpr,  # V
     NUM_SPLITS: tl.constexpr,
-    MIN_SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,  # >= NUM_SPLITS, a power of two
     BLOCK_R: tl.constexpr,  # >= R, a power of two
     BLOCK_V: tl.constexpr,  # value dims per program
@@ -239,8 +260,8 @@ def _mla_decode_merge_uv_kernel(
     w = tl.load(w_ptrs, mask=(offs_r < KV_LORA_RANK)[:, None] & mask_v[None, :], other=0.0)
     pdl_wait(PDL)  # the weight is the layer's: read before the split kernel's outputs are waited for
     o = _merged_row(
-        MID_O, MID_LSE, SEQ_LENS, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b,
-        stride_ml_h, NUM_SPLITS, MIN_SPLIT, BLOCK_N, BLOCK_S, BLOCK_R, KV_LORA_RANK,
+        MID_O, MID_LSE, b, head, stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+        NUM_SPLITS, BLOCK_S, BLOCK_R, KV_LORA_RANK,
     )  # fmt: skip
     out = tl.sum(o[:, None] * w.to(tl.float32), axis=0)  # [BLOCK_V]
     tl.store(OUT + b * stride_o_b + head * stride_o_h + offs_v, out.to(OUT.dtype.element_ty), mask=mask_v)
@@ -356,6 +377,13 @@ def _env_overrides() -> dict:
 
 
 _ENV = _env_overrides()
+# With an `order`, a launch cut 2-8 chunks a context holds twice as many, used where the lengths
+# spread ("auto"), always ("always"), or never ("never": the order is ignored, the launch as without
+# one). LLA_MLA_SPREAD sets it, for benchmarks; perf/mla_moe_bench.py --mla-order sets _SPREAD.
+_SPREAD = os.environ.get("LLA_MLA_SPREAD", "auto")
+if _SPREAD not in ("auto", "always", "never"):
+    raise ValueError(f"LLA_MLA_SPREAD={_SPREAD!r}: auto, always or never")
+_SPREAD_MAX_SPLITS = 8
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
@@ -383,6 +411,14 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
+def _ordered_splits(splits: int, spread: str) -> tuple[int, bool]:
+    """(chunks the launch holds, whether the kernel halves them where the lengths are alike) for
+    a launch given an order, from the default cut's `splits` and the LLA_MLA_SPREAD mode."""
+    if not 2 <= splits <= _SPREAD_MAX_SPLITS or spread == "never":
+        return splits, False
+    return 2 * splits, spread == "auto"
+
+
 def mla_decode_attention(
     q_nope: Tensor,
     q_pe: Tensor,
@@ -395,6 +431,7 @@ def mla_decode_attention(
     block_h: int | None = None,
     min_split: int | None = None,
     w_uv: Tensor | None = None,
+    order: Tensor | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -410,6 +447,12 @@ def mla_decode_attention(
     `w_uv` [H, R, V] (W_UV transposed, a layer's constant weight): the result is multiplied per
     head by it, [B, H, V] contiguous; the chunk merge does that (one launch, where a batched GEMM
     would be another), or, with one chunk (nothing to merge), torch.bmm after the kernel.
+
+    `order` [B] int32, a permutation of the requests with the longest contexts first (the runner
+    gives one in decode-only steps): where the default cut makes a few chunks a context (2-8), the
+    launch then holds twice as many, used where the lengths spread (`_spread_splits`), and the
+    longest contexts' chunks start first, so that shorter chunks fill in behind them. The result is
+    the same; only the order of the work changes.
     """
     if w_uv is not None:
         assert w_uv.shape[:2] == (q_nope.shape[1], q_nope.shape[2]) and w_uv.stride(2) == 1
@@ -424,6 +467,7 @@ def mla_decode_attention(
     )
     assert q_pe.dtype == q_nope.dtype == kv_cache.dtype, "queries and cache must share a dtype"
     assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
+    assert order is None or (order.shape == (batch,) and order.dtype == torch.int32), "order: [B] int32"
     assert q_nope.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(1) == 1
     out = torch.empty((batch, heads, rank), dtype=q_nope.dtype, device=q_nope.device)
     if batch == 0:
@@ -431,6 +475,12 @@ def mla_decode_attention(
     launch = _launch_config(heads, q_nope.device, block_h)
     head_blocks = triton.cdiv(heads, launch.block_h)
     splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
+    adapt = False
+    if order is not None and num_splits is None:
+        doubled, adapt = _ordered_splits(splits, _SPREAD)
+        # the order pays where the chunks are doubled; elsewhere it is left out (one register
+        # fewer, and the 64-head launch, which spills already, spills no more)
+        order, splits = (order if doubled > splits else None), doubled
     assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
     # one chunk writes `out` directly: the float32 buffers are then placeholders
     mid_shape = (batch, heads, splits) if splits > 1 else (1, 1, 1)
@@ -440,13 +490,15 @@ def mla_decode_attention(
     min_split = launch.min_split if min_split is None else min_split
     min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
     _mla_decode_split_kernel[(head_blocks, splits, batch)](
-        q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
+        q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, seq_lens if order is None else order,
+        mid_o, mid_lse, out,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        heads, scale * math.log2(math.e),
+        heads, batch, scale * math.log2(math.e),
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
+        HAS_ORDER=order is not None, ADAPT=adapt, BLOCK_B=triton.next_power_of_2(batch) if adapt else 1,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
@@ -457,21 +509,20 @@ def mla_decode_attention(
         out = torch.empty((batch, heads, v_dim), dtype=q_nope.dtype, device=q_nope.device)
         block_v = 16
         _mla_decode_merge_uv_kernel[(heads, triton.cdiv(v_dim, block_v), batch)](
-            mid_o, mid_lse, seq_lens, w_uv, out,
+            mid_o, mid_lse, w_uv, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-            KV_LORA_RANK=rank, V_DIM=v_dim, NUM_SPLITS=splits, MIN_SPLIT=min_split,
-            BLOCK_N=launch.block_n, BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r,
+            KV_LORA_RANK=rank, V_DIM=v_dim, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_R=block_r,
             BLOCK_V=block_v, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
         return out
     if splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
-            mid_o, mid_lse, seq_lens, out,
+            mid_o, mid_lse, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            KV_LORA_RANK=rank, NUM_SPLITS=splits, MIN_SPLIT=min_split, BLOCK_N=launch.block_n,
-            BLOCK_S=triton.next_power_of_2(splits),
+            KV_LORA_RANK=rank, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
     return out if w_uv is None else _apply_w_uv(out, w_uv)

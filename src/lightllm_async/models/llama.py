@@ -64,6 +64,9 @@ class ForwardContext:
     # None when every context has L rows. Attention then runs one batched op with no host values.
     decode_rows: Tensor | None = None
     decode_mask: Tensor | None = None
+    # decode-only steps where the runner orders them (CUDA): [B] int32, the requests by context
+    # length, longest first, for split attention kernels to start the longest contexts' chunks first
+    decode_order: Tensor | None = None
     # Where attention leaves a forward captured in pieces (runner/piecewise.py): called instead of
     # the attention with (fn, inputs, out_tail, args); None: attention runs in line (`attend`).
     cut: Callable[..., Tensor] | None = None
@@ -166,6 +169,7 @@ class ForwardContext:
             decode_only=all(q_lens[b] == 1 for b in rows),
             host_seq_lens=tuple(self.host_seq_lens[b] for b in rows),
             host_q_lens=tuple(q_lens[b] for b in rows),
+            decode_order=None,  # the step's order, not the part's
         )
 
 

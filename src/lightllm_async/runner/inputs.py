@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +34,8 @@ class FlatInputs:
     rows: list[int] = field(default_factory=list)  # [B]
     q_start: list[int] = field(default_factory=lambda: [0])  # [B + 1]
     seq_lens: list[int] = field(default_factory=list)  # [B]
+    # [B] decode-only steps: the requests by seq_len, longest first (padding rows, one token, last)
+    order: list[int] = field(default_factory=list)
     logits_idx: list[int] = field(default_factory=list)  # [S] tokens whose logits are sampled
     pending_pos: list[int] = field(default_factory=list)  # [P] inputs that are the last step's samples
     pending_src: list[int] = field(default_factory=list)  # [P] ... and which sample each one is
@@ -45,6 +48,8 @@ class FlatInputs:
         """Append one-token rows up to n requests (a CUDA-graph bucket): each writes its k/v into
         the sink slot, which no request owns, and attends over the sink row's one entry."""
         for _ in range(len(self.rows), n):
+            if self.order:
+                self.order.append(len(self.rows))
             self.logits_idx.append(len(self.ids))
             self.ids.append(0)
             self.positions.append(0)
@@ -63,12 +68,13 @@ class FlatInputs:
         self.kv_slots.extend([sink_slot] * extra)
 
 
-def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
-    """`last_index` maps a slot to its sample's index in the previous launch."""
+def flatten(batch: Batch, last_index: dict[int, int], order: bool = False) -> FlatInputs:
+    """`last_index` maps a slot to its sample's index in the previous launch; `order`: a
+    decode-only step's `FlatInputs.order`."""
     f = FlatInputs()
     run, rest = batch.parts()
     if run is not None:
-        _flatten_run(f, run, last_index)
+        _flatten_run(f, run, last_index, order and not rest)
     for it in rest:
         n = len(it.token_ids)
         for j, tok in enumerate(it.token_ids):
@@ -88,10 +94,12 @@ def flatten(batch: Batch, last_index: dict[int, int]) -> FlatInputs:
             f.prefix_rows.extend([it.row] * it.start)
             f.prefix_pos.extend(range(it.start))
             f.prefix_slots.extend(it.prefix_kv_slots)
+    if order and rest and batch.decode_only:  # one-token items outside a decode run
+        f.order = sorted(range(len(f.seq_lens)), key=lambda b: -f.seq_lens[b])
     return f
 
 
-def _flatten_run(f: FlatInputs, run: DecodeRun, last_index: dict[int, int]) -> None:
+def _flatten_run(f: FlatInputs, run: DecodeRun, last_index: dict[int, int], order: bool) -> None:
     """An empty `f` takes a decode run: one token per row, each sampled."""
     k = len(run)
     f.ids = run.token.tolist()
@@ -105,6 +113,8 @@ def _flatten_run(f: FlatInputs, run: DecodeRun, last_index: dict[int, int]) -> N
     f.q_start = list(range(k + 1))
     f.seq_lens = (run.start + 1).tolist()
     f.logits_idx = list(range(k))
+    if order:
+        f.order = np.argsort(-run.start, kind="stable").tolist()
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,12 @@ class InputBuffers:
         sink_row: int,
         max_prefix_slots: int = 0,  # 0: one row of req_to_token
         vocab_size: int | None = None,
+        order_decode_rows: bool = False,
     ):
+        """`order_decode_rows`: decode-only steps' contexts carry `decode_order` (the CUDA
+        runner's: its split attention kernels use it; nothing on the CPU does)."""
         self.req_to_token = req_to_token
+        self.order_decode_rows = order_decode_rows
         # The token id at each position of each request row, as fed to the model: what penalties
         # count (sampler.SamplingMetadata.with_history). Written beside req_to_token, from the
         # same inputs; a step that maps positions it does not compute (a cached prefix) must
@@ -152,6 +166,7 @@ class InputBuffers:
             "req_idx": (torch.int32, max_batch),
             "q_start": (torch.int32, max_batch + 1),
             "seq_lens": (torch.int32, max_batch),
+            "decode_order": (torch.int32, max_batch),
             # the samples' rows, then the rows of prompt log-probabilities (at most one a token)
             "logits_idx": (torch.int64, max_batch + max_tokens),
             "lp_rows": (torch.int64, max_batch + max_tokens),
@@ -203,6 +218,7 @@ class InputBuffers:
             decode_only=decode_only,
             host_seq_lens=host_seq_lens,
             host_q_lens=host_q_lens,
+            decode_order=view("decode_order", num_reqs) if decode_only and self.order_decode_rows else None,
         )
 
     def load(
@@ -218,7 +234,7 @@ class InputBuffers:
         that many (a decode graph's bucket); `pad_tokens_to`: padding tokens of no request up to
         that many (a piecewise graph's bucket), which the returned step leaves out: its
         `input_ids` and context are the real tokens'."""
-        flat = flatten(batch, last_index)
+        flat = flatten(batch, last_index, self.order_decode_rows)
         num_real_tokens = len(flat.ids)
         flat.pad_to(pad_to, self.sink_slot, self.sink_row)
         flat.pad_tokens_to(pad_tokens_to, self.sink_slot)
@@ -275,6 +291,7 @@ class InputBuffers:
         """Fill the first num_rows rows with padding only: what graph capture runs on."""
         flat = FlatInputs()
         flat.pad_to(num_rows, self.sink_slot, self.sink_row)
+        flat.order = list(range(num_rows)) if self.order_decode_rows else []
         self._write(flat)
         self.staging.upload()
 
@@ -309,6 +326,8 @@ class InputBuffers:
         put("req_idx", flat.rows)
         put("q_start", flat.q_start)
         put("seq_lens", flat.seq_lens)
+        if flat.order:
+            put("decode_order", flat.order)
         put("logits_idx", flat.logits_idx)
         put("positions", flat.positions)
         put("kv_slots", flat.kv_slots)

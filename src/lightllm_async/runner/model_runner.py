@@ -357,6 +357,7 @@ class ModelRunner:
             sink_row=cfg.max_running_requests,
             max_prefix_slots=max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens),
             vocab_size=self.model_cfg.vocab_size,
+            order_decode_rows=self.device.type == "cuda",
         )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
