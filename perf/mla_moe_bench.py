@@ -286,8 +286,11 @@ def mla_order_rows(layers: list, copy: float, mm: float) -> None:
             mla_module._SPREAD = spread
             cases = []
             for x in layers:
-                order = torch.argsort(x[5], descending=True, stable=True).to(torch.int32)
-                cases.append(mla_case(x, f"order {spread}", order=order))
+                lens = x[5]
+                order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+                flag = mla_module.lengths_spread(int(lens.max()), int(lens.sum()), len(lens))
+                flag = torch.tensor([int(flag)], dtype=torch.int32, device=DEV)  # as the runner's
+                cases.append(mla_case(x, f"order {spread}", order=order, spread=flag))
             print(chain_row(cases, copy, mm)[0], flush=True)
     finally:
         mla_module._SPREAD = mode

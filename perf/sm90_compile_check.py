@@ -62,7 +62,7 @@ def report(name: str, fn, types: dict, constexprs: dict, num_warps: int = 4, num
 def mla() -> None:
     bf16 = "*bf16"
     types = dict(Q_NOPE=bf16, Q_PE=bf16, KV_CACHE=bf16, OUT=bf16, MID_O="*fp32", MID_LSE="*fp32",
-                 REQ_TO_TOKEN="*i32", REQ_IDX="*i32", SEQ_LENS="*i32", ORDER="*i32",
+                 REQ_TO_TOKEN="*i32", REQ_IDX="*i32", SEQ_LENS="*i32", ORDER="*i32", SPREAD="*i32",
                  qk_scale="fp32")  # fmt: skip
     launches = (
         (16, 16, 4, 2),
@@ -80,7 +80,7 @@ def mla() -> None:
             n = 8 if order else splits
             consts = dict(
                 shape, NUM_SPLITS=n, MIN_SPLIT=bn, DIRECT=n == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True,
-                HAS_ORDER=order, ADAPT=order, BLOCK_B=128 if order else 1,
+                HAS_ORDER=order, ADAPT=order,
             )  # fmt: skip
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)

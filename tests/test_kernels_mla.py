@@ -18,8 +18,7 @@ from lightllm_async.kernels import (
     mla_store_kv,
     mla_store_kv_ref,
 )
-from lightllm_async.kernels.backend import jit, tl, triton
-from lightllm_async.kernels.mla_decode_attention import _spread_splits, mla_absorb_q, mla_absorb_q_ref
+from lightllm_async.kernels.mla_decode_attention import lengths_spread, mla_absorb_q, mla_absorb_q_ref
 from lightllm_async.kernels.rotary import rope_cache
 from lightllm_async.kernels.testing import TOLERANCE, nan_filled_allocations, rel_err
 
@@ -336,7 +335,8 @@ def test_mla_decode_applies_w_uv_in_the_merge_in_interpreter(interpreter, num_sp
 
 def check_ordered(seq_lens, heads, device, dtype, order=None, w_uv_dim=None, rank=64, rope=16):
     """mla_decode_attention given an `order` (default: longest first, as the runner gives it)
-    equals the reference: the order moves work between programs, never changes a result."""
+    equals the reference, with the doubled cut always (no flag) and with either flag: the order
+    and the cut move work between programs, never change a result."""
     kv_cache, req_to_token, req_idx, lens = make_latent_cache(seq_lens, rank + rope, dtype, device)
     q_nope = torch.randn(len(seq_lens), heads, rank, dtype=dtype, device=device)
     q_pe = torch.randn(len(seq_lens), heads, rope, dtype=dtype, device=device)
@@ -349,17 +349,19 @@ def check_ordered(seq_lens, heads, device, dtype, order=None, w_uv_dim=None, ran
     if w_uv_dim is not None:
         w_uv = torch.randn(heads, rank, w_uv_dim, dtype=dtype, device=device) / rank**0.5
         ref = torch.einsum("bhr,hrv->bhv", ref.float(), w_uv.float())
-    with nan_filled_allocations():
-        out = mla_decode_attention(*args, w_uv=w_uv, order=order)
-    assert not out.isnan().any()
-    assert rel_err(out, ref) < TOLERANCE[dtype]
+    for flag in (None, 0, 1):
+        spread = None if flag is None else torch.tensor([flag], dtype=torch.int32, device=device)
+        with nan_filled_allocations():
+            out = mla_decode_attention(*args, w_uv=w_uv, order=order, spread=spread)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize(
     "seq_lens",
     [
-        [130, 2, 300, 64, 65, 1, 1],  # spread: the doubled cut is used (padding rows of one token last)
-        [200, 201, 199, 200, 1],  # alike: half of it; the programs past a context write an empty lse
+        [130, 2, 300, 64, 65, 1, 1],  # spread, padding rows of one token last
+        [200, 201, 199, 200, 1],  # alike: with the flag 0, the programs past a context write an empty lse
         [0, 47, 300, 5],  # an empty context among them
     ],
 )
@@ -371,36 +373,29 @@ def test_mla_decode_in_an_order_matches_reference_in_interpreter(interpreter, se
     check_ordered(seq_lens, 5, "cpu", torch.float32, order=shuffled, w_uv_dim=w_uv_dim)
 
 
-@jit
-def _spread_probe(SEQ_LENS, OUT, batch, NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr):
-    tl.store(OUT, _spread_splits(SEQ_LENS, batch, NUM_SPLITS, BLOCK_B))
-
-
 @pytest.mark.parametrize(
-    "seq_lens, doubled",
+    "seq_lens, spread",
     [
-        ([4000] * 5 + [1, 1], False),  # alike; a graph's padding rows (one token) do not count
+        ([4000] * 5, False),
         ([2000, 6000, 4000], True),  # the longest 1.5x the mean
         ([100, 130], False),  # 1.13x
-        ([100, 200, 1, 1, 1], True),  # 1.33x of the real rows' mean
+        ([100, 200], True),  # 1.33x
         ([7], False),
     ],
 )
-def test_mla_spread_rule_doubles_the_chunks_only_where_lengths_spread(interpreter, seq_lens, doubled):
-    out = torch.zeros(1, dtype=torch.int32)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    _spread_probe[(1,)](lens, out, len(seq_lens), NUM_SPLITS=8, BLOCK_B=triton.next_power_of_2(len(seq_lens)))
-    assert out.item() == (8 if doubled else 4)
+def test_mla_lengths_spread_where_the_longest_is_over_a_quarter_above_the_mean(seq_lens, spread):
+    assert lengths_spread(max(seq_lens), sum(seq_lens), len(seq_lens)) is spread
 
 
 def test_mla_ordered_launch_doubles_only_a_few_chunks_a_context():
     module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    assert module._ordered_splits(2, "auto") == (4, True)
-    assert module._ordered_splits(8, "auto") == (16, True)
-    assert module._ordered_splits(8, "always") == (16, False)
-    assert module._ordered_splits(2, "never") == (2, False)
-    assert module._ordered_splits(1, "auto") == (1, False)  # one chunk: written directly, no merge
-    assert module._ordered_splits(9, "auto") == (9, False)  # many short chunks already
+    assert module._ordered_splits(2, "auto", True) == (4, True)  # halved unless the flag says spread
+    assert module._ordered_splits(8, "auto", True) == (16, True)
+    assert module._ordered_splits(8, "auto", False) == (16, False)  # no flag given: doubled always
+    assert module._ordered_splits(8, "always", True) == (16, False)
+    assert module._ordered_splits(2, "never", True) == (2, False)
+    assert module._ordered_splits(1, "auto", True) == (1, False)  # one chunk: written directly, no merge
+    assert module._ordered_splits(9, "auto", True) == (9, False)  # many short chunks already
 
 
 @pytest.mark.gpu
@@ -421,23 +416,25 @@ def test_mla_decode_in_an_order_matches_reference_on_gpu(gpu, heads):
 @pytest.mark.gpu
 def test_mla_decode_in_an_order_replays_in_a_cuda_graph_as_lengths_spread_and_even_out(gpu):
     """Captured once with the order and lengths of one step, replayed as the runner does: new
-    lengths and their order written into the same buffers. The kernel doubles its cut or not on
-    the device, per replay, from the lengths alone."""
+    lengths, their order and the spread flag written into the same buffers. The kernel doubles
+    its cut or not on the device, per replay, as the flag says."""
     batch = 64
     kv_cache, req_to_token, req_idx, lens = make_latent_cache([6000] * batch, 576, torch.bfloat16, "cuda")
     q_nope = torch.randn(batch, 16, 512, dtype=torch.bfloat16, device="cuda")
     q_pe = torch.randn(batch, 16, 64, dtype=torch.bfloat16, device="cuda")
     w_uv = torch.randn(16, 512, 128, dtype=torch.bfloat16, device="cuda") / 512**0.5
     order = torch.arange(batch, dtype=torch.int32, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
     args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 192**-0.5)
-    mla_decode_attention(*args, w_uv=w_uv, order=order)  # compile outside the capture
+    mla_decode_attention(*args, w_uv=w_uv, order=order, spread=flag)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = mla_decode_attention(*args, w_uv=w_uv, order=order)
+        out = mla_decode_attention(*args, w_uv=w_uv, order=order, spread=flag)
     spread = torch.randint(100, 6001, (batch,)).tolist()
     for new_lens in (spread, [4000] * batch, spread[::-1], [5] * (batch - 1) + [6000]):
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         order.copy_(torch.tensor(sorted(range(batch), key=lambda b: -new_lens[b]), dtype=torch.int32))
+        flag.fill_(int(lengths_spread(max(new_lens), sum(new_lens), batch)))
         q_nope.normal_()
         graph.replay()
         ref = torch.einsum("bhr,hrv->bhv", mla_decode_attention_ref(*args).float(), w_uv.float())

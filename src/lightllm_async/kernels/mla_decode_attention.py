@@ -52,20 +52,14 @@ def _chunking(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexp
     return split_len, tl.minimum(tl.cdiv(seq_len, split_len), num_splits)
 
 
-@jit
-def _spread_splits(SEQ_LENS, batch, NUM_SPLITS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """NUM_SPLITS where the longest context is over 1.25x the mean of the step's real ones (length
-    > 1: a CUDA graph's padding rows hold one token), else NUM_SPLITS // 2. Equal lengths fill the
-    card in one wave of NUM_SPLITS // 2 chunks each; spread lengths make the longest contexts' chunks
-    the wave's tail, and twice as many shorter chunks, the longest first, let the short ones fill
-    in behind them (perf/RESULTS.md, 2026-12-01)."""
-    offs = tl.arange(0, BLOCK_B)
-    lens = tl.load(SEQ_LENS + offs, mask=offs < batch, other=0).to(tl.int64)
-    real = lens > 1
-    longest = tl.max(lens, axis=0)
-    total = tl.sum(tl.where(real, lens, 0), axis=0)
-    count = tl.sum(real.to(tl.int64), axis=0)
-    return tl.where(longest * count * 4 > total * 5, NUM_SPLITS, NUM_SPLITS // 2)
+def lengths_spread(longest: int, total: int, count: int) -> bool:
+    """Whether a decode step's contexts spread (the longest over 1.25x the mean of `count`
+    contexts of `total` tokens): where they do, an ordered launch uses its doubled cut. Equal
+    lengths fill the card in one wave of the plain cut; spread lengths make the longest contexts'
+    chunks that wave's tail, and twice as many shorter chunks, the longest first, let the short
+    ones fill in behind them (perf/RESULTS.md, 2026-12-01). The runner decides it on the host, where
+    the lengths are, and hands the kernel the answer (`spread`)."""
+    return longest * count * 4 > total * 5
 
 
 @jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS", "ORDER"])  # may be slices (prefill_attention.py)
@@ -77,6 +71,7 @@ def _mla_decode_split_kernel(
     REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
     SEQ_LENS,  # [B] context length of each request, the new token included
     ORDER,  # [B] int32 (HAS_ORDER): the request each request-slot of the grid takes, longest first
+    SPREAD,  # [1] int32 (ADAPT): nonzero where the contexts spread (lengths_spread)
     MID_O,  # [B, H, NUM_SPLITS, R] float32: each chunk's normalized output (unused if DIRECT)
     MID_LSE,  # [B, H, NUM_SPLITS] float32: each chunk's log2-sum-exp2 (-inf: empty; unused if DIRECT)
     OUT,  # [B, H, R] the output, written here when DIRECT (one chunk: nothing to merge)
@@ -88,7 +83,6 @@ def _mla_decode_split_kernel(
     stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
     stride_o_b, stride_o_h,  # OUT strides
     num_heads,  # H
-    batch,  # B
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     KV_LORA_RANK: tl.constexpr,  # R: latent width, the first R values of a cache row
     ROPE_DIM: tl.constexpr,  # P: rope key width, the P values after them
@@ -97,9 +91,8 @@ def _mla_decode_split_kernel(
     # context is cut into fewer chunks, and the programs of chunks past its end write an empty lse
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
     HAS_ORDER: tl.constexpr,  # ORDER given: request-slot i of the grid is request ORDER[i]
-    ADAPT: tl.constexpr,  # cut every context into NUM_SPLITS / 2 chunks unless lengths spread (see
-    # _spread_splits); the merge reads every chunk's lse, so it need not know which
-    BLOCK_B: tl.constexpr,  # >= B, a power of two (ADAPT)
+    ADAPT: tl.constexpr,  # cut every context into NUM_SPLITS / 2 chunks unless SPREAD says the
+    # lengths spread; the merge reads every chunk's lse, so it need not know which
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
     BLOCK_N: tl.constexpr,  # context tokens per iteration
@@ -119,7 +112,8 @@ def _mla_decode_split_kernel(
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
-    splits = _spread_splits(SEQ_LENS, batch, NUM_SPLITS, BLOCK_B) if ADAPT else NUM_SPLITS
+    # (a flag from the host: the lengths reduced here cost ~30 registers a thread)
+    splits = tl.where(tl.load(SPREAD) != 0, NUM_SPLITS, NUM_SPLITS // 2) if ADAPT else NUM_SPLITS
     split_len, used = _chunking(seq_len, splits, BLOCK_N, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -377,9 +371,9 @@ def _env_overrides() -> dict:
 
 
 _ENV = _env_overrides()
-# With an `order`, a launch cut 2-8 chunks a context holds twice as many, used where the lengths
-# spread ("auto"), always ("always"), or never ("never": the order is ignored, the launch as without
-# one). LLA_MLA_SPREAD sets it, for benchmarks; perf/mla_moe_bench.py --mla-order sets _SPREAD.
+# With an `order`, a launch cut 2-8 chunks a context holds twice as many, used where the step's
+# `spread` flag says ("auto"), always ("always"), or never ("never": the order is ignored, the launch
+# as without one). LLA_MLA_SPREAD sets it, for benchmarks; perf/mla_moe_bench.py sets _SPREAD.
 _SPREAD = os.environ.get("LLA_MLA_SPREAD", "auto")
 if _SPREAD not in ("auto", "always", "never"):
     raise ValueError(f"LLA_MLA_SPREAD={_SPREAD!r}: auto, always or never")
@@ -411,12 +405,13 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
-def _ordered_splits(splits: int, spread: str) -> tuple[int, bool]:
-    """(chunks the launch holds, whether the kernel halves them where the lengths are alike) for
-    a launch given an order, from the default cut's `splits` and the LLA_MLA_SPREAD mode."""
-    if not 2 <= splits <= _SPREAD_MAX_SPLITS or spread == "never":
+def _ordered_splits(splits: int, mode: str, flag: bool) -> tuple[int, bool]:
+    """(chunks the launch holds, whether the kernel halves them unless the step's `spread` flag is
+    set) for a launch given an order, from the default cut's `splits`, the LLA_MLA_SPREAD mode and
+    whether a flag was given."""
+    if not 2 <= splits <= _SPREAD_MAX_SPLITS or mode == "never":
         return splits, False
-    return 2 * splits, spread == "auto"
+    return 2 * splits, mode == "auto" and flag
 
 
 def mla_decode_attention(
@@ -432,6 +427,7 @@ def mla_decode_attention(
     min_split: int | None = None,
     w_uv: Tensor | None = None,
     order: Tensor | None = None,
+    spread: Tensor | None = None,
 ) -> Tensor:
     """MLA attention of each request's one new token over its whole context in the latent cache.
 
@@ -450,9 +446,10 @@ def mla_decode_attention(
 
     `order` [B] int32, a permutation of the requests with the longest contexts first (the runner
     gives one in decode-only steps): where the default cut makes a few chunks a context (2-8), the
-    launch then holds twice as many, used where the lengths spread (`_spread_splits`), and the
-    longest contexts' chunks start first, so that shorter chunks fill in behind them. The result is
-    the same; only the order of the work changes.
+    launch then holds twice as many, and the longest contexts' chunks start first, so that shorter
+    chunks fill in behind them. `spread` [1] int32 (with an order): the doubled cut only where it
+    is nonzero (`lengths_spread`; without it, always). The result is the same either way; only the
+    work's order and cut change.
     """
     if w_uv is not None:
         assert w_uv.shape[:2] == (q_nope.shape[1], q_nope.shape[2]) and w_uv.stride(2) == 1
@@ -468,6 +465,7 @@ def mla_decode_attention(
     assert q_pe.dtype == q_nope.dtype == kv_cache.dtype, "queries and cache must share a dtype"
     assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
     assert order is None or (order.shape == (batch,) and order.dtype == torch.int32), "order: [B] int32"
+    assert spread is None or (spread.numel() == 1 and spread.dtype == torch.int32), "spread: [1] int32"
     assert q_nope.stride(2) == 1 and q_pe.stride(2) == 1 and kv_cache.stride(1) == 1
     out = torch.empty((batch, heads, rank), dtype=q_nope.dtype, device=q_nope.device)
     if batch == 0:
@@ -477,7 +475,7 @@ def mla_decode_attention(
     splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
     adapt = False
     if order is not None and num_splits is None:
-        doubled, adapt = _ordered_splits(splits, _SPREAD)
+        doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None)
         # the order pays where the chunks are doubled; elsewhere it is left out (one register
         # fewer, and the 64-head launch, which spills already, spills no more)
         order, splits = (order if doubled > splits else None), doubled
@@ -491,14 +489,14 @@ def mla_decode_attention(
     min_split = max(1, triton.cdiv(min_split, launch.block_n)) * launch.block_n
     _mla_decode_split_kernel[(head_blocks, splits, batch)](
         q_nope, q_pe, kv_cache, req_to_token, req_idx, seq_lens, seq_lens if order is None else order,
-        mid_o, mid_lse, out,
+        spread if adapt else seq_lens, mid_o, mid_lse, out,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
-        heads, batch, scale * math.log2(math.e),
+        heads, scale * math.log2(math.e),
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
-        HAS_ORDER=order is not None, ADAPT=adapt, BLOCK_B=triton.next_power_of_2(batch) if adapt else 1,
+        HAS_ORDER=order is not None, ADAPT=adapt,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),

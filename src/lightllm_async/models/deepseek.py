@@ -299,12 +299,13 @@ class MLAttention(nn.Module):
 
     def _decode(self, q_nope: Tensor, q_pe: Tensor, ctx: ForwardContext, kv_cache: Tensor) -> Tensor:
         cache = (kv_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale)
+        order, spread = ctx.decode_order, ctx.decode_spread
         if self.fusions.mla_gemv and q_nope.shape[0] <= GEMV_MAX_ROWS and use_triton(q_nope):
             q_abs = mla_absorb_q(q_nope, self.w_uk)  # [B, n, R]
             # [B, n, v] contiguous, as o_proj reads it
-            return mla_decode_attention(q_abs, q_pe, *cache, w_uv=self.w_uv, order=ctx.decode_order)
+            return mla_decode_attention(q_abs, q_pe, *cache, w_uv=self.w_uv, order=order, spread=spread)
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [B, n, R], strided
-        o = mla_decode_attention(q_abs, q_pe, *cache, order=ctx.decode_order)  # [B, n, R]: weighted latents
+        o = mla_decode_attention(q_abs, q_pe, *cache, order=order, spread=spread)  # [B, n, R] latents
         if not self.fusions.w_uv_out:
             return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1)  # [B, n, v], strided
         # written as o_proj reads it: [B, n, v] contiguous, through a [n, B, v] view (cuBLAS's

@@ -67,6 +67,7 @@ class ForwardContext:
     # decode-only steps where the runner orders them (CUDA): [B] int32, the requests by context
     # length, longest first, for split attention kernels to start the longest contexts' chunks first
     decode_order: Tensor | None = None
+    decode_spread: Tensor | None = None  # with decode_order: [1] int32, nonzero where the lengths spread
     # Where attention leaves a forward captured in pieces (runner/piecewise.py): called instead of
     # the attention with (fn, inputs, out_tail, args); None: attention runs in line (`attend`).
     cut: Callable[..., Tensor] | None = None
@@ -170,6 +171,7 @@ class ForwardContext:
             host_seq_lens=tuple(self.host_seq_lens[b] for b in rows),
             host_q_lens=tuple(q_lens[b] for b in rows),
             decode_order=None,  # the step's order, not the part's
+            decode_spread=None,
         )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightllm_async.batch import PENDING_TOKEN, Batch, DecodeRun, logprob_rows, logprob_top_k, sampled_rows
+from lightllm_async.kernels.mla_decode_attention import lengths_spread
 from lightllm_async.models.llama import ForwardContext
 from lightllm_async.runner.logprobs import LogprobPlan, plan_lists
 from lightllm_async.runner.sampler import SAMPLING_FIELDS, SamplingMetadata
@@ -36,6 +37,7 @@ class FlatInputs:
     seq_lens: list[int] = field(default_factory=list)  # [B]
     # [B] decode-only steps: the requests by seq_len, longest first (padding rows, one token, last)
     order: list[int] = field(default_factory=list)
+    spread: bool = False  # with `order`: whether the lengths spread (kernels' lengths_spread)
     logits_idx: list[int] = field(default_factory=list)  # [S] tokens whose logits are sampled
     pending_pos: list[int] = field(default_factory=list)  # [P] inputs that are the last step's samples
     pending_src: list[int] = field(default_factory=list)  # [P] ... and which sample each one is
@@ -96,6 +98,7 @@ def flatten(batch: Batch, last_index: dict[int, int], order: bool = False) -> Fl
             f.prefix_slots.extend(it.prefix_kv_slots)
     if order and rest and batch.decode_only:  # one-token items outside a decode run
         f.order = sorted(range(len(f.seq_lens)), key=lambda b: -f.seq_lens[b])
+        f.spread = lengths_spread(max(f.seq_lens), sum(f.seq_lens), len(f.seq_lens))
     return f
 
 
@@ -115,6 +118,7 @@ def _flatten_run(f: FlatInputs, run: DecodeRun, last_index: dict[int, int], orde
     f.logits_idx = list(range(k))
     if order:
         f.order = np.argsort(-run.start, kind="stable").tolist()
+        f.spread = lengths_spread(int(run.start.max()) + 1, int(run.start.sum()) + k, k)
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class InputBuffers:
             "q_start": (torch.int32, max_batch + 1),
             "seq_lens": (torch.int32, max_batch),
             "decode_order": (torch.int32, max_batch),
+            "decode_spread": (torch.int32, 1),
             # the samples' rows, then the rows of prompt log-probabilities (at most one a token)
             "logits_idx": (torch.int64, max_batch + max_tokens),
             "lp_rows": (torch.int64, max_batch + max_tokens),
@@ -206,7 +211,7 @@ class InputBuffers:
     ) -> ForwardContext:
         """Views of the buffers for a step of this shape; the same memory for every step.
         The host lengths are left out only for CUDA-graph captures, whose lengths vary per replay."""
-        view = self.staging.view
+        view, ordered = self.staging.view, decode_only and self.order_decode_rows
         return ForwardContext(
             positions=view("positions", num_tokens),
             kv_slots=view("kv_slots", num_tokens),
@@ -218,7 +223,8 @@ class InputBuffers:
             decode_only=decode_only,
             host_seq_lens=host_seq_lens,
             host_q_lens=host_q_lens,
-            decode_order=view("decode_order", num_reqs) if decode_only and self.order_decode_rows else None,
+            decode_order=view("decode_order", num_reqs) if ordered else None,
+            decode_spread=view("decode_spread", 1) if ordered else None,
         )
 
     def load(
@@ -328,6 +334,7 @@ class InputBuffers:
         put("seq_lens", flat.seq_lens)
         if flat.order:
             put("decode_order", flat.order)
+            put("decode_spread", [int(flat.spread)])
         put("logits_idx", flat.logits_idx)
         put("positions", flat.positions)
         put("kv_slots", flat.kv_slots)
