@@ -77,6 +77,9 @@
 #   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64), context DSO_CONTEXT (2048) spread
 #            by each of DSO_SPREADS (0.5 0), the order ignored (LLA_MLA_SPREAD=never) and used (auto),
 #            each in its own process
+#   l3order  the decode attention GPU tests, then the Llama-3-8B decode step at L3O_BATCHES (64,256),
+#            context L3O_CONTEXT (1024) spread by each of L3O_SPREADS (0.8 0), the runner's order
+#            ignored (LLA_DECODE_ORDER=0) and used, each in its own process
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -332,6 +335,17 @@ runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$r
         LLA_MLA_SPREAD=$mode timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches ${DSO_BATCH:-64} \
           --context ${DSO_CONTEXT:-2048} --context-spread $spread --top-kernels 8 --out "${log%.log}.json" >"$log" 2>&1
         echo "ds spread $spread $mode exit $?"; grep -E "^ +[0-9]+ +True" "$log" | head -2
+      done
+    done ;;
+  l3order)
+    decode_tests
+    for spread in ${L3O_SPREADS:-0.8 0}; do
+      for mode in 0 1; do
+        log="$OUT/l3_order${mode}_spread$spread.log"
+        LLA_DECODE_ORDER=$mode timeout 170 python3 perf/decode_bench.py --shape llama3-8b --batches ${L3O_BATCHES:-64,256} \
+          --context ${L3O_CONTEXT:-1024} --context-spread $spread --max-running 256 --top-kernels 6 \
+          --out "${log%.log}.json" >"$log" 2>&1
+        echo "l3 spread $spread order $mode exit $?"; grep -E "^ +[0-9]+ +True" "$log" | head -4
       done
     done ;;
   tpcheck)

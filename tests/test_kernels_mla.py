@@ -379,11 +379,11 @@ def test_mla_decode_in_an_order_matches_reference_in_interpreter(interpreter, se
         ([4000] * 5, False),
         ([2000, 6000, 4000], True),  # the longest 1.5x the mean
         ([100, 130], False),  # 1.13x
-        ([100, 200], True),  # 1.33x
+        ([100, 140, 100], True),  # 1.24x
         ([7], False),
     ],
 )
-def test_mla_lengths_spread_where_the_longest_is_over_a_quarter_above_the_mean(seq_lens, spread):
+def test_mla_lengths_spread_where_the_longest_is_over_a_fifth_above_the_mean(seq_lens, spread):
     assert lengths_spread(max(seq_lens), sum(seq_lens), len(seq_lens)) is spread
 
 

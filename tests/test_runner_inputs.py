@@ -272,13 +272,13 @@ def test_decode_only_steps_carry_their_requests_longest_first_where_asked():
     assert same_memory(step.ctx.decode_order, captured.decode_order)
     assert same_memory(step.ctx.decode_spread, captured.decode_spread)
     cols = {
-        "slot": [1, 2, 3, 4], "gen": [0] * 4, "epoch": [0] * 4, "row": [0, 1, 2, 3], "start": [9, 8, 9, 12],
+        "slot": [1, 2, 3, 4], "gen": [0] * 4, "epoch": [0] * 4, "row": [0, 1, 2, 3], "start": [9, 8, 9, 11],
         "token": [11, 12, 13, 14], "kv_slot": [20, 21, 22, 23], "num_output": [1] * 4, "prompt_len": [2] * 4,
     }  # fmt: skip
     run = DecodeRun(**{k: np.array(v, np.int64) for k, v in cols.items()}, params=(SamplingParams(),) * 4)
     step = buf.load(Batch(items=Items(run, ()), step=2, decode=run), torch.empty(0, dtype=torch.int64), {})
     assert step.ctx.decode_order.tolist() == [3, 0, 2, 1]  # ties keep their order
-    assert step.ctx.decode_spread.tolist() == [0]  # 13 against a mean of 10.5
+    assert step.ctx.decode_spread.tolist() == [0]  # 12 against a mean of 10.25
     mixed = Batch(items=(item(1, 0, 0, [5, 6, 7], [0, 1, 2]), item(2, 1, 9, [12], [21])), step=3)
     assert buf.load(mixed, torch.empty(0, dtype=torch.int64), {}).ctx.decode_order is None
     buf.load_padding(3)

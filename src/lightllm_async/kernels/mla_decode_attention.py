@@ -53,13 +53,15 @@ def _chunking(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexp
 
 
 def lengths_spread(longest: int, total: int, count: int) -> bool:
-    """Whether a decode step's contexts spread (the longest over 1.25x the mean of `count`
+    """Whether a decode step's contexts spread (the longest over 1.2x the mean of `count`
     contexts of `total` tokens): where they do, an ordered launch uses its doubled cut. Equal
     lengths fill the card in one wave of the plain cut; spread lengths make the longest contexts'
     chunks that wave's tail, and twice as many shorter chunks, the longest first, let the short
-    ones fill in behind them (perf/RESULTS.md, 2026-12-01). The runner decides it on the host, where
-    the lengths are, and hands the kernel the answer (`spread`)."""
-    return longest * count * 4 > total * 5
+    ones fill in behind them. On an H200 the doubled cut cost 0-10% where lengths were equal (its
+    partials' traffic; 15-23% at 1k contexts) and saved 1-35% from a 1.25x longest up
+    (perf/RESULTS.md, 2026-12-01). The runner decides it on the host, where the lengths are, and
+    hands the kernel the answer (`spread`)."""
+    return longest * count * 5 > total * 6
 
 
 @jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS", "ORDER"])  # may be slices (prefill_attention.py)
