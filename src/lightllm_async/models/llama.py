@@ -270,9 +270,8 @@ class Attention(nn.Module):
             return decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
         if ctx.decode_only:
             return decode_attention(
-                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale,
-                order=ctx.decode_order,
-            )  # fmt: skip
+                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
+            )
         q_lens = ctx.host_q_lens
         if q_lens is None or 1 not in q_lens or all(n == 1 for n in q_lens):
             return prefill_attention(
