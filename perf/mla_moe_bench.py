@@ -241,9 +241,11 @@ def row(case: Case, copy: float, mm: float, ref: bool) -> tuple[str, float]:
 
 def mla_rows(args, copy: float, mm: float) -> None:
     for heads in (16, 128):
-        for batch in (64, 128):
+        for batch in (64, 128, 256):  # 256 only where --mla-cases names it
             for ctx in (1024, 4096, 8192):
                 if args.mla_cases and f"{heads}:{batch}:{ctx}" not in args.mla_cases.split(","):
+                    continue
+                if batch == 256 and not args.mla_cases:
                     continue
                 inputs = mla_inputs(batch, ctx, heads, args.mla_spread)
                 print(row(mla_case(inputs), copy, mm, not args.no_ref)[0], flush=True)
@@ -280,20 +282,26 @@ def mla_order_rows(layers: list, copy: float, mm: float) -> None:
     runner gives it), under the LLA_MLA_SPREAD modes that use it: twice the chunks always
     ("always"), twice the chunks where the lengths spread ("auto", the default). ("never" is the
     plain row.)"""
-    mode = mla_module._SPREAD
-    try:
-        for spread in ("always", "auto"):
-            mla_module._SPREAD = spread
+    mode, low = mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS
+    q_nope = layers[0][0]
+    launch = mla_module._launch_config(q_nope.shape[1], q_nope.device, None)
+    one = (
+        mla_module._num_splits(q_nope.shape[0], -(-q_nope.shape[1] // launch.block_h), launch, q_nope.device)
+        == 1
+    )
+    try:  # a one-chunk cut: doubled only with _SPREAD_MIN_SPLITS = 1 (rows tagged "one")
+        for spread, low_now in (("always", 1), ("auto", 1)) if one else (("always", low), ("auto", low)):
+            mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS = spread, low_now
             cases = []
             for x in layers:
                 lens = x[5]
                 order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
                 flag = mla_module.lengths_spread(int(lens.max()), int(lens.sum()), len(lens))
                 flag = torch.tensor([int(flag)], dtype=torch.int32, device=DEV)  # as the runner's
-                cases.append(mla_case(x, f"order {spread}", order=order, spread=flag))
+                cases.append(mla_case(x, f"order {spread}{' one' if one else ''}", order=order, spread=flag))
             print(chain_row(cases, copy, mm)[0], flush=True)
     finally:
-        mla_module._SPREAD = mode
+        mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS = mode, low
 
 
 def mla_no_merge_row(layers: list, copy: float, mm: float, tag: str = "no merge") -> None:
