@@ -282,26 +282,20 @@ def mla_order_rows(layers: list, copy: float, mm: float) -> None:
     runner gives it), under the LLA_MLA_SPREAD modes that use it: twice the chunks always
     ("always"), twice the chunks where the lengths spread ("auto", the default). ("never" is the
     plain row.)"""
-    mode, low = mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS
-    q_nope = layers[0][0]
-    launch = mla_module._launch_config(q_nope.shape[1], q_nope.device, None)
-    one = (
-        mla_module._num_splits(q_nope.shape[0], -(-q_nope.shape[1] // launch.block_h), launch, q_nope.device)
-        == 1
-    )
-    try:  # a one-chunk cut: doubled only with _SPREAD_MIN_SPLITS = 1 (rows tagged "one")
-        for spread, low_now in (("always", 1), ("auto", 1)) if one else (("always", low), ("auto", low)):
-            mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS = spread, low_now
+    mode = mla_module._SPREAD
+    try:
+        for spread in ("always", "auto"):
+            mla_module._SPREAD = spread
             cases = []
             for x in layers:
                 lens = x[5]
                 order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
                 flag = mla_module.lengths_spread(int(lens.max()), int(lens.sum()), len(lens))
                 flag = torch.tensor([int(flag)], dtype=torch.int32, device=DEV)  # as the runner's
-                cases.append(mla_case(x, f"order {spread}{' one' if one else ''}", order=order, spread=flag))
+                cases.append(mla_case(x, f"order {spread}", order=order, spread=flag))
             print(chain_row(cases, copy, mm)[0], flush=True)
     finally:
-        mla_module._SPREAD, mla_module._SPREAD_MIN_SPLITS = mode, low
+        mla_module._SPREAD = mode
 
 
 def mla_no_merge_row(layers: list, copy: float, mm: float, tag: str = "no merge") -> None:

@@ -439,14 +439,3 @@ def test_mla_decode_in_an_order_replays_in_a_cuda_graph_as_lengths_spread_and_ev
         graph.replay()
         ref = torch.einsum("bhr,hrv->bhv", mla_decode_attention_ref(*args).float(), w_uv.float())
         assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.parametrize("w_uv_dim", [None, 24])
-def test_mla_decode_in_an_order_doubles_a_one_chunk_cut_where_asked(interpreter, monkeypatch, w_uv_dim):
-    """A batch that fills the card with one chunk a context: with _SPREAD_MIN_SPLITS 1 the ordered
-    launch holds two and merges them (the flag 0: the second chunk empty, its lse -inf)."""
-    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
-    monkeypatch.setattr(module, "_num_splits", lambda *args: 1)
-    monkeypatch.setattr(module, "_SPREAD_MIN_SPLITS", 1)
-    check_ordered([130, 2, 300, 64, 65, 1, 1], 5, "cpu", torch.float32, w_uv_dim=w_uv_dim)
-    check_ordered([200, 201, 199, 200], 5, "cpu", torch.float32, w_uv_dim=w_uv_dim)

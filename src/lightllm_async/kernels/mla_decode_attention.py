@@ -380,7 +380,6 @@ _SPREAD = os.environ.get("LLA_MLA_SPREAD", "auto")
 if _SPREAD not in ("auto", "always", "never"):
     raise ValueError(f"LLA_MLA_SPREAD={_SPREAD!r}: auto, always or never")
 _SPREAD_MAX_SPLITS = 8
-_SPREAD_MIN_SPLITS = 2  # 1: a one-chunk cut (16 heads at batch > 132) doubled too (benchmarks try it)
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
@@ -408,12 +407,11 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
-def _ordered_splits(splits: int, mode: str, flag: bool, min_splits: int = 2) -> tuple[int, bool]:
+def _ordered_splits(splits: int, mode: str, flag: bool) -> tuple[int, bool]:
     """(chunks the launch holds, whether the kernel halves them unless the step's `spread` flag is
     set) for a launch given an order, from the default cut's `splits`, the LLA_MLA_SPREAD mode and
-    whether a flag was given. `min_splits` 1 extends it to a cut of one chunk (which then takes
-    the merge where it wrote the output itself)."""
-    if not min_splits <= splits <= _SPREAD_MAX_SPLITS or mode == "never":
+    whether a flag was given."""
+    if not 2 <= splits <= _SPREAD_MAX_SPLITS or mode == "never":
         return splits, False
     return 2 * splits, mode == "auto" and flag
 
@@ -479,8 +477,7 @@ def mla_decode_attention(
     splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
     adapt = False
     if order is not None and num_splits is None:
-        one = _SPREAD_MIN_SPLITS if launch.block_h <= 16 else 2  # not the 64-head launch, which spills
-        doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None, one)
+        doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None)
         # the order pays where the chunks are doubled; elsewhere it is left out (one register
         # fewer, and the 64-head launch, which spills already, spills no more)
         order, splits = (order if doubled > splits else None), doubled
