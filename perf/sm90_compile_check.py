@@ -80,7 +80,7 @@ def mla() -> None:
             n = 8 if order else splits
             consts = dict(
                 shape, NUM_SPLITS=n, MIN_SPLIT=bn, DIRECT=n == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True,
-                HAS_ORDER=order, ADAPT=order, DOUBLED_MIN=256,
+                HAS_ORDER=order, ADAPT=order,
             )  # fmt: skip
             name = f"mla split h{bh} n{bn} warps{warps} stages{stages} splits{splits}"
             report(name, M._mla_decode_split_kernel, types, consts, warps, stages)

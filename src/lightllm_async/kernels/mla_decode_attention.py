@@ -95,7 +95,6 @@ def _mla_decode_split_kernel(
     HAS_ORDER: tl.constexpr,  # ORDER given: request-slot i of the grid is request ORDER[i]
     ADAPT: tl.constexpr,  # cut every context into NUM_SPLITS / 2 chunks unless SPREAD says the
     # lengths spread; the merge reads every chunk's lse, so it need not know which
-    DOUBLED_MIN: tl.constexpr,  # ADAPT: tokens a doubled chunk holds at least
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
     BLOCK_N: tl.constexpr,  # context tokens per iteration
@@ -115,13 +114,8 @@ def _mla_decode_split_kernel(
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
     req = tl.load(REQ_IDX + b).to(tl.int64)
-    # (a flag from the host: the lengths reduced here cost ~30 registers a thread), and only for a
-    # context whose doubled chunks hold DOUBLED_MIN tokens each: shorter ones cost more than they balance
-    if ADAPT:
-        doubled = (tl.load(SPREAD) != 0) & (seq_len >= NUM_SPLITS * DOUBLED_MIN)
-        splits = tl.where(doubled, NUM_SPLITS, NUM_SPLITS // 2)
-    else:
-        splits = NUM_SPLITS
+    # (a flag from the host: the lengths reduced here cost ~30 registers a thread)
+    splits = tl.where(tl.load(SPREAD) != 0, NUM_SPLITS, NUM_SPLITS // 2) if ADAPT else NUM_SPLITS
     split_len, used = _chunking(seq_len, splits, BLOCK_N, MIN_SPLIT)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -386,9 +380,6 @@ _SPREAD = os.environ.get("LLA_MLA_SPREAD", "auto")
 if _SPREAD not in ("auto", "always", "never"):
     raise ValueError(f"LLA_MLA_SPREAD={_SPREAD!r}: auto, always or never")
 _SPREAD_MAX_SPLITS = 8
-# A context is cut into the doubled count only where each chunk then holds this many tokens: at 64
-# x 1k +-50% chunks of 128 tokens made the attention 5% slower (perf/RESULTS.md, 2026-12-01)
-_DOUBLED_MIN = 256
 
 
 def _launch_config(heads: int, device: torch.device, block_h: int | None) -> _Launch:
@@ -507,7 +498,7 @@ def mla_decode_attention(
         out.stride(0), out.stride(1),
         heads, scale * math.log2(math.e),
         KV_LORA_RANK=rank, ROPE_DIM=rope, NUM_SPLITS=splits, MIN_SPLIT=min_split, DIRECT=splits == 1,
-        HAS_ORDER=order is not None, ADAPT=adapt, DOUBLED_MIN=_DOUBLED_MIN if q_nope.is_cuda else 16,
+        HAS_ORDER=order is not None, ADAPT=adapt,
         PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         BLOCK_H=launch.block_h, BLOCK_N=launch.block_n,
         BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(rope)),
