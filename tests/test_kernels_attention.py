@@ -52,15 +52,20 @@ def make_cache(seq_lens, kv_heads, head_dim, dtype, device, spare=37, v_dim=None
     return k_cache, v_cache, req_to_token, req_idx, seq_lens
 
 
-def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None, cache_dtype=None):
+def check_decode(seq_lens, heads, head_dim, dtype, device, num_splits=None, cache_dtype=None, order=None):
+    """`order`: "longest" (the runner's: longest context first), a permutation, or None."""
     hq, hk = heads
     k_cache, v_cache, req_to_token, req_idx, lens = make_cache(
         seq_lens, hk, head_dim, dtype, device, cache_dtype=cache_dtype
     )
     q = torch.randn(len(seq_lens), hq, head_dim, dtype=dtype, device=device)
     args = (q, k_cache, v_cache, req_to_token, req_idx, lens, head_dim**-0.5)
+    if order == "longest":
+        order = sorted(range(len(seq_lens)), key=lambda b: -seq_lens[b])
+    if order is not None:
+        order = torch.tensor(order, dtype=torch.int32, device=device)
     with nan_filled_allocations():
-        out = decode_attention(*args, num_splits=num_splits)
+        out = decode_attention(*args, num_splits=num_splits, order=order)
     ref = decode_attention_ref(*args)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOLERANCE[dtype]
@@ -137,6 +142,15 @@ def test_decode_attention_matches_reference_in_interpreter(interpreter, heads, h
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 5, 16])
 def test_decode_attention_merges_any_number_of_splits(interpreter, num_splits):
     check_decode([1, 33, 130, 7], (4, 2), 64, torch.float32, "cpu", num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_in_an_order_matches_reference_in_interpreter(interpreter, num_splits):
+    """The runner's order (longest first) or any permutation moves requests between programs, never
+    a result: each program reads, attends and writes the request the order names."""
+    seq_lens = [1, 33, 130, 7, 0, 64]
+    check_decode(seq_lens, (4, 2), 64, torch.float32, "cpu", num_splits=num_splits, order="longest")
+    check_decode(seq_lens, (4, 2), 64, torch.float32, "cpu", num_splits=num_splits, order=[3, 5, 0, 2, 4, 1])
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -378,6 +392,11 @@ def test_decode_attention_matches_reference_on_gpu(gpu):
     check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda")
     check_decode([4096] * 4, (32, 8), 128, torch.bfloat16, "cuda")
     check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda", num_splits=1)  # no merge: direct
+    for batch in (64, 256):  # the runner's order, one chunk a context and several
+        check_decode(
+            torch.randint(1, 2000, (batch,)).tolist(), (32, 8), 128, torch.bfloat16, "cuda", order="longest"
+        )
+    check_decode(seq_lens, (32, 8), 128, torch.bfloat16, "cuda", order=torch.randperm(64).tolist())
     check_decode(seq_lens[:8], (32, 8), 64, torch.bfloat16, "cuda")
     for head_dim in ODD_HEAD_DIMS:
         check_decode(seq_lens[:8], (40, 8), head_dim, torch.bfloat16, "cuda")

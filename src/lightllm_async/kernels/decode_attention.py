@@ -87,7 +87,7 @@ def decode_attention_rows(
     return o.reshape(batch, hq, dim).to(q.dtype)
 
 
-@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS"])  # may be slices (prefill_attention.py)
+@jit(do_not_specialize_on_alignment=["REQ_IDX", "SEQ_LENS", "ORDER"])  # may be slices (prefill_attention.py)
 def _decode_split_kernel(
     Q,  # [B, Hq, D] one query token per request
     K_CACHE,  # [S, Hk, D] key cache, one row per token
@@ -95,6 +95,7 @@ def _decode_split_kernel(
     REQ_TO_TOKEN,  # [R, L] cache rows of each request, in position order
     REQ_IDX,  # [B] row of REQ_TO_TOKEN of each request
     SEQ_LENS,  # [B] context length of each request, the new token included
+    ORDER,  # [B] int32 (HAS_ORDER): the request each request-slot of the grid takes, longest first
     MID_O,  # [B, Hq, NUM_SPLITS, D] float32: each split's normalized output
     MID_LSE,  # [B, Hq, NUM_SPLITS] float32: each split's log2-sum-exp2 of scores (-inf: empty)
     OUT,  # [B, Hq, D] the output, written here when DIRECT (one split: nothing to merge)
@@ -115,13 +116,20 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per iteration
     BLOCK_D: tl.constexpr,  # >= HEAD_DIM, a power of two
     QK_F16: tl.constexpr,  # the queries as float16, so that a float8 cache widens to float16
+    HAS_ORDER: tl.constexpr,  # ORDER given: request-slot i of the grid is request ORDER[i]
     PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
 ):  # fmt: skip
     pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
     # one program: one request, one kv head with all its query heads, one chunk of the context
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    if HAS_ORDER:  # the grid is (kv heads, chunks, requests), the requests longest first: all the
+        # programs of the longest contexts start first and the shortest end the grid (a short tail)
+        kv_head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.load(ORDER + tl.program_id(2))
+    else:
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
 
     # -- this program's chunk: whole blocks of BLOCK_N tokens --
     seq_len = tl.load(SEQ_LENS + b)
@@ -218,6 +226,9 @@ LAUNCH = {
 # split kernel writes the output itself and the merge launch is skipped. LLA_DECODE_DIRECT=0 keeps
 # the merge (benchmarks compare the two in separate processes).
 DIRECT_ONE_SPLIT = os.environ.get("LLA_DECODE_DIRECT", "1") != "0"
+# LLA_DECODE_ORDER=0: an `order` is ignored, the grid as without one (benchmarks compare the two
+# in separate processes)
+USE_ORDER = os.environ.get("LLA_DECODE_ORDER", "1") != "0"
 
 
 @functools.cache
@@ -246,6 +257,7 @@ def decode_attention(
     seq_lens: Tensor,
     scale: float,
     num_splits: int | None = None,
+    order: Tensor | None = None,
 ) -> Tensor:
     """Attention of each request's one new token over its whole context in the cache.
 
@@ -253,6 +265,8 @@ def decode_attention(
     holds each request's cache rows in position order; request b is row req_idx[b] (int32) and has
     seq_lens[b] (int32) tokens, the new one included (store_kv it first). Returns [B, Hq, D];
     a request with seq_len 0 gets zeros. num_splits (any count >= 1) overrides the heuristic.
+    `order` [B] int32 (the runner's, longest context first): the programs take the requests in
+    that order, all of a request's together; the result is the same.
     """
     if not use_triton(q):
         fallback = decode_attention_cpu if use_cpu_path(q) else decode_attention_ref
@@ -262,6 +276,8 @@ def decode_attention(
     assert k_cache.shape[2] == dim and v_cache.shape == k_cache.shape and hq % hk == 0
     assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+    assert order is None or (order.shape == (batch,) and order.dtype == torch.int32), "order: [B] int32"
+    order = order if USE_ORDER else None
     out = torch.empty((batch, hq, dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -273,8 +289,10 @@ def decode_attention(
     mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q.device)
     group, block_d = hq // hk, triton.next_power_of_2(dim)
     launch = LAUNCH[k_cache.element_size()]
-    _decode_split_kernel[(batch, hk, splits)](
-        q, k_cache, v_cache, req_to_token, req_idx, seq_lens, mid_o, mid_lse, out,
+    grid = (batch, hk, splits) if order is None else (hk, splits, batch)
+    _decode_split_kernel[grid](
+        q, k_cache, v_cache, req_to_token, req_idx, seq_lens, seq_lens if order is None else order,
+        mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
@@ -282,7 +300,7 @@ def decode_attention(
         GROUP=group, HEAD_DIM=dim, NUM_SPLITS=splits, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=launch["block_n"] if q.is_cuda else 16,
-        BLOCK_D=block_d, QK_F16=launch["f16"] and q.dtype == torch.bfloat16,
+        BLOCK_D=block_d, QK_F16=launch["f16"] and q.dtype == torch.bfloat16, HAS_ORDER=order is not None,
         num_warps=launch["warps"], num_stages=launch["stages"], **pdl_launch(q),
     )  # fmt: skip
     if direct:

@@ -270,8 +270,9 @@ class Attention(nn.Module):
             return decode_attention_rows(q, k_cache, v_cache, ctx.decode_rows, ctx.decode_mask, self.scale)
         if ctx.decode_only:
             return decode_attention(
-                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale
-            )
+                q, k_cache, v_cache, ctx.req_to_token, ctx.req_idx, ctx.seq_lens, self.scale,
+                order=ctx.decode_order,
+            )  # fmt: skip
         q_lens = ctx.host_q_lens
         if q_lens is None or 1 not in q_lens or all(n == 1 for n in q_lens):
             return prefill_attention(
@@ -335,6 +336,8 @@ class LlamaForCausalLM(nn.Module):
 
     Built for one rank of a tensor-parallel group `tp` (a whole model when it has one rank): every
     rank must run each forward with the same inputs, and all get the same logits."""
+
+    orders_decode_rows = True  # decode_attention takes ForwardContext.decode_order
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPGroup = SINGLE):
         super().__init__()
