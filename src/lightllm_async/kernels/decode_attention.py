@@ -277,7 +277,7 @@ def decode_attention(
     assert req_idx.shape == (batch,) and seq_lens.shape == (batch,) and req_to_token.stride(1) == 1
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
     assert order is None or (order.shape == (batch,) and order.dtype == torch.int32), "order: [B] int32"
-    order = order if USE_ORDER else None
+    order = order if USE_ORDER and batch > 1 else None  # one request: nothing to order, a load saved
     out = torch.empty((batch, hq, dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
