@@ -290,7 +290,12 @@ def test_a_killed_engine_ends_the_requests_in_flight_within_2s_and_the_server_ex
             s.join(15)
         delays = [s.ended_after(killed) for s in streams]
         assert all(d < 2.0 for d in delays), delays
-        errors = [s.error for s in streams]
+        # a short prompt's 150 tokens may all be out before the server has failed it (on a loaded
+        # machine, even before the kill): such a stream is not lost; the long prompts, in the
+        # prefill engine at the kill, cannot finish
+        done = [s.events[-1][1] == "[DONE]" and "error" not in json.loads(s.events[-2][1]) for s in streams]
+        assert not any(done[3:]), delays
+        errors = [s.error for s, ok in zip(streams, done, strict=True) if not ok]
         # the reader names the dead replica; or the decode engine, whose receive from a killed
         # prefill engine failed first, names the transfer and both replicas
         assert all(f"replica {k}" in e or "stopping" in e for e in errors), "\n".join(errors)
