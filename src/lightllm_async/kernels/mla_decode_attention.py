@@ -58,7 +58,7 @@ def lengths_spread(longest: int, total: int, count: int) -> bool:
     lengths fill the card in one wave of the plain cut; spread lengths make the longest contexts'
     chunks that wave's tail, and twice as many shorter chunks, the longest first, let the short
     ones fill in behind them. On an H200 the doubled cut cost 0-10% where lengths were equal (its
-    partials' traffic; 15-23% at 1k contexts) and saved 1-35% from a 1.25x longest up
+    partials' traffic; 15-23% at 1k contexts) and saved 1-32% at lengths spread +-25-90%
     (perf/RESULTS.md, 2026-12-01). The runner decides it on the host, where the lengths are, and
     hands the kernel the answer (`spread`)."""
     return longest * count * 5 > total * 6

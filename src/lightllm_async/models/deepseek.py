@@ -553,9 +553,6 @@ class DecoderLayer(nn.Module):
 class DeepseekForCausalLM(nn.Module):
     """Token ids in, logits of the requested positions out (DeepseekV2/V3ForCausalLM).
 
-    `orders_decode_rows`: the runner gives decode-only steps `ForwardContext.decode_order` and
-    `decode_spread`, which the MLA decode kernel's launch balances by (mla_decode_attention).
-
     `fuse_shared_experts`: run the shared experts inside the routed experts' fused_moe pass
     (`MoE`): True in every step, False (or 0) never, an int N in steps of at most N tokens; None
     (default) in steps of at most `shared_fused_max_tokens(cfg, device)` tokens (with
@@ -567,8 +564,6 @@ class DeepseekForCausalLM(nn.Module):
 
     `fusions`: the decode layer's launch-saving fusions (`Fusions`); None reads LLA_DEEPSEEK_FUSE.
     `tp`: built for one rank of a tensor-parallel group, as `LlamaForCausalLM`."""
-
-    orders_decode_rows = True
 
     def __init__(
         self,

@@ -337,8 +337,6 @@ class LlamaForCausalLM(nn.Module):
     Built for one rank of a tensor-parallel group `tp` (a whole model when it has one rank): every
     rank must run each forward with the same inputs, and all get the same logits."""
 
-    orders_decode_rows = True  # decode_attention takes ForwardContext.decode_order
-
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPGroup = SINGLE):
         super().__init__()
         self.cfg, self.tp = cfg, tp

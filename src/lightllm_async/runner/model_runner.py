@@ -348,8 +348,6 @@ class ModelRunner:
     def _allocate_buffers(self) -> None:
         """The persistent step inputs (read by the eager path and every graph) and outputs."""
         cfg = self.cfg
-        # decode-only steps' requests by length, for the models whose kernels use it (MLA)
-        ordered = self.device.type == "cuda" and getattr(self.model_cls, "orders_decode_rows", False)
         self.inputs = InputBuffers(
             # A step never exceeds the token budget, and a decode step holds one token per request.
             max_tokens=max(cfg.max_num_batched_tokens, cfg.max_running_requests),
@@ -359,7 +357,8 @@ class ModelRunner:
             sink_row=cfg.max_running_requests,
             max_prefix_slots=max_prefix_slots(cfg.max_model_len, cfg.max_num_batched_tokens),
             vocab_size=self.model_cfg.vocab_size,
-            order_decode_rows=ordered,
+            # decode-only steps' requests by length: the CUDA decode attention kernels balance by it
+            order_decode_rows=self.device.type == "cuda",
         )
         self._last_sampled = torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_index: dict[int, int] = {}
