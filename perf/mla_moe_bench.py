@@ -241,11 +241,11 @@ def row(case: Case, copy: float, mm: float, ref: bool) -> tuple[str, float]:
 
 def mla_rows(args, copy: float, mm: float) -> None:
     for heads in (16, 128):
-        for batch in (64, 128, 256):  # 256 only where --mla-cases names it
+        for batch in (64, 128, 192, 256):  # 192 and 256 only where --mla-cases names them
             for ctx in (1024, 4096, 8192):
                 if args.mla_cases and f"{heads}:{batch}:{ctx}" not in args.mla_cases.split(","):
                     continue
-                if batch == 256 and not args.mla_cases:
+                if batch > 128 and not args.mla_cases:
                     continue
                 inputs = mla_inputs(batch, ctx, heads, args.mla_spread)
                 print(row(mla_case(inputs), copy, mm, not args.no_ref)[0], flush=True)

@@ -40,6 +40,9 @@
 #            DeepSeek ones around it, then perf/mla_moe_bench.py at MOE_M (1,8), direct and aligned;
 #            with STAGES="moe ds" DS_BATCHES=1 DS_VARIANTS="now: aligned:LLA_MOE_DIRECT_MAX_TOKENS=0"
 #            the V2-Lite batch-1 step both ways
+#   decheavy 2026-12-01 (thirteenth session): issue 10's decode-heavy serve (256 clients, 128 in, 1024
+#            out, Llama-3-8B shape, --max-running-requests 256), once per DH_VARIANTS
+#            ("name:ENV=V;ENV=V ...", default the decode attention's order on and off: LLA_DECODE_ORDER)
 #   tpcheck  perf/tp_gpu_check.py (x2 kind): TP=2 against TP=1, the DeepSeek decode chain's kernels among them
 #   moetune  2026-11-30 (ninth session): the V2-Lite MoE at one token tuned chained (--chain LAYERS
 #            --sweep) into a copy of the shipped tuned file, which then replaces the installed one;
@@ -74,7 +77,7 @@
 #            (--chain 4) with and without the runner's order (--mla-order: requests longest first,
 #            twice the chunks always / where the lengths spread) at ORDER_CASES, contexts spread
 #            by each of ORDER_SPREADS (0 0.5), and at two cases by ORDER_MORE (0.25 0.9)
-#   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64), context DSO_CONTEXT (2048) spread
+#   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64; graphs up to DSO_MAX_RUNNING, 128), context DSO_CONTEXT (2048) spread
 #            by each of DSO_SPREADS (0.5 0), the order ignored (LLA_MLA_SPREAD=never) and used (auto),
 #            each in its own process
 #   l3order  the decode attention GPU tests, then the Llama-3-8B decode step at L3O_BATCHES (64,256),
@@ -333,7 +336,8 @@ runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$r
       for mode in never auto; do
         log="$OUT/ds_order_${mode}_spread$spread.log"
         LLA_MLA_SPREAD=$mode timeout 170 python3 perf/decode_bench.py --shape deepseek-v2-lite --batches ${DSO_BATCH:-64} \
-          --context ${DSO_CONTEXT:-2048} --context-spread $spread --top-kernels 8 --out "${log%.log}.json" >"$log" 2>&1
+          --context ${DSO_CONTEXT:-2048} --context-spread $spread --top-kernels 8 --max-running ${DSO_MAX_RUNNING:-128} \
+          --out "${log%.log}.json" >"$log" 2>&1
         echo "ds spread $spread $mode exit $?"; grep -E "^ +[0-9]+ +True" "$log" | head -2
       done
     done ;;
@@ -347,6 +351,20 @@ runpy.run_path('perf/decode_bench.py', run_name='__main__')" >"$OUT/splitstep_$r
           --out "${log%.log}.json" >"$log" 2>&1
         echo "l3 spread $spread order $mode exit $?"; grep -E "^ +[0-9]+ +True" "$log" | head -4
       done
+    done ;;
+  decheavy)
+    d=$(l3_model)
+    for v in ${DH_VARIANTS:-order1:LLA_DECODE_ORDER=1 order0:LLA_DECODE_ORDER=0}; do
+      name=${v%%:*}; envs=${v#*:}; envs=${envs//;/ }
+      env $envs python3 -m lightllm_async.server --model $d --load-format random --port 8000 --max-running-requests 256 \
+        >"$OUT/server_dh_$name.log" 2>&1 &
+      srv=$!
+      timeout ${DH_S:-240} python3 perf/serve_bench.py --url http://127.0.0.1:8000 --wait-ready 300 --clients 256 \
+        --num-requests 512 --warmup 256 --input-len 128 --output-mean 1024 --output-std 0 --output-min 1024 \
+        --output-max 1024 --api native --tokenizer $d --out "$OUT/serve_dh_$name.json" >"$OUT/serve_dh_$name.log" 2>&1
+      echo "== decode-heavy $name ($envs): exit $?"; tail -7 "$OUT/serve_dh_$name.log"
+      kill -INT $srv; wait $srv
+      grep -E "ms/step" "$OUT/server_dh_$name.log" | tail -1 | cut -c1-300
     done ;;
   tpcheck)
     timeout ${TPCHECK_S:-200} python3 perf/tp_gpu_check.py >"$OUT/tp_gpu_check.log" 2>&1

@@ -72,12 +72,13 @@ def mla() -> None:
         (32, 32, 8, 2),
         (64, 32, 8, 2),
     )
-    # splits 8 / 1 without an order; "8o": 8 chunks at most, given an order, halved where alike
+    # splits 8 / 1 without an order; "8o": 8 chunks at most, given an order, halved where alike;
+    # "2o": a one-chunk cut doubled (halved where alike: the output written directly)
     for bh, bn, warps, stages in launches:
-        for splits in (8, 1, "8o"):
+        for splits in (8, 1, "8o", "2o"):
             shape = dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64, PRECISION="tf32")
-            order = splits == "8o"
-            n = 8 if order else splits
+            order = splits in ("8o", "2o")
+            n = int(splits[0]) if order else splits
             consts = dict(
                 shape, NUM_SPLITS=n, MIN_SPLIT=bn, DIRECT=n == 1, BLOCK_H=bh, BLOCK_N=bn, PDL=True,
                 HAS_ORDER=order, ADAPT=order,
@@ -87,6 +88,9 @@ def mla() -> None:
     merge_types = dict(MID_O="*fp32", MID_LSE="*fp32", OUT=bf16)
     merge_consts = dict(KV_LORA_RANK=512, NUM_SPLITS=5, BLOCK_S=8, BLOCK_R=512, PDL=True)
     report("mla merge", M._mla_decode_merge_kernel, merge_types, merge_consts)
+    merge_types["SPREAD"] = "*i32"
+    report("mla merge of a doubled one-chunk cut", M._mla_decode_merge_pair_kernel, merge_types,
+           dict(KV_LORA_RANK=512, BLOCK_H=4, BLOCK_R=512, PDL=True))  # fmt: skip
     report("mla store_kv", S._mla_store_kv_kernel, dict(KV_CACHE=bf16, C_KV=bf16, K_PE=bf16, SLOTS="*i64"),
            dict(KV_LORA_RANK=512, ROPE_DIM=64, BLOCK_R=512, BLOCK_P=64))  # fmt: skip
 

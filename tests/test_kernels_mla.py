@@ -396,13 +396,59 @@ def test_mla_ordered_launch_doubles_only_a_few_chunks_a_context():
     assert module._ordered_splits(2, "never", True) == (2, False)
     assert module._ordered_splits(1, "auto", True) == (1, False)  # one chunk: written directly, no merge
     assert module._ordered_splits(9, "auto", True) == (9, False)  # many short chunks already
+    # a launch that may double one chunk (few heads, no W_UV merge): halved, it writes directly
+    assert module._ordered_splits(1, "auto", True, one=True) == (2, True)
+    assert module._ordered_splits(1, "always", True, one=True) == (2, False)
+    assert module._ordered_splits(1, "never", True, one=True) == (1, False)
+    assert module._ordered_splits(4, "auto", True, one=True) == (8, True)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's keyword arguments, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("seq_lens", [[130, 2, 300, 64, 65, 1, 1], [200, 201, 199, 200, 1], [0, 47, 300, 5]])
+def test_mla_decode_one_chunk_cut_is_doubled_in_an_order_and_merged_only_where_spread(
+    interpreter, monkeypatch, seq_lens
+):
+    """Where the batch fills the card with one chunk a context, an ordered launch holds two. With
+    the flag 0 the first writes the output and the merge exits; with 1 both are merged. Allocations
+    are NaN-filled: an output left unwritten, or a merge of a chunk never written, shows as NaN."""
+    module = importlib.import_module("lightllm_async.kernels.mla_decode_attention")
+    monkeypatch.setattr(module, "_num_splits", lambda *args: 1)
+    split = _LaunchSpy(module._mla_decode_split_kernel)
+    merge = _LaunchSpy(module._mla_decode_merge_kernel)
+    pair = _LaunchSpy(module._mla_decode_merge_pair_kernel)
+    monkeypatch.setattr(module, "_mla_decode_split_kernel", split)
+    monkeypatch.setattr(module, "_mla_decode_merge_kernel", merge)
+    monkeypatch.setattr(module, "_mla_decode_merge_pair_kernel", pair)
+    check_ordered(seq_lens, 5, "cpu", torch.float32)  # no flag, then flags 0 and 1
+    assert [k["NUM_SPLITS"] for k in split.launches] == [2, 2, 2]
+    assert [k["ADAPT"] for k in split.launches] == [False, True, True]
+    assert len(merge.launches) == 1 and len(pair.launches) == 2  # doubled always: merged always
+    split.launches.clear()
+    merge.launches.clear()
+    pair.launches.clear()
+    check_ordered(seq_lens, 5, "cpu", torch.float32, w_uv_dim=24)  # the W_UV merge: one chunk, as before
+    assert [k["NUM_SPLITS"] for k in split.launches] == [1, 1, 1] and not merge.launches and not pair.launches
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads", [16, 128])  # DeepSeek-V2-Lite (or V3 at TP 8), V3 on one GPU
 def test_mla_decode_in_an_order_matches_reference_on_gpu(gpu, heads):
     # batch 64 and 100 cut 4 and 2 chunks a context at 16 heads: doubled, then halved where alike
-    for batch in (64, 100, 7):
+    # and batch 200 one: doubled too at 16 heads, without W_UV (the merge exits where alike)
+    for batch in (64, 100, 7, 200):
         spread = torch.randint(64, 6000, (batch,)).tolist()
         alike = [3000 + b % 7 for b in range(batch - 2)] + [1, 1]  # a graph bucket's padding rows
         for seq_lens in (spread, alike):
@@ -414,15 +460,16 @@ def test_mla_decode_in_an_order_matches_reference_on_gpu(gpu, heads):
 
 
 @pytest.mark.gpu
-def test_mla_decode_in_an_order_replays_in_a_cuda_graph_as_lengths_spread_and_even_out(gpu):
+@pytest.mark.parametrize("batch, with_w_uv", [(64, True), (200, False)])  # 4 chunks doubled; 1 doubled
+def test_mla_decode_in_an_order_replays_in_a_cuda_graph_as_lengths_spread_and_even_out(gpu, batch, with_w_uv):
     """Captured once with the order and lengths of one step, replayed as the runner does: new
     lengths, their order and the spread flag written into the same buffers. The kernel doubles
-    its cut or not on the device, per replay, as the flag says."""
-    batch = 64
+    its cut or not on the device, per replay, as the flag says (at batch 200, one chunk: written
+    directly, the merge exiting, or merged)."""
     kv_cache, req_to_token, req_idx, lens = make_latent_cache([6000] * batch, 576, torch.bfloat16, "cuda")
     q_nope = torch.randn(batch, 16, 512, dtype=torch.bfloat16, device="cuda")
     q_pe = torch.randn(batch, 16, 64, dtype=torch.bfloat16, device="cuda")
-    w_uv = torch.randn(16, 512, 128, dtype=torch.bfloat16, device="cuda") / 512**0.5
+    w_uv = torch.randn(16, 512, 128, dtype=torch.bfloat16, device="cuda") / 512**0.5 if with_w_uv else None
     order = torch.arange(batch, dtype=torch.int32, device="cuda")
     flag = torch.zeros(1, dtype=torch.int32, device="cuda")
     args = (q_nope, q_pe, kv_cache, req_to_token, req_idx, lens, 192**-0.5)
@@ -437,5 +484,7 @@ def test_mla_decode_in_an_order_replays_in_a_cuda_graph_as_lengths_spread_and_ev
         flag.fill_(int(lengths_spread(max(new_lens), sum(new_lens), batch)))
         q_nope.normal_()
         graph.replay()
-        ref = torch.einsum("bhr,hrv->bhv", mla_decode_attention_ref(*args).float(), w_uv.float())
+        ref = mla_decode_attention_ref(*args)
+        if w_uv is not None:
+            ref = torch.einsum("bhr,hrv->bhv", ref.float(), w_uv.float())
         assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]

@@ -94,7 +94,8 @@ def _mla_decode_split_kernel(
     DIRECT: tl.constexpr,  # NUM_SPLITS == 1: write OUT instead of MID_O / MID_LSE
     HAS_ORDER: tl.constexpr,  # ORDER given: request-slot i of the grid is request ORDER[i]
     ADAPT: tl.constexpr,  # cut every context into NUM_SPLITS / 2 chunks unless SPREAD says the
-    # lengths spread; the merge reads every chunk's lse, so it need not know which
+    # lengths spread; the merge reads every chunk's lse, so it need not know which. With
+    # NUM_SPLITS == 2 that is one chunk, whose result goes to OUT directly: the merge then exits
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for float32 tensors)
     BLOCK_H: tl.constexpr,  # heads per program, >= 16 (one tl.dot tile)
     BLOCK_N: tl.constexpr,  # context tokens per iteration
@@ -165,12 +166,28 @@ def _mla_decode_split_kernel(
     o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_r[None, :]
     if DIRECT:
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
+    elif ADAPT and NUM_SPLITS == 2:  # one chunk unless the lengths spread: then nothing to merge
+        if splits == 1:
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
+        else:
+            _store_chunk(MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
+                         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h)  # fmt: skip
     else:
-        lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
-        tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
-        lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
-        tl.store(lse_ptrs + split, lse, mask=mask_h)
+        _store_chunk(MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
+                     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h)  # fmt: skip
+
+
+@jit
+def _store_chunk(
+    MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
+    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
+):  # fmt: skip
+    """A chunk's normalized output and its log2-sum-exp2 (-inf where it saw no token), for the merge."""
+    nonempty = l_i > 0
+    lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+    tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
+    tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_h)
 
 
 @jit
@@ -198,6 +215,46 @@ def _mla_decode_merge_kernel(
     )  # fmt: skip
     o_ptrs = OUT + b * stride_o_b + head * stride_o_h + offs_r
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_r < KV_LORA_RANK)
+
+
+@jit
+def _mla_decode_merge_pair_kernel(
+    MID_O,  # [B, H, 2, R] float32, from _mla_decode_split_kernel (a one-chunk cut doubled)
+    MID_LSE,  # [B, H, 2] float32 (-inf: an empty chunk, whose output is not read)
+    SPREAD,  # [1] int32: 0 where the split kernel wrote OUT itself (then this exits)
+    OUT,  # [B, H, R] attention output
+    stride_mo_b, stride_mo_h, stride_mo_s,  # MID_O strides
+    stride_ml_b, stride_ml_h,  # MID_LSE strides (the split dim is contiguous)
+    stride_o_b, stride_o_h,  # OUT strides
+    num_heads,  # H
+    KV_LORA_RANK: tl.constexpr,  # R
+    BLOCK_H: tl.constexpr,  # heads per program
+    BLOCK_R: tl.constexpr,  # >= R, a power of two
+    PDL: tl.constexpr,  # launched with launch_pdl (backend.pdl_launch)
+):  # fmt: skip
+    pdl_wait(PDL)  # started early: wait for the kernel before, then let the next one start
+    if tl.load(SPREAD) == 0:  # (after the wait: this grid ends only once the split kernel has)
+        return
+    # one program: BLOCK_H heads of one request, both chunks at once (a few programs a request,
+    # where one a head is many more to start for nothing when the flag is 0)
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h = heads < num_heads
+    lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
+    lse0 = tl.load(lse_ptrs, mask=mask_h, other=float("-inf"))
+    lse1 = tl.load(lse_ptrs + 1, mask=mask_h, other=float("-inf"))
+    m = tl.maximum(lse0, lse1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w0, w1 = tl.math.exp2(lse0 - m), tl.math.exp2(lse1 - m)
+    mask = mask_h[:, None] & (offs_r < KV_LORA_RANK)[None, :]
+    mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + offs_r[None, :]
+    o0 = tl.load(mo_ptrs, mask=mask & (lse0 > float("-inf"))[:, None], other=0.0)
+    o1 = tl.load(mo_ptrs + stride_mo_s, mask=mask & (lse1 > float("-inf"))[:, None], other=0.0)
+    denom = w0 + w1
+    out = (w0[:, None] * o0 + w1[:, None] * o1) / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_r[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -344,6 +401,7 @@ class _Launch:
     per_sm: int  # programs that fit on one multiprocessor at once
     waves: int  # waves of programs the context split aims at (more: more merge traffic)
     min_split: int = 0  # tokens a chunk holds at least (rounded up to block_n; 0: one block)
+    one_chunk_order: bool = False  # given an order, a one-chunk cut is doubled as a few chunks are
 
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
@@ -354,9 +412,9 @@ class _Launch:
 # wgmma tiles and each latent tile serves 64 heads: 3.3x the 32-head launch, ~235 TFLOP/s; bound by
 # the tensor cores, and its merge traffic ([B, H, splits, 512] float32) costs more than a second
 # wave gains, so it splits only when the batch leaves the card mostly idle.
-_LAUNCH_FEW_HEADS = _Launch(16, 64, 4, 2, per_sm=1, waves=2)
+_LAUNCH_FEW_HEADS = _Launch(16, 64, 4, 2, per_sm=1, waves=2, one_chunk_order=True)
 _LAUNCH_MANY_HEADS = _Launch(64, 64, 8, 2, per_sm=1, waves=1)
-_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1)
+_LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1, one_chunk_order=True)
 
 
 def _env_overrides() -> dict:
@@ -373,9 +431,10 @@ def _env_overrides() -> dict:
 
 
 _ENV = _env_overrides()
-# With an `order`, a launch cut 2-8 chunks a context holds twice as many, used where the step's
-# `spread` flag says ("auto"), always ("always"), or never ("never": the order is ignored, the launch
-# as without one). LLA_MLA_SPREAD sets it, for benchmarks; perf/mla_moe_bench.py sets _SPREAD.
+# With an `order`, a launch cut 2-8 chunks a context (or one, at few heads) holds twice as many,
+# used where the step's `spread` flag says ("auto"), always ("always"), or never ("never": the
+# order is ignored, the launch as without one). LLA_MLA_SPREAD sets it, for benchmarks;
+# perf/mla_moe_bench.py sets _SPREAD.
 _SPREAD = os.environ.get("LLA_MLA_SPREAD", "auto")
 if _SPREAD not in ("auto", "always", "never"):
     raise ValueError(f"LLA_MLA_SPREAD={_SPREAD!r}: auto, always or never")
@@ -407,11 +466,14 @@ def _num_splits(batch: int, head_blocks: int, launch: _Launch, device: torch.dev
     return max(1, min(64, target // programs))
 
 
-def _ordered_splits(splits: int, mode: str, flag: bool) -> tuple[int, bool]:
+def _ordered_splits(splits: int, mode: str, flag: bool, one: bool = False) -> tuple[int, bool]:
     """(chunks the launch holds, whether the kernel halves them unless the step's `spread` flag is
     set) for a launch given an order, from the default cut's `splits`, the LLA_MLA_SPREAD mode and
-    whether a flag was given."""
-    if not 2 <= splits <= _SPREAD_MAX_SPLITS or mode == "never":
+    whether a flag was given. `one`: a one-chunk cut (batch x head blocks over the card's program
+    slots) is doubled too; halved, it writes the output directly and its merge exits at once. On
+    an H200 at batch 256 (perf/RESULTS.md, 2026-12-01): -10% at 1k and -22% at 4k with contexts
+    spread +-50%, +3% and +6% with all lengths equal (where doubling always cost +13% at 1k)."""
+    if mode == "never" or not (2 <= splits <= _SPREAD_MAX_SPLITS or (one and splits == 1)):
         return splits, False
     return 2 * splits, mode == "auto" and flag
 
@@ -447,11 +509,12 @@ def mla_decode_attention(
     would be another), or, with one chunk (nothing to merge), torch.bmm after the kernel.
 
     `order` [B] int32, a permutation of the requests with the longest contexts first (the runner
-    gives one in decode-only steps): where the default cut makes a few chunks a context (2-8), the
-    launch then holds twice as many, and the longest contexts' chunks start first, so that shorter
-    chunks fill in behind them. `spread` [1] int32 (with an order): the doubled cut only where it
-    is nonzero (`lengths_spread`; without it, always). The result is the same either way; only the
-    work's order and cut change.
+    gives one in decode-only steps): where the default cut makes a few chunks a context (2-8, or
+    one at up to 16 heads without `w_uv`), the launch then holds twice as many, and the longest
+    contexts' chunks start first, so that shorter chunks fill in behind them. `spread` [1] int32
+    (with an order): the doubled cut only where it is nonzero (`lengths_spread`; without it,
+    always); a doubled one-chunk cut, halved, writes the output directly and its merge exits. The
+    result is the same either way; only the work's order and cut change.
     """
     if w_uv is not None:
         assert w_uv.shape[:2] == (q_nope.shape[1], q_nope.shape[2]) and w_uv.stride(2) == 1
@@ -477,7 +540,8 @@ def mla_decode_attention(
     splits = num_splits or _num_splits(batch, head_blocks, launch, q_nope.device)
     adapt = False
     if order is not None and num_splits is None:
-        doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None)
+        one = launch.one_chunk_order and w_uv is None  # (the W_UV merge has no direct form)
+        doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None, one)
         # the order pays where the chunks are doubled; elsewhere it is left out (one register
         # fewer, and the 64-head launch, which spills already, spills no more)
         order, splits = (order if doubled > splits else None), doubled
@@ -517,7 +581,15 @@ def mla_decode_attention(
             BLOCK_V=block_v, num_warps=4, **pdl_launch(out),
         )  # fmt: skip
         return out
-    if splits > 1:
+    if adapt and splits == 2:  # a doubled one-chunk cut: merged only where the lengths spread
+        block_hm = 4  # (a few programs a request: 4096 of one a head cost ~3 us to start for nothing)
+        _mla_decode_merge_pair_kernel[(batch, triton.cdiv(heads, block_hm))](
+            mid_o, mid_lse, spread, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1), heads,
+            KV_LORA_RANK=rank, BLOCK_H=block_hm, BLOCK_R=block_r, num_warps=4, **pdl_launch(out),
+        )  # fmt: skip
+    elif splits > 1:
         _mla_decode_merge_kernel[(heads, batch)](
             mid_o, mid_lse, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
