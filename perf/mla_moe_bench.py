@@ -53,6 +53,7 @@ MoE shape holds 22.5 GB of expert weights, its layer comparison twice that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -270,6 +271,9 @@ def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) ->
         mla_order_rows(layers, copy, mm)
     if args.mla_no_merge:
         mla_no_merge_row(layers, copy, mm)
+        if args.mla_order:  # the ordered rows without their merges: what the merge launch costs there
+            with _merges_stubbed():
+                mla_order_rows(layers, copy, mm, ", no merge")
     if args.mla_shared_table:  # the same chain over one request table, as a step's layers read
         shared = [inputs] + [mla_layer_like(inputs) for _ in range(len(layers) - 1)]
         print(chain_row([mla_case(x, "shared table") for x in shared], copy, mm)[0], flush=True)
@@ -277,7 +281,7 @@ def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) ->
             mla_no_merge_row(shared, copy, mm, "shared table, no merge")
 
 
-def mla_order_rows(layers: list, copy: float, mm: float) -> None:
+def mla_order_rows(layers: list, copy: float, mm: float, suffix: str = "") -> None:
     """The chained row again with each call given its requests longest first (`order`, as the
     runner gives it), under the LLA_MLA_SPREAD modes that use it: twice the chunks always
     ("always"), twice the chunks where the lengths spread ("auto", the default). ("never" is the
@@ -292,26 +296,37 @@ def mla_order_rows(layers: list, copy: float, mm: float) -> None:
                 order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
                 flag = mla_module.lengths_spread(int(lens.max()), int(lens.sum()), len(lens))
                 flag = torch.tensor([int(flag)], dtype=torch.int32, device=DEV)  # as the runner's
-                cases.append(mla_case(x, f"order {spread}", order=order, spread=flag))
+                cases.append(mla_case(x, f"order {spread}{suffix}", order=order, spread=flag))
             print(chain_row(cases, copy, mm)[0], flush=True)
     finally:
         mla_module._SPREAD = mode
 
 
+class _NoLaunch:  # stands in for a Triton kernel and launches nothing
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _merges_stubbed():
+    """The MLA chunk merges (per head, and of a doubled one-chunk cut) launch nothing (bench only:
+    the answers are then wrong; the times say what the merges cost)."""
+    names = ("_mla_decode_merge_kernel", "_mla_decode_merge_pair_kernel")
+    saved = [getattr(mla_module, n) for n in names]
+    for n in names:
+        setattr(mla_module, n, _NoLaunch())
+    try:
+        yield
+    finally:
+        for n, k in zip(names, saved, strict=True):
+            setattr(mla_module, n, k)
+
+
 def mla_no_merge_row(layers: list, copy: float, mm: float, tag: str = "no merge") -> None:
     """The chained row again with the chunk merge stubbed out (bench only): the split kernel alone,
     and so what the merge costs."""
-    merge = mla_module._mla_decode_merge_kernel
-
-    class NoMerge:  # launches nothing
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    mla_module._mla_decode_merge_kernel = NoMerge()
-    try:
+    with _merges_stubbed():
         print(chain_row([mla_case(x, tag) for x in layers], copy, mm)[0], flush=True)
-    finally:
-        mla_module._mla_decode_merge_kernel = merge
 
 
 MLA_LAUNCHES = [  # (heads per program, tokens per iteration, warps, stages)
