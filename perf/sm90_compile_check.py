@@ -7,7 +7,14 @@ the products became tensor-core instructions (mma.sync, or wgmma from 64-row til
 The interpreter tests prove the arithmetic; this proves the kernels also compile for the card at
 the real shapes and shows which configs spill. It uses Triton's compiler directly (ASTSource with
 the divisibility-by-16 hints that a real launch gives pointers and strides), and the cuobjdump that
-ships with Triton's NVIDIA backend; written against Triton 3.9.
+ships with Triton's NVIDIA backend; written against Triton 3.9, and runs under 3.6 too.
+
+The card runs Triton 3.6, whose counts differ: the 16-head MLA split kernel takes 234-254
+registers there against 200-201 here (2026-12-01), the float8 decode launch 255 with no spill
+against 255 and a 664-byte spill here. For the card's figures, compile with its version:
+
+    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    /tmp/t36/bin/python perf/sm90_compile_check.py mla
 """
 
 from __future__ import annotations
@@ -192,11 +199,18 @@ def fp8() -> None:
            {**types, "POS": "*i64", "COS_SIN": "*fp32", "SLOTS": "*i64", **cache},
            dict(STORE=True, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_HALF=64, PDL=True))  # fmt: skip
     print(f"    float8 cvt in the PTX: {'e4m3' in LAST_PTX[0]}")
-    # at decode_attention.LAUNCH[1]
-    report("decode split over fp8", D._decode_split_kernel,
-           {"Q": "*bf16", **cache, **ints, "MID_O": "*fp32", "MID_LSE": "*fp32", "qk_scale": "fp32"},
-           dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=8, PRECISION="tf32", BLOCK_G=16, BLOCK_N=128, BLOCK_D=128,
-                QK_F16=True, PDL=True), 2, 2)  # fmt: skip
+    # at decode_attention.LAUNCH[1] (fp8) and LAUNCH[2] (bf16): several chunks, and one (written
+    # directly) in the runner's order, as a batch over 33 runs at 8 kv heads
+    dec = {"Q": "*bf16", **ints, "ORDER": "*i32", "MID_O": "*fp32", "MID_LSE": "*fp32", "OUT": "*bf16",
+           "qk_scale": "fp32"}  # fmt: skip
+    bf16_cache = {"K_CACHE": "*bf16", "V_CACHE": "*bf16"}
+    for name, kv, launch in (("fp8", cache, D.LAUNCH[1]), ("bf16", bf16_cache, D.LAUNCH[2])):
+        for splits, order in ((8, False), (1, True)):
+            consts = dict(GROUP=4, HEAD_DIM=128, NUM_SPLITS=splits, DIRECT=splits == 1, PRECISION="tf32",
+                          BLOCK_G=16, BLOCK_N=launch["block_n"], BLOCK_D=128, QK_F16=launch["f16"],
+                          HAS_ORDER=order, PDL=True)  # fmt: skip
+            tag = f"decode split over {name}, {splits} chunks{' ordered' if order else ''}"
+            report(tag, D._decode_split_kernel, {**dec, **kv}, consts, launch["warps"], launch["stages"])
     types = {n: "*bf16" for n in ("Q", "OUT", "K_NEW", "V_NEW")}
     desc = "tensordesc<bf16[128, 128]>"
     report("prefill 128x128 TMA, prefix from fp8", P._prefill_kernel,
