@@ -214,7 +214,8 @@ def _decode_merge_kernel(
 # time at the two large shapes (two calls) (62-75% of the copy rate; still short of the 0.5x that half the
 # bytes allows), where last session's untimed 8 warps x 64 took 0.99-1.15x; 4 and 8 warps,
 # 256-token blocks and 5 stages were slower. Triton 3.9 compiles that launch with a 664-byte spill
-# (perf/sm90_compile_check.py fp8; 8 x 64 does not spill); on the card's Triton 3.6 it timed fastest.
+# (perf/sm90_compile_check.py fp8; 8 x 64 does not spill); the card's Triton 3.6 compiles it at 255
+# registers with none (checked 2026-12-01), and there it timed fastest.
 LAUNCH = {
     1: {"f16": True, "warps": 2, "block_n": 128, "stages": 2},
     2: {"f16": False, "warps": 2, "block_n": 64, "stages": 3},
