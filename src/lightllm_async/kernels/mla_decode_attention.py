@@ -406,12 +406,13 @@ class _Launch:
 
 # Chosen by `perf/mla_moe_bench.py --only mla --sweep` on an H200 (2026-11-29, perf/RESULTS.md).
 # Up to 16 heads (V2-Lite): a [16, 512] float32 accumulator and two stages of [64, 576] tiles (94
-# KB of shared memory and 200 registers a thread on sm_90a: two programs fit on an SM, so the two
-# "waves" the context is cut for run at once): 71-86% of the copy rate at batch 64-128 and 4k-8k
-# contexts. More heads (V3's 128): 64 heads per program, 8 warps, so that the products are 64-row
-# wgmma tiles and each latent tile serves 64 heads: 3.3x the 32-head launch, ~235 TFLOP/s; bound by
-# the tensor cores, and its merge traffic ([B, H, splits, 512] float32) costs more than a second
-# wave gains, so it splits only when the batch leaves the card mostly idle.
+# KB of shared memory and, on sm_90a, 234-254 registers a thread under the card's Triton 3.6, 200
+# under 3.9: two programs fit on an SM, so the two "waves" the context is cut for run at once):
+# 71-86% of the copy rate at batch 64-128 and 4k-8k contexts. More heads (V3's 128): 64 heads per
+# program, 8 warps, so that the products are 64-row wgmma tiles and each latent tile serves 64
+# heads: 3.3x the 32-head launch, ~235 TFLOP/s; bound by the tensor cores, and its merge traffic
+# ([B, H, splits, 512] float32) costs more than a second wave gains, so it splits only when the
+# batch leaves the card mostly idle.
 _LAUNCH_FEW_HEADS = _Launch(16, 64, 4, 2, per_sm=1, waves=2, one_chunk_order=True)
 _LAUNCH_MANY_HEADS = _Launch(64, 64, 8, 2, per_sm=1, waves=1)
 _LAUNCH_INTERPRETER = _Launch(16, 16, 4, 1, per_sm=1, waves=1, one_chunk_order=True)
@@ -543,7 +544,7 @@ def mla_decode_attention(
         one = launch.one_chunk_order and w_uv is None  # (the W_UV merge has no direct form)
         doubled, adapt = _ordered_splits(splits, _SPREAD, spread is not None, one)
         # the order pays where the chunks are doubled; elsewhere it is left out (one register
-        # fewer, and the 64-head launch, which spills already, spills no more)
+        # fewer, and the 64-head launch, at 243-255 under Triton 3.6 and spilling under 3.9, no more)
         order, splits = (order if doubled > splits else None), doubled
     assert splits >= 1 and launch.block_h >= 16 and launch.block_h & (launch.block_h - 1) == 0
     # one chunk writes `out` directly: the float32 buffers are then placeholders
