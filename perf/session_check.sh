@@ -77,8 +77,8 @@
 #            (--chain 4) with and without the runner's order (--mla-order: requests longest first,
 #            twice the chunks always / where the lengths spread) at ORDER_CASES, contexts spread
 #            by each of ORDER_SPREADS (0 0.5), and at two cases by ORDER_MORE (0.25 0.9)
-#   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64; graphs up to DSO_MAX_RUNNING, 128), context DSO_CONTEXT (2048) spread
-#            by each of DSO_SPREADS (0.5 0), the order ignored (LLA_MLA_SPREAD=never) and used (auto),
+#   dsorder  the DeepSeek-V2-Lite decode step at DSO_BATCH (64; graphs up to DSO_MAX_RUNNING, 128),
+#            context DSO_CONTEXT (2048) spread by each of DSO_SPREADS (0.5 0), the order ignored (LLA_MLA_SPREAD=never) and used (auto),
 #            each in its own process
 #   l3order  the decode attention GPU tests, then the Llama-3-8B decode step at L3O_BATCHES (64,256),
 #            context L3O_CONTEXT (1024) spread by each of L3O_SPREADS (0.8 0), the runner's order

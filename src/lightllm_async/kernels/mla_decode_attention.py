@@ -164,30 +164,17 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     mask_out = mask_h[:, None] & mask_r[None, :]
     o_ptrs = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_r[None, :]
-    if DIRECT:
+    one = DIRECT
+    if ADAPT and NUM_SPLITS == 2:  # one chunk unless the lengths spread: then nothing to merge
+        one = splits == 1
+    if one:
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
-    elif ADAPT and NUM_SPLITS == 2:  # one chunk unless the lengths spread: then nothing to merge
-        if splits == 1:
-            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=mask_out)
-        else:
-            _store_chunk(MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
-                         stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h)  # fmt: skip
     else:
-        _store_chunk(MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
-                     stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h)  # fmt: skip
-
-
-@jit
-def _store_chunk(
-    MID_O, MID_LSE, b, heads, split, out, m_i, l_i, mask_h, mask_out, offs_r,
-    stride_mo_b, stride_mo_h, stride_mo_s, stride_ml_b, stride_ml_h,
-):  # fmt: skip
-    """A chunk's normalized output and its log2-sum-exp2 (-inf where it saw no token), for the merge."""
-    nonempty = l_i > 0
-    lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
-    tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
-    tl.store(MID_LSE + b * stride_ml_b + heads * stride_ml_h + split, lse, mask=mask_h)
+        lse = tl.where(nonempty, m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        mo_ptrs = MID_O + b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s
+        tl.store(mo_ptrs + offs_r[None, :], out, mask=mask_out)
+        lse_ptrs = MID_LSE + b * stride_ml_b + heads * stride_ml_h
+        tl.store(lse_ptrs + split, lse, mask=mask_h)
 
 
 @jit
