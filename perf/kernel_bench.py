@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -60,6 +62,27 @@ def copy_gbps() -> float:
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     return 2 * src.nbytes / ms / 1e6
+
+
+@triton.jit
+def _read_kernel(X, OUT, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Reads n int32 words, each program a contiguous run of ITERS blocks, and writes one word a
+    program (the bits summed, so that nothing is optimized away): a plain streaming read."""
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(X + offs, mask=offs < n, other=0)
+    tl.store(OUT + tl.program_id(0), tl.sum(acc))
+
+
+def read_launch(x: torch.Tensor, out: torch.Tensor, programs: int, block: int = 2048) -> None:
+    """`_read_kernel` over x (viewed as int32 words) with about `programs` programs; out holds
+    at least that many words."""
+    words = x.view(torch.int32).view(-1)
+    iters = triton.cdiv(words.numel(), block * programs)
+    grid = triton.cdiv(words.numel(), block * iters)
+    _read_kernel[(grid,)](words, out, words.numel(), BLOCK=block, ITERS=iters, num_warps=4)
 
 
 def rand(*shape: int) -> torch.Tensor:

@@ -34,6 +34,11 @@ from [ctx * (1 - S), ctx * (1 + S)] instead of ctx for all (the bytes counted ar
 a server's contexts differ, and the chunks of the longer ones then run last). --mla-shared-table adds
 the chain again with every call reading the first one's request table and lengths, as the layers of
 a DeepSeek step do (the other chain gives each call its own table, so that its rows come from DRAM).
+--mla-ceiling adds, under each chained MLA row, plain data movement of the same byte count chained
+the same way: a device-to-device copy of half the bytes (read + write, the copy rate's own measure
+at this size) and a streaming read of all of them (the best of 2-32 programs an SM). What those
+reach is the bandwidth a kernel of that size can get at all; the copy rate, taken over 1 GiB, does
+not pay the start and tail that tens of MB do.
 --mla-order adds the chain again with each call given its requests longest first, as the runner
 orders a decode-only step, under the LLA_MLA_SPREAD modes always and auto (the default).
 
@@ -66,7 +71,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_bench import bench_ms, copy_gbps  # noqa: E402  (also puts src/ on the path)
+from kernel_bench import bench_ms, copy_gbps, read_launch  # noqa: E402  (also puts src/ on the path)
 
 from lightllm_async import kernels as K  # noqa: E402
 from lightllm_async.kernels.testing import rel_err  # noqa: E402
@@ -274,6 +279,8 @@ def mla_chain_rows(inputs: tuple, layers: list, args, copy: float, mm: float) ->
         if args.mla_order:  # the ordered rows without their merges: what the merge launch costs there
             with _merges_stubbed():
                 mla_order_rows(layers, copy, mm, ", no merge")
+    if args.mla_ceiling:
+        ceiling_rows(mla_case(inputs).nbytes, len(layers), copy, mm)
     if args.mla_shared_table:  # the same chain over one request table, as a step's layers read
         shared = [inputs] + [mla_layer_like(inputs) for _ in range(len(layers) - 1)]
         print(chain_row([mla_case(x, "shared table") for x in shared], copy, mm)[0], flush=True)
@@ -300,6 +307,29 @@ def mla_order_rows(layers: list, copy: float, mm: float, suffix: str = "") -> No
             print(chain_row(cases, copy, mm)[0], flush=True)
     finally:
         mla_module._SPREAD = mode
+
+
+def ceiling_rows(nbytes: int, calls: int, copy: float, mm: float) -> None:
+    """What plain data movement of the op's byte count reaches in the same chain: a copy of half
+    the bytes (read + write: the copy rate's own measure, at this size), and a streaming read of
+    all of them (the best of a few grid sizes), each `calls` times over distinct buffers."""
+    half = nbytes // 2
+    mb = f"{nbytes / 1e6:.1f} MB"
+    pairs = [torch.empty(2, half, dtype=torch.uint8, device=DEV) for _ in range(calls)]
+    cases = [Case("copy, same bytes", mb, lambda p=p: p[1].copy_(p[0]), None, 2 * half, 0) for p in pairs]
+    print(chain_row(cases, copy, mm)[0], flush=True)
+    del pairs, cases
+    bufs = [torch.randint(0, 255, (nbytes // 4 * 4,), dtype=torch.uint8, device=DEV) for _ in range(calls)]
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    best = None
+    for per_sm in (2, 4, 8, 16, 32):
+        out = torch.empty(per_sm * sms + 1, dtype=torch.int32, device=DEV)
+        cases = [Case(f"read, same bytes, {per_sm}/SM", mb,
+                      lambda b=b, out=out, n=per_sm * sms: read_launch(b, out, n), None, b.numel(), 0)
+                 for b in bufs]  # fmt: skip
+        line, ms = chain_row(cases, copy, mm)
+        best = min(best or (ms, line), (ms, line))
+    print(best[1], flush=True)
 
 
 class _NoLaunch:  # stands in for a Triton kernel and launches nothing
@@ -532,6 +562,9 @@ def main() -> None:
     parser.add_argument("--mla-no-merge", action="store_true", help="chained MLA rows without the merge too")
     parser.add_argument("--mla-shared-table", action="store_true", help="chained MLA rows over one table too")
     parser.add_argument("--mla-spread", type=float, default=0.0, help="contexts drawn from ctx * (1 -+ S)")
+    parser.add_argument(
+        "--mla-ceiling", action="store_true", help="with --chain: a copy and a read of as many bytes"
+    )
     parser.add_argument(
         "--mla-order", action="store_true", help="with --chain: the chain again, requests longest first"
     )
