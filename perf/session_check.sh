@@ -83,6 +83,12 @@
 #   l3order  the decode attention GPU tests, then the Llama-3-8B decode step at L3O_BATCHES (64,256),
 #            context L3O_CONTEXT (1024) spread by each of L3O_SPREADS (0.8 0), the runner's order
 #            ignored (LLA_DECODE_ORDER=0) and used, each in its own process
+#   gpusuite 2026-12-01 (fourteenth session): every GPU test, the files found by their `pytest.mark.gpu`
+#            (naming them: `pytest -m gpu tests/` stops at collecting CPU-only modules whose imports the
+#            device lacks, e.g. jsonschema). The whole suite takes more than one call (548 s ran 78 of
+#            91 tests on an H200), so GPU_PART picks half of it: "kernels" (the kernel files, the model
+#            parity, test_gpu.py) or "serving" (the runner, DeepSeek, TP/DP/PD; the 2-GPU ones skip on
+#            one GPU); "all" runs both, for a machine with the time
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
@@ -103,6 +109,17 @@ decode_tests() {  # the decode attention GPU tests
 }
 for stage in $STAGES; do
   case $stage in
+  gpusuite)
+    files=$(grep -l "pytest.mark.gpu" tests/test_*.py)
+    kernels=$(echo "$files" | grep -E "test_kernels_|test_model_parity|test_gpu\.py")
+    case ${GPU_PART:-kernels} in
+      kernels) files=$kernels ;;
+      serving) files=$(echo "$files" | grep -vxF "$kernels") ;;
+    esac
+    timeout ${GPU_SUITE_S:-540} python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=10 $files \
+      >"$OUT/gpu_suite_${GPU_PART:-kernels}.log" 2>&1
+    echo "gpu suite (${GPU_PART:-kernels}) exit $?"
+    grep -E "passed|failed|FAILED|ERROR|SKIPPED" "$OUT/gpu_suite_${GPU_PART:-kernels}.log" | tail -16 ;;
   tests)
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_mla.py tests/test_kernels_pointwise.py \
       tests/test_kernels_moe.py tests/test_deepseek.py tests/test_runner_gpu.py -k "deepseek or mla or rms or compiles or routing" >"$OUT/pytest.log" 2>&1
