@@ -3,15 +3,18 @@ pays beyond the bytes it moves, which a copy of the same bytes does not; perf/RE
 
     python perf/mla_timeline.py [--cases 16:64:1024,16:128:1024,16:64:4096] [--chain 4] [--replays 30]
 
-The split kernel and the chunk merge are recompiled from their own source with three clock reads
-added (`%globaltimer`, ns): when a program became resident (before its PDL wait), when its wait
-returned, and when it ended, with the SM it ran on. The calls run as `perf/mla_moe_bench.py
+The split kernel and the chunk merge are recompiled from their own source with clock reads added
+(`%globaltimer`, ns): when a program became resident (before its PDL wait), when its wait
+returned, when (in the split kernel) its first tile was done and its tile loop was, and when it
+ended, with the SM it ran on. The calls run as `perf/mla_moe_bench.py
 --chain` runs them: L calls over distinct caches captured in one CUDA graph, L2 flushed before each
 replay. Per launch of the chain (the median replay by span) it prints, in us from the chain's first
 program: when the launch's programs became resident and got past their wait (first, last), how long
-a program ran after its wait (p10, p50, p90, max), when they ended (p50, p90, last), and the SMs
-used and the most programs an SM ran. The probes add a few instructions and two stores a program;
-the chain's time is printed beside the uninstrumented one's (bench_ms) to show what they cost.
+a program ran after its wait (p10, p50, p90, max), when they ended (p50, p90, last), the SMs
+used and the most programs an SM ran; for the split kernel also how long a program took to its
+first tile's end, the rest of its loop, and after the loop (the result's store). The probes add a
+few instructions and six stores a program; the chain's time is printed beside the uninstrumented
+one's (bench_ms) to show what they cost.
 
 Needs a CUDA device (the clock reads are PTX). Bench-only: the kernels' source is transformed as
 text; `tests/test_bench_ceiling.py` checks that the transform still finds what it probes.
@@ -37,7 +40,10 @@ from kernel_bench import bench_ms  # noqa: E402  (also puts src/ on the path)
 
 MODULE = "lightllm_async.kernels.mla_decode_attention"
 PROBED = ("_mla_decode_split_kernel", "_mla_decode_merge_kernel", "_mla_decode_merge_pair_kernel")
-WORDS = 4  # int64 words a program writes: resident, past its wait, end, SM
+WORDS = 6  # int64 words a program writes: resident, past its wait, first tile done, loop done, end, SM
+LOOP = r"^    for n in range\("  # the split kernel's tile loop: its first tile and its end are timed too
+LOOP_LAST = r"^        m_i = m_new$"  # the loop body's last line
+AFTER_LOOP = r"^    # -- the chunk's result"
 
 HEADER = f'''
 import importlib
@@ -52,35 +58,49 @@ globals().update({{k: v for k, v in vars(_kernels).items() if not k.startswith("
 
 
 @triton.jit
-def _probe_record(TIMES, t0, t1):
+def _probe_record(TIMES, t0, t1, t_first, t_loop):
     pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
     base = TIMES + pid.to(tl.int64) * {WORDS}
     tl.store(base, t0)
     tl.store(base + 1, t1)
-    tl.store(base + 2, globaltimer())
-    tl.store(base + 3, smid().to(tl.int64))
+    tl.store(base + 2, t_first)
+    tl.store(base + 3, t_loop)
+    tl.store(base + 4, globaltimer())
+    tl.store(base + 5, smid().to(tl.int64))
 '''
 
 
 def probed_source(fn) -> str:
     """A @triton.jit kernel's source with the probes: a TIMES pointer after its parameters, the
-    clock read at entry and after `pdl_wait`, and the record before every return and at the end."""
+    clock read at entry and after `pdl_wait`, and the record before every return and at the end;
+    in a kernel with the split kernel's tile loop (LOOP), also when its first tile is done and when
+    the loop is (where neither is read, the wait's time stands in)."""
     src = textwrap.dedent(inspect.getsource(fn))
     lines = src.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("def "))
     close = next(i for i in range(start, len(lines)) if re.match(r"^\):", lines[i]))
+    looped = any(re.match(LOOP, line) for line in lines)
+    early, final = "_probe_record(TIMES, _t0, _t1, _t1, _t1)", "_probe_record(TIMES, _t0, _t1, _tf, _tl)"
     body = []
     for line in lines[close + 1 :]:
         if re.match(r"^\s+return\s*$", line):
             indent = line[: len(line) - len(line.lstrip())]
-            body.append(f"{indent}_probe_record(TIMES, _t0, _t1)")
+            body.append(f"{indent}{early}")
+        if looped and re.match(LOOP, line):
+            body.append("    _tf = _t1")
+        if looped and re.match(AFTER_LOOP, line):
+            body.append("    _tl = globaltimer()")
         body.append(line)
         if re.match(r"^    pdl_wait\(", line):
             body.append("    _t1 = globaltimer()")
+        if looped and re.match(LOOP_LAST, line):
+            body.append("        _tf = tl.where(n == start, globaltimer(), _tf)")
     assert any("_t1 = globaltimer()" in line for line in body), f"{fn.__name__}: no pdl_wait to probe"
+    if looped:
+        assert sum("_tf" in line or "_tl =" in line for line in body) == 3, f"{fn.__name__}: the loop moved"
     return "\n".join(
         ["@triton.jit", *lines[start:close], "    TIMES,", lines[close], "    _t0 = globaltimer()", *body,
-         "    _probe_record(TIMES, _t0, _t1)", ""]
+         f"    {final if looped else early}", ""]
     )  # fmt: skip
 
 
@@ -136,21 +156,31 @@ class Probe:
 
 def launch_stats(rows: torch.Tensor, origin: int) -> str:
     """One launch's line: rows [programs, WORDS] of int64 ns (and SM), relative to origin."""
-    t0, t1, t2 = ((rows[:, i] - origin).double() / 1e3 for i in range(3))
-    sm = rows[:, 3]
+    t0, t1, tf, tl, t2 = ((rows[:, i] - origin).double() / 1e3 for i in range(5))
+    sm = rows[:, 5]
     work = (t2 - t1).sort().values
     ends = t2.sort().values
 
     def q(x, p):
+        x = x.sort().values
         return x[min(len(x) - 1, int(p * len(x)))].item()
 
     per_sm = torch.bincount(sm).max().item()
-    return (
+    line = (
         f"resident {t0.min():6.1f}..{t0.max():6.1f}  past wait {t1.min():6.1f}..{t1.max():6.1f}  "
         f"run p10/50/90/max {q(work, 0.1):5.1f} {q(work, 0.5):5.1f} {q(work, 0.9):5.1f} {work.max():5.1f}  "
         f"end p50/90/last {q(ends, 0.5):6.1f} {q(ends, 0.9):6.1f} {ends.max():6.1f}  "
         f"SMs {len(torch.unique(sm))} (<= {per_sm} programs)"
     )
+    looped = tl > t1
+    if looped.any():  # where the tile loop ran: to its first tile, the rest of it, and after it (p50s)
+        first, loop, after = (tf - t1)[looped], (tl - tf)[looped], (t2 - tl)[looped]
+        line += (
+            f"  | first tile p10/50/90 {q(first, 0.1):5.1f} {q(first, 0.5):5.1f} {q(first, 0.9):5.1f}"
+            f"  rest of loop p50 {q(loop, 0.5):5.1f}"
+            f"  after it p50/max {q(after, 0.5):4.1f} {after.max():4.1f}"
+        )
+    return line
 
 
 def spans(buf: torch.Tensor, log: list) -> list[tuple[str, torch.Tensor]]:
