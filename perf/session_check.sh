@@ -86,9 +86,9 @@
 #   gpusuite 2026-12-01 (fourteenth session): every GPU test, the files found by their `pytest.mark.gpu`
 #            (naming them: `pytest -m gpu tests/` stops at collecting CPU-only modules whose imports the
 #            device lacks, e.g. jsonschema). The whole suite takes more than one call (548 s ran 78 of
-#            91 tests on an H200), so GPU_PART picks half of it: "kernels" (the kernel files, the model
-#            parity, test_gpu.py) or "serving" (the runner, DeepSeek, TP/DP/PD; the 2-GPU ones skip on
-#            one GPU); "all" runs both, for a machine with the time
+#            91 tests on an H200), so GPU_PART picks a part: "kernels" (the kernel files, the model
+#            parity, test_gpu.py: ~450 s by that run) or "serving" (the runner, DeepSeek, TP/DP/PD, the
+#            2-GPU ones skipping on one GPU: 19 passed and 10 skipped in 97 s); "all" runs both
 set -u
 STAGES=${STAGES:-"tests mla ds"}
 source perf/device_setup.sh >/dev/null
