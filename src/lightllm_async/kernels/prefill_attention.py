@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import cpu_shapes
 from .attention_block import (
     attend_block,
     attend_init,
@@ -60,33 +61,40 @@ def prefill_attention_cpu(
     """The CPU path (no Triton there): per request, torch's scaled_dot_product_attention, whose CPU
     kernel works in blocks and skips the masked half, over the request's rows gathered from the
     cache; causal from the top left when there is no cached prefix, else an explicit mask that
-    lines the new tokens up with the end of the context. The reference builds every score."""
+    lines the new tokens up with the end of the context. The reference builds every score.
+
+    In 16-bit dtypes the query and key counts are rounded up to `cpu_shapes.bucket`, so that SDPA
+    (oneDNN) sees few shapes over a server's life: padding keys come after every real query's
+    position (causal) or are masked, padding queries' outputs are dropped."""
     out = q.new_empty(q.shape[:2] + v_cache.shape[2:])  # [T, Hq, Dv]
     group = q.shape[1] // k_cache.shape[1]  # kv heads repeated: SDPA's enable_gqa takes its slow path
+    bucket = functools.partial(cpu_shapes.bucket, fine=True) if cpu_shapes.bounded(q) else int
     bounds = zip(
         q_start[:-1].tolist(), q_start[1:].tolist(), seq_lens.tolist(), req_idx.tolist(), strict=True
     )
     for start, end, seq_len, row in bounds:
         if end == start:
             continue
+        new, keys = end - start, bucket(seq_len)
         rows = req_to_token[row, :seq_len].long()
+        rows = torch.cat([rows, rows.new_zeros(keys - seq_len)]) if keys > seq_len else rows  # any row
         k, v = k_cache[rows].transpose(0, 1), v_cache[rows].transpose(0, 1)  # [Hk, S, D], [Hk, S, Dv]
         k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache: widened (nothing if it is q's dtype)
         if group > 1:
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # [Hq, S, *]
-        new, mask = end - start, None
-        if new != seq_len:
-            pos = torch.arange(seq_len - new, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= pos[:, None]  # [new, S]
+        queries, mask = bucket(new), None
+        if new != seq_len:  # the new tokens at the context's end; padding queries see every key
+            pos = torch.arange(seq_len - new, seq_len - new + queries, device=q.device)
+            mask = torch.arange(keys, device=q.device)[None, :] <= pos[:, None]  # [queries, keys]
         o = torch.nn.functional.scaled_dot_product_attention(  # 4-D: 3-D inputs take the math path
-            q[start:end].transpose(0, 1)[None],
+            cpu_shapes.pad_rows(q[start:end], queries).transpose(0, 1)[None],
             k[None],
             v[None],
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
-        )  # [1, Hq, new, Dv]
-        out[start:end] = o[0].transpose(0, 1)
+        )  # [1, Hq, queries, Dv]
+        out[start:end] = o[0, :, :new].transpose(0, 1)
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightllm_async.kernels import cpu_shapes
 from lightllm_async.layers.parallel import SINGLE, TPGroup
 
 
@@ -43,6 +44,6 @@ class VocabEmbedding(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V], the same on every rank."""
         if self.tp.size == 1:
-            return F.linear(x, self.weight).float()
-        gathered = self.tp.all_gather(F.linear(x, self.weight), dim=-1)  # [S, size * Vr]
+            return cpu_shapes.linear(x, self.weight).float()
+        gathered = self.tp.all_gather(cpu_shapes.linear(x, self.weight), dim=-1)  # [S, size * Vr]
         return gathered[:, : self.vocab_size].float().contiguous()  # padding dropped

@@ -29,10 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightllm_async.kernels import cpu_gemv
+from lightllm_async.kernels import cpu_gemv, cpu_shapes
 from lightllm_async.layers.linear import Linear, MergedLinear
 
 GROUP = 32
@@ -167,7 +166,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] >= UNPACK_ROWS:
-            y = F.linear(x.to(torch.bfloat16), self.unpacked())
+            y = cpu_shapes.linear(x.to(torch.bfloat16), self.unpacked())
         elif self.gemv:
             y = cpu_gemv.int4_mm(x, self.gemv_w, self.gemv_sm, self.out_features, _out_dtype(x))
         else:
@@ -262,7 +261,7 @@ class Int8Head(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """[S, H] -> float32 [S, V]."""
         if x.shape[0] >= self.rows:
-            return F.linear(x.to(self.weight.dtype), self.weight).float()
+            return cpu_shapes.linear(x.to(self.weight.dtype), self.weight).float()
         if self.gemv:
             return cpu_gemv.int8_mm(x, self.gemv_w, self.gemv_scale, self.weight.shape[0])
         x16 = x.to(torch.bfloat16).contiguous()

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightllm_async.config import ModelConfig, rope_type
 from lightllm_async.kernels import (
+    cpu_shapes,
     fused_moe,
     mla_decode_attention,
     mla_kv_store,
@@ -428,7 +429,7 @@ class Experts(nn.Module):
         then the s down products summed into `out` (addbmm: s GEMMs accumulating in place)."""
         e, i = self.num_routed, self.inter
         s, h = self.w13.shape[0] - e, self.w13.shape[2]
-        gate_up = F.linear(x, self.w13[e:].view(s * 2 * i, h))  # [T, s * 2I]: expert j's gate, up
+        gate_up = cpu_shapes.linear(x, self.w13[e:].view(s * 2 * i, h))  # [T, s * 2I]: expert j's gate, up
         act = silu_and_mul(gate_up.view(-1, 2 * i)).view(-1, s, i)  # [T, s, I]
         return out.addbmm_(act.transpose(0, 1), self.w2[e:].transpose(1, 2))  # [s, T, I] @ [s, I, H]
 
