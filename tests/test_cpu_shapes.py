@@ -68,9 +68,10 @@ def test_prefill_attention_cpu_pads_to_buckets_and_gives_the_unpadded_result(mon
     gen = torch.Generator().manual_seed(1)
     hq, hk, d, slots = 6, 2, 32, 3000
     kc, vc = torch.randn(slots, hk, d, generator=gen), torch.randn(slots, hk, d, generator=gen)
+    kc[0] = vc[0] = float("nan")  # a cache row no request holds: padding must never read it
     lens = [37, 300, 129, 5]
     news = [37, 45, 1, 5]  # a whole prompt, a chunk after a prefix, a decode-like row, a short one
-    table = torch.randperm(slots, generator=gen)[: 4 * 400].view(4, 400).int()
+    table = (1 + torch.randperm(slots - 1, generator=gen))[: 4 * 400].view(4, 400).int()
     q_start = torch.tensor([0, *torch.tensor(news).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(int(q_start[-1]), hq, d, generator=gen)
     args = (

@@ -77,8 +77,8 @@ def prefill_attention_cpu(
             continue
         new, keys = end - start, bucket(seq_len)
         rows = req_to_token[row, :seq_len].long()
-        rows = torch.cat([rows, rows.new_zeros(keys - seq_len)]) if keys > seq_len else rows  # any row
-        k, v = k_cache[rows].transpose(0, 1), v_cache[rows].transpose(0, 1)  # [Hk, S, D], [Hk, S, Dv]
+        # padding keys are zeros: never seen, but a cache row's garbage (NaN) would reach 0 * v
+        k, v = (cpu_shapes.pad_rows(c[rows], keys).transpose(0, 1) for c in (k_cache, v_cache))  # [Hk, S, *]
         k, v = k.to(q.dtype), v.to(q.dtype)  # an fp8 cache: widened (nothing if it is q's dtype)
         if group > 1:
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # [Hq, S, *]
