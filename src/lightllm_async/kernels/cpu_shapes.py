@@ -2,16 +2,15 @@
 stays bounded.
 
 On the CPU, bfloat16 (and float16) `F.linear` and `scaled_dot_product_attention` run through
-oneDNN, which keeps per-shape state (primitives, JIT-compiled GEMM kernels) that is not given back:
-measured with torch 2.13 on this project's CPU machine (perf/RESULTS.md, 2026-12-01), three
-bfloat16 projections at 1,500 row counts drawn from 1-2048 grew the process by ~1.5 GB and kept
-growing, and SDPA over as many sequence lengths by ~650 MB; the engine serving the default model
-grew ~1.2 GB in 3,800 requests of varied prompt lengths, where float32 (MKL) and one repeated shape
-stay flat. Rounding the row count up to one of a few sizes (`bucket`: 8 a doubling, so at most
-12.5% more rows; 16 for attention) bounds that state; the padding rows are zeros whose results are
-dropped. The engine then plateaus (~770 MB of RSS against ~1.5 GB and growing after 2,000
-requests) and, with fewer kernels to build, runs those rounds faster; a prompt repeated at one
-length, whose kernels exist already, prefills 2-7% slower (90-1,800 tokens).
+oneDNN, which keeps per-shape state (primitives, JIT-compiled GEMM kernels) that is never given
+back. Measured with torch 2.13 on this project's CPU machine (perf/RESULTS.md, 2026-12-01): four
+bfloat16 projections at 1,500 row counts drawn from 1-2048 grew a process from ~200 MB to 2.0 GB
+and still growing, SDPA at as many lengths to 863 MB; float32 (MKL), or one repeated shape, stays
+flat. Every prompt length was a new shape, so the engine grew with its traffic. Rounding the row
+count up to one of a few sizes (`bucket`: 8 a doubling, at most 12.5% more rows; 16 for
+attention) bounds that state; padding rows are zeros whose results are dropped. The engine then
+levels off (perf/cpu_memory_bench.py: ~785 MB, against 1,156 MB and climbing after 150 rounds);
+a prompt at a length whose kernels exist already prefills 2-7% slower (90-1,800 tokens).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def pad_rows(x: Tensor, rows: int) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear, with a 16-bit CPU input's rows (its leading dims flattened) padded to `bucket`."""
-    if not bounded(x) or x.dim() == 0:
+    if not bounded(x):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]

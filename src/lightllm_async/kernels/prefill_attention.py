@@ -68,6 +68,7 @@ def prefill_attention_cpu(
     position (causal) or are masked, padding queries' outputs are dropped."""
     out = q.new_empty(q.shape[:2] + v_cache.shape[2:])  # [T, Hq, Dv]
     group = q.shape[1] // k_cache.shape[1]  # kv heads repeated: SDPA's enable_gqa takes its slow path
+    # the counts rounded (16-bit) or as they are (`int`: float32 goes through MKL, no per-shape state)
     bucket = functools.partial(cpu_shapes.bucket, fine=True) if cpu_shapes.bounded(q) else int
     bounds = zip(
         q_start[:-1].tolist(), q_start[1:].tolist(), seq_lens.tolist(), req_idx.tolist(), strict=True
